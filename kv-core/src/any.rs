@@ -1,0 +1,152 @@
+//! [`AnyCache`]: one type for every kind, chosen at run time, and [`CacheConfig`] to build it.
+
+use burn::tensor::{backend::Backend, Tensor};
+
+use crate::{
+    error::Result, DynamicCache, KeyRotation, KvCache, KvView, QuantizedCache,
+    QuantizedCacheConfig, RotaryTable, SinkCache, SlidingWindowCache, StaticCache,
+    StaticCacheConfig,
+};
+
+/// Which cache kind to build, with its settings.
+#[derive(Debug, Clone, PartialEq)]
+pub enum CacheConfig {
+    /// [`DynamicCache`], preallocating `capacity` positions.
+    Dynamic {
+        /// First allocation, in positions (it grows past this as needed).
+        capacity: usize,
+    },
+    /// [`StaticCache`] of `max_batch x max_len`.
+    Static {
+        /// Most batch rows.
+        max_batch: usize,
+        /// Most positions.
+        max_len: usize,
+    },
+    /// [`SlidingWindowCache`].
+    SlidingWindow {
+        /// Positions kept.
+        window: usize,
+    },
+    /// [`SinkCache`]; with `rope_theta` the cache rotates keys itself at cache positions.
+    Sink {
+        /// First positions kept forever.
+        sinks: usize,
+        /// Last positions kept.
+        window: usize,
+        /// Rotary base of the model, for rotary models.
+        rope_theta: Option<f32>,
+    },
+    /// [`QuantizedCache`].
+    Quantized(QuantizedCacheConfig),
+}
+
+/// The per-layer shape a [`CacheConfig`] needs to preallocate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LayerShape {
+    /// Key/value heads.
+    pub kv_heads: usize,
+    /// Size of one head.
+    pub head_dim: usize,
+}
+
+impl CacheConfig {
+    /// Builds one layer's cache.
+    pub fn build<B: Backend>(&self, shape: LayerShape, device: &B::Device) -> Result<AnyCache<B>> {
+        Ok(match *self {
+            CacheConfig::Dynamic { capacity } => {
+                AnyCache::Dynamic(DynamicCache::with_capacity(capacity))
+            }
+            CacheConfig::Static { max_batch, max_len } => AnyCache::Static(StaticCache::new(
+                StaticCacheConfig {
+                    max_batch,
+                    kv_heads: shape.kv_heads,
+                    max_len,
+                    head_dim: shape.head_dim,
+                },
+                device,
+            )?),
+            CacheConfig::SlidingWindow { window } => {
+                AnyCache::SlidingWindow(SlidingWindowCache::new(window)?)
+            }
+            CacheConfig::Sink {
+                sinks,
+                window,
+                rope_theta: None,
+            } => AnyCache::Sink(SinkCache::new(sinks, window)?),
+            CacheConfig::Sink {
+                sinks,
+                window,
+                rope_theta: Some(theta),
+            } => AnyCache::Sink(SinkCache::with_rotary(
+                sinks,
+                window,
+                RotaryTable::new(shape.head_dim, theta, device)?,
+            )?),
+            CacheConfig::Quantized(config) => AnyCache::Quantized(QuantizedCache::new(config)?),
+        })
+    }
+}
+
+/// Any cache kind behind one type, for code that picks the kind at run time.
+#[derive(Debug, Clone)]
+pub enum AnyCache<B: Backend> {
+    /// See [`DynamicCache`].
+    Dynamic(DynamicCache<B>),
+    /// See [`StaticCache`].
+    Static(StaticCache<B>),
+    /// See [`SlidingWindowCache`].
+    SlidingWindow(SlidingWindowCache<B>),
+    /// See [`SinkCache`].
+    Sink(SinkCache<B>),
+    /// See [`QuantizedCache`].
+    Quantized(QuantizedCache<B>),
+}
+
+macro_rules! each_kind {
+    ($self:expr, $cache:ident => $body:expr) => {
+        match $self {
+            AnyCache::Dynamic($cache) => $body,
+            AnyCache::Static($cache) => $body,
+            AnyCache::SlidingWindow($cache) => $body,
+            AnyCache::Sink($cache) => $body,
+            AnyCache::Quantized($cache) => $body,
+        }
+    };
+}
+
+impl<B: Backend> KvCache<B> for AnyCache<B> {
+    fn update(&mut self, keys: Tensor<B, 4>, values: Tensor<B, 4>) -> Result<KvView<B>> {
+        each_kind!(self, c => c.update(keys, values))
+    }
+    fn seq_len(&self) -> usize {
+        each_kind!(self, c => c.seq_len())
+    }
+    fn held_len(&self) -> usize {
+        each_kind!(self, c => c.held_len())
+    }
+    fn max_len(&self) -> Option<usize> {
+        each_kind!(self, c => c.max_len())
+    }
+    fn crop(&mut self, len: usize) -> Result<()> {
+        each_kind!(self, c => c.crop(len))
+    }
+    fn select_batch(&mut self, indices: &[usize]) -> Result<()> {
+        each_kind!(self, c => c.select_batch(indices))
+    }
+    fn repeat_batch(&mut self, times: usize) -> Result<()> {
+        each_kind!(self, c => c.repeat_batch(times))
+    }
+    fn batch_size(&self) -> Option<usize> {
+        each_kind!(self, c => c.batch_size())
+    }
+    fn reset(&mut self) {
+        each_kind!(self, c => c.reset())
+    }
+    fn memory_bytes(&self) -> usize {
+        each_kind!(self, c => c.memory_bytes())
+    }
+    fn key_rotation(&self) -> KeyRotation {
+        each_kind!(self, c => c.key_rotation())
+    }
+}

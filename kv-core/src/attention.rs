@@ -1,0 +1,96 @@
+//! Scaled dot-product attention over cached keys and values, grouped-query aware.
+
+use burn::tensor::{
+    activation::softmax, backend::Backend, module::attention, ops::AttentionModuleOptions, Bool,
+    Tensor,
+};
+
+use crate::{error::Result, CacheError};
+
+/// Checks `q` `[b, h, n, d]`, `k`/`v` `[b, kv, s, d]` and returns `(heads / kv_heads)`.
+fn groups(q: &[usize; 4], k: &[usize; 4], v: &[usize; 4]) -> Result<usize> {
+    let fits = q[0] == k[0] && k == v && q[3] == k[3] && k[1] > 0 && q[1].is_multiple_of(k[1]);
+    if !fits {
+        return Err(CacheError::AttentionShape {
+            query: *q,
+            key: *k,
+            value: *v,
+        });
+    }
+    Ok(q[1] / k[1])
+}
+
+/// Repeats each key/value head `groups` times: `[b, kv, s, d]` to `[b, kv * groups, s, d]`,
+/// head `i` of the result being head `i / groups` of the input.
+pub fn repeat_kv<B: Backend>(x: Tensor<B, 4>, groups: usize) -> Tensor<B, 4> {
+    if groups == 1 {
+        return x;
+    }
+    let [b, kv, s, d] = x.dims();
+    x.unsqueeze_dim::<5>(2)
+        .expand([b, kv, groups, s, d])
+        .reshape([b, kv * groups, s, d])
+}
+
+/// The textbook computation, for tests to compare against:
+/// `softmax(q kᵀ / sqrt(d) + mask) v`, with key/value heads repeated for grouped-query
+/// attention.
+///
+/// Shapes: `q` `[batch, heads, queries, head_dim]`, `k`/`v` `[batch, kv_heads, keys, head_dim]`,
+/// `mask` `[batch or 1, 1, queries, keys]` with `true` = hidden. Returns
+/// `[batch, heads, queries, head_dim]`.
+pub fn reference_attention<B: Backend>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    mask: Option<Tensor<B, 4, Bool>>,
+) -> Result<Tensor<B, 4>> {
+    let [b, h, n, d] = q.dims();
+    let groups = groups(&q.dims(), &k.dims(), &v.dims())?;
+    let s = k.dims()[2];
+    let (k, v) = (repeat_kv(k, groups), repeat_kv(v, groups));
+    let scores = q.matmul(k.swap_dims(2, 3)).div_scalar((d as f32).sqrt());
+    let scores = match mask {
+        Some(mask) => scores.mask_fill(mask.expand([b, h, n, s]), f32::MIN),
+        None => scores,
+    };
+    Ok(softmax(scores, 3).matmul(v))
+}
+
+/// Attention for inference through burn's fused `attention` op, grouped-query aware without
+/// copying keys or values: the `heads / kv_heads` query heads that share a key/value head are
+/// folded into its query rows, `[b, h, n, d]` to `[b, kv, (h / kv) * n, d]`.
+///
+/// Shapes as [`reference_attention`]. Every query row must see at least one key (the masks of
+/// [`crate::attention_mask`] ensure this).
+///
+/// ```
+/// use burn::tensor::Tensor;
+/// use burn_ndarray::NdArray;
+/// use kv_core::grouped_query_attention;
+///
+/// let device = Default::default();
+/// let q = Tensor::<NdArray, 4>::ones([1, 6, 1, 8], &device); // 6 query heads
+/// let k = Tensor::<NdArray, 4>::ones([1, 2, 5, 8], &device); // 2 key/value heads
+/// let out = grouped_query_attention(q, k.clone(), k, None).unwrap();
+/// assert_eq!(out.dims(), [1, 6, 1, 8]);
+/// ```
+pub fn grouped_query_attention<B: Backend>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    mask: Option<Tensor<B, 4, Bool>>,
+) -> Result<Tensor<B, 4>> {
+    let [b, h, n, d] = q.dims();
+    let groups = groups(&q.dims(), &k.dims(), &v.dims())?;
+    let [_, kv, s, _] = k.dims();
+    let q = q.reshape([b, kv, groups * n, d]);
+    let mask = mask.map(|mask| {
+        let rows = mask.dims()[0];
+        mask.reshape([rows, 1, 1, n, s])
+            .expand([b, kv, groups, n, s])
+            .reshape([b, kv, groups * n, s])
+    });
+    let out = attention(q, k, v, mask, None, AttentionModuleOptions::default());
+    Ok(out.reshape([b, h, n, d]))
+}

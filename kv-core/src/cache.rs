@@ -1,0 +1,112 @@
+//! The operation vocabulary every cache kind answers.
+
+use burn::tensor::{backend::Backend, Tensor};
+
+use crate::{error::Result, CacheError, KvView};
+
+/// Who applies rotary position embeddings to the keys a cache stores.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyRotation {
+    /// The caller rotates keys at their absolute positions before [`KvCache::update`]. The
+    /// cache stores them as given. Every kind but a [`crate::SinkCache`] built with a rotary
+    /// table works this way.
+    AppliedByCaller,
+    /// The caller passes keys *before* rotation; the cache rotates them on read at their
+    /// position inside the cache, and [`KvView::query_rotary_positions`] says where the
+    /// queries must be rotated (StreamingLLM's scheme).
+    AppliedByCache,
+}
+
+/// One layer's key/value cache.
+///
+/// Every kind answers the same operations; keys and values are `[batch, kv_heads, seq, head_dim]`.
+/// The first update fixes `batch`, `kv_heads` and `head_dim` (until [`KvCache::reset`]).
+pub trait KvCache<B: Backend> {
+    /// Appends the keys and values of the next `new` positions (`[batch, kv_heads, new, head_dim]`)
+    /// and returns what attention must read for the queries of those positions.
+    fn update(&mut self, keys: Tensor<B, 4>, values: Tensor<B, 4>) -> Result<KvView<B>>;
+
+    /// Positions seen so far: the absolute position the next token will take.
+    fn seq_len(&self) -> usize;
+
+    /// Positions currently held (what the next view reads besides the new tokens).
+    /// Equals [`KvCache::seq_len`] for kinds that never evict.
+    fn held_len(&self) -> usize;
+
+    /// The most positions this cache will hold at once, if it is bounded.
+    fn max_len(&self) -> Option<usize>;
+
+    /// Forgets every position at or after `len`; a no-op when `len >= seq_len()`.
+    fn crop(&mut self, len: usize) -> Result<()>;
+
+    /// Keeps the batch rows at `indices`, in that order; an index may repeat (beam search).
+    fn select_batch(&mut self, indices: &[usize]) -> Result<()>;
+
+    /// Repeats every batch row `times` times in place (row `r` becomes rows
+    /// `r * times .. (r + 1) * times`): several continuations of one prompt.
+    fn repeat_batch(&mut self, times: usize) -> Result<()> {
+        if times == 0 {
+            return Err(CacheError::ZeroRepeat);
+        }
+        let batch = self.batch_size().unwrap_or(0);
+        let indices: Vec<usize> = (0..batch)
+            .flat_map(|row| std::iter::repeat_n(row, times))
+            .collect();
+        if indices.is_empty() {
+            return Ok(());
+        }
+        self.select_batch(&indices)
+    }
+
+    /// Batch rows held, once the first update has fixed it.
+    fn batch_size(&self) -> Option<usize>;
+
+    /// Forgets everything, keeping the configuration.
+    fn reset(&mut self);
+
+    /// Bytes of device memory the cache holds now (allocated buffers, packed where quantized).
+    fn memory_bytes(&self) -> usize;
+
+    /// Who rotates the stored keys.
+    fn key_rotation(&self) -> KeyRotation {
+        KeyRotation::AppliedByCaller
+    }
+}
+
+/// Checks the shapes of one update and returns `[batch, kv_heads, new, head_dim]`.
+pub(crate) fn check_update<B: Backend>(
+    keys: &Tensor<B, 4>,
+    values: &Tensor<B, 4>,
+    held: Option<[usize; 3]>,
+) -> Result<[usize; 4]> {
+    let k = keys.dims();
+    let v = values.dims();
+    if k != v {
+        return Err(CacheError::KeyValueMismatch { keys: k, values: v });
+    }
+    if k[2] == 0 {
+        return Err(CacheError::EmptyUpdate);
+    }
+    if let Some([batch, kv_heads, head_dim]) = held {
+        if k[0] != batch || k[1] != kv_heads || k[3] != head_dim {
+            return Err(CacheError::ShapeMismatch {
+                batch,
+                kv_heads,
+                head_dim,
+                got: k,
+            });
+        }
+    }
+    Ok(k)
+}
+
+/// Checks batch indices against the rows held.
+pub(crate) fn check_indices(indices: &[usize], batch: usize) -> Result<()> {
+    if indices.is_empty() {
+        return Err(CacheError::EmptyBatchSelection);
+    }
+    if let Some(&index) = indices.iter().find(|&&i| i >= batch) {
+        return Err(CacheError::BatchIndexOutOfRange { index, batch });
+    }
+    Ok(())
+}

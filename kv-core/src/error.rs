@@ -1,0 +1,159 @@
+//! The one error type of kv-core.
+
+use thiserror::Error;
+
+/// Everything a cache operation can refuse, with the numbers needed to fix the call.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum CacheError {
+    /// Keys and values passed to one update disagree in shape.
+    #[error(
+        "keys have shape {keys:?} but values have shape {values:?}: both must be \
+         [batch, kv_heads, new_tokens, head_dim] with equal sizes"
+    )]
+    KeyValueMismatch {
+        /// Shape of the keys passed.
+        keys: [usize; 4],
+        /// Shape of the values passed.
+        values: [usize; 4],
+    },
+
+    /// An update's batch, head count or head size differs from what the cache already holds.
+    #[error(
+        "update has shape {got:?} but the cache holds [batch={batch}, kv_heads={kv_heads}, _, \
+         head_dim={head_dim}]"
+    )]
+    ShapeMismatch {
+        /// Batch rows the cache holds.
+        batch: usize,
+        /// Key/value heads the cache holds.
+        kv_heads: usize,
+        /// Head size the cache holds.
+        head_dim: usize,
+        /// Shape of the update that was refused.
+        got: [usize; 4],
+    },
+
+    /// An update carried no new tokens.
+    #[error(
+        "update carries 0 new tokens: pass keys/values shaped [batch, kv_heads, n >= 1, head_dim]"
+    )]
+    EmptyUpdate,
+
+    /// A preallocated cache has no room left for the update.
+    #[error(
+        "cache is full: it has room for {capacity} positions, {held} are in use and {requested} \
+         more were asked for (raise the capacity or crop first)"
+    )]
+    CapacityExceeded {
+        /// Positions the cache can hold.
+        capacity: usize,
+        /// Positions already held.
+        held: usize,
+        /// Positions the update asked for.
+        requested: usize,
+    },
+
+    /// More batch rows than a preallocated cache was built for.
+    #[error("batch of {requested} rows exceeds the cache's maximum batch of {max_batch}")]
+    BatchTooLarge {
+        /// Rows the cache was built for.
+        max_batch: usize,
+        /// Rows asked for.
+        requested: usize,
+    },
+
+    /// A write at an explicit `cache_position` would leave a hole.
+    #[error(
+        "write at cache_position {position} would leave a gap: only {held} positions are held, \
+         so writes must start at or before {held}"
+    )]
+    PositionGap {
+        /// Position asked for.
+        position: usize,
+        /// Positions held.
+        held: usize,
+    },
+
+    /// A crop asks for positions that a windowed cache has already evicted.
+    #[error(
+        "cannot crop to {requested} positions: positions before {oldest_kept} were already \
+         evicted, so the cache can only crop to {seen} or more"
+    )]
+    CropEvicted {
+        /// Length asked for.
+        requested: usize,
+        /// Oldest position that is still held (past the sinks).
+        oldest_kept: usize,
+        /// Positions seen so far.
+        seen: usize,
+    },
+
+    /// A batch index is out of range.
+    #[error("batch index {index} is out of range for a batch of {batch} rows")]
+    BatchIndexOutOfRange {
+        /// Index asked for.
+        index: usize,
+        /// Rows held.
+        batch: usize,
+    },
+
+    /// A batch selection with no rows.
+    #[error("batch selection is empty: keep at least one row")]
+    EmptyBatchSelection,
+
+    /// Repeating batch rows zero times.
+    #[error("repeat count must be at least 1, got 0")]
+    ZeroRepeat,
+
+    /// A layer index past the model cache's layers.
+    #[error("layer {layer} is out of range for a cache of {layers} layers")]
+    LayerOutOfRange {
+        /// Layer asked for.
+        layer: usize,
+        /// Layers held.
+        layers: usize,
+    },
+
+    /// A legacy cache whose layers disagree with each other.
+    #[error("legacy cache layer {layer} has {got} positions but layer 0 has {expected}")]
+    LegacyLengthMismatch {
+        /// Layer that disagrees.
+        layer: usize,
+        /// Positions in layer 0.
+        expected: usize,
+        /// Positions in this layer.
+        got: usize,
+    },
+
+    /// Rows of an attention mask of different lengths, or a row longer than the mask.
+    #[error("attention mask row {row} has {got} positions, expected {expected}")]
+    MaskRowLength {
+        /// Row that disagrees.
+        row: usize,
+        /// Positions every row must have.
+        expected: usize,
+        /// Positions this row has.
+        got: usize,
+    },
+
+    /// Attention inputs whose shapes do not fit together.
+    #[error(
+        "attention shapes do not fit: query {query:?}, key {key:?}, value {value:?} (query heads \
+         must be a multiple of key/value heads; batch, keys and head_dim must agree)"
+    )]
+    AttentionShape {
+        /// `[batch, heads, queries, head_dim]`.
+        query: [usize; 4],
+        /// `[batch, kv_heads, keys, head_dim]`.
+        key: [usize; 4],
+        /// `[batch, kv_heads, keys, head_dim]`.
+        value: [usize; 4],
+    },
+
+    /// A cache configuration that cannot work, with the reason.
+    #[error("invalid cache configuration: {0}")]
+    InvalidConfig(String),
+}
+
+/// Result type of kv-core.
+pub type Result<T, E = CacheError> = std::result::Result<T, E>;

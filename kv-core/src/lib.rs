@@ -1,0 +1,81 @@
+//! # kv-core
+//!
+//! Key/value caches for autoregressive transformers, generic over any burn [`Backend`]
+//! and knowing nothing of models.
+//!
+//! A decoder that generates one token at a time would, without a cache, recompute the keys and
+//! values of the whole prefix at every step. A cache stores each layer's keys and values once,
+//! so each step feeds only the new token. Every kind here answers one vocabulary, the
+//! [`KvCache`] trait, on tensors shaped `[batch, kv_heads, seq, head_dim]`:
+//!
+//! | operation | meaning |
+//! |---|---|
+//! | [`KvCache::update`] | append new keys/values, get back what attention reads ([`KvView`]) |
+//! | [`KvCache::seq_len`] / [`KvCache::held_len`] / [`KvCache::max_len`] | positions seen / held / holdable |
+//! | [`KvCache::crop`] | forget positions from a length on |
+//! | [`KvCache::select_batch`] / [`KvCache::repeat_batch`] | reorder rows (beams) / fork continuations |
+//! | [`KvCache::reset`] / [`KvCache::memory_bytes`] | empty / bytes held |
+//!
+//! Kinds: [`DynamicCache`] (grows, amortized O(1) append), [`StaticCache`] (preallocated,
+//! written at `cache_position`), [`SlidingWindowCache`] (ring of the last W positions),
+//! [`SinkCache`] (StreamingLLM sinks + window), [`QuantizedCache`] (KIVI int8/int4), and
+//! [`AnyCache`] to choose at run time. [`ModelCache`] holds one per layer. The helpers a custom
+//! loop needs are here too: [`attention_mask`], [`causal_mask`], [`AttentionMask`] (padding and
+//! position ids), [`RotaryTable`], [`grouped_query_attention`] and the [`reference_attention`]
+//! that tests compare against.
+//!
+//! [`Backend`]: burn::tensor::backend::Backend
+//!
+//! ```
+//! use burn::tensor::{Distribution, Tensor};
+//! use burn_ndarray::NdArray;
+//! use kv_core::{attention_mask, grouped_query_attention, AttentionPattern, DynamicCache, KvCache};
+//!
+//! let device = Default::default();
+//! let mut cache = DynamicCache::<NdArray>::new();
+//! // Each step: project the new token to q/k/v, append k/v, attend over everything held.
+//! for step in 0..4 {
+//!     let q = Tensor::<NdArray, 4>::random([1, 4, 1, 16], Distribution::Default, &device);
+//!     let k = Tensor::<NdArray, 4>::random([1, 2, 1, 16], Distribution::Default, &device);
+//!     let v = Tensor::<NdArray, 4>::random([1, 2, 1, 16], Distribution::Default, &device);
+//!     let view = cache.update(k, v).unwrap();
+//!     let mask = attention_mask(step..step + 1, &view.positions, AttentionPattern::Causal, None, &device);
+//!     let out = grouped_query_attention(q, view.keys, view.values, Some(mask)).unwrap();
+//!     assert_eq!(out.dims(), [1, 4, 1, 16]);
+//! }
+//! assert_eq!(cache.seq_len(), 4);
+//! ```
+
+#![warn(missing_docs)]
+
+mod any;
+mod attention;
+mod buffer;
+mod cache;
+mod dynamic;
+mod error;
+mod mask;
+mod model_cache;
+mod quantized;
+mod rotary;
+mod sink;
+mod sliding;
+mod static_cache;
+mod view;
+mod windowed;
+
+pub use any::{AnyCache, CacheConfig, LayerShape};
+pub use attention::{grouped_query_attention, reference_attention, repeat_kv};
+pub use cache::{KeyRotation, KvCache};
+pub use dynamic::{DynamicCache, MIN_CAPACITY};
+pub use error::{CacheError, Result};
+pub use mask::{
+    attention_mask, causal_mask, padding_mask, window_mask, AttentionMask, AttentionPattern,
+};
+pub use model_cache::ModelCache;
+pub use quantized::{QuantBits, QuantizedCache, QuantizedCacheConfig};
+pub use rotary::RotaryTable;
+pub use sink::SinkCache;
+pub use sliding::SlidingWindowCache;
+pub use static_cache::{StaticCache, StaticCacheConfig};
+pub use view::{KeyPositions, KvView};

@@ -1,0 +1,228 @@
+//! Attention masks and position ids for a custom generation loop.
+//!
+//! Masks follow burn's convention: `true` marks a key a query must **not** see.
+
+use std::ops::Range;
+
+use burn::tensor::{backend::Backend, Bool, Int, Tensor, TensorData};
+
+use crate::{error::Result, CacheError, KeyPositions};
+
+/// Which earlier keys a query may see (every pattern is causal: never a later key).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttentionPattern {
+    /// Every earlier key.
+    Causal,
+    /// Keys at `query - window < key <= query`.
+    SlidingWindow {
+        /// Keys seen, the query's own included.
+        window: usize,
+    },
+    /// The first `sinks` keys and the last `window` (StreamingLLM).
+    Sinks {
+        /// First positions always seen.
+        sinks: usize,
+        /// Recent positions seen, the query's own included.
+        window: usize,
+    },
+}
+
+impl AttentionPattern {
+    /// Whether a query at position `query` may see the key at position `key`.
+    pub fn allows(self, query: usize, key: usize) -> bool {
+        if key > query {
+            return false;
+        }
+        match self {
+            AttentionPattern::Causal => true,
+            AttentionPattern::SlidingWindow { window } => query - key < window,
+            AttentionPattern::Sinks { sinks, window } => key < sinks || query - key < window,
+        }
+    }
+}
+
+/// Which positions of each batch row hold real tokens: the `attention_mask` `[batch, past + new]`
+/// of transformers (1 = token, 0 = padding), kept on the host.
+///
+/// ```
+/// use kv_core::AttentionMask;
+///
+/// // Two prompts of 3 and 1 tokens, left-padded to 3.
+/// let mut mask = AttentionMask::left_padded(&[3, 1], 3).unwrap();
+/// assert_eq!(mask.position_ids(0..3), vec![vec![0, 1, 2], vec![1, 1, 0]]);
+/// mask.extend(1); // one generated token per row
+/// assert_eq!(mask.position_ids(3..4), vec![vec![3], vec![1]]);
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AttentionMask {
+    rows: Vec<Vec<bool>>,
+}
+
+impl AttentionMask {
+    /// Every position of `batch` rows of `len` is a real token.
+    pub fn ones(batch: usize, len: usize) -> Self {
+        Self {
+            rows: vec![vec![true; len]; batch],
+        }
+    }
+
+    /// Rows of `true` (token) / `false` (padding), all of one length.
+    pub fn from_rows(rows: Vec<Vec<bool>>) -> Result<Self> {
+        if let Some(first) = rows.first() {
+            let expected = first.len();
+            if let Some((row, r)) = rows.iter().enumerate().find(|(_, r)| r.len() != expected) {
+                return Err(CacheError::MaskRowLength {
+                    row,
+                    expected,
+                    got: r.len(),
+                });
+            }
+        }
+        Ok(Self { rows })
+    }
+
+    /// Rows of `lengths[i]` tokens, left-padded to `len`.
+    pub fn left_padded(lengths: &[usize], len: usize) -> Result<Self> {
+        if let Some((row, &got)) = lengths.iter().enumerate().find(|(_, &l)| l > len) {
+            return Err(CacheError::MaskRowLength {
+                row,
+                expected: len,
+                got,
+            });
+        }
+        Ok(Self {
+            rows: lengths
+                .iter()
+                .map(|&l| (0..len).map(|p| p >= len - l).collect())
+                .collect(),
+        })
+    }
+
+    /// Appends `new` real-token columns: one per generated token.
+    pub fn extend(&mut self, new: usize) {
+        for row in &mut self.rows {
+            row.resize(row.len() + new, true);
+        }
+    }
+
+    /// Rows.
+    pub fn batch(&self) -> usize {
+        self.rows.len()
+    }
+
+    /// Positions per row.
+    pub fn len(&self) -> usize {
+        self.rows.first().map_or(0, Vec::len)
+    }
+
+    /// Whether the mask has no positions.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Whether row `row` has a real token at `position` (positions past the mask count as real).
+    pub fn is_token(&self, row: usize, position: usize) -> bool {
+        self.rows[row].get(position).copied().unwrap_or(true)
+    }
+
+    /// Position ids of `positions` per row, as transformers computes them: the count of real
+    /// tokens before each one (`cumsum(mask) - 1`), and 1 at padding. These feed position
+    /// embeddings; `cache_position` (the slot index) is not affected by padding.
+    pub fn position_ids(&self, positions: Range<usize>) -> Vec<Vec<usize>> {
+        self.rows
+            .iter()
+            .enumerate()
+            .map(|(row, tokens)| {
+                let mut before = tokens.iter().take(positions.start).filter(|&&t| t).count();
+                positions
+                    .clone()
+                    .map(|p| {
+                        if self.is_token(row, p) {
+                            before += 1;
+                            before - 1
+                        } else {
+                            1
+                        }
+                    })
+                    .collect()
+            })
+            .collect()
+    }
+
+    /// The mask as an int tensor `[batch, len]` of 1s and 0s.
+    pub fn to_tensor<B: Backend>(&self, device: &B::Device) -> Tensor<B, 2, Int> {
+        let data: Vec<i64> = self.rows.iter().flatten().map(|&t| i64::from(t)).collect();
+        Tensor::from_data(TensorData::new(data, [self.batch(), self.len()]), device)
+    }
+}
+
+/// The mask for queries at `queries` over key slots at `keys`: `[batch, 1, queries, slots]`
+/// (`batch` is 1 without padding), `true` where the query must not look.
+///
+/// A query row that would see no key at all (a padding query of a left-padded prompt) is left
+/// fully unmasked, as transformers does, so attention never divides by zero; its output is
+/// never used.
+pub fn attention_mask<B: Backend>(
+    queries: Range<usize>,
+    keys: &KeyPositions,
+    pattern: AttentionPattern,
+    padding: Option<&AttentionMask>,
+    device: &B::Device,
+) -> Tensor<B, 4, Bool> {
+    let key_positions = keys.to_vec();
+    let rows = padding.map_or(1, AttentionMask::batch);
+    let mut data = Vec::with_capacity(rows * queries.len() * key_positions.len());
+    for row in 0..rows {
+        for query in queries.clone() {
+            let start = data.len();
+            data.extend(key_positions.iter().map(|&key| {
+                let seen =
+                    pattern.allows(query, key) && padding.is_none_or(|p| p.is_token(row, key));
+                !seen
+            }));
+            if data[start..].iter().all(|&masked| masked) {
+                data[start..].fill(false);
+            }
+        }
+    }
+    Tensor::from_data(
+        TensorData::new(data, [rows, 1, queries.len(), key_positions.len()]),
+        device,
+    )
+}
+
+/// Causal mask for `new` queries after `past` cached positions: `[1, 1, new, past + new]`.
+pub fn causal_mask<B: Backend>(new: usize, past: usize, device: &B::Device) -> Tensor<B, 4, Bool> {
+    attention_mask(
+        past..past + new,
+        &KeyPositions::Contiguous(0..past + new),
+        AttentionPattern::Causal,
+        None,
+        device,
+    )
+}
+
+/// Sliding-window causal mask for `new` queries after `past` positions: `[1, 1, new, past + new]`.
+pub fn window_mask<B: Backend>(
+    new: usize,
+    past: usize,
+    window: usize,
+    device: &B::Device,
+) -> Tensor<B, 4, Bool> {
+    attention_mask(
+        past..past + new,
+        &KeyPositions::Contiguous(0..past + new),
+        AttentionPattern::SlidingWindow { window },
+        None,
+        device,
+    )
+}
+
+/// Padding mask from an attention mask: `[batch, 1, 1, len]`, `true` at padding.
+pub fn padding_mask<B: Backend>(mask: &AttentionMask, device: &B::Device) -> Tensor<B, 4, Bool> {
+    let data: Vec<bool> = mask.rows.iter().flatten().map(|&t| !t).collect();
+    Tensor::from_data(
+        TensorData::new(data, [mask.batch(), 1, 1, mask.len()]),
+        device,
+    )
+}

@@ -1,0 +1,340 @@
+//! Property tests: every cache kind agrees with the reference built by concatenation, and
+//! attention through the cache equals attention over the full recomputation.
+
+mod common;
+
+use common::{device, max_diff, rand4, Host, Reference, B};
+use kv_core::{
+    attention_mask, grouped_query_attention, reference_attention, AttentionPattern, CacheConfig,
+    CacheError, KeyPositions, KvCache, LayerShape, QuantBits, QuantizedCacheConfig,
+};
+use proptest::prelude::*;
+
+/// One random scenario: shapes and a sequence of update sizes (a prefill, then chunks/tokens).
+#[derive(Debug, Clone)]
+struct Case {
+    batch: usize,
+    kv_heads: usize,
+    groups: usize,
+    head_dim: usize,
+    chunks: Vec<usize>,
+    seed: u64,
+}
+
+impl Case {
+    fn total(&self) -> usize {
+        self.chunks.iter().sum()
+    }
+
+    fn shape(&self) -> LayerShape {
+        LayerShape {
+            kv_heads: self.kv_heads,
+            head_dim: self.head_dim,
+        }
+    }
+
+    fn kv(
+        &self,
+        step: usize,
+        new: usize,
+    ) -> (burn::tensor::Tensor<B, 4>, burn::tensor::Tensor<B, 4>) {
+        self.kv_rows(step, new, self.batch)
+    }
+
+    fn kv_rows(
+        &self,
+        step: usize,
+        new: usize,
+        batch: usize,
+    ) -> (burn::tensor::Tensor<B, 4>, burn::tensor::Tensor<B, 4>) {
+        let dims = [batch, self.kv_heads, new, self.head_dim];
+        let seed = self.seed.wrapping_add(1000 * step as u64);
+        (rand4(dims, seed), rand4(dims, seed + 1))
+    }
+}
+
+fn case() -> impl Strategy<Value = Case> {
+    (
+        1..=2usize,
+        1..=3usize,
+        1..=3usize,
+        prop::sample::select(vec![2usize, 4, 8]),
+        1..=12usize,
+        prop::collection::vec(prop_oneof![3 => Just(1usize), 1 => 2..=5usize], 1..10),
+        any::<u64>(),
+    )
+        .prop_map(
+            |(batch, kv_heads, groups, head_dim, prefill, mut rest, seed)| {
+                rest.insert(0, prefill);
+                Case {
+                    batch,
+                    kv_heads,
+                    groups,
+                    head_dim,
+                    chunks: rest,
+                    seed,
+                }
+            },
+        )
+}
+
+/// Appends one chunk to `cache` and `reference` and checks the view and attention through it.
+fn step_and_check(
+    case: &Case,
+    cache: &mut impl KvCache<B>,
+    reference: &mut Reference,
+    pattern: AttentionPattern,
+    step: usize,
+    new: usize,
+) {
+    let batch = cache.batch_size().unwrap_or(case.batch);
+    let (k, v) = case.kv_rows(step, new, batch);
+    let start = reference.len();
+    reference.append(k.clone(), v.clone());
+    let view = cache.update(k, v).unwrap();
+    assert_eq!(cache.seq_len(), start + new);
+    reference.assert_matches(&view);
+
+    // Every key that a new query may see is in the view.
+    let held = view.positions.to_vec();
+    for q in start..start + new {
+        for p in (0..=q).filter(|&p| pattern.allows(q, p)) {
+            assert!(
+                held.contains(&p),
+                "query {q} needs position {p}, view holds {held:?}"
+            );
+        }
+    }
+
+    // Attention over the view equals attention over the full recomputation.
+    let heads = case.kv_heads * case.groups;
+    let q = rand4(
+        [batch, heads, new, case.head_dim],
+        case.seed ^ (step as u64 + 77),
+    );
+    let mask = attention_mask(
+        start..start + new,
+        &view.positions,
+        pattern,
+        None,
+        &device(),
+    );
+    let cached = grouped_query_attention(q.clone(), view.keys, view.values, Some(mask)).unwrap();
+    let full = KeyPositions::Contiguous(0..start + new);
+    let full_mask = attention_mask(start..start + new, &full, pattern, None, &device());
+    let expected =
+        reference_attention(q, reference.keys(), reference.values(), Some(full_mask)).unwrap();
+    let diff = max_diff(&cached, &expected);
+    assert!(diff <= 1e-5, "attention differs by {diff}");
+}
+
+/// The kinds that must agree exactly, with the attention pattern each implies.
+fn exact_kinds(case: &Case, window: usize, sinks: usize) -> Vec<(CacheConfig, AttentionPattern)> {
+    vec![
+        (
+            CacheConfig::Dynamic { capacity: 1 },
+            AttentionPattern::Causal,
+        ),
+        (
+            CacheConfig::Dynamic { capacity: 64 },
+            AttentionPattern::Causal,
+        ),
+        (
+            CacheConfig::Static {
+                max_batch: 3 * case.batch,
+                max_len: case.total() + 16,
+            },
+            AttentionPattern::Causal,
+        ),
+        (
+            CacheConfig::SlidingWindow { window },
+            AttentionPattern::SlidingWindow { window },
+        ),
+        (
+            CacheConfig::Sink {
+                sinks,
+                window,
+                rope_theta: None,
+            },
+            AttentionPattern::Sinks { sinks, window },
+        ),
+    ]
+}
+
+fn expected_held(seen: usize, sinks: usize, window: usize) -> Vec<usize> {
+    let start = seen.saturating_sub(window).max(sinks);
+    (0..seen.min(sinks)).chain(start..seen).collect()
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 40, ..ProptestConfig::default() })]
+
+    /// Keys/values of every kind equal the reference (bit-exact), and attention equals the
+    /// full recomputation within 1e-5, over random prefill/chunk/token sequences.
+    #[test]
+    fn every_kind_equals_recomputation(case in case(), window in 1..8usize, sinks in 0..4usize) {
+        for (config, pattern) in exact_kinds(&case, window, sinks) {
+            let mut cache = config.build::<B>(case.shape(), &device()).unwrap();
+            let mut reference = Reference::default();
+            for (step, &new) in case.chunks.iter().enumerate() {
+                step_and_check(&case, &mut cache, &mut reference, pattern, step, new);
+            }
+            let seen = case.total();
+            match config {
+                CacheConfig::SlidingWindow { window } => prop_assert_eq!(cache.held_len(), seen.min(window)),
+                CacheConfig::Sink { sinks, window, .. } => {
+                    prop_assert_eq!(cache.held_len(), expected_held(seen, sinks, window).len())
+                }
+                _ => prop_assert_eq!(cache.held_len(), seen),
+            }
+        }
+    }
+
+    /// Crop then append equals the reference rebuilt from the cropped history; windowed kinds
+    /// refuse exactly the crops that need evicted positions.
+    #[test]
+    fn crop_then_append_equals_cropped_reference(case in case(), window in 1..8usize, sinks in 0..4usize, cut in 0.0f64..1.0) {
+        for (config, pattern) in exact_kinds(&case, window, sinks) {
+            let mut cache = config.build::<B>(case.shape(), &device()).unwrap();
+            let mut reference = Reference::default();
+            for (step, &new) in case.chunks.iter().enumerate() {
+                step_and_check(&case, &mut cache, &mut reference, pattern, step, new);
+            }
+            let seen = case.total();
+            let len = ((seen as f64) * cut) as usize;
+            let bound = cache.max_len().filter(|_| !matches!(config, CacheConfig::Static { .. }));
+            match cache.crop(len) {
+                Ok(()) => {
+                    prop_assert!(bound.is_none_or(|b| seen <= b) || len >= seen);
+                    reference.crop(len);
+                    prop_assert_eq!(cache.seq_len(), len);
+                    let next = case.chunks.len();
+                    step_and_check(&case, &mut cache, &mut reference, pattern, next, 1);
+                    step_and_check(&case, &mut cache, &mut reference, pattern, next + 1, 3);
+                }
+                Err(CacheError::CropEvicted { requested, seen: s, .. }) => {
+                    prop_assert_eq!((requested, s), (len, seen));
+                    prop_assert!(bound.is_some_and(|b| seen > b));
+                }
+                Err(other) => prop_assert!(false, "unexpected error {other}"),
+            }
+        }
+    }
+
+    /// Batch select (with repeats) and repeat equal the same operation on the reference, and
+    /// later updates continue from the reordered rows.
+    #[test]
+    fn batch_select_and_repeat_follow_the_reference(
+        case in case(),
+        window in 1..8usize,
+        sinks in 0..4usize,
+        picks in prop::collection::vec(0..2usize, 1..4),
+        times in 1..3usize,
+    ) {
+        let indices: Vec<usize> = picks.iter().map(|&i| i % case.batch).collect();
+        for (config, pattern) in exact_kinds(&case, window, sinks) {
+            let mut cache = config.build::<B>(case.shape(), &device()).unwrap();
+            let mut reference = Reference::default();
+            for (step, &new) in case.chunks.iter().enumerate() {
+                step_and_check(&case, &mut cache, &mut reference, pattern, step, new);
+            }
+            cache.select_batch(&indices).unwrap();
+            reference.select(&indices);
+            prop_assert_eq!(cache.batch_size(), Some(indices.len()));
+            let next = case.chunks.len();
+            step_and_check(&case, &mut cache, &mut reference, pattern, next, 1);
+            if indices.len() * times <= 3 * case.batch || !matches!(config, CacheConfig::Static { .. }) {
+                cache.repeat_batch(times).unwrap();
+                let repeated: Vec<usize> = (0..indices.len()).flat_map(|r| std::iter::repeat_n(r, times)).collect();
+                reference.select(&repeated);
+                step_and_check(&case, &mut cache, &mut reference, pattern, next + 1, 2);
+            }
+        }
+    }
+
+    /// The quantized kinds stay within their stated bound: each element within half a
+    /// quantization step of its group, the recent residual exact.
+    #[test]
+    fn quantized_stays_within_bound(
+        case in case(),
+        int4 in any::<bool>(),
+        group in prop::sample::select(vec![1usize, 2, 4]),
+        residual in 0..6usize,
+    ) {
+        let bits = if int4 { QuantBits::Int4 } else { QuantBits::Int8 };
+        let config = QuantizedCacheConfig { bits, group_size: group, residual_len: residual };
+        let mut cache = CacheConfig::Quantized(config).build::<B>(case.shape(), &device()).unwrap();
+        let mut reference = Reference::default();
+        for (step, &new) in case.chunks.iter().enumerate() {
+            let (k, v) = case.kv(step, new);
+            reference.append(k.clone(), v.clone());
+            let view = cache.update(k, v).unwrap();
+            prop_assert_eq!(view.positions.clone(), KeyPositions::Contiguous(0..reference.len()));
+            let quantized = quantized_len(&cache);
+            check_bound(&Host::of(&reference.keys()), &Host::of(&view.keys), quantized, group, bits, Axis::Tokens);
+            let value_group = group.min(case.head_dim);
+            check_bound(&Host::of(&reference.values()), &Host::of(&view.values), quantized, value_group, bits, Axis::Channels);
+            prop_assert!(reference.len() - quantized >= residual.min(reference.len()));
+        }
+    }
+}
+
+fn quantized_len(cache: &kv_core::AnyCache<B>) -> usize {
+    match cache {
+        kv_core::AnyCache::Quantized(q) => q.quantized_len(),
+        _ => unreachable!("built as quantized"),
+    }
+}
+
+/// Which axis a quantization group runs along.
+#[derive(Clone, Copy)]
+enum Axis {
+    /// Keys: one channel over `group` tokens.
+    Tokens,
+    /// Values: one token over `group` channels.
+    Channels,
+}
+
+/// Every element at a position below `quantized` is within half a step of its group's range;
+/// later ones are exact.
+fn check_bound(
+    exact: &Host,
+    got: &Host,
+    quantized: usize,
+    group: usize,
+    bits: QuantBits,
+    axis: Axis,
+) {
+    let [batch, heads, seq, dim] = exact.dims;
+    assert_eq!(exact.dims, got.dims);
+    for b in 0..batch {
+        for h in 0..heads {
+            for s in 0..seq {
+                for c in 0..dim {
+                    let x = exact.row(b, h, s)[c];
+                    let y = got.row(b, h, s)[c];
+                    if s >= quantized {
+                        assert_eq!(x, y, "residual position {s} must be exact");
+                        continue;
+                    }
+                    let members: Vec<f32> = match axis {
+                        Axis::Tokens => (s / group * group..s / group * group + group)
+                            .map(|t| exact.row(b, h, t)[c])
+                            .collect(),
+                        Axis::Channels => exact.row(b, h, s)
+                            [c / group * group..c / group * group + group]
+                            .to_vec(),
+                    };
+                    let (lo, hi) = members
+                        .iter()
+                        .fold((f32::MAX, f32::MIN), |(lo, hi), &m| (lo.min(m), hi.max(m)));
+                    let bound = (hi - lo) / (2.0 * bits.max_code() as f32) + 1e-6;
+                    assert!(
+                        (x - y).abs() <= bound,
+                        "position {s} channel {c}: |{x} - {y}| > {bound}"
+                    );
+                }
+            }
+        }
+    }
+}
