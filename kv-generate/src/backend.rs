@@ -1,0 +1,122 @@
+//! Backends a binary can run on, chosen by cargo feature at build time and by name at run time.
+
+use std::fmt;
+use std::str::FromStr;
+
+use thiserror::Error;
+
+/// A compute backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackendKind {
+    /// burn-ndarray on the CPU (cargo feature `ndarray`, on by default).
+    Ndarray,
+    /// burn-cuda on an NVIDIA GPU (cargo feature `cuda`).
+    Cuda,
+}
+
+/// Why a backend cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum BackendError {
+    /// A name that is no backend.
+    #[error("unknown backend `{0}`: choose `ndarray` or `cuda`")]
+    Unknown(String),
+    /// A backend whose cargo feature was off at build time.
+    #[error(
+        "backend `{backend}` was not compiled in: rebuild with `--features {backend}` \
+         (compiled in: {compiled})"
+    )]
+    NotCompiled {
+        /// The backend asked for.
+        backend: BackendKind,
+        /// The ones available, comma-separated.
+        compiled: String,
+    },
+}
+
+impl BackendKind {
+    /// Every backend, compiled in or not.
+    pub const ALL: [BackendKind; 2] = [BackendKind::Ndarray, BackendKind::Cuda];
+
+    /// The cargo feature and command-line name.
+    pub fn name(self) -> &'static str {
+        match self {
+            BackendKind::Ndarray => "ndarray",
+            BackendKind::Cuda => "cuda",
+        }
+    }
+
+    /// Whether this build includes the backend.
+    pub fn is_compiled(self) -> bool {
+        match self {
+            BackendKind::Ndarray => cfg!(feature = "ndarray"),
+            BackendKind::Cuda => cfg!(feature = "cuda"),
+        }
+    }
+
+    /// The backends this build includes.
+    pub fn compiled() -> Vec<BackendKind> {
+        Self::ALL.into_iter().filter(|b| b.is_compiled()).collect()
+    }
+
+    /// This backend, or an error that says how to get it.
+    pub fn require(self) -> Result<Self, BackendError> {
+        if self.is_compiled() {
+            return Ok(self);
+        }
+        let compiled: Vec<&str> = Self::compiled().into_iter().map(Self::name).collect();
+        Err(BackendError::NotCompiled {
+            backend: self,
+            compiled: if compiled.is_empty() {
+                "none".into()
+            } else {
+                compiled.join(", ")
+            },
+        })
+    }
+}
+
+impl fmt::Display for BackendKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for BackendKind {
+    type Err = BackendError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::ALL
+            .into_iter()
+            .find(|b| b.name() == s)
+            .ok_or_else(|| BackendError::Unknown(s.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_parse_back() {
+        for backend in BackendKind::ALL {
+            assert_eq!(backend.name().parse::<BackendKind>(), Ok(backend));
+        }
+        assert_eq!(
+            "rocm".parse::<BackendKind>(),
+            Err(BackendError::Unknown("rocm".into()))
+        );
+    }
+
+    #[test]
+    fn require_matches_the_build_features() {
+        assert_eq!(
+            BackendKind::Ndarray.require().is_ok(),
+            cfg!(feature = "ndarray")
+        );
+        let cuda = BackendKind::Cuda.require();
+        assert_eq!(cuda.is_ok(), cfg!(feature = "cuda"));
+        if let Err(err) = cuda {
+            assert!(err.to_string().contains("--features cuda"), "{err}");
+        }
+    }
+}
