@@ -81,16 +81,10 @@ impl<B: Backend> DynamicCache<B> {
         self.buffer.as_ref().map_or(0, KvBuffer::capacity)
     }
 
-    fn held_shape(&self) -> Option<[usize; 3]> {
-        self.buffer.as_ref().map(|b| {
-            let [batch, heads, _, head_dim] = b.dims();
-            [batch, heads, head_dim]
-        })
-    }
-}
-
-impl<B: Backend> KvCache<B> for DynamicCache<B> {
-    fn update(&mut self, keys: Tensor<B, 4>, values: Tensor<B, 4>) -> Result<KvView<B>> {
+    /// Writes keys/values `[batch, kv_heads, new, head_dim]` after the held positions without
+    /// reading anything back: amortized O(1) per token. [`KvCache::update`] is this plus
+    /// [`DynamicCache::view`].
+    pub fn append(&mut self, keys: Tensor<B, 4>, values: Tensor<B, 4>) -> Result<()> {
         let [batch, heads, new, head_dim] = check_update(&keys, &values, self.held_shape())?;
         let needed = self.len + new;
         let grown = |hint: usize| needed.next_power_of_two().max(hint).max(MIN_CAPACITY);
@@ -104,16 +98,36 @@ impl<B: Backend> KvCache<B> for DynamicCache<B> {
             }
             Some(buffer) => buffer,
         };
-        let buffer = buffer.write(self.len, keys, values);
+        self.buffer = Some(buffer.write(self.len, keys, values));
         self.len = needed;
-        let (keys, values) = buffer.read(0..batch, 0..needed);
-        self.buffer = Some(buffer);
-        Ok(KvView {
+        Ok(())
+    }
+
+    /// What attention reads: the held positions, `[batch, kv_heads, seq, head_dim]`. On backends
+    /// whose slices are copies (burn-ndarray) this copies `seq` positions unless the buffer is
+    /// exactly full.
+    pub fn view(&self) -> Option<KvView<B>> {
+        let (keys, values) = self.to_tensors()?;
+        Some(KvView {
             keys,
             values,
-            positions: KeyPositions::Contiguous(0..needed),
+            positions: KeyPositions::Contiguous(0..self.len),
             query_rotary_positions: None,
         })
+    }
+
+    fn held_shape(&self) -> Option<[usize; 3]> {
+        self.buffer.as_ref().map(|b| {
+            let [batch, heads, _, head_dim] = b.dims();
+            [batch, heads, head_dim]
+        })
+    }
+}
+
+impl<B: Backend> KvCache<B> for DynamicCache<B> {
+    fn update(&mut self, keys: Tensor<B, 4>, values: Tensor<B, 4>) -> Result<KvView<B>> {
+        self.append(keys, values)?;
+        Ok(self.view().expect("an append leaves at least one position"))
     }
 
     fn seq_len(&self) -> usize {

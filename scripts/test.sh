@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# The project's test command: everything CI checks, runnable on a fresh machine with a Rust
+# toolchain (no GPU needed). Cold, it takes about 15 minutes on 2 cores, most of it compiling burn.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+echo "== format"
+cargo fmt --all -- --check
+
+echo "== unit, property, example and benchmark-harness tests (CPU backend)"
+cargo test --workspace --all-targets
+
+echo "== documentation examples"
+cargo test --workspace --doc
+
+echo "== the cuda backend compiles and lints clean (no GPU needed to build)"
+cargo clippy --workspace --all-targets --features cuda -- -D warnings
