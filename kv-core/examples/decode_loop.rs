@@ -9,8 +9,8 @@ use std::time::Instant;
 use burn::tensor::{Distribution, Tensor};
 use burn_ndarray::NdArray;
 use kv_core::{
-    attention_mask, grouped_query_attention, AttentionPattern, CacheConfig, KeyPositions, KvCache, LayerShape,
-    ModelCache,
+    attention_mask, grouped_query_attention, AttentionPattern, CacheConfig, KeyPositions, KvCache,
+    LayerShape, ModelCache,
 };
 
 type B = NdArray<f32>;
@@ -32,7 +32,11 @@ struct Layer {
 
 fn weight(rows: usize, cols: usize) -> Tensor<B, 2> {
     let scale = 1.0 / (rows as f64).sqrt();
-    Tensor::random([rows, cols], Distribution::Normal(0.0, scale), &Default::default())
+    Tensor::random(
+        [rows, cols],
+        Distribution::Normal(0.0, scale),
+        &Default::default(),
+    )
 }
 
 /// `[1, seq, width]` to `[1, heads, seq, head_dim]`.
@@ -43,7 +47,12 @@ fn heads(x: Tensor<B, 3>, heads: usize) -> Tensor<B, 4> {
 
 /// Runs `x` `[1, new, HIDDEN]` at positions `start..start + new` through the layers, with a
 /// cache or (re-feeding from position 0) without.
-fn forward(layers: &[Layer], x: Tensor<B, 3>, start: usize, mut cache: Option<&mut ModelCache<B>>) -> Tensor<B, 3> {
+fn forward(
+    layers: &[Layer],
+    x: Tensor<B, 3>,
+    start: usize,
+    mut cache: Option<&mut ModelCache<B>>,
+) -> Tensor<B, 3> {
     let new = x.dims()[1];
     let device = Default::default();
     let mut x = x;
@@ -58,7 +67,13 @@ fn forward(layers: &[Layer], x: Tensor<B, 3>, start: usize, mut cache: Option<&m
             }
             None => (k, v, KeyPositions::Contiguous(0..start + new)),
         };
-        let mask = attention_mask(start..start + new, &positions, AttentionPattern::Causal, None, &device);
+        let mask = attention_mask(
+            start..start + new,
+            &positions,
+            AttentionPattern::Causal,
+            None,
+            &device,
+        );
         let out = grouped_query_attention(q, k, v, Some(mask)).expect("attention shapes");
         let out = out.swap_dims(1, 2).reshape([1, new, HIDDEN]);
         x = x + out.matmul(layer.wo.clone().unsqueeze());
@@ -67,7 +82,10 @@ fn forward(layers: &[Layer], x: Tensor<B, 3>, start: usize, mut cache: Option<&m
 }
 
 fn main() {
-    let steps: usize = std::env::args().nth(1).and_then(|s| s.parse().ok()).unwrap_or(256);
+    let steps: usize = std::env::args()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(256);
     let device = Default::default();
     let layers: Vec<Layer> = (0..LAYERS)
         .map(|_| Layer {
@@ -92,20 +110,43 @@ fn main() {
     let expected = Tensor::cat(uncached, 1);
     println!("{:<22} {:>8.3} s", "no cache", baseline);
 
-    let shape = LayerShape { kv_heads: KV_HEADS, head_dim: HEAD_DIM };
+    let shape = LayerShape {
+        kv_heads: KV_HEADS,
+        head_dim: HEAD_DIM,
+    };
     let kinds = [
         ("dynamic", CacheConfig::Dynamic { capacity: steps }),
-        ("static", CacheConfig::Static { max_batch: 1, max_len: steps }),
-        ("sliding (window=all)", CacheConfig::SlidingWindow { window: steps }),
+        (
+            "static",
+            CacheConfig::Static {
+                max_batch: 1,
+                max_len: steps,
+            },
+        ),
+        (
+            "sliding (window=all)",
+            CacheConfig::SlidingWindow { window: steps },
+        ),
     ];
     for (name, config) in kinds {
-        let mut cache = ModelCache::<B>::new(&config, LAYERS, shape, &device).expect("cache config");
+        let mut cache =
+            ModelCache::<B>::new(&config, LAYERS, shape, &device).expect("cache config");
         let started = Instant::now();
         let outs: Vec<_> = (0..steps)
-            .map(|step| forward(&layers, inputs.clone().narrow(1, step, 1), step, Some(&mut cache)))
+            .map(|step| {
+                forward(
+                    &layers,
+                    inputs.clone().narrow(1, step, 1),
+                    step,
+                    Some(&mut cache),
+                )
+            })
             .collect();
         let seconds = started.elapsed().as_secs_f64();
-        let diff = (Tensor::cat(outs, 1) - expected.clone()).abs().max().into_scalar();
+        let diff = (Tensor::cat(outs, 1) - expected.clone())
+            .abs()
+            .max()
+            .into_scalar();
         println!(
             "{name:<22} {seconds:>8.3} s  speedup {:>5.1}x  max |diff| {diff:.1e}  cache {} KiB",
             baseline / seconds,
