@@ -9,7 +9,7 @@ use std::time::Instant;
 use burn::tensor::{Distribution, Tensor};
 use burn_ndarray::NdArray;
 use kv_core::{
-    attention_mask, grouped_query_attention, AttentionPattern, CacheConfig, KeyPositions, KvCache,
+    attention_mask, grouped_query_attention, AttentionPattern, CacheConfig, KeyPositions,
     LayerShape, ModelCache,
 };
 
