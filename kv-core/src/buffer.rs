@@ -4,6 +4,9 @@ use std::ops::Range;
 
 use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
 
+use crate::cache::check_indices;
+use crate::error::Result;
+
 /// Keys and values `[batch, kv_heads, capacity, head_dim]`, written slot by slot.
 ///
 /// Methods take `self` by value and return it: a write moves the sole handle into
@@ -105,6 +108,19 @@ impl<B: Backend> KvBuffer<B> {
         let elements: usize = self.dims().iter().product();
         2 * elements * self.keys.dtype().size()
     }
+}
+
+/// Keeps the batch rows at `indices` of an optional buffer, after checking them; leaves the
+/// buffer untouched on error and does nothing when there is no buffer yet.
+pub(crate) fn select_rows_checked<B: Backend>(
+    buffer: &mut Option<KvBuffer<B>>,
+    indices: &[usize],
+) -> Result<()> {
+    if let Some(held) = buffer.as_ref() {
+        check_indices(indices, held.dims()[0])?;
+    }
+    *buffer = buffer.take().map(|held| held.select_rows(indices));
+    Ok(())
 }
 
 /// A 1-D int tensor of indices on `device`.

@@ -2,8 +2,8 @@
 
 use burn::tensor::{backend::Backend, Tensor};
 
-use crate::buffer::KvBuffer;
-use crate::cache::{check_indices, check_update};
+use crate::buffer::{select_rows_checked, KvBuffer};
+use crate::cache::check_update;
 use crate::{error::Result, KeyPositions, KvCache, KvView};
 
 /// Smallest buffer a [`DynamicCache`] allocates, in positions.
@@ -148,15 +148,7 @@ impl<B: Backend> KvCache<B> for DynamicCache<B> {
     }
 
     fn select_batch(&mut self, indices: &[usize]) -> Result<()> {
-        let Some(buffer) = self.buffer.take() else {
-            return Ok(());
-        };
-        if let Err(err) = check_indices(indices, buffer.dims()[0]) {
-            self.buffer = Some(buffer);
-            return Err(err);
-        }
-        self.buffer = Some(buffer.select_rows(indices));
-        Ok(())
+        select_rows_checked(&mut self.buffer, indices)
     }
 
     fn batch_size(&self) -> Option<usize> {

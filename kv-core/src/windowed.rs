@@ -6,8 +6,8 @@
 
 use burn::tensor::{backend::Backend, Tensor};
 
-use crate::buffer::KvBuffer;
-use crate::cache::{check_indices, check_update};
+use crate::buffer::{select_rows_checked, KvBuffer};
+use crate::cache::check_update;
 use crate::{error::Result, CacheError, KeyPositions};
 
 /// What an update of a [`Windowed`] buffer returns: keys/values `[batch, kv_heads, slots, head_dim]`
@@ -200,15 +200,7 @@ impl<B: Backend> Windowed<B> {
     }
 
     pub fn select_batch(&mut self, indices: &[usize]) -> Result<()> {
-        let Some(buffer) = self.buffer.take() else {
-            return Ok(());
-        };
-        if let Err(err) = check_indices(indices, buffer.dims()[0]) {
-            self.buffer = Some(buffer);
-            return Err(err);
-        }
-        self.buffer = Some(buffer.select_rows(indices));
-        Ok(())
+        select_rows_checked(&mut self.buffer, indices)
     }
 
     pub fn reset(&mut self) {
