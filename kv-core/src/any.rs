@@ -3,7 +3,7 @@
 use burn::tensor::{backend::Backend, Tensor};
 
 use crate::{
-    error::Result, DynamicCache, KeyRotation, KvCache, KvView, QuantizedCache,
+    error::Result, AttentionPattern, DynamicCache, KeyRotation, KvCache, KvView, QuantizedCache,
     QuantizedCacheConfig, RotaryTable, SinkCache, SlidingWindowCache, StaticCache,
     StaticCacheConfig,
 };
@@ -148,5 +148,9 @@ impl<B: Backend> KvCache<B> for AnyCache<B> {
     }
     fn key_rotation(&self) -> KeyRotation {
         each_kind!(self, c => c.key_rotation())
+    }
+
+    fn attention_pattern(&self) -> AttentionPattern {
+        each_kind!(self, c => c.attention_pattern())
     }
 }

@@ -2,7 +2,7 @@
 
 use burn::tensor::{backend::Backend, Tensor};
 
-use crate::{error::Result, CacheError, KvView};
+use crate::{error::Result, AttentionPattern, CacheError, KvView};
 
 /// Who applies rotary position embeddings to the keys a cache stores.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -70,6 +70,13 @@ pub trait KvCache<B: Backend> {
     /// Who rotates the stored keys.
     fn key_rotation(&self) -> KeyRotation {
         KeyRotation::AppliedByCaller
+    }
+
+    /// Which keys a query may see when attending through this cache: the pattern under which
+    /// the cache's answer equals attention over the whole uncached sequence. A window or sink
+    /// cache forgets keys, so it only matches attention that never looks at them.
+    fn attention_pattern(&self) -> AttentionPattern {
+        AttentionPattern::Causal
     }
 }
 

@@ -6,7 +6,8 @@ use std::ops::Range;
 use burn::tensor::{backend::Backend, Tensor};
 
 use crate::{
-    error::Result, AnyCache, CacheConfig, CacheError, DynamicCache, KvCache, KvView, LayerShape,
+    error::Result, AnyCache, AttentionPattern, CacheConfig, CacheError, DynamicCache, KeyRotation,
+    KvCache, KvView, LayerShape,
 };
 
 /// One cache per layer, kept in step: every layer sees the same positions.
@@ -103,6 +104,20 @@ impl<B: Backend, C: KvCache<B>> ModelCache<B, C> {
     pub fn next_positions(&self, new: usize) -> Range<usize> {
         let start = self.seq_len();
         start..start + new
+    }
+
+    /// Which keys a query may see through these caches; see [`KvCache::attention_pattern`].
+    pub fn attention_pattern(&self) -> AttentionPattern {
+        self.layers
+            .first()
+            .map_or(AttentionPattern::Causal, KvCache::attention_pattern)
+    }
+
+    /// Who rotates the stored keys; see [`KvCache::key_rotation`].
+    pub fn key_rotation(&self) -> KeyRotation {
+        self.layers
+            .first()
+            .map_or(KeyRotation::AppliedByCaller, KvCache::key_rotation)
     }
 
     /// The most positions each layer holds, if bounded.

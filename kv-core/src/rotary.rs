@@ -90,24 +90,70 @@ impl<B: Backend> RotaryTable<B> {
             .clone()
             .select(0, index)
             .reshape([1, 1, seq, head_dim]);
-        let half = head_dim / 2;
-        let first = x.clone().narrow(3, 0, half);
-        let second = x.clone().narrow(3, half, half);
-        let rotated = Tensor::cat(vec![second.neg(), first], 3);
-        x * cos + rotated * sin
+        rotate_half(x, cos, sin)
+    }
+
+    /// Rotates `x` `[batch, heads, seq, head_dim]` without touching the stored tables: row `s`
+    /// of batch row `b` at `positions[b][s]`, or at `positions[0][s]` for every batch row when
+    /// one row of positions is given. The angles are computed for exactly these positions, so
+    /// positions may be arbitrarily large and differ per batch row (left padding).
+    ///
+    /// # Panics
+    /// If `positions` has neither 1 nor `batch` rows, a row's length is not `seq`, or `x`'s
+    /// last dimension is not [`RotaryTable::head_dim`].
+    ///
+    /// ```
+    /// use burn::tensor::Tensor;
+    /// use burn_ndarray::NdArray;
+    /// use kv_core::RotaryTable;
+    ///
+    /// let device = Default::default();
+    /// let rope = RotaryTable::<NdArray>::new(4, 10_000.0, &device).unwrap();
+    /// let x = Tensor::<NdArray, 4>::ones([2, 1, 2, 4], &device);
+    /// // Row 0 at positions 0 and 1; row 1 (left-padded) at 0 and 0.
+    /// let rotated = rope.rotate(x, &[vec![0, 1], vec![0, 0]]);
+    /// assert_eq!(rotated.dims(), [2, 1, 2, 4]);
+    /// ```
+    pub fn rotate(&self, x: Tensor<B, 4>, positions: &[Vec<usize>]) -> Tensor<B, 4> {
+        let [batch, _, seq, head_dim] = x.dims();
+        assert_eq!(head_dim, self.head_dim(), "rotary head_dim");
+        assert!(
+            positions.len() == 1 || positions.len() == batch,
+            "positions: {} rows for batch {batch}",
+            positions.len()
+        );
+        let rows = positions.len();
+        let flat: Vec<usize> = positions
+            .iter()
+            .inspect(|row| assert_eq!(row.len(), seq, "one position per row"))
+            .flatten()
+            .copied()
+            .collect();
+        let (cos, sin) = angles(&self.inv_freq, &flat);
+        let shape = [rows, 1, seq, head_dim];
+        let cos = Tensor::from_data(TensorData::new(cos, shape), &self.device);
+        let sin = Tensor::from_data(TensorData::new(sin, shape), &self.device);
+        rotate_half(x, cos, sin)
     }
 }
 
-/// `[positions, head_dim]` cosine and sine tables, computed in f32 as transformers does.
-fn tables<B: Backend>(
-    inv_freq: &[f32],
-    positions: usize,
-    device: &B::Device,
-) -> (Tensor<B, 2>, Tensor<B, 2>) {
+/// `x * cos + rotate_half(x) * sin`, where `rotate_half([a, b]) = [-b, a]` over the last
+/// dimension; `cos` and `sin` broadcast against `x`.
+fn rotate_half<B: Backend>(x: Tensor<B, 4>, cos: Tensor<B, 4>, sin: Tensor<B, 4>) -> Tensor<B, 4> {
+    let half = x.dims()[3] / 2;
+    let first = x.clone().narrow(3, 0, half);
+    let second = x.clone().narrow(3, half, half);
+    let rotated = Tensor::cat(vec![second.neg(), first], 3);
+    x * cos + rotated * sin
+}
+
+/// Cosine and sine of every `position * inv_freq`, row by row in the rotate-half layout
+/// (each frequency twice), computed in f32 as transformers does.
+fn angles(inv_freq: &[f32], positions: &[usize]) -> (Vec<f32>, Vec<f32>) {
     let head_dim = 2 * inv_freq.len();
-    let mut cos = Vec::with_capacity(positions * head_dim);
-    let mut sin = Vec::with_capacity(positions * head_dim);
-    for position in 0..positions {
+    let mut cos = Vec::with_capacity(positions.len() * head_dim);
+    let mut sin = Vec::with_capacity(positions.len() * head_dim);
+    for &position in positions {
         for _ in 0..2 {
             for &freq in inv_freq {
                 let angle = position as f32 * freq;
@@ -116,6 +162,18 @@ fn tables<B: Backend>(
             }
         }
     }
+    (cos, sin)
+}
+
+/// `[positions, head_dim]` cosine and sine tables for positions `0..positions`.
+fn tables<B: Backend>(
+    inv_freq: &[f32],
+    positions: usize,
+    device: &B::Device,
+) -> (Tensor<B, 2>, Tensor<B, 2>) {
+    let head_dim = 2 * inv_freq.len();
+    let all: Vec<usize> = (0..positions).collect();
+    let (cos, sin) = angles(inv_freq, &all);
     (
         Tensor::from_data(TensorData::new(cos, [positions, head_dim]), device),
         Tensor::from_data(TensorData::new(sin, [positions, head_dim]), device),

@@ -3,7 +3,9 @@
 use burn::tensor::{backend::Backend, Tensor};
 
 use crate::windowed::Windowed;
-use crate::{error::Result, KeyPositions, KeyRotation, KvCache, KvView, RotaryTable};
+use crate::{
+    error::Result, AttentionPattern, KeyPositions, KeyRotation, KvCache, KvView, RotaryTable,
+};
 
 /// A cache that keeps the first `sinks` positions forever and the last `window` positions in a
 /// ring, so generation can run past the model's context at constant memory (StreamingLLM).
@@ -145,6 +147,13 @@ impl<B: Backend> KvCache<B> for SinkCache<B> {
             KeyRotation::AppliedByCache
         } else {
             KeyRotation::AppliedByCaller
+        }
+    }
+
+    fn attention_pattern(&self) -> AttentionPattern {
+        AttentionPattern::Sinks {
+            sinks: self.sinks(),
+            window: self.window(),
         }
     }
 }

@@ -3,7 +3,7 @@
 use burn::tensor::{backend::Backend, Tensor};
 
 use crate::windowed::Windowed;
-use crate::{error::Result, KvCache, KvView};
+use crate::{error::Result, AttentionPattern, KvCache, KvView};
 
 /// A cache that holds only the most recent `window` positions, as sliding-window attention
 /// (Mistral-style) needs: a query at position `q` sees keys at `q - window < k <= q`.
@@ -92,5 +92,11 @@ impl<B: Backend> KvCache<B> for SlidingWindowCache<B> {
 
     fn memory_bytes(&self) -> usize {
         self.ring.memory_bytes()
+    }
+
+    fn attention_pattern(&self) -> AttentionPattern {
+        AttentionPattern::SlidingWindow {
+            window: self.window(),
+        }
     }
 }

@@ -602,3 +602,47 @@ fn rotary_scores_depend_only_on_relative_position() {
     assert!((score(&mut rope, 0, 0) - q.matmul(k.swap_dims(2, 3)).into_scalar()).abs() < 1e-6);
     assert!(RotaryTable::<B>::new(7, 10_000.0, &device()).is_err());
 }
+
+#[test]
+fn rotate_matches_apply_per_batch_row() {
+    let mut table = RotaryTable::<B>::new(4, 10_000.0, &device()).unwrap();
+    let x = rand4([2, 2, 3, 4], 90);
+    let shared = table.rotate(x.clone(), &[vec![5, 6, 7]]);
+    assert!(max_diff(&shared, &table.apply(x.clone(), &[5, 6, 7])) < 1e-6);
+
+    // Per-row positions: each batch row rotated as if alone.
+    let rows = [vec![0, 1, 2], vec![300, 301, 302]];
+    let per_row = table.rotate(x.clone(), &rows);
+    for (b, row) in rows.iter().enumerate() {
+        let alone = table.apply(x.clone().narrow(0, b, 1), row);
+        assert!(max_diff(&per_row.clone().narrow(0, b, 1), &alone) < 1e-5);
+    }
+    // And the rows really differ, so the test would notice one row's positions used for both.
+    assert!(max_diff(&per_row.clone().narrow(0, 0, 1), &per_row.narrow(0, 1, 1)) > 1e-2);
+}
+
+#[test]
+fn each_kind_names_the_attention_pattern_it_matches() {
+    let patterns: Vec<AttentionPattern> = every_kind()
+        .iter()
+        .map(|config| {
+            config
+                .build::<B>(SHAPE, &device())
+                .unwrap()
+                .attention_pattern()
+        })
+        .collect();
+    assert_eq!(
+        patterns,
+        vec![
+            AttentionPattern::Causal,
+            AttentionPattern::Causal,
+            AttentionPattern::SlidingWindow { window: 3 },
+            AttentionPattern::Sinks {
+                sinks: 1,
+                window: 3
+            },
+            AttentionPattern::Causal,
+        ]
+    );
+}
