@@ -1,0 +1,413 @@
+#!/usr/bin/env python3
+"""Builds the reference fixtures that kv-model's tests compare against, with Hugging Face
+transformers as the reference implementation.
+
+Run by hand (not in CI), from the repository root, in an environment with transformers, torch,
+safetensors, numpy and gguf from PyPI:
+
+    python3 scripts/make_fixtures.py [--smollm2 PATH/TO/SmolLM2-135M-Instruct.Q4_1.gguf]
+
+It writes under kv-model/tests/fixtures/:
+
+- gpt2/, llama/, qwen2/: tiny random models saved by `save_pretrained` (config.json in the
+  transformers v5 style, model.safetensors; qwen2 in bf16), each with expected.json: prompt ids,
+  last-position logits, the top 5 of every position, 32 greedy tokens generated with and without
+  the cache, and the last-position logits of a left-padded batch of two prompts.
+- llama/config.v4.json: the same llama config in the transformers v4 style (`rope_theta` and
+  `rope_scaling` at the top level).
+- tiny-llama.gguf + tiny-llama-gguf.json: the llama fixture written as GGUF with F16, Q8_0,
+  Q4_0 and Q4_1 tensors (Q/K rows permuted as llama.cpp's converter does), and the logits and
+  greedy tokens transformers gives when it loads that GGUF.
+- dequant.json: random raw blocks of each GGUF quantization kind kv-model reads, with the values
+  gguf-py dequantizes them to.
+- smollm2.json (with --smollm2): token ids of a few strings from the tokenizer transformers builds
+  from the default model's GGUF metadata, and greedy continuations of two prompts from that GGUF
+  loaded by transformers (dequantized to f32).
+"""
+
+import argparse
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from transformers import (  # noqa: E402
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+FIXTURES = Path("kv-model/tests/fixtures")
+VOCAB = 96
+PROMPT = [5, 17, 42, 8, 63, 29, 77, 11]
+SHORT_PROMPT = [9, 33, 50, 71, 2]
+NEW_TOKENS = 32
+
+
+def tiny_models():
+    """The tiny models, seeded. A large initializer range keeps greedy choices far from ties."""
+    torch.manual_seed(0)
+    gpt2 = GPT2LMHeadModel(
+        GPT2Config(
+            vocab_size=VOCAB,
+            n_positions=64,
+            n_embd=32,
+            n_layer=2,
+            n_head=4,
+            initializer_range=0.2,
+            bos_token_id=0,
+            eos_token_id=1,
+        )
+    )
+    torch.manual_seed(1)
+    llama = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=128,
+            rms_norm_eps=1e-5,
+            initializer_range=0.2,
+            tie_word_embeddings=False,
+            rope_parameters={
+                "rope_type": "llama3",
+                "rope_theta": 10000.0,
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 64,
+            },
+            bos_token_id=0,
+            eos_token_id=1,
+        )
+    )
+    torch.manual_seed(2)
+    qwen2 = Qwen2ForCausalLM(
+        Qwen2Config(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=1,
+            max_position_embeddings=128,
+            rms_norm_eps=1e-6,
+            initializer_range=0.2,
+            tie_word_embeddings=True,
+            rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+            bos_token_id=0,
+            eos_token_id=1,
+        )
+    )
+    # Random biases, so a loader that drops them fails.
+    with torch.no_grad():
+        for layer in qwen2.model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                proj.bias.normal_(0.0, 0.2)
+    return {"gpt2": gpt2, "llama": llama, "qwen2": qwen2}
+
+
+def greedy(model, ids, use_cache):
+    out = model.generate(
+        torch.tensor([ids]),
+        attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+        max_new_tokens=NEW_TOKENS,
+        min_new_tokens=NEW_TOKENS,
+        do_sample=False,
+        use_cache=use_cache,
+        pad_token_id=0,
+    )
+    return out[0, len(ids) :].tolist()
+
+
+def smallest_margin(model, ids):
+    """Smallest top-1/top-2 logit gap over a greedy run: a near-tie would make the test flaky."""
+    ids = list(ids)
+    margin = float("inf")
+    for _ in range(NEW_TOKENS):
+        logits = model(torch.tensor([ids])).logits[0, -1]
+        top = torch.topk(logits, 2).values
+        margin = min(margin, float(top[0] - top[1]))
+        ids.append(int(logits.argmax()))
+    return margin
+
+
+@torch.no_grad()
+def record(model, prompt):
+    model.eval()
+    logits = model(torch.tensor([prompt])).logits[0]
+    top = torch.topk(logits, 5, dim=-1)
+    # A left-padded batch: the short prompt padded to the long one's length.
+    pad = len(prompt) - len(SHORT_PROMPT)
+    batch = torch.tensor([prompt, [0] * pad + SHORT_PROMPT])
+    mask = torch.tensor([[1] * len(prompt), [0] * pad + [1] * len(SHORT_PROMPT)])
+    batch_logits = model(batch, attention_mask=mask).logits[:, -1]
+    with_cache = greedy(model, prompt, True)
+    without_cache = greedy(model, prompt, False)
+    assert with_cache == without_cache, "transformers disagrees with itself"
+    margin = smallest_margin(model, prompt)
+    print(f"  smallest greedy margin {margin:.4f}")
+    assert margin > 1e-3, "greedy choice too close to a tie; change the seed"
+    return {
+        "prompt": prompt,
+        "last_logits": logits[-1].tolist(),
+        "top5_ids": top.indices.tolist(),
+        "top5_logits": top.values.tolist(),
+        "greedy_with_cache": with_cache,
+        "greedy_without_cache": without_cache,
+        "padded_batch": {
+            "ids": batch.tolist(),
+            "attention_mask": mask.tolist(),
+            "last_logits": batch_logits.tolist(),
+        },
+    }
+
+
+def write_json(path, value):
+    path.write_text(json.dumps(value, indent=1) + "\n")
+
+
+def v4_config(v5):
+    """The v5 config rewritten in the v4 style: rope settings at the top level."""
+    config = dict(v5)
+    rope = dict(config.pop("rope_parameters"))
+    config["rope_theta"] = rope.pop("rope_theta")
+    config["rope_scaling"] = rope if rope.get("rope_type") != "default" else None
+    if config["rope_scaling"]:
+        config["rope_scaling"]["type"] = config["rope_scaling"]["rope_type"]
+    return config
+
+
+def make_tiny():
+    for name, model in tiny_models().items():
+        print(name)
+        out = FIXTURES / name
+        shutil.rmtree(out, ignore_errors=True)
+        if name == "qwen2":
+            # Stored in bf16; the reference computes in f32 from the bf16-rounded weights.
+            model = model.to(torch.bfloat16)
+            model.save_pretrained(out)
+            model = model.to(torch.float32)
+        else:
+            model.save_pretrained(out)
+        for extra in ("generation_config.json",):
+            if not (out / extra).exists():
+                print(f"  note: no {extra}")
+        write_json(out / "expected.json", record(model, PROMPT))
+        if name == "llama":
+            config = json.loads((out / "config.json").read_text())
+            write_json(out / "config.v4.json", v4_config(config))
+    return tiny_models()["llama"]
+
+
+# --- GGUF -----------------------------------------------------------------------------------
+
+
+def llama_cpp_permute(weight, heads):
+    """llama.cpp's converter reorders Q/K rows from rotate-half to interleaved pairs."""
+    rows, cols = weight.shape
+    return weight.reshape(heads, 2, rows // heads // 2, cols).swapaxes(1, 2).reshape(rows, cols)
+
+
+def make_tiny_gguf(llama):
+    import gguf
+    from gguf import GGMLQuantizationType as T
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    print("tiny-llama.gguf")
+    config = llama.config
+    path = FIXTURES / "tiny-llama.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_name("tiny-llama")
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_rope_freq_base(10000.0)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_rope_dimension_count(config.hidden_size // config.num_attention_heads)
+    writer.add_file_type(2)
+    # A byte-level vocabulary: the first VOCAB characters of GPT-2's byte alphabet, no merges.
+    alphabet = list(bytes_to_unicode().values())[:VOCAB]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(alphabet)
+    writer.add_token_types([1] * VOCAB)
+    writer.add_token_merges([])
+    writer.add_bos_token_id(0)
+    writer.add_eos_token_id(1)
+
+    state = {k: v.float().numpy() for k, v in llama.state_dict().items()}
+    # Plain rope for the GGUF copy: GGUF stores llama3 scaling as a tensor we do not write here.
+    kinds = {
+        "token_embd.weight": ("model.embed_tokens.weight", T.F16),
+        "output_norm.weight": ("model.norm.weight", T.F32),
+        "output.weight": ("lm_head.weight", T.Q8_0),
+    }
+    for i in range(config.num_hidden_layers):
+        p = f"model.layers.{i}."
+        kinds |= {
+            f"blk.{i}.attn_norm.weight": (p + "input_layernorm.weight", T.F32),
+            f"blk.{i}.ffn_norm.weight": (p + "post_attention_layernorm.weight", T.F32),
+            f"blk.{i}.attn_q.weight": (p + "self_attn.q_proj.weight", T.Q4_0),
+            f"blk.{i}.attn_k.weight": (p + "self_attn.k_proj.weight", T.Q4_1),
+            f"blk.{i}.attn_v.weight": (p + "self_attn.v_proj.weight", T.Q8_0),
+            f"blk.{i}.attn_output.weight": (p + "self_attn.o_proj.weight", T.F16),
+            f"blk.{i}.ffn_gate.weight": (p + "mlp.gate_proj.weight", T.Q4_1),
+            f"blk.{i}.ffn_up.weight": (p + "mlp.up_proj.weight", T.Q4_0),
+            f"blk.{i}.ffn_down.weight": (p + "mlp.down_proj.weight", T.Q8_0),
+        }
+    for gguf_name, (hf_name, kind) in kinds.items():
+        weight = state[hf_name]
+        if gguf_name.endswith("attn_q.weight"):
+            weight = llama_cpp_permute(weight, config.num_attention_heads)
+        if gguf_name.endswith("attn_k.weight"):
+            weight = llama_cpp_permute(weight, config.num_key_value_heads)
+        if kind == T.F32:
+            writer.add_tensor(gguf_name, weight.astype(np.float32))
+        elif kind == T.F16:
+            writer.add_tensor(gguf_name, weight.astype(np.float16))
+        else:
+            data = gguf.quants.quantize(weight.astype(np.float32), kind)
+            writer.add_tensor(gguf_name, data, raw_shape=data.shape, raw_dtype=kind)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+    model = AutoModelForCausalLM.from_pretrained(
+        str(FIXTURES), gguf_file="tiny-llama.gguf", dtype=torch.float32
+    )
+    expected = record(model, PROMPT)
+    expected["config"] = {"rope_theta": 10000.0, "tie_word_embeddings": False}
+    write_json(FIXTURES / "tiny-llama-gguf.json", expected)
+
+
+def make_dequant():
+    """Random raw blocks of each kind, and gguf-py's dequantization of them."""
+    from gguf import GGMLQuantizationType as T
+    from gguf import quants
+    from gguf.constants import GGML_QUANT_SIZES
+
+    print("dequant.json")
+    rng = np.random.default_rng(7)
+    cases = {}
+    for kind in (T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_1, T.Q4_K, T.Q6_K):
+        block_size, type_size = GGML_QUANT_SIZES[kind]
+        blocks = 2
+        raw = rng.integers(0, 256, size=blocks * type_size, dtype=np.uint8)
+        # Keep every f16 scale finite and modest: rewrite the scale fields with real halves.
+        if kind in (T.Q8_0, T.Q4_0, T.Q4_1):
+            halves = 2 if kind == T.Q4_1 else 1
+            for b in range(blocks):
+                start = b * type_size
+                scales = rng.uniform(-0.1, 0.1, size=halves).astype(np.float16)
+                raw[start : start + 2 * halves] = np.frombuffer(scales.tobytes(), dtype=np.uint8)
+        elif kind == T.Q4_K:
+            for b in range(blocks):
+                start = b * type_size
+                scales = rng.uniform(0.0, 0.05, size=2).astype(np.float16)  # d, dmin
+                raw[start : start + 4] = np.frombuffer(scales.tobytes(), dtype=np.uint8)
+        elif kind == T.Q6_K:
+            for b in range(blocks):
+                end = (b + 1) * type_size
+                scale = rng.uniform(0.0, 0.05, size=1).astype(np.float16)  # d, last 2 bytes
+                raw[end - 2 : end] = np.frombuffer(scale.tobytes(), dtype=np.uint8)
+        elif kind in (T.F16, T.BF16):
+            values = rng.uniform(-4, 4, size=blocks * block_size).astype(np.float32)
+            if kind == T.F16:
+                raw = np.frombuffer(values.astype(np.float16).tobytes(), dtype=np.uint8)
+            else:
+                raw = np.frombuffer((values.view(np.uint32) >> 16).astype(np.uint16).tobytes(), dtype=np.uint8)
+        values = quants.dequantize(raw.reshape(1, -1), kind).reshape(-1)
+        assert np.all(np.isfinite(values))
+        cases[kind.name] = {
+            "elements": int(values.size),
+            "raw_hex": bytes(raw).hex(),
+            "values": [float(v) for v in values],
+        }
+    write_json(FIXTURES / "dequant.json", cases)
+
+
+# --- The default model ----------------------------------------------------------------------
+
+TOKENIZER_STRINGS = [
+    "Hello, world!",
+    "The quick brown fox jumps over the lazy dog. 1234567",
+    "你好，世界！今天天气很好。",
+    "Rust 🦀 and rockets 🚀✨",
+    "<|im_start|>user\nWhat is 2+2?<|im_end|>\n",
+    "  leading spaces\tand\ttabs\n\nnewlines",
+]
+PLAIN_PROMPT = "The capital of France is"
+CHAT_QUESTION = "What is the capital of France?"
+
+
+@torch.no_grad()
+def make_smollm2(gguf_path):
+    print("smollm2.json")
+    folder, name = str(Path(gguf_path).parent), Path(gguf_path).name
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    model.eval()
+    chat = tokenizer.apply_chat_template(
+        [{"role": "user", "content": CHAT_QUESTION}], tokenize=False, add_generation_prompt=True
+    )
+    prompts = {}
+    for key, text in (("plain", PLAIN_PROMPT), ("chat", chat)):
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        logits = model(torch.tensor([ids])).logits[0, -1]
+        top = torch.topk(logits, 20)
+        prompts[key] = {
+            "text": text,
+            "ids": ids,
+            "top20_ids": top.indices.tolist(),
+            "top20_logits": top.values.tolist(),
+            "greedy": greedy(model, ids, True),
+            "smallest_margin": smallest_margin(model, ids),
+        }
+        print(f"  {key}: {tokenizer.decode(prompts[key]['greedy'])!r}")
+    write_json(
+        FIXTURES / "smollm2.json",
+        {
+            "file": name,
+            "tokenizer": [
+                {"text": text, "ids": tokenizer(text, add_special_tokens=False)["input_ids"]}
+                for text in TOKENIZER_STRINGS
+            ],
+            "chat_question": CHAT_QUESTION,
+            "prompts": prompts,
+        },
+    )
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--smollm2", help="path of SmolLM2-135M-Instruct.Q4_1.gguf")
+    args = parser.parse_args()
+    FIXTURES.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(1)
+    llama = make_tiny()
+    make_tiny_gguf(llama)
+    make_dequant()
+    if args.smollm2:
+        make_smollm2(args.smollm2)
+
+
+if __name__ == "__main__":
+    main()
