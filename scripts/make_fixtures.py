@@ -125,8 +125,9 @@ def greedy(model, ids, use_cache):
         torch.tensor([ids]),
         attention_mask=torch.ones(1, len(ids), dtype=torch.long),
         max_new_tokens=NEW_TOKENS,
-        min_new_tokens=NEW_TOKENS,
         do_sample=False,
+        # Plain argmax for exactly NEW_TOKENS steps: no stop at EOS, no EOS suppression.
+        eos_token_id=None,
         use_cache=use_cache,
         pad_token_id=0,
     )
@@ -154,7 +155,9 @@ def record(model, prompt):
     pad = len(prompt) - len(SHORT_PROMPT)
     batch = torch.tensor([prompt, [0] * pad + SHORT_PROMPT])
     mask = torch.tensor([[1] * len(prompt), [0] * pad + [1] * len(SHORT_PROMPT)])
-    batch_logits = model(batch, attention_mask=mask).logits[:, -1]
+    # Position ids as generate() derives them from the mask: padding skipped (and set to 1).
+    position_ids = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+    batch_logits = model(batch, attention_mask=mask, position_ids=position_ids).logits[:, -1]
     with_cache = greedy(model, prompt, True)
     without_cache = greedy(model, prompt, False)
     assert with_cache == without_cache, "transformers disagrees with itself"
@@ -196,16 +199,10 @@ def make_tiny():
         print(name)
         out = FIXTURES / name
         shutil.rmtree(out, ignore_errors=True)
-        if name == "qwen2":
-            # Stored in bf16; the reference computes in f32 from the bf16-rounded weights.
-            model = model.to(torch.bfloat16)
-            model.save_pretrained(out)
-            model = model.to(torch.float32)
-        else:
-            model.save_pretrained(out)
-        for extra in ("generation_config.json",):
-            if not (out / extra).exists():
-                print(f"  note: no {extra}")
+        # qwen2 is stored in bf16; the reference computes in f32 from the bf16-rounded weights.
+        model.to(torch.bfloat16 if name == "qwen2" else torch.float32).save_pretrained(out)
+        # The reference is the model as loaded from the saved files, as a user would load it.
+        model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
         write_json(out / "expected.json", record(model, PROMPT))
         if name == "llama":
             config = json.loads((out / "config.json").read_text())

@@ -70,7 +70,8 @@ pub use cache::{KeyRotation, KvCache};
 pub use dynamic::{DynamicCache, MIN_CAPACITY};
 pub use error::{CacheError, Result};
 pub use mask::{
-    attention_mask, causal_mask, padding_mask, window_mask, AttentionMask, AttentionPattern,
+    attention_mask, causal_mask, needed_attention_mask, padding_mask, window_mask, AttentionMask,
+    AttentionPattern,
 };
 pub use model_cache::ModelCache;
 pub use quantized::{QuantBits, QuantizedCache, QuantizedCacheConfig};

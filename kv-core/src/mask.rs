@@ -169,6 +169,46 @@ pub fn attention_mask<B: Backend>(
     padding: Option<&AttentionMask>,
     device: &B::Device,
 ) -> Tensor<B, 4, Bool> {
+    let (data, shape) = mask_data(queries, keys, pattern, padding);
+    Tensor::from_data(TensorData::new(data, shape), device)
+}
+
+/// [`attention_mask`], or `None` when it would hide nothing: a decode step whose cache holds
+/// only keys the query may see needs no mask, and attention runs faster without one.
+///
+/// ```
+/// use burn_ndarray::NdArray;
+/// use kv_core::{needed_attention_mask, AttentionPattern, KeyPositions};
+///
+/// let device = Default::default();
+/// let keys = KeyPositions::Contiguous(0..4);
+/// // The last query sees every key: no mask.
+/// let decode = needed_attention_mask::<NdArray>(3..4, &keys, AttentionPattern::Causal, None, &device);
+/// assert!(decode.is_none());
+/// // A prefill of 4 queries must not see later keys.
+/// let prefill = needed_attention_mask::<NdArray>(0..4, &keys, AttentionPattern::Causal, None, &device);
+/// assert_eq!(prefill.unwrap().dims(), [1, 1, 4, 4]);
+/// ```
+pub fn needed_attention_mask<B: Backend>(
+    queries: Range<usize>,
+    keys: &KeyPositions,
+    pattern: AttentionPattern,
+    padding: Option<&AttentionMask>,
+    device: &B::Device,
+) -> Option<Tensor<B, 4, Bool>> {
+    let (data, shape) = mask_data(queries, keys, pattern, padding);
+    data.iter()
+        .any(|&hidden| hidden)
+        .then(|| Tensor::from_data(TensorData::new(data, shape), device))
+}
+
+/// Host data and shape of [`attention_mask`].
+fn mask_data(
+    queries: Range<usize>,
+    keys: &KeyPositions,
+    pattern: AttentionPattern,
+    padding: Option<&AttentionMask>,
+) -> (Vec<bool>, [usize; 4]) {
     let key_positions = keys.to_vec();
     let rows = padding.map_or(1, AttentionMask::batch);
     let mut data = Vec::with_capacity(rows * queries.len() * key_positions.len());
@@ -185,10 +225,7 @@ pub fn attention_mask<B: Backend>(
             }
         }
     }
-    Tensor::from_data(
-        TensorData::new(data, [rows, 1, queries.len(), key_positions.len()]),
-        device,
-    )
+    (data, [rows, 1, queries.len(), key_positions.len()])
 }
 
 /// Causal mask for `new` queries after `past` cached positions: `[1, 1, new, past + new]`.

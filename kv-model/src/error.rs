@@ -1,0 +1,153 @@
+//! The one error type of this crate: every variant names the file, tensor or value at fault.
+
+use std::path::PathBuf;
+
+use kv_core::CacheError;
+
+/// Why loading or running a model failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    /// A file could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// What the operating system said.
+        source: std::io::Error,
+    },
+    /// A JSON file is not valid JSON or lacks a field.
+    #[error("{path}: {message}")]
+    Json {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        message: String,
+    },
+    /// A configuration value is missing, or the model cannot be built with it.
+    #[error("{source_name}: {message}")]
+    Config {
+        /// Where the configuration came from (a file, or "random model").
+        source_name: String,
+        /// What is wrong, and what would fix it.
+        message: String,
+    },
+    /// The architecture is not one this crate implements.
+    #[error("{source_name}: unsupported architecture `{architecture}` (supported: gpt2, llama, mistral, qwen2)")]
+    UnsupportedArchitecture {
+        /// Where the configuration came from.
+        source_name: String,
+        /// The `model_type` or `general.architecture` found.
+        architecture: String,
+    },
+    /// A GGUF file is malformed: bad magic, unknown version, truncated, or inconsistent.
+    #[error("{path}: not a valid GGUF file: {message}")]
+    Gguf {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong, with the byte offset where known.
+        message: String,
+    },
+    /// A safetensors file is malformed.
+    #[error("{path}: not a valid safetensors file: {message}")]
+    Safetensors {
+        /// The file.
+        path: PathBuf,
+        /// What the parser said.
+        message: String,
+    },
+    /// A tensor is stored in a data type this crate cannot read.
+    #[error("{path}: tensor `{tensor}` has unsupported dtype {dtype}")]
+    UnsupportedDtype {
+        /// The file.
+        path: PathBuf,
+        /// The tensor.
+        tensor: String,
+        /// The dtype found.
+        dtype: String,
+    },
+    /// A tensor the model needs is not in the weights.
+    #[error("{source_name}: missing tensor `{tensor}`")]
+    MissingTensor {
+        /// Where the weights came from.
+        source_name: String,
+        /// The tensor's name (Hugging Face naming).
+        tensor: String,
+    },
+    /// A tensor's shape disagrees with the configuration.
+    #[error(
+        "{source_name}: tensor `{tensor}` has shape {found:?}, the config implies {expected:?}"
+    )]
+    TensorShape {
+        /// Where the weights came from.
+        source_name: String,
+        /// The tensor.
+        tensor: String,
+        /// The shape the configuration implies.
+        expected: Vec<usize>,
+        /// The shape found.
+        found: Vec<usize>,
+    },
+    /// A token id is not below the vocabulary size.
+    #[error("token id {id} at batch row {row}, position {position} is out of range for a vocabulary of {vocab}")]
+    TokenOutOfRange {
+        /// The id.
+        id: u32,
+        /// Batch row.
+        row: usize,
+        /// Index in the row.
+        position: usize,
+        /// Vocabulary size.
+        vocab: usize,
+    },
+    /// A position is past what the model can encode (GPT-2's learned positions).
+    #[error("position {position} is past the model's {max} positions (n_positions); shorten the sequence")]
+    SequenceTooLong {
+        /// The first position that does not fit.
+        position: usize,
+        /// Positions the model has.
+        max: usize,
+    },
+    /// The inputs of one forward pass do not fit together.
+    #[error("bad forward input: {0}")]
+    Input(String),
+    /// A tokenizer could not be built or used.
+    #[error("tokenizer ({source_name}): {message}")]
+    Tokenizer {
+        /// Where the tokenizer came from.
+        source_name: String,
+        /// What failed.
+        message: String,
+    },
+    /// Fetching the default model failed.
+    #[error("fetching {what}: {message}")]
+    Fetch {
+        /// What was being fetched.
+        what: String,
+        /// What went wrong, and what to do about it.
+        message: String,
+    },
+    /// A cache operation failed.
+    #[error(transparent)]
+    Cache(#[from] CacheError),
+}
+
+/// Result of this crate.
+pub type Result<T> = std::result::Result<T, ModelError>;
+
+impl ModelError {
+    /// An [`ModelError::Io`] for `path`.
+    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        ModelError::Io {
+            path: path.into(),
+            source,
+        }
+    }
+
+    /// A [`ModelError::Config`].
+    pub(crate) fn config(source_name: impl Into<String>, message: impl Into<String>) -> Self {
+        ModelError::Config {
+            source_name: source_name.into(),
+            message: message.into(),
+        }
+    }
+}

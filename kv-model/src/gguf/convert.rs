@@ -1,0 +1,208 @@
+//! GGUF metadata to [`ModelConfig`], and llama.cpp tensor names and layouts to Hugging Face
+//! ones, so one model builder serves both formats.
+
+use crate::config::{Architecture, ModelConfig, RopeConfig, RopeScaling};
+use crate::error::{ModelError, Result};
+use crate::gguf::{GgufFile, MetaValue};
+use crate::weights::{HostTensor, Weights};
+
+/// The model configuration a GGUF file's metadata describes.
+pub fn config_from_gguf(file: &GgufFile) -> Result<ModelConfig> {
+    let source = file.path().display().to_string();
+    let arch = file
+        .get("general.architecture")
+        .and_then(MetaValue::as_str)
+        .ok_or_else(|| ModelError::config(&source, "metadata `general.architecture` is missing"))?
+        .to_owned();
+    let family = match arch.as_str() {
+        "gpt2" => Architecture::Gpt2,
+        "llama" | "mistral" | "qwen2" => Architecture::Llama,
+        _ => {
+            return Err(ModelError::UnsupportedArchitecture {
+                source_name: source,
+                architecture: arch,
+            })
+        }
+    };
+    let key = |name: &str| format!("{arch}.{name}");
+    let number = |name: &str| -> Result<usize> {
+        file.get(&key(name))
+            .and_then(MetaValue::as_u64)
+            .map(|v| v as usize)
+            .ok_or_else(|| {
+                ModelError::config(
+                    &source,
+                    format!("metadata `{}` must be an integer", key(name)),
+                )
+            })
+    };
+    let float = |name: &str, default: f32| -> f32 {
+        file.get(&key(name))
+            .and_then(MetaValue::as_f64)
+            .map_or(default, |v| v as f32)
+    };
+    let token_count = file
+        .get("tokenizer.ggml.tokens")
+        .and_then(MetaValue::as_array)
+        .map(<[MetaValue]>::len);
+    let vocab_size = match number("vocab_size") {
+        Ok(v) => v,
+        Err(e) => token_count.ok_or(e)?,
+    };
+    let hidden = number("embedding_length")?;
+    let heads = number("attention.head_count")?;
+    let head_dim = match number("attention.key_length") {
+        Ok(d) => d,
+        Err(_) if heads > 0 => hidden / heads,
+        Err(e) => return Err(e),
+    };
+    let has = |name: &str| file.tensor_info(name).is_some();
+    if has("rope_freqs.weight") {
+        return Err(ModelError::config(
+            &source,
+            "per-frequency rope factors (`rope_freqs.weight`, llama3 scaling in GGUF) are not supported; \
+             load the Hugging Face checkpoint instead",
+        ));
+    }
+    let id = |name: &str| file.get(name).and_then(MetaValue::as_u64).map(|v| v as u32);
+    let config = ModelConfig {
+        architecture: family,
+        vocab_size,
+        hidden_size: hidden,
+        num_layers: number("block_count")?,
+        num_heads: heads,
+        num_kv_heads: number("attention.head_count_kv").unwrap_or(heads),
+        head_dim,
+        intermediate_size: number("feed_forward_length")?,
+        max_positions: number("context_length")?,
+        norm_eps: match family {
+            Architecture::Gpt2 => float("attention.layer_norm_epsilon", 1e-5),
+            Architecture::Llama => float("attention.layer_norm_rms_epsilon", 1e-6),
+        },
+        rope: (family == Architecture::Llama).then(|| RopeConfig {
+            theta: float("rope.freq_base", 10_000.0),
+            scaling: match file
+                .get(&key("rope.scaling.type"))
+                .and_then(MetaValue::as_str)
+            {
+                Some("linear") => RopeScaling::Linear {
+                    factor: float("rope.scaling.factor", 1.0),
+                },
+                _ => RopeScaling::None,
+            },
+        }),
+        qkv_bias: family == Architecture::Gpt2 || has("blk.0.attn_q.bias"),
+        dense_bias: family == Architecture::Gpt2 || has("blk.0.ffn_up.bias"),
+        tie_word_embeddings: !has("output.weight"),
+        sliding_window: None,
+        bos_token_id: id("tokenizer.ggml.bos_token_id"),
+        eos_token_ids: id("tokenizer.ggml.eos_token_id").into_iter().collect(),
+        model_type: arch,
+    };
+    config.validate(&source)?;
+    Ok(config)
+}
+
+/// Every tensor of the file, dequantized to f32 and renamed to Hugging Face names, with Q/K
+/// rows of Llama and Mistral files put back in the rotate-half order (llama.cpp's converter
+/// interleaves them) and GPT-2 matrices transposed back to the Conv1D layout.
+pub fn weights_from_gguf(file: &GgufFile, config: &ModelConfig) -> Result<Weights> {
+    let mut weights = Weights::new(file.path().display().to_string());
+    let permuted = matches!(config.model_type.as_str(), "llama" | "mistral");
+    for info in &file.tensors {
+        let Some(name) = hf_name(&info.name, config.architecture) else {
+            continue;
+        };
+        let mut tensor = HostTensor::new(info.shape(), file.tensor_f32(info)?);
+        if permuted && info.name.ends_with("attn_q.weight") {
+            tensor = unpermute_rows(tensor, config.num_heads, &info.name, file)?;
+        } else if permuted && info.name.ends_with("attn_k.weight") {
+            tensor = unpermute_rows(tensor, config.num_kv_heads, &info.name, file)?;
+        }
+        if config.architecture == Architecture::Gpt2
+            && tensor.shape.len() == 2
+            && name.starts_with("transformer.h.")
+        {
+            // GGUF stores GPT-2's Conv1D weights as `[out, in]`; Hugging Face as `[in, out]`.
+            tensor = tensor.transposed();
+        }
+        weights.insert(name, tensor);
+    }
+    Ok(weights)
+}
+
+/// The Hugging Face name of a llama.cpp tensor, `None` for tensors the model does not use.
+fn hf_name(gguf: &str, family: Architecture) -> Option<String> {
+    let global = match (family, gguf) {
+        (Architecture::Llama, "token_embd.weight") => Some("model.embed_tokens.weight"),
+        (Architecture::Llama, "output_norm.weight") => Some("model.norm.weight"),
+        (Architecture::Llama, "output.weight") => Some("lm_head.weight"),
+        (Architecture::Gpt2, "token_embd.weight") => Some("transformer.wte.weight"),
+        (Architecture::Gpt2, "position_embd.weight") => Some("transformer.wpe.weight"),
+        (Architecture::Gpt2, "output_norm.weight") => Some("transformer.ln_f.weight"),
+        (Architecture::Gpt2, "output_norm.bias") => Some("transformer.ln_f.bias"),
+        _ => None,
+    };
+    if let Some(name) = global {
+        return Some(name.to_owned());
+    }
+    let rest = gguf.strip_prefix("blk.")?;
+    let (layer, part) = rest.split_once('.')?;
+    let layer: usize = layer.parse().ok()?;
+    let (module, suffix) = part.rsplit_once('.')?;
+    let hf = match (family, module) {
+        (Architecture::Llama, "attn_norm") => "input_layernorm",
+        (Architecture::Llama, "ffn_norm") => "post_attention_layernorm",
+        (Architecture::Llama, "attn_q") => "self_attn.q_proj",
+        (Architecture::Llama, "attn_k") => "self_attn.k_proj",
+        (Architecture::Llama, "attn_v") => "self_attn.v_proj",
+        (Architecture::Llama, "attn_output") => "self_attn.o_proj",
+        (Architecture::Llama, "ffn_gate") => "mlp.gate_proj",
+        (Architecture::Llama, "ffn_up") => "mlp.up_proj",
+        (Architecture::Llama, "ffn_down") => "mlp.down_proj",
+        (Architecture::Gpt2, "attn_norm") => "ln_1",
+        (Architecture::Gpt2, "ffn_norm") => "ln_2",
+        (Architecture::Gpt2, "attn_qkv") => "attn.c_attn",
+        (Architecture::Gpt2, "attn_output") => "attn.c_proj",
+        (Architecture::Gpt2, "ffn_up") => "mlp.c_fc",
+        (Architecture::Gpt2, "ffn_down") => "mlp.c_proj",
+        _ => return None,
+    };
+    Some(match family {
+        Architecture::Llama => format!("model.layers.{layer}.{hf}.{suffix}"),
+        Architecture::Gpt2 => format!("transformer.h.{layer}.{hf}.{suffix}"),
+    })
+}
+
+/// Undoes llama.cpp's Q/K row permutation: within each head, GGUF row `2i + j` is Hugging Face
+/// row `j * head_dim / 2 + i`.
+fn unpermute_rows(
+    tensor: HostTensor,
+    heads: usize,
+    name: &str,
+    file: &GgufFile,
+) -> Result<HostTensor> {
+    let (rows, cols) = (tensor.shape[0], tensor.shape[1]);
+    if heads == 0 || !rows.is_multiple_of(heads) || !(rows / heads).is_multiple_of(2) {
+        return Err(ModelError::Gguf {
+            path: file.path().to_path_buf(),
+            message: format!(
+                "tensor `{name}`: {rows} rows do not split into {heads} heads of even size"
+            ),
+        });
+    }
+    let head_dim = rows / heads;
+    let half = head_dim / 2;
+    let mut data = vec![0.0; tensor.data.len()];
+    for h in 0..heads {
+        for i in 0..half {
+            for j in 0..2 {
+                let from = h * head_dim + 2 * i + j;
+                let to = h * head_dim + j * half + i;
+                data[to * cols..(to + 1) * cols]
+                    .copy_from_slice(&tensor.data[from * cols..(from + 1) * cols]);
+            }
+        }
+    }
+    Ok(HostTensor::new(tensor.shape, data))
+}

@@ -1,0 +1,367 @@
+//! GGUF files (llama.cpp's format), versions 2 and 3: header, metadata, tensor directory, and
+//! tensors dequantized to f32.
+//!
+//! Layout: magic `GGUF`, version (u32), tensor count and metadata count (u64), the metadata
+//! key/value pairs, one entry per tensor (name, dimensions innermost first, type, offset), then
+//! the tensor data, aligned to `general.alignment` (32 by default). Everything is
+//! little-endian. The reader checks every length against the bytes that remain, so a truncated
+//! or corrupt file is an error, never a panic or a huge allocation.
+
+mod convert;
+mod dequant;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+pub use convert::{config_from_gguf, weights_from_gguf};
+pub use dequant::{dequantize, GgmlType};
+
+use crate::error::{ModelError, Result};
+
+/// One metadata value.
+#[derive(Debug, Clone, PartialEq)]
+pub enum MetaValue {
+    /// u8.
+    U8(u8),
+    /// i8.
+    I8(i8),
+    /// u16.
+    U16(u16),
+    /// i16.
+    I16(i16),
+    /// u32.
+    U32(u32),
+    /// i32.
+    I32(i32),
+    /// f32.
+    F32(f32),
+    /// bool.
+    Bool(bool),
+    /// UTF-8 string.
+    String(String),
+    /// Array of values of one type.
+    Array(Vec<MetaValue>),
+    /// u64.
+    U64(u64),
+    /// i64.
+    I64(i64),
+    /// f64.
+    F64(f64),
+}
+
+impl MetaValue {
+    /// The value as an unsigned integer, if it is a non-negative integer of any width.
+    pub fn as_u64(&self) -> Option<u64> {
+        match *self {
+            MetaValue::U8(v) => Some(v.into()),
+            MetaValue::U16(v) => Some(v.into()),
+            MetaValue::U32(v) => Some(v.into()),
+            MetaValue::U64(v) => Some(v),
+            MetaValue::I8(v) => u64::try_from(v).ok(),
+            MetaValue::I16(v) => u64::try_from(v).ok(),
+            MetaValue::I32(v) => u64::try_from(v).ok(),
+            MetaValue::I64(v) => u64::try_from(v).ok(),
+            _ => None,
+        }
+    }
+
+    /// The value as a float, if it is a number.
+    pub fn as_f64(&self) -> Option<f64> {
+        match *self {
+            MetaValue::F32(v) => Some(v.into()),
+            MetaValue::F64(v) => Some(v),
+            _ => self.as_u64().map(|v| v as f64),
+        }
+    }
+
+    /// The string, if it is one.
+    pub fn as_str(&self) -> Option<&str> {
+        match self {
+            MetaValue::String(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    /// The bool, if it is one.
+    pub fn as_bool(&self) -> Option<bool> {
+        match *self {
+            MetaValue::Bool(b) => Some(b),
+            _ => None,
+        }
+    }
+
+    /// The items, if it is an array.
+    pub fn as_array(&self) -> Option<&[MetaValue]> {
+        match self {
+            MetaValue::Array(items) => Some(items),
+            _ => None,
+        }
+    }
+}
+
+/// Where one tensor is and what it holds.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TensorInfo {
+    /// Name (llama.cpp naming, e.g. `blk.0.attn_q.weight`).
+    pub name: String,
+    /// Dimensions, innermost first (`[cols, rows]` for a matrix), as GGUF writes them.
+    pub dims: Vec<u64>,
+    /// Storage type.
+    pub ggml_type: GgmlType,
+    /// Offset of the data from the start of the data section.
+    pub offset: u64,
+}
+
+impl TensorInfo {
+    /// Number of elements.
+    pub fn elements(&self) -> u64 {
+        self.dims.iter().product()
+    }
+
+    /// The shape outermost first (PyTorch order): `[rows, cols]` for a matrix.
+    pub fn shape(&self) -> Vec<usize> {
+        self.dims.iter().rev().map(|&d| d as usize).collect()
+    }
+}
+
+/// A parsed GGUF file: its metadata and tensor directory, with the raw bytes.
+#[derive(Debug, Clone)]
+pub struct GgufFile {
+    path: PathBuf,
+    /// Format version (2 or 3).
+    pub version: u32,
+    /// Metadata, by key.
+    pub metadata: BTreeMap<String, MetaValue>,
+    /// Tensors, in file order.
+    pub tensors: Vec<TensorInfo>,
+    bytes: Vec<u8>,
+    data_start: usize,
+}
+
+impl GgufFile {
+    /// Reads and parses `path`.
+    pub fn open(path: &Path) -> Result<Self> {
+        let bytes = std::fs::read(path).map_err(|e| ModelError::io(path, e))?;
+        Self::parse(bytes, path)
+    }
+
+    /// Parses a whole file held in memory; `path` is used in error messages.
+    pub fn parse(bytes: Vec<u8>, path: &Path) -> Result<Self> {
+        let mut reader = Reader {
+            bytes: &bytes,
+            at: 0,
+            path,
+        };
+        let magic = reader.take(4)?;
+        if magic != b"GGUF" {
+            return Err(reader.error(format!("bad magic {magic:?}, expected \"GGUF\"")));
+        }
+        let version = reader.u32()?;
+        if !(2..=3).contains(&version) {
+            return Err(reader.error(format!("version {version} is not supported (2 and 3 are)")));
+        }
+        let tensor_count = reader.u64()?;
+        let kv_count = reader.u64()?;
+        let mut metadata = BTreeMap::new();
+        for _ in 0..kv_count {
+            let key = reader.string()?;
+            let kind = reader.u32()?;
+            let value = reader.value(kind, 0)?;
+            metadata.insert(key, value);
+        }
+        let mut tensors = Vec::new();
+        for _ in 0..tensor_count {
+            // Each entry takes at least 24 bytes: refuse counts the file cannot hold.
+            reader.need(24)?;
+            let name = reader.string()?;
+            let n_dims = reader.u32()?;
+            if n_dims > 4 {
+                return Err(reader.error(format!(
+                    "tensor `{name}` has {n_dims} dimensions (at most 4)"
+                )));
+            }
+            let dims = (0..n_dims)
+                .map(|_| reader.u64())
+                .collect::<Result<Vec<_>>>()?;
+            let type_id = reader.u32()?;
+            let ggml_type = GgmlType::from_id(type_id).ok_or_else(|| ModelError::UnsupportedDtype {
+                path: path.to_path_buf(),
+                tensor: name.clone(),
+                dtype: format!("ggml type {type_id} (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K and Q6_K are read)"),
+            })?;
+            let offset = reader.u64()?;
+            tensors.push(TensorInfo {
+                name,
+                dims,
+                ggml_type,
+                offset,
+            });
+        }
+        let alignment = match metadata.get("general.alignment") {
+            None => 32,
+            Some(value) => match value.as_u64() {
+                Some(a) if a > 0 && a.is_power_of_two() && a <= 1 << 20 => a as usize,
+                _ => {
+                    return Err(
+                        reader.error(format!("general.alignment {value:?} is not a power of two"))
+                    )
+                }
+            },
+        };
+        let data_start = reader.at.div_ceil(alignment) * alignment;
+        let file = Self {
+            path: path.to_path_buf(),
+            version,
+            metadata,
+            tensors,
+            data_start,
+            bytes,
+        };
+        for info in &file.tensors {
+            file.tensor_bytes(info)?;
+        }
+        Ok(file)
+    }
+
+    /// The file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// A metadata value.
+    pub fn get(&self, key: &str) -> Option<&MetaValue> {
+        self.metadata.get(key)
+    }
+
+    /// The tensor called `name`.
+    pub fn tensor_info(&self, name: &str) -> Option<&TensorInfo> {
+        self.tensors.iter().find(|t| t.name == name)
+    }
+
+    /// The raw bytes of a tensor, checked against the file's length.
+    pub fn tensor_bytes(&self, info: &TensorInfo) -> Result<&[u8]> {
+        let fail = |message: String| ModelError::Gguf {
+            path: self.path.clone(),
+            message: format!("tensor `{}`: {message}", info.name),
+        };
+        let len = info.ggml_type.byte_len(info.elements()).ok_or_else(|| {
+            fail(format!(
+                "{} elements do not fill whole {:?} blocks",
+                info.elements(),
+                info.ggml_type
+            ))
+        })?;
+        let start = (self.data_start as u64).checked_add(info.offset);
+        let end = start.and_then(|s| s.checked_add(len));
+        match (start, end) {
+            (Some(start), Some(end)) if end <= self.bytes.len() as u64 => {
+                Ok(&self.bytes[start as usize..end as usize])
+            }
+            _ => Err(fail(format!(
+                "data at offset {} + {len} bytes runs past the end of the file ({} bytes); the file is truncated",
+                info.offset,
+                self.bytes.len()
+            ))),
+        }
+    }
+
+    /// A tensor dequantized to f32, shape outermost first.
+    pub fn tensor_f32(&self, info: &TensorInfo) -> Result<Vec<f32>> {
+        let bytes = self.tensor_bytes(info)?;
+        Ok(dequantize(info.ggml_type, bytes, info.elements() as usize))
+    }
+}
+
+/// A bounds-checked little-endian cursor.
+struct Reader<'a> {
+    bytes: &'a [u8],
+    at: usize,
+    path: &'a Path,
+}
+
+/// Nesting allowed for arrays of arrays.
+const MAX_DEPTH: usize = 4;
+
+impl<'a> Reader<'a> {
+    fn error(&self, message: String) -> ModelError {
+        ModelError::Gguf {
+            path: self.path.to_path_buf(),
+            message: format!("{message} (at byte {})", self.at),
+        }
+    }
+
+    fn need(&self, len: u64) -> Result<()> {
+        let left = (self.bytes.len() - self.at) as u64;
+        if len > left {
+            return Err(self.error(format!(
+                "needs {len} more bytes but {left} remain; the file is truncated"
+            )));
+        }
+        Ok(())
+    }
+
+    fn take(&mut self, len: usize) -> Result<&'a [u8]> {
+        self.need(len as u64)?;
+        let slice = &self.bytes[self.at..self.at + len];
+        self.at += len;
+        Ok(slice)
+    }
+
+    fn array<const N: usize>(&mut self) -> Result<[u8; N]> {
+        let mut out = [0; N];
+        out.copy_from_slice(self.take(N)?);
+        Ok(out)
+    }
+
+    fn u32(&mut self) -> Result<u32> {
+        Ok(u32::from_le_bytes(self.array()?))
+    }
+
+    fn u64(&mut self) -> Result<u64> {
+        Ok(u64::from_le_bytes(self.array()?))
+    }
+
+    fn string(&mut self) -> Result<String> {
+        let len = self.u64()?;
+        self.need(len)?;
+        let bytes = self.take(len as usize)?;
+        String::from_utf8(bytes.to_vec())
+            .map_err(|_| self.error("a string is not valid UTF-8".into()))
+    }
+
+    fn value(&mut self, kind: u32, depth: usize) -> Result<MetaValue> {
+        Ok(match kind {
+            0 => MetaValue::U8(u8::from_le_bytes(self.array()?)),
+            1 => MetaValue::I8(i8::from_le_bytes(self.array()?)),
+            2 => MetaValue::U16(u16::from_le_bytes(self.array()?)),
+            3 => MetaValue::I16(i16::from_le_bytes(self.array()?)),
+            4 => MetaValue::U32(self.u32()?),
+            5 => MetaValue::I32(i32::from_le_bytes(self.array()?)),
+            6 => MetaValue::F32(f32::from_le_bytes(self.array()?)),
+            7 => match self.array::<1>()?[0] {
+                0 => MetaValue::Bool(false),
+                1 => MetaValue::Bool(true),
+                other => return Err(self.error(format!("bool value {other}"))),
+            },
+            8 => MetaValue::String(self.string()?),
+            9 => {
+                if depth >= MAX_DEPTH {
+                    return Err(self.error("arrays nested too deeply".into()));
+                }
+                let item_kind = self.u32()?;
+                let count = self.u64()?;
+                // Every item takes at least one byte.
+                self.need(count)?;
+                let mut items = Vec::with_capacity(count as usize);
+                for _ in 0..count {
+                    items.push(self.value(item_kind, depth + 1)?);
+                }
+                MetaValue::Array(items)
+            }
+            10 => MetaValue::U64(self.u64()?),
+            11 => MetaValue::I64(i64::from_le_bytes(self.array()?)),
+            12 => MetaValue::F64(f64::from_le_bytes(self.array()?)),
+            other => return Err(self.error(format!("unknown metadata value type {other}"))),
+        })
+    }
+}

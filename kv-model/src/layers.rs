@@ -1,0 +1,134 @@
+//! The building blocks of both families: linear layers, norms and MLPs, as plain tensors
+//! (inference only, so no parameters or gradients).
+
+use burn::tensor::{activation, backend::Backend, Tensor, TensorData};
+
+use crate::weights::HostTensor;
+
+/// Uploads a host tensor of rank `D`.
+pub(crate) fn upload<B: Backend, const D: usize>(
+    host: HostTensor,
+    device: &B::Device,
+) -> Tensor<B, D> {
+    Tensor::from_data(TensorData::new(host.data, host.shape), device)
+}
+
+/// `y = x W + b`, with `W` stored `[in, out]` so the product needs no transpose.
+#[derive(Debug, Clone)]
+pub(crate) struct Linear<B: Backend> {
+    /// `[in, out]`.
+    weight: Tensor<B, 2>,
+    /// `[1, out]`.
+    bias: Option<Tensor<B, 2>>,
+}
+
+impl<B: Backend> Linear<B> {
+    /// From a weight already laid out `[in, out]` and an optional `[out]` bias.
+    pub fn new(weight: HostTensor, bias: Option<HostTensor>, device: &B::Device) -> Self {
+        Self {
+            weight: upload(weight, device),
+            bias: bias.map(|b| upload::<B, 1>(b, device).unsqueeze_dim(0)),
+        }
+    }
+
+    /// Output features.
+    pub fn out_features(&self) -> usize {
+        self.weight.dims()[1]
+    }
+
+    /// `[batch, seq, in]` to `[batch, seq, out]`.
+    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        let [batch, seq, features] = x.dims();
+        let y = x
+            .reshape([batch * seq, features])
+            .matmul(self.weight.clone());
+        let y = match &self.bias {
+            Some(bias) => y + bias.clone(),
+            None => y,
+        };
+        y.reshape([batch, seq, self.out_features()])
+    }
+}
+
+/// Normalisation over the last dimension.
+#[derive(Debug, Clone)]
+pub(crate) enum Norm<B: Backend> {
+    /// `(x - mean) / sqrt(var + eps) * weight + bias` (GPT-2).
+    Layer {
+        /// `[hidden]`.
+        weight: Tensor<B, 1>,
+        /// `[hidden]`.
+        bias: Tensor<B, 1>,
+        /// Added to the variance.
+        eps: f32,
+    },
+    /// `x / sqrt(mean(x²) + eps) * weight` (Llama).
+    Rms {
+        /// `[hidden]`.
+        weight: Tensor<B, 1>,
+        /// Added to the mean square.
+        eps: f32,
+    },
+}
+
+impl<B: Backend> Norm<B> {
+    /// `[batch, seq, hidden]` to the same shape.
+    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        match self {
+            Norm::Layer { weight, bias, eps } => {
+                let mean = x.clone().mean_dim(2);
+                let centered = x - mean;
+                let var = centered.clone().powi_scalar(2).mean_dim(2);
+                let normed = centered / var.add_scalar(*eps).sqrt();
+                normed * weight.clone().unsqueeze::<3>() + bias.clone().unsqueeze::<3>()
+            }
+            Norm::Rms { weight, eps } => {
+                let mean_square = x.clone().powi_scalar(2).mean_dim(2);
+                x / mean_square.add_scalar(*eps).sqrt() * weight.clone().unsqueeze::<3>()
+            }
+        }
+    }
+}
+
+/// The feed-forward half of a block.
+#[derive(Debug, Clone)]
+pub(crate) enum Mlp<B: Backend> {
+    /// `proj(gelu_tanh(fc(x)))` (GPT-2).
+    Gelu {
+        /// `[hidden, inner]`.
+        fc: Linear<B>,
+        /// `[inner, hidden]`.
+        proj: Linear<B>,
+    },
+    /// `down(silu(gate(x)) * up(x))` (Llama), with gate and up fused into one product.
+    SwiGlu {
+        /// `[hidden, 2 * inner]`: the gate's columns, then up's.
+        gate_up: Linear<B>,
+        /// `[inner, hidden]`.
+        down: Linear<B>,
+    },
+}
+
+impl<B: Backend> Mlp<B> {
+    /// `[batch, seq, hidden]` to the same shape.
+    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        match self {
+            Mlp::Gelu { fc, proj } => proj.forward(gelu_tanh(fc.forward(x))),
+            Mlp::SwiGlu { gate_up, down } => {
+                let both = gate_up.forward(x);
+                let inner = both.dims()[2] / 2;
+                let gate = both.clone().narrow(2, 0, inner);
+                let up = both.narrow(2, inner, inner);
+                down.forward(activation::silu(gate) * up)
+            }
+        }
+    }
+}
+
+/// GELU with the tanh approximation GPT-2 was trained with (`gelu_new`):
+/// `0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x³)))`.
+fn gelu_tanh<B: Backend>(x: Tensor<B, 3>) -> Tensor<B, 3> {
+    let inner = (x.clone() + x.clone().powi_scalar(3).mul_scalar(0.044_715))
+        .mul_scalar((2.0 / std::f32::consts::PI).sqrt());
+    x.clone().mul_scalar(0.5) * (inner.tanh().add_scalar(1.0))
+}

@@ -1,0 +1,292 @@
+//! Tokenizers: a Hugging Face `tokenizer.json`, or the byte-level BPE a GGUF file describes in
+//! its `tokenizer.ggml.*` metadata, built the way transformers builds it from the same file.
+
+use std::path::Path;
+
+use serde_json::Value;
+use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
+use tokenizers::models::bpe::{Vocab, BPE};
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::pre_tokenizers::sequence::Sequence;
+use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
+use tokenizers::{AddedToken, PreTokenizerWrapper, SplitDelimiterBehavior};
+
+use crate::error::{ModelError, Result};
+use crate::gguf::{GgufFile, MetaValue};
+use crate::safetensors_dir::read_json;
+
+/// Whether decoding writes special tokens (`<|im_end|>`) or leaves them out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SpecialTokens {
+    /// Written like any other token.
+    Show,
+    /// Left out.
+    Skip,
+}
+
+/// A tokenizer with the model's chat template and special tokens.
+#[derive(Clone)]
+pub struct Tokenizer {
+    inner: tokenizers::Tokenizer,
+    source_name: String,
+    chat_template: Option<String>,
+    bos_token: Option<String>,
+    eos_token: Option<String>,
+}
+
+impl std::fmt::Debug for Tokenizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tokenizer")
+            .field("source", &self.source_name)
+            .field("vocab_size", &self.vocab_size())
+            .field("has_chat_template", &self.chat_template.is_some())
+            .finish()
+    }
+}
+
+impl Tokenizer {
+    /// Reads a `tokenizer.json`, with the chat template and special tokens of the
+    /// `tokenizer_config.json` beside it, if there is one.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let source_name = path.display().to_string();
+        let inner = tokenizers::Tokenizer::from_file(path).map_err(|e| ModelError::Tokenizer {
+            source_name: source_name.clone(),
+            message: e.to_string(),
+        })?;
+        let config_path = path.with_file_name("tokenizer_config.json");
+        let config = if config_path.is_file() {
+            Some(read_json(&config_path)?)
+        } else {
+            None
+        };
+        let text = |key: &str| -> Option<String> {
+            let value = config.as_ref()?.get(key)?;
+            // A special token may be a string or an AddedToken object with `content`.
+            value
+                .as_str()
+                .or_else(|| value.get("content").and_then(Value::as_str))
+                .map(str::to_owned)
+        };
+        Ok(Self {
+            chat_template: text("chat_template"),
+            bos_token: text("bos_token"),
+            eos_token: text("eos_token"),
+            inner,
+            source_name,
+        })
+    }
+
+    /// Builds the tokenizer a GGUF file describes (`tokenizer.ggml.model = gpt2`: byte-level
+    /// BPE), as transformers does for the same file: the vocabulary and merges as stored,
+    /// control tokens added as special tokens, user-defined tokens as added tokens, and the
+    /// split regex of `tokenizer.ggml.pre` where one is known (GPT-2's otherwise).
+    pub fn from_gguf(file: &GgufFile) -> Result<Self> {
+        let source_name = file.path().display().to_string();
+        let fail = |message: String| ModelError::Tokenizer {
+            source_name: source_name.clone(),
+            message,
+        };
+        let strings = |key: &str| -> Option<Vec<&str>> {
+            file.get(key)?
+                .as_array()?
+                .iter()
+                .map(MetaValue::as_str)
+                .collect()
+        };
+        let model = file.get("tokenizer.ggml.model").and_then(MetaValue::as_str);
+        if model != Some("gpt2") {
+            return Err(fail(format!(
+                "tokenizer.ggml.model {model:?} is not supported (only byte-level BPE, `gpt2`); \
+                 use the model's tokenizer.json"
+            )));
+        }
+        let tokens = strings("tokenizer.ggml.tokens").ok_or_else(|| {
+            fail("metadata `tokenizer.ggml.tokens` is missing or not strings".into())
+        })?;
+        let merges = strings("tokenizer.ggml.merges").unwrap_or_default();
+        let types: Vec<u64> = file
+            .get("tokenizer.ggml.token_type")
+            .and_then(MetaValue::as_array)
+            .map(|items| items.iter().map(|v| v.as_u64().unwrap_or(1)).collect())
+            .unwrap_or_default();
+
+        // Tokens are spelled in GPT-2's byte alphabet; one that is not (a mislabelled token)
+        // is respelled byte by byte, as transformers does.
+        let spelling = bytes_to_unicode();
+        let alphabet: std::collections::HashSet<char> = spelling.iter().copied().collect();
+        let spell = |token: &str| -> String {
+            if token.chars().all(|c| alphabet.contains(&c)) {
+                token.to_owned()
+            } else {
+                token.bytes().map(|b| spelling[b as usize]).collect()
+            }
+        };
+        let vocab: Vocab = tokens
+            .iter()
+            .enumerate()
+            .map(|(id, token)| (spell(token), id as u32))
+            .collect();
+        let merges: Vec<(String, String)> = merges
+            .iter()
+            .map(|m| {
+                m.split_once(' ')
+                    .map(|(a, b)| (a.to_owned(), b.to_owned()))
+                    .ok_or_else(|| {
+                        fail(format!(
+                            "merge {m:?} is not two tokens separated by a space"
+                        ))
+                    })
+            })
+            .collect::<Result<_>>()?;
+        let bpe = BPE::builder()
+            .vocab_and_merges(vocab, merges)
+            .build()
+            .map_err(|e| fail(format!("building BPE: {e}")))?;
+
+        let mut inner = tokenizers::Tokenizer::new(bpe);
+        let add_prefix_space = file
+            .get("tokenizer.ggml.add_space_prefix")
+            .and_then(MetaValue::as_bool)
+            .unwrap_or(false);
+        let pre = file
+            .get("tokenizer.ggml.pre")
+            .and_then(MetaValue::as_str)
+            .unwrap_or("default");
+        let pre_tokenizer: PreTokenizerWrapper = match split_regex(pre) {
+            Some(regex) => {
+                let split = Split::new(
+                    SplitPattern::Regex(regex.into()),
+                    SplitDelimiterBehavior::Isolated,
+                    false,
+                )
+                .map_err(|e| fail(format!("split regex: {e}")))?;
+                Sequence::new(vec![
+                    split.into(),
+                    ByteLevel::new(false, true, false).into(),
+                ])
+                .into()
+            }
+            None => ByteLevel::new(add_prefix_space, true, true).into(),
+        };
+        inner.with_pre_tokenizer(Some(pre_tokenizer));
+        inner.with_decoder(Some(ByteLevelDecoder::default()));
+        inner.with_post_processor(Some(ByteLevel::default().trim_offsets(false)));
+
+        let of_type = |kind: u64| -> Vec<&str> {
+            tokens
+                .iter()
+                .zip(&types)
+                .filter(|(token, &t)| t == kind && token.chars().all(|c| alphabet.contains(&c)))
+                .map(|(token, _)| *token)
+                .collect()
+        };
+        let control: Vec<AddedToken> = of_type(3)
+            .into_iter()
+            .map(|t| AddedToken::from(t, true).normalized(false))
+            .collect();
+        inner.add_special_tokens(&control);
+        let user: Vec<AddedToken> = of_type(4)
+            .into_iter()
+            .map(|t| AddedToken::from(t, false).normalized(false))
+            .collect();
+        inner.add_tokens(&user);
+
+        let id_token = |key: &str| -> Option<String> {
+            let id = file.get(key)?.as_u64()? as usize;
+            tokens.get(id).map(|t| (*t).to_owned())
+        };
+        Ok(Self {
+            chat_template: file
+                .get("tokenizer.chat_template")
+                .and_then(MetaValue::as_str)
+                .map(str::to_owned),
+            bos_token: id_token("tokenizer.ggml.bos_token_id"),
+            eos_token: id_token("tokenizer.ggml.eos_token_id"),
+            inner,
+            source_name,
+        })
+    }
+
+    /// Token ids of `text`, with no BOS or other special tokens added (a chat template writes
+    /// its own). Special tokens written in the text (`<|im_start|>`) are recognised.
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        let encoding = self.inner.encode(text, false).map_err(|e| self.error(e))?;
+        Ok(encoding.get_ids().to_vec())
+    }
+
+    /// The text of `ids`.
+    pub fn decode(&self, ids: &[u32], special: SpecialTokens) -> Result<String> {
+        self.inner
+            .decode(ids, special == SpecialTokens::Skip)
+            .map_err(|e| self.error(e))
+    }
+
+    /// Tokens in the vocabulary, added tokens included.
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
+    /// The id of `token`, if it is in the vocabulary.
+    pub fn token_id(&self, token: &str) -> Option<u32> {
+        self.inner.token_to_id(token)
+    }
+
+    /// The Jinja chat template, if the model has one.
+    pub fn chat_template(&self) -> Option<&str> {
+        self.chat_template.as_deref()
+    }
+
+    /// The beginning-of-sequence token's text.
+    pub fn bos_token(&self) -> Option<&str> {
+        self.bos_token.as_deref()
+    }
+
+    /// The end-of-sequence token's text.
+    pub fn eos_token(&self) -> Option<&str> {
+        self.eos_token.as_deref()
+    }
+
+    /// The underlying `tokenizers` tokenizer.
+    pub fn inner(&self) -> &tokenizers::Tokenizer {
+        &self.inner
+    }
+
+    fn error(&self, e: impl std::fmt::Display) -> ModelError {
+        ModelError::Tokenizer {
+            source_name: self.source_name.clone(),
+            message: e.to_string(),
+        }
+    }
+}
+
+/// GPT-2's byte-to-character table: printable bytes map to themselves, the rest to code points
+/// from 256 up, so every byte sequence has a visible spelling.
+fn bytes_to_unicode() -> Vec<char> {
+    let printable =
+        |b: u32| (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
+    let mut next = 256;
+    (0..256u32)
+        .map(|b| {
+            if printable(b) {
+                char::from_u32(b).unwrap_or('?')
+            } else {
+                next += 1;
+                char::from_u32(next - 1).unwrap_or('?')
+            }
+        })
+        .collect()
+}
+
+const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+const QWEN2_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+/// The split regex for a `tokenizer.ggml.pre` value, where it differs from GPT-2's.
+fn split_regex(pre: &str) -> Option<&'static str> {
+    match pre {
+        "llama3" | "llama-v3" | "llama-bpe" | "falcon3" | "smaug-bpe" | "dbrx" => {
+            Some(LLAMA3_SPLIT)
+        }
+        "qwen2" | "deepseek-r1-qwen" => Some(QWEN2_SPLIT),
+        _ => None,
+    }
+}

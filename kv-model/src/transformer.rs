@@ -1,0 +1,672 @@
+//! The decoder-only transformer of both families, generic over the backend, with attention
+//! through any kv-core cache or none.
+//!
+//! One forward pass, top to bottom:
+//!
+//! 1. token embedding (plus learned positions for GPT-2);
+//! 2. per block: `x += attention(norm(x))`, then `x += mlp(norm(x))`, where attention projects
+//!    Q, K and V in one product, rotates Q and K (rotary models), hands K and V to the layer's
+//!    cache, and attends over what the cache returns;
+//! 3. final norm and LM head, for every position or only the last.
+
+use std::ops::Range;
+
+use burn::tensor::{backend::Backend, Bool, Int, Tensor, TensorData};
+use kv_core::{
+    grouped_query_attention, needed_attention_mask, AttentionMask, AttentionPattern, KeyPositions,
+    KeyRotation, KvCache, KvView, ModelCache, RotaryTable,
+};
+
+use crate::config::{Architecture, ModelConfig};
+use crate::error::{ModelError, Result};
+use crate::layers::{upload, Linear, Mlp, Norm};
+use crate::weights::{HostTensor, Weights};
+
+/// Which positions to compute logits for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Logits {
+    /// Every position: `[batch, seq, vocab]` (scoring a text, checking against a reference).
+    All,
+    /// The last position only: `[batch, 1, vocab]`. Generation needs no more, and the LM head
+    /// is the largest product of a small model, so a prompt should not pay for it per token.
+    Last,
+}
+
+/// How positions enter the network.
+#[derive(Debug, Clone)]
+enum PositionEncoding<B: Backend> {
+    /// GPT-2: a learned `[max_positions, hidden]` table added to the token embedding.
+    Learned(Tensor<B, 2>),
+    /// Rotary embeddings applied to queries and keys in every layer.
+    Rotary(RotaryTable<B>),
+}
+
+/// Q, K, V and output projections of one layer.
+#[derive(Debug, Clone)]
+struct Attention<B: Backend> {
+    /// `[hidden, (heads + 2 * kv_heads) * head_dim]`: Q's columns, then K's, then V's.
+    qkv: Linear<B>,
+    /// `[heads * head_dim, hidden]`.
+    output: Linear<B>,
+}
+
+/// One transformer block (pre-norm).
+#[derive(Debug, Clone)]
+struct Block<B: Backend> {
+    attention_norm: Norm<B>,
+    attention: Attention<B>,
+    mlp_norm: Norm<B>,
+    mlp: Mlp<B>,
+}
+
+/// A decoder-only transformer (GPT-2 or Llama family) on backend `B`.
+///
+/// ```
+/// use burn_ndarray::NdArray;
+/// use kv_core::{CacheConfig, ModelCache};
+/// use kv_model::{Logits, ModelConfig, Transformer};
+///
+/// let json = serde_json::json!({
+///     "model_type": "llama", "vocab_size": 64, "hidden_size": 32, "num_hidden_layers": 2,
+///     "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 64
+/// });
+/// let config = ModelConfig::from_hf_json(&json, "example").unwrap();
+/// let device = Default::default();
+/// let model = Transformer::<NdArray>::random(&config, 7, &device).unwrap();
+///
+/// // Prefill three tokens, then decode one, through a dynamic cache.
+/// let mut cache: ModelCache<NdArray> = model.new_cache(&CacheConfig::Dynamic { capacity: 16 }).unwrap();
+/// let logits = model.forward(&[vec![1, 2, 3]], None, Some(&mut cache), Logits::Last).unwrap();
+/// assert_eq!(logits.dims(), [1, 1, config.vocab_size]);
+/// let logits = model.forward(&[vec![4]], None, Some(&mut cache), Logits::Last).unwrap();
+/// assert_eq!(cache.seq_len(), 4);
+/// # let _ = logits;
+/// ```
+#[derive(Debug, Clone)]
+pub struct Transformer<B: Backend> {
+    config: ModelConfig,
+    /// `[vocab, hidden]`.
+    token_embedding: Tensor<B, 2>,
+    positions: PositionEncoding<B>,
+    blocks: Vec<Block<B>>,
+    final_norm: Norm<B>,
+    /// `[hidden, vocab]`.
+    lm_head: Linear<B>,
+    device: B::Device,
+}
+
+/// Where the builder gets each tensor: a file's weights, or random numbers.
+trait TensorSource {
+    /// The tensor `name` (Hugging Face naming) of `shape`.
+    fn tensor(&mut self, name: &str, shape: &[usize], role: Role) -> Result<HostTensor>;
+}
+
+/// What a tensor is for, which decides how a random model fills it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Role {
+    Matrix,
+    Bias,
+    NormWeight,
+}
+
+impl TensorSource for Weights {
+    fn tensor(&mut self, name: &str, shape: &[usize], _role: Role) -> Result<HostTensor> {
+        self.take(name, shape)
+    }
+}
+
+/// Deterministic pseudo-random weights (splitmix64): small matrices, zero-mean biases, unit
+/// norm weights.
+struct RandomSource {
+    state: u64,
+}
+
+impl RandomSource {
+    fn next_unit(&mut self) -> f32 {
+        self.state = self.state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^= z >> 31;
+        (z >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
+    }
+}
+
+impl TensorSource for RandomSource {
+    fn tensor(&mut self, _name: &str, shape: &[usize], role: Role) -> Result<HostTensor> {
+        let len = shape.iter().product();
+        let data = match role {
+            Role::NormWeight => vec![1.0; len],
+            Role::Matrix => (0..len).map(|_| 0.08 * self.next_unit()).collect(),
+            Role::Bias => (0..len).map(|_| 0.02 * self.next_unit()).collect(),
+        };
+        Ok(HostTensor::new(shape.to_vec(), data))
+    }
+}
+
+impl<B: Backend> Transformer<B> {
+    /// Builds the model from Hugging Face-named weights; every tensor's shape is checked
+    /// against `config`.
+    pub fn from_weights(
+        config: &ModelConfig,
+        mut weights: Weights,
+        device: &B::Device,
+    ) -> Result<Self> {
+        let name = weights.source_name().to_owned();
+        config.validate(&name)?;
+        let gpt2_prefix = if weights.contains("wte.weight") {
+            ""
+        } else {
+            "transformer."
+        };
+        build(config, &mut weights, gpt2_prefix, device)
+    }
+
+    /// A model of `config`'s shape with deterministic random weights from `seed`: for tests,
+    /// and for timing where the real weights cannot be carried.
+    pub fn random(config: &ModelConfig, seed: u64, device: &B::Device) -> Result<Self> {
+        config.validate("random model")?;
+        build(
+            config,
+            &mut RandomSource { state: seed },
+            "transformer.",
+            device,
+        )
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    /// The device the weights live on.
+    pub fn device(&self) -> &B::Device {
+        &self.device
+    }
+
+    /// A cache for this model: one `config` cache per layer, shaped for its key/value heads.
+    pub fn new_cache(&self, config: &kv_core::CacheConfig) -> Result<ModelCache<B>> {
+        let shape = kv_core::LayerShape {
+            kv_heads: self.config.num_kv_heads,
+            head_dim: self.config.head_dim,
+        };
+        Ok(ModelCache::new(
+            config,
+            self.config.num_layers,
+            shape,
+            &self.device,
+        )?)
+    }
+
+    /// Number of parameters in the projections and embeddings (norms and biases, which are
+    /// tiny, not counted).
+    pub fn parameter_count(&self) -> usize {
+        let c = &self.config;
+        let attention = c.hidden_size * (c.num_heads + 2 * c.num_kv_heads) * c.head_dim
+            + c.num_heads * c.head_dim * c.hidden_size;
+        let mlp = match c.architecture {
+            Architecture::Gpt2 => 2 * c.hidden_size * c.intermediate_size,
+            Architecture::Llama => 3 * c.hidden_size * c.intermediate_size,
+        };
+        let head = if c.tie_word_embeddings {
+            0
+        } else {
+            c.vocab_size * c.hidden_size
+        };
+        c.vocab_size * c.hidden_size + c.num_layers * (attention + mlp) + head
+    }
+
+    /// One forward pass.
+    ///
+    /// - `tokens`: `[batch][seq]` ids, every row the same length.
+    /// - `mask`: which of the `past + seq` positions of each row are real tokens (1) or padding
+    ///   (0), as transformers' `attention_mask`; `None` means no padding. Position ids are
+    ///   derived from it as `generate()` does (padding skipped).
+    /// - `cache`: the model's cache, holding `past` positions; the new keys and values are
+    ///   appended to it. `None` attends over `tokens` alone (positions `0..seq`).
+    /// - `logits`: every position, or the last only.
+    ///
+    /// Returns `[batch, seq or 1, vocab]`.
+    pub fn forward<C: KvCache<B>>(
+        &self,
+        tokens: &[Vec<u32>],
+        mask: Option<&AttentionMask>,
+        mut cache: Option<&mut ModelCache<B, C>>,
+        logits: Logits,
+    ) -> Result<Tensor<B, 3>> {
+        let (batch, seq) = self.check_tokens(tokens)?;
+        let past = cache.as_ref().map_or(0, |c| c.seq_len());
+        let queries = past..past + seq;
+        if let Some(mask) = mask {
+            if mask.batch() != batch || mask.len() != queries.end {
+                return Err(ModelError::Input(format!(
+                    "attention mask is {}x{}, expected {batch}x{} (batch x past+new)",
+                    mask.batch(),
+                    mask.len(),
+                    queries.end
+                )));
+            }
+        }
+        let position_ids = match mask {
+            Some(mask) => mask.position_ids(queries.clone()),
+            None => vec![queries.clone().collect()],
+        };
+        let (cache_pattern, rotation) = cache.as_ref().map_or(
+            (AttentionPattern::Causal, KeyRotation::AppliedByCaller),
+            |c| (c.attention_pattern(), c.key_rotation()),
+        );
+        let mut step = Step {
+            queries,
+            position_ids,
+            padding: mask,
+            pattern: self.pattern(cache_pattern)?,
+            rotation,
+            mask_memo: None,
+        };
+
+        let mut x = self.embed(tokens, &step.position_ids)?;
+        for (layer, block) in self.blocks.iter().enumerate() {
+            let h = block.attention_norm.forward(x.clone());
+            let h = self.attend(&block.attention, h, layer, cache.as_deref_mut(), &mut step)?;
+            x = x + h;
+            let h = block.mlp.forward(block.mlp_norm.forward(x.clone()));
+            x = x + h;
+        }
+        let x = match logits {
+            Logits::All => x,
+            Logits::Last => x.narrow(1, seq - 1, 1),
+        };
+        Ok(self.lm_head.forward(self.final_norm.forward(x)))
+    }
+
+    /// Checks ids against the vocabulary and rows against each other: `(batch, seq)`.
+    fn check_tokens(&self, tokens: &[Vec<u32>]) -> Result<(usize, usize)> {
+        let seq = tokens.first().map_or(0, Vec::len);
+        if seq == 0 {
+            return Err(ModelError::Input(
+                "no tokens: pass at least one id per row".into(),
+            ));
+        }
+        for (row, ids) in tokens.iter().enumerate() {
+            if ids.len() != seq {
+                return Err(ModelError::Input(format!(
+                    "row {row} has {} tokens, row 0 has {seq}: pad rows to one length",
+                    ids.len()
+                )));
+            }
+            if let Some((position, &id)) = ids
+                .iter()
+                .enumerate()
+                .find(|(_, &id)| id as usize >= self.config.vocab_size)
+            {
+                return Err(ModelError::TokenOutOfRange {
+                    id,
+                    row,
+                    position,
+                    vocab: self.config.vocab_size,
+                });
+            }
+        }
+        Ok((tokens.len(), seq))
+    }
+
+    /// The pattern attention must follow: the cache's, narrowed by the model's own window.
+    fn pattern(&self, cache: AttentionPattern) -> Result<AttentionPattern> {
+        let Some(model_window) = self.config.sliding_window else {
+            return Ok(cache);
+        };
+        match cache {
+            AttentionPattern::Causal => Ok(AttentionPattern::SlidingWindow {
+                window: model_window,
+            }),
+            AttentionPattern::SlidingWindow { window } => Ok(AttentionPattern::SlidingWindow {
+                window: window.min(model_window),
+            }),
+            AttentionPattern::Sinks { .. } => Err(ModelError::Input(format!(
+                "a sink cache cannot serve `{}`, which attends over a sliding window of its own; \
+                 use a sliding-window cache",
+                self.config.model_type
+            ))),
+        }
+    }
+
+    /// Token embeddings, plus learned positions for GPT-2: `[batch, seq, hidden]`.
+    fn embed(&self, tokens: &[Vec<u32>], position_ids: &[Vec<usize>]) -> Result<Tensor<B, 3>> {
+        let (batch, seq) = (tokens.len(), tokens[0].len());
+        let hidden = self.config.hidden_size;
+        let ids: Vec<usize> = tokens.iter().flatten().map(|&id| id as usize).collect();
+        let x = self
+            .token_embedding
+            .clone()
+            .select(0, index_tensor::<B>(&ids, &self.device))
+            .reshape([batch, seq, hidden]);
+        match &self.positions {
+            PositionEncoding::Rotary(_) => Ok(x),
+            PositionEncoding::Learned(table) => {
+                let max = self.config.max_positions;
+                let flat: Vec<usize> = position_ids.iter().flatten().copied().collect();
+                if let Some(&position) = flat.iter().find(|&&p| p >= max) {
+                    return Err(ModelError::SequenceTooLong { position, max });
+                }
+                let rows = position_ids.len();
+                let positions = table
+                    .clone()
+                    .select(0, index_tensor::<B>(&flat, &self.device))
+                    .reshape([rows, seq, hidden]);
+                Ok(x + positions)
+            }
+        }
+    }
+
+    /// Self-attention of `layer` over `x` `[batch, seq, hidden]`, through `cache` if any.
+    fn attend<C: KvCache<B>>(
+        &self,
+        attention: &Attention<B>,
+        x: Tensor<B, 3>,
+        layer: usize,
+        cache: Option<&mut ModelCache<B, C>>,
+        step: &mut Step<'_, B>,
+    ) -> Result<Tensor<B, 3>> {
+        let c = &self.config;
+        let [batch, seq, _] = x.dims();
+        let (heads, kv_heads, head_dim) = (c.num_heads, c.num_kv_heads, c.head_dim);
+        let qkv = attention.qkv.forward(x);
+        let split = |start: usize, heads: usize| {
+            qkv.clone()
+                .narrow(2, start * head_dim, heads * head_dim)
+                .reshape([batch, seq, heads, head_dim])
+                .swap_dims(1, 2)
+        };
+        // [batch, heads or kv_heads, seq, head_dim]
+        let (mut q, mut k, v) = (
+            split(0, heads),
+            split(heads, kv_heads),
+            split(heads + kv_heads, kv_heads),
+        );
+
+        let rope = match &self.positions {
+            PositionEncoding::Rotary(rope) => Some(rope),
+            PositionEncoding::Learned(_) => None,
+        };
+        if let (Some(rope), KeyRotation::AppliedByCaller) = (rope, step.rotation) {
+            q = rope.rotate(q, &step.position_ids);
+            k = rope.rotate(k, &step.position_ids);
+        }
+        let view = match cache {
+            Some(cache) => cache.update(layer, k, v)?,
+            None => KvView {
+                keys: k,
+                values: v,
+                positions: KeyPositions::Contiguous(step.queries.clone()),
+                query_rotary_positions: None,
+            },
+        };
+        if let (Some(rope), KeyRotation::AppliedByCache) = (rope, step.rotation) {
+            // The cache rotates keys at their rank in it; queries go at the matching ranks.
+            let ranks = view
+                .query_rotary_positions
+                .clone()
+                .unwrap_or(step.queries.clone());
+            q = rope.rotate(q, &[ranks.collect()]);
+        }
+        let mask = step.mask_for(&view.positions, &self.device);
+        let out = grouped_query_attention(q, view.keys, view.values, mask)?;
+        let out = out.swap_dims(1, 2).reshape([batch, seq, heads * head_dim]);
+        Ok(attention.output.forward(out))
+    }
+}
+
+/// What every layer of one forward pass shares.
+struct Step<'a, B: Backend> {
+    /// Cache positions of the new tokens.
+    queries: Range<usize>,
+    /// Rotary / learned position of each new token, per batch row (or one shared row).
+    position_ids: Vec<Vec<usize>>,
+    padding: Option<&'a AttentionMask>,
+    pattern: AttentionPattern,
+    rotation: KeyRotation,
+    /// The mask built for the first layer, reused while the key positions stay the same.
+    mask_memo: Option<(KeyPositions, Option<Tensor<B, 4, Bool>>)>,
+}
+
+impl<B: Backend> Step<'_, B> {
+    fn mask_for(&mut self, keys: &KeyPositions, device: &B::Device) -> Option<Tensor<B, 4, Bool>> {
+        if let Some((memo_keys, mask)) = &self.mask_memo {
+            if memo_keys == keys {
+                return mask.clone();
+            }
+        }
+        let mask = needed_attention_mask(
+            self.queries.clone(),
+            keys,
+            self.pattern,
+            self.padding,
+            device,
+        );
+        self.mask_memo = Some((keys.clone(), mask.clone()));
+        mask
+    }
+}
+
+/// An int index tensor over `indices`.
+fn index_tensor<B: Backend>(indices: &[usize], device: &B::Device) -> Tensor<B, 1, Int> {
+    let data: Vec<i64> = indices.iter().map(|&i| i as i64).collect();
+    Tensor::from_data(TensorData::new(data, [indices.len()]), device)
+}
+
+/// Builds the model from any tensor source.
+fn build<B: Backend>(
+    config: &ModelConfig,
+    source: &mut dyn TensorSource,
+    gpt2_prefix: &str,
+    device: &B::Device,
+) -> Result<Transformer<B>> {
+    let (blocks, token_embedding, positions, final_norm, lm_head) = match config.architecture {
+        Architecture::Gpt2 => build_gpt2(config, source, gpt2_prefix, device)?,
+        Architecture::Llama => build_llama(config, source, device)?,
+    };
+    Ok(Transformer {
+        config: config.clone(),
+        token_embedding: upload(token_embedding.clone(), device),
+        positions,
+        blocks,
+        final_norm,
+        lm_head: match lm_head {
+            Some(head) => Linear::new(head.transposed(), None, device),
+            None => Linear::new(token_embedding.transposed(), None, device),
+        },
+        device: device.clone(),
+    })
+}
+
+/// What a family builder returns: blocks, token embedding `[vocab, hidden]`, positions,
+/// final norm, and the untied LM head `[vocab, hidden]` if any.
+type Parts<B> = (
+    Vec<Block<B>>,
+    HostTensor,
+    PositionEncoding<B>,
+    Norm<B>,
+    Option<HostTensor>,
+);
+
+fn build_gpt2<B: Backend>(
+    c: &ModelConfig,
+    source: &mut dyn TensorSource,
+    prefix: &str,
+    device: &B::Device,
+) -> Result<Parts<B>> {
+    let hidden = c.hidden_size;
+    let mut layer_norm = |name: &str| -> Result<Norm<B>> {
+        Ok(Norm::Layer {
+            weight: upload(
+                source.tensor(&format!("{name}.weight"), &[hidden], Role::NormWeight)?,
+                device,
+            ),
+            bias: upload(
+                source.tensor(&format!("{name}.bias"), &[hidden], Role::Bias)?,
+                device,
+            ),
+            eps: c.norm_eps,
+        })
+    };
+    let mut norms = Vec::new();
+    for i in 0..c.num_layers {
+        norms.push((
+            layer_norm(&format!("{prefix}h.{i}.ln_1"))?,
+            layer_norm(&format!("{prefix}h.{i}.ln_2"))?,
+        ));
+    }
+    let final_norm = layer_norm(&format!("{prefix}ln_f"))?;
+    // Conv1D weights are already `[in, out]`.
+    let mut conv1d = |name: &str, inputs: usize, outputs: usize| -> Result<Linear<B>> {
+        let weight = source.tensor(&format!("{name}.weight"), &[inputs, outputs], Role::Matrix)?;
+        let bias = source.tensor(&format!("{name}.bias"), &[outputs], Role::Bias)?;
+        Ok(Linear::new(weight, Some(bias), device))
+    };
+    let mut blocks = Vec::with_capacity(c.num_layers);
+    for (i, (attention_norm, mlp_norm)) in norms.into_iter().enumerate() {
+        let p = format!("{prefix}h.{i}");
+        blocks.push(Block {
+            attention_norm,
+            attention: Attention {
+                qkv: conv1d(&format!("{p}.attn.c_attn"), hidden, 3 * hidden)?,
+                output: conv1d(&format!("{p}.attn.c_proj"), hidden, hidden)?,
+            },
+            mlp_norm,
+            mlp: Mlp::Gelu {
+                fc: conv1d(&format!("{p}.mlp.c_fc"), hidden, c.intermediate_size)?,
+                proj: conv1d(&format!("{p}.mlp.c_proj"), c.intermediate_size, hidden)?,
+            },
+        });
+    }
+    let wte = source.tensor(
+        &format!("{prefix}wte.weight"),
+        &[c.vocab_size, hidden],
+        Role::Matrix,
+    )?;
+    let wpe = source.tensor(
+        &format!("{prefix}wpe.weight"),
+        &[c.max_positions, hidden],
+        Role::Matrix,
+    )?;
+    Ok((
+        blocks,
+        wte,
+        PositionEncoding::Learned(upload(wpe, device)),
+        final_norm,
+        None,
+    ))
+}
+
+fn build_llama<B: Backend>(
+    c: &ModelConfig,
+    source: &mut dyn TensorSource,
+    device: &B::Device,
+) -> Result<Parts<B>> {
+    let hidden = c.hidden_size;
+    let rope = c.rope.ok_or_else(|| {
+        ModelError::config(&c.model_type, "a Llama-family model needs rope settings")
+    })?;
+    let mut rms = |name: &str| -> Result<Norm<B>> {
+        Ok(Norm::Rms {
+            weight: upload(source.tensor(name, &[hidden], Role::NormWeight)?, device),
+            eps: c.norm_eps,
+        })
+    };
+    let mut norms = Vec::new();
+    for i in 0..c.num_layers {
+        norms.push((
+            rms(&format!("model.layers.{i}.input_layernorm.weight"))?,
+            rms(&format!("model.layers.{i}.post_attention_layernorm.weight"))?,
+        ));
+    }
+    let final_norm = rms("model.norm.weight")?;
+    // PyTorch `nn.Linear` weights are `[out, in]`: transposed once here.
+    let mut linear = |name: &str,
+                      inputs: usize,
+                      outputs: usize,
+                      bias: bool|
+     -> Result<(HostTensor, Option<HostTensor>)> {
+        let weight = source.tensor(&format!("{name}.weight"), &[outputs, inputs], Role::Matrix)?;
+        let bias = if bias {
+            Some(source.tensor(&format!("{name}.bias"), &[outputs], Role::Bias)?)
+        } else {
+            None
+        };
+        Ok((weight.transposed(), bias))
+    };
+    let (q_out, kv_out) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
+    let mut blocks = Vec::with_capacity(c.num_layers);
+    for (i, (attention_norm, mlp_norm)) in norms.into_iter().enumerate() {
+        let p = format!("model.layers.{i}");
+        let (q, q_bias) = linear(&format!("{p}.self_attn.q_proj"), hidden, q_out, c.qkv_bias)?;
+        let (k, k_bias) = linear(&format!("{p}.self_attn.k_proj"), hidden, kv_out, c.qkv_bias)?;
+        let (v, v_bias) = linear(&format!("{p}.self_attn.v_proj"), hidden, kv_out, c.qkv_bias)?;
+        let (o, o_bias) = linear(
+            &format!("{p}.self_attn.o_proj"),
+            q_out,
+            hidden,
+            c.dense_bias,
+        )?;
+        let (gate, gate_bias) = linear(
+            &format!("{p}.mlp.gate_proj"),
+            hidden,
+            c.intermediate_size,
+            c.dense_bias,
+        )?;
+        let (up, up_bias) = linear(
+            &format!("{p}.mlp.up_proj"),
+            hidden,
+            c.intermediate_size,
+            c.dense_bias,
+        )?;
+        let (down, down_bias) = linear(
+            &format!("{p}.mlp.down_proj"),
+            c.intermediate_size,
+            hidden,
+            c.dense_bias,
+        )?;
+        let qkv_bias = match (q_bias, k_bias, v_bias) {
+            (Some(q), Some(k), Some(v)) => Some(HostTensor::concat(&[q, k, v])),
+            _ => None,
+        };
+        let gate_up_bias = match (gate_bias, up_bias) {
+            (Some(g), Some(u)) => Some(HostTensor::concat(&[g, u])),
+            _ => None,
+        };
+        blocks.push(Block {
+            attention_norm,
+            attention: Attention {
+                qkv: Linear::new(HostTensor::concat_columns(&[q, k, v]), qkv_bias, device),
+                output: Linear::new(o, o_bias, device),
+            },
+            mlp_norm,
+            mlp: Mlp::SwiGlu {
+                gate_up: Linear::new(
+                    HostTensor::concat_columns(&[gate, up]),
+                    gate_up_bias,
+                    device,
+                ),
+                down: Linear::new(down, down_bias, device),
+            },
+        });
+    }
+    let embedding = source.tensor(
+        "model.embed_tokens.weight",
+        &[c.vocab_size, hidden],
+        Role::Matrix,
+    )?;
+    let lm_head = if c.tie_word_embeddings {
+        None
+    } else {
+        Some(source.tensor("lm_head.weight", &[c.vocab_size, hidden], Role::Matrix)?)
+    };
+    let rotary = RotaryTable::from_inv_freq(rope.inv_freq(c.head_dim), device)?;
+    Ok((
+        blocks,
+        embedding,
+        PositionEncoding::Rotary(rotary),
+        final_norm,
+        lm_head,
+    ))
+}

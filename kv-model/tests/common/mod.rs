@@ -1,0 +1,154 @@
+//! Shared helpers: fixture paths and readers, the CPU backend, comparisons.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+
+use burn::tensor::Tensor;
+use burn_ndarray::NdArray;
+use kv_core::{AttentionMask, CacheConfig, ModelCache, QuantBits, QuantizedCacheConfig};
+use kv_model::{load_model, Logits, Transformer};
+use serde_json::Value;
+
+pub type B = NdArray<f32>;
+
+pub fn device() -> burn_ndarray::NdArrayDevice {
+    Default::default()
+}
+
+pub fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}
+
+pub fn read_json(name: &str) -> Value {
+    let path = fixtures().join(name);
+    serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap()
+}
+
+pub fn ids(value: &Value) -> Vec<u32> {
+    value
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap() as u32)
+        .collect()
+}
+
+pub fn floats(value: &Value) -> Vec<f32> {
+    value
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap() as f32)
+        .collect()
+}
+
+pub fn load(name: &str) -> Transformer<B> {
+    load_model::<B>(&fixtures().join(name), &device())
+        .unwrap()
+        .model
+}
+
+/// `[batch, seq, vocab]` logits as host rows: `rows[b][s]`.
+pub fn host_logits(logits: Tensor<B, 3>) -> Vec<Vec<Vec<f32>>> {
+    let [batch, seq, vocab] = logits.dims();
+    let data = logits.to_data().to_vec::<f32>().unwrap();
+    (0..batch)
+        .map(|b| {
+            (0..seq)
+                .map(|s| data[(b * seq + s) * vocab..(b * seq + s + 1) * vocab].to_vec())
+                .collect()
+        })
+        .collect()
+}
+
+pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+pub fn argmax(row: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &v) in row.iter().enumerate() {
+        if v > row[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+/// Greedy decoding without a cache: the whole sequence is recomputed every step.
+pub fn greedy_uncached(model: &Transformer<B>, prompt: &[u32], steps: usize) -> Vec<u32> {
+    let mut tokens = prompt.to_vec();
+    for _ in 0..steps {
+        let logits = model
+            .forward::<kv_core::AnyCache<B>>(&[tokens.clone()], None, None, Logits::Last)
+            .unwrap();
+        tokens.push(argmax(&host_logits(logits)[0][0]));
+    }
+    tokens[prompt.len()..].to_vec()
+}
+
+/// Greedy decoding through `cache`: the prompt once, then one token per step.
+pub fn greedy_cached(
+    model: &Transformer<B>,
+    cache: &mut ModelCache<B>,
+    prompt: &[u32],
+    steps: usize,
+) -> Vec<u32> {
+    let mut out = Vec::new();
+    let mut input = prompt.to_vec();
+    for _ in 0..steps {
+        let logits = model
+            .forward(&[input], None, Some(&mut *cache), Logits::Last)
+            .unwrap();
+        let next = argmax(&host_logits(logits)[0][0]);
+        out.push(next);
+        input = vec![next];
+    }
+    out
+}
+
+/// Cache kinds that reproduce full attention exactly over `len` positions: windows at least
+/// as long as the sequence.
+pub fn exact_cache_kinds(len: usize) -> Vec<CacheConfig> {
+    vec![
+        CacheConfig::Dynamic { capacity: 4 },
+        CacheConfig::Static {
+            max_batch: 2,
+            max_len: len,
+        },
+        CacheConfig::SlidingWindow { window: len },
+        CacheConfig::Sink {
+            sinks: 4,
+            window: len - 4,
+            rope_theta: None,
+        },
+    ]
+}
+
+pub fn int8_cache() -> CacheConfig {
+    CacheConfig::Quantized(QuantizedCacheConfig {
+        bits: QuantBits::Int8,
+        group_size: 8,
+        residual_len: 8,
+    })
+}
+
+pub fn padding(mask: &Value) -> AttentionMask {
+    let rows = mask
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|row| {
+            row.as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_u64() == Some(1))
+                .collect()
+        })
+        .collect();
+    AttentionMask::from_rows(rows).unwrap()
+}
