@@ -183,6 +183,13 @@ impl GgufFile {
             let dims = (0..n_dims)
                 .map(|_| reader.u64())
                 .collect::<Result<Vec<_>>>()?;
+            // The element count must be representable; the data check below bounds it further.
+            let elements = dims.iter().try_fold(1u64, |n, &d| n.checked_mul(d));
+            if elements.is_none_or(|n| n > usize::MAX as u64 / 4) {
+                return Err(reader.error(format!(
+                    "tensor `{name}` has impossible dimensions {dims:?}"
+                )));
+            }
             let type_id = reader.u32()?;
             let ggml_type = GgmlType::from_id(type_id).ok_or_else(|| ModelError::UnsupportedDtype {
                 path: path.to_path_buf(),

