@@ -293,7 +293,7 @@ impl Fields<'_> {
             num_layers: self.usize("n_layer")?,
             num_heads: heads,
             num_kv_heads: heads,
-            head_dim: if heads == 0 { 0 } else { hidden / heads },
+            head_dim: hidden.checked_div(heads).unwrap_or(0),
             intermediate_size: self.opt_usize("n_inner")?.unwrap_or(4 * hidden),
             max_positions: self.usize("n_positions")?,
             norm_eps: self.f32_or("layer_norm_epsilon", 1e-5)?,

@@ -38,6 +38,6 @@ pub use load::{load_model, LoadedModel};
 pub use safetensors_dir::{
     read_config, read_safetensors, read_safetensors_bytes, safetensors_files,
 };
-pub use tokenizer::{SpecialTokens, Tokenizer};
+pub use tokenizer::{ChatMessage, GenerationPrompt, SpecialTokens, Tokenizer};
 pub use transformer::{Logits, Transformer};
 pub use weights::{HostTensor, Weights};

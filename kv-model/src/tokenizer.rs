@@ -24,6 +24,34 @@ pub enum SpecialTokens {
     Skip,
 }
 
+/// One message of a conversation, for [`Tokenizer::apply_chat_template`].
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ChatMessage {
+    /// `system`, `user` or `assistant`.
+    pub role: String,
+    /// The text.
+    pub content: String,
+}
+
+impl ChatMessage {
+    /// A message from `role`.
+    pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
+        Self {
+            role: role.into(),
+            content: content.into(),
+        }
+    }
+}
+
+/// Whether a rendered chat ends with the header of the assistant's next turn.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GenerationPrompt {
+    /// End with the assistant's header, so the model writes the reply (`add_generation_prompt`).
+    Add,
+    /// End after the last message.
+    Omit,
+}
+
 /// A tokenizer with the model's chat template and special tokens.
 #[derive(Clone)]
 pub struct Tokenizer {
@@ -234,6 +262,41 @@ impl Tokenizer {
     /// The Jinja chat template, if the model has one.
     pub fn chat_template(&self) -> Option<&str> {
         self.chat_template.as_deref()
+    }
+
+    /// Renders `messages` with the model's Jinja chat template, as transformers'
+    /// `apply_chat_template(..., tokenize=False)` does.
+    pub fn apply_chat_template(
+        &self,
+        messages: &[ChatMessage],
+        prompt: GenerationPrompt,
+    ) -> Result<String> {
+        let template = self.chat_template.as_deref().ok_or_else(|| {
+            self.error("the model has no chat template; pass the prompt as plain text")
+        })?;
+        let mut env = minijinja::Environment::new();
+        minijinja_contrib::add_to_environment(&mut env);
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.add_function(
+            "raise_exception",
+            |message: String| -> std::result::Result<String, minijinja::Error> {
+                Err(minijinja::Error::new(
+                    minijinja::ErrorKind::InvalidOperation,
+                    message,
+                ))
+            },
+        );
+        env.add_template("chat", template)
+            .map_err(|e| self.error(format!("chat template: {e}")))?;
+        let context = minijinja::context! {
+            messages => messages,
+            add_generation_prompt => prompt == GenerationPrompt::Add,
+            bos_token => self.bos_token.as_deref().unwrap_or(""),
+            eos_token => self.eos_token.as_deref().unwrap_or(""),
+        };
+        env.get_template("chat")
+            .and_then(|t| t.render(context))
+            .map_err(|e| self.error(format!("rendering the chat template: {e}")))
     }
 
     /// The beginning-of-sequence token's text.

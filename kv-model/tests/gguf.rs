@@ -77,7 +77,7 @@ fn tiny_quantized_llama_matches_transformers() {
     let expected = read_json("tiny-llama-gguf.json");
     let prompt = ids(&expected["prompt"]);
     let logits = model
-        .forward::<AnyCache<B>>(&[prompt.clone()], None, None, Logits::Last)
+        .forward::<AnyCache<B>>(std::slice::from_ref(&prompt), None, None, Logits::Last)
         .unwrap();
     let diff = max_abs_diff(
         &host_logits(logits)[0][0],

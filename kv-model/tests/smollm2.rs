@@ -8,7 +8,9 @@ mod common;
 
 use common::*;
 use kv_core::CacheConfig;
-use kv_model::{default_model, load_model, Logits, Progress, SpecialTokens};
+use kv_model::{
+    default_model, load_model, ChatMessage, GenerationPrompt, Logits, Progress, SpecialTokens,
+};
 
 #[test]
 fn smollm2_matches_transformers() {
@@ -35,7 +37,11 @@ fn smollm2_matches_transformers() {
     );
     assert!(config.tie_word_embeddings);
     assert_eq!(config.eos_token_ids, vec![2]);
-    assert!(tokenizer.chat_template().unwrap().contains("<|im_start|>"));
+    let question = expected["chat_question"].as_str().unwrap();
+    let chat = tokenizer
+        .apply_chat_template(&[ChatMessage::new("user", question)], GenerationPrompt::Add)
+        .unwrap();
+    assert_eq!(chat, expected["prompts"]["chat"]["text"].as_str().unwrap());
 
     // Tokenizer: ASCII, digits, Chinese, emoji, special tokens, whitespace runs.
     for case in expected["tokenizer"].as_array().unwrap() {
@@ -61,7 +67,12 @@ fn smollm2_matches_transformers() {
             .new_cache(&CacheConfig::Dynamic { capacity: 128 })
             .unwrap();
         let logits = model
-            .forward(&[prompt_ids.clone()], None, Some(&mut cache), Logits::Last)
+            .forward(
+                std::slice::from_ref(&prompt_ids),
+                None,
+                Some(&mut cache),
+                Logits::Last,
+            )
             .unwrap();
         let row = &host_logits(logits)[0][0];
         let top_ids = ids(&prompt["top20_ids"]);

@@ -18,7 +18,7 @@ fn expected(model: &str) -> Value {
 fn check_prompt_logits(model: &Transformer<B>, expected: &Value) {
     let prompt = ids(&expected["prompt"]);
     let logits = model
-        .forward::<AnyCache<B>>(&[prompt.clone()], None, None, Logits::All)
+        .forward::<AnyCache<B>>(std::slice::from_ref(&prompt), None, None, Logits::All)
         .unwrap();
     let rows = &host_logits(logits)[0];
     assert_eq!(rows.len(), prompt.len());

@@ -4,14 +4,18 @@
 use std::path::PathBuf;
 
 use burn::tensor::Tensor;
-use burn_ndarray::NdArray;
 use kv_core::{AttentionMask, CacheConfig, ModelCache, QuantBits, QuantizedCacheConfig};
 use kv_model::{load_model, Logits, Transformer};
 use serde_json::Value;
 
-pub type B = NdArray<f32>;
+/// The backend under test: CPU by default, CUDA with `--features cuda`.
+#[cfg(not(feature = "cuda"))]
+pub type B = burn_ndarray::NdArray<f32>;
+/// The backend under test: CPU by default, CUDA with `--features cuda`.
+#[cfg(feature = "cuda")]
+pub type B = burn_cuda::Cuda<f32, i32>;
 
-pub fn device() -> burn_ndarray::NdArrayDevice {
+pub fn device() -> burn::tensor::Device<B> {
     Default::default()
 }
 
