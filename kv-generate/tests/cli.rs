@@ -1,0 +1,256 @@
+//! The `kv-generate` binary: JSON output equal to transformers' greedy tokens for every cache
+//! flag, and a one-line error with a non-zero exit for every bad input.
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../kv-model/tests/fixtures")
+}
+
+fn kv_generate(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_kv-generate"))
+        .args(args)
+        .output()
+        .expect("run kv-generate")
+}
+
+fn expected(name: &str) -> Value {
+    let text = std::fs::read_to_string(fixtures().join(name).join("expected.json")).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+fn csv(value: &Value) -> String {
+    let ids: Vec<String> = value
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.to_string())
+        .collect();
+    ids.join(",")
+}
+
+/// Runs and expects failure: returns the single stderr line that says why.
+fn failure(args: &[&str]) -> String {
+    let out = kv_generate(args);
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(!out.status.success(), "{args:?} succeeded");
+    assert!(!stderr.contains("panicked"), "{args:?} panicked: {stderr}");
+    let last = stderr.lines().last().unwrap_or_default().to_string();
+    assert!(
+        last.starts_with("kv-generate: error: "),
+        "{args:?}: {stderr}"
+    );
+    last
+}
+
+#[test]
+fn json_greedy_equals_transformers_for_every_cache_flag() {
+    let model = fixtures().join("llama");
+    let model = model.to_str().unwrap();
+    let expected = expected("llama");
+    let prompt = csv(&expected["prompt"]);
+    let reference: Vec<u64> = expected["greedy_with_cache"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap())
+        .collect();
+    let n = reference.len().to_string();
+    let variants: Vec<Vec<&str>> = vec![
+        vec!["--cache", "none"],
+        vec!["--no-kv-cache"],
+        vec!["--cache", "dynamic"],
+        vec!["--cache", "static"],
+        vec!["--cache", "static", "--max-cache-len", "64"],
+        vec!["--cache", "sliding", "--window", "64"],
+        vec!["--cache", "sink", "--sink-tokens", "4", "--window", "60"],
+    ];
+    for variant in variants {
+        let mut args = vec![
+            "--model",
+            model,
+            "--prompt-ids",
+            &prompt,
+            "--max-new-tokens",
+            &n,
+        ];
+        args.extend(["--ignore-eos", "--greedy", "--json"]);
+        args.extend(&variant);
+        let out = kv_generate(&args);
+        assert!(
+            out.status.success(),
+            "{variant:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let json: Value = serde_json::from_slice(&out.stdout).expect("one JSON object on stdout");
+        let generated: Vec<u64> = json["generated_ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap())
+            .collect();
+        assert_eq!(generated, reference, "{variant:?}");
+        assert_eq!(json["finish_reason"], "length");
+        assert_eq!(json["prompt_ids"], expected["prompt"]);
+        assert!(json["timings"]["prefill_ms"].as_f64().unwrap() > 0.0);
+        assert!(json["timings"]["tokens_per_s"].as_f64().unwrap() > 0.0);
+        let kind = json["cache"]["kind"].as_str().unwrap();
+        assert_eq!(kind == "none", json["cache"]["bytes"] == 0, "{variant:?}");
+    }
+}
+
+#[test]
+fn quantized_flags_run_and_stop_at_eos_by_default() {
+    let model = fixtures().join("llama");
+    let prompt = csv(&expected("llama")["prompt"]);
+    for cache in ["int8", "int4"] {
+        let out = kv_generate(&[
+            "--model",
+            model.to_str().unwrap(),
+            "--prompt-ids",
+            &prompt,
+            "--cache",
+            cache,
+            "--json",
+        ]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let json: Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(json["cache"]["kind"], cache);
+        assert_eq!(
+            json["finish_reason"], "eos",
+            "the greedy path reaches EOS (token 1)"
+        );
+        assert_eq!(json["generated_ids"].as_array().unwrap().last().unwrap(), 1);
+    }
+}
+
+#[test]
+fn text_mode_streams_text_and_summarises_on_stderr() {
+    let model = fixtures().join("tiny-llama.gguf");
+    let out = kv_generate(&[
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt",
+        "hello",
+        "--max-new-tokens",
+        "10",
+        "--ignore-eos",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(
+        stdout.trim_end_matches('\n').chars().count(),
+        10,
+        "{stdout:?}"
+    );
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    let summary = stderr.lines().last().unwrap();
+    assert!(
+        summary.contains("10 new tokens") && summary.contains("tok/s"),
+        "{summary}"
+    );
+}
+
+#[test]
+fn bad_input_exits_non_zero_with_one_line() {
+    let llama = fixtures().join("llama");
+    let llama = llama.to_str().unwrap();
+    let dir = std::env::temp_dir().join(format!("kv-generate-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let corrupt = dir.join("corrupt.gguf");
+    std::fs::write(&corrupt, b"GGUF\x03\x00\x00\x00 not really").unwrap();
+    let corrupt = corrupt.to_str().unwrap();
+
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (
+            vec!["--model", "missing-model.gguf", "--prompt", "hi"],
+            "no such file",
+        ),
+        (
+            vec!["--model", corrupt, "--prompt", "hi"],
+            "not a valid GGUF",
+        ),
+        (vec!["--model", llama, "--prompt-ids", ""], "empty"),
+        (vec!["--model", llama, "--prompt", "hi"], "no tokenizer"),
+        (
+            vec!["--model", llama, "--prompt-ids", "1,x"],
+            "not a token id",
+        ),
+        (
+            vec!["--model", llama, "--prompt-ids", "1,96"],
+            "token id 96",
+        ),
+        (
+            vec!["--model", llama, "--prompt-ids", "1", "--temperature", "-1"],
+            "temperature",
+        ),
+        (
+            vec![
+                "--model",
+                llama,
+                "--prompt-ids",
+                "1",
+                "--temperature",
+                "1",
+                "--top-p",
+                "1.5",
+            ],
+            "top-p",
+        ),
+        (
+            vec!["--model", llama, "--prompt-ids", "1", "--top-k", "0"],
+            "top-k",
+        ),
+        (
+            vec![
+                "--model",
+                llama,
+                "--prompt-ids",
+                "1",
+                "--repeat-penalty",
+                "0",
+            ],
+            "repetition penalty",
+        ),
+        (
+            vec![
+                "--model",
+                llama,
+                "--prompt-ids",
+                "1,2,3",
+                "--cache",
+                "static",
+                "--max-cache-len",
+                "4",
+                "--max-new-tokens",
+                "8",
+            ],
+            "static cache of 4",
+        ),
+        (vec!["--model", llama], "give a prompt"),
+        (
+            vec!["--model", llama, "--prompt-ids", "1", "--backend", "tpu"],
+            "unknown backend",
+        ),
+    ];
+    for (args, needle) in cases {
+        let line = failure(&args);
+        assert!(line.contains(needle), "{args:?}: {line}");
+    }
+    if !cfg!(feature = "cuda") {
+        let line = failure(&["--model", llama, "--prompt-ids", "1", "--backend", "cuda"]);
+        assert!(line.contains("--features cuda"), "{line}");
+    }
+    std::fs::remove_dir_all(dir).unwrap();
+}

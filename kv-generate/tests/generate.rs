@@ -1,0 +1,347 @@
+//! The generation engine on the tiny reference models: greedy tokens equal transformers' with
+//! no cache and every exact cache kind, batches equal single runs, prompt caches continue
+//! without recomputation, stop strings and streaming behave.
+
+use std::path::PathBuf;
+
+use burn_ndarray::NdArray;
+use kv_core::{CacheConfig, QuantBits, QuantizedCacheConfig};
+use kv_generate::{
+    CacheChoice, EosPolicy, FinishReason, GenerationConfig, Generator, SamplingConfig, TextStream,
+};
+use kv_model::{load_model, LoadedModel};
+use serde_json::Value;
+
+type B = NdArray<f32>;
+
+fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../kv-model/tests/fixtures")
+}
+
+fn load(name: &str) -> LoadedModel<B> {
+    load_model::<B>(&fixtures().join(name), &Default::default()).unwrap()
+}
+
+fn expected(name: &str) -> Value {
+    let text = std::fs::read_to_string(fixtures().join(name).join("expected.json")).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+fn ids(value: &Value) -> Vec<u32> {
+    value
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap() as u32)
+        .collect()
+}
+
+fn every_cache(len: usize) -> Vec<CacheChoice> {
+    vec![
+        CacheChoice::None,
+        CacheChoice::Cache(CacheConfig::Dynamic { capacity: 4 }),
+        CacheChoice::Cache(CacheConfig::Static {
+            max_batch: 4,
+            max_len: len,
+        }),
+        CacheChoice::Cache(CacheConfig::SlidingWindow { window: len }),
+        CacheChoice::Cache(CacheConfig::Sink {
+            sinks: 2,
+            window: len,
+            rope_theta: None,
+        }),
+    ]
+}
+
+fn greedy(max_new_tokens: usize, cache: CacheChoice) -> GenerationConfig {
+    GenerationConfig {
+        max_new_tokens,
+        eos: EosPolicy::Ignore,
+        cache,
+        ..GenerationConfig::default()
+    }
+}
+
+#[test]
+fn greedy_tokens_equal_transformers_with_and_without_every_cache() {
+    for name in ["gpt2", "llama", "qwen2"] {
+        let loaded = load(name);
+        let generator = Generator::new(&loaded.model, None);
+        let expected = expected(name);
+        let prompt = ids(&expected["prompt"]);
+        let reference = ids(&expected["greedy_with_cache"]);
+        for cache in every_cache(prompt.len() + reference.len()) {
+            let out = generator
+                .generate(
+                    &[prompt.clone()],
+                    &greedy(reference.len(), cache.clone()),
+                    &mut |_, _| {},
+                )
+                .unwrap();
+            assert_eq!(out.rows[0].generated_ids, reference, "{name}, {cache:?}");
+            assert_eq!(out.rows[0].finish_reason, FinishReason::Length);
+            assert_eq!(out.cache_kind, cache.name());
+            assert_eq!(
+                out.cache_bytes == 0,
+                cache == CacheChoice::None,
+                "{cache:?}"
+            );
+            assert_eq!(out.timings.generated, reference.len());
+        }
+    }
+}
+
+#[test]
+fn eos_ends_a_row_and_is_kept() {
+    // The llama fixture's greedy continuation reaches token 1 (its EOS) at step 8.
+    let loaded = load("llama");
+    let generator = Generator::new(&loaded.model, None);
+    let expected = expected("llama");
+    let prompt = ids(&expected["prompt"]);
+    let reference = ids(&expected["greedy_with_cache"]);
+    let first_eos = reference.iter().position(|&id| id == 1).unwrap();
+    let config = GenerationConfig {
+        max_new_tokens: 32,
+        ..GenerationConfig::default()
+    };
+    let out = generator
+        .generate(&[prompt], &config, &mut |_, _| {})
+        .unwrap();
+    assert_eq!(out.rows[0].generated_ids, reference[..=first_eos]);
+    assert_eq!(out.rows[0].finish_reason, FinishReason::Eos);
+}
+
+#[test]
+fn a_batch_equals_each_prompt_alone() {
+    for name in ["gpt2", "llama"] {
+        let loaded = load(name);
+        let generator = Generator::new(&loaded.model, None);
+        let prompts = vec![
+            vec![5, 17, 42, 8, 63, 29, 77, 11],
+            vec![9, 33, 50],
+            vec![70, 2, 44, 13, 6],
+        ];
+        // Row 1 stops early at its own EOS choice: the first token it generates alone.
+        let alone_1 = generator
+            .generate(
+                &prompts[1..2],
+                &greedy(12, CacheChoice::None),
+                &mut |_, _| {},
+            )
+            .unwrap();
+        let eos = EosPolicy::Ids(vec![alone_1.rows[0].generated_ids[3]]);
+        for cache in [
+            CacheChoice::None,
+            CacheChoice::Cache(CacheConfig::Dynamic { capacity: 8 }),
+        ] {
+            let config = GenerationConfig {
+                eos: eos.clone(),
+                ..greedy(12, cache.clone())
+            };
+            let batch = generator
+                .generate(&prompts, &config, &mut |_, _| {})
+                .unwrap();
+            for (i, prompt) in prompts.iter().enumerate() {
+                let alone = generator
+                    .generate(&[prompt.clone()], &config, &mut |_, _| {})
+                    .unwrap();
+                assert_eq!(
+                    batch.rows[i].generated_ids, alone.rows[0].generated_ids,
+                    "{name} row {i} {cache:?}"
+                );
+                assert_eq!(batch.rows[i].finish_reason, alone.rows[0].finish_reason);
+            }
+            assert!(
+                batch.rows[1].generated_ids.len() <= 4,
+                "row 1 stopped early"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_prompt_cache_continues_several_ways_without_recomputing_the_prefix() {
+    let loaded = load("llama");
+    let generator = Generator::new(&loaded.model, None);
+    let prefix = vec![5, 17, 42, 8, 63, 29];
+    let continuations = vec![vec![], vec![77], vec![11, 40, 3]];
+    let prefilled = generator
+        .prefill(&prefix, &CacheConfig::Dynamic { capacity: 8 })
+        .unwrap();
+    let held = prefilled.cache().memory_bytes();
+    let config = greedy(10, CacheChoice::Cache(CacheConfig::Dynamic { capacity: 8 }));
+    let together = generator
+        .continue_from(&prefilled, &continuations, &config, &mut |_, _| {})
+        .unwrap();
+    for (i, suffix) in continuations.iter().enumerate() {
+        let full = [prefix.clone(), suffix.clone()].concat();
+        let alone = generator
+            .generate(&[full.clone()], &config, &mut |_, _| {})
+            .unwrap();
+        assert_eq!(
+            together.rows[i].generated_ids, alone.rows[0].generated_ids,
+            "row {i}"
+        );
+        assert_eq!(together.rows[i].prompt_ids, full);
+        // Forking one at a time works too, and leaves the prefix untouched.
+        let one = generator
+            .continue_from(
+                &prefilled,
+                std::slice::from_ref(suffix),
+                &config,
+                &mut |_, _| {},
+            )
+            .unwrap();
+        assert_eq!(one.rows[0].generated_ids, alone.rows[0].generated_ids);
+    }
+    assert_eq!(prefilled.cache().seq_len(), prefix.len());
+    assert_eq!(prefilled.cache().memory_bytes(), held);
+}
+
+#[test]
+fn quantized_caches_generate_and_report_their_bytes() {
+    let loaded = load("llama");
+    let generator = Generator::new(&loaded.model, None);
+    let prompt = ids(&expected("llama")["prompt"]);
+    let mut bytes = Vec::new();
+    for bits in [QuantBits::Int8, QuantBits::Int4] {
+        let cache = CacheChoice::Cache(CacheConfig::Quantized(QuantizedCacheConfig {
+            bits,
+            group_size: 8,
+            residual_len: 8,
+        }));
+        let out = generator
+            .generate(&[prompt.clone()], &greedy(24, cache), &mut |_, _| {})
+            .unwrap();
+        assert_eq!(out.rows[0].generated_ids.len(), 24);
+        bytes.push(out.cache_bytes);
+    }
+    assert!(
+        bytes[1] < bytes[0],
+        "int4 holds fewer bytes than int8: {bytes:?}"
+    );
+}
+
+#[test]
+fn seeded_sampling_repeats_and_differs_by_seed() {
+    let loaded = load("llama");
+    let generator = Generator::new(&loaded.model, None);
+    let prompt = ids(&expected("llama")["prompt"]);
+    let sampled = |seed: u64| {
+        let config = GenerationConfig {
+            sampling: SamplingConfig {
+                temperature: Some(1.5),
+                top_k: Some(20),
+                seed,
+                ..SamplingConfig::greedy()
+            },
+            ..greedy(24, CacheChoice::Cache(CacheConfig::Dynamic { capacity: 8 }))
+        };
+        generator
+            .generate(&[prompt.clone()], &config, &mut |_, _| {})
+            .unwrap()
+            .rows[0]
+            .generated_ids
+            .clone()
+    };
+    assert_eq!(sampled(1), sampled(1));
+    assert_ne!(sampled(1), sampled(2));
+}
+
+#[test]
+fn stop_strings_spanning_tokens_end_the_row_and_streaming_matches_the_text() {
+    // The tiny GGUF's vocabulary is one character per token.
+    let loaded = load("tiny-llama.gguf");
+    let tokenizer = loaded.tokenizer.as_ref().unwrap();
+    let generator = Generator::new(&loaded.model, Some(tokenizer));
+    let prompt = vec![5, 17, 42, 8, 63, 29, 77, 11];
+    let free = generator
+        .generate(
+            &[prompt.clone()],
+            &greedy(20, CacheChoice::None),
+            &mut |_, _| {},
+        )
+        .unwrap();
+    let text = free.rows[0].text.clone().unwrap();
+    assert_eq!(text.chars().count(), 20);
+    let chars: Vec<char> = text.chars().collect();
+    let stop: String = chars[6..9].iter().collect();
+    let cut = text.find(&stop).unwrap();
+
+    let mut streamed = String::new();
+    let config = GenerationConfig {
+        stop_strings: vec![stop.clone()],
+        ..greedy(20, CacheChoice::Cache(CacheConfig::Dynamic { capacity: 8 }))
+    };
+    let out = generator
+        .generate(&[prompt], &config, &mut |_, piece| streamed.push_str(piece))
+        .unwrap();
+    let row = &out.rows[0];
+    assert_eq!(row.finish_reason, FinishReason::StopString);
+    assert_eq!(row.text.as_deref(), Some(&text[..cut]));
+    assert_eq!(
+        streamed,
+        text[..cut],
+        "streamed text never shows the stop string"
+    );
+}
+
+#[test]
+fn bad_requests_are_errors() {
+    let loaded = load("llama");
+    let generator = Generator::new(&loaded.model, None);
+    let run = |prompts: &[Vec<u32>], config: &GenerationConfig| {
+        generator
+            .generate(prompts, config, &mut |_, _| {})
+            .unwrap_err()
+            .to_string()
+    };
+    let config = GenerationConfig::default();
+    assert!(run(&[vec![]], &config).contains("at least one token"));
+    assert!(run(&[vec![1, 500]], &config).contains("token id 500"));
+    let stops = GenerationConfig {
+        stop_strings: vec!["x".into()],
+        ..config.clone()
+    };
+    assert!(run(&[vec![1]], &stops).contains("tokenizer"));
+    let small = GenerationConfig {
+        cache: CacheChoice::Cache(CacheConfig::Static {
+            max_batch: 1,
+            max_len: 10,
+        }),
+        max_new_tokens: 8,
+        ..config.clone()
+    };
+    assert!(run(&[vec![1; 4]], &small).contains("static cache of 10"));
+    let top_p = GenerationConfig {
+        sampling: SamplingConfig {
+            temperature: Some(1.0),
+            top_p: Some(2.0),
+            ..SamplingConfig::greedy()
+        },
+        ..config
+    };
+    assert!(run(&[vec![1]], &top_p).contains("top-p"));
+}
+
+#[test]
+fn streaming_emits_whole_characters_only() {
+    // SmolLM2's byte-level tokens split CJK characters and emoji across tokens.
+    let path = kv_model::default_model(&mut |_| {}).expect("default model");
+    let file = kv_model::gguf::GgufFile::open(&path).unwrap();
+    let tokenizer = kv_model::Tokenizer::from_gguf(&file).unwrap();
+    let text = "你好，世界 🦀🚀 naïve";
+    let ids = tokenizer.encode(text).unwrap();
+    assert!(ids.len() > text.chars().count() / 2);
+    let mut stream = TextStream::new();
+    let mut pieces = Vec::new();
+    for id in ids {
+        if let Some(piece) = stream.push(&tokenizer, id).unwrap() {
+            assert!(!piece.contains('\u{FFFD}'), "half a character in {piece:?}");
+            pieces.push(piece);
+        }
+    }
+    pieces.extend(stream.flush(&tokenizer).unwrap());
+    assert_eq!(pieces.concat(), text);
+    assert!(pieces.len() > 1);
+}
