@@ -27,3 +27,8 @@ pub use generate::{
 };
 pub use sampling::{argmax, Sampler, SamplingConfig};
 pub use stream::{StopStrings, TextStream};
+
+/// `docs/guide.md`, whose code blocks run as doc tests.
+#[doc = include_str!("../../docs/guide.md")]
+#[cfg(doctest)]
+pub struct GuideDoctests;

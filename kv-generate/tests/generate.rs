@@ -73,7 +73,7 @@ fn greedy_tokens_equal_transformers_with_and_without_every_cache() {
         for cache in every_cache(prompt.len() + reference.len()) {
             let out = generator
                 .generate(
-                    &[prompt.clone()],
+                    std::slice::from_ref(&prompt),
                     &greedy(reference.len(), cache.clone()),
                     &mut |_, _| {},
                 )
@@ -143,7 +143,7 @@ fn a_batch_equals_each_prompt_alone() {
                 .unwrap();
             for (i, prompt) in prompts.iter().enumerate() {
                 let alone = generator
-                    .generate(&[prompt.clone()], &config, &mut |_, _| {})
+                    .generate(std::slice::from_ref(prompt), &config, &mut |_, _| {})
                     .unwrap();
                 assert_eq!(
                     batch.rows[i].generated_ids, alone.rows[0].generated_ids,
@@ -176,7 +176,7 @@ fn a_prompt_cache_continues_several_ways_without_recomputing_the_prefix() {
     for (i, suffix) in continuations.iter().enumerate() {
         let full = [prefix.clone(), suffix.clone()].concat();
         let alone = generator
-            .generate(&[full.clone()], &config, &mut |_, _| {})
+            .generate(std::slice::from_ref(&full), &config, &mut |_, _| {})
             .unwrap();
         assert_eq!(
             together.rows[i].generated_ids, alone.rows[0].generated_ids,
@@ -211,7 +211,11 @@ fn quantized_caches_generate_and_report_their_bytes() {
             residual_len: 8,
         }));
         let out = generator
-            .generate(&[prompt.clone()], &greedy(24, cache), &mut |_, _| {})
+            .generate(
+                std::slice::from_ref(&prompt),
+                &greedy(24, cache),
+                &mut |_, _| {},
+            )
             .unwrap();
         assert_eq!(out.rows[0].generated_ids.len(), 24);
         bytes.push(out.cache_bytes);
@@ -238,7 +242,7 @@ fn seeded_sampling_repeats_and_differs_by_seed() {
             ..greedy(24, CacheChoice::Cache(CacheConfig::Dynamic { capacity: 8 }))
         };
         generator
-            .generate(&[prompt.clone()], &config, &mut |_, _| {})
+            .generate(std::slice::from_ref(&prompt), &config, &mut |_, _| {})
             .unwrap()
             .rows[0]
             .generated_ids
@@ -257,7 +261,7 @@ fn stop_strings_spanning_tokens_end_the_row_and_streaming_matches_the_text() {
     let prompt = vec![5, 17, 42, 8, 63, 29, 77, 11];
     let free = generator
         .generate(
-            &[prompt.clone()],
+            std::slice::from_ref(&prompt),
             &greedy(20, CacheChoice::None),
             &mut |_, _| {},
         )
