@@ -81,7 +81,7 @@ struct Args {
     /// First positions a sink cache keeps forever.
     #[arg(long, default_value_t = 4)]
     sink_tokens: usize,
-    /// Compute backend.
+    /// Compute backend: ndarray (CPU), flex (CPU, faster decoding) or cuda.
     #[arg(long, default_value = "ndarray")]
     backend: String,
     /// Print one JSON object instead of streaming text.
@@ -134,6 +134,8 @@ fn run(args: &Args) -> Result<(), CliError> {
     match backend.require()? {
         #[cfg(feature = "ndarray")]
         BackendKind::Ndarray => run_on::<burn_ndarray::NdArray<f32>>(args, &Default::default()),
+        #[cfg(feature = "flex")]
+        BackendKind::Flex => run_on::<burn_flex::Flex>(args, &Default::default()),
         #[cfg(feature = "cuda")]
         BackendKind::Cuda => run_on::<burn_cuda::Cuda<f32, i32>>(args, &Default::default()),
         #[allow(unreachable_patterns)]

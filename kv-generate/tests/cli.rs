@@ -68,17 +68,23 @@ fn json_greedy_equals_transformers_for_every_cache_flag() {
         vec!["--cache", "sliding", "--window", "64"],
         vec!["--cache", "sink", "--sink-tokens", "4", "--window", "60"],
     ];
-    for variant in variants {
-        let mut args = vec![
-            "--model",
-            model,
-            "--prompt-ids",
-            &prompt,
-            "--max-new-tokens",
-            &n,
-        ];
-        args.extend(["--ignore-eos", "--greedy", "--json"]);
-        args.extend(&variant);
+    // Every CPU backend compiled in gives transformers' tokens through every cache.
+    let mut backends = Vec::new();
+    if cfg!(feature = "ndarray") {
+        backends.push("ndarray");
+    }
+    if cfg!(feature = "flex") {
+        backends.push("flex");
+    }
+    assert!(!backends.is_empty());
+    for (backend, variant) in backends
+        .iter()
+        .flat_map(|b| variants.iter().map(move |v| (*b, v)))
+    {
+        let mut args = vec!["--model", model, "--prompt-ids", &prompt];
+        args.extend(["--max-new-tokens", &n, "--ignore-eos", "--greedy", "--json"]);
+        args.extend(["--backend", backend]);
+        args.extend(variant);
         let out = kv_generate(&args);
         assert!(
             out.status.success(),
@@ -92,7 +98,7 @@ fn json_greedy_equals_transformers_for_every_cache_flag() {
             .iter()
             .map(|v| v.as_u64().unwrap())
             .collect();
-        assert_eq!(generated, reference, "{variant:?}");
+        assert_eq!(generated, reference, "{backend} {variant:?}");
         assert_eq!(json["finish_reason"], "length");
         assert_eq!(json["prompt_ids"], expected["prompt"]);
         assert!(json["timings"]["prefill_ms"].as_f64().unwrap() > 0.0);

@@ -8,9 +8,13 @@ use kv_core::{AttentionMask, CacheConfig, ModelCache, QuantBits, QuantizedCacheC
 use kv_model::{load_model, Logits, Transformer};
 use serde_json::Value;
 
-/// The backend under test: CPU by default, CUDA with `--features cuda`.
-#[cfg(not(feature = "cuda"))]
+/// The backend under test: burn-ndarray by default, CUDA with `--features cuda`, burn-flex with
+/// `--features flex`.
+#[cfg(not(any(feature = "cuda", feature = "flex")))]
 pub type B = burn_ndarray::NdArray<f32>;
+/// The backend under test.
+#[cfg(all(feature = "flex", not(feature = "cuda")))]
+pub type B = burn_flex::Flex;
 /// The backend under test: CPU by default, CUDA with `--features cuda`.
 #[cfg(feature = "cuda")]
 pub type B = burn_cuda::Cuda<f32, i32>;
