@@ -51,6 +51,70 @@ pub struct LayerShape {
 }
 
 impl CacheConfig {
+    /// Bytes one layer's cache of this kind holds after `positions` positions of `batch` rows
+    /// were appended (in any chunks), computed from its layout without building it:
+    /// `float_bytes` per stored float (4 for f32), one byte per quantized code byte.
+    ///
+    /// The exact kinds hold `2 x batch x kv_heads x head_dim x float_bytes` per slot, over
+    /// the capacity hint or `positions` rounded up to the next power of two (dynamic), `max_len` (static) or the
+    /// window (sliding, sink). The quantized kind holds its oldest whole groups as codes plus a
+    /// scale and a minimum per group, and the rest in full precision.
+    ///
+    /// ```
+    /// use kv_core::{CacheConfig, LayerShape};
+    ///
+    /// let shape = LayerShape { kv_heads: 3, head_dim: 64 };
+    /// let sliding = CacheConfig::SlidingWindow { window: 256 };
+    /// assert_eq!(sliding.predicted_bytes(shape, 1, 10_000, 4), 2 * 3 * 64 * 256 * 4);
+    /// ```
+    pub fn predicted_bytes(
+        &self,
+        shape: LayerShape,
+        batch: usize,
+        positions: usize,
+        float_bytes: usize,
+    ) -> usize {
+        let LayerShape { kv_heads, head_dim } = shape;
+        let per_slot = 2 * batch * kv_heads * head_dim * float_bytes;
+        if positions == 0 && !matches!(self, CacheConfig::Static { .. }) {
+            return 0;
+        }
+        match *self {
+            CacheConfig::Dynamic { capacity } => {
+                let floor = capacity.max(crate::MIN_CAPACITY);
+                let slots = if positions <= floor {
+                    floor
+                } else {
+                    positions.next_power_of_two()
+                };
+                per_slot * slots
+            }
+            CacheConfig::Static { max_batch, max_len } => {
+                2 * max_batch * kv_heads * head_dim * float_bytes * max_len
+            }
+            CacheConfig::SlidingWindow { window } => per_slot * window,
+            CacheConfig::Sink { sinks, window, .. } => per_slot * (sinks + window),
+            CacheConfig::Quantized(config) => {
+                let (group, keep) = (config.group_size, config.residual_len);
+                let quantized = if positions >= keep + group {
+                    (positions - keep) / group * group
+                } else {
+                    0
+                };
+                let residual = positions - quantized;
+                let per_byte = match config.bits {
+                    crate::QuantBits::Int8 => 1,
+                    crate::QuantBits::Int4 => 2,
+                };
+                let value_group = group.min(head_dim);
+                let codes = 2 * quantized * head_dim / per_byte;
+                let key_params = 2 * (quantized / group) * head_dim * float_bytes;
+                let value_params = 2 * quantized * (head_dim / value_group) * float_bytes;
+                batch * kv_heads * (codes + key_params + value_params) + per_slot * residual
+            }
+        }
+    }
+
     /// Builds one layer's cache.
     pub fn build<B: Backend>(&self, shape: LayerShape, device: &B::Device) -> Result<AnyCache<B>> {
         Ok(match *self {

@@ -87,7 +87,16 @@ impl<B: Backend> DynamicCache<B> {
     pub fn append(&mut self, keys: Tensor<B, 4>, values: Tensor<B, 4>) -> Result<()> {
         let [batch, heads, new, head_dim] = check_update(&keys, &values, self.held_shape())?;
         let needed = self.len + new;
-        let grown = |hint: usize| needed.next_power_of_two().max(hint).max(MIN_CAPACITY);
+        // The hint (at least MIN_CAPACITY) while it suffices, then powers of two: the capacity
+        // depends only on how many positions are held, not on how they arrived.
+        let grown = |hint: usize| {
+            let floor = hint.max(MIN_CAPACITY);
+            if needed <= floor {
+                floor
+            } else {
+                needed.next_power_of_two()
+            }
+        };
         let buffer = match self.buffer.take() {
             None => KvBuffer::zeros(
                 [batch, heads, grown(self.capacity_hint), head_dim],

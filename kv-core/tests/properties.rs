@@ -338,3 +338,45 @@ fn check_bound(
         }
     }
 }
+
+mod predicted_memory {
+    use super::*;
+    use kv_core::{KvCache, LayerShape, QuantBits, QuantizedCacheConfig};
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 40, ..ProptestConfig::default() })]
+
+        /// The arithmetic of `CacheConfig::predicted_bytes` equals what a real cache reports
+        /// after the same appends, for every kind and any chunking.
+        #[test]
+        fn predicted_bytes_equal_real_bytes(
+            chunks in proptest::collection::vec(1usize..40, 1..12),
+            batch in 1usize..3,
+            capacity in 1usize..100,
+        ) {
+            let shape = LayerShape { kv_heads: 2, head_dim: 8 };
+            let total: usize = chunks.iter().sum();
+            let kinds = vec![
+                CacheConfig::Dynamic { capacity },
+                CacheConfig::Static { max_batch: 2, max_len: 500 },
+                CacheConfig::SlidingWindow { window: 16 },
+                CacheConfig::Sink { sinks: 3, window: 16, rope_theta: None },
+                CacheConfig::Quantized(QuantizedCacheConfig { bits: QuantBits::Int8, group_size: 4, residual_len: 8 }),
+                CacheConfig::Quantized(QuantizedCacheConfig { bits: QuantBits::Int4, group_size: 16, residual_len: 5 }),
+            ];
+            for kind in kinds {
+                let mut cache = kind.build::<B>(shape, &device()).unwrap();
+                let mut seed = 0;
+                for &n in &chunks {
+                    seed += 2;
+                    cache.update(rand4([batch, 2, n, 8], seed), rand4([batch, 2, n, 8], seed + 1)).unwrap();
+                }
+                prop_assert_eq!(
+                    cache.memory_bytes(),
+                    kind.predicted_bytes(shape, batch, total, 4),
+                    "{:?} after {:?}", kind, chunks
+                );
+            }
+        }
+    }
+}
