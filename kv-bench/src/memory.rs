@@ -1,0 +1,96 @@
+//! Cache memory per kind for a model's shape: pure arithmetic
+//! ([`kv_core::CacheConfig::predicted_bytes`]), cross-checked against real caches.
+
+use burn::tensor::{backend::Backend, Tensor};
+use kv_core::{CacheConfig, KvCache, LayerShape, QuantBits, QuantizedCacheConfig};
+use kv_model::ModelConfig;
+
+/// The kinds the memory table lists, with the window settings given.
+pub fn kinds(window: usize, sinks: usize, max_len: usize) -> Vec<(String, CacheConfig)> {
+    let quantized = |bits| QuantizedCacheConfig {
+        bits,
+        ..QuantizedCacheConfig::default()
+    };
+    vec![
+        ("dynamic".into(), CacheConfig::Dynamic { capacity: 256 }),
+        (
+            format!("static (max_len {max_len})"),
+            CacheConfig::Static {
+                max_batch: 1,
+                max_len,
+            },
+        ),
+        (
+            format!("sliding (window {window})"),
+            CacheConfig::SlidingWindow { window },
+        ),
+        (
+            format!("sink ({sinks} + {window})"),
+            CacheConfig::Sink {
+                sinks,
+                window,
+                rope_theta: None,
+            },
+        ),
+        (
+            "int8 (group 64, residual 128)".into(),
+            CacheConfig::Quantized(quantized(QuantBits::Int8)),
+        ),
+        (
+            "int4 (group 64, residual 128)".into(),
+            CacheConfig::Quantized(quantized(QuantBits::Int4)),
+        ),
+    ]
+}
+
+/// The seed's formula for an exact cache holding `positions`:
+/// `2 x layers x kv_heads x head_dim x positions x batch x bytes`.
+pub fn theoretical_bytes(config: &ModelConfig, batch: usize, positions: usize) -> usize {
+    2 * config.num_layers * config.num_kv_heads * config.head_dim * positions * batch * 4
+}
+
+/// Bytes of the whole model's cache of `kind` (every layer) after `positions` tokens.
+pub fn model_bytes(
+    config: &ModelConfig,
+    kind: &CacheConfig,
+    batch: usize,
+    positions: usize,
+) -> usize {
+    let shape = LayerShape {
+        kv_heads: config.num_kv_heads,
+        head_dim: config.head_dim,
+    };
+    config.num_layers * kind.predicted_bytes(shape, batch, positions, 4)
+}
+
+/// Builds one real layer cache of each kind, appends `positions` tokens of zeros in chunks, and
+/// returns the kinds whose reported bytes differ from the prediction: `(name, real, predicted)`.
+pub fn cross_check<B: Backend>(
+    config: &ModelConfig,
+    kinds: &[(String, CacheConfig)],
+    positions: usize,
+    device: &B::Device,
+) -> kv_core::Result<Vec<(String, usize, usize)>> {
+    let shape = LayerShape {
+        kv_heads: config.num_kv_heads,
+        head_dim: config.head_dim,
+    };
+    let mut mismatches = Vec::new();
+    for (name, kind) in kinds {
+        let mut cache = kind.build::<B>(shape, device)?;
+        let mut left = positions;
+        let mut chunk = positions.div_ceil(3).max(1);
+        while left > 0 {
+            let n = chunk.min(left);
+            let zeros = Tensor::<B, 4>::zeros([1, shape.kv_heads, n, shape.head_dim], device);
+            cache.update(zeros.clone(), zeros)?;
+            left -= n;
+            chunk = 1; // then token by token, as decoding does
+        }
+        let predicted = kind.predicted_bytes(shape, 1, positions, 4);
+        if cache.memory_bytes() != predicted {
+            mismatches.push((name.clone(), cache.memory_bytes(), predicted));
+        }
+    }
+    Ok(mismatches)
+}

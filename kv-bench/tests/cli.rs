@@ -1,0 +1,219 @@
+//! The harness, not the speed: `kv-bench` writes the files it promises, in their schema, and
+//! generates exactly the tokens asked for. (Timings are never asserted.)
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../kv-model/tests/fixtures")
+}
+
+fn kv_bench(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_kv-bench"))
+        .args(args)
+        .output()
+        .expect("run kv-bench")
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("kv-bench-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
+#[test]
+fn compare_writes_every_run_and_a_valid_plot() {
+    let out = scratch("compare");
+    let model = fixtures().join("tiny-llama.gguf");
+    let result = kv_bench(&[
+        "compare",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt-ids",
+        "5,17,42,8",
+        "--new-tokens",
+        "9",
+        "--runs",
+        "3",
+        "--warmup",
+        "1",
+        "--cache",
+        "dynamic",
+        "static",
+        "sliding",
+        "int4",
+        "--window",
+        "6",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(
+        result.status.success(),
+        "{}",
+        String::from_utf8_lossy(&result.stderr)
+    );
+    let table = String::from_utf8(result.stdout).unwrap();
+    assert!(table.contains("without KV caching:"), "{table}");
+    assert_eq!(table.matches("with KV caching (").count(), 4, "{table}");
+    assert!(table.contains("+-") && table.contains("seconds"));
+
+    let report: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("compare.json")).unwrap()).unwrap();
+    assert_eq!(report["new_tokens"], 9);
+    assert_eq!(report["prompt_ids"], serde_json::json!([5, 17, 42, 8]));
+    assert!(report["machine"]["cpu"].is_string());
+    assert!(report["date"].as_str().unwrap().ends_with('Z'));
+    let results = report["results"].as_array().unwrap();
+    let kinds: Vec<&str> = results
+        .iter()
+        .map(|r| r["cache"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds, ["none", "dynamic", "static", "sliding", "int4"]);
+    for result in results {
+        let runs = result["runs"].as_array().unwrap();
+        assert_eq!(runs.len(), 3, "warm-up runs are not recorded");
+        for run in runs {
+            assert_eq!(
+                run["generated"], 9,
+                "--new-tokens 9 generates 9 tokens, never fewer"
+            );
+            assert_eq!(run["step_ms"].as_array().unwrap().len(), 8);
+            assert!(run["total_s"].as_f64().unwrap() > 0.0);
+        }
+        let bytes = runs[0]["cache_bytes"].as_u64().unwrap();
+        assert_eq!(bytes == 0, result["cache"] == "none");
+    }
+
+    let svg = std::fs::read_to_string(out.join("step_latency.svg")).unwrap();
+    assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
+    assert_eq!(svg.matches("<polyline").count(), 5, "one line per kind");
+    assert_eq!(svg.matches("<svg").count(), 1);
+    std::fs::remove_dir_all(out).unwrap();
+}
+
+#[test]
+fn sweep_writes_json_and_csv_for_the_grid() {
+    let out = scratch("sweep");
+    let model = fixtures().join("llama");
+    let result = kv_bench(&[
+        "sweep",
+        "--model",
+        model.to_str().unwrap(),
+        "--cache",
+        "dynamic",
+        "int8",
+        "--new-tokens",
+        "4",
+        "6",
+        "--batch",
+        "1",
+        "2",
+        "--prompt-len",
+        "8",
+        "24",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(
+        result.status.success(),
+        "{}",
+        String::from_utf8_lossy(&result.stderr)
+    );
+    let csv = std::fs::read_to_string(out.join("sweep.csv")).unwrap();
+    // 3 kinds x 2 token counts x 2 batch sizes, then 2 prefill rows, after the header.
+    assert_eq!(csv.lines().count(), 1 + 12 + 2, "{csv}");
+    let report: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("sweep.json")).unwrap()).unwrap();
+    let rows = report["generation"].as_array().unwrap();
+    assert_eq!(rows.len(), 12);
+    for row in rows {
+        if row["kind"] == "dynamic" {
+            // The dynamic cache holds at least what the formula says its positions need.
+            assert!(row["cache_bytes"].as_u64() >= row["theoretical_bytes"].as_u64());
+        }
+    }
+    std::fs::remove_dir_all(out).unwrap();
+}
+
+#[test]
+fn memory_prints_the_table_and_cross_checks_it() {
+    let model = fixtures().join("llama");
+    let result = kv_bench(&[
+        "memory",
+        "--model",
+        model.to_str().unwrap(),
+        "--window",
+        "64",
+    ]);
+    assert!(
+        result.status.success(),
+        "{}",
+        String::from_utf8_lossy(&result.stderr)
+    );
+    let table = String::from_utf8(result.stdout).unwrap();
+    for kind in ["dynamic", "static", "sliding", "sink", "int8", "int4"] {
+        assert!(table.contains(kind), "{kind} missing: {table}");
+    }
+    assert!(table.contains("cross-check: real caches"), "{table}");
+}
+
+#[test]
+fn bad_input_is_one_line_and_non_zero() {
+    let model = fixtures().join("llama");
+    let model = model.to_str().unwrap();
+    for (args, needle) in [
+        (
+            vec![
+                "compare",
+                "--model",
+                model,
+                "--prompt-ids",
+                "1",
+                "--cache",
+                "paged",
+            ],
+            "unknown cache",
+        ),
+        (
+            vec![
+                "compare",
+                "--model",
+                model,
+                "--prompt-ids",
+                "1",
+                "--runs",
+                "0",
+            ],
+            "at least 1",
+        ),
+        (vec!["compare", "--model", model], "no tokenizer"),
+        (
+            vec!["compare", "--model", "missing.gguf", "--prompt-ids", "1"],
+            "no such file",
+        ),
+        (
+            vec![
+                "compare",
+                "--model",
+                model,
+                "--prompt-ids",
+                "1",
+                "--peer",
+                "vllm",
+            ],
+            "unknown peer",
+        ),
+    ] {
+        let out = kv_bench(&args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?}");
+        assert!(!stderr.contains("panicked"), "{stderr}");
+        let last = stderr.lines().last().unwrap_or_default();
+        assert!(
+            last.starts_with("kv-bench: error:") && last.contains(needle),
+            "{args:?}: {last}"
+        );
+    }
+}
