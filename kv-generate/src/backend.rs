@@ -97,6 +97,18 @@ impl FromStr for BackendKind {
     }
 }
 
+/// The burn-ndarray backend type the binaries use (f32).
+#[cfg(feature = "ndarray")]
+pub type Ndarray = burn_ndarray::NdArray<f32>;
+
+/// The burn-flex backend type the binaries use (f32).
+#[cfg(feature = "flex")]
+pub type Flex = burn_flex::Flex;
+
+/// The burn-cuda backend type the binaries use (f32 floats, i32 ints).
+#[cfg(feature = "cuda")]
+pub type Cuda = burn_cuda::Cuda<f32, i32>;
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -125,15 +137,3 @@ mod tests {
         }
     }
 }
-
-/// The burn-ndarray backend type the binaries use (f32).
-#[cfg(feature = "ndarray")]
-pub type Ndarray = burn_ndarray::NdArray<f32>;
-
-/// The burn-flex backend type the binaries use (f32).
-#[cfg(feature = "flex")]
-pub type Flex = burn_flex::Flex;
-
-/// The burn-cuda backend type the binaries use (f32 floats, i32 ints).
-#[cfg(feature = "cuda")]
-pub type Cuda = burn_cuda::Cuda<f32, i32>;
