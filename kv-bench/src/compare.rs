@@ -305,7 +305,7 @@ pub fn series(results: &[KindResult]) -> Vec<Series> {
         .iter()
         .map(|r| Series {
             label: format!("{} {}", r.system, r.cache),
-            step_ms: r.median_steps(),
+            values: r.median_steps(),
         })
         .collect()
 }

@@ -27,7 +27,7 @@ enum Command {
     /// timing every step: the seed article's table, compare.json and step_latency.svg.
     Compare(CompareArgs),
     /// One run per cache kind x new-token count x batch size, plus prefill throughput per
-    /// prompt length: sweep.json and sweep.csv.
+    /// prompt length: sweep.json, sweep.csv and sweep.svg.
     Sweep(SweepArgs),
     /// Cache bytes per kind at 1k, 8k and 32k tokens for the model's shape, from arithmetic,
     /// cross-checked against real caches at a small size.
@@ -104,7 +104,7 @@ struct SweepArgs {
     /// Skip `none` for new-token counts above this (re-feeding is quadratic).
     #[arg(long, default_value_t = 512)]
     max_uncached: usize,
-    /// Where sweep.json and sweep.csv go.
+    /// Where sweep.json, sweep.csv and sweep.svg go.
     #[arg(long, default_value = "bench-out")]
     out: PathBuf,
 }
@@ -439,6 +439,39 @@ impl<B: Backend> Runner for On<B> {
             &serde_json::to_string_pretty(&report).unwrap_or_default(),
         )?;
         write(&args.out.join("sweep.csv"), &csv)?;
+        // Decode tokens/s against new-token count, one line per kind and batch size.
+        let xs: Vec<f64> = args.new_tokens.iter().map(|&n| n as f64).collect();
+        let mut series = Vec::new();
+        for name in &names {
+            for &batch in &args.batch {
+                let values = args
+                    .new_tokens
+                    .iter()
+                    .map(|&n| {
+                        rows.iter()
+                            .find(|r| {
+                                r["kind"] == name.as_str()
+                                    && r["new_tokens"] == n
+                                    && r["batch"] == batch
+                            })
+                            .and_then(|r| r["tokens_per_s"].as_f64())
+                            .unwrap_or(f64::NAN)
+                    })
+                    .collect();
+                series.push(plot::Series {
+                    label: format!("{name}, batch {batch}"),
+                    values,
+                });
+            }
+        }
+        let svg = plot::chart(
+            "Decode throughput",
+            "new tokens",
+            "generated tokens/s (all rows)",
+            &xs,
+            &series,
+        );
+        write(&args.out.join("sweep.svg"), &svg)?;
         print!("{csv}");
         Ok(())
     }

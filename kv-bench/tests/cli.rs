@@ -122,6 +122,12 @@ fn sweep_writes_json_and_csv_for_the_grid() {
         String::from_utf8_lossy(&result.stderr)
     );
     let csv = std::fs::read_to_string(out.join("sweep.csv")).unwrap();
+    let svg = std::fs::read_to_string(out.join("sweep.svg")).unwrap();
+    assert_eq!(
+        svg.matches("<polyline").count(),
+        3 * 2,
+        "one line per kind and batch size"
+    );
     // 3 kinds x 2 token counts x 2 batch sizes, then 2 prefill rows, after the header.
     assert_eq!(csv.lines().count(), 1 + 12 + 2, "{csv}");
     let report: Value =

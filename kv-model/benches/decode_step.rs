@@ -1,0 +1,52 @@
+//! One cached decode step of a model with SmolLM2-135M's shape (random weights), at position
+//! 256, on each CPU backend compiled in: the unit of work generation repeats.
+//!
+//! `cargo bench -p kv-model --bench decode_step [--features flex]`
+
+use burn::tensor::backend::Backend;
+use criterion::{criterion_group, criterion_main, Criterion};
+use kv_core::CacheConfig;
+use kv_model::{Logits, ModelConfig, Transformer};
+
+fn smollm2_shape() -> ModelConfig {
+    let json = serde_json::json!({
+        "model_type": "llama", "vocab_size": 49152, "hidden_size": 576, "num_hidden_layers": 30,
+        "num_attention_heads": 9, "num_key_value_heads": 3, "intermediate_size": 1536,
+        "max_position_embeddings": 8192, "rms_norm_eps": 1e-5, "rope_theta": 100000.0,
+        "tie_word_embeddings": true
+    });
+    ModelConfig::from_hf_json(&json, "SmolLM2-135M shape").expect("valid config")
+}
+
+fn bench_backend<B: Backend>(c: &mut Criterion, name: &str) {
+    let device = Default::default();
+    let model = Transformer::<B>::random(&smollm2_shape(), 1, &device).expect("model");
+    let mut cache = model
+        .new_cache(&CacheConfig::Dynamic { capacity: 512 })
+        .expect("cache");
+    let prompt: Vec<u32> = (0..256).map(|i| (i * 31 % 49152) as u32).collect();
+    model
+        .forward(&[prompt], None, Some(&mut cache), Logits::Last)
+        .expect("prefill");
+    let mut group = c.benchmark_group("decode_step");
+    group.sample_size(10);
+    group.bench_function(format!("{name}/position_256"), |b| {
+        b.iter(|| {
+            let logits = model
+                .forward(&[vec![42]], None, Some(&mut cache), Logits::Last)
+                .expect("step");
+            cache.crop(256).expect("crop back");
+            logits.into_data()
+        })
+    });
+    group.finish();
+}
+
+fn decode_step(c: &mut Criterion) {
+    bench_backend::<burn_ndarray::NdArray<f32>>(c, "ndarray");
+    #[cfg(feature = "flex")]
+    bench_backend::<burn_flex::Flex>(c, "flex");
+}
+
+criterion_group!(benches, decode_step);
+criterion_main!(benches);
