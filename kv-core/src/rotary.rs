@@ -95,12 +95,10 @@ impl<B: Backend> RotaryTable<B> {
 
     /// Rotates `x` `[batch, heads, seq, head_dim]` without touching the stored tables: row `s`
     /// of batch row `b` at `positions[b][s]`, or at `positions[0][s]` for every batch row when
-    /// one row of positions is given. The angles are computed for exactly these positions, so
-    /// positions may be arbitrarily large and differ per batch row (left padding).
+    /// one row of positions is given. Same as `self.angles(positions).apply(x)`.
     ///
     /// # Panics
-    /// If `positions` has neither 1 nor `batch` rows, a row's length is not `seq`, or `x`'s
-    /// last dimension is not [`RotaryTable::head_dim`].
+    /// As [`RotaryTable::angles`] and [`RotaryAngles::apply`].
     ///
     /// ```
     /// use burn::tensor::Tensor;
@@ -115,25 +113,59 @@ impl<B: Backend> RotaryTable<B> {
     /// assert_eq!(rotated.dims(), [2, 1, 2, 4]);
     /// ```
     pub fn rotate(&self, x: Tensor<B, 4>, positions: &[Vec<usize>]) -> Tensor<B, 4> {
-        let [batch, _, seq, head_dim] = x.dims();
-        assert_eq!(head_dim, self.head_dim(), "rotary head_dim");
-        assert!(
-            positions.len() == 1 || positions.len() == batch,
-            "positions: {} rows for batch {batch}",
-            positions.len()
-        );
+        self.angles(positions).apply(x)
+    }
+
+    /// The cosines and sines of `positions` (one row per batch row, or one shared row, all
+    /// rows the same length), computed for exactly these positions, so they may be
+    /// arbitrarily large and differ per row (left padding). A model computes them once per
+    /// forward pass and applies them to the queries and keys of every layer.
+    ///
+    /// # Panics
+    /// If `positions` is empty or its rows differ in length.
+    pub fn angles(&self, positions: &[Vec<usize>]) -> RotaryAngles<B> {
         let rows = positions.len();
+        assert!(rows > 0, "rotary positions: at least one row");
+        let seq = positions[0].len();
         let flat: Vec<usize> = positions
             .iter()
-            .inspect(|row| assert_eq!(row.len(), seq, "one position per row"))
+            .inspect(|row| assert_eq!(row.len(), seq, "rotary positions: rows of one length"))
             .flatten()
             .copied()
             .collect();
         let (cos, sin) = angles(&self.inv_freq, &flat);
-        let shape = [rows, 1, seq, head_dim];
-        let cos = Tensor::from_data(TensorData::new(cos, shape), &self.device);
-        let sin = Tensor::from_data(TensorData::new(sin, shape), &self.device);
-        rotate_half(x, cos, sin)
+        let shape = [rows, 1, seq, self.head_dim()];
+        RotaryAngles {
+            cos: Tensor::from_data(TensorData::new(cos, shape), &self.device),
+            sin: Tensor::from_data(TensorData::new(sin, shape), &self.device),
+        }
+    }
+}
+
+/// Cosines and sines for a set of positions, `[rows, 1, seq, head_dim]` each, ready to rotate
+/// any number of tensors at those positions.
+#[derive(Debug, Clone)]
+pub struct RotaryAngles<B: Backend> {
+    cos: Tensor<B, 4>,
+    sin: Tensor<B, 4>,
+}
+
+impl<B: Backend> RotaryAngles<B> {
+    /// Rotates `x` `[batch, heads, seq, head_dim]`.
+    ///
+    /// # Panics
+    /// If `x`'s `seq` or `head_dim` differ from the angles', or the angles have neither 1 nor
+    /// `batch` rows.
+    pub fn apply(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
+        let [batch, _, seq, head_dim] = x.dims();
+        let [rows, _, angle_seq, angle_dim] = self.cos.dims();
+        assert!(
+            (rows == 1 || rows == batch) && angle_seq == seq && angle_dim == head_dim,
+            "rotary angles {:?} do not fit a tensor of {:?}",
+            self.cos.dims(),
+            x.dims()
+        );
+        rotate_half(x, self.cos.clone(), self.sin.clone())
     }
 }
 

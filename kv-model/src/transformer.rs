@@ -14,7 +14,7 @@ use std::ops::Range;
 use burn::tensor::{backend::Backend, Bool, Int, Tensor, TensorData};
 use kv_core::{
     grouped_query_attention, needed_attention_mask, AttentionMask, AttentionPattern, KeyPositions,
-    KeyRotation, KvCache, KvView, ModelCache, RotaryTable,
+    KeyRotation, KvCache, KvView, ModelCache, RotaryAngles, RotaryTable,
 };
 
 use crate::config::{Architecture, ModelConfig};
@@ -255,8 +255,16 @@ impl<B: Backend> Transformer<B> {
             (AttentionPattern::Causal, KeyRotation::AppliedByCaller),
             |c| (c.attention_pattern(), c.key_rotation()),
         );
+        // Rotary angles of the new tokens: computed once, applied to Q and K in every layer.
+        let angles = match (&self.positions, rotation) {
+            (PositionEncoding::Rotary(rope), KeyRotation::AppliedByCaller) => {
+                Some(rope.angles(&position_ids))
+            }
+            _ => None,
+        };
         let mut step = Step {
             queries,
+            angles,
             position_ids,
             padding: mask,
             pattern: self.pattern(cache_pattern)?,
@@ -388,9 +396,9 @@ impl<B: Backend> Transformer<B> {
             PositionEncoding::Rotary(rope) => Some(rope),
             PositionEncoding::Learned(_) => None,
         };
-        if let (Some(rope), KeyRotation::AppliedByCaller) = (rope, step.rotation) {
-            q = rope.rotate(q, &step.position_ids);
-            k = rope.rotate(k, &step.position_ids);
+        if let Some(angles) = &step.angles {
+            q = angles.apply(q);
+            k = angles.apply(k);
         }
         let view = match cache {
             Some(cache) => cache.update(layer, k, v)?,
@@ -422,6 +430,8 @@ struct Step<'a, B: Backend> {
     queries: Range<usize>,
     /// Rotary / learned position of each new token, per batch row (or one shared row).
     position_ids: Vec<Vec<usize>>,
+    /// Cosines and sines at `position_ids`, when the model rotates keys itself.
+    angles: Option<RotaryAngles<B>>,
     padding: Option<&'a AttentionMask>,
     pattern: AttentionPattern,
     rotation: KeyRotation,
