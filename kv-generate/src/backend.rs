@@ -34,6 +34,12 @@ pub enum BackendError {
         /// The ones available, comma-separated.
         compiled: String,
     },
+    /// A GPU backend on a machine without the device's driver.
+    #[error(
+        "backend `{0}` needs an NVIDIA GPU and its driver, and this machine has none \
+         (no /proc/driver/nvidia/version): use `--backend flex` or `ndarray`"
+    )]
+    NoDevice(BackendKind),
 }
 
 impl BackendKind {
@@ -63,9 +69,13 @@ impl BackendKind {
         Self::ALL.into_iter().filter(|b| b.is_compiled()).collect()
     }
 
-    /// This backend, or an error that says how to get it.
+    /// This backend, or an error that says how to get it: not compiled in, or (for cuda) no
+    /// NVIDIA driver on this machine, checked before any GPU call could fail obscurely.
     pub fn require(self) -> Result<Self, BackendError> {
         if self.is_compiled() {
+            if self == BackendKind::Cuda && !nvidia_driver_present() {
+                return Err(BackendError::NoDevice(self));
+            }
             return Ok(self);
         }
         let compiled: Vec<&str> = Self::compiled().into_iter().map(Self::name).collect();
@@ -94,6 +104,16 @@ impl FromStr for BackendKind {
             .into_iter()
             .find(|b| b.name() == s)
             .ok_or_else(|| BackendError::Unknown(s.to_string()))
+    }
+}
+
+/// Whether an NVIDIA driver is loaded (Linux reports it in `/proc/driver/nvidia/version`;
+/// elsewhere we cannot tell cheaply and let the backend try).
+pub fn nvidia_driver_present() -> bool {
+    if cfg!(target_os = "linux") {
+        std::path::Path::new("/proc/driver/nvidia/version").exists()
+    } else {
+        true
     }
 }
 
@@ -131,9 +151,20 @@ mod tests {
             cfg!(feature = "ndarray")
         );
         let cuda = BackendKind::Cuda.require();
-        assert_eq!(cuda.is_ok(), cfg!(feature = "cuda"));
-        if let Err(err) = cuda {
-            assert!(err.to_string().contains("--features cuda"), "{err}");
+        assert_eq!(
+            cuda.is_ok(),
+            cfg!(feature = "cuda") && nvidia_driver_present()
+        );
+        match cuda {
+            Err(err @ BackendError::NotCompiled { .. }) => {
+                assert!(err.to_string().contains("--features cuda"), "{err}");
+            }
+            Err(err @ BackendError::NoDevice(_)) => {
+                assert!(!nvidia_driver_present());
+                assert!(err.to_string().contains("--backend flex"), "{err}");
+            }
+            Err(other) => panic!("unexpected {other}"),
+            Ok(_) => {}
         }
     }
 }
