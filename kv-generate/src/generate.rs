@@ -470,7 +470,12 @@ impl<'a, B: Backend> Generator<'a, B> {
         loop {
             // Choose each active row's next token and decide who stops.
             for (row, row_logits) in batch.rows.iter_mut().zip(&logits) {
-                let context = [row.prompt.as_slice(), row.generated.as_slice()].concat();
+                // The penalties read prompt and output; assemble them only when needed.
+                let context = if row.sampler.uses_context() {
+                    [row.prompt.as_slice(), row.generated.as_slice()].concat()
+                } else {
+                    Vec::new()
+                };
                 let next = row.sampler.sample(row_logits, &context);
                 row.generated.push(next);
                 if eos.contains(&next) {

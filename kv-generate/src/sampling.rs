@@ -126,6 +126,13 @@ impl Sampler {
         &self.config
     }
 
+    /// Whether [`Sampler::sample`] reads its `context` (only the penalties do), so a caller
+    /// can skip assembling it.
+    pub fn uses_context(&self) -> bool {
+        let c = &self.config;
+        c.repetition_penalty != 1.0 || c.frequency_penalty != 0.0 || c.presence_penalty != 0.0
+    }
+
     /// The next token after `context` (prompt and generated tokens, for the penalties), from
     /// one row of logits.
     ///
@@ -165,7 +172,7 @@ impl Sampler {
 
     fn apply_penalties(&self, logits: &mut [f32], context: &[u32]) {
         let c = &self.config;
-        if c.repetition_penalty == 1.0 && c.frequency_penalty == 0.0 && c.presence_penalty == 0.0 {
+        if !self.uses_context() {
             return;
         }
         let mut counts = std::collections::HashMap::<u32, u32>::new();
