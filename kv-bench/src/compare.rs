@@ -41,6 +41,19 @@ pub struct Peer {
     pub model: PathBuf,
     /// Threads for PyTorch.
     pub threads: usize,
+    /// PyTorch device: `cpu` or `cuda`.
+    pub device: String,
+}
+
+impl Peer {
+    /// The peer's name in tables: where it ran.
+    fn system(&self) -> String {
+        if self.device == "cpu" {
+            format!("transformers ({} threads)", self.threads)
+        } else {
+            format!("transformers ({})", self.device)
+        }
+    }
 }
 
 /// One timed generation.
@@ -84,6 +97,36 @@ impl KindResult {
         } else {
             0.0
         }
+    }
+
+    /// Mean prefill time over the runs, milliseconds.
+    pub fn prefill_ms(&self) -> f64 {
+        mean_std(&self.runs.iter().map(|r| r.prefill_ms).collect::<Vec<_>>()).0
+    }
+
+    /// How step cost grows along the sequence: the median latency of the steps around position
+    /// `early` and of the last ten steps, as `(early position, ms, late position, ms)`. Step `i`
+    /// feeds the token at position `prompt_len + i`. `None` with fewer than 20 steps or an
+    /// `early` position inside the prompt.
+    pub fn step_growth(&self, prompt_len: usize, early: usize) -> Option<(usize, f64, usize, f64)> {
+        let steps = self.median_steps();
+        if steps.len() < 20 || early < prompt_len {
+            return None;
+        }
+        let median = |window: &[f64]| {
+            let mut w = window.to_vec();
+            w.sort_by(f64::total_cmp);
+            w[w.len() / 2]
+        };
+        let at = early - prompt_len;
+        let early_window = &steps[at.saturating_sub(5)..(at + 5).min(steps.len())];
+        let late_window = &steps[steps.len() - 10..];
+        Some((
+            early,
+            median(early_window),
+            prompt_len + steps.len() - 5,
+            median(late_window),
+        ))
     }
 
     /// The per-position median step latency over the runs, for the plot.
@@ -147,12 +190,18 @@ pub fn run<B: Backend>(
             runs: Vec::new(),
         })
         .collect();
-    let peer_kinds = ["none", "dynamic"];
+    // The peer runs without a cache only when we do.
+    let with_none = spec.caches.iter().any(|c| matches!(c, CacheChoice::None));
+    let peer_kinds: &[&str] = if with_none {
+        &["none", "dynamic"]
+    } else {
+        &["dynamic"]
+    };
     if let Some(peer) = &spec.peer {
         for kind in peer_kinds {
             results.push(KindResult {
-                system: format!("transformers ({} threads)", peer.threads),
-                cache: kind.into(),
+                system: peer.system(),
+                cache: (*kind).into(),
                 runs: Vec::new(),
             });
         }
@@ -220,6 +269,7 @@ fn run_peer(peer: &Peer, spec: &CompareSpec, kind: &str) -> Result<RunResult, Co
         .args(["--prompt-ids", &ids.join(",")])
         .args(["--new-tokens", &spec.new_tokens.to_string()])
         .args(["--cache", kind, "--threads", &peer.threads.to_string()])
+        .args(["--device", &peer.device])
         .env("OMP_WAIT_POLICY", "PASSIVE")
         .output()
         .map_err(|e| CompareError::Peer(format!("could not run {}: {e}", peer.python)))?;
@@ -263,9 +313,10 @@ pub fn table(results: &[KindResult]) -> String {
             .map(|b| b.total().0);
         let speedup = baseline.map_or(String::new(), |b| format!(", {:.2}x over none", b / mean));
         lines.push(format!(
-            "{:<28} {label}: {mean:.3} +- {std:.3} seconds ({:.1} tokens/s{speedup})",
+            "{:<28} {label}: {mean:.3} +- {std:.3} seconds ({:.1} tokens/s{speedup}; prefill {:.1} ms)",
             r.system,
-            r.tokens_per_second()
+            r.tokens_per_second(),
+            r.prefill_ms()
         ));
     }
     let ours = results

@@ -7,6 +7,7 @@
 
 #![warn(missing_docs)]
 
+pub mod bandwidth;
 pub mod compare;
 pub mod machine;
 pub mod memory;

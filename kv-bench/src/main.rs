@@ -32,6 +32,8 @@ enum Command {
     /// Cache bytes per kind at 1k, 8k and 32k tokens for the model's shape, from arithmetic,
     /// cross-checked against real caches at a small size.
     Memory(MemoryArgs),
+    /// The machine's memory read bandwidth, and the decode floor it sets for a model.
+    Bandwidth(BandwidthArgs),
 }
 
 #[derive(Debug, Args)]
@@ -71,9 +73,20 @@ struct CompareArgs {
     /// Window of the sliding and sink kinds.
     #[arg(long, default_value_t = 256)]
     window: usize,
+    /// Leave out the run without a cache (for long generations, where re-feeding the whole
+    /// sequence every step takes hours on a CPU). The peer then runs with its cache only.
+    #[arg(long)]
+    no_uncached: bool,
     /// Also run a peer in the same loop, interleaved: `hf` (transformers).
     #[arg(long)]
     peer: Option<String>,
+    /// Device for the peer: cpu or cuda.
+    #[arg(long, default_value = "cpu")]
+    peer_device: String,
+    /// Read-bandwidth buffer in MiB, measured before the runs on CPU backends to report the
+    /// decode floor (0: skip).
+    #[arg(long, default_value_t = 1024)]
+    bandwidth_mib: usize,
     /// Python with torch and transformers, for --peer hf.
     #[arg(long, default_value = "python3")]
     peer_python: String,
@@ -107,6 +120,23 @@ struct SweepArgs {
     /// Where sweep.json, sweep.csv and sweep.svg go.
     #[arg(long, default_value = "bench-out")]
     out: PathBuf,
+}
+
+#[derive(Debug, Args)]
+struct BandwidthArgs {
+    /// Model whose decode floor to report (a directory, a .gguf or a config.json; default:
+    /// SmolLM2-135M-Instruct's shape, no download needed).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Buffer size in MiB (keep it far above the last-level cache).
+    #[arg(long, default_value_t = 1024)]
+    mib: usize,
+    /// Reading threads (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Timed passes; the best one is reported.
+    #[arg(long, default_value_t = 5)]
+    passes: usize,
 }
 
 #[derive(Debug, Args)]
@@ -156,6 +186,7 @@ fn main() -> ExitCode {
         Command::Compare(args) => with_backend(&args.model.backend, |b| b.compare(args)),
         Command::Sweep(args) => with_backend(&args.model.backend, |b| b.sweep(args)),
         Command::Memory(args) => memory_table(args),
+        Command::Bandwidth(args) => bandwidth(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -297,7 +328,10 @@ impl<B: Backend> Runner for On<B> {
             return Err(BenchError::Usage("the prompt is empty".into()));
         }
         let capacity = prompt_ids.len() + args.new_tokens;
-        let mut caches = vec![CacheChoice::None];
+        let mut caches = Vec::new();
+        if !args.no_uncached {
+            caches.push(CacheChoice::None);
+        }
         for name in args.cache.iter().filter(|c| *c != "none") {
             caches.push(cache_choice(name, args.window, capacity)?);
         }
@@ -310,6 +344,7 @@ impl<B: Backend> Runner for On<B> {
                 threads: args
                     .peer_threads
                     .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
+                device: args.peer_device.clone(),
             }),
             Some(other) => return Err(BenchError::Usage(format!("unknown peer `{other}` (hf)"))),
         };
@@ -321,15 +356,57 @@ impl<B: Backend> Runner for On<B> {
             caches,
             peer,
         };
+        // On a CPU, decoding is bound by reading the weights: measure how fast this machine
+        // reads memory, to say how close each run comes to that floor.
+        let bandwidth = (self.name != "cuda" && args.bandwidth_mib > 0).then(|| {
+            eprintln!(
+                "kv-bench: measuring read bandwidth ({} MiB)",
+                args.bandwidth_mib
+            );
+            kv_bench::bandwidth::measure_read_bandwidth(args.bandwidth_mib << 20, threads(), 5)
+        });
         let results = compare::run(&model, self.name, &spec, &mut |line| {
             eprintln!("kv-bench: {line}")
         })?;
         println!("{}", compare::table(&results));
+        let weight_bytes = kv_bench::bandwidth::decode_weight_bytes(model.config(), 4);
+        for r in results.iter().filter(|r| r.cache != "none") {
+            if let Some((early, a, late, b)) = r.step_growth(spec.prompt_ids.len(), 10) {
+                println!(
+                    "{:<28} {} step at position {early}: {a:.2} ms, at {late}: {b:.2} ms ({:.2}x)",
+                    r.system,
+                    r.cache,
+                    b / a
+                );
+            }
+        }
+        if let Some(bw) = &bandwidth {
+            println!(
+                "read bandwidth {:.1} GB/s ({} threads); f32 weights read per step {:.1} MB; floor {:.1} tokens/s",
+                bw.best() / 1e9,
+                bw.threads,
+                weight_bytes as f64 / 1e6,
+                bw.floor_steps_per_second(weight_bytes)
+            );
+            for r in results.iter().filter(|r| r.cache != "none") {
+                let achieved = r.tokens_per_second() * weight_bytes as f64;
+                println!(
+                    "{:<28} {}: weights read at {:.1} GB/s, {:.0}% of the floor",
+                    r.system,
+                    r.cache,
+                    achieved / 1e9,
+                    100.0 * achieved / bw.best()
+                );
+            }
+        }
         let setting = json!({
             "model": path.display().to_string(),
             "backend": self.name,
             "prompt": args.prompt_ids.is_none().then_some(&args.prompt),
             "window": args.window,
+            "peer_device": args.peer.as_ref().map(|_| &args.peer_device),
+            "decode_weight_bytes_f32": weight_bytes,
+            "read_bandwidth": bandwidth.as_ref().map(|b| b.to_json()),
         });
         let report = compare::report(&spec, &results, setting);
         let json_path = args.out.join("compare.json");
@@ -475,6 +552,57 @@ impl<B: Backend> Runner for On<B> {
         print!("{csv}");
         Ok(())
     }
+}
+
+/// Threads the process may use.
+fn threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+fn bandwidth(args: &BandwidthArgs) -> Result<(), BenchError> {
+    if args.mib == 0 || args.passes == 0 {
+        return Err(BenchError::Usage(
+            "--mib and --passes must be at least 1".into(),
+        ));
+    }
+    let config = match &args.model {
+        None => kv_model::ModelConfig::from_hf_file(
+            &Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/smollm2-135m-instruct.json"),
+        )?,
+        Some(path) if path.is_dir() => kv_model::read_config(path)?,
+        Some(path) if path.extension().is_some_and(|e| e == "json") => {
+            kv_model::ModelConfig::from_hf_file(path)?
+        }
+        Some(path) => kv_model::gguf::config_from_gguf(&kv_model::gguf::GgufFile::open(path)?)?,
+    };
+    let bw = kv_bench::bandwidth::measure_read_bandwidth(
+        args.mib << 20,
+        args.threads.unwrap_or_else(threads),
+        args.passes,
+    );
+    let passes: Vec<String> = bw
+        .passes
+        .iter()
+        .map(|p| format!("{:.1}", p / 1e9))
+        .collect();
+    println!(
+        "read bandwidth: {:.1} GB/s, best of {} passes over {} MiB with {} threads (GB/s: {})",
+        bw.best() / 1e9,
+        bw.passes.len(),
+        args.mib,
+        bw.threads,
+        passes.join(", ")
+    );
+    for (name, bytes) in [("f32", 4), ("bf16", 2)] {
+        let weight_bytes = kv_bench::bandwidth::decode_weight_bytes(&config, bytes);
+        println!(
+            "{} ({name} weights): {:.1} MB read per decode step, floor {:.1} tokens/s",
+            config.model_type,
+            weight_bytes as f64 / 1e6,
+            bw.floor_steps_per_second(weight_bytes)
+        );
+    }
+    Ok(())
 }
 
 fn memory_table(args: &MemoryArgs) -> Result<(), BenchError> {

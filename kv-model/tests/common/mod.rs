@@ -1,30 +1,34 @@
 //! Shared helpers: fixture paths and readers, the CPU backend, comparisons.
 #![allow(dead_code)]
 
+pub mod reference;
+
 use std::path::PathBuf;
 
+use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
 use kv_core::{AttentionMask, CacheConfig, ModelCache, QuantBits, QuantizedCacheConfig};
 use kv_model::{load_model, Logits, Transformer};
 use serde_json::Value;
 
-/// The backend under test: burn-ndarray by default, CUDA with `--features cuda`, burn-flex with
-/// `--features flex`.
-#[cfg(not(any(feature = "cuda", feature = "flex")))]
+/// The CPU backend under test: burn-ndarray by default, burn-flex with `--features flex`.
+/// (`--features cuda` adds `tests/gpu.rs`, which runs the reference checks on CUDA.)
+#[cfg(not(feature = "flex"))]
 pub type B = burn_ndarray::NdArray<f32>;
-/// The backend under test.
-#[cfg(all(feature = "flex", not(feature = "cuda")))]
+/// The CPU backend under test.
+#[cfg(feature = "flex")]
 pub type B = burn_flex::Flex;
-/// The backend under test: CPU by default, CUDA with `--features cuda`.
-#[cfg(feature = "cuda")]
-pub type B = burn_cuda::Cuda<f32, i32>;
 
 pub fn device() -> burn::tensor::Device<B> {
     Default::default()
 }
 
+/// `kv-model/tests/fixtures`. Cargo sets `CARGO_MANIFEST_DIR` when it runs a test; a test
+/// binary run by hand on another machine (`scripts/gpu-check.sh`) sets it to that checkout.
 pub fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")), PathBuf::from)
+        .join("tests/fixtures")
 }
 
 pub fn read_json(name: &str) -> Value {
@@ -57,7 +61,7 @@ pub fn load(name: &str) -> Transformer<B> {
 }
 
 /// `[batch, seq, vocab]` logits as host rows: `rows[b][s]`.
-pub fn host_logits(logits: Tensor<B, 3>) -> Vec<Vec<Vec<f32>>> {
+pub fn host_logits<Bk: Backend>(logits: Tensor<Bk, 3>) -> Vec<Vec<Vec<f32>>> {
     let [batch, seq, vocab] = logits.dims();
     let data = logits.to_data().to_vec::<f32>().unwrap();
     (0..batch)
@@ -88,11 +92,15 @@ pub fn argmax(row: &[f32]) -> u32 {
 }
 
 /// Greedy decoding without a cache: the whole sequence is recomputed every step.
-pub fn greedy_uncached(model: &Transformer<B>, prompt: &[u32], steps: usize) -> Vec<u32> {
+pub fn greedy_uncached<Bk: Backend>(
+    model: &Transformer<Bk>,
+    prompt: &[u32],
+    steps: usize,
+) -> Vec<u32> {
     let mut tokens = prompt.to_vec();
     for _ in 0..steps {
         let logits = model
-            .forward::<kv_core::AnyCache<B>>(&[tokens.clone()], None, None, Logits::Last)
+            .forward::<kv_core::AnyCache<Bk>>(&[tokens.clone()], None, None, Logits::Last)
             .unwrap();
         tokens.push(argmax(&host_logits(logits)[0][0]));
     }
@@ -100,9 +108,9 @@ pub fn greedy_uncached(model: &Transformer<B>, prompt: &[u32], steps: usize) -> 
 }
 
 /// Greedy decoding through `cache`: the prompt once, then one token per step.
-pub fn greedy_cached(
-    model: &Transformer<B>,
-    cache: &mut ModelCache<B>,
+pub fn greedy_cached<Bk: Backend>(
+    model: &Transformer<Bk>,
+    cache: &mut ModelCache<Bk>,
     prompt: &[u32],
     steps: usize,
 ) -> Vec<u32> {
