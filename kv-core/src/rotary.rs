@@ -142,8 +142,9 @@ impl<B: Backend> RotaryTable<B> {
     }
 }
 
-/// Cosines and sines for a set of positions, `[rows, 1, seq, head_dim]` each, ready to rotate
-/// any number of tensors at those positions.
+/// Cosines and sines for a set of positions, `[rows, 1, seq, head_dim]` each (or
+/// `[rows, heads, seq, head_dim]`, see [`RotaryAngles::for_heads`]), ready to rotate any number
+/// of tensors at those positions.
 #[derive(Debug, Clone)]
 pub struct RotaryAngles<B: Backend> {
     cos: Tensor<B, 4>,
@@ -151,16 +152,44 @@ pub struct RotaryAngles<B: Backend> {
 }
 
 impl<B: Backend> RotaryAngles<B> {
+    /// The same angles laid out for `heads` heads, `[rows, heads, seq, head_dim]`, so that
+    /// rotating a tensor of that many heads multiplies whole buffers of equal shape instead of
+    /// broadcasting (CPU backends run same-shape products on their fastest path). A model makes
+    /// one per head count (queries, keys) per forward pass and reuses it in every layer.
+    ///
+    /// ```
+    /// use burn::tensor::Tensor;
+    /// use burn_ndarray::NdArray;
+    /// use kv_core::RotaryTable;
+    ///
+    /// let device = Default::default();
+    /// let rope = RotaryTable::<NdArray>::new(4, 10_000.0, &device).unwrap();
+    /// let angles = rope.angles(&[vec![3, 4]]);
+    /// let x = Tensor::<NdArray, 4>::ones([1, 3, 2, 4], &device);
+    /// let by_heads = angles.for_heads(3).apply(x.clone());
+    /// let broadcast = angles.apply(x);
+    /// assert!(by_heads.equal(broadcast).all().into_scalar());
+    /// ```
+    pub fn for_heads(&self, heads: usize) -> Self {
+        Self {
+            cos: self.cos.clone().repeat_dim(1, heads),
+            sin: self.sin.clone().repeat_dim(1, heads),
+        }
+    }
+
     /// Rotates `x` `[batch, heads, seq, head_dim]`.
     ///
     /// # Panics
-    /// If `x`'s `seq` or `head_dim` differ from the angles', or the angles have neither 1 nor
-    /// `batch` rows.
+    /// If `x`'s `seq` or `head_dim` differ from the angles', the angles have neither 1 nor
+    /// `batch` rows, or were laid out ([`RotaryAngles::for_heads`]) for another head count.
     pub fn apply(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
-        let [batch, _, seq, head_dim] = x.dims();
-        let [rows, _, angle_seq, angle_dim] = self.cos.dims();
+        let [batch, heads, seq, head_dim] = x.dims();
+        let [rows, angle_heads, angle_seq, angle_dim] = self.cos.dims();
         assert!(
-            (rows == 1 || rows == batch) && angle_seq == seq && angle_dim == head_dim,
+            (rows == 1 || rows == batch)
+                && (angle_heads == 1 || angle_heads == heads)
+                && angle_seq == seq
+                && angle_dim == head_dim,
             "rotary angles {:?} do not fit a tensor of {:?}",
             self.cos.dims(),
             x.dims()

@@ -38,15 +38,32 @@ impl<B: Backend> Linear<B> {
 
     /// `[batch, seq, in]` to `[batch, seq, out]`.
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        self.forward_columns(x, 0, self.out_features())
+    }
+
+    /// `[batch, seq, in]` to `[batch, seq, len]`: output features `start..start + len` only,
+    /// multiplying by a view of those weight columns (no copy of the weights).
+    pub fn forward_columns(&self, x: Tensor<B, 3>, start: usize, len: usize) -> Tensor<B, 3> {
         let [batch, seq, features] = x.dims();
         let y = x
             .reshape([batch * seq, features])
-            .matmul(self.weight.clone());
+            .matmul(self.columns(start, len));
         let y = match &self.bias {
-            Some(bias) => y + bias.clone(),
+            Some(bias) if start == 0 && len == self.out_features() => y + bias.clone(),
+            Some(bias) => y + bias.clone().narrow(1, start, len),
             None => y,
         };
-        y.reshape([batch, seq, self.out_features()])
+        y.reshape([batch, seq, len])
+    }
+
+    /// Weight columns `start..start + len`, `[in, len]` (the whole weight, not a view of it,
+    /// when that is all of it).
+    fn columns(&self, start: usize, len: usize) -> Tensor<B, 2> {
+        if start == 0 && len == self.out_features() {
+            self.weight.clone()
+        } else {
+            self.weight.clone().narrow(1, start, len)
+        }
     }
 }
 
@@ -115,10 +132,23 @@ impl<B: Backend> Mlp<B> {
         match self {
             Mlp::Gelu { fc, proj } => proj.forward(gelu_tanh(fc.forward(x))),
             Mlp::SwiGlu { gate_up, down } => {
-                let both = gate_up.forward(x);
-                let inner = both.dims()[2] / 2;
-                let gate = both.clone().narrow(2, 0, inner);
-                let up = both.narrow(2, inner, inner);
+                let inner = gate_up.out_features() / 2;
+                let (gate, up) = if x.dims()[1] == 1 {
+                    // One token: one product over the fused weights (the same bytes read,
+                    // one call fewer); its halves are short contiguous runs.
+                    let both = gate_up.forward(x);
+                    (
+                        both.clone().narrow(2, 0, inner),
+                        both.narrow(2, inner, inner),
+                    )
+                } else {
+                    // A prompt: a product per half, so each result is contiguous and the
+                    // element-wise ops below run on whole buffers, not strided views.
+                    (
+                        gate_up.forward_columns(x.clone(), 0, inner),
+                        gate_up.forward_columns(x, inner, inner),
+                    )
+                };
                 down.forward(activation::silu(gate) * up)
             }
         }

@@ -255,10 +255,15 @@ impl<B: Backend> Transformer<B> {
             (AttentionPattern::Causal, KeyRotation::AppliedByCaller),
             |c| (c.attention_pattern(), c.key_rotation()),
         );
-        // Rotary angles of the new tokens: computed once, applied to Q and K in every layer.
+        // Rotary angles of the new tokens: computed once, laid out for the query heads and
+        // for the key heads, and applied to Q and K in every layer.
         let angles = match (&self.positions, rotation) {
             (PositionEncoding::Rotary(rope), KeyRotation::AppliedByCaller) => {
-                Some(rope.angles(&position_ids))
+                let angles = rope.angles(&position_ids);
+                Some((
+                    angles.for_heads(self.config.num_heads),
+                    angles.for_heads(self.config.num_kv_heads),
+                ))
             }
             _ => None,
         };
@@ -380,10 +385,12 @@ impl<B: Backend> Transformer<B> {
         let (heads, kv_heads, head_dim) = (c.num_heads, c.num_kv_heads, c.head_dim);
         let qkv = attention.qkv.forward(x);
         let split = |start: usize, heads: usize| {
-            qkv.clone()
-                .narrow(2, start * head_dim, heads * head_dim)
-                .reshape([batch, seq, heads, head_dim])
-                .swap_dims(1, 2)
+            contiguous(
+                qkv.clone()
+                    .narrow(2, start * head_dim, heads * head_dim)
+                    .reshape([batch, seq, heads, head_dim])
+                    .swap_dims(1, 2),
+            )
         };
         // [batch, heads or kv_heads, seq, head_dim]
         let (mut q, mut k, v) = (
@@ -396,9 +403,9 @@ impl<B: Backend> Transformer<B> {
             PositionEncoding::Rotary(rope) => Some(rope),
             PositionEncoding::Learned(_) => None,
         };
-        if let Some(angles) = &step.angles {
-            q = angles.apply(q);
-            k = angles.apply(k);
+        if let Some((for_queries, for_keys)) = &step.angles {
+            q = for_queries.apply(q);
+            k = for_keys.apply(k);
         }
         let view = match cache {
             Some(cache) => cache.update(layer, k, v)?,
@@ -424,14 +431,29 @@ impl<B: Backend> Transformer<B> {
     }
 }
 
+/// `x` `[batch, heads, seq, head_dim]` with its elements in that order in memory. Q, K and V
+/// come out of the fused projection as strided views (`[batch, seq, heads, head_dim]` with two
+/// dimensions swapped); element-wise ops on such views take CPU backends' slow strided paths,
+/// so for a prompt they are copied once here (reshaping across the swapped dimensions is what
+/// makes every backend copy). A single token's view already is in order and is left alone.
+fn contiguous<B: Backend>(x: Tensor<B, 4>) -> Tensor<B, 4> {
+    let [batch, heads, seq, head_dim] = x.dims();
+    if seq == 1 {
+        return x;
+    }
+    x.reshape([batch, heads, seq * head_dim])
+        .reshape([batch, heads, seq, head_dim])
+}
+
 /// What every layer of one forward pass shares.
 struct Step<'a, B: Backend> {
     /// Cache positions of the new tokens.
     queries: Range<usize>,
     /// Rotary / learned position of each new token, per batch row (or one shared row).
     position_ids: Vec<Vec<usize>>,
-    /// Cosines and sines at `position_ids`, when the model rotates keys itself.
-    angles: Option<RotaryAngles<B>>,
+    /// Cosines and sines at `position_ids` for the query heads and for the key heads, when the
+    /// model rotates keys itself.
+    angles: Option<(RotaryAngles<B>, RotaryAngles<B>)>,
     padding: Option<&'a AttentionMask>,
     pattern: AttentionPattern,
     rotation: KeyRotation,
