@@ -85,6 +85,17 @@ pub fn grouped_query_attention<B: Backend>(
     let groups = groups(&q.dims(), &k.dims(), &v.dims())?;
     let [_, kv, s, _] = k.dims();
     let q = q.reshape([b, kv, groups * n, d]);
+    if mask.is_none() && n == 1 {
+        // A decode step: one query row per head, nothing hidden. Two batched matrix products
+        // read the keys and values as they lie (the transpose is a view), which CPU backends
+        // run on their vectorised product kernels; their fused attention op walks one query
+        // at a time and grows costlier with every cached position.
+        let scores = q
+            .matmul(k.swap_dims(2, 3))
+            .mul_scalar(1.0 / (d as f64).sqrt());
+        let out = softmax(scores, 3).matmul(v);
+        return Ok(out.reshape([b, h, n, d]));
+    }
     let mask = mask.map(|mask| {
         let rows = mask.dims()[0];
         mask.reshape([rows, 1, 1, n, s])

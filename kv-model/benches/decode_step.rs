@@ -1,5 +1,6 @@
-//! One cached decode step of a model with SmolLM2-135M's shape (random weights), at position
-//! 256, on each CPU backend compiled in: the unit of work generation repeats.
+//! One cached decode step of a model with SmolLM2-135M's shape (random weights), at positions
+//! 10 and 1000, on each CPU backend compiled in: the unit of work generation repeats, and how
+//! its cost grows with the cache's length.
 //!
 //! `cargo bench -p kv-model --bench decode_step [--features flex]`
 
@@ -21,24 +22,26 @@ fn smollm2_shape() -> ModelConfig {
 fn bench_backend<B: Backend>(c: &mut Criterion, name: &str) {
     let device = Default::default();
     let model = Transformer::<B>::random(&smollm2_shape(), 1, &device).expect("model");
-    let mut cache = model
-        .new_cache(&CacheConfig::Dynamic { capacity: 512 })
-        .expect("cache");
-    let prompt: Vec<u32> = (0..256).map(|i| (i * 31 % 49152) as u32).collect();
-    model
-        .forward(&[prompt], None, Some(&mut cache), Logits::Last)
-        .expect("prefill");
     let mut group = c.benchmark_group("decode_step");
     group.sample_size(10);
-    group.bench_function(format!("{name}/position_256"), |b| {
-        b.iter(|| {
-            let logits = model
-                .forward(&[vec![42]], None, Some(&mut cache), Logits::Last)
-                .expect("step");
-            cache.crop(256).expect("crop back");
-            logits.into_data()
-        })
-    });
+    for position in [10usize, 1000] {
+        let mut cache = model
+            .new_cache(&CacheConfig::Dynamic { capacity: 1024 })
+            .expect("cache");
+        let prompt: Vec<u32> = (0..position).map(|i| (i * 31 % 49152) as u32).collect();
+        model
+            .forward(&[prompt], None, Some(&mut cache), Logits::Last)
+            .expect("prefill");
+        group.bench_function(format!("{name}/position_{position}"), |b| {
+            b.iter(|| {
+                let logits = model
+                    .forward(&[vec![42]], None, Some(&mut cache), Logits::Last)
+                    .expect("step");
+                cache.crop(position).expect("crop back");
+                logits.into_data()
+            })
+        });
+    }
     group.finish();
 }
 
