@@ -15,3 +15,6 @@ cargo test --workspace --doc
 
 echo "== the cuda backend compiles and lints clean (no GPU needed to build)"
 cargo clippy --workspace --all-targets --features cuda -- -D warnings
+
+echo "== the GPU tests build and, without an NVIDIA driver, say SKIPPED and pass"
+cargo test -p kv-model --features cuda --test gpu -- --test-threads 1

@@ -46,6 +46,8 @@ fn compare_writes_every_run_and_a_valid_plot() {
         "int4",
         "--window",
         "6",
+        "--bandwidth-mib",
+        "0",
         "--out",
         out.to_str().unwrap(),
     ]);
@@ -65,6 +67,10 @@ fn compare_writes_every_run_and_a_valid_plot() {
     assert_eq!(report["prompt_ids"], serde_json::json!([5, 17, 42, 8]));
     assert!(report["machine"]["cpu"].is_string());
     assert!(report["date"].as_str().unwrap().ends_with('Z'));
+    assert!(
+        report["setting"]["read_bandwidth"].is_null(),
+        "--bandwidth-mib 0"
+    );
     let results = report["results"].as_array().unwrap();
     let kinds: Vec<&str> = results
         .iter()
@@ -166,6 +172,73 @@ fn memory_prints_the_table_and_cross_checks_it() {
 }
 
 #[test]
+fn compare_without_the_uncached_run_reports_the_bandwidth_floor() {
+    let out = scratch("floor");
+    let model = fixtures().join("tiny-llama.gguf");
+    let result = kv_bench(&[
+        "compare",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt-ids",
+        "5,17,42,8",
+        "--new-tokens",
+        "30",
+        "--runs",
+        "1",
+        "--warmup",
+        "0",
+        "--no-uncached",
+        "--bandwidth-mib",
+        "8",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(
+        result.status.success(),
+        "{}",
+        String::from_utf8_lossy(&result.stderr)
+    );
+    let table = String::from_utf8(result.stdout).unwrap();
+    assert!(!table.contains("without KV caching"), "{table}");
+    assert!(table.contains("prefill"), "{table}");
+    assert!(
+        table.contains("dynamic step at position 10:"),
+        "step growth: {table}"
+    );
+    assert!(table.contains("% of the floor"), "{table}");
+    let report: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("compare.json")).unwrap()).unwrap();
+    let kinds: Vec<&str> = report["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["cache"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds, ["dynamic"]);
+    let bandwidth = &report["setting"]["read_bandwidth"];
+    assert_eq!(bandwidth["buffer_bytes"], 8 << 20);
+    assert!(bandwidth["best_gb_per_s"].as_f64().unwrap() > 0.0);
+    // The tiny model's weights per step, from its shape (kv_bench::bandwidth).
+    let per_step = report["setting"]["decode_weight_bytes_f32"]
+        .as_u64()
+        .unwrap();
+    assert!(per_step > 0 && per_step < 4 << 20, "{per_step}");
+    std::fs::remove_dir_all(out).unwrap();
+}
+
+#[test]
+fn bandwidth_reports_the_default_models_floor() {
+    let result = kv_bench(&["bandwidth", "--mib", "16", "--passes", "2"]);
+    assert!(result.status.success());
+    let text = String::from_utf8(result.stdout).unwrap();
+    assert!(text.starts_with("read bandwidth: "), "{text}");
+    assert!(text.contains("best of 2 passes over 16 MiB"), "{text}");
+    // SmolLM2-135M: 134,515,584 weights read per step, 4 bytes each in f32, 2 in bf16.
+    assert!(text.contains("538.1 MB read per decode step"), "{text}");
+    assert!(text.contains("269.0 MB read per decode step"), "{text}");
+}
+
+#[test]
 fn bad_input_is_one_line_and_non_zero() {
     let model = fixtures().join("llama");
     let model = model.to_str().unwrap();
@@ -195,6 +268,7 @@ fn bad_input_is_one_line_and_non_zero() {
             "at least 1",
         ),
         (vec!["compare", "--model", model], "no tokenizer"),
+        (vec!["bandwidth", "--mib", "0"], "at least 1"),
         (
             vec!["compare", "--model", "missing.gguf", "--prompt-ids", "1"],
             "no such file",
