@@ -13,8 +13,10 @@
 #
 # Usage:
 #   scripts/gpu-check.sh                      # needs cargo, python3 with torch + transformers
-#   scripts/gpu-check.sh --build-only DIR     # step 1 only, binaries stripped into DIR
+#   scripts/gpu-check.sh --build-only DIR     # step 1 only: binaries stripped into DIR, and
+#                                             # DIR/gpu-check-bins.tar.xz (13 MB) to carry
 #   scripts/gpu-check.sh --prebuilt DIR       # steps 2-4 with binaries from --build-only
+#                                             # (unpacked from the tarball if need be)
 #   scripts/gpu-check.sh --dry-run            # no GPU: CPU backend (flex), 24 tokens, to
 #                                             # check the script itself
 # Environment: PYTHON (python3), NEW_TOKENS (1000), RUNS (2), CACHES ("dynamic static"),
@@ -71,10 +73,15 @@ for line in sys.stdin:
     cp "$bench_bin" "$bin_dir/kv-bench"
     cp "$test_bin" "$bin_dir/kv-model-gpu-tests"
     strip "$bin_dir/kv-bench" "$bin_dir/kv-model-gpu-tests"
+    # Stripped, the two are about 88 MB; compressed, about 13 MB, which is what to carry.
+    tar -cJf "$bin_dir/gpu-check-bins.tar.xz" -C "$bin_dir" kv-bench kv-model-gpu-tests
     ls -l "$bin_dir"
     exit 0
   fi
 else
+  if [[ ! -x $bin_dir/kv-bench && -f $bin_dir/gpu-check-bins.tar.xz ]]; then
+    tar -xJf "$bin_dir/gpu-check-bins.tar.xz" -C "$bin_dir"
+  fi
   bench_bin="$bin_dir/kv-bench"
   test_bin="$bin_dir/kv-model-gpu-tests"
 fi
