@@ -566,14 +566,12 @@ fn bandwidth(args: &BandwidthArgs) -> Result<(), BenchError> {
         ));
     }
     let config = match &args.model {
-        None => kv_model::ModelConfig::from_hf_file(
-            &Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/smollm2-135m-instruct.json"),
-        )?,
-        Some(path) if path.is_dir() => kv_model::read_config(path)?,
-        Some(path) if path.extension().is_some_and(|e| e == "json") => {
-            kv_model::ModelConfig::from_hf_file(path)?
+        None => {
+            let json: serde_json::Value = serde_json::from_str(SMOLLM2_CONFIG)
+                .map_err(|e| BenchError::Usage(format!("built-in SmolLM2 config: {e}")))?;
+            kv_model::ModelConfig::from_hf_json(&json, "configs/smollm2-135m-instruct.json")?
         }
-        Some(path) => kv_model::gguf::config_from_gguf(&kv_model::gguf::GgufFile::open(path)?)?,
+        Some(path) => model_config(path)?,
     };
     let bw = kv_bench::bandwidth::measure_read_bandwidth(
         args.mib << 20,
@@ -605,13 +603,24 @@ fn bandwidth(args: &BandwidthArgs) -> Result<(), BenchError> {
     Ok(())
 }
 
+/// SmolLM2-135M-Instruct's `config.json`, built in so `bandwidth` needs no download or file.
+const SMOLLM2_CONFIG: &str = include_str!("../configs/smollm2-135m-instruct.json");
+
+/// The configuration of a model directory, a `config.json` or a `.gguf` file, without loading
+/// any weights.
+fn model_config(path: &Path) -> Result<kv_model::ModelConfig, BenchError> {
+    Ok(if path.is_dir() {
+        kv_model::read_config(path)?
+    } else if path.extension().is_some_and(|e| e == "json") {
+        kv_model::ModelConfig::from_hf_file(path)?
+    } else {
+        kv_model::gguf::config_from_gguf(&kv_model::gguf::GgufFile::open(path)?)?
+    })
+}
+
 fn memory_table(args: &MemoryArgs) -> Result<(), BenchError> {
     let path = model_path(&args.model)?;
-    let config = if path.is_dir() {
-        kv_model::read_config(&path)?
-    } else {
-        kv_model::gguf::config_from_gguf(&kv_model::gguf::GgufFile::open(&path)?)?
-    };
+    let config = model_config(&path)?;
     let kinds = memory::kinds(args.window, args.sinks, 32_768);
     let sizes = [1_024usize, 8_192, 32_768];
     println!(

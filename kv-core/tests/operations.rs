@@ -586,6 +586,20 @@ fn grouped_query_attention_equals_the_reference_with_repeated_heads() {
     assert!(matches!(err, CacheError::AttentionShape { .. }));
 }
 
+/// A decode step (one query, nothing masked) takes its own path through two batched products;
+/// it must equal the reference, grouped heads included, and so must an unmasked prompt.
+#[test]
+fn unmasked_single_query_attention_equals_the_reference() {
+    for (queries, seed) in [(1, 10), (3, 20)] {
+        let q = rand4([2, 6, queries, 8], seed);
+        let (k, v) = (rand4([2, 2, 9, 8], seed + 1), rand4([2, 2, 9, 8], seed + 2));
+        let fast = grouped_query_attention(q.clone(), k.clone(), v.clone(), None).unwrap();
+        let slow = reference_attention(q, k, v, None).unwrap();
+        assert_eq!(fast.dims(), [2, 6, queries, 8]);
+        assert!(max_diff(&fast, &slow) < 1e-5, "{queries} queries");
+    }
+}
+
 /// Rotary embeddings make q·k depend only on the distance between positions.
 #[test]
 fn rotary_scores_depend_only_on_relative_position() {

@@ -45,25 +45,23 @@ impl<B: Backend> Linear<B> {
     /// multiplying by a view of those weight columns (no copy of the weights).
     pub fn forward_columns(&self, x: Tensor<B, 3>, start: usize, len: usize) -> Tensor<B, 3> {
         let [batch, seq, features] = x.dims();
+        // The whole weight is used as it is, not through a view of all its columns.
+        let whole = start == 0 && len == self.out_features();
+        let columns = |t: &Tensor<B, 2>| {
+            if whole {
+                t.clone()
+            } else {
+                t.clone().narrow(1, start, len)
+            }
+        };
         let y = x
             .reshape([batch * seq, features])
-            .matmul(self.columns(start, len));
+            .matmul(columns(&self.weight));
         let y = match &self.bias {
-            Some(bias) if start == 0 && len == self.out_features() => y + bias.clone(),
-            Some(bias) => y + bias.clone().narrow(1, start, len),
+            Some(bias) => y + columns(bias),
             None => y,
         };
         y.reshape([batch, seq, len])
-    }
-
-    /// Weight columns `start..start + len`, `[in, len]` (the whole weight, not a view of it,
-    /// when that is all of it).
-    fn columns(&self, start: usize, len: usize) -> Tensor<B, 2> {
-        if start == 0 && len == self.out_features() {
-            self.weight.clone()
-        } else {
-            self.weight.clone().narrow(1, start, len)
-        }
     }
 }
 
