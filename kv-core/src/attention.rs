@@ -57,11 +57,46 @@ pub fn reference_attention<B: Backend>(
     Ok(softmax(scores, 3).matmul(v))
 }
 
+/// Lays a `[batch or 1, 1, queries, keys]` mask out for [`grouped_query_attention`]'s folded
+/// query rows: `[batch, kv_heads, groups * queries, keys]`, with `groups = heads / kv_heads`.
+///
+/// [`grouped_query_attention`] does this itself for an unfolded mask, on every call: a copy of
+/// `kv_heads * groups` masks (2.4 MB per layer for a 512-token prompt of SmolLM2-135M). A model
+/// whose layers share one mask folds it once per forward pass and gives every layer the result.
+///
+/// ```
+/// use burn::tensor::{Bool, Tensor};
+/// use burn_ndarray::NdArray;
+/// use kv_core::{fold_mask_for_groups, grouped_query_attention};
+///
+/// let device = Default::default();
+/// let q = Tensor::<NdArray, 4>::ones([1, 6, 3, 8], &device); // 6 query heads, 3 queries
+/// let k = Tensor::<NdArray, 4>::ones([1, 2, 5, 8], &device); // 2 key/value heads, 5 keys
+/// let mask = Tensor::<NdArray, 4, Bool>::from_data([[[[false; 5]; 3]]], &device);
+/// let folded = fold_mask_for_groups(mask.clone(), 1, 2, 3);
+/// assert_eq!(folded.dims(), [1, 2, 9, 5]);
+/// let a = grouped_query_attention(q.clone(), k.clone(), k.clone(), Some(mask)).unwrap();
+/// let b = grouped_query_attention(q, k.clone(), k, Some(folded)).unwrap();
+/// assert_eq!(a.into_data(), b.into_data());
+/// ```
+pub fn fold_mask_for_groups<B: Backend>(
+    mask: Tensor<B, 4, Bool>,
+    batch: usize,
+    kv_heads: usize,
+    groups: usize,
+) -> Tensor<B, 4, Bool> {
+    let [rows, _, queries, keys] = mask.dims();
+    mask.reshape([rows, 1, 1, queries, keys])
+        .expand([batch, kv_heads, groups, queries, keys])
+        .reshape([batch, kv_heads, groups * queries, keys])
+}
+
 /// Attention for inference through burn's fused `attention` op, grouped-query aware without
 /// copying keys or values: the `heads / kv_heads` query heads that share a key/value head are
 /// folded into its query rows, `[b, h, n, d]` to `[b, kv, (h / kv) * n, d]`.
 ///
-/// Shapes as [`reference_attention`]. Every query row must see at least one key (the masks of
+/// Shapes as [`reference_attention`]; `mask` may also come folded by
+/// [`fold_mask_for_groups`]. Every query row must see at least one key (the masks of
 /// [`crate::attention_mask`] ensure this).
 ///
 /// ```
@@ -97,10 +132,11 @@ pub fn grouped_query_attention<B: Backend>(
         return Ok(out.reshape([b, h, n, d]));
     }
     let mask = mask.map(|mask| {
-        let rows = mask.dims()[0];
-        mask.reshape([rows, 1, 1, n, s])
-            .expand([b, kv, groups, n, s])
-            .reshape([b, kv, groups * n, s])
+        if mask.dims() == [b, kv, groups * n, s] {
+            mask // folded already (fold_mask_for_groups)
+        } else {
+            fold_mask_for_groups(mask, b, kv, groups)
+        }
     });
     let out = attention(q, k, v, mask, None, AttentionModuleOptions::default());
     Ok(out.reshape([b, h, n, d]))

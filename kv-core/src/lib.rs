@@ -65,7 +65,9 @@ mod view;
 mod windowed;
 
 pub use any::{AnyCache, CacheConfig, LayerShape};
-pub use attention::{grouped_query_attention, reference_attention, repeat_kv};
+pub use attention::{
+    fold_mask_for_groups, grouped_query_attention, reference_attention, repeat_kv,
+};
 pub use cache::{KeyRotation, KvCache};
 pub use dynamic::{DynamicCache, MIN_CAPACITY};
 pub use error::{CacheError, Result};

@@ -13,8 +13,9 @@ use std::ops::Range;
 
 use burn::tensor::{backend::Backend, Bool, Int, Tensor, TensorData};
 use kv_core::{
-    grouped_query_attention, needed_attention_mask, AttentionMask, AttentionPattern, KeyPositions,
-    KeyRotation, KvCache, KvView, ModelCache, RotaryAngles, RotaryTable,
+    fold_mask_for_groups, grouped_query_attention, needed_attention_mask, AttentionMask,
+    AttentionPattern, KeyPositions, KeyRotation, KvCache, KvView, ModelCache, RotaryAngles,
+    RotaryTable,
 };
 
 use crate::config::{Architecture, ModelConfig};
@@ -424,7 +425,8 @@ impl<B: Backend> Transformer<B> {
                 .unwrap_or(step.queries.clone());
             q = rope.rotate(q, &[ranks.collect()]);
         }
-        let mask = step.mask_for(&view.positions, &self.device);
+        let groups = heads / kv_heads;
+        let mask = step.mask_for(&view.positions, [batch, kv_heads, groups], &self.device);
         let out = grouped_query_attention(q, view.keys, view.values, mask)?;
         let out = out.swap_dims(1, 2).reshape([batch, seq, heads * head_dim]);
         Ok(attention.output.forward(out))
@@ -457,12 +459,20 @@ struct Step<'a, B: Backend> {
     padding: Option<&'a AttentionMask>,
     pattern: AttentionPattern,
     rotation: KeyRotation,
-    /// The mask built for the first layer, reused while the key positions stay the same.
+    /// The mask built for the first layer, folded for grouped-query attention, reused while
+    /// the key positions stay the same.
     mask_memo: Option<(KeyPositions, Option<Tensor<B, 4, Bool>>)>,
 }
 
 impl<B: Backend> Step<'_, B> {
-    fn mask_for(&mut self, keys: &KeyPositions, device: &B::Device) -> Option<Tensor<B, 4, Bool>> {
+    /// The attention mask over `keys`, `[batch, kv_heads, groups * queries, keys]`
+    /// ([`fold_mask_for_groups`]), or `None` where nothing is hidden.
+    fn mask_for(
+        &mut self,
+        keys: &KeyPositions,
+        [batch, kv_heads, groups]: [usize; 3],
+        device: &B::Device,
+    ) -> Option<Tensor<B, 4, Bool>> {
         if let Some((memo_keys, mask)) = &self.mask_memo {
             if memo_keys == keys {
                 return mask.clone();
@@ -474,7 +484,8 @@ impl<B: Backend> Step<'_, B> {
             self.pattern,
             self.padding,
             device,
-        );
+        )
+        .map(|mask| fold_mask_for_groups(mask, batch, kv_heads, groups));
         self.mask_memo = Some((keys.clone(), mask.clone()));
         mask
     }
