@@ -10,6 +10,9 @@ cargo fmt --all -- --check
 echo "== unit, property, example and benchmark-harness tests (CPU backend)"
 cargo test --workspace --all-targets
 
+echo "== kv-model's golden, property and f16-weight tests on burn-flex, the fast CPU backend"
+cargo test -p kv-model --features flex --tests
+
 echo "== documentation examples"
 cargo test --workspace --doc
 

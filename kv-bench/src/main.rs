@@ -10,7 +10,7 @@ use kv_bench::compare::{self, CompareSpec, Peer};
 use kv_bench::{memory, plot, BackendKind};
 use kv_core::{CacheConfig, QuantBits, QuantizedCacheConfig};
 use kv_generate::{CacheChoice, EosPolicy, GenerationConfig, Generator};
-use kv_model::{default_model, load_model, LoadedModel, Progress};
+use kv_model::{default_model, load_model, LoadedModel, Progress, WeightDtype};
 use serde_json::json;
 
 /// Benchmarks of KV caching: the seed's experiment, sweeps and memory tables.
@@ -93,6 +93,10 @@ struct CompareArgs {
     /// Threads for the peer (default: all cores).
     #[arg(long)]
     peer_threads: Option<usize>,
+    /// Element type of kv-cache's projection weights: f32 (the reference numbers) or f16 (half
+    /// the bytes a decode step reads; flex and cuda backends). The peer stays f32.
+    #[arg(long, default_value = "f32")]
+    weights: WeightDtype,
     /// Where compare.json and step_latency.svg go.
     #[arg(long, default_value = "bench-out")]
     out: PathBuf,
@@ -314,6 +318,7 @@ impl<B: Backend> Runner for On<B> {
         let LoadedModel {
             model, tokenizer, ..
         } = load_model::<B>(&path, &self.device)?;
+        let model = model.with_weight_dtype(args.weights)?;
         let prompt_ids = match (&args.prompt_ids, &tokenizer) {
             (Some(ids), _) => parse_ids(ids)?,
             (None, Some(tokenizer)) => tokenizer.encode(&args.prompt)?,
@@ -370,6 +375,8 @@ impl<B: Backend> Runner for On<B> {
         })?;
         println!("{}", compare::table(&results));
         let weight_bytes = kv_bench::bandwidth::decode_weight_bytes(model.config(), 4);
+        let read_bytes =
+            kv_bench::bandwidth::decode_weight_bytes(model.config(), args.weights.bytes());
         for r in results.iter().filter(|r| r.cache != "none") {
             if let Some((early, a, late, b)) = r.step_growth(spec.prompt_ids.len(), 10) {
                 println!(
@@ -388,12 +395,21 @@ impl<B: Backend> Runner for On<B> {
                 weight_bytes as f64 / 1e6,
                 bw.floor_steps_per_second(weight_bytes)
             );
+            let floor = bw.floor_steps_per_second(weight_bytes);
             for r in results.iter().filter(|r| r.cache != "none") {
-                let achieved = r.tokens_per_second() * weight_bytes as f64;
+                // The peer always reads f32 weights; kv-cache reads `--weights`.
+                let (dtype, bytes) = if r.system.starts_with("kv-cache") {
+                    (args.weights, read_bytes)
+                } else {
+                    (WeightDtype::F32, weight_bytes)
+                };
+                let achieved = r.tokens_per_second() * bytes as f64;
                 println!(
-                    "{:<28} {}: weights read at {:.1} GB/s, {:.0}% of the floor",
+                    "{:<28} {}: {:.1} tokens/s, {:.0}% of the f32 floor; {dtype} weights read at {:.1} GB/s ({:.0}% of the read bandwidth)",
                     r.system,
                     r.cache,
+                    r.tokens_per_second(),
+                    100.0 * r.tokens_per_second() / floor,
                     achieved / 1e9,
                     100.0 * achieved / bw.best()
                 );
@@ -406,6 +422,8 @@ impl<B: Backend> Runner for On<B> {
             "window": args.window,
             "peer_device": args.peer.as_ref().map(|_| &args.peer_device),
             "decode_weight_bytes_f32": weight_bytes,
+            "weights": args.weights.to_string(),
+            "decode_weight_bytes": read_bytes,
             "read_bandwidth": bandwidth.as_ref().map(|b| b.to_json()),
         });
         let report = compare::report(&spec, &results, setting);

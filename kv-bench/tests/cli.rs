@@ -205,7 +205,8 @@ fn compare_without_the_uncached_run_reports_the_bandwidth_floor() {
         table.contains("dynamic step at position 10:"),
         "step growth: {table}"
     );
-    assert!(table.contains("% of the floor"), "{table}");
+    assert!(table.contains("% of the f32 floor"), "{table}");
+    assert!(table.contains("f32 weights read at"), "{table}");
     let report: Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("compare.json")).unwrap()).unwrap();
     let kinds: Vec<&str> = report["results"]
@@ -223,6 +224,53 @@ fn compare_without_the_uncached_run_reports_the_bandwidth_floor() {
         .as_u64()
         .unwrap();
     assert!(per_step > 0 && per_step < 4 << 20, "{per_step}");
+    assert_eq!(report["setting"]["weights"], "f32");
+    assert_eq!(report["setting"]["decode_weight_bytes"], per_step);
+    std::fs::remove_dir_all(out).unwrap();
+}
+
+#[test]
+fn compare_with_f16_weights_counts_half_the_bytes() {
+    let out = scratch("f16");
+    let model = fixtures().join("tiny-llama.gguf");
+    let result = kv_bench(&[
+        "compare",
+        "--model",
+        model.to_str().unwrap(),
+        "--backend",
+        "flex",
+        "--weights",
+        "f16",
+        "--prompt-ids",
+        "5,17,42,8",
+        "--new-tokens",
+        "8",
+        "--runs",
+        "1",
+        "--warmup",
+        "0",
+        "--no-uncached",
+        "--bandwidth-mib",
+        "8",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(
+        result.status.success(),
+        "{}",
+        String::from_utf8_lossy(&result.stderr)
+    );
+    let table = String::from_utf8(result.stdout).unwrap();
+    assert!(table.contains("f16 weights read at"), "{table}");
+    let report: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("compare.json")).unwrap()).unwrap();
+    let setting = &report["setting"];
+    assert_eq!(setting["weights"], "f16");
+    let f32_bytes = setting["decode_weight_bytes_f32"].as_u64().unwrap();
+    assert_eq!(
+        setting["decode_weight_bytes"].as_u64().unwrap() * 2,
+        f32_bytes
+    );
     std::fs::remove_dir_all(out).unwrap();
 }
 
@@ -284,6 +332,20 @@ fn bad_input_is_one_line_and_non_zero() {
                 "vllm",
             ],
             "unknown peer",
+        ),
+        (
+            vec![
+                "compare",
+                "--model",
+                model,
+                "--prompt-ids",
+                "1",
+                "--backend",
+                "ndarray",
+                "--weights",
+                "f16",
+            ],
+            "use f32 weights",
         ),
     ] {
         let out = kv_bench(&args);

@@ -249,11 +249,32 @@ fn bad_input_exits_non_zero_with_one_line() {
             vec!["--model", llama, "--prompt-ids", "1", "--backend", "tpu"],
             "unknown backend",
         ),
+        (
+            vec![
+                "--model",
+                llama,
+                "--prompt-ids",
+                "1",
+                "--backend",
+                "ndarray",
+                "--weights",
+                "f16",
+            ],
+            "use f32 weights",
+        ),
     ];
     for (args, needle) in cases {
         let line = failure(&args);
         assert!(line.contains(needle), "{args:?}: {line}");
     }
+    // An unknown --weights value is refused by the argument parser, before anything loads.
+    let out = kv_generate(&["--model", llama, "--prompt-ids", "1", "--weights", "int3"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("unknown weight dtype `int3`: expected f32 or f16"),
+        "{stderr}"
+    );
     if !cfg!(feature = "cuda") {
         let line = failure(&["--model", llama, "--prompt-ids", "1", "--backend", "cuda"]);
         assert!(line.contains("--features cuda"), "{line}");

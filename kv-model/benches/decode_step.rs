@@ -1,13 +1,13 @@
 //! One cached decode step of a model with SmolLM2-135M's shape (random weights), at positions
-//! 10 and 1000, on each CPU backend compiled in: the unit of work generation repeats, and how
-//! its cost grows with the cache's length.
+//! 10 and 1000, on each CPU backend compiled in (and on flex with f16 weights): the unit of
+//! work generation repeats, and how its cost grows with the cache's length.
 //!
 //! `cargo bench -p kv-model --bench decode_step [--features flex]`
 
 use burn::tensor::backend::Backend;
 use criterion::{criterion_group, criterion_main, Criterion};
 use kv_core::CacheConfig;
-use kv_model::{Logits, ModelConfig, Transformer};
+use kv_model::{Logits, ModelConfig, Transformer, WeightDtype};
 
 fn smollm2_shape() -> ModelConfig {
     let json = serde_json::json!({
@@ -19,9 +19,11 @@ fn smollm2_shape() -> ModelConfig {
     ModelConfig::from_hf_json(&json, "SmolLM2-135M shape").expect("valid config")
 }
 
-fn bench_backend<B: Backend>(c: &mut Criterion, name: &str) {
+fn bench_backend<B: Backend>(c: &mut Criterion, name: &str, weights: WeightDtype) {
     let device = Default::default();
-    let model = Transformer::<B>::random(&smollm2_shape(), 1, &device).expect("model");
+    let model = Transformer::<B>::random(&smollm2_shape(), 1, &device)
+        .and_then(|m| m.with_weight_dtype(weights))
+        .expect("model");
     let mut group = c.benchmark_group("decode_step");
     group.sample_size(10);
     for position in [10usize, 1000] {
@@ -46,9 +48,12 @@ fn bench_backend<B: Backend>(c: &mut Criterion, name: &str) {
 }
 
 fn decode_step(c: &mut Criterion) {
-    bench_backend::<burn_ndarray::NdArray<f32>>(c, "ndarray");
+    bench_backend::<burn_ndarray::NdArray<f32>>(c, "ndarray", WeightDtype::F32);
     #[cfg(feature = "flex")]
-    bench_backend::<burn_flex::Flex>(c, "flex");
+    {
+        bench_backend::<burn_flex::Flex>(c, "flex", WeightDtype::F32);
+        bench_backend::<burn_flex::Flex>(c, "flex-f16", WeightDtype::F16);
+    }
 }
 
 criterion_group!(benches, decode_step);

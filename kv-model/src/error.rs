@@ -110,6 +110,14 @@ pub enum ModelError {
     /// The inputs of one forward pass do not fit together.
     #[error("bad forward input: {0}")]
     Input(String),
+    /// The backend cannot compute with the requested weight element type.
+    #[error("{dtype} weights need a backend with {dtype} arithmetic (flex or cuda); {backend} has none: use f32 weights")]
+    UnsupportedWeightDtype {
+        /// The requested element type (`f16`).
+        dtype: String,
+        /// The backend's name.
+        backend: String,
+    },
     /// A tokenizer could not be built or used.
     #[error("tokenizer ({source_name}): {message}")]
     Tokenizer {

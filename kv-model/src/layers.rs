@@ -1,7 +1,7 @@
 //! The building blocks of both families: linear layers, norms and MLPs, as plain tensors
 //! (inference only, so no parameters or gradients).
 
-use burn::tensor::{activation, backend::Backend, Tensor, TensorData};
+use burn::tensor::{activation, backend::Backend, FloatDType, Tensor, TensorData};
 
 use crate::weights::HostTensor;
 
@@ -31,6 +31,14 @@ impl<B: Backend> Linear<B> {
         }
     }
 
+    /// The same layer with its weight stored as `dtype` (the bias stays as it is).
+    pub fn with_weight_dtype(self, dtype: FloatDType) -> Self {
+        Self {
+            weight: self.weight.cast(dtype),
+            bias: self.bias,
+        }
+    }
+
     /// Output features.
     pub fn out_features(&self) -> usize {
         self.weight.dims()[1]
@@ -54,9 +62,16 @@ impl<B: Backend> Linear<B> {
                 t.clone().narrow(1, start, len)
             }
         };
-        let y = x
-            .reshape([batch * seq, features])
-            .matmul(columns(&self.weight));
+        let rows = x.reshape([batch * seq, features]);
+        let activation_dtype = rows.dtype();
+        let weight_dtype = self.weight.dtype();
+        let y = if weight_dtype == activation_dtype {
+            rows.matmul(columns(&self.weight))
+        } else {
+            rows.cast(FloatDType::from(weight_dtype))
+                .matmul(columns(&self.weight))
+                .cast(FloatDType::from(activation_dtype))
+        };
         let y = match &self.bias {
             Some(bias) => y + columns(bias),
             None => y,
@@ -125,6 +140,20 @@ pub(crate) enum Mlp<B: Backend> {
 }
 
 impl<B: Backend> Mlp<B> {
+    /// The same MLP with its weights stored as `dtype`.
+    pub fn with_weight_dtype(self, dtype: FloatDType) -> Self {
+        match self {
+            Mlp::Gelu { fc, proj } => Mlp::Gelu {
+                fc: fc.with_weight_dtype(dtype),
+                proj: proj.with_weight_dtype(dtype),
+            },
+            Mlp::SwiGlu { gate_up, down } => Mlp::SwiGlu {
+                gate_up: gate_up.with_weight_dtype(dtype),
+                down: down.with_weight_dtype(dtype),
+            },
+        }
+    }
+
     /// `[batch, seq, hidden]` to the same shape.
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         match self {
