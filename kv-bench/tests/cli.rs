@@ -1,7 +1,7 @@
 //! The harness, not the speed: `kv-bench` writes the files it promises, in their schema, and
 //! generates exactly the tokens asked for. (Timings are never asserted.)
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use serde_json::Value;
@@ -171,18 +171,16 @@ fn memory_prints_the_table_and_cross_checks_it() {
     assert!(table.contains("cross-check: real caches"), "{table}");
 }
 
-#[test]
-fn compare_without_the_uncached_run_reports_the_bandwidth_floor() {
-    let out = scratch("floor");
+/// `compare` on the tiny GGUF with its cache only, one timed run, an 8 MiB bandwidth probe, and
+/// `extra` arguments; its stdout (the table) once it has succeeded.
+fn compare_cached_only(out: &Path, extra: &[&str]) -> String {
     let model = fixtures().join("tiny-llama.gguf");
-    let result = kv_bench(&[
+    let mut args = vec![
         "compare",
         "--model",
         model.to_str().unwrap(),
         "--prompt-ids",
         "5,17,42,8",
-        "--new-tokens",
-        "30",
         "--runs",
         "1",
         "--warmup",
@@ -192,13 +190,21 @@ fn compare_without_the_uncached_run_reports_the_bandwidth_floor() {
         "8",
         "--out",
         out.to_str().unwrap(),
-    ]);
+    ];
+    args.extend_from_slice(extra);
+    let result = kv_bench(&args);
     assert!(
         result.status.success(),
         "{}",
         String::from_utf8_lossy(&result.stderr)
     );
-    let table = String::from_utf8(result.stdout).unwrap();
+    String::from_utf8(result.stdout).unwrap()
+}
+
+#[test]
+fn compare_without_the_uncached_run_reports_the_bandwidth_floor() {
+    let out = scratch("floor");
+    let table = compare_cached_only(&out, &["--new-tokens", "30"]);
     assert!(!table.contains("without KV caching"), "{table}");
     assert!(table.contains("prefill"), "{table}");
     assert!(
@@ -232,35 +238,10 @@ fn compare_without_the_uncached_run_reports_the_bandwidth_floor() {
 #[test]
 fn compare_with_f16_weights_counts_half_the_bytes() {
     let out = scratch("f16");
-    let model = fixtures().join("tiny-llama.gguf");
-    let result = kv_bench(&[
-        "compare",
-        "--model",
-        model.to_str().unwrap(),
-        "--backend",
-        "flex",
-        "--weights",
-        "f16",
-        "--prompt-ids",
-        "5,17,42,8",
-        "--new-tokens",
-        "8",
-        "--runs",
-        "1",
-        "--warmup",
-        "0",
-        "--no-uncached",
-        "--bandwidth-mib",
-        "8",
-        "--out",
-        out.to_str().unwrap(),
-    ]);
-    assert!(
-        result.status.success(),
-        "{}",
-        String::from_utf8_lossy(&result.stderr)
+    let table = compare_cached_only(
+        &out,
+        &["--new-tokens", "8", "--backend", "flex", "--weights", "f16"],
     );
-    let table = String::from_utf8(result.stdout).unwrap();
     assert!(table.contains("f16 weights read at"), "{table}");
     let report: Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("compare.json")).unwrap()).unwrap();

@@ -57,23 +57,7 @@ mod f16_on_flex {
 
             let f32_rows = prompt_logits(&f32_model, &prompt);
             let f16_rows = prompt_logits(&f16_model, &prompt);
-            let last = floats(&expected["last_logits"]);
-            let diff = max_abs_diff(f16_rows.last().unwrap(), &last);
-            assert!(
-                diff < F16_TOLERANCE,
-                "{name}: f16 last logits differ by {diff}"
-            );
-            for (position, row) in f16_rows.iter().enumerate() {
-                let top_ids = ids(&expected["top5_ids"][position]);
-                let top_logits = floats(&expected["top5_logits"][position]);
-                for (id, logit) in top_ids.iter().zip(&top_logits) {
-                    let ours = row[*id as usize];
-                    assert!(
-                        (ours - logit).abs() < F16_TOLERANCE,
-                        "{name}: position {position}, token {id}: {ours} vs {logit}"
-                    );
-                }
-            }
+            reference::check_logit_values(&f16_rows, &expected, F16_TOLERANCE);
             // The weights really are f16: the numbers moved off the f32 model's, by rounding.
             let moved = max_abs_diff(f16_rows.last().unwrap(), f32_rows.last().unwrap());
             assert!(moved > 0.0, "{name}: f16 logits equal f32's exactly");

@@ -23,6 +23,24 @@ pub fn check_prompt_logits<Bk: Backend>(model: &Transformer<Bk>, expected: &Valu
         .unwrap();
     let rows = &host_logits(logits)[0];
     assert_eq!(rows.len(), prompt.len());
+    check_logit_values(rows, expected, tolerance);
+    for (position, row) in rows.iter().enumerate() {
+        let top_ids = ids(&expected["top5_ids"][position]);
+        assert_eq!(argmax(row), top_ids[0], "argmax at position {position}");
+    }
+    let last = floats(&expected["last_logits"]);
+
+    // Last-only logits are the last row of all logits.
+    let last_only = model
+        .forward::<AnyCache<Bk>>(&[prompt], None, None, Logits::Last)
+        .unwrap();
+    assert_eq!(last_only.dims(), [1, 1, last.len()]);
+    assert!(max_abs_diff(&host_logits(last_only)[0][0], rows.last().unwrap()) < 1e-6);
+}
+
+/// The prompt's logit rows against the recorded ones: the whole last row, and every position's
+/// top 5, each within `tolerance`.
+pub fn check_logit_values(rows: &[Vec<f32>], expected: &Value, tolerance: f32) {
     let last = floats(&expected["last_logits"]);
     let diff = max_abs_diff(rows.last().unwrap(), &last);
     assert!(diff < tolerance, "last-position logits differ by {diff}");
@@ -36,15 +54,7 @@ pub fn check_prompt_logits<Bk: Backend>(model: &Transformer<Bk>, expected: &Valu
                 "position {position}, token {id}: {ours} vs {logit}"
             );
         }
-        assert_eq!(argmax(row), top_ids[0], "argmax at position {position}");
     }
-
-    // Last-only logits are the last row of all logits.
-    let last_only = model
-        .forward::<AnyCache<Bk>>(&[prompt], None, None, Logits::Last)
-        .unwrap();
-    assert_eq!(last_only.dims(), [1, 1, last.len()]);
-    assert!(max_abs_diff(&host_logits(last_only)[0][0], rows.last().unwrap()) < 1e-6);
 }
 
 pub fn check_greedy<Bk: Backend>(model: &Transformer<Bk>, expected: &Value) {
