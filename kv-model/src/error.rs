@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 
+use crate::transformer::WeightDtype;
 use kv_core::CacheError;
 
 /// Why loading or running a model failed.
@@ -113,8 +114,8 @@ pub enum ModelError {
     /// The backend cannot compute with the requested weight element type.
     #[error("{dtype} weights need a backend with {dtype} arithmetic (flex or cuda); {backend} has none: use f32 weights")]
     UnsupportedWeightDtype {
-        /// The requested element type (`f16`).
-        dtype: String,
+        /// The requested element type.
+        dtype: WeightDtype,
         /// The backend's name.
         backend: String,
     },

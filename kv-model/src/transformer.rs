@@ -204,7 +204,7 @@ impl std::str::FromStr for WeightDtype {
 }
 
 impl<B: Backend> Transformer<B> {
-    /// The same model with its projection weights stored as `dtype` (see [`WeightDtype`]).
+    /// The same model with its projection weights stored as `weights` (see [`WeightDtype`]).
     ///
     /// ```
     /// # use burn_ndarray::NdArray;
@@ -223,13 +223,12 @@ impl<B: Backend> Transformer<B> {
     /// ```
     ///
     /// # Errors
-    /// [`ModelError::UnsupportedWeightDtype`] when the backend has no arithmetic in `dtype`.
-    pub fn with_weight_dtype(self, dtype: WeightDtype) -> Result<Self> {
-        let name = dtype;
-        let dtype = dtype.float_dtype();
+    /// [`ModelError::UnsupportedWeightDtype`] when the backend has no arithmetic in `weights`.
+    pub fn with_weight_dtype(self, weights: WeightDtype) -> Result<Self> {
+        let dtype = weights.float_dtype();
         if !B::supports_dtype(&self.device, dtype.into()) {
             return Err(ModelError::UnsupportedWeightDtype {
-                dtype: name.to_string(),
+                dtype: weights,
                 backend: B::name(&self.device),
             });
         }
