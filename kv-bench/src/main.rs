@@ -209,11 +209,13 @@ fn with_backend(
     let backend: BackendKind = name.parse()?;
     match backend.require()? {
         #[cfg(feature = "ndarray")]
-        BackendKind::Ndarray => f(&On::<kv_generate::backend::Ndarray>::new("ndarray")),
+        BackendKind::Ndarray => f(&On::<kv_generate::backend::Ndarray>::new(
+            BackendKind::Ndarray,
+        )),
         #[cfg(feature = "flex")]
-        BackendKind::Flex => f(&On::<kv_generate::backend::Flex>::new("flex")),
+        BackendKind::Flex => f(&On::<kv_generate::backend::Flex>::new(BackendKind::Flex)),
         #[cfg(feature = "cuda")]
-        BackendKind::Cuda => f(&On::<kv_generate::backend::Cuda>::new("cuda")),
+        BackendKind::Cuda => f(&On::<kv_generate::backend::Cuda>::new(BackendKind::Cuda)),
         #[allow(unreachable_patterns)]
         other => Err(BenchError::Usage(format!(
             "backend {other} is not available"
@@ -228,14 +230,17 @@ trait Runner {
 }
 
 struct On<B: Backend> {
+    kind: BackendKind,
+    /// The command-line name of `kind`.
     name: &'static str,
     device: B::Device,
 }
 
 impl<B: Backend> On<B> {
-    fn new(name: &'static str) -> Self {
+    fn new(kind: BackendKind) -> Self {
         Self {
-            name,
+            kind,
+            name: kind.name(),
             device: Default::default(),
         }
     }
@@ -318,7 +323,9 @@ impl<B: Backend> Runner for On<B> {
         let LoadedModel {
             model, tokenizer, ..
         } = load_model::<B>(&path, &self.device)?;
-        let model = model.with_weight_dtype(args.weights)?;
+        let model = model
+            .with_weight_dtype(args.weights)?
+            .with_execution(self.kind.execution());
         let prompt_ids = match (&args.prompt_ids, &tokenizer) {
             (Some(ids), _) => parse_ids(ids)?,
             (None, Some(tokenizer)) => tokenizer.encode(&args.prompt)?,
@@ -363,7 +370,7 @@ impl<B: Backend> Runner for On<B> {
         };
         // On a CPU, decoding is bound by reading the weights: measure how fast this machine
         // reads memory, to say how close each run comes to that floor.
-        let bandwidth = (self.name != "cuda" && args.bandwidth_mib > 0).then(|| {
+        let bandwidth = (self.kind != BackendKind::Cuda && args.bandwidth_mib > 0).then(|| {
             eprintln!(
                 "kv-bench: measuring read bandwidth ({} MiB)",
                 args.bandwidth_mib

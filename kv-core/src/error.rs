@@ -150,6 +150,22 @@ pub enum CacheError {
         value: [usize; 4],
     },
 
+    /// Tensors handed to an [`crate::AttentionPlan`] made for other sizes.
+    #[error(
+        "the attention plan was made for {queries} queries over {keys} keys, but got query \
+         {query:?} and key {key:?}: plan again for these keys"
+    )]
+    PlanShape {
+        /// Queries the plan was made for.
+        queries: usize,
+        /// Key slots the plan was made for.
+        keys: usize,
+        /// `[batch, heads, queries, head_dim]` given.
+        query: [usize; 4],
+        /// `[batch, kv_heads, keys, head_dim]` given.
+        key: [usize; 4],
+    },
+
     /// A cache configuration that cannot work, with the reason.
     #[error("invalid cache configuration: {0}")]
     InvalidConfig(String),

@@ -21,8 +21,9 @@
 //! [`SinkCache`] (StreamingLLM sinks + window), [`QuantizedCache`] (KIVI int8/int4), and
 //! [`AnyCache`] to choose at run time. [`ModelCache`] holds one per layer. The helpers a custom
 //! loop needs are here too: [`attention_mask`], [`causal_mask`], [`AttentionMask`] (padding and
-//! position ids), [`RotaryTable`], [`grouped_query_attention`] and the [`reference_attention`]
-//! that tests compare against.
+//! position ids), [`RotaryTable`], [`grouped_query_attention`], [`AttentionPlan`] (a prompt's
+//! attention in blocks of queries that read only the keys they see, on one thread or many) and
+//! the [`reference_attention`] that tests compare against.
 //!
 //! [`Backend`]: burn::tensor::backend::Backend
 //!
@@ -50,6 +51,7 @@
 
 mod any;
 mod attention;
+mod attention_plan;
 mod buffer;
 mod cache;
 mod dynamic;
@@ -68,6 +70,7 @@ pub use any::{AnyCache, CacheConfig, LayerShape};
 pub use attention::{
     fold_mask_for_groups, grouped_query_attention, reference_attention, repeat_kv,
 };
+pub use attention_plan::{AttentionPlan, Execution, DEFAULT_BLOCK_QUERIES};
 pub use cache::{KeyRotation, KvCache};
 pub use dynamic::{DynamicCache, MIN_CAPACITY};
 pub use error::{CacheError, Result};

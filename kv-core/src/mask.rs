@@ -237,7 +237,7 @@ pub fn needed_attention_mask<B: Backend>(
 }
 
 /// Host data and shape of [`attention_mask`].
-fn mask_data(
+pub(crate) fn mask_data(
     queries: Range<usize>,
     keys: &KeyPositions,
     pattern: AttentionPattern,

@@ -3,6 +3,7 @@
 use std::fmt;
 use std::str::FromStr;
 
+use kv_core::Execution;
 use thiserror::Error;
 
 /// A compute backend.
@@ -52,6 +53,16 @@ impl BackendKind {
             BackendKind::Ndarray => "ndarray",
             BackendKind::Flex => "flex",
             BackendKind::Cuda => "cuda",
+        }
+    }
+
+    /// Where a model on this backend runs a prompt's blocks of attention: spread over the
+    /// CPU's threads for the CPU backends, whose attention kernels run on the calling thread;
+    /// one after another for the GPU, which queues them on the device either way.
+    pub fn execution(self) -> Execution {
+        match self {
+            BackendKind::Ndarray | BackendKind::Flex => Execution::Parallel,
+            BackendKind::Cuda => Execution::Sequential,
         }
     }
 

@@ -138,17 +138,27 @@ fn run(args: &Args) -> Result<(), CliError> {
     let backend: BackendKind = args.backend.parse()?;
     match backend.require()? {
         #[cfg(feature = "ndarray")]
-        BackendKind::Ndarray => run_on::<kv_generate::backend::Ndarray>(args, &Default::default()),
+        BackendKind::Ndarray => {
+            run_on::<kv_generate::backend::Ndarray>(args, backend, &Default::default())
+        }
         #[cfg(feature = "flex")]
-        BackendKind::Flex => run_on::<kv_generate::backend::Flex>(args, &Default::default()),
+        BackendKind::Flex => {
+            run_on::<kv_generate::backend::Flex>(args, backend, &Default::default())
+        }
         #[cfg(feature = "cuda")]
-        BackendKind::Cuda => run_on::<kv_generate::backend::Cuda>(args, &Default::default()),
+        BackendKind::Cuda => {
+            run_on::<kv_generate::backend::Cuda>(args, backend, &Default::default())
+        }
         #[allow(unreachable_patterns)]
         other => Err(CliError::Usage(format!("backend {other} is not available"))),
     }
 }
 
-fn run_on<B: Backend>(args: &Args, device: &B::Device) -> Result<(), CliError> {
+fn run_on<B: Backend>(
+    args: &Args,
+    backend: BackendKind,
+    device: &B::Device,
+) -> Result<(), CliError> {
     let sampling = sampling(args)?;
     sampling.validate()?;
     if args.prompt.is_none() && args.prompt_ids.is_none() {
@@ -173,7 +183,9 @@ fn run_on<B: Backend>(args: &Args, device: &B::Device) -> Result<(), CliError> {
     let LoadedModel {
         model, tokenizer, ..
     } = load_model::<B>(&path, device)?;
-    let model = model.with_weight_dtype(args.weights)?;
+    let model = model
+        .with_weight_dtype(args.weights)?
+        .with_execution(backend.execution());
 
     let ids = match (prompt_ids, &args.prompt) {
         (Some(ids), _) => ids,

@@ -39,5 +39,5 @@ pub use safetensors_dir::{
     read_config, read_safetensors, read_safetensors_bytes, safetensors_files,
 };
 pub use tokenizer::{ChatMessage, GenerationPrompt, SpecialTokens, Tokenizer};
-pub use transformer::{Logits, Transformer, WeightDtype};
+pub use transformer::{Logits, PromptSplit, Transformer, WeightDtype};
 pub use weights::{HostTensor, Weights};

@@ -11,17 +11,42 @@
 
 use std::ops::Range;
 
-use burn::tensor::{backend::Backend, Bool, FloatDType, Int, Tensor, TensorData};
+use burn::tensor::{backend::Backend, FloatDType, Int, Tensor, TensorData};
 use kv_core::{
-    fold_mask_for_groups, grouped_query_attention, needed_attention_mask, AttentionMask,
-    AttentionPattern, KeyPositions, KeyRotation, KvCache, KvView, ModelCache, RotaryAngles,
-    RotaryTable,
+    AttentionMask, AttentionPattern, AttentionPlan, Execution, KeyPositions, KeyRotation, KvCache,
+    KvView, ModelCache, RotaryAngles, RotaryTable, DEFAULT_BLOCK_QUERIES,
 };
+use rayon::prelude::*;
 
 use crate::config::{Architecture, ModelConfig};
 use crate::error::{ModelError, Result};
 use crate::layers::{upload, Linear, Mlp, Norm};
 use crate::weights::{HostTensor, Weights};
+
+/// How a forward pass over many new tokens (a prompt) is cut up.
+///
+/// Attention runs in blocks of queries, each reading only the keys it can see
+/// ([`kv_core::AttentionPlan`]); with [`Execution::Parallel`], the position-wise work (norms,
+/// projections, rotary, MLP) also runs in runs of positions on rayon's threads. Neither changes
+/// the numbers beyond float rounding; the defaults suit CPU prompts of hundreds of tokens, and
+/// tests set small values to exercise the cuts on short inputs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PromptSplit {
+    /// Queries per attention block (at least 1).
+    pub queries_per_block: usize,
+    /// Fewest positions per run of the position-wise work (at least 1), so each run's matrix
+    /// products keep rows enough to run at speed. There are at most two runs per thread.
+    pub min_positions_per_run: usize,
+}
+
+impl Default for PromptSplit {
+    fn default() -> Self {
+        Self {
+            queries_per_block: DEFAULT_BLOCK_QUERIES,
+            min_positions_per_run: 64,
+        }
+    }
+}
 
 /// Which positions to compute logits for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -93,6 +118,10 @@ pub struct Transformer<B: Backend> {
     final_norm: Norm<B>,
     /// `[hidden, vocab]`.
     lm_head: Linear<B>,
+    /// Where a prompt's blocks of attention and runs of positions are computed.
+    execution: Execution,
+    /// How a prompt is cut into blocks and runs.
+    split: PromptSplit,
     device: B::Device,
 }
 
@@ -250,6 +279,44 @@ impl<B: Backend> Transformer<B> {
         })
     }
 
+    /// The same model computing a prompt on `execution`'s threads: its blocks of attention
+    /// queries and its runs of positions ([`PromptSplit`]) one after another
+    /// ([`Execution::Sequential`], the default, for GPU backends, which queue the work on the
+    /// device either way) or spread over rayon's thread pool ([`Execution::Parallel`], for CPU
+    /// backends, whose element-wise and attention kernels run on the calling thread). The
+    /// output is the same either way, up to float rounding.
+    ///
+    /// ```
+    /// # use burn_ndarray::NdArray;
+    /// # use kv_core::{AnyCache, Execution};
+    /// # use kv_model::{Logits, ModelConfig, PromptSplit, Transformer};
+    /// # let json = serde_json::json!({
+    /// #     "model_type": "llama", "vocab_size": 64, "hidden_size": 32, "num_hidden_layers": 2,
+    /// #     "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 64
+    /// # });
+    /// # let config = ModelConfig::from_hf_json(&json, "doc").unwrap();
+    /// let model = Transformer::<NdArray>::random(&config, 1, &Default::default()).unwrap();
+    /// let split = PromptSplit { queries_per_block: 2, min_positions_per_run: 2 };
+    /// let parallel = model.clone().with_execution(Execution::Parallel).with_prompt_split(split);
+    /// let prompt = [vec![3, 1, 4, 1, 5, 9, 2, 6]];
+    /// let a = model.forward::<AnyCache<NdArray>>(&prompt, None, None, Logits::All).unwrap();
+    /// let b = parallel.forward::<AnyCache<NdArray>>(&prompt, None, None, Logits::All).unwrap();
+    /// a.into_data().assert_approx_eq::<f32>(&b.into_data(), Default::default());
+    /// ```
+    pub fn with_execution(self, execution: Execution) -> Self {
+        Self { execution, ..self }
+    }
+
+    /// Where a prompt is computed (see [`Transformer::with_execution`]).
+    pub fn execution(&self) -> Execution {
+        self.execution
+    }
+
+    /// The same model cutting prompts as `split` says (see [`PromptSplit`]).
+    pub fn with_prompt_split(self, split: PromptSplit) -> Self {
+        Self { split, ..self }
+    }
+
     /// Builds the model from Hugging Face-named weights; every tensor's shape is checked
     /// against `config`.
     pub fn from_weights(
@@ -360,41 +427,114 @@ impl<B: Backend> Transformer<B> {
             (AttentionPattern::Causal, KeyRotation::AppliedByCaller),
             |c| (c.attention_pattern(), c.key_rotation()),
         );
-        // Rotary angles of the new tokens: computed once, laid out for the query heads and
-        // for the key heads, and applied to Q and K in every layer.
+        let runs = self.runs(seq);
+        // Rotary angles of the new tokens: computed once per run of positions, laid out for
+        // the query heads and for the key heads, and applied to Q and K in every layer.
         let angles = match (&self.positions, rotation) {
-            (PositionEncoding::Rotary(rope), KeyRotation::AppliedByCaller) => {
-                let angles = rope.angles(&position_ids);
-                Some((
-                    angles.for_heads(self.config.num_heads),
-                    angles.for_heads(self.config.num_kv_heads),
-                ))
-            }
+            (PositionEncoding::Rotary(rope), KeyRotation::AppliedByCaller) => Some(
+                runs.iter()
+                    .map(|run| {
+                        let ids: Vec<Vec<usize>> = position_ids
+                            .iter()
+                            .map(|row| row[run.clone()].to_vec())
+                            .collect();
+                        let angles = rope.angles(&ids);
+                        (
+                            angles.for_heads(self.config.num_heads),
+                            angles.for_heads(self.config.num_kv_heads),
+                        )
+                    })
+                    .collect(),
+            ),
             _ => None,
         };
         let mut step = Step {
             queries,
+            runs,
             angles,
             position_ids,
             padding: mask,
             pattern: self.pattern(cache_pattern)?,
             rotation,
-            mask_memo: None,
+            plan_memo: None,
         };
 
-        let mut x = self.embed(tokens, &step.position_ids)?;
+        // The residual stream `[batch, run, hidden]`, run by run: each run its own buffer, so
+        // the element-wise ops on it work in place on whole buffers, not on views.
+        let runs = step.runs.clone();
+        let mut xs = self
+            .map_runs(&runs, vec![(); runs.len()], |_, run, ()| {
+                let ids: Vec<Vec<u32>> =
+                    tokens.iter().map(|row| row[run.clone()].to_vec()).collect();
+                let positions: Vec<Vec<usize>> = step
+                    .position_ids
+                    .iter()
+                    .map(|row| row[run.clone()].to_vec())
+                    .collect();
+                self.embed(&ids, &positions)
+            })
+            .into_iter()
+            .collect::<Result<Vec<_>>>()?;
         for (layer, block) in self.blocks.iter().enumerate() {
-            let h = block.attention_norm.forward(x.clone());
-            let h = self.attend(&block.attention, h, layer, cache.as_deref_mut(), &mut step)?;
-            x = x + h;
-            let h = block.mlp.forward(block.mlp_norm.forward(x.clone()));
-            x = x + h;
+            let heads = self.attend(block, &xs, layer, cache.as_deref_mut(), &mut step)?;
+            // The rest of the block treats each position on its own.
+            xs = self.map_runs(&runs, xs, |_, run, x| {
+                let x = block.attention.output.forward(narrow_run(&heads, run)) + x;
+                let h = block.mlp.forward(block.mlp_norm.forward(x.clone()));
+                h + x
+            });
         }
         let x = match logits {
-            Logits::All => x,
-            Logits::Last => x.narrow(1, seq - 1, 1),
+            Logits::All => join_runs(xs, 1),
+            Logits::Last => {
+                let last = xs.pop().expect("at least one run");
+                let len = last.dims()[1];
+                last.narrow(1, len - 1, 1)
+            }
         };
         Ok(self.lm_head.forward(self.final_norm.forward(x)))
+    }
+
+    /// The runs of positions `0..seq` that a forward pass computes apart wherever positions
+    /// are independent (norms, projections, rotary, MLP). With [`Execution::Parallel`] and a
+    /// prompt of at least two [`PromptSplit::min_positions_per_run`], up to two runs per
+    /// thread of rayon's pool, which the threads take in turn; CPU backends run their
+    /// element-wise kernels on the calling thread, so this is what puts a prompt's norms and
+    /// activations on every core. Otherwise one run of everything.
+    fn runs(&self, seq: usize) -> Vec<Range<usize>> {
+        let min = self.split.min_positions_per_run.max(1);
+        let tasks = (2 * rayon::current_num_threads()).min(seq / min);
+        if self.execution != Execution::Parallel || tasks < 2 {
+            #[allow(clippy::single_range_in_vec_init)] // one run: all the positions
+            return vec![0..seq];
+        }
+        (0..tasks)
+            .map(|i| i * seq / tasks..(i + 1) * seq / tasks)
+            .collect()
+    }
+
+    /// `f(index, run, input)` for every run and its input, on rayon's threads when there are
+    /// several, in run order.
+    fn map_runs<I: Send, T: Send>(
+        &self,
+        runs: &[Range<usize>],
+        inputs: Vec<I>,
+        f: impl Fn(usize, &Range<usize>, I) -> T + Sync,
+    ) -> Vec<T> {
+        debug_assert_eq!(runs.len(), inputs.len());
+        if runs.len() == 1 {
+            return inputs
+                .into_iter()
+                .map(|input| f(0, &runs[0], input))
+                .collect();
+        }
+        inputs
+            .into_par_iter()
+            .zip(runs.par_iter())
+            .enumerate()
+            .with_max_len(1)
+            .map(|(i, (input, run))| f(i, run, input))
+            .collect()
     }
 
     /// Checks ids against the vocabulary and rows against each other: `(batch, seq)`.
@@ -476,42 +616,53 @@ impl<B: Backend> Transformer<B> {
         }
     }
 
-    /// Self-attention of `layer` over `x` `[batch, seq, hidden]`, through `cache` if any.
+    /// Self-attention of `layer` over the residual stream `xs` (`[batch, run, hidden]` per run,
+    /// normed here), through `cache` if any, up to the output projection:
+    /// `[batch, seq, heads * head_dim]`.
     fn attend<C: KvCache<B>>(
         &self,
-        attention: &Attention<B>,
-        x: Tensor<B, 3>,
+        block: &Block<B>,
+        xs: &[Tensor<B, 3>],
         layer: usize,
         cache: Option<&mut ModelCache<B, C>>,
         step: &mut Step<'_, B>,
     ) -> Result<Tensor<B, 3>> {
         let c = &self.config;
-        let [batch, seq, _] = x.dims();
+        let batch = xs[0].dims()[0];
         let (heads, kv_heads, head_dim) = (c.num_heads, c.num_kv_heads, c.head_dim);
-        let qkv = attention.qkv.forward(x);
-        let split = |start: usize, heads: usize| {
-            contiguous(
-                qkv.clone()
-                    .narrow(2, start * head_dim, heads * head_dim)
-                    .reshape([batch, seq, heads, head_dim])
-                    .swap_dims(1, 2),
-            )
-        };
-        // [batch, heads or kv_heads, seq, head_dim]
-        let (mut q, mut k, v) = (
-            split(0, heads),
-            split(heads, kv_heads),
-            split(heads + kv_heads, kv_heads),
-        );
+        // Q, K and V, `[batch, heads or kv_heads, run, head_dim]`, rotated where the model
+        // rotates keys itself: run by run, then joined along the positions.
+        let parts = self.map_runs(&step.runs, xs.to_vec(), |i, run, x| {
+            let h = block.attention_norm.forward(x);
+            let qkv = block.attention.qkv.forward(h);
+            let split = |start: usize, heads: usize| {
+                contiguous(
+                    qkv.clone()
+                        .narrow(2, start * head_dim, heads * head_dim)
+                        .reshape([batch, run.len(), heads, head_dim])
+                        .swap_dims(1, 2),
+                )
+            };
+            let (mut q, mut k, v) = (
+                split(0, heads),
+                split(heads, kv_heads),
+                split(heads + kv_heads, kv_heads),
+            );
+            if let Some(angles) = &step.angles {
+                let (for_queries, for_keys) = &angles[i];
+                q = for_queries.apply(q);
+                k = for_keys.apply(k);
+            }
+            (q, k, v)
+        });
+        let (qs, (ks, vs)): (Vec<_>, (Vec<_>, Vec<_>)) =
+            parts.into_iter().map(|(q, k, v)| (q, (k, v))).unzip();
+        let (mut q, k, v) = (join_runs(qs, 2), join_runs(ks, 2), join_runs(vs, 2));
 
         let rope = match &self.positions {
             PositionEncoding::Rotary(rope) => Some(rope),
             PositionEncoding::Learned(_) => None,
         };
-        if let Some((for_queries, for_keys)) = &step.angles {
-            q = for_queries.apply(q);
-            k = for_keys.apply(k);
-        }
         let view = match cache {
             Some(cache) => cache.update(layer, k, v)?,
             None => KvView {
@@ -530,10 +681,13 @@ impl<B: Backend> Transformer<B> {
             q = rope.rotate(q, &[ranks.collect()]);
         }
         let groups = heads / kv_heads;
-        let mask = step.mask_for(&view.positions, [batch, kv_heads, groups], &self.device);
-        let out = grouped_query_attention(q, view.keys, view.values, mask)?;
-        let out = out.swap_dims(1, 2).reshape([batch, seq, heads * head_dim]);
-        Ok(attention.output.forward(out))
+        let plan = step.plan_for(
+            &view.positions,
+            self.split.queries_per_block,
+            [batch, kv_heads, groups],
+            &self.device,
+        )?;
+        Ok(plan.attend_merged(q, view.keys, view.values, self.execution)?)
     }
 }
 
@@ -551,47 +705,72 @@ fn contiguous<B: Backend>(x: Tensor<B, 4>) -> Tensor<B, 4> {
         .reshape([batch, heads, seq, head_dim])
 }
 
+/// Positions `run` of `x` `[batch, seq, _]` (`x` itself when the run is all of them).
+fn narrow_run<B: Backend>(x: &Tensor<B, 3>, run: &Range<usize>) -> Tensor<B, 3> {
+    if run.len() == x.dims()[1] {
+        x.clone()
+    } else {
+        x.clone().narrow(1, run.start, run.len())
+    }
+}
+
+/// Run outputs joined along `dim`, the positions (one run is returned as it is).
+fn join_runs<B: Backend, const D: usize>(mut parts: Vec<Tensor<B, D>>, dim: usize) -> Tensor<B, D> {
+    if parts.len() == 1 {
+        parts.remove(0)
+    } else {
+        Tensor::cat(parts, dim)
+    }
+}
+
 /// What every layer of one forward pass shares.
 struct Step<'a, B: Backend> {
     /// Cache positions of the new tokens.
     queries: Range<usize>,
     /// Rotary / learned position of each new token, per batch row (or one shared row).
     position_ids: Vec<Vec<usize>>,
-    /// Cosines and sines at `position_ids` for the query heads and for the key heads, when the
-    /// model rotates keys itself.
-    angles: Option<(RotaryAngles<B>, RotaryAngles<B>)>,
+    /// Runs of the new tokens computed apart where positions are independent
+    /// ([`Transformer::runs`]).
+    runs: Vec<Range<usize>>,
+    /// Cosines and sines at `position_ids` for the query heads and for the key heads, run by
+    /// run, when the model rotates keys itself.
+    angles: Option<Vec<(RotaryAngles<B>, RotaryAngles<B>)>>,
     padding: Option<&'a AttentionMask>,
     pattern: AttentionPattern,
     rotation: KeyRotation,
-    /// The mask built for the first layer, folded for grouped-query attention, reused while
-    /// the key positions stay the same.
-    mask_memo: Option<(KeyPositions, Option<Tensor<B, 4, Bool>>)>,
+    /// The attention plan made for the first layer (its blocks of queries, the keys each
+    /// reads, their masks folded for grouped-query attention), reused while the key positions
+    /// stay the same.
+    plan_memo: Option<(KeyPositions, AttentionPlan<B>)>,
 }
 
 impl<B: Backend> Step<'_, B> {
-    /// The attention mask over `keys`, `[batch, kv_heads, groups * queries, keys]`
-    /// ([`fold_mask_for_groups`]), or `None` where nothing is hidden.
-    fn mask_for(
+    /// The attention plan over `keys`, in blocks of `block_queries`, for queries laid out
+    /// `[batch, kv_heads, groups]`.
+    fn plan_for(
         &mut self,
         keys: &KeyPositions,
-        [batch, kv_heads, groups]: [usize; 3],
+        block_queries: usize,
+        layout: [usize; 3],
         device: &B::Device,
-    ) -> Option<Tensor<B, 4, Bool>> {
-        if let Some((memo_keys, mask)) = &self.mask_memo {
-            if memo_keys == keys {
-                return mask.clone();
-            }
+    ) -> Result<&AttentionPlan<B>> {
+        let stale = self
+            .plan_memo
+            .as_ref()
+            .is_none_or(|(memo_keys, _)| memo_keys != keys);
+        if stale {
+            let plan = AttentionPlan::new(
+                self.queries.clone(),
+                keys,
+                self.pattern,
+                self.padding,
+                block_queries,
+                layout,
+                device,
+            )?;
+            self.plan_memo = Some((keys.clone(), plan));
         }
-        let mask = needed_attention_mask(
-            self.queries.clone(),
-            keys,
-            self.pattern,
-            self.padding,
-            device,
-        )
-        .map(|mask| fold_mask_for_groups(mask, batch, kv_heads, groups));
-        self.mask_memo = Some((keys.clone(), mask.clone()));
-        mask
+        Ok(&self.plan_memo.as_ref().expect("planned above").1)
     }
 }
 
@@ -622,6 +801,8 @@ fn build<B: Backend>(
             Some(head) => Linear::new(head.transposed(), None, device),
             None => Linear::new(token_embedding.transposed(), None, device),
         },
+        execution: Execution::Sequential,
+        split: PromptSplit::default(),
         device: device.clone(),
     })
 }

@@ -1,12 +1,12 @@
 //! Properties of the model over random inputs: every cache kind gives the logits of the
-//! uncached computation, however the sequence is cut into chunks, and padding never changes a
-//! row's logits.
+//! uncached computation, however the sequence is cut into chunks, padding never changes a
+//! row's logits, and cutting a prompt into attention blocks and parallel runs changes nothing.
 
 mod common;
 
 use common::*;
-use kv_core::{AnyCache, AttentionMask, CacheConfig};
-use kv_model::{Logits, ModelConfig, Transformer};
+use kv_core::{AnyCache, AttentionMask, CacheConfig, Execution};
+use kv_model::{Logits, ModelConfig, PromptSplit, Transformer};
 use proptest::prelude::*;
 
 const VOCAB: usize = 40;
@@ -162,6 +162,67 @@ proptest! {
                 let diff = max_abs_diff(&logits[row][0], want.last().unwrap());
                 prop_assert!(diff < 1e-4, "row {row}, step {step}: {diff}");
             }
+        }
+    }
+
+    /// A prompt cut into blocks of attention queries and runs of positions computed on
+    /// rayon's threads gives the logits of the whole computed in one piece, through every
+    /// exact cache kind and fed in chunks, for both families and a windowed model.
+    #[test]
+    fn split_prompts_equal_the_whole(
+        tokens in proptest::collection::vec(0..VOCAB as u32, 1..48),
+        cuts in proptest::collection::vec(1usize..20, 1..4),
+        queries_per_block in 1usize..9,
+        min_positions_per_run in 1usize..9,
+        family in 0usize..3,
+    ) {
+        let (whole, kinds) = match family {
+            0 => (tiny("gpt2", None), exact_cache_kinds(64)),
+            1 => (tiny("llama", None), exact_cache_kinds(64)),
+            // A model with a window of its own takes window caches, not sinks.
+            _ => (
+                tiny("mistral", Some(5)),
+                vec![CacheConfig::SlidingWindow { window: 5 }, CacheConfig::Dynamic { capacity: 4 }],
+            ),
+        };
+        let split = whole
+            .clone()
+            .with_execution(Execution::Parallel)
+            .with_prompt_split(PromptSplit { queries_per_block, min_positions_per_run });
+        let reference = uncached(&whole, &tokens);
+        let diff = worst(&uncached(&split, &tokens), &reference);
+        prop_assert!(diff < 1e-5, "no cache: {diff}");
+        for kind in kinds {
+            let diff = worst(&chunked(&split, &kind, &tokens, &cuts), &reference);
+            prop_assert!(diff < 1e-4, "{kind:?}: {diff}");
+        }
+    }
+
+    /// The same for a left-padded batch through a cache.
+    #[test]
+    fn split_padded_batches_equal_the_whole(
+        long in proptest::collection::vec(0..VOCAB as u32, 2..40),
+        short_len in 1usize..40,
+        queries_per_block in 1usize..9,
+        min_positions_per_run in 1usize..9,
+        gpt2 in any::<bool>(),
+    ) {
+        let whole = tiny(if gpt2 { "gpt2" } else { "llama" }, None);
+        let split = whole
+            .clone()
+            .with_execution(Execution::Parallel)
+            .with_prompt_split(PromptSplit { queries_per_block, min_positions_per_run });
+        let short: Vec<u32> = long.iter().rev().take(short_len.min(long.len())).copied().collect();
+        let padded = [long.clone(), [vec![0; long.len() - short.len()], short.clone()].concat()];
+        let mask = AttentionMask::left_padded(&[long.len(), short.len()], long.len()).unwrap();
+        let logits = |model: &Transformer<B>| {
+            let mut cache = model.new_cache(&CacheConfig::Dynamic { capacity: 8 }).unwrap();
+            host_logits(model.forward(&padded, Some(&mask), Some(&mut cache), Logits::All).unwrap())
+        };
+        let (a, b) = (logits(&whole), logits(&split));
+        for row in 0..2 {
+            let diff = worst(&a[row], &b[row]);
+            prop_assert!(diff < 1e-5, "row {row}: {diff}");
         }
     }
 }

@@ -7,9 +7,10 @@
 mod common;
 
 use common::*;
-use kv_core::CacheConfig;
+use kv_core::{CacheConfig, Execution};
 use kv_model::{
-    default_model, load_model, ChatMessage, GenerationPrompt, Logits, Progress, SpecialTokens,
+    default_model, load_model, ChatMessage, GenerationPrompt, Logits, Progress, PromptSplit,
+    SpecialTokens,
 };
 
 #[test]
@@ -22,6 +23,13 @@ fn smollm2_matches_transformers() {
     .expect("fetch the default model");
     let loaded = load_model::<B>(&path, &device()).unwrap();
     let model = loaded.model;
+    let split = model
+        .clone()
+        .with_execution(Execution::Parallel)
+        .with_prompt_split(PromptSplit {
+            queries_per_block: 4,
+            min_positions_per_run: 2,
+        });
     let tokenizer = loaded.tokenizer.expect("GGUF tokenizer");
     let expected = read_json("smollm2.json");
 
@@ -62,31 +70,34 @@ fn smollm2_matches_transformers() {
         );
 
         // Prompt logits: transformers dequantizes to f32 as we do, so only the summation
-        // order differs over 30 layers.
-        let mut cache = model
-            .new_cache(&CacheConfig::Dynamic { capacity: 128 })
-            .unwrap();
-        let logits = model
-            .forward(
-                std::slice::from_ref(&prompt_ids),
-                None,
-                Some(&mut cache),
-                Logits::Last,
-            )
-            .unwrap();
-        let row = &host_logits(logits)[0][0];
-        let top_ids = ids(&prompt["top20_ids"]);
-        let top_logits = floats(&prompt["top20_logits"]);
-        let worst = top_ids
-            .iter()
-            .zip(&top_logits)
-            .map(|(&id, &want)| (row[id as usize] - want).abs())
-            .fold(0.0, f32::max);
-        assert!(
-            worst < 2e-3,
-            "{name}: top-20 logits differ by up to {worst}"
-        );
-        assert_eq!(argmax(row), top_ids[0]);
+        // order differs over 30 layers. Also with the prompt cut into attention blocks and
+        // parallel runs of a few positions, as CPU binaries cut long prompts.
+        for model in [&model, &split] {
+            let mut cache = model
+                .new_cache(&CacheConfig::Dynamic { capacity: 128 })
+                .unwrap();
+            let logits = model
+                .forward(
+                    std::slice::from_ref(&prompt_ids),
+                    None,
+                    Some(&mut cache),
+                    Logits::Last,
+                )
+                .unwrap();
+            let row = &host_logits(logits)[0][0];
+            let top_ids = ids(&prompt["top20_ids"]);
+            let top_logits = floats(&prompt["top20_logits"]);
+            let worst = top_ids
+                .iter()
+                .zip(&top_logits)
+                .map(|(&id, &want)| (row[id as usize] - want).abs())
+                .fold(0.0, f32::max);
+            assert!(
+                worst < 2e-3,
+                "{name}: top-20 logits differ by up to {worst}"
+            );
+            assert_eq!(argmax(row), top_ids[0]);
+        }
 
         // Greedy continuation through the cache, token for token.
         let reference = ids(&prompt["greedy"]);

@@ -5,8 +5,8 @@
 mod common;
 
 use common::*;
-use kv_core::AnyCache;
-use kv_model::{load_model, Logits, ModelConfig};
+use kv_core::{AnyCache, Execution};
+use kv_model::{load_model, Logits, ModelConfig, PromptSplit};
 use serde_json::Value;
 
 const TOLERANCE: f32 = 1e-4;
@@ -32,6 +32,22 @@ fn llama_with_gqa_and_llama3_rope_matches_transformers() {
 #[test]
 fn qwen2_with_qkv_bias_from_bf16_matches_transformers() {
     check_all("qwen2");
+}
+
+/// The same checks with every prompt cut into attention blocks of 3 queries and runs of 2
+/// positions on rayon's threads, as CPU binaries run prompts (in blocks and runs of 64).
+#[test]
+fn prompts_split_across_threads_match_transformers() {
+    let split = PromptSplit {
+        queries_per_block: 3,
+        min_positions_per_run: 2,
+    };
+    for name in ["gpt2", "llama", "qwen2"] {
+        let model = load(name)
+            .with_execution(Execution::Parallel)
+            .with_prompt_split(split);
+        reference::check_all(&model, &expected(name), TOLERANCE);
+    }
 }
 
 #[test]
