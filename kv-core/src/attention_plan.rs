@@ -101,7 +101,8 @@ impl<B: Backend> AttentionPlan<B> {
     /// out (`groups = heads / kv_heads`): each block's mask is folded for it once here.
     ///
     /// # Errors
-    /// [`CacheError::InvalidConfig`] if `padding` has rows but not `batch` of them.
+    /// [`CacheError::InvalidConfig`] if there are no queries or no keys, or `padding` has rows
+    /// but not `batch` of them.
     pub fn new(
         queries: Range<usize>,
         keys: &KeyPositions,
@@ -111,6 +112,13 @@ impl<B: Backend> AttentionPlan<B> {
         [batch, kv_heads, groups]: [usize; 3],
         device: &B::Device,
     ) -> Result<Self> {
+        if queries.is_empty() || keys.is_empty() {
+            return Err(CacheError::InvalidConfig(format!(
+                "an attention plan needs at least one query and one key, got {} and {}",
+                queries.len(),
+                keys.len()
+            )));
+        }
         let (hidden, [rows, _, n, s]) = mask_data(queries, keys, pattern, padding);
         if rows != 1 && rows != batch {
             return Err(CacheError::InvalidConfig(format!(
@@ -421,6 +429,24 @@ mod tests {
         let got = plan.attend(q, k, v, Execution::Parallel).unwrap();
         got.into_data()
             .assert_approx_eq::<f32>(&expected.into_data(), Tolerance::absolute(1e-5));
+    }
+
+    #[test]
+    fn no_queries_or_no_keys_is_an_error() {
+        let plan = |queries: Range<usize>, keys: Range<usize>| {
+            AttentionPlan::<B>::new(
+                queries,
+                &KeyPositions::Contiguous(keys),
+                AttentionPattern::Causal,
+                None,
+                4,
+                [1, 1, 1],
+                &Default::default(),
+            )
+        };
+        let err = plan(3..3, 0..3).unwrap_err();
+        assert!(err.to_string().contains("at least one query"), "{err}");
+        assert!(plan(0..1, 0..0).is_err());
     }
 
     #[test]
