@@ -462,7 +462,9 @@ impl<B: Backend> Runner for On<B> {
     fn sweep(&self, args: &SweepArgs) -> Result<(), BenchError> {
         let path = model_path(&args.model.model)?;
         eprintln!("kv-bench: loading {}", path.display());
-        let model = load_model::<B>(&path, &self.device)?.model;
+        let model = load_model::<B>(&path, &self.device)?
+            .model
+            .with_execution(self.kind.execution());
         let generator = Generator::new(&model, None);
         let vocab = model.config().vocab_size as u32;
         let prompt = |len: usize, row: usize| -> Vec<u32> {

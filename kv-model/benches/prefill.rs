@@ -23,7 +23,9 @@ fn smollm2_shape() -> ModelConfig {
 fn bench_backend<B: Backend>(c: &mut Criterion, name: &str, tokens: usize) {
     let device = Default::default();
     let model = Transformer::<B>::random(&smollm2_shape(), 1, &device).expect("model");
-    let prompt: Vec<u32> = (0..tokens).map(|i| (i * 7919 % 49000 + 100) as u32).collect();
+    let prompt: Vec<u32> = (0..tokens)
+        .map(|i| (i * 7919 % 49000 + 100) as u32)
+        .collect();
     let mut group = c.benchmark_group("prefill");
     group.sample_size(10);
     for execution in [Execution::Sequential, Execution::Parallel] {
