@@ -292,6 +292,26 @@ mod tests {
 
     type B = NdArray;
 
+    /// A plan on the default device.
+    fn plan(
+        queries: Range<usize>,
+        keys: &KeyPositions,
+        pattern: AttentionPattern,
+        padding: Option<&AttentionMask>,
+        block_queries: usize,
+        layout: [usize; 3],
+    ) -> Result<AttentionPlan<B>> {
+        AttentionPlan::new(
+            queries,
+            keys,
+            pattern,
+            padding,
+            block_queries,
+            layout,
+            &Default::default(),
+        )
+    }
+
     fn random(shape: [usize; 4]) -> Tensor<B, 4> {
         Tensor::random(shape, Distribution::Default, &Default::default())
     }
@@ -299,16 +319,7 @@ mod tests {
     #[test]
     fn a_causal_prompt_reads_only_the_keys_at_or_before_each_block() {
         let keys = KeyPositions::Contiguous(0..512);
-        let plan = AttentionPlan::<B>::new(
-            0..512,
-            &keys,
-            AttentionPattern::Causal,
-            None,
-            64,
-            [1, 3, 3],
-            &Default::default(),
-        )
-        .unwrap();
+        let plan = plan(0..512, &keys, AttentionPattern::Causal, None, 64, [1, 3, 3]).unwrap();
         assert_eq!(plan.blocks(), 8);
         let ends: Vec<_> = plan.blocks.iter().map(|b| b.keys.clone()).collect();
         assert_eq!(ends, (1..=8).map(|i| 0..64 * i).collect::<Vec<_>>());
@@ -320,16 +331,7 @@ mod tests {
     fn a_sliding_window_skips_keys_before_the_window_as_well() {
         let keys = KeyPositions::Contiguous(0..40);
         let pattern = AttentionPattern::SlidingWindow { window: 8 };
-        let plan = AttentionPlan::<B>::new(
-            0..40,
-            &keys,
-            pattern,
-            None,
-            10,
-            [1, 1, 1],
-            &Default::default(),
-        )
-        .unwrap();
+        let plan = plan(0..40, &keys, pattern, None, 10, [1, 1, 1]).unwrap();
         let ranges: Vec<_> = plan.blocks.iter().map(|b| b.keys.clone()).collect();
         // Queries 10..20 see keys 3..20, and so on.
         assert_eq!(ranges, vec![0..10, 3..20, 13..30, 23..40]);
@@ -338,16 +340,7 @@ mod tests {
     #[test]
     fn one_decode_query_is_one_block_without_a_mask() {
         let keys = KeyPositions::Contiguous(0..20);
-        let plan = AttentionPlan::<B>::new(
-            19..20,
-            &keys,
-            AttentionPattern::Causal,
-            None,
-            64,
-            [1, 2, 2],
-            &Default::default(),
-        )
-        .unwrap();
+        let plan = plan(19..20, &keys, AttentionPattern::Causal, None, 64, [1, 2, 2]).unwrap();
         assert_eq!(plan.blocks(), 1);
         assert!(plan.blocks[0].mask.is_none());
         assert_eq!(plan.key_reads(), 20);
@@ -376,16 +369,7 @@ mod tests {
                         random([2, 2, 13, 8]),
                     );
                     let keys = KeyPositions::Contiguous(0..13);
-                    let plan = AttentionPlan::<B>::new(
-                        0..13,
-                        &keys,
-                        pattern,
-                        padding,
-                        block,
-                        [2, 2, 3],
-                        &device,
-                    )
-                    .unwrap();
+                    let plan = plan(0..13, &keys, pattern, padding, block, [2, 2, 3]).unwrap();
                     let mask = attention_mask(0..13, &keys, pattern, padding, &device);
                     let expected = reference_attention(q.clone(), k.clone(), v.clone(), Some(mask))
                         .unwrap()
@@ -422,8 +406,7 @@ mod tests {
             random([1, 1, 6, 4]),
             random([1, 1, 6, 4]),
         );
-        let plan =
-            AttentionPlan::<B>::new(9..12, &keys, pattern, None, 2, [1, 1, 2], &device).unwrap();
+        let plan = plan(9..12, &keys, pattern, None, 2, [1, 1, 2]).unwrap();
         let mask = attention_mask(9..12, &keys, pattern, None, &device);
         let expected = reference_attention(q.clone(), k.clone(), v.clone(), Some(mask)).unwrap();
         let got = plan.attend(q, k, v, Execution::Parallel).unwrap();
@@ -433,34 +416,32 @@ mod tests {
 
     #[test]
     fn no_queries_or_no_keys_is_an_error() {
-        let plan = |queries: Range<usize>, keys: Range<usize>| {
-            AttentionPlan::<B>::new(
+        let causal = |queries: Range<usize>, keys: Range<usize>| {
+            plan(
                 queries,
                 &KeyPositions::Contiguous(keys),
                 AttentionPattern::Causal,
                 None,
                 4,
                 [1, 1, 1],
-                &Default::default(),
             )
         };
-        let err = plan(3..3, 0..3).unwrap_err();
+        let err = causal(3..3, 0..3).unwrap_err();
         assert!(err.to_string().contains("at least one query"), "{err}");
-        assert!(plan(0..1, 0..0).is_err());
+        assert!(causal(0..1, 0..0).is_err());
     }
 
     #[test]
     fn a_padding_mask_for_another_batch_is_an_error() {
         let padding = AttentionMask::left_padded(&[3, 2, 1], 3).unwrap();
         let keys = KeyPositions::Contiguous(0..3);
-        let err = AttentionPlan::<B>::new(
+        let err = plan(
             0..3,
             &keys,
             AttentionPattern::Causal,
             Some(&padding),
             4,
             [2, 1, 1],
-            &Default::default(),
         )
         .unwrap_err();
         assert!(err.to_string().contains("3 rows for a batch of 2"), "{err}");
@@ -469,16 +450,7 @@ mod tests {
     #[test]
     fn tensors_of_another_size_are_an_error() {
         let keys = KeyPositions::Contiguous(0..8);
-        let plan = AttentionPlan::<B>::new(
-            0..8,
-            &keys,
-            AttentionPattern::Causal,
-            None,
-            4,
-            [1, 1, 1],
-            &Default::default(),
-        )
-        .unwrap();
+        let plan = plan(0..8, &keys, AttentionPattern::Causal, None, 4, [1, 1, 1]).unwrap();
         let err = plan
             .attend(
                 random([1, 1, 8, 4]),

@@ -4,20 +4,13 @@
 //!
 //! `cargo bench -p kv-model --bench decode_step [--features flex]`
 
+mod common;
+
 use burn::tensor::backend::Backend;
+use common::smollm2_shape;
 use criterion::{criterion_group, criterion_main, Criterion};
 use kv_core::CacheConfig;
-use kv_model::{Logits, ModelConfig, Transformer, WeightDtype};
-
-fn smollm2_shape() -> ModelConfig {
-    let json = serde_json::json!({
-        "model_type": "llama", "vocab_size": 49152, "hidden_size": 576, "num_hidden_layers": 30,
-        "num_attention_heads": 9, "num_key_value_heads": 3, "intermediate_size": 1536,
-        "max_position_embeddings": 8192, "rms_norm_eps": 1e-5, "rope_theta": 100000.0,
-        "tie_word_embeddings": true
-    });
-    ModelConfig::from_hf_json(&json, "SmolLM2-135M shape").expect("valid config")
-}
+use kv_model::{Logits, Transformer, WeightDtype};
 
 fn bench_backend<B: Backend>(c: &mut Criterion, name: &str, weights: WeightDtype) {
     let device = Default::default();

@@ -5,20 +5,13 @@
 //!
 //! `cargo bench -p kv-model --bench prefill [--features flex]`
 
+mod common;
+
 use burn::tensor::backend::Backend;
+use common::smollm2_shape;
 use criterion::{criterion_group, criterion_main, Criterion};
 use kv_core::{CacheConfig, Execution};
-use kv_model::{Logits, ModelConfig, Transformer};
-
-fn smollm2_shape() -> ModelConfig {
-    let json = serde_json::json!({
-        "model_type": "llama", "vocab_size": 49152, "hidden_size": 576, "num_hidden_layers": 30,
-        "num_attention_heads": 9, "num_key_value_heads": 3, "intermediate_size": 1536,
-        "max_position_embeddings": 8192, "rms_norm_eps": 1e-5, "rope_theta": 100000.0,
-        "tie_word_embeddings": true
-    });
-    ModelConfig::from_hf_json(&json, "SmolLM2-135M shape").expect("valid config")
-}
+use kv_model::{Logits, Transformer};
 
 fn bench_backend<B: Backend>(c: &mut Criterion, name: &str, tokens: usize) {
     let device = Default::default();
@@ -36,7 +29,12 @@ fn bench_backend<B: Backend>(c: &mut Criterion, name: &str, tokens: usize) {
                     .new_cache(&CacheConfig::Dynamic { capacity: tokens })
                     .expect("cache");
                 model
-                    .forward(&[prompt.clone()], None, Some(&mut cache), Logits::Last)
+                    .forward(
+                        std::slice::from_ref(&prompt),
+                        None,
+                        Some(&mut cache),
+                        Logits::Last,
+                    )
                     .expect("prefill")
                     .into_data()
             })
