@@ -11,6 +11,7 @@ pub mod bandwidth;
 pub mod compare;
 pub mod machine;
 pub mod memory;
+pub mod perplexity;
 pub mod plot;
 
 pub use kv_generate::backend::BackendKind;

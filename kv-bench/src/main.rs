@@ -10,7 +10,9 @@ use kv_bench::compare::{self, CompareSpec, Peer};
 use kv_bench::{memory, plot, BackendKind};
 use kv_core::{CacheConfig, QuantBits, QuantizedCacheConfig};
 use kv_generate::{CacheChoice, EosPolicy, GenerationConfig, Generator};
-use kv_model::{default_model, load_model, LoadedModel, Progress, WeightDtype};
+use kv_model::{
+    default_model, load_model_placed, LoadedModel, Progress, WeightFormat, WeightPlacement,
+};
 use serde_json::json;
 
 /// Benchmarks of KV caching: the seed's experiment, sweeps and memory tables.
@@ -34,6 +36,36 @@ enum Command {
     Memory(MemoryArgs),
     /// The machine's memory read bandwidth, and the decode floor it sets for a model.
     Bandwidth(BandwidthArgs),
+    /// Perplexity of a long text, teacher-forced through a cache in chunks, overall and per
+    /// segment; with KL divergence and same-top-1 share against a base weight format.
+    Perplexity(PerplexityArgs),
+}
+
+#[derive(Debug, Args)]
+struct PerplexityArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Plain text to score (default: the prose of CPython's `pydoc_data/topics.py`, found
+    /// through `python3`, so every machine has it).
+    #[arg(long)]
+    text: Option<PathBuf>,
+    /// Tokens of the text to score (its first N).
+    #[arg(long, default_value_t = 4096)]
+    tokens: usize,
+    /// Tokens per forward pass. Chunks of up to 16 go through the decode path (kv-kernels'
+    /// products, whose block formats round activations to 8 bits); longer chunks take the
+    /// prompt path (weights widened to f32 per product).
+    #[arg(long, default_value_t = 512)]
+    chunk: usize,
+    /// Positions per reported segment.
+    #[arg(long, default_value_t = 512)]
+    segment: usize,
+    /// Weight format of the base model for KL divergence and same-top-1 ("none" to skip).
+    #[arg(long, default_value = "f32")]
+    kl_base: String,
+    /// Write every number as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -42,9 +74,13 @@ struct ModelArgs {
     /// from PyPI on first use).
     #[arg(long)]
     model: Option<PathBuf>,
-    /// Compute backend: ndarray, flex or cuda.
-    #[arg(long, default_value = "ndarray")]
-    backend: String,
+    /// Compute backend: flex, ndarray or cuda (default: the fastest compiled in).
+    #[arg(long)]
+    backend: Option<String>,
+    /// Format of kv-cache's projection and embedding weights: native (each as the file stores
+    /// it; the CPU default), f32 (the reference numbers; the GPU default), f16, q8_0 or q4_1.
+    #[arg(long)]
+    weights: Option<WeightFormat>,
 }
 
 #[derive(Debug, Args)]
@@ -93,10 +129,6 @@ struct CompareArgs {
     /// Threads for the peer (default: all cores).
     #[arg(long)]
     peer_threads: Option<usize>,
-    /// Element type of kv-cache's projection weights: f32 (the reference numbers) or f16 (half
-    /// the bytes a decode step reads; flex and cuda backends). The peer stays f32.
-    #[arg(long, default_value = "f32")]
-    weights: WeightDtype,
     /// Where compare.json and step_latency.svg go.
     #[arg(long, default_value = "bench-out")]
     out: PathBuf,
@@ -187,10 +219,13 @@ enum BenchError {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match &cli.command {
-        Command::Compare(args) => with_backend(&args.model.backend, |b| b.compare(args)),
-        Command::Sweep(args) => with_backend(&args.model.backend, |b| b.sweep(args)),
+        Command::Compare(args) => with_backend(args.model.backend.as_deref(), |b| b.compare(args)),
+        Command::Sweep(args) => with_backend(args.model.backend.as_deref(), |b| b.sweep(args)),
         Command::Memory(args) => memory_table(args),
         Command::Bandwidth(args) => bandwidth(args),
+        Command::Perplexity(args) => {
+            with_backend(args.model.backend.as_deref(), |b| b.perplexity(args))
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -201,13 +236,21 @@ fn main() -> ExitCode {
     }
 }
 
-/// Calls `f` with a runner for the named backend.
+/// The name of the weights a placement holds, for reports.
+fn weight_name(placement: WeightPlacement) -> &'static str {
+    match placement {
+        WeightPlacement::Device(kv_model::WeightDtype::F32) => "f32",
+        WeightPlacement::Device(kv_model::WeightDtype::F16) => "f16",
+        WeightPlacement::Host(format) => format.name(),
+    }
+}
+
+/// Calls `f` with a runner for the named backend (the fastest compiled in when unnamed).
 fn with_backend(
-    name: &str,
+    name: Option<&str>,
     f: impl FnOnce(&dyn Runner) -> Result<(), BenchError>,
 ) -> Result<(), BenchError> {
-    let backend: BackendKind = name.parse()?;
-    match backend.require()? {
+    match BackendKind::choose(name)? {
         #[cfg(feature = "ndarray")]
         BackendKind::Ndarray => f(&On::<kv_generate::backend::Ndarray>::new(
             BackendKind::Ndarray,
@@ -227,6 +270,30 @@ fn with_backend(
 trait Runner {
     fn compare(&self, args: &CompareArgs) -> Result<(), BenchError>;
     fn sweep(&self, args: &SweepArgs) -> Result<(), BenchError>;
+    fn perplexity(&self, args: &PerplexityArgs) -> Result<(), BenchError>;
+}
+
+/// The text `kv-bench perplexity` scores by default: the prose of CPython's
+/// `pydoc_data/topics.py`, topic by topic in sorted order.
+fn default_text() -> Result<String, BenchError> {
+    let script = "from pydoc_data.topics import topics\n\
+                  print('\\n\\n'.join(topics[k] for k in sorted(topics)))";
+    let out = std::process::Command::new("python3")
+        .args(["-c", script])
+        .output()
+        .map_err(|e| {
+            BenchError::Usage(format!(
+                "running python3 for the default text: {e}; pass --text FILE"
+            ))
+        })?;
+    if !out.status.success() {
+        return Err(BenchError::Usage(format!(
+            "python3 could not read pydoc_data.topics ({}); pass --text FILE",
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    String::from_utf8(out.stdout)
+        .map_err(|e| BenchError::Usage(format!("pydoc_data.topics is not UTF-8: {e}")))
 }
 
 struct On<B: Backend> {
@@ -320,12 +387,12 @@ impl<B: Backend> Runner for On<B> {
         }
         let path = model_path(&args.model.model)?;
         eprintln!("kv-bench: loading {}", path.display());
+        let placement = self.kind.placement(args.model.weights)?;
         let LoadedModel {
             model, tokenizer, ..
-        } = load_model::<B>(&path, &self.device)?;
-        let model = model
-            .with_weight_dtype(args.weights)?
-            .with_execution(self.kind.execution());
+        } = load_model_placed::<B>(&path, placement, &self.device)?;
+        let model = model.with_execution(self.kind.execution());
+        let weights = weight_name(placement);
         let prompt_ids = match (&args.prompt_ids, &tokenizer) {
             (Some(ids), _) => parse_ids(ids)?,
             (None, Some(tokenizer)) => tokenizer.encode(&args.prompt)?,
@@ -382,8 +449,7 @@ impl<B: Backend> Runner for On<B> {
         })?;
         println!("{}", compare::table(&results));
         let weight_bytes = kv_bench::bandwidth::decode_weight_bytes(model.config(), 4);
-        let read_bytes =
-            kv_bench::bandwidth::decode_weight_bytes(model.config(), args.weights.bytes());
+        let read_bytes = model.step_read_bytes();
         for r in results.iter().filter(|r| r.cache != "none") {
             if let Some((early, a, late, b)) = r.step_growth(spec.prompt_ids.len(), 10) {
                 println!(
@@ -406,9 +472,9 @@ impl<B: Backend> Runner for On<B> {
             for r in results.iter().filter(|r| r.cache != "none") {
                 // The peer always reads f32 weights; kv-cache reads `--weights`.
                 let (dtype, bytes) = if r.system.starts_with("kv-cache") {
-                    (args.weights, read_bytes)
+                    (weights, read_bytes)
                 } else {
-                    (WeightDtype::F32, weight_bytes)
+                    ("f32", weight_bytes)
                 };
                 let achieved = r.tokens_per_second() * bytes as f64;
                 println!(
@@ -429,7 +495,7 @@ impl<B: Backend> Runner for On<B> {
             "window": args.window,
             "peer_device": args.peer.as_ref().map(|_| &args.peer_device),
             "decode_weight_bytes_f32": weight_bytes,
-            "weights": args.weights.to_string(),
+            "weights": weights,
             "decode_weight_bytes": read_bytes,
             "read_bandwidth": bandwidth.as_ref().map(|b| b.to_json()),
         });
@@ -459,10 +525,135 @@ impl<B: Backend> Runner for On<B> {
         Ok(())
     }
 
+    fn perplexity(&self, args: &PerplexityArgs) -> Result<(), BenchError> {
+        if args.tokens < 2 || args.chunk == 0 || args.segment == 0 {
+            return Err(BenchError::Usage(
+                "--tokens must be at least 2, --chunk and --segment at least 1".into(),
+            ));
+        }
+        let kl_base = match args.kl_base.as_str() {
+            "none" => None,
+            name => Some(name.parse::<WeightFormat>().map_err(BenchError::Usage)?),
+        };
+        let (text, text_name) = match &args.text {
+            Some(path) => (
+                std::fs::read_to_string(path)
+                    .map_err(|e| BenchError::Usage(format!("{}: {e}", path.display())))?,
+                path.display().to_string(),
+            ),
+            None => (default_text()?, "python3 pydoc_data/topics.py".to_string()),
+        };
+        let path = model_path(&args.model.model)?;
+        let placement = self.kind.placement(args.model.weights)?;
+        eprintln!("kv-bench: loading {}", path.display());
+        let LoadedModel {
+            model, tokenizer, ..
+        } = load_model_placed::<B>(&path, placement, &self.device)?;
+        let model = model.with_execution(self.kind.execution());
+        let tokenizer = tokenizer.ok_or_else(|| {
+            BenchError::Usage(format!(
+                "{} has no tokenizer to read the text with",
+                path.display()
+            ))
+        })?;
+        let mut ids = tokenizer.encode(&text)?;
+        if ids.len() < args.tokens {
+            return Err(BenchError::Usage(format!(
+                "the text has {} tokens, fewer than --tokens {}",
+                ids.len(),
+                args.tokens
+            )));
+        }
+        ids.truncate(args.tokens);
+        if ids.len() > model.config().max_positions {
+            return Err(BenchError::Usage(format!(
+                "--tokens {} is past the model's {} positions",
+                ids.len(),
+                model.config().max_positions
+            )));
+        }
+        let weights = weight_name(placement);
+        let base = match kl_base {
+            Some(format) if format.name() != weights => {
+                let base_placement = self.kind.placement(Some(format))?;
+                eprintln!("kv-bench: loading the {format} base");
+                Some(
+                    load_model_placed::<B>(&path, base_placement, &self.device)?
+                        .model
+                        .with_execution(self.kind.execution()),
+                )
+            }
+            _ => None,
+        };
+        eprintln!(
+            "kv-bench: scoring {} tokens in chunks of {} ({weights} weights{})",
+            ids.len(),
+            args.chunk,
+            base.as_ref()
+                .map_or(String::new(), |_| format!(", against {}", args.kl_base))
+        );
+        let start = std::time::Instant::now();
+        let (score, cache_bytes) =
+            kv_bench::perplexity::score(&model, base.as_ref(), &ids, args.chunk, args.segment)?;
+        let seconds = start.elapsed().as_secs_f64();
+        println!(
+            "| weights | tokens | perplexity | KL vs {} | same top-1 |",
+            args.kl_base
+        );
+        println!("|---|---|---|---|---|");
+        let same = |v: Option<f64>| v.map_or("-".into(), |v| format!("{:.2}%", 100.0 * v));
+        println!(
+            "| {weights} | {} | {:.4} | {} | {} |",
+            score.tokens,
+            score.perplexity,
+            score
+                .kl_divergence
+                .map_or("-".into(), |v| format!("{v:.6}")),
+            same(score.same_top1),
+        );
+        for s in &score.segments {
+            println!(
+                "segment {:>5}..{:<5} perplexity {:.4}",
+                s.start,
+                s.start + s.tokens,
+                s.perplexity
+            );
+        }
+        if let Some(json_path) = &args.json {
+            let report = serde_json::json!({
+                "model": path.display().to_string(),
+                "backend": self.name,
+                "text": text_name,
+                "setting": {
+                    "tokens": ids.len(), "chunk": args.chunk, "segment": args.segment,
+                    "kl_base": args.kl_base, "seconds": seconds,
+                },
+                "runs": [{
+                    "cache": "dynamic",
+                    "weights": weights,
+                    "tokens": score.tokens,
+                    "perplexity": score.perplexity,
+                    "mean_nll": score.mean_nll,
+                    "kl_divergence": score.kl_divergence,
+                    "same_top1": score.same_top1,
+                    "cache_bytes": cache_bytes,
+                    "segments": score.segments,
+                }],
+            });
+            write(
+                json_path,
+                &serde_json::to_string_pretty(&report).expect("json"),
+            )?;
+            eprintln!("kv-bench: wrote {}", json_path.display());
+        }
+        Ok(())
+    }
+
     fn sweep(&self, args: &SweepArgs) -> Result<(), BenchError> {
         let path = model_path(&args.model.model)?;
         eprintln!("kv-bench: loading {}", path.display());
-        let model = load_model::<B>(&path, &self.device)?
+        let placement = self.kind.placement(args.model.weights)?;
+        let model = load_model_placed::<B>(&path, placement, &self.device)?
             .model
             .with_execution(self.kind.execution());
         let generator = Generator::new(&model, None);

@@ -204,7 +204,7 @@ fn compare_cached_only(out: &Path, extra: &[&str]) -> String {
 #[test]
 fn compare_without_the_uncached_run_reports_the_bandwidth_floor() {
     let out = scratch("floor");
-    let table = compare_cached_only(&out, &["--new-tokens", "30"]);
+    let table = compare_cached_only(&out, &["--new-tokens", "30", "--weights", "f32"]);
     assert!(!table.contains("without KV caching"), "{table}");
     assert!(table.contains("prefill"), "{table}");
     assert!(
@@ -231,7 +231,12 @@ fn compare_without_the_uncached_run_reports_the_bandwidth_floor() {
         .unwrap();
     assert!(per_step > 0 && per_step < 4 << 20, "{per_step}");
     assert_eq!(report["setting"]["weights"], "f32");
-    assert_eq!(report["setting"]["decode_weight_bytes"], per_step);
+    // What the model holds: the matrices of that count (norms, which it also counts, aside).
+    let held = report["setting"]["decode_weight_bytes"].as_u64().unwrap();
+    assert!(
+        held <= per_step && held * 10 >= per_step * 9,
+        "{held} vs {per_step}"
+    );
     std::fs::remove_dir_all(out).unwrap();
 }
 
@@ -248,10 +253,10 @@ fn compare_with_f16_weights_counts_half_the_bytes() {
     let setting = &report["setting"];
     assert_eq!(setting["weights"], "f16");
     let f32_bytes = setting["decode_weight_bytes_f32"].as_u64().unwrap();
-    assert_eq!(
-        setting["decode_weight_bytes"].as_u64().unwrap() * 2,
-        f32_bytes
-    );
+    // Half the bytes of every matrix; the norms, which the f32 count includes, are tiny.
+    let f16_bytes = setting["decode_weight_bytes"].as_u64().unwrap();
+    let ratio = f16_bytes as f64 / f32_bytes as f64;
+    assert!((0.49..0.51).contains(&ratio), "{f16_bytes} / {f32_bytes}");
     std::fs::remove_dir_all(out).unwrap();
 }
 
@@ -313,20 +318,6 @@ fn bad_input_is_one_line_and_non_zero() {
                 "vllm",
             ],
             "unknown peer",
-        ),
-        (
-            vec![
-                "compare",
-                "--model",
-                model,
-                "--prompt-ids",
-                "1",
-                "--backend",
-                "ndarray",
-                "--weights",
-                "f16",
-            ],
-            "use f32 weights",
         ),
     ] {
         let out = kv_bench(&args);

@@ -4,6 +4,7 @@ use std::fmt;
 use std::str::FromStr;
 
 use kv_core::Execution;
+use kv_model::{WeightFormat, WeightPlacement};
 use thiserror::Error;
 
 /// A compute backend.
@@ -11,8 +12,8 @@ use thiserror::Error;
 pub enum BackendKind {
     /// burn-ndarray on the CPU (cargo feature `ndarray`, on by default).
     Ndarray,
-    /// burn-flex on the CPU (cargo feature `flex`, on by default): matrix products through the
-    /// `gemm` crate, whose matrix-vector path makes decoding about 10x faster than ndarray's.
+    /// burn-flex on the CPU (cargo feature `flex`, on by default): SIMD element-wise kernels
+    /// and the `gemm` crate for prompts; the default backend of a CPU build.
     Flex,
     /// burn-cuda on an NVIDIA GPU (cargo feature `cuda`).
     Cuda,
@@ -34,6 +35,17 @@ pub enum BackendError {
         backend: BackendKind,
         /// The ones available, comma-separated.
         compiled: String,
+    },
+    /// A weight format only the CPU kernels multiply by, asked of a GPU backend.
+    #[error(
+        "--weights {format} runs on the CPU kernels, which a GPU backend cannot use: \
+         choose f32 or f16 on {backend}, or a CPU backend (flex, ndarray)"
+    )]
+    HostOnlyFormat {
+        /// The format asked for.
+        format: WeightFormat,
+        /// The backend.
+        backend: BackendKind,
     },
     /// A GPU backend on a machine without the device's driver.
     #[error(
@@ -64,6 +76,52 @@ impl BackendKind {
             BackendKind::Ndarray | BackendKind::Flex => Execution::Parallel,
             BackendKind::Cuda => Execution::Sequential,
         }
+    }
+
+    /// Whether the backend computes on the host CPU (so the model's products can run through
+    /// kv-kernels on the host memory its tensors already live in).
+    pub fn is_host(self) -> bool {
+        matches!(self, BackendKind::Ndarray | BackendKind::Flex)
+    }
+
+    /// The backend used when none is named: the fastest one compiled in and usable here
+    /// (cuda with a driver present, then flex, then ndarray).
+    pub fn fastest() -> Result<Self, BackendError> {
+        [BackendKind::Cuda, BackendKind::Flex, BackendKind::Ndarray]
+            .into_iter()
+            .find(|b| b.require().is_ok())
+            .ok_or_else(|| BackendError::NotCompiled {
+                backend: BackendKind::Flex,
+                compiled: "none".into(),
+            })
+    }
+
+    /// The named backend, or [`BackendKind::fastest`] when `name` is `None`.
+    pub fn choose(name: Option<&str>) -> Result<Self, BackendError> {
+        match name {
+            Some(name) => name.parse::<BackendKind>()?.require(),
+            None => Self::fastest(),
+        }
+    }
+
+    /// Where a model's matrices go on this backend for `--weights format` (`None`: the
+    /// backend's default). CPU backends multiply through kv-kernels in any format, by default
+    /// each matrix as its file stores it ([`WeightFormat::Native`]); GPU backends keep f32 or
+    /// f16 tensors on the device (f32 by default).
+    pub fn placement(self, format: Option<WeightFormat>) -> Result<WeightPlacement, BackendError> {
+        if self.is_host() {
+            return Ok(WeightPlacement::Host(
+                format.unwrap_or(WeightFormat::Native),
+            ));
+        }
+        let format = format.unwrap_or(WeightFormat::F32);
+        format
+            .device_dtype()
+            .map(WeightPlacement::Device)
+            .ok_or(BackendError::HostOnlyFormat {
+                format,
+                backend: self,
+            })
     }
 
     /// Whether this build includes the backend.
@@ -153,6 +211,44 @@ mod tests {
             "rocm".parse::<BackendKind>(),
             Err(BackendError::Unknown("rocm".into()))
         );
+    }
+
+    #[test]
+    fn the_default_backend_is_the_fastest_compiled_in() {
+        let fastest = BackendKind::fastest().unwrap();
+        if cfg!(feature = "flex") && !(cfg!(feature = "cuda") && nvidia_driver_present()) {
+            assert_eq!(fastest, BackendKind::Flex);
+        }
+        assert_eq!(BackendKind::choose(None).unwrap(), fastest);
+        assert_eq!(
+            BackendKind::choose(Some("ndarray")).is_ok(),
+            cfg!(feature = "ndarray")
+        );
+    }
+
+    #[test]
+    fn cpu_backends_run_every_format_and_gpus_only_device_dtypes() {
+        use kv_model::WeightDtype;
+        assert_eq!(
+            BackendKind::Flex.placement(None),
+            Ok(WeightPlacement::Host(WeightFormat::Native))
+        );
+        assert_eq!(
+            BackendKind::Ndarray.placement(Some(WeightFormat::Q4_1)),
+            Ok(WeightPlacement::Host(WeightFormat::Q4_1))
+        );
+        assert_eq!(
+            BackendKind::Cuda.placement(None),
+            Ok(WeightPlacement::Device(WeightDtype::F32))
+        );
+        assert_eq!(
+            BackendKind::Cuda.placement(Some(WeightFormat::F16)),
+            Ok(WeightPlacement::Device(WeightDtype::F16))
+        );
+        let err = BackendKind::Cuda
+            .placement(Some(WeightFormat::Q8_0))
+            .unwrap_err();
+        assert!(err.to_string().contains("choose f32 or f16"), "{err}");
     }
 
     #[test]

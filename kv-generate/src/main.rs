@@ -15,8 +15,8 @@ use kv_generate::{
     CacheChoice, EosPolicy, GenerateError, Generation, GenerationConfig, Generator, SamplingConfig,
 };
 use kv_model::{
-    default_model, load_model, ChatMessage, GenerationPrompt, LoadedModel, ModelError, Progress,
-    WeightDtype,
+    default_model, load_model_placed, ChatMessage, GenerationPrompt, LoadedModel, ModelError,
+    Progress, WeightFormat,
 };
 
 /// Generate text with a transformer through a KV cache.
@@ -82,13 +82,16 @@ struct Args {
     /// First positions a sink cache keeps forever.
     #[arg(long, default_value_t = 4)]
     sink_tokens: usize,
-    /// Compute backend: ndarray (CPU), flex (CPU, faster decoding) or cuda.
-    #[arg(long, default_value = "ndarray")]
-    backend: String,
-    /// Element type of the projection weights: f32 (the reference numbers) or f16 (half the
-    /// bytes each decode step reads, so faster on a CPU; flex and cuda backends only).
-    #[arg(long, default_value = "f32")]
-    weights: WeightDtype,
+    /// Compute backend: flex (CPU), ndarray (CPU) or cuda. Default: the fastest compiled in
+    /// (cuda where a driver is present, else flex).
+    #[arg(long)]
+    backend: Option<String>,
+    /// Format of the projection and embedding weights: native (each as the file stores it, a
+    /// GGUF's Q4_1/Q8_0 blocks included; the CPU default), f32 (the reference numbers; the GPU
+    /// default), f16, q8_0 or q4_1. CPU backends multiply in any format with their own
+    /// kernels; GPU backends take f32 or f16.
+    #[arg(long)]
+    weights: Option<WeightFormat>,
     /// Print one JSON object instead of streaming text.
     #[arg(long)]
     json: bool,
@@ -135,8 +138,8 @@ fn main() -> ExitCode {
 }
 
 fn run(args: &Args) -> Result<(), CliError> {
-    let backend: BackendKind = args.backend.parse()?;
-    match backend.require()? {
+    let backend = BackendKind::choose(args.backend.as_deref())?;
+    match backend {
         #[cfg(feature = "ndarray")]
         BackendKind::Ndarray => {
             run_on::<kv_generate::backend::Ndarray>(args, backend, &Default::default())
@@ -159,6 +162,7 @@ fn run_on<B: Backend>(
     backend: BackendKind,
     device: &B::Device,
 ) -> Result<(), CliError> {
+    let placement = backend.placement(args.weights)?;
     let sampling = sampling(args)?;
     sampling.validate()?;
     if args.prompt.is_none() && args.prompt_ids.is_none() {
@@ -182,10 +186,8 @@ fn run_on<B: Backend>(
     eprintln!("kv-generate: loading {}", path.display());
     let LoadedModel {
         model, tokenizer, ..
-    } = load_model::<B>(&path, device)?;
-    let model = model
-        .with_weight_dtype(args.weights)?
-        .with_execution(backend.execution());
+    } = load_model_placed::<B>(&path, placement, device)?;
+    let model = model.with_execution(backend.execution());
 
     let ids = match (prompt_ids, &args.prompt) {
         (Some(ids), _) => ids,

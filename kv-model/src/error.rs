@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use crate::transformer::WeightDtype;
+use crate::placement::WeightDtype;
 use kv_core::CacheError;
 
 /// Why loading or running a model failed.
@@ -118,6 +118,16 @@ pub enum ModelError {
         dtype: WeightDtype,
         /// The backend's name.
         backend: String,
+    },
+    /// A weight matrix could not be stored in the format asked for.
+    #[error("{source_name}: tensor `{tensor}`: {source}")]
+    Kernel {
+        /// The weights' source.
+        source_name: String,
+        /// The tensor.
+        tensor: String,
+        /// What the kernel crate said.
+        source: kv_kernels::KernelError,
     },
     /// A tokenizer could not be built or used.
     #[error("tokenizer ({source_name}): {message}")]

@@ -1,7 +1,10 @@
 //! The building blocks of both families: linear layers, norms and MLPs, as plain tensors
 //! (inference only, so no parameters or gradients).
 
+use std::sync::Arc;
+
 use burn::tensor::{activation, backend::Backend, FloatDType, Tensor, TensorData};
+use kv_kernels::{Matrix, Threads};
 
 use crate::weights::HostTensor;
 
@@ -13,11 +16,25 @@ pub(crate) fn upload<B: Backend, const D: usize>(
     Tensor::from_data(TensorData::new(host.data, host.shape), device)
 }
 
-/// `y = x W + b`, with `W` stored `[in, out]` so the product needs no transpose.
+/// Rows of activations up to which a host-kernel product runs through kv-kernels (a decode
+/// step, a small batch); longer inputs (prompts) widen the weight to f32 for that product and
+/// use the backend's matrix product, which is faster per value at that size.
+pub(crate) const HOST_KERNEL_MAX_ROWS: usize = 16;
+
+/// A linear layer's weight: a backend tensor, or a host matrix multiplied by kv-kernels.
+#[derive(Debug, Clone)]
+pub(crate) enum LinearWeight<B: Backend> {
+    /// `[in, out]` on the backend's device, so `x W` needs no transpose.
+    Device(Tensor<B, 2>),
+    /// `[out, in]` in host memory, in any [`kv_kernels::Format`] (the file's own blocks,
+    /// for a GGUF).
+    Host(Arc<Matrix>),
+}
+
+/// `y = x W + b`.
 #[derive(Debug, Clone)]
 pub(crate) struct Linear<B: Backend> {
-    /// `[in, out]`.
-    weight: Tensor<B, 2>,
+    weight: LinearWeight<B>,
     /// `[1, out]`.
     bias: Option<Tensor<B, 2>>,
 }
@@ -26,22 +43,64 @@ impl<B: Backend> Linear<B> {
     /// From a weight already laid out `[in, out]` and an optional `[out]` bias.
     pub fn new(weight: HostTensor, bias: Option<HostTensor>, device: &B::Device) -> Self {
         Self {
-            weight: upload(weight, device),
+            weight: LinearWeight::Device(upload(weight, device)),
             bias: bias.map(|b| upload::<B, 1>(b, device).unsqueeze_dim(0)),
         }
     }
 
-    /// The same layer with its weight stored as `dtype` (the bias stays as it is).
+    /// From a host matrix `[out, in]` multiplied by kv-kernels, and an optional `[out]` bias.
+    pub fn host(weight: Arc<Matrix>, bias: Option<HostTensor>, device: &B::Device) -> Self {
+        Self {
+            weight: LinearWeight::Host(weight),
+            bias: bias.map(|b| upload::<B, 1>(b, device).unsqueeze_dim(0)),
+        }
+    }
+
+    /// The same layer with its weight stored as `dtype` (the bias stays as it is; a host
+    /// matrix keeps its own format).
     pub fn with_weight_dtype(self, dtype: FloatDType) -> Self {
         Self {
-            weight: self.weight.cast(dtype),
+            weight: match self.weight {
+                LinearWeight::Device(w) => LinearWeight::Device(w.cast(dtype)),
+                host => host,
+            },
             bias: self.bias,
         }
     }
 
     /// Output features.
     pub fn out_features(&self) -> usize {
-        self.weight.dims()[1]
+        match &self.weight {
+            LinearWeight::Device(w) => w.dims()[1],
+            LinearWeight::Host(m) => m.rows(),
+        }
+    }
+
+    /// Whether the weight is a host matrix multiplied by kv-kernels.
+    pub fn is_host(&self) -> bool {
+        matches!(self.weight, LinearWeight::Host(_))
+    }
+
+    /// The `[1, out]` bias, if any.
+    pub fn bias(&self) -> Option<&Tensor<B, 2>> {
+        self.bias.as_ref()
+    }
+
+    /// `x Wᵀ` over `n` rows of host values (`[n, in]` to `[n, out]`), for a host matrix;
+    /// `None` for a device weight.
+    pub fn host_product(&self, x: &[f32], n: usize) -> Option<Vec<f32>> {
+        match &self.weight {
+            LinearWeight::Host(m) => Some(m.par_matmul(x, n, Threads::global())),
+            LinearWeight::Device(_) => None,
+        }
+    }
+
+    /// Bytes the weight takes.
+    pub fn weight_bytes(&self) -> usize {
+        match &self.weight {
+            LinearWeight::Device(w) => w.shape().num_elements() * w.dtype().size(),
+            LinearWeight::Host(m) => m.byte_len(),
+        }
     }
 
     /// `[batch, seq, in]` to `[batch, seq, out]`.
@@ -63,20 +122,55 @@ impl<B: Backend> Linear<B> {
             }
         };
         let rows = x.reshape([batch * seq, features]);
-        let activation_dtype = rows.dtype();
-        let weight_dtype = self.weight.dtype();
-        let y = if weight_dtype == activation_dtype {
-            rows.matmul(columns(&self.weight))
-        } else {
-            rows.cast(FloatDType::from(weight_dtype))
-                .matmul(columns(&self.weight))
-                .cast(FloatDType::from(activation_dtype))
+        let y = match &self.weight {
+            LinearWeight::Device(weight) => {
+                let activation_dtype = rows.dtype();
+                let weight_dtype = weight.dtype();
+                if weight_dtype == activation_dtype {
+                    rows.matmul(columns(weight))
+                } else {
+                    rows.cast(FloatDType::from(weight_dtype))
+                        .matmul(columns(weight))
+                        .cast(FloatDType::from(activation_dtype))
+                }
+            }
+            LinearWeight::Host(matrix) => host_product(matrix, rows, start..start + len),
         };
         let y = match &self.bias {
             Some(bias) => y + columns(bias),
             None => y,
         };
         y.reshape([batch, seq, len])
+    }
+}
+
+/// `x Wᵀ` over output features `outputs` of a host matrix: `[n, in]` to `[n, outputs]`.
+///
+/// Up to [`HOST_KERNEL_MAX_ROWS`] rows go through kv-kernels on its spinning workers; more
+/// rows widen those weight rows to f32 for this product alone (a transient copy, never kept)
+/// and use the backend's matrix product.
+fn host_product<B: Backend>(
+    matrix: &Arc<Matrix>,
+    x: Tensor<B, 2>,
+    outputs: std::ops::Range<usize>,
+) -> Tensor<B, 2> {
+    let [n, features] = x.dims();
+    let device = x.device();
+    let len = outputs.len();
+    if n <= HOST_KERNEL_MAX_ROWS {
+        let values: Vec<f32> = x
+            .into_data()
+            .convert::<f32>()
+            .into_vec()
+            .expect("f32 after convert");
+        let y = matrix.par_matmul_rows(&values, n, outputs, Threads::global());
+        Tensor::from_data(TensorData::new(y, [n, len]), &device)
+    } else {
+        let w: Tensor<B, 2> = Tensor::from_data(
+            TensorData::new(matrix.rows_to_f32(outputs), [len, features]),
+            &device,
+        );
+        x.matmul(w.transpose())
     }
 }
 
@@ -151,6 +245,14 @@ impl<B: Backend> Mlp<B> {
                 gate_up: gate_up.with_weight_dtype(dtype),
                 down: down.with_weight_dtype(dtype),
             },
+        }
+    }
+
+    /// Bytes the weights take.
+    pub fn weight_bytes(&self) -> usize {
+        match self {
+            Mlp::Gelu { fc, proj } => fc.weight_bytes() + proj.weight_bytes(),
+            Mlp::SwiGlu { gate_up, down } => gate_up.weight_bytes() + down.weight_bytes(),
         }
     }
 

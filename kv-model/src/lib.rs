@@ -21,8 +21,10 @@ mod config;
 mod error;
 mod fetch;
 pub mod gguf;
+mod host;
 mod layers;
 mod load;
+mod placement;
 mod safetensors_dir;
 mod tokenizer;
 mod transformer;
@@ -34,10 +36,12 @@ pub use fetch::{
     cache_dir, default_model, extract_verified, fetch, DefaultModel, Progress, DEFAULT_MODEL,
 };
 pub use kv_core;
-pub use load::{load_model, LoadedModel};
+pub use kv_kernels;
+pub use load::{load_model, load_model_placed, LoadedModel};
+pub use placement::{WeightDtype, WeightFormat, WeightPlacement};
 pub use safetensors_dir::{
     read_config, read_safetensors, read_safetensors_bytes, safetensors_files,
 };
 pub use tokenizer::{ChatMessage, GenerationPrompt, SpecialTokens, Tokenizer};
-pub use transformer::{Logits, PromptSplit, Transformer, WeightDtype};
+pub use transformer::{Logits, PromptSplit, Transformer};
 pub use weights::{HostTensor, Weights};

@@ -6,6 +6,7 @@ use burn::tensor::backend::Backend;
 
 use crate::error::{ModelError, Result};
 use crate::gguf::{config_from_gguf, weights_from_gguf, GgufFile};
+use crate::placement::WeightPlacement;
 use crate::safetensors_dir::{read_config, read_safetensors, safetensors_files};
 use crate::tokenizer::Tokenizer;
 use crate::transformer::Transformer;
@@ -32,6 +33,20 @@ pub struct LoadedModel<B: Backend> {
 /// assert!(matches!(missing, Err(ModelError::Io { .. })));
 /// ```
 pub fn load_model<B: Backend>(path: &Path, device: &B::Device) -> Result<LoadedModel<B>> {
+    load_model_placed(path, WeightPlacement::default(), device)
+}
+
+/// [`load_model`] with the matrices placed as `placement` says: on the device as f32 or f16,
+/// or in host memory in a kv-kernels format, where [`WeightFormat::Native`] keeps a GGUF's
+/// F32, F16, Q8_0 and Q4_1 matrices in the file's own bytes (resident memory about the file's
+/// size).
+///
+/// [`WeightFormat::Native`]: crate::WeightFormat::Native
+pub fn load_model_placed<B: Backend>(
+    path: &Path,
+    placement: WeightPlacement,
+    device: &B::Device,
+) -> Result<LoadedModel<B>> {
     if path.is_dir() {
         let config = read_config(path)?;
         let files = safetensors_files(path)?;
@@ -43,7 +58,7 @@ pub fn load_model<B: Backend>(path: &Path, device: &B::Device) -> Result<LoadedM
             None
         };
         return Ok(LoadedModel {
-            model: Transformer::from_weights(&config, weights, device)?,
+            model: Transformer::from_weights_placed(&config, weights, placement, device)?,
             tokenizer,
             source: path.to_path_buf(),
         });
@@ -65,7 +80,7 @@ pub fn load_model<B: Backend>(path: &Path, device: &B::Device) -> Result<LoadedM
         None => None,
     };
     Ok(LoadedModel {
-        model: Transformer::from_weights(&config, weights, device)?,
+        model: Transformer::from_weights_placed(&config, weights, placement, device)?,
         tokenizer,
         source: path.to_path_buf(),
     })

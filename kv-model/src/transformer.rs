@@ -11,16 +11,21 @@
 
 use std::ops::Range;
 
-use burn::tensor::{backend::Backend, FloatDType, Int, Tensor, TensorData};
+use std::sync::Arc;
+
+use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
 use kv_core::{
     AttentionMask, AttentionPattern, AttentionPlan, Execution, KeyPositions, KeyRotation, KvCache,
     KvView, ModelCache, RotaryAngles, RotaryTable, DEFAULT_BLOCK_QUERIES,
 };
+use kv_kernels::{Format, Matrix};
 use rayon::prelude::*;
 
 use crate::config::{Architecture, ModelConfig};
 use crate::error::{ModelError, Result};
-use crate::layers::{upload, Linear, Mlp, Norm};
+use crate::host;
+use crate::layers::{upload, Linear, Mlp, Norm, HOST_KERNEL_MAX_ROWS};
+use crate::placement::{WeightDtype, WeightFormat, WeightPlacement};
 use crate::weights::{HostTensor, Weights};
 
 /// How a forward pass over many new tokens (a prompt) is cut up.
@@ -67,6 +72,34 @@ enum PositionEncoding<B: Backend> {
     Rotary(RotaryTable<B>),
 }
 
+/// The token embedding table `[vocab, hidden]`.
+#[derive(Debug, Clone)]
+enum Embedding<B: Backend> {
+    /// On the backend's device; rows are gathered there.
+    Device(Tensor<B, 2>),
+    /// In host memory in any kv-kernels format (a GGUF's own blocks); the rows a forward pass
+    /// needs are widened to f32 and uploaded. With tied embeddings the LM head multiplies by
+    /// this same matrix, so the table is held once.
+    Host(Arc<Matrix>),
+}
+
+impl<B: Backend> Embedding<B> {
+    /// Rows `ids` of the table: `[ids.len(), hidden]`.
+    fn rows(&self, ids: &[usize], device: &B::Device) -> Tensor<B, 2> {
+        match self {
+            Embedding::Device(table) => table.clone().select(0, index_tensor::<B>(ids, device)),
+            Embedding::Host(table) => {
+                let hidden = table.cols();
+                let mut values = vec![0.0; ids.len() * hidden];
+                for (&id, row) in ids.iter().zip(values.chunks_exact_mut(hidden)) {
+                    table.row_to_f32(id, row);
+                }
+                Tensor::from_data(TensorData::new(values, [ids.len(), hidden]), device)
+            }
+        }
+    }
+}
+
 /// Q, K, V and output projections of one layer.
 #[derive(Debug, Clone)]
 struct Attention<B: Backend> {
@@ -83,6 +116,18 @@ struct Block<B: Backend> {
     attention: Attention<B>,
     mlp_norm: Norm<B>,
     mlp: Mlp<B>,
+}
+
+impl<B: Backend> Block<B> {
+    /// Whether `rows` positions take the host path through this block's position-wise work
+    /// (see [`crate::host`]): every product on the host, and few enough rows that the
+    /// kernels' matrix-vector path serves them.
+    fn runs_on_host(&self, rows: usize) -> bool {
+        rows <= HOST_KERNEL_MAX_ROWS
+            && self.attention.qkv.is_host()
+            && self.attention.output.is_host()
+            && self.mlp.is_host()
+    }
 }
 
 /// A decoder-only transformer (GPT-2 or Llama family) on backend `B`.
@@ -112,7 +157,7 @@ struct Block<B: Backend> {
 pub struct Transformer<B: Backend> {
     config: ModelConfig,
     /// `[vocab, hidden]`.
-    token_embedding: Tensor<B, 2>,
+    token_embedding: Embedding<B>,
     positions: PositionEncoding<B>,
     blocks: Vec<Block<B>>,
     final_norm: Norm<B>,
@@ -129,6 +174,12 @@ pub struct Transformer<B: Backend> {
 trait TensorSource {
     /// The tensor `name` (Hugging Face naming) of `shape`.
     fn tensor(&mut self, name: &str, shape: &[usize], role: Role) -> Result<HostTensor>;
+
+    /// The 2-D tensor `name` of `shape` (PyTorch order) as a matrix in `format`.
+    fn matrix(&mut self, name: &str, shape: [usize; 2], format: WeightFormat) -> Result<Matrix> {
+        let dense = self.tensor(name, &shape, Role::Matrix)?;
+        dense_matrix(name, dense, format.kernel_format().unwrap_or(Format::F32))
+    }
 }
 
 /// What a tensor is for, which decides how a random model fills it.
@@ -142,6 +193,10 @@ enum Role {
 impl TensorSource for Weights {
     fn tensor(&mut self, name: &str, shape: &[usize], _role: Role) -> Result<HostTensor> {
         self.take(name, shape)
+    }
+
+    fn matrix(&mut self, name: &str, shape: [usize; 2], format: WeightFormat) -> Result<Matrix> {
+        self.take_matrix(name, shape, format)
     }
 }
 
@@ -171,64 +226,6 @@ impl TensorSource for RandomSource {
             Role::Bias => (0..len).map(|_| 0.02 * self.next_unit()).collect(),
         };
         Ok(HostTensor::new(shape.to_vec(), data))
-    }
-}
-
-/// The element type the projection weights (Q/K/V, output, MLP and LM head) are stored in.
-///
-/// Decoding one token reads every weight once, so on a CPU a step costs about the weights'
-/// bytes over the memory bandwidth: `F16` halves those bytes. Activations, norms, the
-/// embedding table and the KV cache stay `f32`; each product rounds its input row to `f16`,
-/// accumulates in `f32` (on burn-flex) and rounds its output to `f16`, so logits move off the
-/// `F32` model's by about 1% of their size (up to 0.2 on SmolLM2-135M) and greedy tokens can
-/// part where two candidates are that close.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum WeightDtype {
-    /// 4 bytes per weight: the reference numbers.
-    #[default]
-    F32,
-    /// 2 bytes per weight (IEEE half precision). Needs a backend with `f16` matrix products:
-    /// burn-flex or burn-cuda, not burn-ndarray.
-    F16,
-}
-
-impl WeightDtype {
-    /// Bytes per stored weight.
-    pub fn bytes(self) -> usize {
-        match self {
-            WeightDtype::F32 => 4,
-            WeightDtype::F16 => 2,
-        }
-    }
-
-    fn float_dtype(self) -> FloatDType {
-        match self {
-            WeightDtype::F32 => FloatDType::F32,
-            WeightDtype::F16 => FloatDType::F16,
-        }
-    }
-}
-
-impl std::fmt::Display for WeightDtype {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            WeightDtype::F32 => "f32",
-            WeightDtype::F16 => "f16",
-        })
-    }
-}
-
-impl std::str::FromStr for WeightDtype {
-    type Err = String;
-
-    fn from_str(s: &str) -> std::result::Result<Self, Self::Err> {
-        match s {
-            "f32" => Ok(WeightDtype::F32),
-            "f16" => Ok(WeightDtype::F16),
-            other => Err(format!(
-                "unknown weight dtype `{other}`: expected f32 or f16"
-            )),
-        }
     }
 }
 
@@ -317,11 +314,22 @@ impl<B: Backend> Transformer<B> {
         Self { split, ..self }
     }
 
-    /// Builds the model from Hugging Face-named weights; every tensor's shape is checked
-    /// against `config`.
+    /// Builds the model from Hugging Face-named weights, f32 on the device; every tensor's
+    /// shape is checked against `config`.
     pub fn from_weights(
         config: &ModelConfig,
+        weights: Weights,
+        device: &B::Device,
+    ) -> Result<Self> {
+        Self::from_weights_placed(config, weights, WeightPlacement::default(), device)
+    }
+
+    /// [`Transformer::from_weights`] with the matrices placed as `placement` says (on the
+    /// device, or on the host in a kv-kernels format, a GGUF's own blocks included).
+    pub fn from_weights_placed(
+        config: &ModelConfig,
         mut weights: Weights,
+        placement: WeightPlacement,
         device: &B::Device,
     ) -> Result<Self> {
         let name = weights.source_name().to_owned();
@@ -331,19 +339,94 @@ impl<B: Backend> Transformer<B> {
         } else {
             "transformer."
         };
-        build(config, &mut weights, gpt2_prefix, device)
+        build(config, &mut weights, gpt2_prefix, placement, device)
     }
 
     /// A model of `config`'s shape with deterministic random weights from `seed`: for tests,
     /// and for timing where the real weights cannot be carried.
     pub fn random(config: &ModelConfig, seed: u64, device: &B::Device) -> Result<Self> {
+        Self::random_placed(config, seed, WeightPlacement::default(), device)
+    }
+
+    /// [`Transformer::random`] with the matrices placed as `placement` says.
+    ///
+    /// ```
+    /// use burn_ndarray::NdArray;
+    /// use kv_core::AnyCache;
+    /// use kv_model::{Logits, ModelConfig, Transformer, WeightFormat, WeightPlacement};
+    ///
+    /// let json = serde_json::json!({
+    ///     "model_type": "llama", "vocab_size": 64, "hidden_size": 32, "num_hidden_layers": 2,
+    ///     "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 64
+    /// });
+    /// let config = ModelConfig::from_hf_json(&json, "doc").unwrap();
+    /// let device = Default::default();
+    /// let dense = Transformer::<NdArray>::random(&config, 3, &device).unwrap();
+    /// // The same weights on the host, multiplied by kv-kernels in f32: the same logits.
+    /// let host = WeightPlacement::Host(WeightFormat::F32);
+    /// let kernels = Transformer::<NdArray>::random_placed(&config, 3, host, &device).unwrap();
+    /// let ids = [vec![1, 2, 3]];
+    /// let a = dense.forward::<AnyCache<NdArray>>(&ids, None, None, Logits::All).unwrap();
+    /// let b = kernels.forward::<AnyCache<NdArray>>(&ids, None, None, Logits::All).unwrap();
+    /// a.into_data().assert_approx_eq::<f32>(&b.into_data(), Default::default());
+    /// ```
+    pub fn random_placed(
+        config: &ModelConfig,
+        seed: u64,
+        placement: WeightPlacement,
+        device: &B::Device,
+    ) -> Result<Self> {
         config.validate("random model")?;
         build(
             config,
             &mut RandomSource { state: seed },
             "transformer.",
+            placement,
             device,
         )
+    }
+
+    /// Bytes of weights one decode step reads: every layer's projections and the LM head
+    /// (one row of the embedding table aside). On a CPU a step's time is bounded below by
+    /// these bytes over the memory bandwidth.
+    pub fn step_read_bytes(&self) -> usize {
+        let layers: usize = self
+            .blocks
+            .iter()
+            .map(|b| {
+                b.attention.qkv.weight_bytes()
+                    + b.attention.output.weight_bytes()
+                    + b.mlp.weight_bytes()
+            })
+            .sum();
+        layers + self.lm_head.weight_bytes()
+    }
+
+    /// Bytes the projection and embedding weights take where they live (the embedding table
+    /// counted once when the LM head shares it).
+    pub fn weight_bytes(&self) -> usize {
+        let layers: usize = self
+            .blocks
+            .iter()
+            .map(|b| {
+                b.attention.qkv.weight_bytes()
+                    + b.attention.output.weight_bytes()
+                    + b.mlp.weight_bytes()
+            })
+            .sum();
+        let embedding = match &self.token_embedding {
+            Embedding::Device(t) => t.shape().num_elements() * t.dtype().size(),
+            Embedding::Host(m) => m.byte_len(),
+        };
+        let shared_head =
+            matches!(&self.token_embedding, Embedding::Host(_)) && self.config.tie_word_embeddings;
+        layers
+            + embedding
+            + if shared_head {
+                0
+            } else {
+                self.lm_head.weight_bytes()
+            }
     }
 
     /// The configuration.
@@ -479,7 +562,21 @@ impl<B: Backend> Transformer<B> {
             let heads = self.attend(block, &xs, layer, cache.as_deref_mut(), &mut step)?;
             // The rest of the block treats each position on its own.
             xs = self.map_runs(&runs, xs, |_, run, x| {
-                let x = block.attention.output.forward(narrow_run(&heads, run)) + x;
+                let heads = narrow_run(&heads, run);
+                let [batch, len, hidden] = x.dims();
+                if block.runs_on_host(batch * len) {
+                    let out = host::output_and_mlp(
+                        &block.attention.output,
+                        &block.mlp_norm,
+                        &block.mlp,
+                        &host::download(heads),
+                        &host::download(x),
+                        batch * len,
+                        hidden,
+                    );
+                    return host::upload(out, [batch, len, hidden], &self.device);
+                }
+                let x = block.attention.output.forward(heads) + x;
                 let h = block.mlp.forward(block.mlp_norm.forward(x.clone()));
                 h + x
             });
@@ -595,8 +692,7 @@ impl<B: Backend> Transformer<B> {
         let ids: Vec<usize> = tokens.iter().flatten().map(|&id| id as usize).collect();
         let x = self
             .token_embedding
-            .clone()
-            .select(0, index_tensor::<B>(&ids, &self.device))
+            .rows(&ids, &self.device)
             .reshape([batch, seq, hidden]);
         match &self.positions {
             PositionEncoding::Rotary(_) => Ok(x),
@@ -633,8 +729,20 @@ impl<B: Backend> Transformer<B> {
         // Q, K and V, `[batch, heads or kv_heads, run, head_dim]`, rotated where the model
         // rotates keys itself: run by run, then joined along the positions.
         let parts = self.map_runs(&step.runs, xs.to_vec(), |i, run, x| {
-            let h = block.attention_norm.forward(x);
-            let qkv = block.attention.qkv.forward(h);
+            let [_, len, hidden] = x.dims();
+            let qkv = if block.runs_on_host(batch * len) {
+                let h = block
+                    .attention_norm
+                    .forward_host(&host::download(x), hidden);
+                let qkv = &block.attention.qkv;
+                host::upload(
+                    qkv.forward_host(&h, batch * len),
+                    [batch, len, qkv.out_features()],
+                    &self.device,
+                )
+            } else {
+                block.attention.qkv.forward(block.attention_norm.forward(x))
+            };
             let split = |start: usize, heads: usize| {
                 contiguous(
                     qkv.clone()
@@ -780,58 +888,221 @@ fn index_tensor<B: Backend>(indices: &[usize], device: &B::Device) -> Tensor<B, 
     Tensor::from_data(TensorData::new(data, [indices.len()]), device)
 }
 
-/// Builds the model from any tensor source.
+/// Builds the model from any tensor source, its matrices placed as `placement` says.
 fn build<B: Backend>(
     config: &ModelConfig,
     source: &mut dyn TensorSource,
     gpt2_prefix: &str,
+    placement: WeightPlacement,
     device: &B::Device,
 ) -> Result<Transformer<B>> {
-    let (blocks, token_embedding, positions, final_norm, lm_head) = match config.architecture {
-        Architecture::Gpt2 => build_gpt2(config, source, gpt2_prefix, device)?,
-        Architecture::Llama => build_llama(config, source, device)?,
+    let host = match placement {
+        WeightPlacement::Host(format) => Some(format),
+        WeightPlacement::Device(_) => None,
     };
-    Ok(Transformer {
+    let mut matrices = Matrices {
+        source,
+        host,
+        device,
+    };
+    let parts = match config.architecture {
+        Architecture::Gpt2 => build_gpt2(config, &mut matrices, gpt2_prefix)?,
+        Architecture::Llama => build_llama(config, &mut matrices)?,
+    };
+    let model = Transformer {
         config: config.clone(),
-        token_embedding: upload(token_embedding.clone(), device),
-        positions,
-        blocks,
-        final_norm,
-        lm_head: match lm_head {
-            Some(head) => Linear::new(head.transposed(), None, device),
-            None => Linear::new(token_embedding.transposed(), None, device),
-        },
+        token_embedding: parts.token_embedding,
+        positions: parts.positions,
+        blocks: parts.blocks,
+        final_norm: parts.final_norm,
+        lm_head: parts.lm_head,
         execution: Execution::Sequential,
         split: PromptSplit::default(),
         device: device.clone(),
+    };
+    match placement {
+        WeightPlacement::Device(WeightDtype::F32) | WeightPlacement::Host(_) => Ok(model),
+        WeightPlacement::Device(dtype) => model.with_weight_dtype(dtype),
+    }
+}
+
+/// What a family builder returns.
+struct Parts<B: Backend> {
+    blocks: Vec<Block<B>>,
+    token_embedding: Embedding<B>,
+    positions: PositionEncoding<B>,
+    final_norm: Norm<B>,
+    lm_head: Linear<B>,
+}
+
+/// A projection's weight before it becomes a layer: dense `[in, out]` for the device, or a
+/// host matrix `[out, in]`.
+enum Projection {
+    Dense(HostTensor),
+    Rows(Matrix),
+}
+
+/// The tensor source with the placement: hands out projections and embeddings in the form
+/// the model will keep them.
+struct Matrices<'a, B: Backend> {
+    source: &'a mut dyn TensorSource,
+    /// The kv-kernels format, when products run on the host.
+    host: Option<WeightFormat>,
+    device: &'a B::Device,
+}
+
+impl<B: Backend> Matrices<'_, B> {
+    /// A dense tensor (norms, biases, position tables).
+    fn tensor(&mut self, name: &str, shape: &[usize], role: Role) -> Result<HostTensor> {
+        self.source.tensor(name, shape, role)
+    }
+
+    /// A PyTorch `nn.Linear` weight stored `[out, in]`.
+    fn linear(&mut self, name: &str, inputs: usize, outputs: usize) -> Result<Projection> {
+        Ok(match self.host {
+            Some(format) => {
+                Projection::Rows(self.source.matrix(name, [outputs, inputs], format)?)
+            }
+            None => Projection::Dense(
+                self.source
+                    .tensor(name, &[outputs, inputs], Role::Matrix)?
+                    .transposed(),
+            ),
+        })
+    }
+
+    /// A GPT-2 Conv1D weight stored `[in, out]`.
+    fn conv1d(&mut self, name: &str, inputs: usize, outputs: usize) -> Result<Projection> {
+        let dense = self.source.tensor(name, &[inputs, outputs], Role::Matrix)?;
+        Ok(match self.host {
+            Some(format) => Projection::Rows(dense_matrix(
+                name,
+                dense.transposed(),
+                format.kernel_format().unwrap_or(Format::F32),
+            )?),
+            None => Projection::Dense(dense),
+        })
+    }
+
+    /// Projections that share an input, fused into one product (Q/K/V, gate/up).
+    fn fuse(&self, parts: Vec<Projection>, name: &str) -> Result<Projection> {
+        if let Some(Projection::Dense(_)) = parts.first() {
+            let dense: Vec<HostTensor> = parts
+                .into_iter()
+                .map(|p| match p {
+                    Projection::Dense(t) => t,
+                    Projection::Rows(_) => unreachable!("one placement per model"),
+                })
+                .collect();
+            return Ok(Projection::Dense(HostTensor::concat_columns(&dense)));
+        }
+        let mut rows: Vec<Matrix> = parts
+            .into_iter()
+            .map(|p| match p {
+                Projection::Rows(m) => m,
+                Projection::Dense(_) => unreachable!("one placement per model"),
+            })
+            .collect();
+        // A file may store the parts in different formats: all take the most precise one.
+        let widest = rows
+            .iter()
+            .map(Matrix::format)
+            .max_by_key(|f| precision_rank(*f))
+            .expect("at least one part");
+        for m in &mut rows {
+            if m.format() != widest {
+                *m = m.convert(widest);
+            }
+        }
+        Ok(Projection::Rows(Matrix::stack(&rows).map_err(|e| {
+            ModelError::Kernel {
+                source_name: "model".into(),
+                tensor: name.into(),
+                source: e,
+            }
+        })?))
+    }
+
+    /// A layer from a projection and its optional `[out]` bias.
+    fn layer(&self, weight: Projection, bias: Option<HostTensor>) -> Linear<B> {
+        match weight {
+            Projection::Dense(w) => Linear::new(w, bias, self.device),
+            Projection::Rows(m) => Linear::host(Arc::new(m), bias, self.device),
+        }
+    }
+
+    /// The token embedding `[vocab, hidden]` and, with tied embeddings, the LM head over the
+    /// same values (held once on the host; transposed for the device).
+    fn embedding(
+        &mut self,
+        name: &str,
+        vocab: usize,
+        hidden: usize,
+        untied_head: Option<&str>,
+    ) -> Result<(Embedding<B>, Linear<B>)> {
+        match self.host {
+            Some(format) => {
+                let table = Arc::new(self.source.matrix(name, [vocab, hidden], format)?);
+                let head = match untied_head {
+                    Some(head) => Arc::new(self.source.matrix(head, [vocab, hidden], format)?),
+                    None => Arc::clone(&table),
+                };
+                Ok((
+                    Embedding::Host(table),
+                    Linear::host(head, None, self.device),
+                ))
+            }
+            None => {
+                let table = self.source.tensor(name, &[vocab, hidden], Role::Matrix)?;
+                let head = match untied_head {
+                    Some(head) => self.source.tensor(head, &[vocab, hidden], Role::Matrix)?,
+                    None => table.clone(),
+                };
+                Ok((
+                    Embedding::Device(upload(table, self.device)),
+                    Linear::new(head.transposed(), None, self.device),
+                ))
+            }
+        }
+    }
+}
+
+/// Orders formats from least to most precise.
+fn precision_rank(format: Format) -> u8 {
+    match format {
+        Format::Q4_1 => 0,
+        Format::Q8_0 => 1,
+        Format::F16 => 2,
+        Format::F32 => 3,
+    }
+}
+
+/// A dense `[rows, cols]` tensor as a matrix in `format`.
+fn dense_matrix(name: &str, tensor: HostTensor, format: Format) -> Result<Matrix> {
+    Matrix::from_f32(format, tensor.shape[0], tensor.shape[1], &tensor.data).map_err(|e| {
+        ModelError::Kernel {
+            source_name: "model".into(),
+            tensor: name.into(),
+            source: e,
+        }
     })
 }
 
-/// What a family builder returns: blocks, token embedding `[vocab, hidden]`, positions,
-/// final norm, and the untied LM head `[vocab, hidden]` if any.
-type Parts<B> = (
-    Vec<Block<B>>,
-    HostTensor,
-    PositionEncoding<B>,
-    Norm<B>,
-    Option<HostTensor>,
-);
-
 fn build_gpt2<B: Backend>(
     c: &ModelConfig,
-    source: &mut dyn TensorSource,
+    m: &mut Matrices<'_, B>,
     prefix: &str,
-    device: &B::Device,
 ) -> Result<Parts<B>> {
     let hidden = c.hidden_size;
-    let mut layer_norm = |name: &str| -> Result<Norm<B>> {
+    let device = m.device;
+    let layer_norm = |m: &mut Matrices<'_, B>, name: &str| -> Result<Norm<B>> {
         Ok(Norm::Layer {
             weight: upload(
-                source.tensor(&format!("{name}.weight"), &[hidden], Role::NormWeight)?,
+                m.tensor(&format!("{name}.weight"), &[hidden], Role::NormWeight)?,
                 device,
             ),
             bias: upload(
-                source.tensor(&format!("{name}.bias"), &[hidden], Role::Bias)?,
+                m.tensor(&format!("{name}.bias"), &[hidden], Role::Bias)?,
                 device,
             ),
             eps: c.norm_eps,
@@ -840,16 +1111,15 @@ fn build_gpt2<B: Backend>(
     let mut norms = Vec::new();
     for i in 0..c.num_layers {
         norms.push((
-            layer_norm(&format!("{prefix}h.{i}.ln_1"))?,
-            layer_norm(&format!("{prefix}h.{i}.ln_2"))?,
+            layer_norm(m, &format!("{prefix}h.{i}.ln_1"))?,
+            layer_norm(m, &format!("{prefix}h.{i}.ln_2"))?,
         ));
     }
-    let final_norm = layer_norm(&format!("{prefix}ln_f"))?;
-    // Conv1D weights are already `[in, out]`.
-    let mut conv1d = |name: &str, inputs: usize, outputs: usize| -> Result<Linear<B>> {
-        let weight = source.tensor(&format!("{name}.weight"), &[inputs, outputs], Role::Matrix)?;
-        let bias = source.tensor(&format!("{name}.bias"), &[outputs], Role::Bias)?;
-        Ok(Linear::new(weight, Some(bias), device))
+    let final_norm = layer_norm(m, &format!("{prefix}ln_f"))?;
+    let conv1d = |m: &mut Matrices<'_, B>, name: &str, inputs: usize, outputs: usize| {
+        let weight = m.conv1d(&format!("{name}.weight"), inputs, outputs)?;
+        let bias = m.tensor(&format!("{name}.bias"), &[outputs], Role::Bias)?;
+        Ok::<_, ModelError>(m.layer(weight, Some(bias)))
     };
     let mut blocks = Vec::with_capacity(c.num_layers);
     for (i, (attention_norm, mlp_norm)) in norms.into_iter().enumerate() {
@@ -857,98 +1127,118 @@ fn build_gpt2<B: Backend>(
         blocks.push(Block {
             attention_norm,
             attention: Attention {
-                qkv: conv1d(&format!("{p}.attn.c_attn"), hidden, 3 * hidden)?,
-                output: conv1d(&format!("{p}.attn.c_proj"), hidden, hidden)?,
+                qkv: conv1d(m, &format!("{p}.attn.c_attn"), hidden, 3 * hidden)?,
+                output: conv1d(m, &format!("{p}.attn.c_proj"), hidden, hidden)?,
             },
             mlp_norm,
             mlp: Mlp::Gelu {
-                fc: conv1d(&format!("{p}.mlp.c_fc"), hidden, c.intermediate_size)?,
-                proj: conv1d(&format!("{p}.mlp.c_proj"), c.intermediate_size, hidden)?,
+                fc: conv1d(m, &format!("{p}.mlp.c_fc"), hidden, c.intermediate_size)?,
+                proj: conv1d(m, &format!("{p}.mlp.c_proj"), c.intermediate_size, hidden)?,
             },
         });
     }
-    let wte = source.tensor(
-        &format!("{prefix}wte.weight"),
-        &[c.vocab_size, hidden],
-        Role::Matrix,
-    )?;
-    let wpe = source.tensor(
+    let (token_embedding, lm_head) =
+        m.embedding(&format!("{prefix}wte.weight"), c.vocab_size, hidden, None)?;
+    let wpe = m.tensor(
         &format!("{prefix}wpe.weight"),
         &[c.max_positions, hidden],
         Role::Matrix,
     )?;
-    Ok((
+    Ok(Parts {
         blocks,
-        wte,
-        PositionEncoding::Learned(upload(wpe, device)),
+        token_embedding,
+        positions: PositionEncoding::Learned(upload(wpe, device)),
         final_norm,
-        None,
-    ))
+        lm_head,
+    })
 }
 
-fn build_llama<B: Backend>(
-    c: &ModelConfig,
-    source: &mut dyn TensorSource,
-    device: &B::Device,
-) -> Result<Parts<B>> {
+fn build_llama<B: Backend>(c: &ModelConfig, m: &mut Matrices<'_, B>) -> Result<Parts<B>> {
     let hidden = c.hidden_size;
+    let device = m.device;
     let rope = c.rope.ok_or_else(|| {
         ModelError::config(&c.model_type, "a Llama-family model needs rope settings")
     })?;
-    let mut rms = |name: &str| -> Result<Norm<B>> {
+    let rms = |m: &mut Matrices<'_, B>, name: &str| -> Result<Norm<B>> {
         Ok(Norm::Rms {
-            weight: upload(source.tensor(name, &[hidden], Role::NormWeight)?, device),
+            weight: upload(m.tensor(name, &[hidden], Role::NormWeight)?, device),
             eps: c.norm_eps,
         })
     };
     let mut norms = Vec::new();
     for i in 0..c.num_layers {
         norms.push((
-            rms(&format!("model.layers.{i}.input_layernorm.weight"))?,
-            rms(&format!("model.layers.{i}.post_attention_layernorm.weight"))?,
+            rms(m, &format!("model.layers.{i}.input_layernorm.weight"))?,
+            rms(
+                m,
+                &format!("model.layers.{i}.post_attention_layernorm.weight"),
+            )?,
         ));
     }
-    let final_norm = rms("model.norm.weight")?;
-    // PyTorch `nn.Linear` weights are `[out, in]`: transposed once here.
-    let mut linear = |name: &str,
-                      inputs: usize,
-                      outputs: usize,
-                      bias: bool|
-     -> Result<(HostTensor, Option<HostTensor>)> {
-        let weight = source.tensor(&format!("{name}.weight"), &[outputs, inputs], Role::Matrix)?;
+    let final_norm = rms(m, "model.norm.weight")?;
+    // One projection: its weight and, if the model has them, its bias.
+    let linear = |m: &mut Matrices<'_, B>,
+                  name: &str,
+                  inputs: usize,
+                  outputs: usize,
+                  bias: bool|
+     -> Result<(Projection, Option<HostTensor>)> {
+        let weight = m.linear(&format!("{name}.weight"), inputs, outputs)?;
         let bias = if bias {
-            Some(source.tensor(&format!("{name}.bias"), &[outputs], Role::Bias)?)
+            Some(m.tensor(&format!("{name}.bias"), &[outputs], Role::Bias)?)
         } else {
             None
         };
-        Ok((weight.transposed(), bias))
+        Ok((weight, bias))
     };
     let (q_out, kv_out) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
     let mut blocks = Vec::with_capacity(c.num_layers);
     for (i, (attention_norm, mlp_norm)) in norms.into_iter().enumerate() {
         let p = format!("model.layers.{i}");
-        let (q, q_bias) = linear(&format!("{p}.self_attn.q_proj"), hidden, q_out, c.qkv_bias)?;
-        let (k, k_bias) = linear(&format!("{p}.self_attn.k_proj"), hidden, kv_out, c.qkv_bias)?;
-        let (v, v_bias) = linear(&format!("{p}.self_attn.v_proj"), hidden, kv_out, c.qkv_bias)?;
+        let (q, q_bias) = linear(
+            m,
+            &format!("{p}.self_attn.q_proj"),
+            hidden,
+            q_out,
+            c.qkv_bias,
+        )?;
+        let (k, k_bias) = linear(
+            m,
+            &format!("{p}.self_attn.k_proj"),
+            hidden,
+            kv_out,
+            c.qkv_bias,
+        )?;
+        let (v, v_bias) = linear(
+            m,
+            &format!("{p}.self_attn.v_proj"),
+            hidden,
+            kv_out,
+            c.qkv_bias,
+        )?;
         let (o, o_bias) = linear(
+            m,
             &format!("{p}.self_attn.o_proj"),
             q_out,
             hidden,
             c.dense_bias,
         )?;
         let (gate, gate_bias) = linear(
+            m,
             &format!("{p}.mlp.gate_proj"),
             hidden,
             c.intermediate_size,
             c.dense_bias,
         )?;
         let (up, up_bias) = linear(
+            m,
             &format!("{p}.mlp.up_proj"),
             hidden,
             c.intermediate_size,
             c.dense_bias,
         )?;
         let (down, down_bias) = linear(
+            m,
             &format!("{p}.mlp.down_proj"),
             c.intermediate_size,
             hidden,
@@ -962,39 +1252,30 @@ fn build_llama<B: Backend>(
             (Some(g), Some(u)) => Some(HostTensor::concat(&[g, u])),
             _ => None,
         };
+        let qkv = m.fuse(vec![q, k, v], &format!("{p}.self_attn.qkv"))?;
+        let gate_up = m.fuse(vec![gate, up], &format!("{p}.mlp.gate_up"))?;
         blocks.push(Block {
             attention_norm,
             attention: Attention {
-                qkv: Linear::new(HostTensor::concat_columns(&[q, k, v]), qkv_bias, device),
-                output: Linear::new(o, o_bias, device),
+                qkv: m.layer(qkv, qkv_bias),
+                output: m.layer(o, o_bias),
             },
             mlp_norm,
             mlp: Mlp::SwiGlu {
-                gate_up: Linear::new(
-                    HostTensor::concat_columns(&[gate, up]),
-                    gate_up_bias,
-                    device,
-                ),
-                down: Linear::new(down, down_bias, device),
+                gate_up: m.layer(gate_up, gate_up_bias),
+                down: m.layer(down, down_bias),
             },
         });
     }
-    let embedding = source.tensor(
-        "model.embed_tokens.weight",
-        &[c.vocab_size, hidden],
-        Role::Matrix,
-    )?;
-    let lm_head = if c.tie_word_embeddings {
-        None
-    } else {
-        Some(source.tensor("lm_head.weight", &[c.vocab_size, hidden], Role::Matrix)?)
-    };
+    let head = (!c.tie_word_embeddings).then_some("lm_head.weight");
+    let (token_embedding, lm_head) =
+        m.embedding("model.embed_tokens.weight", c.vocab_size, hidden, head)?;
     let rotary = RotaryTable::from_inv_freq(rope.inv_freq(c.head_dim), device)?;
-    Ok((
+    Ok(Parts {
         blocks,
-        embedding,
-        PositionEncoding::Rotary(rotary),
+        token_embedding,
+        positions: PositionEncoding::Rotary(rotary),
         final_norm,
         lm_head,
-    ))
+    })
 }

@@ -1,8 +1,12 @@
-//! Weights on the host, by Hugging Face name, in f32, whatever file they came from.
+//! Weights on the host, by Hugging Face name: dense f32, or (from a GGUF file) matrices kept
+//! in the blocks the file stores them in, widened only when a dense tensor is asked for.
 
 use std::collections::HashMap;
 
+use kv_kernels::{Format, Matrix};
+
 use crate::error::{ModelError, Result};
+use crate::placement::WeightFormat;
 
 /// A dense f32 tensor in host memory, row-major.
 #[derive(Debug, Clone, PartialEq)]
@@ -73,11 +77,28 @@ impl HostTensor {
     }
 }
 
+/// A stored tensor: dense f32 values, or a 2-D matrix in its file's block format.
+#[derive(Debug, Clone, PartialEq)]
+enum Stored {
+    Dense(HostTensor),
+    /// `[rows, cols]` in PyTorch's order (`nn.Linear`'s `[out, in]`).
+    Matrix(Matrix),
+}
+
+impl Stored {
+    fn shape(&self) -> Vec<usize> {
+        match self {
+            Stored::Dense(t) => t.shape.clone(),
+            Stored::Matrix(m) => vec![m.rows(), m.cols()],
+        }
+    }
+}
+
 /// Named host tensors, with the name of their source for error messages.
 #[derive(Debug, Clone, Default)]
 pub struct Weights {
     source_name: String,
-    tensors: HashMap<String, HostTensor>,
+    tensors: HashMap<String, Stored>,
 }
 
 impl Weights {
@@ -96,7 +117,12 @@ impl Weights {
 
     /// Adds or replaces a tensor.
     pub fn insert(&mut self, name: impl Into<String>, tensor: HostTensor) {
-        self.tensors.insert(name.into(), tensor);
+        self.tensors.insert(name.into(), Stored::Dense(tensor));
+    }
+
+    /// Adds or replaces a 2-D tensor kept in its stored format (`[rows, cols]`, PyTorch order).
+    pub fn insert_matrix(&mut self, name: impl Into<String>, matrix: Matrix) {
+        self.tensors.insert(name.into(), Stored::Matrix(matrix));
     }
 
     /// Whether `name` is present.
@@ -121,8 +147,8 @@ impl Weights {
         names
     }
 
-    /// Removes and returns `name`, checking its shape.
-    pub fn take(&mut self, name: &str, expected: &[usize]) -> Result<HostTensor> {
+    /// Removes `name`, checking its shape.
+    fn take_stored(&mut self, name: &str, expected: &[usize]) -> Result<Stored> {
         let tensor = self
             .tensors
             .remove(name)
@@ -130,15 +156,48 @@ impl Weights {
                 source_name: self.source_name.clone(),
                 tensor: name.into(),
             })?;
-        if tensor.shape != expected {
+        if tensor.shape() != expected {
             return Err(ModelError::TensorShape {
                 source_name: self.source_name.clone(),
                 tensor: name.into(),
                 expected: expected.to_vec(),
-                found: tensor.shape,
+                found: tensor.shape(),
             });
         }
         Ok(tensor)
+    }
+
+    /// Removes and returns `name` as dense f32, checking its shape.
+    pub fn take(&mut self, name: &str, expected: &[usize]) -> Result<HostTensor> {
+        Ok(match self.take_stored(name, expected)? {
+            Stored::Dense(t) => t,
+            Stored::Matrix(m) => HostTensor::new(vec![m.rows(), m.cols()], m.to_f32()),
+        })
+    }
+
+    /// Removes and returns the 2-D tensor `name` (`[rows, cols]`) as a matrix in `format`:
+    /// a stored matrix as it is where the format allows, anything else converted.
+    pub fn take_matrix(
+        &mut self,
+        name: &str,
+        [rows, cols]: [usize; 2],
+        format: WeightFormat,
+    ) -> Result<Matrix> {
+        let stored = self.take_stored(name, &[rows, cols])?;
+        let source = self.source_name.clone();
+        let matrix = match (stored, format.kernel_format()) {
+            (Stored::Matrix(m), None) => m,
+            (Stored::Matrix(m), Some(f)) => m.convert(f),
+            (Stored::Dense(t), f) => {
+                let f = f.unwrap_or(Format::F32);
+                Matrix::from_f32(f, rows, cols, &t.data).map_err(|e| ModelError::Kernel {
+                    source_name: source.clone(),
+                    tensor: name.into(),
+                    source: e,
+                })?
+            }
+        };
+        Ok(matrix)
     }
 
     /// [`Weights::take`] for a tensor that may be absent.

@@ -3,8 +3,9 @@
 
 use crate::config::{Architecture, ModelConfig, RopeConfig, RopeScaling};
 use crate::error::{ModelError, Result};
-use crate::gguf::{GgufFile, MetaValue};
+use crate::gguf::{GgmlType, GgufFile, MetaValue};
 use crate::weights::{HostTensor, Weights};
+use kv_kernels::{Format, Matrix};
 
 /// The model configuration a GGUF file's metadata describes.
 pub fn config_from_gguf(file: &GgufFile) -> Result<ModelConfig> {
@@ -103,9 +104,14 @@ pub fn config_from_gguf(file: &GgufFile) -> Result<ModelConfig> {
     Ok(config)
 }
 
-/// Every tensor of the file, dequantized to f32 and renamed to Hugging Face names, with Q/K
-/// rows of Llama and Mistral files put back in the rotate-half order (llama.cpp's converter
-/// interleaves them) and GPT-2 matrices transposed back to the Conv1D layout.
+/// Every tensor of the file, renamed to Hugging Face names, with Q/K rows of Llama and
+/// Mistral files put back in the rotate-half order (llama.cpp's converter interleaves them).
+///
+/// Llama-family matrices stored as F32, F16, Q8_0 or Q4_1 are kept in their blocks (moving
+/// whole rows is all the Q/K reordering needs), so a model built on kv-kernels runs on the
+/// file's own bytes; everything else is dequantized to f32 here. GPT-2 matrices are
+/// dequantized and transposed back to the Conv1D layout (`[in, out]`), whose rows are not the
+/// file's blocks.
 pub fn weights_from_gguf(file: &GgufFile, config: &ModelConfig) -> Result<Weights> {
     let mut weights = Weights::new(file.path().display().to_string());
     let permuted = matches!(config.model_type.as_str(), "llama" | "mistral");
@@ -113,11 +119,46 @@ pub fn weights_from_gguf(file: &GgufFile, config: &ModelConfig) -> Result<Weight
         let Some(name) = hf_name(&info.name, config.architecture) else {
             continue;
         };
-        let mut tensor = HostTensor::new(info.shape(), file.tensor_f32(info)?);
-        if permuted && info.name.ends_with("attn_q.weight") {
-            tensor = unpermute_rows(tensor, config.num_heads, &info.name, file)?;
+        let heads = if permuted && info.name.ends_with("attn_q.weight") {
+            Some(config.num_heads)
         } else if permuted && info.name.ends_with("attn_k.weight") {
-            tensor = unpermute_rows(tensor, config.num_kv_heads, &info.name, file)?;
+            Some(config.num_kv_heads)
+        } else {
+            None
+        };
+        let shape = info.shape();
+        let kept = match info.ggml_type {
+            GgmlType::F32 => Some(Format::F32),
+            GgmlType::F16 => Some(Format::F16),
+            GgmlType::Q8_0 => Some(Format::Q8_0),
+            GgmlType::Q4_1 => Some(Format::Q4_1),
+            _ => None,
+        };
+        if let (Some(format), Architecture::Llama, [rows, cols]) =
+            (kept, config.architecture, shape.as_slice())
+        {
+            let bytes = file.tensor_bytes(info)?;
+            let mut matrix = Matrix::from_ggml_bytes(format, *rows, *cols, bytes).map_err(|e| {
+                ModelError::Gguf {
+                    path: file.path().to_path_buf(),
+                    message: format!("tensor `{}`: {e}", info.name),
+                }
+            })?;
+            if let Some(heads) = heads {
+                matrix = matrix.select_rows(&rotate_half_order(*rows, heads, &info.name, file)?);
+            }
+            weights.insert_matrix(name, matrix);
+            continue;
+        }
+        let mut tensor = HostTensor::new(shape, file.tensor_f32(info)?);
+        if let Some(heads) = heads {
+            let order = rotate_half_order(tensor.shape[0], heads, &info.name, file)?;
+            let cols = tensor.shape[1];
+            let data = order
+                .iter()
+                .flat_map(|&r| tensor.data[r * cols..(r + 1) * cols].iter().copied())
+                .collect();
+            tensor = HostTensor::new(tensor.shape, data);
         }
         if config.architecture == Architecture::Gpt2
             && tensor.shape.len() == 2
@@ -174,15 +215,10 @@ fn hf_name(gguf: &str, family: Architecture) -> Option<String> {
     })
 }
 
-/// Undoes llama.cpp's Q/K row permutation: within each head, GGUF row `2i + j` is Hugging Face
-/// row `j * head_dim / 2 + i`.
-fn unpermute_rows(
-    tensor: HostTensor,
-    heads: usize,
-    name: &str,
-    file: &GgufFile,
-) -> Result<HostTensor> {
-    let (rows, cols) = (tensor.shape[0], tensor.shape[1]);
+/// The row order that undoes llama.cpp's Q/K permutation: within each head, GGUF row
+/// `2i + j` is Hugging Face row `j * head_dim / 2 + i`, so Hugging Face row `to` is read from
+/// GGUF row `order[to]`.
+fn rotate_half_order(rows: usize, heads: usize, name: &str, file: &GgufFile) -> Result<Vec<usize>> {
     if heads == 0 || !rows.is_multiple_of(heads) || !(rows / heads).is_multiple_of(2) {
         return Err(ModelError::Gguf {
             path: file.path().to_path_buf(),
@@ -193,16 +229,13 @@ fn unpermute_rows(
     }
     let head_dim = rows / heads;
     let half = head_dim / 2;
-    let mut data = vec![0.0; tensor.data.len()];
+    let mut order = vec![0; rows];
     for h in 0..heads {
         for i in 0..half {
             for j in 0..2 {
-                let from = h * head_dim + 2 * i + j;
-                let to = h * head_dim + j * half + i;
-                data[to * cols..(to + 1) * cols]
-                    .copy_from_slice(&tensor.data[from * cols..(from + 1) * cols]);
+                order[h * head_dim + j * half + i] = h * head_dim + 2 * i + j;
             }
         }
     }
-    Ok(HostTensor::new(tensor.shape, data))
+    Ok(order)
 }

@@ -1,0 +1,43 @@
+//! One decode step's products at SmolLM2-135M's shapes, per format and instruction set, on
+//! one thread and split over every core: `cargo bench -p kv-kernels --bench matvec`.
+
+use std::sync::Arc;
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use kv_kernels::{Format, Isa, Matrix, Threads};
+
+fn values(len: usize) -> Vec<f32> {
+    (0..len)
+        .map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0)
+        .collect()
+}
+
+fn matvec(c: &mut Criterion) {
+    // (name, rows = out features, cols = in features): the fused gate/up product and the
+    // LM head of SmolLM2-135M.
+    let shapes = [("gate_up", 3072, 576), ("lm_head", 49152, 576)];
+    let threads = Threads::global();
+    for (name, rows, cols) in shapes {
+        let mut group = c.benchmark_group(format!("matvec/{name}"));
+        let x = values(cols);
+        for format in Format::ALL {
+            let matrix =
+                Arc::new(Matrix::from_f32(format, rows, cols, &values(rows * cols)).unwrap());
+            group.throughput(Throughput::Bytes(matrix.byte_len() as u64));
+            for isa in Isa::available() {
+                let mut y = vec![0.0; rows];
+                group.bench_function(BenchmarkId::new(format!("{format}/1-thread"), isa), |b| {
+                    b.iter(|| matrix.matmul_with(isa, &x, 1, &mut y))
+                });
+            }
+            group.bench_function(
+                BenchmarkId::new(format!("{format}/{}-threads", threads.count()), Isa::best()),
+                |b| b.iter(|| matrix.par_matmul(&x, 1, threads)),
+            );
+        }
+        group.finish();
+    }
+}
+
+criterion_group!(benches, matvec);
+criterion_main!(benches);

@@ -1,0 +1,190 @@
+//! The block formats: ggml's weight blocks exactly as GGUF files store them, and the 8-bit
+//! activation blocks a row is quantized to before it meets them.
+//!
+//! Every block covers [`BLOCK`] consecutive values of one row. A weight block keeps its scale
+//! (and, for Q4_1, its minimum) in half precision, as the file does, so a loaded matrix is the
+//! file's bytes, not a widened copy. Activation blocks are made fresh for each product and
+//! never stored, so they keep their scale and sum in `f32` (llama.cpp's `block_q8_1` rounds
+//! both to `f16`): the only rounding an activation takes is to 8 bits.
+
+use bytemuck::{Pod, Zeroable};
+use half::f16;
+
+/// Values per block, in every block format.
+pub const BLOCK: usize = 32;
+
+/// ggml's `block_q4_1`: 32 weights as 4-bit steps above a minimum, `x = d * q + m`, 20 bytes.
+///
+/// Nibble order is ggml's: byte `j` holds value `j` in its low half and value `j + 16` in its
+/// high half.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Pod, Zeroable)]
+pub struct BlockQ4_1 {
+    /// The step between levels.
+    pub d: f16,
+    /// The value of level 0.
+    pub m: f16,
+    /// 32 levels in `0..16`, two per byte.
+    pub qs: [u8; BLOCK / 2],
+}
+
+/// ggml's `block_q8_0`: 32 weights as signed bytes times a scale, `x = d * q`, 34 bytes.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Pod, Zeroable)]
+pub struct BlockQ8_0 {
+    /// The scale.
+    pub d: f16,
+    /// 32 values in `-127..=127`.
+    pub qs: [i8; BLOCK],
+}
+
+/// 32 activations as signed bytes times a scale, with the block's sum: the partner of both
+/// weight formats (`x = d * q`; `s = d * Σq`, which a Q4_1 product needs for its minimum).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Pod, Zeroable)]
+pub struct BlockQ8 {
+    /// The scale: the block's largest magnitude over 127.
+    pub d: f32,
+    /// `d` times the sum of `qs`.
+    pub s: f32,
+    /// 32 values in `-127..=127`.
+    pub qs: [i8; BLOCK],
+}
+
+impl BlockQ4_1 {
+    /// ggml's reference quantizer (`quantize_row_q4_1_ref`): the block's minimum and range
+    /// over 15 steps, each value rounded to the nearest step.
+    pub fn quantize(values: &[f32; BLOCK]) -> Self {
+        let min = values.iter().copied().fold(f32::INFINITY, f32::min);
+        let max = values.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let d = (max - min) / 15.0;
+        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        let level = |x: f32| (((x - min) * id + 0.5) as u8).min(15);
+        let mut qs = [0u8; BLOCK / 2];
+        for (j, q) in qs.iter_mut().enumerate() {
+            *q = level(values[j]) | (level(values[j + BLOCK / 2]) << 4);
+        }
+        Self {
+            d: f16::from_f32(d),
+            m: f16::from_f32(min),
+            qs,
+        }
+    }
+
+    /// The 32 values this block stands for.
+    pub fn dequantize(&self, out: &mut [f32; BLOCK]) {
+        let (d, m) = (self.d.to_f32(), self.m.to_f32());
+        for (j, &q) in self.qs.iter().enumerate() {
+            out[j] = d * f32::from(q & 0x0F) + m;
+            out[j + BLOCK / 2] = d * f32::from(q >> 4) + m;
+        }
+    }
+}
+
+impl BlockQ8_0 {
+    /// ggml's reference quantizer (`quantize_row_q8_0_ref`): the largest magnitude maps to
+    /// 127, every value rounds to the nearest step.
+    pub fn quantize(values: &[f32; BLOCK]) -> Self {
+        let (d, qs) = quantize_symmetric(values);
+        Self {
+            d: f16::from_f32(d),
+            qs,
+        }
+    }
+
+    /// The 32 values this block stands for.
+    pub fn dequantize(&self, out: &mut [f32; BLOCK]) {
+        let d = self.d.to_f32();
+        for (o, &q) in out.iter_mut().zip(&self.qs) {
+            *o = d * f32::from(q);
+        }
+    }
+}
+
+impl BlockQ8 {
+    /// 32 activations to bytes: the largest magnitude maps to 127 (the rounding of Q8_0,
+    /// with the scale kept in `f32`).
+    pub fn quantize(values: &[f32; BLOCK]) -> Self {
+        let (d, qs) = quantize_symmetric(values);
+        let sum: i32 = qs.iter().map(|&q| i32::from(q)).sum();
+        Self {
+            d,
+            s: d * sum as f32,
+            qs,
+        }
+    }
+}
+
+/// `(d, q)` with `d = max|x| / 127` and `q = round(x / d)`.
+fn quantize_symmetric(values: &[f32; BLOCK]) -> (f32, [i8; BLOCK]) {
+    let amax = values.iter().fold(0.0f32, |a, &x| a.max(x.abs()));
+    let d = amax / 127.0;
+    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+    let mut qs = [0i8; BLOCK];
+    for (q, &x) in qs.iter_mut().zip(values) {
+        *q = (x * id).round() as i8;
+    }
+    (d, qs)
+}
+
+/// Quantizes a row whose length is a multiple of [`BLOCK`] into activation blocks.
+///
+/// # Panics
+/// If `row.len()` is not a multiple of [`BLOCK`] (matrices check their widths when built).
+pub fn quantize_row(row: &[f32], out: &mut Vec<BlockQ8>) {
+    assert!(
+        row.len().is_multiple_of(BLOCK),
+        "row of {} values",
+        row.len()
+    );
+    out.clear();
+    out.extend(
+        row.chunks_exact(BLOCK)
+            .map(|chunk| BlockQ8::quantize(chunk.try_into().expect("chunks of BLOCK"))),
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_match_ggml() {
+        assert_eq!(std::mem::size_of::<BlockQ4_1>(), 20);
+        assert_eq!(std::mem::size_of::<BlockQ8_0>(), 34);
+    }
+
+    #[test]
+    fn q4_1_round_trip_is_within_half_a_step() {
+        let values: [f32; BLOCK] = std::array::from_fn(|i| (i as f32 * 0.37).sin() * 3.0);
+        let block = BlockQ4_1::quantize(&values);
+        let mut back = [0.0; BLOCK];
+        block.dequantize(&mut back);
+        let step = block.d.to_f32();
+        for (a, b) in values.iter().zip(&back) {
+            // Half a step, plus the f16 rounding of the minimum and step.
+            assert!(
+                (a - b).abs() <= 0.5 * step + 0.01,
+                "{a} vs {b}, step {step}"
+            );
+        }
+    }
+
+    #[test]
+    fn q8_sum_matches_its_values() {
+        let values: [f32; BLOCK] = std::array::from_fn(|i| i as f32 - 10.0);
+        let block = BlockQ8::quantize(&values);
+        let sum: f32 = block.qs.iter().map(|&q| block.d * f32::from(q)).sum();
+        assert!((block.s - sum).abs() < 1e-3);
+        assert_eq!(block.qs[31], 127);
+    }
+
+    #[test]
+    fn zero_block_quantizes_to_zero() {
+        let zeros = [0.0; BLOCK];
+        assert_eq!(BlockQ8::quantize(&zeros).qs, [0; BLOCK]);
+        let mut back = [1.0; BLOCK];
+        BlockQ4_1::quantize(&zeros).dequantize(&mut back);
+        assert_eq!(back, [0.0; BLOCK]);
+    }
+}

@@ -1,0 +1,360 @@
+//! Row-by-row dot products of weight rows with one activation row, one function per weight
+//! format, each with a scalar reference and x86 versions chosen by [`Isa`].
+//!
+//! Why hand-written: no maintained crate multiplies by ggml's block layouts (the point is to
+//! read the file's own bytes, not a widened copy), and `gemm`, which burn's CPU backends use,
+//! has no f16-weight/f32-activation or 8-bit path. The x86 functions follow the textbook
+//! pattern (widen 4-bit levels to bytes, multiply-add bytes to 32-bit sums, scale by the two
+//! block scales, accumulate in f32), the same arithmetic ggml's `ggml_vec_dot_q4_1_q8_1`
+//! performs, written here from the format definitions.
+//!
+//! Every function takes `out.len()` weight rows laid end to end in `w` and writes one dot per
+//! row. Callers (the [`crate::Matrix`] methods) check the lengths; the functions assert them.
+
+use half::f16;
+
+use crate::blocks::{BlockQ4_1, BlockQ8, BlockQ8_0, BLOCK};
+use crate::isa::Isa;
+
+/// `out[r] = Σ_b d_w d_x Σ q_w q_x + m_w s_x` over row `r`'s Q4_1 blocks and `x`'s blocks.
+pub fn q4_1_rows(isa: Isa, w: &[BlockQ4_1], x: &[BlockQ8], out: &mut [f32]) {
+    assert_eq!(
+        w.len(),
+        x.len() * out.len(),
+        "Q4_1 rows against activation blocks"
+    );
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 if isa.is_available() => {
+            // SAFETY: the level's instructions (avx2, fma, f16c) were detected on this CPU.
+            unsafe { x86::q4_1_rows_avx2(w, x, out) }
+        }
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512Vnni if isa.is_available() => {
+            // SAFETY: the level's instructions (avx512vnni, avx512vl, avx2, f16c) were detected.
+            unsafe { x86::q4_1_rows_vnni(w, x, out) }
+        }
+        _ => q4_1_rows_scalar(w, x, out),
+    }
+}
+
+/// `out[r] = Σ_b d_w d_x Σ q_w q_x` over row `r`'s Q8_0 blocks and `x`'s blocks.
+pub fn q8_0_rows(isa: Isa, w: &[BlockQ8_0], x: &[BlockQ8], out: &mut [f32]) {
+    assert_eq!(
+        w.len(),
+        x.len() * out.len(),
+        "Q8_0 rows against activation blocks"
+    );
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 if isa.is_available() => {
+            // SAFETY: avx2, fma and f16c were detected on this CPU.
+            unsafe { x86::q8_0_rows_avx2(w, x, out) }
+        }
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512Vnni if isa.is_available() => {
+            // SAFETY: avx512vnni, avx512vl, avx2 and f16c were detected on this CPU.
+            unsafe { x86::q8_0_rows_vnni(w, x, out) }
+        }
+        _ => q8_0_rows_scalar(w, x, out),
+    }
+}
+
+/// `out[r] = Σ_i w[r, i] x[i]` for f16 weight rows and an f32 activation row.
+pub fn f16_rows(isa: Isa, w: &[f16], x: &[f32], out: &mut [f32]) {
+    assert_eq!(
+        w.len(),
+        x.len() * out.len(),
+        "f16 rows against the activation row"
+    );
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 | Isa::Avx512Vnni if Isa::Avx2.is_available() => {
+            // SAFETY: avx2, fma and f16c were detected on this CPU.
+            unsafe { x86::f16_rows_avx2(w, x, out) }
+        }
+        _ => {
+            for (row, o) in w.chunks_exact(x.len()).zip(out.iter_mut()) {
+                *o = row.iter().zip(x).map(|(w, x)| w.to_f32() * x).sum();
+            }
+        }
+    }
+}
+
+/// `out[r] = Σ_i w[r, i] x[i]` for f32 weight rows.
+pub fn f32_rows(isa: Isa, w: &[f32], x: &[f32], out: &mut [f32]) {
+    assert_eq!(
+        w.len(),
+        x.len() * out.len(),
+        "f32 rows against the activation row"
+    );
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 | Isa::Avx512Vnni if Isa::Avx2.is_available() => {
+            // SAFETY: avx2 and fma were detected on this CPU.
+            unsafe { x86::f32_rows_avx2(w, x, out) }
+        }
+        _ => {
+            for (row, o) in w.chunks_exact(x.len()).zip(out.iter_mut()) {
+                *o = row.iter().zip(x).map(|(w, x)| w * x).sum();
+            }
+        }
+    }
+}
+
+fn q4_1_rows_scalar(w: &[BlockQ4_1], x: &[BlockQ8], out: &mut [f32]) {
+    for (row, o) in w.chunks_exact(x.len()).zip(out.iter_mut()) {
+        *o = row
+            .iter()
+            .zip(x)
+            .map(|(wb, xb)| {
+                let dot: i32 = (0..BLOCK / 2)
+                    .map(|j| {
+                        i32::from(wb.qs[j] & 0x0F) * i32::from(xb.qs[j])
+                            + i32::from(wb.qs[j] >> 4) * i32::from(xb.qs[j + BLOCK / 2])
+                    })
+                    .sum();
+                wb.d.to_f32() * xb.d * dot as f32 + wb.m.to_f32() * xb.s
+            })
+            .sum();
+    }
+}
+
+fn q8_0_rows_scalar(w: &[BlockQ8_0], x: &[BlockQ8], out: &mut [f32]) {
+    for (row, o) in w.chunks_exact(x.len()).zip(out.iter_mut()) {
+        *o = row
+            .iter()
+            .zip(x)
+            .map(|(wb, xb)| {
+                let dot: i32 = wb
+                    .qs
+                    .iter()
+                    .zip(&xb.qs)
+                    .map(|(&a, &b)| i32::from(a) * i32::from(b))
+                    .sum();
+                wb.d.to_f32() * xb.d * dot as f32
+            })
+            .sum();
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    //! The x86 versions. Each is an `unsafe fn` only because it is compiled for instructions
+    //! the caller must have detected; memory is read through bounds-checked slices, except
+    //! where a comment says why an unaligned vector load stays inside its slice.
+
+    use std::arch::x86_64::*;
+
+    use half::f16;
+
+    use crate::blocks::{BlockQ4_1, BlockQ8, BlockQ8_0};
+
+    /// An f16 scale to f32 with F16C (half's own conversion checks the CPU on every call).
+    #[inline]
+    #[target_feature(enable = "f16c")]
+    fn scale(h: f16) -> f32 {
+        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(h.to_bits()))))
+    }
+
+    /// The sum of a vector's eight lanes.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn hsum(v: __m256) -> f32 {
+        let pair = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        let pair = _mm_add_ps(pair, _mm_movehl_ps(pair, pair));
+        _mm_cvtss_f32(_mm_add_ss(pair, _mm_movehdup_ps(pair)))
+    }
+
+    /// A Q4_1 block's 32 levels as bytes in value order (low nibbles, then high).
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn levels(block: &BlockQ4_1) -> __m256i {
+        // SAFETY: `qs` is 16 bytes, exactly what the unaligned load reads.
+        let packed = unsafe { _mm_loadu_si128(block.qs.as_ptr().cast()) };
+        let mask = _mm_set1_epi8(0x0F);
+        let low = _mm_and_si128(packed, mask);
+        let high = _mm_and_si128(_mm_srli_epi16(packed, 4), mask);
+        _mm256_set_m128i(high, low)
+    }
+
+    /// An activation or Q8_0 block's 32 signed bytes.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn bytes(qs: &[i8; 32]) -> __m256i {
+        // SAFETY: `qs` is 32 bytes, exactly what the unaligned load reads.
+        unsafe { _mm256_loadu_si256(qs.as_ptr().cast()) }
+    }
+
+    /// Unsigned `a` times signed `b`, bytes summed in fours into 32-bit lanes (AVX2: through
+    /// 16-bit pair sums, which cannot saturate for 4-bit or sign-folded 8-bit inputs).
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn dot_u8_i8_avx2(a: __m256i, b: __m256i) -> __m256i {
+        _mm256_madd_epi16(_mm256_maddubs_epi16(a, b), _mm256_set1_epi16(1))
+    }
+
+    /// Two weight rows per pass share each activation block's load and scale. `$block` gives
+    /// a block's `(scale, integer dots as floats)`, `$extra` a term added outside the vector.
+    macro_rules! two_rows {
+        ($w:ident, $x:ident, $out:ident, |$wb:ident, $xb:ident| $block:expr, $extra:expr) => {{
+            let blocks = $x.len();
+            let mut rows = $w.chunks_exact(blocks);
+            let mut outs = $out.iter_mut();
+            loop {
+                match (rows.next(), outs.next()) {
+                    (Some(r0), Some(o0)) => {
+                        let second = match (rows.next(), outs.next()) {
+                            (Some(r1), Some(o1)) => Some((r1, o1)),
+                            _ => None,
+                        };
+                        let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+                        let (mut extra0, mut extra1) = (0.0f32, 0.0f32);
+                        for (b, $xb) in $x.iter().enumerate() {
+                            let $wb = &r0[b];
+                            let ((s, v), e) = ($block, $extra);
+                            acc0 = _mm256_fmadd_ps(_mm256_set1_ps(s), v, acc0);
+                            extra0 += e;
+                            if let Some((r1, _)) = &second {
+                                let $wb = &r1[b];
+                                let ((s, v), e) = ($block, $extra);
+                                acc1 = _mm256_fmadd_ps(_mm256_set1_ps(s), v, acc1);
+                                extra1 += e;
+                            }
+                        }
+                        *o0 = hsum(acc0) + extra0;
+                        if let Some((_, o1)) = second {
+                            *o1 = hsum(acc1) + extra1;
+                        }
+                    }
+                    _ => break,
+                }
+            }
+        }};
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn q4_1_rows_avx2(w: &[BlockQ4_1], x: &[BlockQ8], out: &mut [f32]) {
+        two_rows!(
+            w,
+            x,
+            out,
+            |wb, xb| (
+                scale(wb.d) * xb.d,
+                _mm256_cvtepi32_ps(dot_u8_i8_avx2(levels(wb), bytes(&xb.qs)))
+            ),
+            scale(wb.m) * xb.s
+        );
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    pub(super) unsafe fn q4_1_rows_vnni(w: &[BlockQ4_1], x: &[BlockQ8], out: &mut [f32]) {
+        two_rows!(
+            w,
+            x,
+            out,
+            |wb, xb| (
+                scale(wb.d) * xb.d,
+                _mm256_cvtepi32_ps(_mm256_dpbusd_epi32(
+                    _mm256_setzero_si256(),
+                    levels(wb),
+                    bytes(&xb.qs)
+                ))
+            ),
+            scale(wb.m) * xb.s
+        );
+    }
+
+    /// Signed-by-signed bytes through the unsigned-by-signed instructions: `|a|` times `b`
+    /// with `a`'s sign moved onto it.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn sign_folded(a: __m256i, b: __m256i) -> (__m256i, __m256i) {
+        (_mm256_sign_epi8(a, a), _mm256_sign_epi8(b, a))
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn q8_0_rows_avx2(w: &[BlockQ8_0], x: &[BlockQ8], out: &mut [f32]) {
+        two_rows!(
+            w,
+            x,
+            out,
+            |wb, xb| {
+                let (a, b) = sign_folded(bytes(&wb.qs), bytes(&xb.qs));
+                (scale(wb.d) * xb.d, _mm256_cvtepi32_ps(dot_u8_i8_avx2(a, b)))
+            },
+            0.0
+        );
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    pub(super) unsafe fn q8_0_rows_vnni(w: &[BlockQ8_0], x: &[BlockQ8], out: &mut [f32]) {
+        two_rows!(
+            w,
+            x,
+            out,
+            |wb, xb| {
+                let (a, b) = sign_folded(bytes(&wb.qs), bytes(&xb.qs));
+                (
+                    scale(wb.d) * xb.d,
+                    _mm256_cvtepi32_ps(_mm256_dpbusd_epi32(_mm256_setzero_si256(), a, b)),
+                )
+            },
+            0.0
+        );
+    }
+
+    /// Four accumulators of eight lanes: 32 products per pass keep the FMA units busy.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn f16_rows_avx2(w: &[f16], x: &[f32], out: &mut [f32]) {
+        let n = x.len();
+        let body = n - n % 32;
+        for (row, o) in w.chunks_exact(n).zip(out.iter_mut()) {
+            let mut acc = [_mm256_setzero_ps(); 4];
+            for i in (0..body).step_by(32) {
+                for (k, a) in acc.iter_mut().enumerate() {
+                    let at = i + 8 * k;
+                    let (wr, xr) = (&row[at..at + 8], &x[at..at + 8]);
+                    // SAFETY: `wr` is 8 halves (16 bytes) and `xr` 8 floats (32 bytes), the
+                    // widths the two unaligned loads read.
+                    let (wv, xv) = unsafe {
+                        (
+                            _mm256_cvtph_ps(_mm_loadu_si128(wr.as_ptr().cast())),
+                            _mm256_loadu_ps(xr.as_ptr()),
+                        )
+                    };
+                    *a = _mm256_fmadd_ps(wv, xv, *a);
+                }
+            }
+            let sum = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+            let tail: f32 = row[body..]
+                .iter()
+                .zip(&x[body..])
+                .map(|(w, x)| w.to_f32() * x)
+                .sum();
+            *o = hsum(sum) + tail;
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn f32_rows_avx2(w: &[f32], x: &[f32], out: &mut [f32]) {
+        let n = x.len();
+        let body = n - n % 32;
+        for (row, o) in w.chunks_exact(n).zip(out.iter_mut()) {
+            let mut acc = [_mm256_setzero_ps(); 4];
+            for i in (0..body).step_by(32) {
+                for (k, a) in acc.iter_mut().enumerate() {
+                    let at = i + 8 * k;
+                    let (wr, xr) = (&row[at..at + 8], &x[at..at + 8]);
+                    // SAFETY: both slices are 8 floats, the width of the unaligned loads.
+                    let (wv, xv) =
+                        unsafe { (_mm256_loadu_ps(wr.as_ptr()), _mm256_loadu_ps(xr.as_ptr())) };
+                    *a = _mm256_fmadd_ps(wv, xv, *a);
+                }
+            }
+            let sum = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+            let tail: f32 = row[body..].iter().zip(&x[body..]).map(|(w, x)| w * x).sum();
+            *o = hsum(sum) + tail;
+        }
+    }
+}

@@ -1,0 +1,48 @@
+//! What can go wrong building a matrix.
+
+use thiserror::Error;
+
+use crate::matrix::Format;
+
+/// A matrix that cannot be built from what was given.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum KernelError {
+    /// A block format needs rows that are whole blocks of 32 values.
+    #[error("{format} stores rows in blocks of 32 values, but a row has {cols}: use f32 or f16 for this matrix")]
+    RaggedBlocks {
+        /// The format asked for.
+        format: Format,
+        /// The row width given.
+        cols: usize,
+    },
+    /// Data of the wrong size for the shape.
+    #[error("a {rows}x{cols} {format} matrix needs {expected} {what}, got {found}")]
+    Length {
+        /// The format.
+        format: Format,
+        /// Rows asked for.
+        rows: usize,
+        /// Columns asked for.
+        cols: usize,
+        /// `values` or `bytes`.
+        what: &'static str,
+        /// What the shape needs.
+        expected: usize,
+        /// What was given.
+        found: usize,
+    },
+    /// [`crate::Matrix::stack`] with no parts.
+    #[error("no matrices to stack")]
+    NothingToStack,
+    /// [`crate::Matrix::stack`] over parts that differ in format or width.
+    #[error("cannot stack a {} matrix {} wide onto a {} matrix {} wide: convert them to one format first", other.0, other.1, first.0, first.1)]
+    MismatchedStack {
+        /// The first part's format and width.
+        first: (Format, usize),
+        /// The first part that differs.
+        other: (Format, usize),
+    },
+}
+
+/// Results of this crate.
+pub type Result<T> = std::result::Result<T, KernelError>;

@@ -1,0 +1,30 @@
+//! # kv-kernels
+//!
+//! CPU kernels for the products that dominate decoding: a weight matrix times a few rows of
+//! activations, with the weights kept in the format a GGUF file stores them in (ggml's Q4_1
+//! and Q8_0 blocks) or in f16/f32, so a quantized model runs from memory about its file's
+//! size and each step reads that many bytes, not a widened copy.
+//!
+//! - [`Matrix`]: a `[rows, cols]` matrix in one [`Format`]; `y = x Wᵀ` on the calling thread
+//!   ([`Matrix::matmul`]) or split over [`Threads`] ([`Matrix::par_matmul`]).
+//! - [`blocks`]: the block layouts and their reference quantizers; activations meet the block
+//!   formats as 8-bit blocks with an f32 scale ([`blocks::BlockQ8`]).
+//! - [`Isa`]: the instruction set the kernels run on, detected at run time, with a scalar
+//!   reference for every kernel.
+//! - [`Threads`]: persistent workers that spin between products and park when idle.
+//!
+//! The crate depends on no tensor library, so it can be tested and reused alone.
+
+#![warn(missing_docs)]
+
+pub mod blocks;
+mod dot;
+mod error;
+mod isa;
+mod matrix;
+mod threads;
+
+pub use error::{KernelError, Result};
+pub use isa::Isa;
+pub use matrix::{Format, Matrix};
+pub use threads::Threads;

@@ -1,0 +1,500 @@
+//! A weight matrix in one storage format, and its products with rows of activations.
+
+use std::ops::Range;
+use std::sync::Arc;
+
+use half::f16;
+
+use crate::blocks::{quantize_row, BlockQ4_1, BlockQ8, BlockQ8_0, BLOCK};
+use crate::dot;
+use crate::error::{KernelError, Result};
+use crate::isa::Isa;
+use crate::threads::Threads;
+
+/// How a matrix stores its values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Format {
+    /// 4 bytes a value.
+    F32,
+    /// 2 bytes a value (IEEE half).
+    F16,
+    /// ggml's Q8_0: 34 bytes per 32 values (8.5 bits a value).
+    Q8_0,
+    /// ggml's Q4_1: 20 bytes per 32 values (5 bits a value).
+    Q4_1,
+}
+
+impl Format {
+    /// Every format.
+    pub const ALL: [Format; 4] = [Format::F32, Format::F16, Format::Q8_0, Format::Q4_1];
+
+    /// Bytes that a row of `cols` values takes.
+    pub fn row_bytes(self, cols: usize) -> usize {
+        match self {
+            Format::F32 => 4 * cols,
+            Format::F16 => 2 * cols,
+            Format::Q8_0 => cols / BLOCK * std::mem::size_of::<BlockQ8_0>(),
+            Format::Q4_1 => cols / BLOCK * std::mem::size_of::<BlockQ4_1>(),
+        }
+    }
+
+    /// Whether rows are cut into blocks of [`BLOCK`] values (so widths must divide by it).
+    pub fn is_blocked(self) -> bool {
+        matches!(self, Format::Q8_0 | Format::Q4_1)
+    }
+
+    /// The lowercase name (`f32`, `f16`, `q8_0`, `q4_1`), as ggml and llama.cpp write it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Format::F32 => "f32",
+            Format::F16 => "f16",
+            Format::Q8_0 => "q8_0",
+            Format::Q4_1 => "q4_1",
+        }
+    }
+}
+
+impl std::fmt::Display for Format {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// The values, row after row.
+#[derive(Debug, Clone, PartialEq)]
+enum Storage {
+    F32(Vec<f32>),
+    F16(Vec<f16>),
+    Q8_0(Vec<BlockQ8_0>),
+    Q4_1(Vec<BlockQ4_1>),
+}
+
+/// A `[rows, cols]` weight matrix stored row-major in one [`Format`]: the layout of a GGUF
+/// tensor and of PyTorch's `nn.Linear` weight (`[out_features, in_features]`), so a product
+/// `y = x Wᵀ` reads each output's row once, front to back.
+///
+/// ```
+/// use kv_kernels::{Format, Matrix};
+///
+/// // y = x Wᵀ for W = [[1, 2, ...], [0, 0, ...]] (2 rows of 32) and x = all ones.
+/// let mut w = vec![0.0f32; 64];
+/// for (i, v) in w[..32].iter_mut().enumerate() {
+///     *v = i as f32 / 31.0;
+/// }
+/// let exact = Matrix::from_f32(Format::F32, 2, 32, &w).unwrap();
+/// let q8 = Matrix::from_f32(Format::Q8_0, 2, 32, &w).unwrap();
+/// let x = vec![1.0f32; 32];
+/// let (mut y, mut yq) = (vec![0.0; 2], vec![0.0; 2]);
+/// exact.matmul(&x, 1, &mut y);
+/// q8.matmul(&x, 1, &mut yq);
+/// assert!((y[0] - 16.0).abs() < 1e-4 && y[1] == 0.0);
+/// assert!((yq[0] - y[0]).abs() < 0.05);
+/// assert_eq!(q8.byte_len(), 2 * 34);
+/// ```
+#[derive(Debug, Clone, PartialEq)]
+pub struct Matrix {
+    rows: usize,
+    cols: usize,
+    storage: Storage,
+}
+
+/// Weight rows per tile when several activation rows share a pass: the tile stays in L1
+/// while every activation row meets it.
+const TILE_ROWS: usize = 16;
+
+/// Fewest weight rows a thread takes in a split product: below this a share costs more to
+/// hand off than to compute.
+const MIN_ROWS_PER_THREAD: usize = 64;
+
+impl Matrix {
+    /// `rows x cols` f32 values stored as `format` (quantized with ggml's reference rounding
+    /// for the block formats).
+    ///
+    /// # Errors
+    /// A length that is not `rows * cols`, or (block formats) `cols` not a multiple of 32.
+    pub fn from_f32(format: Format, rows: usize, cols: usize, values: &[f32]) -> Result<Self> {
+        check_shape(format, rows, cols, values.len(), rows * cols, "values")?;
+        let storage = match format {
+            Format::F32 => Storage::F32(values.to_vec()),
+            Format::F16 => Storage::F16(values.iter().map(|&v| f16::from_f32(v)).collect()),
+            Format::Q8_0 => Storage::Q8_0(
+                values
+                    .chunks_exact(BLOCK)
+                    .map(|c| BlockQ8_0::quantize(c.try_into().expect("32 values")))
+                    .collect(),
+            ),
+            Format::Q4_1 => Storage::Q4_1(
+                values
+                    .chunks_exact(BLOCK)
+                    .map(|c| BlockQ4_1::quantize(c.try_into().expect("32 values")))
+                    .collect(),
+            ),
+        };
+        Ok(Self {
+            rows,
+            cols,
+            storage,
+        })
+    }
+
+    /// A matrix from the bytes of a GGUF tensor stored as `format`, kept as they are
+    /// (little-endian, as GGUF is).
+    ///
+    /// # Errors
+    /// `bytes` not exactly [`Format::row_bytes`] times `rows`, or a block format whose `cols`
+    /// is not a multiple of 32.
+    pub fn from_ggml_bytes(format: Format, rows: usize, cols: usize, bytes: &[u8]) -> Result<Self> {
+        let expected = format.row_bytes(cols) * rows;
+        check_shape(format, rows, cols, bytes.len(), expected, "bytes")?;
+        // `pod_collect_to_vec` copies into a vector of the element's alignment, so a tensor at
+        // any offset of a file can be read.
+        let storage = match format {
+            Format::F32 => Storage::F32(bytemuck::pod_collect_to_vec(bytes)),
+            Format::F16 => Storage::F16(bytemuck::pod_collect_to_vec(bytes)),
+            Format::Q8_0 => Storage::Q8_0(bytemuck::pod_collect_to_vec(bytes)),
+            Format::Q4_1 => Storage::Q4_1(bytemuck::pod_collect_to_vec(bytes)),
+        };
+        Ok(Self {
+            rows,
+            cols,
+            storage,
+        })
+    }
+
+    /// Rows (output features).
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Columns (input features).
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// The storage format.
+    pub fn format(&self) -> Format {
+        match self.storage {
+            Storage::F32(_) => Format::F32,
+            Storage::F16(_) => Format::F16,
+            Storage::Q8_0(_) => Format::Q8_0,
+            Storage::Q4_1(_) => Format::Q4_1,
+        }
+    }
+
+    /// Bytes the values take.
+    pub fn byte_len(&self) -> usize {
+        self.format().row_bytes(self.cols) * self.rows
+    }
+
+    /// Row `row`'s values as f32, into `out` (`cols` long).
+    ///
+    /// # Panics
+    /// If `row` is out of range or `out` is not `cols` long.
+    pub fn row_to_f32(&self, row: usize, out: &mut [f32]) {
+        assert!(row < self.rows, "row {row} of {}", self.rows);
+        assert_eq!(out.len(), self.cols, "output row length");
+        let per_row = self.cols / BLOCK;
+        match &self.storage {
+            Storage::F32(v) => out.copy_from_slice(&v[row * self.cols..(row + 1) * self.cols]),
+            Storage::F16(v) => {
+                for (o, h) in out
+                    .iter_mut()
+                    .zip(&v[row * self.cols..(row + 1) * self.cols])
+                {
+                    *o = h.to_f32();
+                }
+            }
+            Storage::Q8_0(v) => {
+                for (block, chunk) in v[row * per_row..(row + 1) * per_row]
+                    .iter()
+                    .zip(out.chunks_exact_mut(BLOCK))
+                {
+                    block.dequantize(chunk.try_into().expect("32 values"));
+                }
+            }
+            Storage::Q4_1(v) => {
+                for (block, chunk) in v[row * per_row..(row + 1) * per_row]
+                    .iter()
+                    .zip(out.chunks_exact_mut(BLOCK))
+                {
+                    block.dequantize(chunk.try_into().expect("32 values"));
+                }
+            }
+        }
+    }
+
+    /// Every value as f32, row-major.
+    pub fn to_f32(&self) -> Vec<f32> {
+        self.rows_to_f32(0..self.rows)
+    }
+
+    /// The matrix whose row `i` is this one's row `order[i]` (rows move whole, blocks and
+    /// all: no value is requantized).
+    ///
+    /// # Panics
+    /// If an index is out of range.
+    pub fn select_rows(&self, order: &[usize]) -> Self {
+        fn pick<T: Copy>(v: &[T], width: usize, order: &[usize]) -> Vec<T> {
+            order
+                .iter()
+                .flat_map(|&r| v[r * width..(r + 1) * width].iter().copied())
+                .collect()
+        }
+        let (cols, blocks) = (self.cols, self.cols / BLOCK);
+        let storage = match &self.storage {
+            Storage::F32(v) => Storage::F32(pick(v, cols, order)),
+            Storage::F16(v) => Storage::F16(pick(v, cols, order)),
+            Storage::Q8_0(v) => Storage::Q8_0(pick(v, blocks, order)),
+            Storage::Q4_1(v) => Storage::Q4_1(pick(v, blocks, order)),
+        };
+        Self {
+            rows: order.len(),
+            cols,
+            storage,
+        }
+    }
+
+    /// Matrices of one format and width stacked row-wise (fusing Q/K/V or gate/up into one
+    /// product).
+    ///
+    /// # Errors
+    /// No parts, or parts of different formats or widths.
+    pub fn stack(parts: &[Matrix]) -> Result<Self> {
+        let first = parts.first().ok_or(KernelError::NothingToStack)?;
+        for part in parts {
+            if part.format() != first.format() || part.cols != first.cols {
+                return Err(KernelError::MismatchedStack {
+                    first: (first.format(), first.cols),
+                    other: (part.format(), part.cols),
+                });
+            }
+        }
+        let storage = match &first.storage {
+            Storage::F32(_) => Storage::F32(concat(parts, |s| match s {
+                Storage::F32(v) => v,
+                _ => unreachable!("formats checked"),
+            })),
+            Storage::F16(_) => Storage::F16(concat(parts, |s| match s {
+                Storage::F16(v) => v,
+                _ => unreachable!("formats checked"),
+            })),
+            Storage::Q8_0(_) => Storage::Q8_0(concat(parts, |s| match s {
+                Storage::Q8_0(v) => v,
+                _ => unreachable!("formats checked"),
+            })),
+            Storage::Q4_1(_) => Storage::Q4_1(concat(parts, |s| match s {
+                Storage::Q4_1(v) => v,
+                _ => unreachable!("formats checked"),
+            })),
+        };
+        Ok(Self {
+            rows: parts.iter().map(|p| p.rows).sum(),
+            cols: first.cols,
+            storage,
+        })
+    }
+
+    /// The same matrix stored as `format` (through f32; for building test references and
+    /// for loading a file into another format).
+    pub fn convert(&self, format: Format) -> Self {
+        if format == self.format() {
+            return self.clone();
+        }
+        Self::from_f32(format, self.rows, self.cols, &self.to_f32())
+            .expect("a valid matrix converts to any format its width allows")
+    }
+
+    /// `y = x Wᵀ` on the calling thread: `x` is `[n, cols]`, `y` is `[n, rows]`, both
+    /// row-major. Block formats first quantize each row of `x` to 8 bits.
+    ///
+    /// # Panics
+    /// If `x` or `y` has the wrong length.
+    pub fn matmul(&self, x: &[f32], n: usize, y: &mut [f32]) {
+        self.matmul_with(Isa::best(), x, n, y);
+    }
+
+    /// [`Matrix::matmul`] on a given instruction set (tests compare every level with
+    /// [`Isa::Scalar`]).
+    pub fn matmul_with(&self, isa: Isa, x: &[f32], n: usize, y: &mut [f32]) {
+        assert_eq!(x.len(), n * self.cols, "x is [n, cols]");
+        assert_eq!(y.len(), n * self.rows, "y is [n, rows]");
+        let input = Input::prepare(self.format(), x, n, self.cols);
+        let rows = self.rows;
+        self.rows_into(isa, &input, 0..rows, y);
+    }
+
+    /// `y = x Wᵀ` with the rows of `W` split over `threads` (see [`Matrix::matmul`]).
+    pub fn par_matmul(self: &Arc<Self>, x: &[f32], n: usize, threads: &Threads) -> Vec<f32> {
+        self.par_matmul_rows(x, n, 0..self.rows, threads)
+    }
+
+    /// Output features `outputs` of `y = x Wᵀ` (`[n, outputs.len()]`), the rows of `W` split
+    /// over `threads`.
+    ///
+    /// # Panics
+    /// If `x` is not `[n, cols]` or `outputs` is out of range.
+    pub fn par_matmul_rows(
+        self: &Arc<Self>,
+        x: &[f32],
+        n: usize,
+        outputs: Range<usize>,
+        threads: &Threads,
+    ) -> Vec<f32> {
+        assert_eq!(x.len(), n * self.cols, "x is [n, cols]");
+        assert!(
+            outputs.end <= self.rows,
+            "rows {outputs:?} of {}",
+            self.rows
+        );
+        let input = Arc::new(Input::prepare(self.format(), x, n, self.cols));
+        let isa = Isa::best();
+        let (offset, len, matrix) = (outputs.start, outputs.len(), Arc::clone(self));
+        let parts = threads.split(
+            len,
+            MIN_ROWS_PER_THREAD,
+            Arc::new(move |range: Range<usize>| {
+                let mut out = vec![0.0; n * range.len()];
+                let rows = offset + range.start..offset + range.end;
+                matrix.rows_into(isa, &input, rows, &mut out);
+                out
+            }),
+        );
+        if parts.len() == 1 {
+            return parts.into_iter().next().expect("one part").1;
+        }
+        let mut y = vec![0.0; n * len];
+        for (range, part) in parts {
+            let width = range.len();
+            for i in 0..n {
+                y[i * len + range.start..i * len + range.end]
+                    .copy_from_slice(&part[i * width..(i + 1) * width]);
+            }
+        }
+        y
+    }
+
+    /// Rows `rows` as f32, row-major (`[rows.len(), cols]`).
+    pub fn rows_to_f32(&self, rows: Range<usize>) -> Vec<f32> {
+        let mut out = vec![0.0; rows.len() * self.cols];
+        if self.cols > 0 {
+            for (row, chunk) in rows.zip(out.chunks_exact_mut(self.cols)) {
+                self.row_to_f32(row, chunk);
+            }
+        }
+        out
+    }
+
+    /// Rows `range` of `x Wᵀ` into `out`, `[n, range.len()]`.
+    fn rows_into(&self, isa: Isa, input: &Input, range: Range<usize>, out: &mut [f32]) {
+        let (n, len) = (input.n(), range.len());
+        debug_assert_eq!(out.len(), n * len);
+        let tile = if n == 1 { len.max(1) } else { TILE_ROWS };
+        let mut start = range.start;
+        while start < range.end {
+            let end = (start + tile).min(range.end);
+            for i in 0..n {
+                let o = &mut out[i * len + (start - range.start)..i * len + (end - range.start)];
+                self.tile(isa, input, i, start..end, o);
+            }
+            start = end;
+        }
+    }
+
+    /// Rows `rows` of this matrix against activation row `i`.
+    fn tile(&self, isa: Isa, input: &Input, i: usize, rows: Range<usize>, out: &mut [f32]) {
+        let (cols, blocks) = (self.cols, self.cols / BLOCK);
+        match (&self.storage, &input.rows) {
+            (Storage::F32(w), InputRows::Dense(x)) => dot::f32_rows(
+                isa,
+                &w[rows.start * cols..rows.end * cols],
+                &x[i * cols..(i + 1) * cols],
+                out,
+            ),
+            (Storage::F16(w), InputRows::Dense(x)) => dot::f16_rows(
+                isa,
+                &w[rows.start * cols..rows.end * cols],
+                &x[i * cols..(i + 1) * cols],
+                out,
+            ),
+            (Storage::Q8_0(w), InputRows::Quantized(x)) => dot::q8_0_rows(
+                isa,
+                &w[rows.start * blocks..rows.end * blocks],
+                &x[i * blocks..(i + 1) * blocks],
+                out,
+            ),
+            (Storage::Q4_1(w), InputRows::Quantized(x)) => dot::q4_1_rows(
+                isa,
+                &w[rows.start * blocks..rows.end * blocks],
+                &x[i * blocks..(i + 1) * blocks],
+                out,
+            ),
+            _ => unreachable!("Input::prepare follows the format"),
+        }
+    }
+}
+
+/// The activation rows as a format's kernels read them.
+struct Input {
+    /// Rows of activations.
+    n: usize,
+    rows: InputRows,
+}
+
+enum InputRows {
+    /// f32 rows, for f32 and f16 weights.
+    Dense(Vec<f32>),
+    /// 8-bit blocks, for the block formats.
+    Quantized(Vec<BlockQ8>),
+}
+
+impl Input {
+    fn prepare(format: Format, x: &[f32], n: usize, cols: usize) -> Self {
+        let rows = if format.is_blocked() {
+            let mut blocks = Vec::with_capacity(n * cols / BLOCK);
+            let mut row_blocks = Vec::with_capacity(cols / BLOCK);
+            for row in x.chunks_exact(cols.max(1)).take(n) {
+                quantize_row(row, &mut row_blocks);
+                blocks.extend_from_slice(&row_blocks);
+            }
+            InputRows::Quantized(blocks)
+        } else {
+            InputRows::Dense(x.to_vec())
+        };
+        Self { n, rows }
+    }
+
+    fn n(&self) -> usize {
+        self.n
+    }
+}
+
+fn concat<T: Copy>(parts: &[Matrix], values: impl Fn(&Storage) -> &Vec<T>) -> Vec<T> {
+    parts
+        .iter()
+        .flat_map(|p| values(&p.storage).iter().copied())
+        .collect()
+}
+
+fn check_shape(
+    format: Format,
+    rows: usize,
+    cols: usize,
+    found: usize,
+    expected: usize,
+    what: &'static str,
+) -> Result<()> {
+    if format.is_blocked() && !cols.is_multiple_of(BLOCK) {
+        return Err(KernelError::RaggedBlocks { format, cols });
+    }
+    if found != expected {
+        return Err(KernelError::Length {
+            format,
+            rows,
+            cols,
+            what,
+            expected,
+            found,
+        });
+    }
+    Ok(())
+}

@@ -1,0 +1,236 @@
+//! Every kernel at every instruction level this machine runs, against the scalar reference
+//! and against plain f32 arithmetic on the dequantized values; block layouts against gguf-py.
+
+use std::sync::Arc;
+
+use kv_kernels::blocks::{BlockQ4_1, BlockQ8, BlockQ8_0, BLOCK};
+use kv_kernels::{Format, Isa, KernelError, Matrix, Threads};
+use proptest::prelude::*;
+
+/// `x Wᵀ` in f64 over W's dequantized values: what every format's product approximates.
+fn reference(matrix: &Matrix, x: &[f32], n: usize) -> Vec<f32> {
+    let w = matrix.to_f32();
+    let (rows, cols) = (matrix.rows(), matrix.cols());
+    let mut y = vec![0.0; n * rows];
+    for i in 0..n {
+        for r in 0..rows {
+            let dot: f64 = (0..cols)
+                .map(|c| f64::from(w[r * cols + c]) * f64::from(x[i * cols + c]))
+                .sum();
+            y[i * rows + r] = dot as f32;
+        }
+    }
+    y
+}
+
+/// The error 8-bit activations may add to one output: each block's rounding of `x` is at
+/// most half a step (`max|x| / 254`) per value, times `Σ|w|` of the row.
+fn activation_bound(matrix: &Matrix, x: &[f32], n: usize) -> Vec<f32> {
+    let w = matrix.to_f32();
+    let (rows, cols) = (matrix.rows(), matrix.cols());
+    let mut bound = vec![0.0; n * rows];
+    for i in 0..n {
+        let xi = &x[i * cols..(i + 1) * cols];
+        for r in 0..rows {
+            let mut b = 0.0f32;
+            for blk in 0..cols / BLOCK {
+                let span = blk * BLOCK..(blk + 1) * BLOCK;
+                let amax = xi[span.clone()].iter().fold(0.0f32, |a, v| a.max(v.abs()));
+                let wsum: f32 = w[r * cols..][span].iter().map(|v| v.abs()).sum();
+                b += amax / 254.0 * wsum;
+            }
+            bound[i * rows + r] = b;
+        }
+    }
+    bound
+}
+
+fn matrix_strategy() -> impl Strategy<Value = (usize, usize, usize, Vec<f32>, Vec<f32>)> {
+    (1usize..20, 1usize..5, 1usize..4).prop_flat_map(|(rows, blocks, n)| {
+        let cols = blocks * BLOCK;
+        (
+            Just(rows),
+            Just(cols),
+            Just(n),
+            prop::collection::vec(-2.0f32..2.0, rows * cols),
+            prop::collection::vec(-3.0f32..3.0, n * cols),
+        )
+    })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    /// Integer dots are exact at every level, so quantized products agree with the scalar
+    /// kernel to float-summation order; float formats likewise.
+    #[test]
+    fn every_level_matches_the_scalar_kernel((rows, cols, n, w, x) in matrix_strategy()) {
+        for format in Format::ALL {
+            let matrix = Matrix::from_f32(format, rows, cols, &w).unwrap();
+            let mut want = vec![0.0; n * rows];
+            matrix.matmul_with(Isa::Scalar, &x, n, &mut want);
+            for isa in Isa::available() {
+                let mut got = vec![0.0; n * rows];
+                matrix.matmul_with(isa, &x, n, &mut got);
+                for (g, w) in got.iter().zip(&want) {
+                    prop_assert!((g - w).abs() <= 1e-4 * (1.0 + w.abs()), "{format} {isa}: {g} vs {w}");
+                }
+            }
+        }
+    }
+
+    /// Each format's product is x times its own stored values, up to the 8-bit rounding of
+    /// `x` for the block formats (and none for f32/f16).
+    #[test]
+    fn products_equal_the_dequantized_arithmetic((rows, cols, n, w, x) in matrix_strategy()) {
+        for format in Format::ALL {
+            let matrix = Matrix::from_f32(format, rows, cols, &w).unwrap();
+            let want = reference(&matrix, &x, n);
+            let bound = activation_bound(&matrix, &x, n);
+            let mut got = vec![0.0; n * rows];
+            matrix.matmul(&x, n, &mut got);
+            for ((g, w), b) in got.iter().zip(&want).zip(&bound) {
+                let allowed = if format.is_blocked() { b * 1.01 + 1e-4 } else { 1e-4 * (1.0 + w.abs()) };
+                prop_assert!((g - w).abs() <= allowed, "{format}: {g} vs {w} (bound {allowed})");
+            }
+        }
+    }
+
+    /// Splitting rows over threads changes nothing.
+    #[test]
+    fn split_products_equal_one_thread((rows, cols, n, w, x) in matrix_strategy()) {
+        let threads = Threads::new(3, Threads::DEFAULT_SPIN);
+        for format in Format::ALL {
+            // Enough rows that the split really happens.
+            let tall: Vec<f32> = w.iter().cycle().take(rows * 40 * cols).copied().collect();
+            let matrix = Arc::new(Matrix::from_f32(format, rows * 40, cols, &tall).unwrap());
+            let mut want = vec![0.0; n * rows * 40];
+            matrix.matmul(&x, n, &mut want);
+            prop_assert_eq!(matrix.par_matmul(&x, n, &threads), want);
+        }
+    }
+
+    /// Reordering and stacking rows moves blocks whole.
+    #[test]
+    fn select_and_stack_move_rows_whole((rows, cols, _n, w, _x) in matrix_strategy()) {
+        for format in Format::ALL {
+            let matrix = Matrix::from_f32(format, rows, cols, &w).unwrap();
+            let dense = matrix.to_f32();
+            let order: Vec<usize> = (0..rows).rev().collect();
+            let picked = matrix.select_rows(&order).to_f32();
+            for (i, &r) in order.iter().enumerate() {
+                prop_assert_eq!(&picked[i * cols..(i + 1) * cols], &dense[r * cols..(r + 1) * cols]);
+            }
+            let both = Matrix::stack(&[matrix.clone(), matrix.clone()]).unwrap();
+            prop_assert_eq!(both.rows(), 2 * rows);
+            prop_assert_eq!(both.to_f32(), [dense.clone(), dense].concat());
+        }
+    }
+}
+
+#[test]
+fn quantizers_round_as_ggml_does() {
+    // Q8_0: the largest magnitude is ±127, others round to nearest.
+    let values: [f32; BLOCK] = std::array::from_fn(|i| i as f32 - 16.0);
+    let q = BlockQ8_0::quantize(&values);
+    assert_eq!(q.qs[0], -127);
+    assert_eq!(q.qs[16], 0);
+    assert_eq!(q.qs[24], (8.0f32 * 127.0 / 16.0).round() as i8);
+    // Q4_1: the minimum is level 0, the maximum level 15.
+    let q = BlockQ4_1::quantize(&values);
+    assert_eq!(q.qs[0] & 0x0F, 0);
+    assert_eq!(q.qs[15] >> 4, 15);
+    assert_eq!(q.m.to_f32(), -16.0);
+    // Activations keep an f32 scale.
+    let a = BlockQ8::quantize(&values);
+    assert_eq!(a.d, 16.0 / 127.0);
+}
+
+fn hex(text: &str) -> Vec<u8> {
+    (0..text.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&text[i..i + 2], 16).unwrap())
+        .collect()
+}
+
+/// The gguf-py cases kv-model's loader is tested on: bytes written by gguf-py's quantizers
+/// and the values gguf-py dequantizes them to.
+#[test]
+fn ggml_bytes_read_as_gguf_py_dequantizes_them() {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../kv-model/tests/fixtures/dequant.json"
+    );
+    let cases: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    for (name, format) in [
+        ("F16", Format::F16),
+        ("Q8_0", Format::Q8_0),
+        ("Q4_1", Format::Q4_1),
+    ] {
+        let case = &cases[name];
+        let raw = hex(case["raw_hex"].as_str().unwrap());
+        let elements = case["elements"].as_u64().unwrap() as usize;
+        let want: Vec<f32> = case["values"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap() as f32)
+            .collect();
+        let (rows, cols) = if format.is_blocked() {
+            (elements / BLOCK, BLOCK)
+        } else {
+            (1, elements)
+        };
+        let matrix = Matrix::from_ggml_bytes(format, rows, cols, &raw).unwrap();
+        assert_eq!(matrix.byte_len(), raw.len(), "{name}");
+        for (i, (g, w)) in matrix.to_f32().iter().zip(&want).enumerate() {
+            assert!(
+                (g - w).abs() <= 1e-6 * w.abs().max(1.0),
+                "{name} element {i}: {g} vs {w}"
+            );
+        }
+        // And the product over those bytes equals the dequantized arithmetic at every level.
+        let x: Vec<f32> = (0..cols).map(|i| (i as f32 * 0.3).cos()).collect();
+        let want = reference(&matrix, &x, 1);
+        let bound = activation_bound(&matrix, &x, 1);
+        for isa in Isa::available() {
+            let mut y = vec![0.0; matrix.rows()];
+            matrix.matmul_with(isa, &x, 1, &mut y);
+            for ((g, w), b) in y.iter().zip(&want).zip(&bound) {
+                assert!((g - w).abs() <= b * 1.01 + 1e-4, "{name} {isa}: {g} vs {w}");
+            }
+        }
+    }
+}
+
+#[test]
+fn bad_shapes_are_errors_that_say_what_to_fix() {
+    let err = Matrix::from_f32(Format::Q4_1, 2, 48, &[0.0; 96]).unwrap_err();
+    assert_eq!(
+        err,
+        KernelError::RaggedBlocks {
+            format: Format::Q4_1,
+            cols: 48
+        }
+    );
+    assert!(err.to_string().contains("use f32 or f16"), "{err}");
+    let err = Matrix::from_ggml_bytes(Format::Q8_0, 2, 32, &[0; 60]).unwrap_err();
+    assert!(err.to_string().contains("needs 68 bytes, got 60"), "{err}");
+    let a = Matrix::from_f32(Format::F32, 1, 32, &[0.0; 32]).unwrap();
+    let b = Matrix::from_f32(Format::F16, 1, 32, &[0.0; 32]).unwrap();
+    assert!(matches!(
+        Matrix::stack(&[a, b]),
+        Err(KernelError::MismatchedStack { .. })
+    ));
+    assert_eq!(Matrix::stack(&[]), Err(KernelError::NothingToStack));
+}
+
+#[test]
+fn isa_names_parse_back_and_best_is_available() {
+    for isa in Isa::ALL {
+        assert_eq!(isa.name().parse::<Isa>(), Ok(isa));
+    }
+    assert!(Isa::best().is_available());
+    assert!(Isa::available().contains(&Isa::Scalar));
+}

@@ -1,0 +1,160 @@
+//! The position-wise half of a block computed on the host, for short inputs on a model whose
+//! matrices live on the host (a decode step on a CPU backend).
+//!
+//! A decode step's tensors are a few hundred values each, so on a CPU backend the cost of a
+//! block is not its arithmetic but the number of backend operations: each allocates its
+//! output and walks a shape, a few microseconds apiece, some twenty of them per block for the
+//! norms, activations and sums around the products. With the products already on the host
+//! (kv-kernels), the norms, activations and residual sums run here too, as plain loops over
+//! the same values: per block one row of the residual stream comes down from the backend and
+//! one goes back, and the backend keeps what needs the cache (rotary, the cache update,
+//! attention). The arithmetic is the backend path's, in the same order per value, so results
+//! agree to float rounding.
+
+use burn::tensor::{backend::Backend, Tensor, TensorData};
+
+use crate::layers::{Linear, Mlp, Norm};
+
+/// A `[batch, seq, width]` tensor's values, row-major.
+pub(crate) fn download<B: Backend>(x: Tensor<B, 3>) -> Vec<f32> {
+    x.into_data()
+        .convert::<f32>()
+        .into_vec()
+        .expect("f32 after convert")
+}
+
+/// Values back into a `[batch, seq, width]` tensor.
+pub(crate) fn upload<B: Backend>(
+    values: Vec<f32>,
+    shape: [usize; 3],
+    device: &B::Device,
+) -> Tensor<B, 3> {
+    Tensor::from_data(TensorData::new(values, shape), device)
+}
+
+/// A 1-D tensor's values.
+fn values<B: Backend>(t: &Tensor<B, 1>) -> Vec<f32> {
+    t.to_data()
+        .convert::<f32>()
+        .into_vec()
+        .expect("f32 after convert")
+}
+
+impl<B: Backend> Norm<B> {
+    /// [`Norm::forward`] over rows of `width` values.
+    pub(crate) fn forward_host(&self, x: &[f32], width: usize) -> Vec<f32> {
+        let mut out = vec![0.0; x.len()];
+        match self {
+            Norm::Layer { weight, bias, eps } => {
+                let (w, b) = (values(weight), values(bias));
+                for (row, o) in x.chunks_exact(width).zip(out.chunks_exact_mut(width)) {
+                    let mean = row.iter().sum::<f32>() / width as f32;
+                    let var =
+                        row.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / width as f32;
+                    let scale = (var + eps).sqrt();
+                    for i in 0..width {
+                        o[i] = (row[i] - mean) / scale * w[i] + b[i];
+                    }
+                }
+            }
+            Norm::Rms { weight, eps } => {
+                let w = values(weight);
+                for (row, o) in x.chunks_exact(width).zip(out.chunks_exact_mut(width)) {
+                    let mean_square = row.iter().map(|v| v * v).sum::<f32>() / width as f32;
+                    let scale = (mean_square + eps).sqrt();
+                    for i in 0..width {
+                        o[i] = row[i] / scale * w[i];
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
+impl<B: Backend> Mlp<B> {
+    /// Whether every product of the MLP runs on the host.
+    pub(crate) fn is_host(&self) -> bool {
+        match self {
+            Mlp::Gelu { fc, proj } => fc.is_host() && proj.is_host(),
+            Mlp::SwiGlu { gate_up, down } => gate_up.is_host() && down.is_host(),
+        }
+    }
+
+    /// [`Mlp::forward`] over `n` rows on the host.
+    pub(crate) fn forward_host(&self, x: &[f32], n: usize) -> Vec<f32> {
+        match self {
+            Mlp::Gelu { fc, proj } => {
+                let mut h = fc.forward_host(x, n);
+                for v in &mut h {
+                    let inner =
+                        (*v + 0.044_715 * *v * *v * *v) * (2.0 / std::f32::consts::PI).sqrt();
+                    *v = 0.5 * *v * (1.0 + inner.tanh());
+                }
+                proj.forward_host(&h, n)
+            }
+            Mlp::SwiGlu { gate_up, down } => {
+                let both = gate_up.forward_host(x, n);
+                let inner = gate_up.out_features() / 2;
+                let mut h = vec![0.0; n * inner];
+                for (row, o) in both.chunks_exact(2 * inner).zip(h.chunks_exact_mut(inner)) {
+                    let (gate, up) = row.split_at(inner);
+                    for i in 0..inner {
+                        let g = gate[i];
+                        o[i] = g / (1.0 + (-g).exp()) * up[i];
+                    }
+                }
+                down.forward_host(&h, n)
+            }
+        }
+    }
+}
+
+impl<B: Backend> Linear<B> {
+    /// `y = x W + b` over `n` rows of a host matrix.
+    ///
+    /// # Panics
+    /// If the weight is not a host matrix (callers check [`Linear::is_host`]).
+    pub(crate) fn forward_host(&self, x: &[f32], n: usize) -> Vec<f32> {
+        let mut y = self
+            .host_product(x, n)
+            .expect("forward_host on a host matrix");
+        if let Some(bias) = self.bias() {
+            let b: Vec<f32> = bias
+                .to_data()
+                .convert::<f32>()
+                .into_vec()
+                .expect("f32 after convert");
+            for row in y.chunks_exact_mut(b.len()) {
+                for (v, b) in row.iter_mut().zip(&b) {
+                    *v += b;
+                }
+            }
+        }
+        y
+    }
+}
+
+/// `x + output(heads)`, then `+ mlp(norm(...))`, over `n` rows of `hidden` values: the
+/// position-wise rest of a block after attention.
+pub(crate) fn output_and_mlp<B: Backend>(
+    output: &Linear<B>,
+    mlp_norm: &Norm<B>,
+    mlp: &Mlp<B>,
+    heads: &[f32],
+    x: &[f32],
+    n: usize,
+    hidden: usize,
+) -> Vec<f32> {
+    let mut x: Vec<f32> = output
+        .forward_host(heads, n)
+        .iter()
+        .zip(x)
+        .map(|(o, x)| o + x)
+        .collect();
+    let h = mlp.forward_host(&mlp_norm.forward_host(&x, hidden), n);
+    for (x, h) in x.iter_mut().zip(&h) {
+        *x = h + *x;
+    }
+    x
+}

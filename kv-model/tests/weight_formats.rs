@@ -1,0 +1,146 @@
+//! Matrices on the host, multiplied by kv-kernels (`WeightPlacement::Host`): in f32 the
+//! fixtures still match transformers; `Native` keeps a GGUF's own blocks; each quantized format
+//! stays within a bound of the f32 model it was made from.
+
+mod common;
+
+use common::*;
+use kv_core::AnyCache;
+use kv_model::{
+    kv_kernels::Format, load_model_placed, Logits, Transformer, WeightFormat, WeightPlacement,
+};
+use serde_json::Value;
+
+const TOLERANCE: f32 = 1e-4;
+
+fn load_placed(name: &str, format: WeightFormat) -> Transformer<B> {
+    load_model_placed::<B>(
+        &fixtures().join(name),
+        WeightPlacement::Host(format),
+        &device(),
+    )
+    .unwrap()
+    .model
+}
+
+fn expected(name: &str) -> Value {
+    read_json(&format!("{name}/expected.json"))
+}
+
+/// Host f32 products reorder the sums, nothing else: transformers' logits and tokens hold on
+/// every fixture, through every exact cache kind and a padded batch (decode steps take the
+/// host path of `kv_model`'s position-wise work; prompts widen to the backend's product).
+#[test]
+fn host_f32_matches_transformers_on_every_fixture() {
+    for name in ["gpt2", "llama", "qwen2"] {
+        let model = load_placed(name, WeightFormat::F32);
+        reference::check_all(&model, &expected(name), TOLERANCE);
+    }
+}
+
+fn last_logits(model: &Transformer<B>, prompt: &[u32]) -> Vec<f32> {
+    let logits = model
+        .forward::<AnyCache<B>>(&[prompt.to_vec()], None, None, Logits::Last)
+        .unwrap();
+    host_logits(logits)[0][0].clone()
+}
+
+/// The tiny GGUF holds F32, F16, Q8_0, Q4_0 and Q4_1 tensors. `Native` keeps the ones with a
+/// kernel in their bytes (so the model is smaller than in f32) and computes what the
+/// dequantized f32 model computes, up to the 8-bit rounding of activations met by Q8_0 and
+/// Q4_1 blocks.
+#[test]
+fn native_gguf_keeps_its_blocks_and_tracks_the_f32_model() {
+    let expected = read_json("tiny-llama-gguf.json");
+    let prompt = ids(&expected["prompt"]);
+    let f32_model = load_placed("tiny-llama.gguf", WeightFormat::F32);
+    let native = load_placed("tiny-llama.gguf", WeightFormat::Native);
+    assert!(
+        native.weight_bytes() < f32_model.weight_bytes(),
+        "native {} vs f32 {}",
+        native.weight_bytes(),
+        f32_model.weight_bytes()
+    );
+    let want = floats(&expected["last_logits"]);
+    let exact = last_logits(&f32_model, &prompt);
+    assert!(max_abs_diff(&exact, &want) < TOLERANCE);
+    let approx = last_logits(&native, &prompt);
+    let scale = want.iter().fold(0.0f32, |a, v| a.max(v.abs()));
+    let diff = max_abs_diff(&approx, &want);
+    assert!(
+        diff < 0.05 * scale,
+        "native differs by {diff} (logits up to {scale})"
+    );
+}
+
+/// Each format on a model of random weights: f16 stays within half-precision rounding of
+/// f32; Q8_0 and Q4_1 within their step sizes, in that order of closeness; decode steps
+/// through a cache equal the uncached pass of the same model.
+#[test]
+fn each_format_stays_near_f32_and_its_cache_matches_its_own_uncached_pass() {
+    let json = serde_json::json!({
+        "model_type": "llama", "vocab_size": 96, "hidden_size": 64, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 128
+    });
+    let config = kv_model::ModelConfig::from_hf_json(&json, "random").unwrap();
+    let prompt: Vec<u32> = vec![3, 14, 15, 92, 65, 35, 89, 79];
+    let reference = {
+        let model = Transformer::<B>::random(&config, 11, &device()).unwrap();
+        last_logits(&model, &prompt)
+    };
+    let mut diffs = Vec::new();
+    for format in [
+        WeightFormat::F32,
+        WeightFormat::F16,
+        WeightFormat::Q8_0,
+        WeightFormat::Q4_1,
+    ] {
+        let model =
+            Transformer::<B>::random_placed(&config, 11, WeightPlacement::Host(format), &device())
+                .unwrap();
+        let logits = last_logits(&model, &prompt);
+        diffs.push(max_abs_diff(&logits, &reference));
+
+        // Prefill all but the last token, then decode it: the last step's logits equal the
+        // uncached pass's.
+        let mut cache = model
+            .new_cache(&kv_core::CacheConfig::Dynamic { capacity: 16 })
+            .unwrap();
+        let (head, last) = prompt.split_at(prompt.len() - 1);
+        model
+            .forward(&[head.to_vec()], None, Some(&mut cache), Logits::Last)
+            .unwrap();
+        let step = model
+            .forward(&[last.to_vec()], None, Some(&mut cache), Logits::Last)
+            .unwrap();
+        let diff = max_abs_diff(&host_logits(step)[0][0], &logits);
+        assert!(diff < 1e-3, "{format}: cached step differs by {diff}");
+    }
+    assert!(diffs[0] < 1e-4, "f32 {diffs:?}");
+    assert!(diffs[1] < 5e-3, "f16 {diffs:?}");
+    assert!(diffs[2] < 3e-2 && diffs[3] < 0.2, "q8_0, q4_1 {diffs:?}");
+    assert!(
+        diffs[1] < diffs[2] && diffs[2] < diffs[3],
+        "closeness order {diffs:?}"
+    );
+}
+
+/// Converting to a format quantizes every matrix: the model's bytes follow the format.
+#[test]
+fn weight_bytes_follow_the_format() {
+    let sizes: Vec<usize> = [
+        WeightFormat::F32,
+        WeightFormat::F16,
+        WeightFormat::Q8_0,
+        WeightFormat::Q4_1,
+    ]
+    .into_iter()
+    .map(|f| load_placed("llama", f).weight_bytes())
+    .collect();
+    let f32_bytes = sizes[0] as f64;
+    for (size, per_weight) in sizes.iter().zip([4.0, 2.0, 34.0 / 32.0, 20.0 / 32.0]) {
+        let ratio = *size as f64 / f32_bytes;
+        assert!((ratio - per_weight / 4.0).abs() < 1e-9, "{size}: {ratio}");
+    }
+    assert_eq!(Format::Q4_1.row_bytes(64), 40);
+}
