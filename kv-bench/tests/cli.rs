@@ -331,3 +331,68 @@ fn bad_input_is_one_line_and_non_zero() {
         );
     }
 }
+
+/// `perplexity` on the tiny quantized GGUF: the JSON carries every number, the decode path
+/// (chunks of 4) moves the distributions off the f32 base a little, the f32 model scored
+/// against itself not at all, and bad settings are one-line errors.
+#[test]
+fn perplexity_scores_a_text_against_a_base_format() {
+    let out = scratch("ppl");
+    std::fs::create_dir_all(&out).unwrap();
+    let text = out.join("text.txt");
+    std::fs::write(
+        &text,
+        "the cat sat on the mat; the dog sat on the log. ".repeat(4),
+    )
+    .unwrap();
+    let model = fixtures().join("tiny-llama.gguf");
+    let json = out.join("ppl.json");
+    let run = |weights: &str| {
+        let result = kv_bench(&[
+            "perplexity",
+            "--model",
+            model.to_str().unwrap(),
+            "--text",
+            text.to_str().unwrap(),
+            "--tokens",
+            "40",
+            "--chunk",
+            "4",
+            "--segment",
+            "16",
+            "--weights",
+            weights,
+            "--json",
+            json.to_str().unwrap(),
+        ]);
+        assert!(
+            result.status.success(),
+            "{}",
+            String::from_utf8_lossy(&result.stderr)
+        );
+        let report: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+        report["runs"][0].clone()
+    };
+    let native = run("native");
+    assert_eq!(native["tokens"], 39);
+    assert_eq!(native["weights"], "native");
+    assert_eq!(native["segments"].as_array().unwrap().len(), 3);
+    let perplexity = native["perplexity"].as_f64().unwrap();
+    assert!(perplexity > 1.0 && perplexity.is_finite(), "{perplexity}");
+    assert!(native["kl_divergence"].as_f64().unwrap() > 0.0);
+    let f32_run = run("f32");
+    assert_eq!(f32_run["kl_divergence"], Value::Null, "f32 is its own base");
+    let out_of_range = kv_bench(&[
+        "perplexity",
+        "--model",
+        model.to_str().unwrap(),
+        "--text",
+        text.to_str().unwrap(),
+        "--tokens",
+        "100000",
+    ]);
+    let stderr = String::from_utf8_lossy(&out_of_range.stderr);
+    assert!(!out_of_range.status.success());
+    assert!(stderr.contains("fewer than --tokens 100000"), "{stderr}");
+    std::fs::remove_dir_all(out).unwrap();
+}

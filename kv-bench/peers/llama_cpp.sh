@@ -1,0 +1,95 @@
+#!/usr/bin/env bash
+# llama.cpp beside kv-cache on the same GGUF files, machine and threads, interleaved.
+#
+#   kv-bench/peers/llama_cpp.sh build            # once: llama.cpp from PyPI's llama-cpp-python sdist
+#   kv-bench/peers/llama_cpp.sh convert          # F16, F32 and Q8_0 copies of the default model
+#   kv-bench/peers/llama_cpp.sh bench [ROUNDS]   # the matched-precision table (default 2 rounds)
+#
+# Everything goes to $KV_CACHE_DIR/llama.cpp (default ~/.cache/kv-cache/llama.cpp). The build
+# uses the llama.cpp sources vendored in llama-cpp-python==0.3.36 (llama.cpp 0c1e570, ggml
+# 0.25.3) and cmake/ninja from PyPI. The F16/F32/Q8_0 files are llama-quantize's conversions
+# of the Q4_1 file as shipped, so both systems read the same values at every precision.
+# Run from the repository root after `cargo build --release -p kv-generate`.
+set -euo pipefail
+
+CACHE="${KV_CACHE_DIR:-$HOME/.cache/kv-cache}"
+DIR="$CACHE/llama.cpp"
+SRC="$DIR/llama_cpp_python-0.3.36/vendor/llama.cpp"
+BIN="$SRC/build/bin"
+MODEL="$CACHE/SmolLM2-135M-Instruct.Q4_1.gguf"
+THREADS="${THREADS:-$(nproc)}"
+KV=target/release/kv-generate
+export LD_LIBRARY_PATH="$BIN${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+
+build() {
+    mkdir -p "$DIR"
+    if [ ! -x "$BIN/llama-bench" ]; then
+        python3 -m pip install -q cmake ninja
+        (cd "$DIR" && python3 -m pip download -q --no-deps --no-binary :all: llama-cpp-python==0.3.36 -d .)
+        tar xzf "$DIR/llama_cpp_python-0.3.36.tar.gz" -C "$DIR"
+        cmake -S "$SRC" -B "$SRC/build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DLLAMA_CURL=OFF
+        ninja -C "$SRC/build" llama-bench llama-quantize llama-perplexity
+    fi
+    echo "llama.cpp tools in $BIN"
+}
+
+convert() {
+    [ -f "$MODEL" ] || "$KV" --prompt-ids 1 --max-new-tokens 1 >/dev/null  # fetches the model
+    for t in F16 F32 Q8_0; do
+        [ -f "$DIR/smollm2-$t.gguf" ] ||
+            "$BIN/llama-quantize" --allow-requantize "$MODEL" "$DIR/smollm2-$t.gguf" "$t" >/dev/null 2>&1
+    done
+    ls -l "$DIR"/smollm2-*.gguf
+}
+
+# kv-cache: decode tokens/s for 128 new tokens after a 6-token prompt, native weights.
+ours_decode() {
+    "$KV" --model "$1" --prompt-ids 1,9690,198,2683,359,253 --max-new-tokens 128 --ignore-eos \
+        --greedy --json 2>/dev/null |
+        python3 -c 'import json,sys; print(round(json.load(sys.stdin)["timings"]["tokens_per_s"], 1))'
+}
+
+# kv-cache: seconds for a 512-token prompt.
+ours_prefill() {
+    local ids
+    ids=$(python3 -c 'print(",".join(str(100 + (i * 37) % 40000) for i in range(512)))')
+    "$KV" --model "$1" --prompt-ids "$ids" --max-new-tokens 1 --json 2>/dev/null |
+        python3 -c 'import json,sys; print(round(json.load(sys.stdin)["timings"]["prefill_ms"] / 1000, 3))'
+}
+
+# llama.cpp: tokens/s of tg128 or pp512 (llama-bench, one repetition per call).
+theirs() {
+    "$BIN/llama-bench" -m "$1" -t "$THREADS" -r 1 -o json "${@:2}" 2>/dev/null |
+        python3 -c 'import json,sys; print(round(json.load(sys.stdin)[0]["avg_ts"], 1))'
+}
+
+bench() {
+    local rounds="${1:-2}"
+    echo "machine: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(nproc) cores; threads $THREADS; $(date -u +%F)"
+    echo "| round | weights | kv-cache decode tok/s | llama.cpp decode tok/s | ratio | kv-cache 512-prefill s | llama.cpp 512-prefill s | ratio |"
+    echo "|---|---|---|---|---|---|---|---|"
+    for round in $(seq "$rounds"); do
+        for t in Q4_1 Q8_0 F16 F32; do
+            local file="$DIR/smollm2-$t.gguf"
+            [ "$t" = Q4_1 ] && file="$MODEL"
+            local od tp op tp_pp
+            od=$(ours_decode "$file")
+            tp=$(theirs "$file" -p 0 -n 128)
+            op=$(ours_prefill "$file")
+            tp_pp=$(theirs "$file" -p 512 -n 0)
+            python3 - "$round" "$t" "$od" "$tp" "$op" "$tp_pp" <<'EOF'
+import sys
+r, t, od, tp, op, tpp = sys.argv[1], sys.argv[2], *map(float, sys.argv[3:])
+their_s = 512 / tpp
+print(f"| {r} | {t} | {od} | {tp} | {od / tp:.2f}x | {op:.3f} | {their_s:.3f} | {their_s / op:.2f}x |")
+EOF
+        done
+    done
+}
+
+case "${1:-}" in
+    build) build ;;
+    convert) convert ;;
+    bench) bench "${2:-2}" ;;
+    *) echo "usage: $0 build | convert | bench [ROUNDS]" >&2; exit 2 ;;
+esac
