@@ -52,8 +52,8 @@ impl<B: Backend> Norm<B> {
                     let var =
                         row.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / width as f32;
                     let scale = (var + eps).sqrt();
-                    for i in 0..width {
-                        o[i] = (row[i] - mean) / scale * w[i] + b[i];
+                    for (((o, x), w), b) in o.iter_mut().zip(row).zip(&w).zip(&b) {
+                        *o = (x - mean) / scale * w + b;
                     }
                 }
             }
@@ -62,8 +62,8 @@ impl<B: Backend> Norm<B> {
                 for (row, o) in x.chunks_exact(width).zip(out.chunks_exact_mut(width)) {
                     let mean_square = row.iter().map(|v| v * v).sum::<f32>() / width as f32;
                     let scale = (mean_square + eps).sqrt();
-                    for i in 0..width {
-                        o[i] = row[i] / scale * w[i];
+                    for ((o, x), w) in o.iter_mut().zip(row).zip(&w) {
+                        *o = x / scale * w;
                     }
                 }
             }
@@ -99,9 +99,8 @@ impl<B: Backend> Mlp<B> {
                 let mut h = vec![0.0; n * inner];
                 for (row, o) in both.chunks_exact(2 * inner).zip(h.chunks_exact_mut(inner)) {
                     let (gate, up) = row.split_at(inner);
-                    for i in 0..inner {
-                        let g = gate[i];
-                        o[i] = g / (1.0 + (-g).exp()) * up[i];
+                    for ((o, g), u) in o.iter_mut().zip(gate).zip(up) {
+                        *o = g / (1.0 + (-g).exp()) * u;
                     }
                 }
                 down.forward_host(&h, n)
@@ -154,7 +153,7 @@ pub(crate) fn output_and_mlp<B: Backend>(
         .collect();
     let h = mlp.forward_host(&mlp_norm.forward_host(&x, hidden), n);
     for (x, h) in x.iter_mut().zip(&h) {
-        *x = h + *x;
+        *x += h;
     }
     x
 }
