@@ -386,34 +386,29 @@ impl<B: Backend> Transformer<B> {
         )
     }
 
-    /// Bytes of weights one decode step reads: every layer's projections and the LM head
-    /// (one row of the embedding table aside). On a CPU a step's time is bounded below by
-    /// these bytes over the memory bandwidth.
-    pub fn step_read_bytes(&self) -> usize {
-        let layers: usize = self
-            .blocks
+    /// Bytes of every layer's projections.
+    fn layer_bytes(&self) -> usize {
+        self.blocks
             .iter()
             .map(|b| {
                 b.attention.qkv.weight_bytes()
                     + b.attention.output.weight_bytes()
                     + b.mlp.weight_bytes()
             })
-            .sum();
-        layers + self.lm_head.weight_bytes()
+            .sum()
+    }
+
+    /// Bytes of weights one decode step reads: every layer's projections and the LM head
+    /// (one row of the embedding table aside). On a CPU a step's time is bounded below by
+    /// these bytes over the memory bandwidth.
+    pub fn step_read_bytes(&self) -> usize {
+        self.layer_bytes() + self.lm_head.weight_bytes()
     }
 
     /// Bytes the projection and embedding weights take where they live (the embedding table
     /// counted once when the LM head shares it).
     pub fn weight_bytes(&self) -> usize {
-        let layers: usize = self
-            .blocks
-            .iter()
-            .map(|b| {
-                b.attention.qkv.weight_bytes()
-                    + b.attention.output.weight_bytes()
-                    + b.mlp.weight_bytes()
-            })
-            .sum();
+        let layers = self.layer_bytes();
         let embedding = match &self.token_embedding {
             Embedding::Device(t) => t.shape().num_elements() * t.dtype().size(),
             Embedding::Host(m) => m.byte_len(),
