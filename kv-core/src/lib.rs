@@ -80,7 +80,7 @@ pub use mask::{
 };
 pub use model_cache::ModelCache;
 pub use quantized::{QuantBits, QuantizedCache, QuantizedCacheConfig};
-pub use rotary::{RotaryAngles, RotaryTable};
+pub use rotary::{HostAngles, RotaryAngles, RotaryTable};
 pub use sink::SinkCache;
 pub use sliding::SlidingWindowCache;
 pub use static_cache::{StaticCache, StaticCacheConfig};

@@ -116,6 +116,29 @@ impl<B: Backend> RotaryTable<B> {
         self.angles(positions).apply(x)
     }
 
+    /// The cosines and sines of `positions` in host memory, for callers that rotate rows of
+    /// plain `f32` values (a CPU decode step that keeps its activations off the backend).
+    /// Same values as [`RotaryTable::angles`].
+    ///
+    /// ```
+    /// use burn_ndarray::NdArray;
+    /// use kv_core::RotaryTable;
+    ///
+    /// let rope = RotaryTable::<NdArray>::new(4, 10_000.0, &Default::default()).unwrap();
+    /// let angles = rope.host_angles(&[0, 7]);
+    /// let mut head = [1.0, 2.0, 3.0, 4.0];
+    /// angles.rotate(0, &mut head); // position 0: no rotation
+    /// assert_eq!(head, [1.0, 2.0, 3.0, 4.0]);
+    /// ```
+    pub fn host_angles(&self, positions: &[usize]) -> HostAngles {
+        let (cos, sin) = angles(&self.inv_freq, positions);
+        HostAngles {
+            cos,
+            sin,
+            head_dim: self.head_dim(),
+        }
+    }
+
     /// The cosines and sines of `positions` (one row per batch row, or one shared row, all
     /// rows the same length), computed for exactly these positions, so they may be
     /// arbitrarily large and differ per row (left padding). A model computes them once per
@@ -138,6 +161,38 @@ impl<B: Backend> RotaryTable<B> {
         RotaryAngles {
             cos: Tensor::from_data(TensorData::new(cos, shape), &self.device),
             sin: Tensor::from_data(TensorData::new(sin, shape), &self.device),
+        }
+    }
+}
+
+/// Cosines and sines of a list of positions in host memory, `[positions, head_dim]` each
+/// (see [`RotaryTable::host_angles`]).
+#[derive(Debug, Clone)]
+pub struct HostAngles {
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+    head_dim: usize,
+}
+
+impl HostAngles {
+    /// Rotates one head's `head_dim` values in place by the angles of entry `index` of the
+    /// positions these were made for: `x * cos + rotate_half(x) * sin`, the arithmetic of
+    /// [`RotaryAngles::apply`] value by value.
+    ///
+    /// # Panics
+    /// If `head.len()` is not the head size or `index` is past the positions.
+    pub fn rotate(&self, index: usize, head: &mut [f32]) {
+        let d = self.head_dim;
+        assert_eq!(head.len(), d, "rotary head_dim");
+        let (cos, sin) = (
+            &self.cos[index * d..(index + 1) * d],
+            &self.sin[index * d..(index + 1) * d],
+        );
+        let half = d / 2;
+        for i in 0..half {
+            let (a, b) = (head[i], head[i + half]);
+            head[i] = a * cos[i] + -b * sin[i];
+            head[i + half] = b * cos[i + half] + a * sin[i + half];
         }
     }
 }

@@ -10,8 +10,15 @@
 //! one goes back, and the backend keeps what needs the cache (rotary, the cache update,
 //! attention). The arithmetic is the backend path's, in the same order per value, so results
 //! agree to float rounding.
+//!
+//! A forward pass over a few tokens whose every block qualifies goes further
+//! ([`crate::Transformer`]'s host path): the residual stream stays here from the embedding to
+//! the logits, Q/K/V are split into heads and rotated here, and per layer the backend only
+//! stores the new keys and values in the cache and attends over them (a dozen operations
+//! instead of some forty).
 
 use burn::tensor::{backend::Backend, Tensor, TensorData};
+use kv_core::HostAngles;
 
 use crate::layers::{Linear, Mlp, Norm};
 
@@ -156,4 +163,46 @@ pub(crate) fn output_and_mlp<B: Backend>(
         *x += h;
     }
     x
+}
+
+/// Heads `first..first + heads` of fused projections `[batch * seq, width]` (each row holding
+/// its heads one after another, `head_dim` values each), laid out as attention reads them:
+/// `[batch, heads, seq, head_dim]`.
+pub(crate) fn heads_major(
+    fused: &[f32],
+    [batch, seq]: [usize; 2],
+    first: usize,
+    heads: usize,
+    head_dim: usize,
+) -> Vec<f32> {
+    let width = fused.len() / (batch * seq);
+    let mut out = vec![0.0; batch * heads * seq * head_dim];
+    for (b, per_batch) in out.chunks_exact_mut(heads * seq * head_dim).enumerate() {
+        for (h, per_head) in per_batch.chunks_exact_mut(seq * head_dim).enumerate() {
+            for (s, dst) in per_head.chunks_exact_mut(head_dim).enumerate() {
+                let at = (b * seq + s) * width + (first + h) * head_dim;
+                dst.copy_from_slice(&fused[at..at + head_dim]);
+            }
+        }
+    }
+    out
+}
+
+/// Rotates `x` `[batch, heads, seq, head_dim]` in place: position `s` of batch row `b` by entry
+/// `b * seq + s` of `angles`, or entry `s` when every row shares one list of positions.
+pub(crate) fn rotate_heads(
+    x: &mut [f32],
+    [batch, heads, seq, head_dim]: [usize; 4],
+    angles: &HostAngles,
+    shared_positions: bool,
+) {
+    debug_assert_eq!(x.len(), batch * heads * seq * head_dim);
+    for (b, per_batch) in x.chunks_exact_mut(heads * seq * head_dim).enumerate() {
+        for per_head in per_batch.chunks_exact_mut(seq * head_dim) {
+            for (s, head) in per_head.chunks_exact_mut(head_dim).enumerate() {
+                let entry = if shared_positions { s } else { b * seq + s };
+                angles.rotate(entry, head);
+            }
+        }
+    }
 }

@@ -506,10 +506,11 @@ impl<B: Backend> Transformer<B> {
             |c| (c.attention_pattern(), c.key_rotation()),
         );
         let runs = self.runs(seq);
+        let on_host = self.runs_on_host(batch * seq, runs.len(), rotation);
         // Rotary angles of the new tokens: computed once per run of positions, laid out for
         // the query heads and for the key heads, and applied to Q and K in every layer.
         let angles = match (&self.positions, rotation) {
-            (PositionEncoding::Rotary(rope), KeyRotation::AppliedByCaller) => Some(
+            (PositionEncoding::Rotary(rope), KeyRotation::AppliedByCaller) if !on_host => Some(
                 runs.iter()
                     .map(|run| {
                         let ids: Vec<Vec<usize>> = position_ids
@@ -536,6 +537,9 @@ impl<B: Backend> Transformer<B> {
             rotation,
             plan_memo: None,
         };
+        if on_host {
+            return self.forward_on_host(tokens, cache, &mut step, logits);
+        }
 
         // The residual stream `[batch, run, hidden]`, run by run: each run its own buffer, so
         // the element-wise ops on it work in place on whole buffers, not on views.
@@ -585,6 +589,108 @@ impl<B: Backend> Transformer<B> {
             }
         };
         Ok(self.lm_head.forward(self.final_norm.forward(x)))
+    }
+
+    /// Whether a forward pass over `rows` new positions in `runs` runs takes
+    /// [`Transformer::forward_on_host`]: one run, every matrix (the LM head too) on the host
+    /// with few enough rows for the kernels' matrix-vector path, and keys rotated by the model
+    /// rather than re-rotated by the cache.
+    fn runs_on_host(&self, rows: usize, runs: usize, rotation: KeyRotation) -> bool {
+        let model_rotates = match self.positions {
+            PositionEncoding::Rotary(_) => rotation == KeyRotation::AppliedByCaller,
+            PositionEncoding::Learned(_) => true,
+        };
+        runs == 1
+            && model_rotates
+            && self.lm_head.is_host()
+            && self.blocks.iter().all(|block| block.runs_on_host(rows))
+    }
+
+    /// [`Transformer::forward`] for a few new tokens (a decode step) on a model whose matrices
+    /// live on the host: the residual stream stays in host memory from the embedding to the
+    /// logits, and per layer the backend only stores the new keys and values and attends over
+    /// the cache (see [`crate::host`]). Same arithmetic as the backend path, value by value.
+    fn forward_on_host<C: KvCache<B>>(
+        &self,
+        tokens: &[Vec<u32>],
+        mut cache: Option<&mut ModelCache<B, C>>,
+        step: &mut Step<'_, B>,
+        logits: Logits,
+    ) -> Result<Tensor<B, 3>> {
+        let c = &self.config;
+        let (batch, seq) = (tokens.len(), tokens[0].len());
+        let (hidden, heads, kv_heads, head_dim) =
+            (c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim);
+        let rows = batch * seq;
+        // The residual stream, `[batch * seq, hidden]`.
+        let mut x = host::download(self.embed(tokens, &step.position_ids)?);
+        // Cosines and sines of every new position: `[rows of positions * seq, head_dim]`.
+        let angles = match &self.positions {
+            PositionEncoding::Rotary(rope) => Some(rope.host_angles(&step.position_ids.concat())),
+            PositionEncoding::Learned(_) => None,
+        };
+        let shared_positions = step.position_ids.len() == 1;
+        let to_backend = |values: Vec<f32>, heads: usize| {
+            Tensor::<B, 4>::from_data(
+                TensorData::new(values, [batch, heads, seq, head_dim]),
+                &self.device,
+            )
+        };
+        for (layer, block) in self.blocks.iter().enumerate() {
+            // Q, K, V: `[rows, (heads + 2 * kv_heads) * head_dim]`, then per head
+            // `[batch, heads or kv_heads, seq, head_dim]`, Q and K rotated.
+            let h = block.attention_norm.forward_host(&x, hidden);
+            let qkv = block.attention.qkv.forward_host(&h, rows);
+            let mut q = host::heads_major(&qkv, [batch, seq], 0, heads, head_dim);
+            let mut k = host::heads_major(&qkv, [batch, seq], heads, kv_heads, head_dim);
+            let v = host::heads_major(&qkv, [batch, seq], heads + kv_heads, kv_heads, head_dim);
+            if let Some(angles) = &angles {
+                host::rotate_heads(
+                    &mut q,
+                    [batch, heads, seq, head_dim],
+                    angles,
+                    shared_positions,
+                );
+                host::rotate_heads(
+                    &mut k,
+                    [batch, kv_heads, seq, head_dim],
+                    angles,
+                    shared_positions,
+                );
+            }
+            // The backend's part: the cache and attention. `[batch, seq, heads * head_dim]`.
+            let attended = self.attend_through_cache(
+                to_backend(q, heads),
+                to_backend(k, kv_heads),
+                to_backend(v, kv_heads),
+                layer,
+                cache.as_deref_mut(),
+                step,
+            )?;
+            x = host::output_and_mlp(
+                &block.attention.output,
+                &block.mlp_norm,
+                &block.mlp,
+                &host::download(attended),
+                &x,
+                rows,
+                hidden,
+            );
+        }
+        let x = match logits {
+            Logits::All => x,
+            Logits::Last => x
+                .chunks_exact(seq * hidden)
+                .flat_map(|row| &row[(seq - 1) * hidden..])
+                .copied()
+                .collect(),
+        };
+        let positions = x.len() / (batch * hidden);
+        let vocab = self.lm_head.out_features();
+        let out = self
+            .lm_head
+            .forward_host(&self.final_norm.forward_host(&x, hidden), batch * positions);
+        Ok(host::upload(out, [batch, positions, vocab], &self.device))
     }
 
     /// The runs of positions `0..seq` that a forward pass computes apart wherever positions
@@ -760,8 +866,26 @@ impl<B: Backend> Transformer<B> {
         });
         let (qs, (ks, vs)): (Vec<_>, (Vec<_>, Vec<_>)) =
             parts.into_iter().map(|(q, k, v)| (q, (k, v))).unzip();
-        let (mut q, k, v) = (join_runs(qs, 2), join_runs(ks, 2), join_runs(vs, 2));
+        let (q, k, v) = (join_runs(qs, 2), join_runs(ks, 2), join_runs(vs, 2));
+        self.attend_through_cache(q, k, v, layer, cache, step)
+    }
 
+    /// Attention of queries `q` `[batch, heads, seq, head_dim]` over the new keys and values
+    /// `k`/`v` `[batch, kv_heads, seq, head_dim]` and, through `cache` if any, the ones before
+    /// them: stores the new ones, then attends over what the cache holds. Returns
+    /// `[batch, seq, heads * head_dim]`, ready for the output projection.
+    fn attend_through_cache<C: KvCache<B>>(
+        &self,
+        mut q: Tensor<B, 4>,
+        k: Tensor<B, 4>,
+        v: Tensor<B, 4>,
+        layer: usize,
+        cache: Option<&mut ModelCache<B, C>>,
+        step: &mut Step<'_, B>,
+    ) -> Result<Tensor<B, 3>> {
+        let c = &self.config;
+        let batch = q.dims()[0];
+        let (heads, kv_heads) = (c.num_heads, c.num_kv_heads);
         let rope = match &self.positions {
             PositionEncoding::Rotary(rope) => Some(rope),
             PositionEncoding::Learned(_) => None,

@@ -144,3 +144,58 @@ fn weight_bytes_follow_the_format() {
     }
     assert_eq!(Format::Q4_1.row_bytes(64), 40);
 }
+
+/// A decode step on host matrices keeps its residual stream on the host and lets the backend do
+/// only the cache and attention. Its logits equal the backend path's (the same f32 weights on
+/// the device) step by step, on every cache kind, including windows that evict and a sink
+/// cache that re-rotates its keys (which takes the backend path for rotary).
+#[test]
+fn host_decode_steps_equal_the_backend_path_on_every_cache_kind() {
+    let mut kinds = exact_cache_kinds(24);
+    kinds.extend([
+        int8_cache(),
+        kv_core::CacheConfig::SlidingWindow { window: 5 },
+        kv_core::CacheConfig::Sink {
+            sinks: 2,
+            window: 4,
+            rope_theta: Some(10_000.0),
+        },
+    ]);
+    let prompt: Vec<u32> = vec![5, 17, 2, 40];
+    for name in ["gpt2", "llama", "qwen2"] {
+        let (host, backend) = (load_placed(name, WeightFormat::F32), load(name));
+        for kind in &kinds {
+            if name == "gpt2"
+                && matches!(
+                    kind,
+                    kv_core::CacheConfig::Sink {
+                        rope_theta: Some(_),
+                        ..
+                    }
+                )
+            {
+                continue; // learned positions: nothing to re-rotate
+            }
+            let (mut host_cache, mut backend_cache) = (
+                host.new_cache(kind).unwrap(),
+                backend.new_cache(kind).unwrap(),
+            );
+            let mut input = prompt.clone();
+            for step in 0..10 {
+                let run = |model: &Transformer<B>, cache: &mut _| {
+                    let logits = model
+                        .forward(&[input.clone()], None, Some(cache), Logits::Last)
+                        .unwrap();
+                    host_logits(logits)[0][0].clone()
+                };
+                let (a, b) = (
+                    run(&host, &mut host_cache),
+                    run(&backend, &mut backend_cache),
+                );
+                let diff = max_abs_diff(&a, &b);
+                assert!(diff < TOLERANCE, "{name}, {kind:?}, step {step}: {diff}");
+                input = vec![argmax(&b)];
+            }
+        }
+    }
+}
