@@ -194,6 +194,21 @@ mod x86 {
         _mm256_madd_epi16(_mm256_maddubs_epi16(a, b), _mm256_set1_epi16(1))
     }
 
+    /// How far ahead of the rows being read the kernels ask for weight bytes, in rows. The
+    /// weights stream from memory once per step (a model is larger than the caches); the
+    /// hardware prefetcher alone left a core waiting on loads. Measured on SmolLM2-135M's Q4_1
+    /// decode (2 threads, AMD EPYC): 120 tok/s without, 135-141 with 1 to 8 rows ahead.
+    const PREFETCH_ROWS: usize = 2;
+
+    /// Starts loading the cache line at `base + offset` into the nearest cache.
+    #[inline(always)]
+    fn prefetch(base: *const i8, offset: usize) {
+        // SAFETY: a prefetch is a hint: it never faults and changes no memory, whatever the
+        // address, which is computed with wrapping arithmetic (no out-of-bounds pointer is
+        // ever dereferenced).
+        unsafe { _mm_prefetch::<_MM_HINT_T0>(base.wrapping_add(offset)) }
+    }
+
     /// Two weight rows per pass share each activation block's load and scale. `$block` gives
     /// a block's `(scale, integer dots as floats)`, `$extra` a term added outside the vector.
     macro_rules! two_rows {
@@ -210,7 +225,14 @@ mod x86 {
                         };
                         let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
                         let (mut extra0, mut extra1) = (0.0f32, 0.0f32);
+                        // Rows lie end to end: fetch the same blocks `PREFETCH_ROWS` rows on.
+                        let row_bytes = std::mem::size_of_val(r0);
+                        let base = r0.as_ptr().cast::<i8>();
+                        let ahead = PREFETCH_ROWS * row_bytes;
                         for (b, $xb) in $x.iter().enumerate() {
+                            let at = b * std::mem::size_of_val(&r0[0]) + ahead;
+                            prefetch(base, at);
+                            prefetch(base, at + row_bytes);
                             let $wb = &r0[b];
                             let ((s, v), e) = ($block, $extra);
                             acc0 = _mm256_fmadd_ps(_mm256_set1_ps(s), v, acc0);
@@ -309,9 +331,12 @@ mod x86 {
     pub(super) unsafe fn f16_rows_avx2(w: &[f16], x: &[f32], out: &mut [f32]) {
         let n = x.len();
         let body = n - n % 32;
+        let ahead = PREFETCH_ROWS * n * 2;
         for (row, o) in w.chunks_exact(n).zip(out.iter_mut()) {
+            let base = row.as_ptr().cast::<i8>();
             let mut acc = [_mm256_setzero_ps(); 4];
             for i in (0..body).step_by(32) {
+                prefetch(base, 2 * i + ahead); // 32 halves: one 64-byte line
                 for (k, a) in acc.iter_mut().enumerate() {
                     let at = i + 8 * k;
                     let (wr, xr) = (&row[at..at + 8], &x[at..at + 8]);
@@ -340,9 +365,14 @@ mod x86 {
     pub(super) unsafe fn f32_rows_avx2(w: &[f32], x: &[f32], out: &mut [f32]) {
         let n = x.len();
         let body = n - n % 32;
+        let ahead = PREFETCH_ROWS * n * 4;
         for (row, o) in w.chunks_exact(n).zip(out.iter_mut()) {
+            let base = row.as_ptr().cast::<i8>();
             let mut acc = [_mm256_setzero_ps(); 4];
             for i in (0..body).step_by(32) {
+                // 32 floats: two 64-byte lines.
+                prefetch(base, 4 * i + ahead);
+                prefetch(base, 4 * i + ahead + 64);
                 for (k, a) in acc.iter_mut().enumerate() {
                     let at = i + 8 * k;
                     let (wr, xr) = (&row[at..at + 8], &x[at..at + 8]);
