@@ -15,6 +15,7 @@ use half::f16;
 
 use crate::blocks::{BlockQ4_1, BlockQ8, BlockQ8_0, BLOCK};
 use crate::isa::Isa;
+use crate::packed::{Interleave, Q4_1x8, Q8_0x8, GROUP};
 
 /// `out[r] = Σ_b d_w d_x Σ q_w q_x + m_w s_x` over row `r`'s Q4_1 blocks and `x`'s blocks.
 pub fn q4_1_rows(isa: Isa, w: &[BlockQ4_1], x: &[BlockQ8], out: &mut [f32]) {
@@ -102,6 +103,65 @@ pub fn f32_rows(isa: Isa, w: &[f32], x: &[f32], out: &mut [f32]) {
     }
 }
 
+/// [`q4_1_rows`] for the eight interleaved rows of one group (`groups` holds the group's blocks
+/// in column order): `out[r]` for row `r` of the group.
+pub fn q4_1_group(isa: Isa, groups: &[Q4_1x8], x: &[BlockQ8], out: &mut [f32]) {
+    assert_eq!(
+        groups.len(),
+        x.len(),
+        "Q4_1 group blocks against activation blocks"
+    );
+    assert_eq!(out.len(), GROUP, "one output per row of the group");
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 if isa.is_available() => {
+            // SAFETY: the level's instructions (avx2, fma, f16c) were detected on this CPU.
+            unsafe { x86::q4_1_group_avx2(groups, x, out) }
+        }
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512Vnni if isa.is_available() => {
+            // SAFETY: the level's instructions (avx512vnni, avx512vl, avx2, f16c) were detected.
+            unsafe { x86::q4_1_group_vnni(groups, x, out) }
+        }
+        _ => each_row(groups, out, |row, o| q4_1_rows_scalar(row, x, o)),
+    }
+}
+
+/// [`q8_0_rows`] for the eight interleaved rows of one group.
+pub fn q8_0_group(isa: Isa, groups: &[Q8_0x8], x: &[BlockQ8], out: &mut [f32]) {
+    assert_eq!(
+        groups.len(),
+        x.len(),
+        "Q8_0 group blocks against activation blocks"
+    );
+    assert_eq!(out.len(), GROUP, "one output per row of the group");
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 if isa.is_available() => {
+            // SAFETY: avx2, fma and f16c were detected on this CPU.
+            unsafe { x86::q8_0_group_avx2(groups, x, out) }
+        }
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512Vnni if isa.is_available() => {
+            // SAFETY: avx512vnni, avx512vl, avx2 and f16c were detected on this CPU.
+            unsafe { x86::q8_0_group_vnni(groups, x, out) }
+        }
+        _ => each_row(groups, out, |row, o| q8_0_rows_scalar(row, x, o)),
+    }
+}
+
+/// The scalar reference on a group: each row unpacked, then the row kernel.
+fn each_row<G: Interleave>(
+    groups: &[G],
+    out: &mut [f32],
+    mut row_kernel: impl FnMut(&[G::Block], &mut [f32]),
+) {
+    for (r, o) in out.iter_mut().enumerate() {
+        let row: Vec<G::Block> = groups.iter().map(|g| g.unpack(r)).collect();
+        row_kernel(&row, std::slice::from_mut(o));
+    }
+}
+
 fn q4_1_rows_scalar(w: &[BlockQ4_1], x: &[BlockQ8], out: &mut [f32]) {
     for (row, o) in w.chunks_exact(x.len()).zip(out.iter_mut()) {
         *o = row
@@ -149,6 +209,7 @@ mod x86 {
     use half::f16;
 
     use crate::blocks::{BlockQ4_1, BlockQ8, BlockQ8_0};
+    use crate::packed::{Q4_1x8, Q8_0x8};
 
     /// An f16 scale to f32 with F16C (half's own conversion checks the CPU on every call).
     #[inline]
@@ -324,6 +385,118 @@ mod x86 {
             },
             0.0
         );
+    }
+
+    /// Starts loading every cache line of `bytes` bytes at `base + offset`.
+    #[inline(always)]
+    fn prefetch_span(base: *const i8, offset: usize, bytes: usize) {
+        for line in (0..bytes).step_by(64) {
+            prefetch(base, offset + line);
+        }
+    }
+
+    /// Four activation bytes `qs[at..at + 4]` in every 32-bit lane.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn broadcast4(qs: &[i8; 32], at: usize) -> __m256i {
+        let four: [i8; 4] = qs[at..at + 4].try_into().expect("four bytes");
+        _mm256_set1_epi32(i32::from_le_bytes(four.map(|b| b as u8)))
+    }
+
+    /// 32 bytes of a group's interleaved values: four bytes of each of its eight rows.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn chunk<T>(qs: &[T], at: usize) -> __m256i {
+        let bytes = &qs[at..at + 32 / std::mem::size_of::<T>()];
+        // SAFETY: `bytes` is 32 bytes (T is one byte wide here), what the unaligned load reads.
+        unsafe { _mm256_loadu_si256(bytes.as_ptr().cast()) }
+    }
+
+    /// A group's eight f16 scales as eight f32 lanes.
+    #[inline]
+    #[target_feature(enable = "avx2,f16c")]
+    fn scales(d: &[f16; 8]) -> __m256 {
+        // SAFETY: `d` is eight halves, the 16 bytes the unaligned load reads.
+        _mm256_cvtph_ps(unsafe { _mm_loadu_si128(d.as_ptr().cast()) })
+    }
+
+    /// Eight Q4_1 rows at once: per block, the eight rows' integer dots (lane `r` = row `r`)
+    /// come from eight byte multiply-adds `$dot(acc, levels, activations)`, then scale by the
+    /// eight steps times the activation's scale; the minimums add `m_r s_x`.
+    macro_rules! q4_1_group {
+        ($groups:ident, $x:ident, $out:ident, $dot:expr) => {{
+            let mask = _mm256_set1_epi8(0x0F);
+            let (mut acc, mut acc_min) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+            let base = $groups.as_ptr().cast::<i8>();
+            let ahead = std::mem::size_of_val($groups);
+            for (b, (g, xb)) in $groups.iter().zip($x).enumerate() {
+                prefetch_span(base, b * std::mem::size_of::<Q4_1x8>() + ahead, 160);
+                let mut dots = _mm256_setzero_si256();
+                for j in 0..4 {
+                    let packed = chunk(&g.qs, 32 * j);
+                    let low = _mm256_and_si256(packed, mask);
+                    let high = _mm256_and_si256(_mm256_srli_epi16(packed, 4), mask);
+                    dots = $dot(dots, low, broadcast4(&xb.qs, 4 * j));
+                    dots = $dot(dots, high, broadcast4(&xb.qs, 16 + 4 * j));
+                }
+                let step = _mm256_mul_ps(scales(&g.d), _mm256_set1_ps(xb.d));
+                acc = _mm256_fmadd_ps(step, _mm256_cvtepi32_ps(dots), acc);
+                acc_min = _mm256_fmadd_ps(scales(&g.m), _mm256_set1_ps(xb.s), acc_min);
+            }
+            let sums = _mm256_add_ps(acc, acc_min);
+            let out: &mut [f32; 8] = $out.try_into().expect("eight outputs");
+            // SAFETY: `out` is eight floats, the 32 bytes the unaligned store writes.
+            unsafe { _mm256_storeu_ps(out.as_mut_ptr(), sums) }
+        }};
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn q4_1_group_avx2(groups: &[Q4_1x8], x: &[BlockQ8], out: &mut [f32]) {
+        q4_1_group!(groups, x, out, |acc, a, b| _mm256_add_epi32(
+            acc,
+            dot_u8_i8_avx2(a, b)
+        ));
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    pub(super) unsafe fn q4_1_group_vnni(groups: &[Q4_1x8], x: &[BlockQ8], out: &mut [f32]) {
+        q4_1_group!(groups, x, out, |acc, a, b| _mm256_dpbusd_epi32(acc, a, b));
+    }
+
+    /// Eight Q8_0 rows at once, as [`q4_1_group!`] without minimums; signed weights meet the
+    /// unsigned-by-signed instructions through [`sign_folded`].
+    macro_rules! q8_0_group {
+        ($groups:ident, $x:ident, $out:ident, $dot:expr) => {{
+            let mut acc = _mm256_setzero_ps();
+            let base = $groups.as_ptr().cast::<i8>();
+            let ahead = std::mem::size_of_val($groups);
+            for (b, (g, xb)) in $groups.iter().zip($x).enumerate() {
+                prefetch_span(base, b * std::mem::size_of::<Q8_0x8>() + ahead, 272);
+                let mut dots = _mm256_setzero_si256();
+                for j in 0..8 {
+                    let (w, a) = sign_folded(chunk(&g.qs, 32 * j), broadcast4(&xb.qs, 4 * j));
+                    dots = $dot(dots, w, a);
+                }
+                let step = _mm256_mul_ps(scales(&g.d), _mm256_set1_ps(xb.d));
+                acc = _mm256_fmadd_ps(step, _mm256_cvtepi32_ps(dots), acc);
+            }
+            let out: &mut [f32; 8] = $out.try_into().expect("eight outputs");
+            // SAFETY: `out` is eight floats, the 32 bytes the unaligned store writes.
+            unsafe { _mm256_storeu_ps(out.as_mut_ptr(), acc) }
+        }};
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn q8_0_group_avx2(groups: &[Q8_0x8], x: &[BlockQ8], out: &mut [f32]) {
+        q8_0_group!(groups, x, out, |acc, a, b| _mm256_add_epi32(
+            acc,
+            dot_u8_i8_avx2(a, b)
+        ));
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    pub(super) unsafe fn q8_0_group_vnni(groups: &[Q8_0x8], x: &[BlockQ8], out: &mut [f32]) {
+        q8_0_group!(groups, x, out, |acc, a, b| _mm256_dpbusd_epi32(acc, a, b));
     }
 
     /// Four accumulators of eight lanes: 32 products per pass keep the FMA units busy.

@@ -22,6 +22,7 @@ mod dot;
 mod error;
 mod isa;
 mod matrix;
+mod packed;
 mod threads;
 
 pub use error::{KernelError, Result};

@@ -4,11 +4,13 @@ use std::ops::Range;
 use std::sync::Arc;
 
 use half::f16;
+use half::slice::HalfFloatSliceExt;
 
 use crate::blocks::{quantize_row, BlockQ4_1, BlockQ8, BlockQ8_0, BLOCK};
 use crate::dot;
 use crate::error::{KernelError, Result};
 use crate::isa::Isa;
+use crate::packed::{Packed, Q4_1x8, Q8_0x8, GROUP};
 use crate::threads::Threads;
 
 /// How a matrix stores its values.
@@ -60,18 +62,20 @@ impl std::fmt::Display for Format {
     }
 }
 
-/// The values, row after row.
+/// The values: f32 and f16 row after row, the block formats in groups of eight interleaved
+/// rows (see [`crate::packed`]).
 #[derive(Debug, Clone, PartialEq)]
 enum Storage {
     F32(Vec<f32>),
     F16(Vec<f16>),
-    Q8_0(Vec<BlockQ8_0>),
-    Q4_1(Vec<BlockQ4_1>),
+    Q8_0(Packed<Q8_0x8>),
+    Q4_1(Packed<Q4_1x8>),
 }
 
-/// A `[rows, cols]` weight matrix stored row-major in one [`Format`]: the layout of a GGUF
-/// tensor and of PyTorch's `nn.Linear` weight (`[out_features, in_features]`), so a product
-/// `y = x Wᵀ` reads each output's row once, front to back.
+/// A `[rows, cols]` weight matrix in one [`Format`], rows as a GGUF tensor and PyTorch's
+/// `nn.Linear` weight hold them (`[out_features, in_features]`), so a product `y = x Wᵀ`
+/// reads each output's row once, front to back. The block formats keep the file's blocks,
+/// eight rows interleaved (see the `packed` module's docs); every method speaks of plain rows.
 ///
 /// ```
 /// use kv_kernels::{Format, Matrix};
@@ -117,18 +121,20 @@ impl Matrix {
         let storage = match format {
             Format::F32 => Storage::F32(values.to_vec()),
             Format::F16 => Storage::F16(values.iter().map(|&v| f16::from_f32(v)).collect()),
-            Format::Q8_0 => Storage::Q8_0(
-                values
+            Format::Q8_0 => {
+                let blocks: Vec<BlockQ8_0> = values
                     .chunks_exact(BLOCK)
                     .map(|c| BlockQ8_0::quantize(c.try_into().expect("32 values")))
-                    .collect(),
-            ),
-            Format::Q4_1 => Storage::Q4_1(
-                values
+                    .collect();
+                Storage::Q8_0(Packed::from_plain(&blocks, rows, cols / BLOCK))
+            }
+            Format::Q4_1 => {
+                let blocks: Vec<BlockQ4_1> = values
                     .chunks_exact(BLOCK)
                     .map(|c| BlockQ4_1::quantize(c.try_into().expect("32 values")))
-                    .collect(),
-            ),
+                    .collect();
+                Storage::Q4_1(Packed::from_plain(&blocks, rows, cols / BLOCK))
+            }
         };
         Ok(Self {
             rows,
@@ -151,8 +157,16 @@ impl Matrix {
         let storage = match format {
             Format::F32 => Storage::F32(bytemuck::pod_collect_to_vec(bytes)),
             Format::F16 => Storage::F16(bytemuck::pod_collect_to_vec(bytes)),
-            Format::Q8_0 => Storage::Q8_0(bytemuck::pod_collect_to_vec(bytes)),
-            Format::Q4_1 => Storage::Q4_1(bytemuck::pod_collect_to_vec(bytes)),
+            Format::Q8_0 => Storage::Q8_0(Packed::from_plain(
+                &bytemuck::pod_collect_to_vec(bytes),
+                rows,
+                cols / BLOCK,
+            )),
+            Format::Q4_1 => Storage::Q4_1(Packed::from_plain(
+                &bytemuck::pod_collect_to_vec(bytes),
+                rows,
+                cols / BLOCK,
+            )),
         };
         Ok(Self {
             rows,
@@ -193,32 +207,23 @@ impl Matrix {
     pub fn row_to_f32(&self, row: usize, out: &mut [f32]) {
         assert!(row < self.rows, "row {row} of {}", self.rows);
         assert_eq!(out.len(), self.cols, "output row length");
-        let per_row = self.cols / BLOCK;
         match &self.storage {
             Storage::F32(v) => out.copy_from_slice(&v[row * self.cols..(row + 1) * self.cols]),
-            Storage::F16(v) => {
-                for (o, h) in out
-                    .iter_mut()
-                    .zip(&v[row * self.cols..(row + 1) * self.cols])
-                {
-                    *o = h.to_f32();
-                }
-            }
-            Storage::Q8_0(v) => {
-                for (block, chunk) in v[row * per_row..(row + 1) * per_row]
-                    .iter()
-                    .zip(out.chunks_exact_mut(BLOCK))
-                {
+            // half's slice conversion uses F16C where the CPU has it.
+            Storage::F16(v) => v[row * self.cols..(row + 1) * self.cols].convert_to_f32_slice(out),
+            Storage::Q8_0(p) => {
+                let mut chunks = out.chunks_exact_mut(BLOCK);
+                p.for_row_blocks(row, |block| {
+                    let chunk = chunks.next().expect("a chunk per block");
                     block.dequantize(chunk.try_into().expect("32 values"));
-                }
+                });
             }
-            Storage::Q4_1(v) => {
-                for (block, chunk) in v[row * per_row..(row + 1) * per_row]
-                    .iter()
-                    .zip(out.chunks_exact_mut(BLOCK))
-                {
+            Storage::Q4_1(p) => {
+                let mut chunks = out.chunks_exact_mut(BLOCK);
+                p.for_row_blocks(row, |block| {
+                    let chunk = chunks.next().expect("a chunk per block");
                     block.dequantize(chunk.try_into().expect("32 values"));
-                }
+                });
             }
         }
     }
@@ -244,8 +249,16 @@ impl Matrix {
         let storage = match &self.storage {
             Storage::F32(v) => Storage::F32(pick(v, cols, order)),
             Storage::F16(v) => Storage::F16(pick(v, cols, order)),
-            Storage::Q8_0(v) => Storage::Q8_0(pick(v, blocks, order)),
-            Storage::Q4_1(v) => Storage::Q4_1(pick(v, blocks, order)),
+            Storage::Q8_0(p) => Storage::Q8_0(Packed::from_plain(
+                &pick(&p.to_plain(), blocks, order),
+                order.len(),
+                blocks,
+            )),
+            Storage::Q4_1(p) => Storage::Q4_1(Packed::from_plain(
+                &pick(&p.to_plain(), blocks, order),
+                order.len(),
+                blocks,
+            )),
         };
         Self {
             rows: order.len(),
@@ -269,26 +282,36 @@ impl Matrix {
                 });
             }
         }
+        let rows = parts.iter().map(|p| p.rows).sum();
+        let blocks = first.cols / BLOCK;
         let storage = match &first.storage {
             Storage::F32(_) => Storage::F32(concat(parts, |s| match s {
-                Storage::F32(v) => v,
+                Storage::F32(v) => v.clone(),
                 _ => unreachable!("formats checked"),
             })),
             Storage::F16(_) => Storage::F16(concat(parts, |s| match s {
-                Storage::F16(v) => v,
+                Storage::F16(v) => v.clone(),
                 _ => unreachable!("formats checked"),
             })),
-            Storage::Q8_0(_) => Storage::Q8_0(concat(parts, |s| match s {
-                Storage::Q8_0(v) => v,
-                _ => unreachable!("formats checked"),
-            })),
-            Storage::Q4_1(_) => Storage::Q4_1(concat(parts, |s| match s {
-                Storage::Q4_1(v) => v,
-                _ => unreachable!("formats checked"),
-            })),
+            Storage::Q8_0(_) => Storage::Q8_0(Packed::from_plain(
+                &concat(parts, |s| match s {
+                    Storage::Q8_0(p) => p.to_plain(),
+                    _ => unreachable!("formats checked"),
+                }),
+                rows,
+                blocks,
+            )),
+            Storage::Q4_1(_) => Storage::Q4_1(Packed::from_plain(
+                &concat(parts, |s| match s {
+                    Storage::Q4_1(p) => p.to_plain(),
+                    _ => unreachable!("formats checked"),
+                }),
+                rows,
+                blocks,
+            )),
         };
         Ok(Self {
-            rows: parts.iter().map(|p| p.rows).sum(),
+            rows,
             cols: first.cols,
             storage,
         })
@@ -349,10 +372,15 @@ impl Matrix {
         let input = Arc::new(Input::prepare(self.format(), x, n, self.cols));
         let isa = Isa::best();
         let (offset, len, matrix) = (outputs.start, outputs.len(), Arc::clone(self));
+        // Shares are whole groups of eight rows, so each thread meets the same groups a
+        // single thread would and the result does not depend on the split.
+        let rows_of =
+            move |units: Range<usize>| (units.start * GROUP).min(len)..(units.end * GROUP).min(len);
         let parts = threads.split(
-            len,
-            MIN_ROWS_PER_THREAD,
-            Arc::new(move |range: Range<usize>| {
+            len.div_ceil(GROUP),
+            MIN_ROWS_PER_THREAD / GROUP,
+            Arc::new(move |units: Range<usize>| {
+                let range = rows_of(units);
                 let mut out = vec![0.0; n * range.len()];
                 let rows = offset + range.start..offset + range.end;
                 matrix.rows_into(isa, &input, rows, &mut out);
@@ -363,7 +391,8 @@ impl Matrix {
             return parts.into_iter().next().expect("one part").1;
         }
         let mut y = vec![0.0; n * len];
-        for (range, part) in parts {
+        for (units, part) in parts {
+            let range = rows_of(units);
             let width = range.len();
             for i in 0..n {
                 y[i * len + range.start..i * len + range.end]
@@ -416,18 +445,24 @@ impl Matrix {
                 &x[i * cols..(i + 1) * cols],
                 out,
             ),
-            (Storage::Q8_0(w), InputRows::Quantized(x)) => dot::q8_0_rows(
-                isa,
-                &w[rows.start * blocks..rows.end * blocks],
-                &x[i * blocks..(i + 1) * blocks],
-                out,
-            ),
-            (Storage::Q4_1(w), InputRows::Quantized(x)) => dot::q4_1_rows(
-                isa,
-                &w[rows.start * blocks..rows.end * blocks],
-                &x[i * blocks..(i + 1) * blocks],
-                out,
-            ),
+            (Storage::Q8_0(w), InputRows::Quantized(x)) => {
+                let x = &x[i * blocks..(i + 1) * blocks];
+                w.for_rows(
+                    rows,
+                    out,
+                    |group, o| dot::q8_0_group(isa, group, x, o),
+                    |plain, o| dot::q8_0_rows(isa, plain, x, o),
+                );
+            }
+            (Storage::Q4_1(w), InputRows::Quantized(x)) => {
+                let x = &x[i * blocks..(i + 1) * blocks];
+                w.for_rows(
+                    rows,
+                    out,
+                    |group, o| dot::q4_1_group(isa, group, x, o),
+                    |plain, o| dot::q4_1_rows(isa, plain, x, o),
+                );
+            }
             _ => unreachable!("Input::prepare follows the format"),
         }
     }
@@ -468,11 +503,8 @@ impl Input {
     }
 }
 
-fn concat<T: Copy>(parts: &[Matrix], values: impl Fn(&Storage) -> &Vec<T>) -> Vec<T> {
-    parts
-        .iter()
-        .flat_map(|p| values(&p.storage).iter().copied())
-        .collect()
+fn concat<T: Copy>(parts: &[Matrix], values: impl Fn(&Storage) -> Vec<T>) -> Vec<T> {
+    parts.iter().flat_map(|p| values(&p.storage)).collect()
 }
 
 fn check_shape(

@@ -110,6 +110,31 @@ proptest! {
         }
     }
 
+    /// A product over a range of output rows, which may start and end inside a group of eight
+    /// interleaved rows, equals those rows of the whole product.
+    #[test]
+    fn row_ranges_equal_the_whole_product(
+        (rows, cols, n, w, x) in matrix_strategy(),
+        start in 0usize..20,
+        len in 1usize..20,
+    ) {
+        let threads = Threads::new(2, Threads::DEFAULT_SPIN);
+        let start = start % rows;
+        let end = (start + len).min(rows);
+        for format in Format::ALL {
+            let matrix = Arc::new(Matrix::from_f32(format, rows, cols, &w).unwrap());
+            let mut whole = vec![0.0; n * rows];
+            matrix.matmul(&x, n, &mut whole);
+            let part = matrix.par_matmul_rows(&x, n, start..end, &threads);
+            for i in 0..n {
+                for (j, r) in (start..end).enumerate() {
+                    let (g, w) = (part[i * (end - start) + j], whole[i * rows + r]);
+                    prop_assert!((g - w).abs() <= 1e-4 * (1.0 + w.abs()), "{format} row {r}: {g} vs {w}");
+                }
+            }
+        }
+    }
+
     /// Reordering and stacking rows moves blocks whole.
     #[test]
     fn select_and_stack_move_rows_whole((rows, cols, _n, w, _x) in matrix_strategy()) {
