@@ -5,6 +5,9 @@
 #   kv-bench/peers/llama_cpp.sh convert          # F16, F32 and Q8_0 copies of the default model
 #   kv-bench/peers/llama_cpp.sh bench [ROUNDS]   # the matched-precision table (default 2 rounds)
 #
+# `kv-bench compare --peer llama-cpp` runs llama.cpp per decode step through peers/llama_cpp.py
+# after `build`.
+#
 # Everything goes to $KV_CACHE_DIR/llama.cpp (default ~/.cache/kv-cache/llama.cpp). The build
 # uses the llama.cpp sources vendored in llama-cpp-python==0.3.36 (llama.cpp 0c1e570, ggml
 # 0.25.3) and cmake/ninja from PyPI. The F16/F32/Q8_0 files are llama-quantize's conversions
@@ -30,6 +33,8 @@ build() {
         cmake -S "$SRC" -B "$SRC/build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DLLAMA_CURL=OFF
         ninja -C "$SRC/build" llama-bench llama-quantize llama-perplexity
     fi
+    # The Python bindings in the same sdist drive libllama for `kv-bench compare --peer llama-cpp`.
+    python3 -m pip install -q numpy diskcache jinja2 typing-extensions
     echo "llama.cpp tools in $BIN"
 }
 

@@ -1,6 +1,7 @@
 //! The seed's experiment: the same prompt and number of new tokens, generated without a cache
 //! and through each cache kind, several times, with every step timed. Optionally a peer
-//! (transformers) runs in the same loop, interleaved, so ratios hold on a noisy machine.
+//! (transformers or llama.cpp) runs in the same loop, interleaved, so ratios hold on a noisy
+//! machine.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -26,32 +27,81 @@ pub struct CompareSpec {
     pub warmup: usize,
     /// Cache kinds (`none` first).
     pub caches: Vec<CacheChoice>,
-    /// The transformers peer, if asked for.
+    /// The peer, if asked for.
     pub peer: Option<Peer>,
 }
 
-/// How to run the transformers peer (`kv-bench/peers/hf_transformers.py`).
+/// Which system runs beside kv-cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PeerKind {
+    /// Hugging Face transformers on PyTorch, f32 (`peers/hf_transformers.py`), with its
+    /// `DynamicCache` and without a cache.
+    Transformers,
+    /// llama.cpp on the GGUF file as stored (`peers/llama_cpp.py`), with its own cache only.
+    LlamaCpp,
+}
+
+impl PeerKind {
+    /// The peer script, in this crate's `peers/` folder.
+    pub fn script(self) -> PathBuf {
+        let name = match self {
+            PeerKind::Transformers => "hf_transformers.py",
+            PeerKind::LlamaCpp => "llama_cpp.py",
+        };
+        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("peers")
+            .join(name)
+    }
+
+    /// The name in tables.
+    pub fn name(self) -> &'static str {
+        match self {
+            PeerKind::Transformers => "transformers",
+            PeerKind::LlamaCpp => "llama.cpp",
+        }
+    }
+
+    /// Whether the peer can generate without a cache.
+    fn runs_uncached(self) -> bool {
+        self == PeerKind::Transformers
+    }
+}
+
+impl std::str::FromStr for PeerKind {
+    type Err = String;
+
+    fn from_str(name: &str) -> Result<Self, String> {
+        match name {
+            "hf" | "transformers" => Ok(PeerKind::Transformers),
+            "llama-cpp" | "llama.cpp" => Ok(PeerKind::LlamaCpp),
+            other => Err(format!("unknown peer `{other}` (hf, llama-cpp)")),
+        }
+    }
+}
+
+/// How to run a peer script.
 #[derive(Debug, Clone)]
 pub struct Peer {
-    /// Python interpreter with torch and transformers.
+    /// Which peer.
+    pub kind: PeerKind,
+    /// Python interpreter with the peer's packages (torch and transformers, or numpy for
+    /// llama.cpp's bindings).
     pub python: String,
-    /// The peer script.
-    pub script: PathBuf,
     /// The model path (HF directory or GGUF), as given to us.
     pub model: PathBuf,
-    /// Threads for PyTorch.
+    /// Threads for the peer.
     pub threads: usize,
-    /// PyTorch device: `cpu` or `cuda`.
+    /// Device: `cpu`, or `cuda` for transformers.
     pub device: String,
 }
 
 impl Peer {
-    /// The peer's name in tables: where it ran.
+    /// The peer's name in tables: which and where it ran.
     fn system(&self) -> String {
         if self.device == "cpu" {
-            format!("transformers ({} threads)", self.threads)
+            format!("{} ({} threads)", self.kind.name(), self.threads)
         } else {
-            format!("transformers ({})", self.device)
+            format!("{} ({})", self.kind.name(), self.device)
         }
     }
 }
@@ -190,8 +240,9 @@ pub fn run<B: Backend>(
             runs: Vec::new(),
         })
         .collect();
-    // The peer runs without a cache only when we do.
-    let with_none = spec.caches.iter().any(|c| matches!(c, CacheChoice::None));
+    // The peer runs without a cache only when we do and it can.
+    let with_none = spec.caches.iter().any(|c| matches!(c, CacheChoice::None))
+        && spec.peer.as_ref().is_some_and(|p| p.kind.runs_uncached());
     let peer_kinds: &[&str] = if with_none {
         &["none", "dynamic"]
     } else {
@@ -246,9 +297,10 @@ pub fn run<B: Backend>(
         if let Some(peer) = &spec.peer {
             for (k, kind) in peer_kinds.iter().enumerate() {
                 progress(&format!(
-                    "run {}/{}, transformers, cache {kind}",
+                    "run {}/{}, {}, cache {kind}",
                     run + 1,
-                    total_runs
+                    total_runs,
+                    peer.kind.name()
                 ));
                 let result = run_peer(peer, spec, kind)?;
                 if timed {
@@ -262,15 +314,22 @@ pub fn run<B: Backend>(
 
 fn run_peer(peer: &Peer, spec: &CompareSpec, kind: &str) -> Result<RunResult, CompareError> {
     let ids: Vec<String> = spec.prompt_ids.iter().map(u32::to_string).collect();
-    let out = Command::new(&peer.python)
-        .arg(&peer.script)
+    let script = peer.kind.script();
+    let mut command = Command::new(&peer.python);
+    if peer.kind == PeerKind::Transformers {
+        // PyTorch's OpenMP threads otherwise spin while waiting and, on shared cores, run
+        // about 10x slower. llama.cpp's threads are meant to spin between graph nodes: left as
+        // they are (passive waiting made its decode 3x slower).
+        command.env("OMP_WAIT_POLICY", "PASSIVE");
+    }
+    let out = command
+        .arg(&script)
         .arg("--model")
         .arg(&peer.model)
         .args(["--prompt-ids", &ids.join(",")])
         .args(["--new-tokens", &spec.new_tokens.to_string()])
         .args(["--cache", kind, "--threads", &peer.threads.to_string()])
         .args(["--device", &peer.device])
-        .env("OMP_WAIT_POLICY", "PASSIVE")
         .output()
         .map_err(|e| CompareError::Peer(format!("could not run {}: {e}", peer.python)))?;
     if !out.status.success() {
@@ -278,7 +337,7 @@ fn run_peer(peer: &Peer, spec: &CompareSpec, kind: &str) -> Result<RunResult, Co
         let last = stderr.lines().last().unwrap_or("no message");
         return Err(CompareError::Peer(format!(
             "{} failed: {last}",
-            peer.script.display()
+            script.display()
         )));
     }
     let json: Value = serde_json::from_slice(&out.stdout)
@@ -297,7 +356,7 @@ fn run_peer(peer: &Peer, spec: &CompareSpec, kind: &str) -> Result<RunResult, Co
 }
 
 /// The seed's table, one line per system and kind, with tokens/s and the speedup over the
-/// same system without a cache.
+/// same system without a cache, then kv-cache's cached decode speed over the peer's.
 pub fn table(results: &[KindResult]) -> String {
     let mut lines = Vec::new();
     for r in results {
@@ -324,12 +383,15 @@ pub fn table(results: &[KindResult]) -> String {
         .find(|r| r.system.starts_with("kv-cache") && r.cache != "none");
     let theirs = results
         .iter()
-        .find(|r| r.system.starts_with("transformers") && r.cache != "none");
+        .find(|r| !r.system.starts_with("kv-cache") && r.cache != "none");
     if let (Some(ours), Some(theirs)) = (ours, theirs) {
         lines.push(format!(
-            "cached decode tokens/s, kv-cache ({}) over transformers: {:.2}x",
+            "cached decode tokens/s, kv-cache ({}) over {}: {:.2}x; prefill time, {} over kv-cache: {:.2}x",
             ours.cache,
-            ours.tokens_per_second() / theirs.tokens_per_second().max(f64::MIN_POSITIVE)
+            theirs.system,
+            ours.tokens_per_second() / theirs.tokens_per_second().max(f64::MIN_POSITIVE),
+            theirs.system,
+            theirs.prefill_ms() / ours.prefill_ms().max(f64::MIN_POSITIVE)
         ));
     }
     lines.join("\n")

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use burn::tensor::backend::Backend;
 use clap::{Args, Parser, Subcommand};
-use kv_bench::compare::{self, CompareSpec, Peer};
+use kv_bench::compare::{self, CompareSpec, Peer, PeerKind};
 use kv_bench::{memory, plot, BackendKind};
 use kv_core::{CacheConfig, QuantBits, QuantizedCacheConfig};
 use kv_generate::{CacheChoice, EosPolicy, GenerationConfig, Generator};
@@ -113,17 +113,20 @@ struct CompareArgs {
     /// sequence every step takes hours on a CPU). The peer then runs with its cache only.
     #[arg(long)]
     no_uncached: bool,
-    /// Also run a peer in the same loop, interleaved: `hf` (transformers).
+    /// Also run a peer in the same loop, interleaved: `hf` (transformers, f32, with and
+    /// without its cache) or `llama-cpp` (llama.cpp on the GGUF file as stored, built by
+    /// `kv-bench/peers/llama_cpp.sh build`).
     #[arg(long)]
     peer: Option<String>,
-    /// Device for the peer: cpu or cuda.
+    /// Device for the peer: cpu, or cuda for transformers.
     #[arg(long, default_value = "cpu")]
     peer_device: String,
     /// Read-bandwidth buffer in MiB, measured before the runs on CPU backends to report the
     /// decode floor (0: skip).
     #[arg(long, default_value_t = 1024)]
     bandwidth_mib: usize,
-    /// Python with torch and transformers, for --peer hf.
+    /// Python for the peer script (with torch and transformers for hf; numpy, diskcache and
+    /// jinja2 for llama-cpp's bindings).
     #[arg(long, default_value = "python3")]
     peer_python: String,
     /// Threads for the peer (default: all cores).
@@ -414,19 +417,34 @@ impl<B: Backend> Runner for On<B> {
         for name in args.cache.iter().filter(|c| *c != "none") {
             caches.push(cache_choice(name, args.window, capacity)?);
         }
-        let peer = match args.peer.as_deref() {
-            None => None,
-            Some("hf") => Some(Peer {
-                python: args.peer_python.clone(),
-                script: PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("peers/hf_transformers.py"),
-                model: path.clone(),
-                threads: args
-                    .peer_threads
-                    .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
-                device: args.peer_device.clone(),
-            }),
-            Some(other) => return Err(BenchError::Usage(format!("unknown peer `{other}` (hf)"))),
-        };
+        let peer_kind = args
+            .peer
+            .as_deref()
+            .map(str::parse::<PeerKind>)
+            .transpose()
+            .map_err(BenchError::Usage)?;
+        if peer_kind == Some(PeerKind::LlamaCpp) {
+            if args.peer_device != "cpu" {
+                return Err(BenchError::Usage(
+                    "--peer llama-cpp runs on the CPU only: drop --peer-device".into(),
+                ));
+            }
+            if path.extension().and_then(|e| e.to_str()) != Some("gguf") {
+                return Err(BenchError::Usage(format!(
+                    "--peer llama-cpp reads GGUF files; {} is not one",
+                    path.display()
+                )));
+            }
+        }
+        let peer = peer_kind.map(|kind| Peer {
+            kind,
+            python: args.peer_python.clone(),
+            model: path.clone(),
+            threads: args
+                .peer_threads
+                .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
+            device: args.peer_device.clone(),
+        });
         let spec = CompareSpec {
             prompt_ids,
             new_tokens: args.new_tokens,
@@ -470,9 +488,15 @@ impl<B: Backend> Runner for On<B> {
             );
             let floor = bw.floor_steps_per_second(weight_bytes);
             for r in results.iter().filter(|r| r.cache != "none") {
-                // The peer always reads f32 weights; kv-cache reads `--weights`.
+                // transformers reads f32 weights, llama.cpp the file as stored (what kv-cache
+                // reads with native weights); kv-cache reads `--weights`.
                 let (dtype, bytes) = if r.system.starts_with("kv-cache") {
                     (weights, read_bytes)
+                } else if peer_kind == Some(PeerKind::LlamaCpp) {
+                    if placement != WeightPlacement::Host(WeightFormat::Native) {
+                        continue; // the bytes llama.cpp reads are not the ones loaded here
+                    }
+                    ("as stored", read_bytes)
                 } else {
                     ("f32", weight_bytes)
                 };
@@ -493,6 +517,7 @@ impl<B: Backend> Runner for On<B> {
             "backend": self.name,
             "prompt": args.prompt_ids.is_none().then_some(&args.prompt),
             "window": args.window,
+            "peer": peer_kind.map(PeerKind::name),
             "peer_device": args.peer.as_ref().map(|_| &args.peer_device),
             "decode_weight_bytes_f32": weight_bytes,
             "weights": weights,

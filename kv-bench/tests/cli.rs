@@ -319,6 +319,32 @@ fn bad_input_is_one_line_and_non_zero() {
             ],
             "unknown peer",
         ),
+        (
+            vec![
+                "compare",
+                "--model",
+                model,
+                "--prompt-ids",
+                "1",
+                "--peer",
+                "llama-cpp",
+            ],
+            "reads GGUF files",
+        ),
+        (
+            vec![
+                "compare",
+                "--model",
+                model,
+                "--prompt-ids",
+                "1",
+                "--peer",
+                "llama-cpp",
+                "--peer-device",
+                "cuda",
+            ],
+            "CPU only",
+        ),
     ] {
         let out = kv_bench(&args);
         let stderr = String::from_utf8_lossy(&out.stderr);
