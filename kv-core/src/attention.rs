@@ -141,3 +141,90 @@ pub fn grouped_query_attention<B: Backend>(
     let out = attention(q, k, v, mask, None, AttentionModuleOptions::default());
     Ok(out.reshape([b, h, n, d]))
 }
+
+/// Attention of every query over one slice of the keys, kept apart so that slices computed
+/// on different threads can be merged exactly ([`merge_partial_attention`]): the split-keys
+/// scheme of flash-decoding. Each part holds its unnormalised output and the two numbers
+/// softmax needs per query row, its largest score and the sum of `exp(score - largest)`.
+///
+/// Shapes: `[batch, heads, queries, head_dim]` for `weighted`, `[batch, heads, queries, 1]`
+/// for `max` and `sum`.
+#[derive(Debug, Clone)]
+pub struct PartialAttention<B: Backend> {
+    /// `Σ_j exp(s_j - max) v_j` over the part's keys.
+    pub weighted: Tensor<B, 4>,
+    /// `max_j s_j`, the largest scaled score.
+    pub max: Tensor<B, 4>,
+    /// `Σ_j exp(s_j - max)`.
+    pub sum: Tensor<B, 4>,
+}
+
+/// [`PartialAttention`] of `q` `[batch, heads, queries, head_dim]` over `k`/`v`
+/// `[batch, kv_heads, keys, head_dim]` (a slice of the cache), grouped-query aware, with no
+/// mask: every query sees every key of the slice (a decode step's query sees the whole cache).
+///
+/// ```
+/// use burn::tensor::{Distribution, Tensor};
+/// use burn_ndarray::NdArray;
+/// use kv_core::{grouped_query_attention, merge_partial_attention, partial_attention};
+///
+/// let device = Default::default();
+/// let q = Tensor::<NdArray, 4>::random([1, 4, 1, 8], Distribution::Default, &device);
+/// let k = Tensor::<NdArray, 4>::random([1, 2, 10, 8], Distribution::Default, &device);
+/// let v = Tensor::<NdArray, 4>::random([1, 2, 10, 8], Distribution::Default, &device);
+/// let whole = grouped_query_attention(q.clone(), k.clone(), v.clone(), None).unwrap();
+/// let parts = vec![
+///     partial_attention(q.clone(), k.clone().narrow(2, 0, 6), v.clone().narrow(2, 0, 6)).unwrap(),
+///     partial_attention(q, k.narrow(2, 6, 4), v.narrow(2, 6, 4)).unwrap(),
+/// ];
+/// let merged = merge_partial_attention(parts);
+/// let diff = (merged - whole).abs().max().into_scalar();
+/// assert!(diff < 1e-5);
+/// ```
+pub fn partial_attention<B: Backend>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+) -> Result<PartialAttention<B>> {
+    let [b, h, n, d] = q.dims();
+    let groups = groups(&q.dims(), &k.dims(), &v.dims())?;
+    let kv = k.dims()[1];
+    let q = q.reshape([b, kv, groups * n, d]);
+    // [b, kv, groups * n, keys]
+    let scores = q
+        .matmul(k.swap_dims(2, 3))
+        .mul_scalar(1.0 / (d as f64).sqrt());
+    let max = scores.clone().max_dim(3);
+    let exp = (scores - max.clone()).exp();
+    let sum = exp.clone().sum_dim(3);
+    Ok(PartialAttention {
+        weighted: exp.matmul(v).reshape([b, h, n, d]),
+        max: max.reshape([b, h, n, 1]),
+        sum: sum.reshape([b, h, n, 1]),
+    })
+}
+
+/// Softmax attention over all the parts' keys, from their [`PartialAttention`]s:
+/// `Σ_p exp(max_p - max) weighted_p / Σ_p exp(max_p - max) sum_p`, with `max` the largest of
+/// the parts' maxima. Returns `[batch, heads, queries, head_dim]`.
+///
+/// # Panics
+/// If `parts` is empty.
+pub fn merge_partial_attention<B: Backend>(parts: Vec<PartialAttention<B>>) -> Tensor<B, 4> {
+    assert!(!parts.is_empty(), "at least one part of attention to merge");
+    let max = parts
+        .iter()
+        .map(|p| p.max.clone())
+        .reduce(|a, b| a.max_pair(b))
+        .expect("not empty");
+    let mut rescaled = parts.into_iter().map(|part| {
+        let rescale = (part.max - max.clone()).exp();
+        (part.weighted * rescale.clone(), part.sum * rescale)
+    });
+    let (mut weighted, mut sum) = rescaled.next().expect("not empty");
+    for (w, s) in rescaled {
+        weighted = weighted + w;
+        sum = sum + s;
+    }
+    weighted / sum
+}

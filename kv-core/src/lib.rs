@@ -68,7 +68,8 @@ mod windowed;
 
 pub use any::{AnyCache, CacheConfig, LayerShape};
 pub use attention::{
-    fold_mask_for_groups, grouped_query_attention, reference_attention, repeat_kv,
+    fold_mask_for_groups, grouped_query_attention, merge_partial_attention, partial_attention,
+    reference_attention, repeat_kv, PartialAttention,
 };
 pub use attention_plan::{AttentionPlan, Execution, DEFAULT_BLOCK_QUERIES};
 pub use cache::{KeyRotation, KvCache};

@@ -5,8 +5,9 @@ mod common;
 
 use common::{device, max_diff, rand4, Host, Reference, B};
 use kv_core::{
-    attention_mask, grouped_query_attention, reference_attention, AttentionPattern, CacheConfig,
-    CacheError, KeyPositions, KvCache, LayerShape, QuantBits, QuantizedCacheConfig,
+    attention_mask, grouped_query_attention, merge_partial_attention, partial_attention,
+    reference_attention, AttentionPattern, CacheConfig, CacheError, KeyPositions, KvCache,
+    LayerShape, QuantBits, QuantizedCacheConfig,
 };
 use proptest::prelude::*;
 
@@ -378,5 +379,39 @@ mod predicted_memory {
                 );
             }
         }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 40, ..ProptestConfig::default() })]
+
+    /// Attention split by keys into parts and merged (flash-decoding's scheme, what a decode
+    /// step runs on several threads) equals attention over all the keys at once.
+    #[test]
+    fn keys_split_into_parts_merge_to_whole_attention(
+        (batch, kv_heads, groups, queries, keys, head_dim) in
+            (1usize..3, 1usize..4, 1usize..4, 1usize..3, 2usize..40, 1usize..5),
+        cuts in prop::collection::vec(0.0f64..1.0, 0..3),
+        seed in 0u64..1000,
+    ) {
+        let head_dim = 2 * head_dim;
+        let heads = kv_heads * groups;
+        let q = rand4([batch, heads, queries, head_dim], seed);
+        let k = rand4([batch, kv_heads, keys, head_dim], seed + 1).mul_scalar(3.0);
+        let v = rand4([batch, kv_heads, keys, head_dim], seed + 2);
+        let whole = grouped_query_attention(q.clone(), k.clone(), v.clone(), None).unwrap();
+        let mut bounds: Vec<usize> = cuts.iter().map(|c| 1 + (c * (keys - 1) as f64) as usize).collect();
+        bounds.extend([0, keys]);
+        bounds.sort_unstable();
+        bounds.dedup();
+        let parts = bounds
+            .windows(2)
+            .map(|w| {
+                let slice = |t: &burn::tensor::Tensor<B, 4>| t.clone().narrow(2, w[0], w[1] - w[0]);
+                partial_attention(q.clone(), slice(&k), slice(&v)).unwrap()
+            })
+            .collect();
+        let merged = merge_partial_attention(parts);
+        prop_assert!(max_diff(&merged, &whole) < 1e-5, "{}", max_diff(&merged, &whole));
     }
 }

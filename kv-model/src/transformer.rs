@@ -15,10 +15,11 @@ use std::sync::Arc;
 
 use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
 use kv_core::{
-    AttentionMask, AttentionPattern, AttentionPlan, Execution, KeyPositions, KeyRotation, KvCache,
-    KvView, ModelCache, RotaryAngles, RotaryTable, DEFAULT_BLOCK_QUERIES,
+    merge_partial_attention, partial_attention, AttentionMask, AttentionPattern, AttentionPlan,
+    Execution, KeyPositions, KeyRotation, KvCache, KvView, ModelCache, PartialAttention,
+    RotaryAngles, RotaryTable, DEFAULT_BLOCK_QUERIES,
 };
-use kv_kernels::{Format, Matrix};
+use kv_kernels::{Format, Matrix, Threads};
 use rayon::prelude::*;
 
 use crate::config::{Architecture, ModelConfig};
@@ -535,6 +536,7 @@ impl<B: Backend> Transformer<B> {
             padding: mask,
             pattern: self.pattern(cache_pattern)?,
             rotation,
+            on_host,
             plan_memo: None,
         };
         if on_host {
@@ -907,6 +909,9 @@ impl<B: Backend> Transformer<B> {
                 .unwrap_or(step.queries.clone());
             q = rope.rotate(q, &[ranks.collect()]);
         }
+        if step.on_host && self.splits_keys(&q, &view, step) {
+            return self.attend_split_keys(q, view);
+        }
         let groups = heads / kv_heads;
         let plan = step.plan_for(
             &view.positions,
@@ -916,7 +921,48 @@ impl<B: Backend> Transformer<B> {
         )?;
         Ok(plan.attend_merged(q, view.keys, view.values, self.execution)?)
     }
+
+    /// Whether one query's attention over `view` is split over the kernel threads by keys:
+    /// a single new position that sees every key the cache holds (causal pattern, no padding,
+    /// contiguous positions), enough keys for each thread's share to pay for its hand-off.
+    fn splits_keys(&self, q: &Tensor<B, 4>, view: &KvView<B>, step: &Step<'_, B>) -> bool {
+        q.dims()[2] == 1
+            && step.padding.is_none()
+            && step.pattern == AttentionPattern::Causal
+            && matches!(view.positions, KeyPositions::Contiguous(_))
+            && view.keys.dims()[2] >= 2 * MIN_KEYS_PER_THREAD
+            && Threads::global().count() > 1
+    }
+
+    /// Attention of `q` `[batch, heads, 1, head_dim]` over every key of `view`, the keys split
+    /// over the kernel threads (whose workers would otherwise wait through attention) and the
+    /// parts merged exactly ([`merge_partial_attention`]). Reading the cache is a decode step's
+    /// one cost that grows with the context; two threads read it at twice the rate of one.
+    /// Returns `[batch, 1, heads * head_dim]`.
+    fn attend_split_keys(&self, q: Tensor<B, 4>, view: KvView<B>) -> Result<Tensor<B, 3>> {
+        let [batch, heads, _, head_dim] = q.dims();
+        let (keys, values) = (view.keys, view.values);
+        let parts = Threads::global().split(
+            keys.dims()[2],
+            MIN_KEYS_PER_THREAD,
+            Arc::new(move |range: Range<usize>| {
+                let slice = |t: &Tensor<B, 4>| t.clone().narrow(2, range.start, range.len());
+                partial_attention(q.clone(), slice(&keys), slice(&values))
+            }),
+        );
+        let parts = parts
+            .into_iter()
+            .map(|(_, part)| part)
+            .collect::<std::result::Result<Vec<PartialAttention<B>>, _>>()?;
+        Ok(merge_partial_attention(parts)
+            .swap_dims(1, 2)
+            .reshape([batch, 1, heads * head_dim]))
+    }
 }
+
+/// Fewest cached keys a thread takes when a decode step's attention is split by keys
+/// ([`Transformer::attend_split_keys`]).
+const MIN_KEYS_PER_THREAD: usize = 128;
 
 /// `x` `[batch, heads, seq, head_dim]` with its elements in that order in memory. Q, K and V
 /// come out of the fused projection as strided views (`[batch, seq, heads, head_dim]` with two
@@ -965,6 +1011,9 @@ struct Step<'a, B: Backend> {
     padding: Option<&'a AttentionMask>,
     pattern: AttentionPattern,
     rotation: KeyRotation,
+    /// Whether the pass runs on the host ([`Transformer::forward_on_host`]), with the kernel
+    /// threads free to share attention.
+    on_host: bool,
     /// The attention plan made for the first layer (its blocks of queries, the keys each
     /// reads, their masks folded for grouped-query attention), reused while the key positions
     /// stay the same.

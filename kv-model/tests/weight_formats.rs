@@ -199,3 +199,45 @@ fn host_decode_steps_equal_the_backend_path_on_every_cache_kind() {
         }
     }
 }
+
+/// Past a few hundred cached positions a decode step on host matrices splits its attention by
+/// keys over the kernel threads and merges the parts: its logits still equal the backend
+/// path's (which attends over all keys at once) at every step.
+#[test]
+fn long_decode_with_split_attention_equals_the_backend_path() {
+    let json = serde_json::json!({
+        "model_type": "llama", "vocab_size": 64, "hidden_size": 32, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 64,
+        "max_position_embeddings": 1024
+    });
+    let config = kv_model::ModelConfig::from_hf_json(&json, "random").unwrap();
+    let host = Transformer::<B>::random_placed(
+        &config,
+        5,
+        WeightPlacement::Host(WeightFormat::F32),
+        &device(),
+    )
+    .unwrap();
+    let backend = Transformer::<B>::random(&config, 5, &device()).unwrap();
+    let kind = kv_core::CacheConfig::Dynamic { capacity: 16 };
+    let (mut host_cache, mut backend_cache) = (
+        host.new_cache(&kind).unwrap(),
+        backend.new_cache(&kind).unwrap(),
+    );
+    let mut input = vec![1u32, 2, 3];
+    for step in 0..400 {
+        let run = |model: &Transformer<B>, cache: &mut _| {
+            let logits = model
+                .forward(&[input.clone()], None, Some(cache), Logits::Last)
+                .unwrap();
+            host_logits(logits)[0][0].clone()
+        };
+        let (a, b) = (
+            run(&host, &mut host_cache),
+            run(&backend, &mut backend_cache),
+        );
+        let diff = max_abs_diff(&a, &b);
+        assert!(diff < TOLERANCE, "step {step}: {diff}");
+        input = vec![(step * 7 % 64) as u32];
+    }
+}
