@@ -431,14 +431,21 @@ mod x86 {
             let ahead = std::mem::size_of_val($groups);
             for (b, (g, xb)) in $groups.iter().zip($x).enumerate() {
                 prefetch_span(base, b * std::mem::size_of::<Q4_1x8>() + ahead, 160);
-                let mut dots = _mm256_setzero_si256();
+                // Four independent sums: one chain of eight multiply-adds would wait on
+                // each one's latency when the weights are already in cache (prompts).
+                let mut dots = [_mm256_setzero_si256(); 4];
                 for j in 0..4 {
                     let packed = chunk(&g.qs, 32 * j);
                     let low = _mm256_and_si256(packed, mask);
                     let high = _mm256_and_si256(_mm256_srli_epi16(packed, 4), mask);
-                    dots = $dot(dots, low, broadcast4(&xb.qs, 4 * j));
-                    dots = $dot(dots, high, broadcast4(&xb.qs, 16 + 4 * j));
+                    let (a, b) = (2 * (j % 2), 2 * (j % 2) + 1);
+                    dots[a] = $dot(dots[a], low, broadcast4(&xb.qs, 4 * j));
+                    dots[b] = $dot(dots[b], high, broadcast4(&xb.qs, 16 + 4 * j));
                 }
+                let dots = _mm256_add_epi32(
+                    _mm256_add_epi32(dots[0], dots[1]),
+                    _mm256_add_epi32(dots[2], dots[3]),
+                );
                 let step = _mm256_mul_ps(scales(&g.d), _mm256_set1_ps(xb.d));
                 acc = _mm256_fmadd_ps(step, _mm256_cvtepi32_ps(dots), acc);
                 acc_min = _mm256_fmadd_ps(scales(&g.m), _mm256_set1_ps(xb.s), acc_min);
@@ -472,11 +479,16 @@ mod x86 {
             let ahead = std::mem::size_of_val($groups);
             for (b, (g, xb)) in $groups.iter().zip($x).enumerate() {
                 prefetch_span(base, b * std::mem::size_of::<Q8_0x8>() + ahead, 272);
-                let mut dots = _mm256_setzero_si256();
+                // Four independent sums, as in `q4_1_group!`.
+                let mut dots = [_mm256_setzero_si256(); 4];
                 for j in 0..8 {
                     let (w, a) = sign_folded(chunk(&g.qs, 32 * j), broadcast4(&xb.qs, 4 * j));
-                    dots = $dot(dots, w, a);
+                    dots[j % 4] = $dot(dots[j % 4], w, a);
                 }
+                let dots = _mm256_add_epi32(
+                    _mm256_add_epi32(dots[0], dots[1]),
+                    _mm256_add_epi32(dots[2], dots[3]),
+                );
                 let step = _mm256_mul_ps(scales(&g.d), _mm256_set1_ps(xb.d));
                 acc = _mm256_fmadd_ps(step, _mm256_cvtepi32_ps(dots), acc);
             }
