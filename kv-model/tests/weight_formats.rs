@@ -145,6 +145,36 @@ fn weight_bytes_follow_the_format() {
     assert_eq!(Format::Q4_1.row_bytes(64), 40);
 }
 
+/// Runs `steps` decode steps through a cache of `kind` on the host-matrix model and on the
+/// backend one (the same weights), feeding both the backend's greedy token, and asserts their
+/// logits agree within [`TOLERANCE`] at every step.
+fn assert_host_steps_match_backend(
+    host: &Transformer<B>,
+    backend: &Transformer<B>,
+    kind: &kv_core::CacheConfig,
+    prompt: &[u32],
+    steps: usize,
+    label: &str,
+) {
+    let (mut host_cache, mut backend_cache) = (
+        host.new_cache(kind).unwrap(),
+        backend.new_cache(kind).unwrap(),
+    );
+    let mut input = prompt.to_vec();
+    for step in 0..steps {
+        let run = |model: &Transformer<B>, cache: &mut _| {
+            let logits = model
+                .forward(&[input.clone()], None, Some(cache), Logits::Last)
+                .unwrap();
+            host_logits(logits)[0][0].clone()
+        };
+        let (a, b) = (run(host, &mut host_cache), run(backend, &mut backend_cache));
+        let diff = max_abs_diff(&a, &b);
+        assert!(diff < TOLERANCE, "{label}, {kind:?}, step {step}: {diff}");
+        input = vec![argmax(&b)];
+    }
+}
+
 /// A decode step on host matrices keeps its residual stream on the host and lets the backend do
 /// only the cache and attention. Its logits equal the backend path's (the same f32 weights on
 /// the device) step by step, on every cache kind, including windows that evict and a sink
@@ -176,26 +206,7 @@ fn host_decode_steps_equal_the_backend_path_on_every_cache_kind() {
             {
                 continue; // learned positions: nothing to re-rotate
             }
-            let (mut host_cache, mut backend_cache) = (
-                host.new_cache(kind).unwrap(),
-                backend.new_cache(kind).unwrap(),
-            );
-            let mut input = prompt.clone();
-            for step in 0..10 {
-                let run = |model: &Transformer<B>, cache: &mut _| {
-                    let logits = model
-                        .forward(&[input.clone()], None, Some(cache), Logits::Last)
-                        .unwrap();
-                    host_logits(logits)[0][0].clone()
-                };
-                let (a, b) = (
-                    run(&host, &mut host_cache),
-                    run(&backend, &mut backend_cache),
-                );
-                let diff = max_abs_diff(&a, &b);
-                assert!(diff < TOLERANCE, "{name}, {kind:?}, step {step}: {diff}");
-                input = vec![argmax(&b)];
-            }
+            assert_host_steps_match_backend(&host, &backend, kind, &prompt, 10, name);
         }
     }
 }
@@ -220,24 +231,5 @@ fn long_decode_with_split_attention_equals_the_backend_path() {
     .unwrap();
     let backend = Transformer::<B>::random(&config, 5, &device()).unwrap();
     let kind = kv_core::CacheConfig::Dynamic { capacity: 16 };
-    let (mut host_cache, mut backend_cache) = (
-        host.new_cache(&kind).unwrap(),
-        backend.new_cache(&kind).unwrap(),
-    );
-    let mut input = vec![1u32, 2, 3];
-    for step in 0..400 {
-        let run = |model: &Transformer<B>, cache: &mut _| {
-            let logits = model
-                .forward(&[input.clone()], None, Some(cache), Logits::Last)
-                .unwrap();
-            host_logits(logits)[0][0].clone()
-        };
-        let (a, b) = (
-            run(&host, &mut host_cache),
-            run(&backend, &mut backend_cache),
-        );
-        let diff = max_abs_diff(&a, &b);
-        assert!(diff < TOLERANCE, "step {step}: {diff}");
-        input = vec![(step * 7 % 64) as u32];
-    }
+    assert_host_steps_match_backend(&host, &backend, &kind, &[1, 2, 3], 400, "random llama");
 }
