@@ -664,6 +664,8 @@ impl<B: Backend> Runner for On<B> {
                     "cache_bytes": cache_bytes,
                     "segments": score.segments,
                 }],
+                // The ids scored, so a peer can score exactly these (peers/hf_perplexity.py).
+                "token_ids": ids,
             });
             write(
                 json_path,

@@ -397,6 +397,12 @@ fn perplexity_scores_a_text_against_a_base_format() {
             String::from_utf8_lossy(&result.stderr)
         );
         let report: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+        // The ids scored, for a peer to score the same ones: all 40, each in the vocabulary.
+        let ids = report["token_ids"].as_array().unwrap();
+        assert_eq!(ids.len(), 40);
+        assert!(ids
+            .iter()
+            .all(|id| id.as_u64().is_some_and(|id| id < 1 << 20)));
         report["runs"][0].clone()
     };
     let native = run("native");
