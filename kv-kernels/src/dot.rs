@@ -8,8 +8,13 @@
 //! block scales, accumulate in f32), the same arithmetic ggml's `ggml_vec_dot_q4_1_q8_1`
 //! performs, written here from the format definitions.
 //!
-//! Every function takes `out.len()` weight rows laid end to end in `w` and writes one dot per
-//! row. Callers (the [`crate::Matrix`] methods) check the lengths; the functions assert them.
+//! The `*_rows` functions take `out.len()` weight rows laid end to end in `w` and write one dot
+//! per row; the `*_group` functions take the blocks of one group of eight interleaved rows
+//! (see [`crate::packed`]) and write eight dots, one vector instruction serving all eight rows.
+//! Matrices store the block formats as groups, so the group kernels carry the products and
+//! the row kernels serve a group's rows one at a time (a range cutting through a group, the
+//! tail rows). Callers (the [`crate::Matrix`] methods) check the lengths; the functions assert
+//! them.
 
 use half::f16;
 
