@@ -372,8 +372,9 @@ impl Matrix {
         let input = Arc::new(Input::prepare(self.format(), x, n, self.cols));
         let isa = Isa::best();
         let (offset, len, matrix) = (outputs.start, outputs.len(), Arc::clone(self));
-        // Shares are whole groups of eight rows, so each thread meets the same groups a
-        // single thread would and the result does not depend on the split.
+        // Shares are whole groups of eight rows, so when the range starts on a group boundary
+        // (every product of a model does) each thread meets the same groups a single thread
+        // would, and the result does not depend on the split.
         let rows_of =
             move |units: Range<usize>| (units.start * GROUP).min(len)..(units.end * GROUP).min(len);
         let parts = threads.split(
