@@ -17,14 +17,17 @@ otherwise spin while waiting and run about 10x slower.
 import argparse
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).parent))
 
 import torch  # noqa: E402
 import transformers  # noqa: E402
 from transformers import AutoModelForCausalLM, DynamicCache  # noqa: E402
+from peer_result import run_result  # noqa: E402
 
 
 def load(model_path, device):
@@ -69,16 +72,7 @@ def run(model, ids, new_tokens, cache_kind):
         else:
             logits = model(token, past_key_values=cache, use_cache=True).logits[:, -1]
         step_ms.append((time.perf_counter() - step_start) * 1e3)
-    decode = sum(step_ms) / 1e3
-    return {
-        "total_s": prefill + decode,
-        "prefill_ms": prefill * 1e3,
-        "decode_s": decode,
-        "step_ms": step_ms,
-        "generated": len(generated),
-        "generated_ids": generated,
-        "cache_bytes": None,
-    }
+    return run_result(prefill, step_ms, generated)
 
 
 def main():

@@ -32,6 +32,7 @@ sys.path.insert(0, str(SDIST))
 
 import numpy as np  # noqa: E402
 import llama_cpp  # noqa: E402
+from peer_result import run_result  # noqa: E402
 
 
 def last_logits(llm):
@@ -59,16 +60,7 @@ def run(llm, ids, new_tokens):
         if llama_cpp.llama_decode(llm.ctx, llama_cpp.llama_batch_get_one(one, 1)) != 0:
             raise RuntimeError(f"llama_decode failed at step {step}")
         step_ms.append((time.perf_counter() - step_start) * 1e3)
-    decode = sum(step_ms) / 1e3
-    return {
-        "total_s": prefill + decode,
-        "prefill_ms": prefill * 1e3,
-        "decode_s": decode,
-        "step_ms": step_ms,
-        "generated": len(generated),
-        "generated_ids": generated,
-        "cache_bytes": None,
-    }
+    return run_result(prefill, step_ms, generated)
 
 
 def main():
