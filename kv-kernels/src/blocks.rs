@@ -7,6 +7,7 @@
 //! never stored, so they keep their scale and sum in `f32` (llama.cpp's `block_q8_1` rounds
 //! both to `f16`): the only rounding an activation takes is to 8 bits.
 
+use crate::isa::Isa;
 use bytemuck::{Pod, Zeroable};
 use half::f16;
 
@@ -102,10 +103,14 @@ impl BlockQ8_0 {
 }
 
 impl BlockQ8 {
-    /// 32 activations to bytes: the largest magnitude maps to 127 (the rounding of Q8_0,
-    /// with the scale kept in `f32`).
+    /// 32 activations to bytes: the largest magnitude maps to 127 and each value rounds to
+    /// the nearest step, ties to even (the rounding vector instructions do, so the x86 path
+    /// of [`quantize_row`] gives these bytes exactly), with the scale kept in `f32`.
     pub fn quantize(values: &[f32; BLOCK]) -> Self {
-        let (d, qs) = quantize_symmetric(values);
+        let amax = values.iter().fold(0.0f32, |a, &x| a.max(x.abs()));
+        let d = amax / 127.0;
+        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        let qs = values.map(|x| (x * id).round_ties_even() as i8);
         let sum: i32 = qs.iter().map(|&q| i32::from(q)).sum();
         Self {
             d,
@@ -127,21 +132,94 @@ fn quantize_symmetric(values: &[f32; BLOCK]) -> (f32, [i8; BLOCK]) {
     (d, qs)
 }
 
-/// Quantizes a row whose length is a multiple of [`BLOCK`] into activation blocks.
+/// Quantizes a row whose length is a multiple of [`BLOCK`] into activation blocks
+/// ([`BlockQ8::quantize`] on each, with vector instructions where the CPU has them).
 ///
 /// # Panics
 /// If `row.len()` is not a multiple of [`BLOCK`] (matrices check their widths when built).
 pub fn quantize_row(row: &[f32], out: &mut Vec<BlockQ8>) {
+    quantize_row_with(Isa::best(), row, out);
+}
+
+/// [`quantize_row`] on a given instruction set (tests compare each with [`Isa::Scalar`]).
+///
+/// # Panics
+/// As [`quantize_row`].
+pub fn quantize_row_with(isa: Isa, row: &[f32], out: &mut Vec<BlockQ8>) {
     assert!(
         row.len().is_multiple_of(BLOCK),
         "row of {} values",
         row.len()
     );
     out.clear();
-    out.extend(
-        row.chunks_exact(BLOCK)
-            .map(|chunk| BlockQ8::quantize(chunk.try_into().expect("chunks of BLOCK"))),
-    );
+    let blocks = row
+        .chunks_exact(BLOCK)
+        .map(|chunk| chunk.try_into().expect("chunks of BLOCK"));
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 | Isa::Avx512Vnni if isa.is_available() => {
+            // SAFETY: avx2 (which both levels include) was detected on this CPU.
+            out.extend(blocks.map(|b| unsafe { x86::quantize_avx2(b) }));
+        }
+        _ => out.extend(blocks.map(BlockQ8::quantize)),
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    //! [`BlockQ8::quantize`] in AVX2: the same operations on eight values at a time. A
+    //! prompt quantizes every activation row of every product (about a tenth of a prompt's
+    //! time in scalar code, most of it in `roundf`).
+
+    use std::arch::x86_64::*;
+
+    use super::{BlockQ8, BLOCK};
+
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn quantize_avx2(values: &[f32; BLOCK]) -> BlockQ8 {
+        // SAFETY: `values` is 32 floats; each load reads 8 of them at offsets 0, 8, 16, 24.
+        let v: [__m256; 4] =
+            std::array::from_fn(|i| unsafe { _mm256_loadu_ps(values.as_ptr().add(8 * i)) });
+        let sign = _mm256_set1_ps(-0.0);
+        let abs = |x| _mm256_andnot_ps(sign, x);
+        let m = _mm256_max_ps(
+            _mm256_max_ps(abs(v[0]), abs(v[1])),
+            _mm256_max_ps(abs(v[2]), abs(v[3])),
+        );
+        let m = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+        let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+        let amax = _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+        let d = amax / 127.0;
+        let id = _mm256_set1_ps(if d != 0.0 { 1.0 / d } else { 0.0 });
+        let q: [__m256i; 4] = std::array::from_fn(|i| {
+            let scaled = _mm256_mul_ps(v[i], id);
+            let rounded =
+                _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(scaled);
+            _mm256_cvtps_epi32(rounded)
+        });
+        let sum = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+        let sum = _mm_add_epi32(
+            _mm256_castsi256_si128(sum),
+            _mm256_extracti128_si256(sum, 1),
+        );
+        let sum = _mm_add_epi32(sum, _mm_shuffle_epi32(sum, 0b01_00_11_10));
+        let sum = _mm_cvtsi128_si32(_mm_add_epi32(sum, _mm_shuffle_epi32(sum, 0b10_11_00_01)));
+        // Packing narrows within 128-bit halves; the permute puts the 4-byte runs back in
+        // value order.
+        let bytes = _mm256_packs_epi16(
+            _mm256_packs_epi32(q[0], q[1]),
+            _mm256_packs_epi32(q[2], q[3]),
+        );
+        let bytes = _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+        let mut qs = [0i8; BLOCK];
+        // SAFETY: `qs` is 32 bytes, what the unaligned store writes.
+        unsafe { _mm256_storeu_si256(qs.as_mut_ptr().cast(), bytes) };
+        BlockQ8 {
+            d,
+            s: d * sum as f32,
+            qs,
+        }
+    }
 }
 
 #[cfg(test)]

@@ -13,7 +13,9 @@
 //! (see [`crate::packed`]) and write eight dots, one vector instruction serving all eight rows.
 //! Matrices store the block formats as groups, so the group kernels carry the products and
 //! the row kernels serve a group's rows one at a time (a range cutting through a group, the
-//! tail rows). Callers (the [`crate::Matrix`] methods) check the lengths; the functions assert
+//! tail rows). The `*_group_batch` functions take several activation rows (a prompt) and pass
+//! over each group's blocks once per [`BATCH`] of them: the same arithmetic per output, a
+//! quarter of the weight loads and (Q4_1) of the nibble unpacking. Callers (the [`crate::Matrix`] methods) check the lengths; the functions assert
 //! them.
 
 use half::f16;
@@ -153,6 +155,135 @@ pub fn q8_0_group(isa: Isa, groups: &[Q8_0x8], x: &[BlockQ8], out: &mut [f32]) {
         }
         _ => each_row(groups, out, |row, o| q8_0_rows_scalar(row, x, o)),
     }
+}
+
+/// Activation rows one pass of a `*_group_batch` kernel multiplies by a group: the group's
+/// weight bytes are loaded (and Q4_1's levels unpacked) once for all of them, which is what
+/// makes a prompt's products cheaper per row than a decode step's.
+pub const BATCH: usize = 4;
+
+/// [`q4_1_group`] against `n` activation rows (`x` holds `n` rows of `groups.len()` blocks):
+/// `out[i * stride + r]` is the group's row `r` against activation row `i`. Each output is
+/// computed with the same operations in the same order as [`q4_1_group`], so the results are
+/// equal bit for bit; only the loads are shared.
+pub fn q4_1_group_batch(
+    isa: Isa,
+    groups: &[Q4_1x8],
+    x: &[BlockQ8],
+    n: usize,
+    out: &mut [f32],
+    stride: usize,
+) {
+    let blocks = groups.len();
+    group_batch(groups, x, n, out, stride, |rows, o| {
+        let xs = rows.map(|i| row_of(x, blocks, i));
+        match isa {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 if isa.is_available() => {
+                // SAFETY: the level's instructions (avx2, fma, f16c) were detected on this CPU.
+                unsafe { x86::q4_1_group_batch_avx2(groups, xs, o) }
+            }
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512Vnni if isa.is_available() => {
+                // SAFETY: the level's instructions (avx512vnni, avx512vl, avx2, f16c) were
+                // detected on this CPU.
+                unsafe { x86::q4_1_group_batch_vnni(groups, xs, o) }
+            }
+            _ => {
+                for (x, o) in xs.iter().zip(o.iter_mut()) {
+                    q4_1_group(isa, groups, x, o);
+                }
+            }
+        }
+    });
+}
+
+/// [`q8_0_group`] against `n` activation rows, as [`q4_1_group_batch`]; `sums` holds each
+/// activation block's `Σ qs` (`n` rows of `groups.len()`), which the VNNI kernel needs.
+pub fn q8_0_group_batch(
+    isa: Isa,
+    groups: &[Q8_0x8],
+    x: &[BlockQ8],
+    sums: &[i32],
+    n: usize,
+    out: &mut [f32],
+    stride: usize,
+) {
+    let blocks = groups.len();
+    assert_eq!(sums.len(), x.len(), "a sum per activation block");
+    group_batch(groups, x, n, out, stride, |rows, o| {
+        let xs = rows.map(|i| row_of(x, blocks, i));
+        match isa {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 if isa.is_available() => {
+                // SAFETY: avx2, fma and f16c were detected on this CPU.
+                unsafe { x86::q8_0_group_batch_avx2(groups, xs, o) }
+            }
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512Vnni if isa.is_available() => {
+                let sums = rows.map(|i| &sums[i * blocks..(i + 1) * blocks]);
+                // SAFETY: avx512vnni, avx512vl, avx2 and f16c were detected on this CPU.
+                unsafe { x86::q8_0_group_batch_vnni(groups, xs, sums, o) }
+            }
+            _ => {
+                for (x, o) in xs.iter().zip(o.iter_mut()) {
+                    q8_0_group(isa, groups, x, o);
+                }
+            }
+        }
+    });
+}
+
+/// `Σ qs` of each activation block, for [`q8_0_group_batch`].
+pub fn block_sums(x: &[BlockQ8]) -> Vec<i32> {
+    x.iter()
+        .map(|b| b.qs.iter().map(|&q| i32::from(q)).sum())
+        .collect()
+}
+
+/// The shared frame of the batch kernels: `n` activation rows in passes of [`BATCH`] through
+/// `pass` (given the pass's activation row indices), the last `n % BATCH` rows one pass each
+/// with the rest of the batch repeating the pass's first row (computed and dropped: a short
+/// pass costs what a full one does, and the tail is at most three rows a product).
+fn group_batch<G>(
+    groups: &[G],
+    x: &[BlockQ8],
+    n: usize,
+    out: &mut [f32],
+    stride: usize,
+    mut pass: impl FnMut([usize; BATCH], &mut [[f32; GROUP]; BATCH]),
+) {
+    let blocks = groups.len();
+    assert_eq!(
+        x.len(),
+        n * blocks,
+        "n activation rows of the group's blocks"
+    );
+    assert!(
+        stride >= GROUP,
+        "stride {stride} below a group's {GROUP} rows"
+    );
+    if n == 0 {
+        return;
+    }
+    assert!(
+        out.len() >= (n - 1) * stride + GROUP,
+        "out holds n rows of stride {stride}"
+    );
+    for first in (0..n).step_by(BATCH) {
+        let rows = (n - first).min(BATCH);
+        let indices = std::array::from_fn(|k| first + if k < rows { k } else { 0 });
+        let mut o = [[0.0; GROUP]; BATCH];
+        pass(indices, &mut o);
+        for (k, o) in o.iter().take(rows).enumerate() {
+            out[(first + k) * stride..][..GROUP].copy_from_slice(o);
+        }
+    }
+}
+
+/// Activation row `i` of `x` (rows of `blocks` blocks).
+fn row_of(x: &[BlockQ8], blocks: usize, i: usize) -> &[BlockQ8] {
+    &x[i * blocks..(i + 1) * blocks]
 }
 
 /// The scalar reference on a group: each row unpacked, then the row kernel.
@@ -514,6 +645,157 @@ mod x86 {
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
     pub(super) unsafe fn q8_0_group_vnni(groups: &[Q8_0x8], x: &[BlockQ8], out: &mut [f32]) {
         q8_0_group!(groups, x, out, |acc, a, b| _mm256_dpbusd_epi32(acc, a, b));
+    }
+
+    /// [`q4_1_group!`] for [`super::BATCH`] activation rows at once: the group's levels are
+    /// unpacked once per block and meet every row; each row's sums take the same steps, in the
+    /// same order, as the one-row kernel.
+    macro_rules! q4_1_group_batch {
+        ($groups:ident, $xs:ident, $out:ident, $dot:expr) => {{
+            const ROWS: usize = super::BATCH;
+            let mask = _mm256_set1_epi8(0x0F);
+            let mut acc = [_mm256_setzero_ps(); ROWS];
+            let mut acc_min = [_mm256_setzero_ps(); ROWS];
+            for (b, g) in $groups.iter().enumerate() {
+                let mut low = [_mm256_setzero_si256(); 4];
+                let mut high = [_mm256_setzero_si256(); 4];
+                for j in 0..4 {
+                    let packed = chunk(&g.qs, 32 * j);
+                    low[j] = _mm256_and_si256(packed, mask);
+                    high[j] = _mm256_and_si256(_mm256_srli_epi16(packed, 4), mask);
+                }
+                let (d, m) = (scales(&g.d), scales(&g.m));
+                for r in 0..ROWS {
+                    let xb = &$xs[r][b];
+                    let mut dots = [_mm256_setzero_si256(); 4];
+                    for j in 0..4 {
+                        let (a, b) = (2 * (j % 2), 2 * (j % 2) + 1);
+                        dots[a] = $dot(dots[a], low[j], broadcast4(&xb.qs, 4 * j));
+                        dots[b] = $dot(dots[b], high[j], broadcast4(&xb.qs, 16 + 4 * j));
+                    }
+                    let dots = _mm256_add_epi32(
+                        _mm256_add_epi32(dots[0], dots[1]),
+                        _mm256_add_epi32(dots[2], dots[3]),
+                    );
+                    let step = _mm256_mul_ps(d, _mm256_set1_ps(xb.d));
+                    acc[r] = _mm256_fmadd_ps(step, _mm256_cvtepi32_ps(dots), acc[r]);
+                    acc_min[r] = _mm256_fmadd_ps(m, _mm256_set1_ps(xb.s), acc_min[r]);
+                }
+            }
+            for r in 0..ROWS {
+                // SAFETY: `out[r]` is eight floats, the 32 bytes the unaligned store writes.
+                unsafe { _mm256_storeu_ps($out[r].as_mut_ptr(), _mm256_add_ps(acc[r], acc_min[r])) }
+            }
+        }};
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn q4_1_group_batch_avx2(
+        groups: &[Q4_1x8],
+        xs: [&[BlockQ8]; super::BATCH],
+        out: &mut [[f32; 8]; super::BATCH],
+    ) {
+        q4_1_group_batch!(groups, xs, out, |acc, a, b| _mm256_add_epi32(
+            acc,
+            dot_u8_i8_avx2(a, b)
+        ));
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    pub(super) unsafe fn q4_1_group_batch_vnni(
+        groups: &[Q4_1x8],
+        xs: [&[BlockQ8]; super::BATCH],
+        out: &mut [[f32; 8]; super::BATCH],
+    ) {
+        q4_1_group_batch!(groups, xs, out, |acc, a, b| _mm256_dpbusd_epi32(acc, a, b));
+    }
+
+    /// [`q8_0_group!`] for [`super::BATCH`] activation rows at once, as
+    /// [`q4_1_group_batch!`].
+    macro_rules! q8_0_group_batch {
+        ($groups:ident, $xs:ident, $out:ident, $dot:expr) => {{
+            const ROWS: usize = super::BATCH;
+            let mut acc = [_mm256_setzero_ps(); ROWS];
+            for (b, g) in $groups.iter().enumerate() {
+                let mut w = [_mm256_setzero_si256(); 8];
+                for (j, w) in w.iter_mut().enumerate() {
+                    *w = chunk(&g.qs, 32 * j);
+                }
+                let d = scales(&g.d);
+                for r in 0..ROWS {
+                    let xb = &$xs[r][b];
+                    let mut dots = [_mm256_setzero_si256(); 4];
+                    for j in 0..8 {
+                        let (w, a) = sign_folded(w[j], broadcast4(&xb.qs, 4 * j));
+                        dots[j % 4] = $dot(dots[j % 4], w, a);
+                    }
+                    let dots = _mm256_add_epi32(
+                        _mm256_add_epi32(dots[0], dots[1]),
+                        _mm256_add_epi32(dots[2], dots[3]),
+                    );
+                    let step = _mm256_mul_ps(d, _mm256_set1_ps(xb.d));
+                    acc[r] = _mm256_fmadd_ps(step, _mm256_cvtepi32_ps(dots), acc[r]);
+                }
+            }
+            for r in 0..ROWS {
+                // SAFETY: `out[r]` is eight floats, the 32 bytes the unaligned store writes.
+                unsafe { _mm256_storeu_ps($out[r].as_mut_ptr(), acc[r]) }
+            }
+        }};
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn q8_0_group_batch_avx2(
+        groups: &[Q8_0x8],
+        xs: [&[BlockQ8]; super::BATCH],
+        out: &mut [[f32; 8]; super::BATCH],
+    ) {
+        q8_0_group_batch!(groups, xs, out, |acc, a, b| _mm256_add_epi32(
+            acc,
+            dot_u8_i8_avx2(a, b)
+        ));
+    }
+
+    /// The VNNI kernel takes signed weights as unsigned by adding 128 to each (one `xor` per
+    /// 32 bytes, shared by the batch's rows) instead of moving signs onto the activations (one
+    /// `sign` per multiply-add and row): `Σ (w + 128) a = Σ w a + 128 Σ a`, and `Σ a` is the
+    /// activation block's sum, so the integer dot is exact as before. (AVX2's 16-bit pair sums
+    /// could saturate on `255 × 127` pairs; that level keeps the sign folding.)
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    pub(super) unsafe fn q8_0_group_batch_vnni(
+        groups: &[Q8_0x8],
+        xs: [&[BlockQ8]; super::BATCH],
+        sums: [&[i32]; super::BATCH],
+        out: &mut [[f32; 8]; super::BATCH],
+    ) {
+        const ROWS: usize = super::BATCH;
+        let flip = _mm256_set1_epi8(i8::MIN);
+        let mut acc = [_mm256_setzero_ps(); ROWS];
+        for (b, g) in groups.iter().enumerate() {
+            let mut w = [_mm256_setzero_si256(); 8];
+            for (j, w) in w.iter_mut().enumerate() {
+                *w = _mm256_xor_si256(chunk(&g.qs, 32 * j), flip);
+            }
+            let d = scales(&g.d);
+            for r in 0..ROWS {
+                let xb = &xs[r][b];
+                let mut dots = [_mm256_setzero_si256(); 4];
+                for j in 0..8 {
+                    dots[j % 4] = _mm256_dpbusd_epi32(dots[j % 4], w[j], broadcast4(&xb.qs, 4 * j));
+                }
+                let dots = _mm256_add_epi32(
+                    _mm256_add_epi32(dots[0], dots[1]),
+                    _mm256_add_epi32(dots[2], dots[3]),
+                );
+                let dots = _mm256_sub_epi32(dots, _mm256_set1_epi32(128 * sums[r][b]));
+                let step = _mm256_mul_ps(d, _mm256_set1_ps(xb.d));
+                acc[r] = _mm256_fmadd_ps(step, _mm256_cvtepi32_ps(dots), acc[r]);
+            }
+        }
+        for r in 0..ROWS {
+            // SAFETY: `out[r]` is eight floats, the 32 bytes the unaligned store writes.
+            unsafe { _mm256_storeu_ps(out[r].as_mut_ptr(), acc[r]) }
+        }
     }
 
     /// Four accumulators of eight lanes: 32 products per pass keep the FMA units busy.

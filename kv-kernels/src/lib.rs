@@ -6,9 +6,13 @@
 //! size and each step reads that many bytes, not a widened copy.
 //!
 //! - [`Matrix`]: a `[rows, cols]` matrix in one [`Format`]; `y = x Wᵀ` on the calling thread
-//!   ([`Matrix::matmul`]) or split over [`Threads`] ([`Matrix::par_matmul`]). Block formats
-//!   are stored eight rows interleaved, so one vector instruction serves eight rows (the
-//!   `packed` module's docs say how and what it costs: nothing in memory).
+//!   ([`Matrix::matmul`], [`Matrix::matmul_rows`]) or split over [`Threads`]
+//!   ([`Matrix::par_matmul`]). Block formats are stored eight rows interleaved, so one vector
+//!   instruction serves eight rows (the `packed` module's docs say how and what it costs:
+//!   nothing in memory). Many activation rows (a prompt) meet each group of eight rows four at
+//!   a time, its bytes loaded once per pass; f32 and f16 weights then go through `gemm`, f32
+//!   rows read where they are stored, f16 rows widened a few dozen at a time into a buffer
+//!   that stays in cache.
 //! - [`blocks`]: the block layouts and their reference quantizers; activations meet the block
 //!   formats as 8-bit blocks with an f32 scale ([`blocks::BlockQ8`]).
 //! - [`Isa`]: the instruction set the kernels run on, detected at run time, with a scalar

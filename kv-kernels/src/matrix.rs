@@ -10,7 +10,7 @@ use crate::blocks::{quantize_row, BlockQ4_1, BlockQ8, BlockQ8_0, BLOCK};
 use crate::dot;
 use crate::error::{KernelError, Result};
 use crate::isa::Isa;
-use crate::packed::{Packed, Q4_1x8, Q8_0x8, GROUP};
+use crate::packed::{Packed, Q4_1x8, Q8_0x8, Unit, GROUP};
 use crate::threads::Threads;
 
 /// How a matrix stores its values.
@@ -105,6 +105,20 @@ pub struct Matrix {
 /// Weight rows per tile when several activation rows share a pass: the tile stays in L1
 /// while every activation row meets it.
 const TILE_ROWS: usize = 16;
+
+/// Activation rows from which f32 and f16 products go through `gemm` (a prompt's products)
+/// instead of row-by-row dots: its packed micro-kernels reuse each loaded weight across many
+/// activation rows.
+const GEMM_MIN_ROWS: usize = 16;
+
+/// f16 weight rows widened per `gemm` call in a prompt's product: 64 rows of SmolLM2's widest
+/// input (1536) are 384 KiB, inside a core's L2.
+const WIDEN_ROWS: usize = 64;
+
+thread_local! {
+    /// f16 rows widened for one `gemm` product, kept for the thread's next product.
+    static WIDENED: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
 
 /// Fewest weight rows a thread takes in a split product: below this a share costs more to
 /// hand off than to compute.
@@ -346,6 +360,24 @@ impl Matrix {
         self.rows_into(isa, &input, 0..rows, y);
     }
 
+    /// Output features `outputs` of `y = x Wᵀ` (`[n, outputs.len()]`) on the calling thread:
+    /// for callers that already keep every core busy (a prompt's runs of positions).
+    ///
+    /// # Panics
+    /// If `x` is not `[n, cols]` or `outputs` is out of range.
+    pub fn matmul_rows(&self, x: &[f32], n: usize, outputs: Range<usize>) -> Vec<f32> {
+        assert_eq!(x.len(), n * self.cols, "x is [n, cols]");
+        assert!(
+            outputs.end <= self.rows,
+            "rows {outputs:?} of {}",
+            self.rows
+        );
+        let input = Input::prepare(self.format(), x, n, self.cols);
+        let mut y = vec![0.0; n * outputs.len()];
+        self.rows_into(Isa::best(), &input, outputs, &mut y);
+        y
+    }
+
     /// `y = x Wᵀ` with the rows of `W` split over `threads` (see [`Matrix::matmul`]).
     pub fn par_matmul(self: &Arc<Self>, x: &[f32], n: usize, threads: &Threads) -> Vec<f32> {
         self.par_matmul_rows(x, n, 0..self.rows, threads)
@@ -418,15 +450,117 @@ impl Matrix {
     fn rows_into(&self, isa: Isa, input: &Input, range: Range<usize>, out: &mut [f32]) {
         let (n, len) = (input.n(), range.len());
         debug_assert_eq!(out.len(), n * len);
-        let tile = if n == 1 { len.max(1) } else { TILE_ROWS };
-        let mut start = range.start;
-        while start < range.end {
-            let end = (start + tile).min(range.end);
-            for i in 0..n {
-                let o = &mut out[i * len + (start - range.start)..i * len + (end - range.start)];
-                self.tile(isa, input, i, start..end, o);
+        let blocks = self.cols / BLOCK;
+        match (&self.storage, &input.rows) {
+            // Several activation rows against block weights: each group of eight rows meets
+            // the activation rows `dot::BATCH` at a time, its bytes loaded once per pass.
+            (Storage::Q8_0(w), InputRows::Quantized(x)) if n > 1 => {
+                let sums = dot::block_sums(x);
+                w.for_units(range, |o, unit| match unit {
+                    Unit::Group(g) => {
+                        dot::q8_0_group_batch(isa, g, x, &sums, n, &mut out[o..], len)
+                    }
+                    Unit::Rows {
+                        blocks: rows,
+                        count,
+                    } => {
+                        for i in 0..n {
+                            let x = &x[i * blocks..(i + 1) * blocks];
+                            dot::q8_0_rows(isa, &rows, x, &mut out[i * len + o..][..count]);
+                        }
+                    }
+                });
             }
-            start = end;
+            (Storage::Q4_1(w), InputRows::Quantized(x)) if n > 1 => {
+                w.for_units(range, |o, unit| match unit {
+                    Unit::Group(g) => dot::q4_1_group_batch(isa, g, x, n, &mut out[o..], len),
+                    Unit::Rows {
+                        blocks: rows,
+                        count,
+                    } => {
+                        for i in 0..n {
+                            let x = &x[i * blocks..(i + 1) * blocks];
+                            dot::q4_1_rows(isa, &rows, x, &mut out[i * len + o..][..count]);
+                        }
+                    }
+                });
+            }
+            (Storage::F32(_) | Storage::F16(_), InputRows::Dense(x)) if n >= GEMM_MIN_ROWS => {
+                self.dense_gemm(x, n, range, out);
+            }
+            _ => {
+                let tile = if n == 1 { len.max(1) } else { TILE_ROWS };
+                let mut start = range.start;
+                while start < range.end {
+                    let end = (start + tile).min(range.end);
+                    for i in 0..n {
+                        let at = i * len + (start - range.start);
+                        self.tile(isa, input, i, start..end, &mut out[at..at + (end - start)]);
+                    }
+                    start = end;
+                }
+            }
+        }
+    }
+
+    /// Rows `range` of `x Wᵀ` into `out` (`[n, range.len()]`) through `gemm`, for f32 and
+    /// f16 weights. f32 rows are read where they are stored. f16 rows are widened
+    /// [`WIDEN_ROWS`] at a time into a per-thread buffer that stays in the core's cache and is
+    /// reused from product to product, so a widened weight never travels to memory and back.
+    fn dense_gemm(&self, x: &[f32], n: usize, range: Range<usize>, out: &mut [f32]) {
+        let (cols, len) = (self.cols, range.len());
+        assert_eq!(x.len(), n * cols, "x is [n, cols]");
+        assert_eq!(out.len(), n * len, "out is [n, rows]");
+        if n == 0 || len == 0 || cols == 0 {
+            out.fill(0.0);
+            return;
+        }
+        // Output columns `first..first + w.len() / cols` from weight rows `w`.
+        let mut product = |w: &[f32], first: usize| {
+            let width = w.len() / cols;
+            assert!(first + width <= len, "columns inside out");
+            // SAFETY: gemm reads the `n x cols` matrix `x` (row stride `cols`, column stride
+            // 1) and the `cols x width` matrix `wᵀ` (element `(k, j)` at `w[j * cols + k]`),
+            // and writes the `n x width` block of `out` starting at column `first` (row stride
+            // `len`): the asserts above keep every element inside its slice, and `out` is
+            // borrowed mutably, so nothing else reads or writes it meanwhile.
+            unsafe {
+                gemm::gemm(
+                    n,
+                    width,
+                    cols,
+                    out.as_mut_ptr().add(first),
+                    1,
+                    len as isize,
+                    false,
+                    x.as_ptr(),
+                    1,
+                    cols as isize,
+                    w.as_ptr(),
+                    cols as isize,
+                    1,
+                    0.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
+                )
+            }
+        };
+        match &self.storage {
+            Storage::F32(v) => product(&v[range.start * cols..range.end * cols], 0),
+            Storage::F16(v) => WIDENED.with(|buffer| {
+                let mut buffer = buffer.borrow_mut();
+                for first in (0..len).step_by(WIDEN_ROWS) {
+                    let rows = (len - first).min(WIDEN_ROWS);
+                    let at = (range.start + first) * cols;
+                    buffer.resize(rows * cols, 0.0);
+                    v[at..at + rows * cols].convert_to_f32_slice(&mut buffer);
+                    product(&buffer, first);
+                }
+            }),
+            _ => unreachable!("dense_gemm serves f32 and f16 weights"),
         }
     }
 

@@ -22,6 +22,8 @@
 //! keep the plain layout, and a product that starts inside a group (a column range of a fused
 //! matrix that is not a multiple of eight) reads those rows one at a time.
 
+use std::borrow::Cow;
+
 use half::f16;
 
 use crate::blocks::{BlockQ4_1, BlockQ8_0, BLOCK};
@@ -185,19 +187,16 @@ impl<G: Interleave> Packed<G> {
         }
     }
 
-    /// Dots of rows `rows` into `out` (`rows.len()` long): each full group of eight inside the
-    /// range through `group` (its `per_row` group blocks, eight outputs), the plain tail
-    /// through `plain` (its rows' blocks end to end, one output each), and rows of a group the
-    /// range cuts through one at a time through `plain`.
-    pub fn for_rows(
+    /// Rows `rows` as the units a product meets, in order, each with its first row's offset
+    /// in the range: [`Unit::Group`] for each full group of eight inside the range, and
+    /// [`Unit::Rows`] for plain rows (the tail rows end to end, or one row of a group the
+    /// range cuts through).
+    pub fn for_units(
         &self,
         rows: std::ops::Range<usize>,
-        out: &mut [f32],
-        mut group: impl FnMut(&[G], &mut [f32]),
-        mut plain: impl FnMut(&[G::Block], &mut [f32]),
+        mut visit: impl FnMut(usize, Unit<'_, G>),
     ) {
         assert!(rows.end <= self.rows, "rows {rows:?} of {}", self.rows);
-        assert_eq!(out.len(), rows.len(), "one output per row");
         let full = self.full_rows();
         let mut row = rows.start;
         while row < rows.end {
@@ -205,19 +204,61 @@ impl<G: Interleave> Packed<G> {
             if row >= full {
                 let at = (row - full) * self.per_row;
                 let end = (rows.end - full) * self.per_row;
-                plain(&self.tail[at..end], &mut out[o..]);
+                visit(
+                    o,
+                    Unit::Rows {
+                        blocks: Cow::Borrowed(&self.tail[at..end]),
+                        count: rows.end - row,
+                    },
+                );
                 return;
             }
             if row.is_multiple_of(GROUP) && row + GROUP <= rows.end {
                 let blocks = &self.groups[row / GROUP * self.per_row..][..self.per_row];
-                group(blocks, &mut out[o..o + GROUP]);
+                visit(o, Unit::Group(blocks));
                 row += GROUP;
             } else {
-                plain(&self.row(row), &mut out[o..=o]);
+                visit(
+                    o,
+                    Unit::Rows {
+                        blocks: Cow::Owned(self.row(row)),
+                        count: 1,
+                    },
+                );
                 row += 1;
             }
         }
     }
+
+    /// Dots of rows `rows` into `out` (`rows.len()` long): each full group of eight inside the
+    /// range through `group` (its `per_row` group blocks, eight outputs), the plain rows
+    /// through `plain` (their blocks end to end, one output each); see [`Packed::for_units`].
+    pub fn for_rows(
+        &self,
+        rows: std::ops::Range<usize>,
+        out: &mut [f32],
+        mut group: impl FnMut(&[G], &mut [f32]),
+        mut plain: impl FnMut(&[G::Block], &mut [f32]),
+    ) {
+        assert_eq!(out.len(), rows.len(), "one output per row");
+        self.for_units(rows, |o, unit| match unit {
+            Unit::Group(blocks) => group(blocks, &mut out[o..o + GROUP]),
+            Unit::Rows { blocks, count } => plain(&blocks, &mut out[o..o + count]),
+        });
+    }
+}
+
+/// A piece of a row range of a [`Packed`] matrix.
+pub(crate) enum Unit<'a, G: Interleave> {
+    /// The `per_row` blocks of one full group of eight interleaved rows.
+    Group(&'a [G]),
+    /// `count` plain rows, their blocks end to end.
+    Rows {
+        /// The rows' blocks.
+        blocks: Cow<'a, [G::Block]>,
+        /// How many rows.
+        count: usize,
+    },
 }
 
 #[cfg(test)]

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use kv_kernels::blocks::{BlockQ4_1, BlockQ8, BlockQ8_0, BLOCK};
+use kv_kernels::blocks::{quantize_row_with, BlockQ4_1, BlockQ8, BlockQ8_0, BLOCK};
 use kv_kernels::{Format, Isa, KernelError, Matrix, Threads};
 use proptest::prelude::*;
 
@@ -46,7 +46,7 @@ fn activation_bound(matrix: &Matrix, x: &[f32], n: usize) -> Vec<f32> {
 }
 
 fn matrix_strategy() -> impl Strategy<Value = (usize, usize, usize, Vec<f32>, Vec<f32>)> {
-    (1usize..20, 1usize..5, 1usize..4).prop_flat_map(|(rows, blocks, n)| {
+    (1usize..20, 1usize..5, 1usize..10).prop_flat_map(|(rows, blocks, n)| {
         let cols = blocks * BLOCK;
         (
             Just(rows),
@@ -135,6 +135,43 @@ proptest! {
         }
     }
 
+    /// Several activation rows share each group's loads (a prompt's products), but every
+    /// output takes the one-row kernel's steps: equal bit for bit, at every level.
+    #[test]
+    fn activation_rows_together_equal_each_alone((rows, cols, n, w, x) in matrix_strategy()) {
+        for format in [Format::Q8_0, Format::Q4_1] {
+            let matrix = Matrix::from_f32(format, rows, cols, &w).unwrap();
+            for isa in Isa::available() {
+                let mut together = vec![0.0; n * rows];
+                matrix.matmul_with(isa, &x, n, &mut together);
+                for i in 0..n {
+                    let mut alone = vec![0.0; rows];
+                    matrix.matmul_with(isa, &x[i * cols..(i + 1) * cols], 1, &mut alone);
+                    prop_assert_eq!(&together[i * rows..(i + 1) * rows], &alone[..], "{} {} row {}", format, isa, i);
+                }
+            }
+        }
+    }
+
+    /// The vector quantizer gives the scalar one's bytes, scale and sum exactly, ties (here
+    /// every `k + 0.5` once the block's largest magnitude is 127) included.
+    #[test]
+    fn activation_quantizer_is_the_same_at_every_level(
+        values in prop::collection::vec(-3.0f32..3.0, 4 * BLOCK),
+        halves in prop::collection::vec(-254i32..=254, BLOCK),
+    ) {
+        let mut ties: Vec<f32> = halves.iter().map(|&h| h as f32 / 2.0).collect();
+        ties[0] = 127.0;
+        let row = [values, ties, vec![0.0; BLOCK]].concat();
+        let mut want = Vec::new();
+        quantize_row_with(Isa::Scalar, &row, &mut want);
+        for isa in Isa::available() {
+            let mut got = Vec::new();
+            quantize_row_with(isa, &row, &mut got);
+            prop_assert_eq!(&got, &want, "{}", isa);
+        }
+    }
+
     /// Reordering and stacking rows moves blocks whole.
     #[test]
     fn select_and_stack_move_rows_whole((rows, cols, _n, w, _x) in matrix_strategy()) {
@@ -149,6 +186,53 @@ proptest! {
             let both = Matrix::stack(&[matrix.clone(), matrix.clone()]).unwrap();
             prop_assert_eq!(both.rows(), 2 * rows);
             prop_assert_eq!(both.to_f32(), [dense.clone(), dense].concat());
+        }
+    }
+}
+
+/// A prompt's products (many activation rows: `gemm` for f32/f16, f16 widened 64 rows at a
+/// time; the batch kernels for the block formats), whole and over a row range split across
+/// threads, equal the dequantized arithmetic as the matrix-vector path does.
+#[test]
+fn prompt_sized_products_equal_the_dequantized_arithmetic() {
+    let (rows, cols, n) = (137, 96, 21);
+    let w: Vec<f32> = (0..rows * cols)
+        .map(|i| ((i * 7919) % 401) as f32 / 100.0 - 2.0)
+        .collect();
+    let x: Vec<f32> = (0..n * cols)
+        .map(|i| ((i * 104_729) % 601) as f32 / 100.0 - 3.0)
+        .collect();
+    let threads = Threads::new(2, Threads::DEFAULT_SPIN);
+    for format in Format::ALL {
+        let matrix = Arc::new(Matrix::from_f32(format, rows, cols, &w).unwrap());
+        let want = reference(&matrix, &x, n);
+        let bound = activation_bound(&matrix, &x, n);
+        let allowed = |w: f32, b: f32| {
+            if format.is_blocked() {
+                b * 1.01 + 1e-4
+            } else {
+                1e-4 * (1.0 + w.abs())
+            }
+        };
+        let mut got = vec![0.0; n * rows];
+        matrix.matmul(&x, n, &mut got);
+        for ((g, w), b) in got.iter().zip(&want).zip(&bound) {
+            assert!((g - w).abs() <= allowed(*w, *b), "{format}: {g} vs {w}");
+        }
+        let (start, end) = (3, 135);
+        let part = matrix.par_matmul_rows(&x, n, start..end, &threads);
+        for i in 0..n {
+            for (j, r) in (start..end).enumerate() {
+                let (g, w, b) = (
+                    part[i * (end - start) + j],
+                    want[i * rows + r],
+                    bound[i * rows + r],
+                );
+                assert!(
+                    (g - w).abs() <= allowed(w, b),
+                    "{format} row {r}: {g} vs {w}"
+                );
+            }
         }
     }
 }
