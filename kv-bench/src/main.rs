@@ -52,9 +52,9 @@ struct PerplexityArgs {
     /// Tokens of the text to score (its first N).
     #[arg(long, default_value_t = 4096)]
     tokens: usize,
-    /// Tokens per forward pass. Chunks of up to 16 go through the decode path (kv-kernels'
-    /// products, whose block formats round activations to 8 bits); longer chunks take the
-    /// prompt path (weights widened to f32 per product).
+    /// Tokens per forward pass. Chunks of up to 16 go through the decode path, longer chunks
+    /// through the prompt path; both multiply with kv-kernels, whose block formats round
+    /// activations to 8 bits.
     #[arg(long, default_value_t = 512)]
     chunk: usize,
     /// Positions per reported segment.

@@ -16,9 +16,9 @@ pub(crate) fn upload<B: Backend, const D: usize>(
     Tensor::from_data(TensorData::new(host.data, host.shape), device)
 }
 
-/// Rows of activations up to which a host-kernel product runs through kv-kernels (a decode
-/// step, a small batch); longer inputs (prompts) widen the weight to f32 for that product and
-/// use the backend's matrix product, which is faster per value at that size.
+/// Rows of activations up to which a host-kernel product splits its weight rows over
+/// kv-kernels' workers (a decode step, a small batch); longer inputs (a prompt's runs, which
+/// run side by side on the cores) take kv-kernels' batched products on the calling thread.
 pub(crate) const HOST_KERNEL_MAX_ROWS: usize = 16;
 
 /// A linear layer's weight: a backend tensor, or a host matrix multiplied by kv-kernels.
@@ -146,32 +146,29 @@ impl<B: Backend> Linear<B> {
 
 /// `x Wᵀ` over output features `outputs` of a host matrix: `[n, in]` to `[n, outputs]`.
 ///
-/// Up to [`HOST_KERNEL_MAX_ROWS`] rows go through kv-kernels on its spinning workers; more
-/// rows widen those weight rows to f32 for this product alone (a transient copy, never kept)
-/// and use the backend's matrix product.
+/// Up to [`HOST_KERNEL_MAX_ROWS`] rows (a decode step) split the product's rows over
+/// kv-kernels' spinning workers; more rows (a prompt's run of positions, while other runs keep
+/// the other cores busy) run on the calling thread through kv-kernels' batched products, which
+/// read the weights where they are stored.
 fn host_product<B: Backend>(
     matrix: &Arc<Matrix>,
     x: Tensor<B, 2>,
     outputs: std::ops::Range<usize>,
 ) -> Tensor<B, 2> {
-    let [n, features] = x.dims();
+    let [n, _] = x.dims();
     let device = x.device();
     let len = outputs.len();
-    if n <= HOST_KERNEL_MAX_ROWS {
-        let values: Vec<f32> = x
-            .into_data()
-            .convert::<f32>()
-            .into_vec()
-            .expect("f32 after convert");
-        let y = matrix.par_matmul_rows(&values, n, outputs, Threads::global());
-        Tensor::from_data(TensorData::new(y, [n, len]), &device)
+    let values: Vec<f32> = x
+        .into_data()
+        .convert::<f32>()
+        .into_vec()
+        .expect("f32 after convert");
+    let y = if n <= HOST_KERNEL_MAX_ROWS {
+        matrix.par_matmul_rows(&values, n, outputs, Threads::global())
     } else {
-        let w: Tensor<B, 2> = Tensor::from_data(
-            TensorData::new(matrix.rows_to_f32(outputs), [len, features]),
-            &device,
-        );
-        x.matmul(w.transpose())
-    }
+        matrix.matmul_rows(&values, n, outputs)
+    };
+    Tensor::from_data(TensorData::new(y, [n, len]), &device)
 }
 
 /// Normalisation over the last dimension.

@@ -29,7 +29,7 @@ fn expected(name: &str) -> Value {
 
 /// Host f32 products reorder the sums, nothing else: transformers' logits and tokens hold on
 /// every fixture, through every exact cache kind and a padded batch (decode steps take the
-/// host path of `kv_model`'s position-wise work; prompts widen to the backend's product).
+/// host path of `kv_model`'s position-wise work; prompts take kv-kernels' batched products).
 #[test]
 fn host_f32_matches_transformers_on_every_fixture() {
     for name in ["gpt2", "llama", "qwen2"] {
@@ -123,6 +123,55 @@ fn each_format_stays_near_f32_and_its_cache_matches_its_own_uncached_pass() {
         diffs[1] < diffs[2] && diffs[2] < diffs[3],
         "closeness order {diffs:?}"
     );
+}
+
+/// A prompt longer than a decode step's rows takes kv-kernels' batched products (`gemm` on the
+/// stored f32/f16 rows; the batch kernels, with activations rounded to 8 bits, for the block
+/// formats), whose outputs equal the matrix-vector kernels' bit for bit. So the prompt's last
+/// logits equal those of feeding the same tokens in decode-sized chunks up to the float
+/// rounding of the ops around the products (f32, f16), or up to that rounding moving an
+/// activation across an 8-bit step (Q8_0, Q4_1).
+#[test]
+fn a_prompt_computes_what_decode_sized_chunks_compute_in_every_format() {
+    let json = serde_json::json!({
+        "model_type": "llama", "vocab_size": 96, "hidden_size": 64, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 128
+    });
+    let config = kv_model::ModelConfig::from_hf_json(&json, "random").unwrap();
+    let prompt: Vec<u32> = (0..40).map(|i| (i * 37 + 5) % 96).collect();
+    for format in [
+        WeightFormat::F32,
+        WeightFormat::F16,
+        WeightFormat::Q8_0,
+        WeightFormat::Q4_1,
+    ] {
+        let model =
+            Transformer::<B>::random_placed(&config, 5, WeightPlacement::Host(format), &device())
+                .unwrap();
+        let whole = last_logits(&model, &prompt);
+        let mut cache = model
+            .new_cache(&kv_core::CacheConfig::Dynamic { capacity: 64 })
+            .unwrap();
+        let mut last = None;
+        for chunk in prompt.chunks(8) {
+            last = Some(
+                model
+                    .forward(&[chunk.to_vec()], None, Some(&mut cache), Logits::Last)
+                    .unwrap(),
+            );
+        }
+        let chunked = host_logits(last.unwrap())[0][0].clone();
+        let scale = whole.iter().fold(0.0f32, |a, v| a.max(v.abs()));
+        let diff = max_abs_diff(&whole, &chunked);
+        let allowed = match format {
+            WeightFormat::F32 | WeightFormat::F16 => 1e-4,
+            _ => 2e-2,
+        } * (1.0 + scale);
+        assert!(
+            diff <= allowed,
+            "{format}: prompt and chunks differ by {diff} (logits up to {scale})"
+        );
+    }
 }
 
 /// Converting to a format quantizes every matrix: the model's bytes follow the format.
