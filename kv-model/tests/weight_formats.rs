@@ -73,16 +73,21 @@ fn native_gguf_keeps_its_blocks_and_tracks_the_f32_model() {
     );
 }
 
+/// A two-layer Llama config with grouped-query attention, for models of random weights.
+fn random_llama_config() -> kv_model::ModelConfig {
+    let json = serde_json::json!({
+        "model_type": "llama", "vocab_size": 96, "hidden_size": 64, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 128
+    });
+    kv_model::ModelConfig::from_hf_json(&json, "random").unwrap()
+}
+
 /// Each format on a model of random weights: f16 stays within half-precision rounding of
 /// f32; Q8_0 and Q4_1 within their step sizes, in that order of closeness; decode steps
 /// through a cache equal the uncached pass of the same model.
 #[test]
 fn each_format_stays_near_f32_and_its_cache_matches_its_own_uncached_pass() {
-    let json = serde_json::json!({
-        "model_type": "llama", "vocab_size": 96, "hidden_size": 64, "num_hidden_layers": 2,
-        "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 128
-    });
-    let config = kv_model::ModelConfig::from_hf_json(&json, "random").unwrap();
+    let config = random_llama_config();
     let prompt: Vec<u32> = vec![3, 14, 15, 92, 65, 35, 89, 79];
     let reference = {
         let model = Transformer::<B>::random(&config, 11, &device()).unwrap();
@@ -133,11 +138,7 @@ fn each_format_stays_near_f32_and_its_cache_matches_its_own_uncached_pass() {
 /// activation across an 8-bit step (Q8_0, Q4_1).
 #[test]
 fn a_prompt_computes_what_decode_sized_chunks_compute_in_every_format() {
-    let json = serde_json::json!({
-        "model_type": "llama", "vocab_size": 96, "hidden_size": 64, "num_hidden_layers": 2,
-        "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 128
-    });
-    let config = kv_model::ModelConfig::from_hf_json(&json, "random").unwrap();
+    let config = random_llama_config();
     let prompt: Vec<u32> = (0..40).map(|i| (i * 37 + 5) % 96).collect();
     for format in [
         WeightFormat::F32,
