@@ -39,6 +39,36 @@ impl AttentionPattern {
             AttentionPattern::Sinks { sinks, window } => key < sinks || query - key < window,
         }
     }
+
+    /// The slots a query at position `query` sees among keys at the contiguous positions
+    /// `keys` (slot `i` holds position `keys.start + i`), when they form one range: always for
+    /// [`AttentionPattern::Causal`] and [`AttentionPattern::SlidingWindow`]; for
+    /// [`AttentionPattern::Sinks`] only while the sinks and the window touch. `None` also
+    /// when the query sees none of the keys.
+    ///
+    /// ```
+    /// use kv_core::AttentionPattern;
+    ///
+    /// // Keys at positions 10..20: a query at 14 sees slots 0..5 causally, 2..5 in a window of 3.
+    /// assert_eq!(AttentionPattern::Causal.visible_slots(14, 10..20), Some(0..5));
+    /// let window = AttentionPattern::SlidingWindow { window: 3 };
+    /// assert_eq!(window.visible_slots(14, 10..20), Some(2..5));
+    /// ```
+    pub fn visible_slots(self, query: usize, keys: Range<usize>) -> Option<Range<usize>> {
+        let first = match self {
+            AttentionPattern::Causal => 0,
+            AttentionPattern::SlidingWindow { window } => (query + 1).saturating_sub(window),
+            AttentionPattern::Sinks { sinks, window } => {
+                if (query + 1).saturating_sub(window) > sinks {
+                    return None; // two ranges: the sinks, then the window
+                }
+                0
+            }
+        };
+        let start = first.max(keys.start) - keys.start;
+        let end = (query + 1).min(keys.end).saturating_sub(keys.start);
+        (start < end).then_some(start..end)
+    }
 }
 
 /// Which positions of each batch row hold real tokens: the `attention_mask` `[batch, past + new]`
@@ -296,4 +326,46 @@ pub fn padding_mask<B: Backend>(mask: &AttentionMask, device: &B::Device) -> Ten
         TensorData::new(data, [mask.batch(), 1, 1, mask.len()]),
         device,
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `visible_slots` says exactly which slots `allows` lets a query see, wherever it answers,
+    /// and answers for every causal and sliding-window query that sees a key.
+    #[test]
+    fn visible_slots_are_the_slots_the_pattern_allows() {
+        let patterns = [
+            AttentionPattern::Causal,
+            AttentionPattern::SlidingWindow { window: 1 },
+            AttentionPattern::SlidingWindow { window: 4 },
+            AttentionPattern::Sinks {
+                sinks: 2,
+                window: 3,
+            },
+        ];
+        for pattern in patterns {
+            for start in 0..6 {
+                for len in 0..8 {
+                    let keys = start..start + len;
+                    for query in 0..14 {
+                        let allowed: Vec<usize> = (0..len)
+                            .filter(|&slot| pattern.allows(query, start + slot))
+                            .collect();
+                        match pattern.visible_slots(query, keys.clone()) {
+                            Some(range) => {
+                                assert_eq!(range.collect::<Vec<_>>(), allowed, "{pattern:?}")
+                            }
+                            None => assert!(
+                                allowed.is_empty()
+                                    || matches!(pattern, AttentionPattern::Sinks { .. }),
+                                "{pattern:?} query {query} keys {keys:?}: {allowed:?}"
+                            ),
+                        }
+                    }
+                }
+            }
+        }
+    }
 }

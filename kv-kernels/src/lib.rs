@@ -18,11 +18,16 @@
 //! - [`Isa`]: the instruction set the kernels run on, detected at run time, with a scalar
 //!   reference for every kernel.
 //! - [`Threads`]: persistent workers that spin between products and park when idle.
+//! - [`attention`]: a prompt's softmax attention for a block of queries over one key head,
+//!   both products through `gemm` and the softmax in vector registers.
+//! - [`vector`]: element-wise functions in vector registers (a softmax row's `exp`, the
+//!   SiLU-gated product of a Llama MLP).
 //!
 //! The crate depends on no tensor library, so it can be tested and reused alone.
 
 #![warn(missing_docs)]
 
+pub mod attention;
 pub mod blocks;
 mod dot;
 mod error;
@@ -30,6 +35,7 @@ mod isa;
 mod matrix;
 mod packed;
 mod threads;
+pub mod vector;
 
 pub use error::{KernelError, Result};
 pub use isa::Isa;

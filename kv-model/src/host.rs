@@ -19,11 +19,12 @@
 
 use burn::tensor::{backend::Backend, Tensor, TensorData};
 use kv_core::HostAngles;
+use kv_kernels::{vector, Isa};
 
 use crate::layers::{Linear, Mlp, Norm};
 
-/// A `[batch, seq, width]` tensor's values, row-major.
-pub(crate) fn download<B: Backend>(x: Tensor<B, 3>) -> Vec<f32> {
+/// A tensor's values, row-major (`[batch, seq, width]` for the residual stream).
+pub(crate) fn download<B: Backend, const D: usize>(x: Tensor<B, D>) -> Vec<f32> {
     x.into_data()
         .convert::<f32>()
         .into_vec()
@@ -104,11 +105,10 @@ impl<B: Backend> Mlp<B> {
                 let both = gate_up.forward_host(x, n);
                 let inner = gate_up.out_features() / 2;
                 let mut h = vec![0.0; n * inner];
+                let isa = Isa::best();
                 for (row, o) in both.chunks_exact(2 * inner).zip(h.chunks_exact_mut(inner)) {
                     let (gate, up) = row.split_at(inner);
-                    for ((o, g), u) in o.iter_mut().zip(gate).zip(up) {
-                        *o = g / (1.0 + (-g).exp()) * u;
-                    }
+                    vector::silu_mul(isa, gate, up, o);
                 }
                 down.forward_host(&h, n)
             }

@@ -87,10 +87,19 @@ impl<B: Backend> Linear<B> {
     }
 
     /// `x Wᵀ` over `n` rows of host values (`[n, in]` to `[n, out]`), for a host matrix;
-    /// `None` for a device weight.
+    /// `None` for a device weight. Up to [`HOST_KERNEL_MAX_ROWS`] rows (a decode step) split
+    /// the weight's rows over kv-kernels' spinning workers; more (a prompt's run, while other
+    /// runs keep the other cores busy) run on the calling thread through the batched products.
     pub fn host_product(&self, x: &[f32], n: usize) -> Option<Vec<f32>> {
         match &self.weight {
-            LinearWeight::Host(m) => Some(m.par_matmul(x, n, Threads::global())),
+            LinearWeight::Host(m) if n <= HOST_KERNEL_MAX_ROWS => {
+                Some(m.par_matmul(x, n, Threads::global()))
+            }
+            LinearWeight::Host(m) => {
+                let mut y = vec![0.0; n * m.rows()];
+                m.matmul(x, n, &mut y);
+                Some(y)
+            }
             LinearWeight::Device(_) => None,
         }
     }

@@ -19,7 +19,7 @@ use kv_core::{
     Execution, KeyPositions, KeyRotation, KvCache, KvView, ModelCache, PartialAttention,
     RotaryAngles, RotaryTable, DEFAULT_BLOCK_QUERIES,
 };
-use kv_kernels::{Format, Matrix, Threads};
+use kv_kernels::{attention, Format, Isa, Matrix, Threads};
 use rayon::prelude::*;
 
 use crate::config::{Architecture, ModelConfig};
@@ -124,10 +124,15 @@ impl<B: Backend> Block<B> {
     /// (see [`crate::host`]): every product on the host, and few enough rows that the
     /// kernels' matrix-vector path serves them.
     fn runs_on_host(&self, rows: usize) -> bool {
-        rows <= HOST_KERNEL_MAX_ROWS
-            && self.attention.qkv.is_host()
-            && self.attention.output.is_host()
-            && self.mlp.is_host()
+        rows <= HOST_KERNEL_MAX_ROWS && self.is_host()
+    }
+
+    /// Whether every matrix of the block lives on the host: then a prompt's position-wise work
+    /// runs there too, run by run (norms, products, activations and residual sums as loops
+    /// around kv-kernels' batched products), and only Q/K/V and the attention output cross
+    /// between the backend and the host.
+    fn is_host(&self) -> bool {
+        self.attention.qkv.is_host() && self.attention.output.is_host() && self.mlp.is_host()
     }
 }
 
@@ -565,7 +570,7 @@ impl<B: Backend> Transformer<B> {
             xs = self.map_runs(&runs, xs, |_, run, x| {
                 let heads = narrow_run(&heads, run);
                 let [batch, len, hidden] = x.dims();
-                if block.runs_on_host(batch * len) {
+                if block.is_host() {
                     let out = host::output_and_mlp(
                         &block.attention.output,
                         &block.mlp_norm,
@@ -833,7 +838,7 @@ impl<B: Backend> Transformer<B> {
         // rotates keys itself: run by run, then joined along the positions.
         let parts = self.map_runs(&step.runs, xs.to_vec(), |i, run, x| {
             let [_, len, hidden] = x.dims();
-            let qkv = if block.runs_on_host(batch * len) {
+            let qkv = if block.is_host() {
                 let h = block
                     .attention_norm
                     .forward_host(&host::download(x), hidden);
@@ -909,6 +914,9 @@ impl<B: Backend> Transformer<B> {
                 .unwrap_or(step.queries.clone());
             q = rope.rotate(q, &[ranks.collect()]);
         }
+        if let Some(visible) = self.host_attention_rows(&q, &view, step) {
+            return Ok(self.attend_on_host(q, view, &visible));
+        }
         if step.on_host && self.splits_keys(&q, &view, step) {
             return self.attend_split_keys(q, view);
         }
@@ -920,6 +928,99 @@ impl<B: Backend> Transformer<B> {
             &self.device,
         )?;
         Ok(plan.attend_merged(q, view.keys, view.values, self.execution)?)
+    }
+
+    /// The key slots each new position sees, when a prompt's attention runs on the host
+    /// ([`Transformer::attend_on_host`]): the model's matrices live on the host (so its
+    /// backend computes there), there is more than one new position (one takes the decode
+    /// path), no padding, and every query sees one range of contiguous key positions.
+    fn host_attention_rows(
+        &self,
+        q: &Tensor<B, 4>,
+        view: &KvView<B>,
+        step: &Step<'_, B>,
+    ) -> Option<Vec<Range<usize>>> {
+        let KeyPositions::Contiguous(keys) = &view.positions else {
+            return None;
+        };
+        if q.dims()[2] < 2 || step.padding.is_some() || !self.lm_head.is_host() {
+            return None;
+        }
+        step.queries
+            .clone()
+            .map(|query| step.pattern.visible_slots(query, keys.clone()))
+            .collect()
+    }
+
+    /// Attention of `q` `[batch, heads, seq, head_dim]` over `view` on the host, through
+    /// kv-kernels' attention ([`kv_kernels::attention`]: both products in `gemm`, the softmax
+    /// vectorized), `visible[i]` the key slots query `i` sees. Each block of
+    /// [`PromptSplit::queries_per_block`] queries of a batch row is one task on `execution`'s
+    /// threads (the longest first, since later blocks see more keys), and writes its rows of
+    /// every head straight into the output projection's layout: `[batch, seq, heads * head_dim]`.
+    ///
+    /// A CPU backend's fused attention op walks one query at a time with a scalar `exp`, and
+    /// the blocked plan around it slices, masks and joins tensors per block; here a prompt's
+    /// queries, keys and values come to host memory once per layer (a few hundred kilobytes
+    /// for a 512-token prompt) and the output goes back once.
+    fn attend_on_host(
+        &self,
+        q: Tensor<B, 4>,
+        view: KvView<B>,
+        visible: &[Range<usize>],
+    ) -> Tensor<B, 3> {
+        let [batch, heads, seq, head_dim] = q.dims();
+        let [_, kv_heads, keys, _] = view.keys.dims();
+        let groups = heads / kv_heads;
+        let (q, k, v) = (
+            host::download(q),
+            host::download(view.keys),
+            host::download(view.values),
+        );
+        let width = heads * head_dim;
+        let block = self.split.queries_per_block.max(1);
+        let scale = 1.0 / (head_dim as f32).sqrt();
+        let isa = Isa::best();
+        let mut out = vec![0.0f32; batch * seq * width];
+        // (batch row, first query, its rows of `out`), the last blocks first.
+        let mut tasks: Vec<(usize, usize, &mut [f32])> = out
+            .chunks_mut(seq * width)
+            .enumerate()
+            .flat_map(|(b, rows)| {
+                rows.chunks_mut(block * width)
+                    .enumerate()
+                    .map(move |(i, rows)| (b, i * block, rows))
+            })
+            .collect();
+        tasks.reverse();
+        let run = |(b, first, out): (usize, usize, &mut [f32])| {
+            let rows = out.len() / width;
+            let visible = &visible[first..first + rows];
+            let mut scores = Vec::new();
+            for h in 0..heads {
+                // Query head `h` reads key head `h / groups` (grouped-query attention).
+                let q = &q[((b * heads + h) * seq + first) * head_dim..][..rows * head_dim];
+                let at = (b * kv_heads + h / groups) * keys * head_dim;
+                let kv = at..at + keys * head_dim;
+                attention::attend(
+                    isa,
+                    q,
+                    &k[kv.clone()],
+                    &v[kv],
+                    head_dim,
+                    visible,
+                    scale,
+                    &mut out[h * head_dim..],
+                    width,
+                    &mut scores,
+                );
+            }
+        };
+        match self.execution {
+            Execution::Parallel => tasks.into_par_iter().with_max_len(1).for_each(run),
+            Execution::Sequential => tasks.into_iter().for_each(run),
+        }
+        host::upload(out, [batch, seq, width], &self.device)
     }
 
     /// Whether one query's attention over `view` is split over the kernel threads by keys:

@@ -175,6 +175,67 @@ fn a_prompt_computes_what_decode_sized_chunks_compute_in_every_format() {
     }
 }
 
+/// A prompt's attention on a model whose matrices live on the host runs in kv-kernels
+/// (`gemm` products, vectorized softmax) instead of the backend's blocked attention. Both
+/// compute the same logits at every position: with no cache, after a cached prefix, and
+/// through a sliding window smaller than the prompt, in blocks of a few sizes, on one thread
+/// and on several.
+#[test]
+fn host_attention_for_prompts_equals_the_backend_attention() {
+    use kv_core::{CacheConfig, Execution};
+    use kv_model::PromptSplit;
+
+    let config = random_llama_config();
+    let prompt: Vec<u32> = (0..70).map(|i| (i * 37 + 5) % 96).collect();
+    let (prefix, rest) = prompt.split_at(23);
+    let backend = Transformer::<B>::random(&config, 3, &device()).unwrap();
+    let host = |block: usize, execution: Execution| {
+        Transformer::<B>::random_placed(
+            &config,
+            3,
+            WeightPlacement::Host(WeightFormat::F32),
+            &device(),
+        )
+        .unwrap()
+        .with_prompt_split(PromptSplit {
+            queries_per_block: block,
+            min_positions_per_run: 16,
+        })
+        .with_execution(execution)
+    };
+    // All logits of `rest`, after `prefix` went through the cache if there is one.
+    let all_logits = |model: &Transformer<B>, cache: Option<CacheConfig>| {
+        let out = match cache {
+            None => {
+                model.forward::<AnyCache<B>>(std::slice::from_ref(&prompt), None, None, Logits::All)
+            }
+            Some(kind) => {
+                let mut cache = model.new_cache(&kind).unwrap();
+                model
+                    .forward(&[prefix.to_vec()], None, Some(&mut cache), Logits::Last)
+                    .unwrap();
+                model.forward(&[rest.to_vec()], None, Some(&mut cache), Logits::All)
+            }
+        };
+        host_logits(out.unwrap())[0].concat()
+    };
+    for cache in [
+        None,
+        Some(CacheConfig::Dynamic { capacity: 128 }),
+        Some(CacheConfig::SlidingWindow { window: 24 }),
+    ] {
+        let want = all_logits(&backend, cache.clone());
+        for (block, execution) in [(16, Execution::Parallel), (64, Execution::Sequential)] {
+            let got = all_logits(&host(block, execution), cache.clone());
+            let diff = max_abs_diff(&got, &want);
+            assert!(
+                diff < TOLERANCE,
+                "{cache:?}, blocks of {block}: host attention differs by {diff}"
+            );
+        }
+    }
+}
+
 /// Converting to a format quantizes every matrix: the model's bytes follow the format.
 #[test]
 fn weight_bytes_follow_the_format() {

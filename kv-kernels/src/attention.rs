@@ -1,0 +1,295 @@
+//! Softmax attention of a block of query rows over one key head, on the host: the attention of
+//! a prompt on a CPU backend.
+//!
+//! A prompt's attention is two matrix products per block of queries with a softmax between
+//! them, `O = softmax(s Q Kᵀ) V`. A tensor library's fused attention op on the CPU walks one
+//! query at a time with a scalar `exp`; here both products go through `gemm` (the scores of
+//! a block of rows against the keys they see, then the weights against the values), and the
+//! softmax runs in vector registers with a polynomial `exp` ([`crate::vector::exp`]).
+//!
+//! Each query row sees one range of key slots (a causal prompt: the keys up to its own
+//! position; a sliding window: the last `window` of those). A block computes the scores of
+//! every row over the union of its rows' ranges and zeroes the weights outside each row's own
+//! range, so for a causal prompt cut in blocks of `b` queries the products do about
+//! `(n / b + 1) / (2 n / b)` of the full `n x n` work.
+//!
+//! What it costs: one scores buffer of `rows x keys` floats per call (a block of 64 queries
+//! over 4096 keys: 1 MiB), allocated by the caller and reused.
+
+use std::ops::Range;
+
+use crate::vector::exp_shifted;
+use crate::Isa;
+
+/// One key head's attention for a block of query rows.
+///
+/// Shapes (row-major, `d = head_dim`):
+/// - `q`: `[rows, d]`; `k` and `v`: `[keys, d]`;
+/// - `visible[r]`: the key slots row `r` sees, a non-empty range inside `0..keys`;
+/// - `out`: row `r` at `out[r * out_stride..][..d]`, so the rows of one head can be written
+///   straight into a `[seq, heads * d]` layout;
+/// - `scores`: scratch, resized as needed.
+///
+/// Computes `out[r] = Σ_j p_rj v_j` over `j` in `visible[r]`, with `p_r = softmax(scale q_r kⱼᵀ)`.
+///
+/// # Panics
+/// If a slice is shorter than its shape says, `visible` has not one range per query row, or a
+/// range is empty or reaches past the keys.
+///
+/// ```
+/// use kv_kernels::attention::attend;
+///
+/// // Two query rows over three keys (head_dim 2), causal: row 0 sees key 0, row 1 keys 0..2.
+/// let q = [1.0, 0.0, 0.0, 1.0];
+/// let k = [1.0, 0.0, 0.0, 1.0, 1.0, 1.0];
+/// let v = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0];
+/// let mut out = [0.0; 4];
+/// attend(kv_kernels::Isa::best(), &q, &k, &v, 2, &[0..1, 0..2], 1.0, &mut out, 2, &mut Vec::new());
+/// assert_eq!(&out[..2], &[1.0, 2.0]); // one visible key: its value
+/// let e = 1f32.exp();
+/// let row1 = [(1.0 + 3.0 * e) / (1.0 + e), (2.0 + 4.0 * e) / (1.0 + e)];
+/// assert!((out[2] - row1[0]).abs() < 1e-6 && (out[3] - row1[1]).abs() < 1e-6);
+/// ```
+#[allow(clippy::too_many_arguments)]
+pub fn attend(
+    isa: Isa,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    head_dim: usize,
+    visible: &[Range<usize>],
+    scale: f32,
+    out: &mut [f32],
+    out_stride: usize,
+    scores: &mut Vec<f32>,
+) {
+    let d = head_dim;
+    let rows = visible.len();
+    assert!(d > 0, "head_dim must be positive");
+    assert_eq!(
+        q.len(),
+        rows * d,
+        "q is [rows, head_dim]: one range per row"
+    );
+    assert_eq!(k.len(), v.len(), "k and v have the same shape");
+    assert_eq!(k.len() % d, 0, "k is [keys, head_dim]");
+    let keys = k.len() / d;
+    if rows == 0 {
+        return;
+    }
+    assert!(out_stride >= d, "out rows hold head_dim values");
+    assert!(
+        out.len() >= (rows - 1) * out_stride + d,
+        "out holds {rows} rows of stride {out_stride}"
+    );
+    for range in visible {
+        assert!(
+            !range.is_empty() && range.end <= keys,
+            "visible range {range:?} of {keys} keys"
+        );
+    }
+    // The key slots some row sees: the products run over these only.
+    let first = visible.iter().map(|r| r.start).min().expect("rows > 0");
+    let end = visible.iter().map(|r| r.end).max().expect("rows > 0");
+    let span = end - first;
+    let (k, v) = (&k[first * d..end * d], &v[first * d..end * d]);
+    scores.clear();
+    scores.resize(rows * span, 0.0);
+
+    // scores = scale · q kᵀ: `[rows, span]`.
+    // SAFETY: gemm reads the `rows x d` matrix `q` (row stride d, column stride 1) and the
+    // `d x span` matrix `kᵀ` (element (i, j) at `k[j * d + i]`), which the asserts above keep
+    // inside their slices, and writes the `rows x span` matrix `scores` (row stride span),
+    // which was just sized to hold it and is borrowed mutably.
+    unsafe {
+        gemm::gemm(
+            rows,
+            span,
+            d,
+            scores.as_mut_ptr(),
+            1,
+            span as isize,
+            false,
+            q.as_ptr(),
+            1,
+            d as isize,
+            k.as_ptr(),
+            d as isize,
+            1,
+            0.0,
+            scale,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        )
+    }
+
+    // Softmax weights per row, unnormalised (`exp(s - max)`), zero outside the row's range.
+    let mut sums = Vec::with_capacity(rows);
+    for (row, range) in scores.chunks_exact_mut(span).zip(visible) {
+        let seen = range.start - first..range.end - first;
+        row[..seen.start].fill(0.0);
+        row[seen.end..].fill(0.0);
+        let max = row[seen.clone()]
+            .iter()
+            .fold(f32::NEG_INFINITY, |m, &s| m.max(s));
+        sums.push(exp_shifted(isa, &mut row[seen], max));
+    }
+
+    // out = weights · v, then each row divided by its sum.
+    // SAFETY: gemm reads `scores` (`rows x span`, row stride span) and `v` (`span x d`, row
+    // stride d), both inside their slices, and writes `rows x d` values of `out` with row
+    // stride `out_stride`, which the assert on `out.len()` keeps inside it.
+    unsafe {
+        gemm::gemm(
+            rows,
+            d,
+            span,
+            out.as_mut_ptr(),
+            1,
+            out_stride as isize,
+            false,
+            scores.as_ptr(),
+            1,
+            span as isize,
+            v.as_ptr(),
+            1,
+            d as isize,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        )
+    }
+    for (r, sum) in sums.into_iter().enumerate() {
+        let inv = 1.0 / sum;
+        out[r * out_stride..][..d]
+            .iter_mut()
+            .for_each(|o| *o *= inv);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// The definition in f64: softmax over each row's visible keys, weights times values.
+    fn reference(
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        d: usize,
+        visible: &[Range<usize>],
+        scale: f32,
+    ) -> Vec<f32> {
+        let mut out = Vec::new();
+        for (r, range) in visible.iter().enumerate() {
+            let qr = &q[r * d..][..d];
+            let scores: Vec<f64> = range
+                .clone()
+                .map(|j| {
+                    let kj = &k[j * d..][..d];
+                    scale as f64
+                        * qr.iter()
+                            .zip(kj)
+                            .map(|(a, b)| *a as f64 * *b as f64)
+                            .sum::<f64>()
+                })
+                .collect();
+            let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let weights: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
+            let total: f64 = weights.iter().sum();
+            for c in 0..d {
+                let value: f64 = range
+                    .clone()
+                    .zip(&weights)
+                    .map(|(j, w)| w * v[j * d + c] as f64)
+                    .sum();
+                out.push((value / total) as f32);
+            }
+        }
+        out
+    }
+
+    /// Deterministic values in [-2, 2).
+    fn values(len: usize, seed: u64) -> Vec<f32> {
+        let mut state = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (0..len)
+            .map(|_| {
+                state = state
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((state >> 40) as f32 / (1u64 << 24) as f32) * 4.0 - 2.0
+            })
+            .collect()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(48))]
+
+        /// Causal and sliding-window blocks, at any offset into the keys, with the output
+        /// written at a stride: equal to the definition at every level.
+        #[test]
+        fn a_block_equals_the_definition(
+            rows in 1usize..40,
+            past in 0usize..50,
+            d in prop::sample::select(vec![1usize, 8, 17, 64]),
+            window in prop::option::of(1usize..30),
+            seed in 0u64..1000,
+        ) {
+            let keys = past + rows;
+            let visible: Vec<Range<usize>> = (0..rows)
+                .map(|r| {
+                    let end = past + r + 1;
+                    end.saturating_sub(window.unwrap_or(end))..end
+                })
+                .collect();
+            let q = values(rows * d, seed);
+            let k = values(keys * d, seed + 1);
+            let v = values(keys * d, seed + 2);
+            let scale = 1.0 / (d as f32).sqrt();
+            let expected = reference(&q, &k, &v, d, &visible, scale);
+            let stride = d + 3;
+            for isa in Isa::available() {
+                let mut out = vec![f32::NAN; (rows - 1) * stride + d];
+                attend(isa, &q, &k, &v, d, &visible, scale, &mut out, stride, &mut Vec::new());
+                for r in 0..rows {
+                    for c in 0..d {
+                        let (got, want) = (out[r * stride + c], expected[r * d + c]);
+                        prop_assert!(
+                            (got - want).abs() <= 1e-5 * (1.0 + want.abs()),
+                            "{isa}: row {r}, column {c}: {got} against {want}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    #[should_panic(expected = "visible range")]
+    fn a_range_past_the_keys_is_refused() {
+        let q = [0.0; 2];
+        let k = [0.0; 4];
+        let past_the_keys = [Range { start: 0, end: 3 }];
+        attend(
+            Isa::Scalar,
+            &q,
+            &k,
+            &k,
+            2,
+            &past_the_keys,
+            1.0,
+            &mut [0.0; 2],
+            2,
+            &mut Vec::new(),
+        );
+    }
+}
