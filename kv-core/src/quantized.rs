@@ -1,6 +1,6 @@
 //! [`QuantizedCache`]: KIVI-style int8/int4 keys and values with a full-precision residual.
 
-use burn::tensor::{backend::Backend, Int, IntDType, Tensor};
+use burn::tensor::{backend::Backend, DType, Int, IntDType, Tensor};
 
 use crate::cache::{check_indices, check_update};
 use crate::{error::Result, CacheError, KeyPositions, KvCache, KvView};
@@ -101,9 +101,16 @@ fn quantize_groups<B: Backend>(
     (codes, scale, min)
 }
 
-/// Float codes `[b, h, t, d]` to packed u8 `[b, h, t, d / per_byte]`.
+/// Float codes `[b, h, t, d]` to packed u8 `[b, h, t, d / per_byte]`, or i32 elements
+/// holding the same byte values on a backend without 8-bit integers (WGSL, so burn-wgpu):
+/// the numbers are the same, the codes then take four times the memory.
 fn pack<B: Backend>(codes: Tensor<B, 4>, bits: QuantBits) -> Tensor<B, 4, Int> {
-    let codes = codes.int().cast(IntDType::U8);
+    let dtype = if B::supports_dtype(&codes.device(), DType::U8) {
+        IntDType::U8
+    } else {
+        IntDType::I32
+    };
+    let codes = codes.int().cast(dtype);
     match bits {
         QuantBits::Int8 => codes,
         QuantBits::Int4 => {
