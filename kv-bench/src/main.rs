@@ -74,7 +74,8 @@ struct ModelArgs {
     /// from PyPI on first use).
     #[arg(long)]
     model: Option<PathBuf>,
-    /// Compute backend: flex, ndarray or cuda (default: the fastest compiled in).
+    /// Compute backend: flex, ndarray, cuda or wgpu (default: the fastest compiled in; wgpu
+    /// only when named).
     #[arg(long)]
     backend: Option<String>,
     /// Format of kv-cache's projection and embedding weights: native (each as the file stores
@@ -262,6 +263,8 @@ fn with_backend(
         BackendKind::Flex => f(&On::<kv_generate::backend::Flex>::new(BackendKind::Flex)),
         #[cfg(feature = "cuda")]
         BackendKind::Cuda => f(&On::<kv_generate::backend::Cuda>::new(BackendKind::Cuda)),
+        #[cfg(feature = "wgpu")]
+        BackendKind::Wgpu => f(&On::<kv_generate::backend::Wgpu>::new(BackendKind::Wgpu)),
         #[allow(unreachable_patterns)]
         other => Err(BenchError::Usage(format!(
             "backend {other} is not available"

@@ -17,13 +17,17 @@ pub enum BackendKind {
     Flex,
     /// burn-cuda on an NVIDIA GPU (cargo feature `cuda`).
     Cuda,
+    /// burn-wgpu on any GPU wgpu reaches (cargo feature `wgpu`): Vulkan on Linux and Windows
+    /// (AMD, Intel, NVIDIA, or Mesa's lavapipe, a Vulkan device on the CPU), Metal on macOS,
+    /// DX12 on Windows. The same burn-cubecl kernels as `cuda`.
+    Wgpu,
 }
 
 /// Why a backend cannot be used.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum BackendError {
     /// A name that is no backend.
-    #[error("unknown backend `{0}`: choose `ndarray`, `flex` or `cuda`")]
+    #[error("unknown backend `{0}`: choose `ndarray`, `flex`, `cuda` or `wgpu`")]
     Unknown(String),
     /// A backend whose cargo feature was off at build time.
     #[error(
@@ -53,11 +57,23 @@ pub enum BackendError {
          (no /proc/driver/nvidia/version): use `--backend flex` or `ndarray`"
     )]
     NoDevice(BackendKind),
+    /// wgpu found no adapter (no Vulkan, Metal or DX12 device, not even a software one).
+    #[error(
+        "backend `wgpu` found no GPU adapter ({0}); on Linux install a Vulkan driver \
+         (`apt-get install mesa-vulkan-drivers libvulkan1` gives lavapipe, a CPU Vulkan \
+         device), or use `--backend flex`"
+    )]
+    NoAdapter(String),
 }
 
 impl BackendKind {
     /// Every backend, compiled in or not.
-    pub const ALL: [BackendKind; 3] = [BackendKind::Ndarray, BackendKind::Flex, BackendKind::Cuda];
+    pub const ALL: [BackendKind; 4] = [
+        BackendKind::Ndarray,
+        BackendKind::Flex,
+        BackendKind::Cuda,
+        BackendKind::Wgpu,
+    ];
 
     /// The cargo feature and command-line name.
     pub fn name(self) -> &'static str {
@@ -65,6 +81,7 @@ impl BackendKind {
             BackendKind::Ndarray => "ndarray",
             BackendKind::Flex => "flex",
             BackendKind::Cuda => "cuda",
+            BackendKind::Wgpu => "wgpu",
         }
     }
 
@@ -74,7 +91,7 @@ impl BackendKind {
     pub fn execution(self) -> Execution {
         match self {
             BackendKind::Ndarray | BackendKind::Flex => Execution::Parallel,
-            BackendKind::Cuda => Execution::Sequential,
+            BackendKind::Cuda | BackendKind::Wgpu => Execution::Sequential,
         }
     }
 
@@ -85,7 +102,9 @@ impl BackendKind {
     }
 
     /// The backend used when none is named: the fastest one compiled in and usable here
-    /// (cuda with a driver present, then flex, then ndarray).
+    /// (cuda with a driver present, then flex, then ndarray). wgpu is taken only when named:
+    /// whether its adapter is a GPU or a software rasterizer slower than flex (lavapipe) is
+    /// known only once it has started.
     pub fn fastest() -> Result<Self, BackendError> {
         [BackendKind::Cuda, BackendKind::Flex, BackendKind::Ndarray]
             .into_iter()
@@ -130,6 +149,7 @@ impl BackendKind {
             BackendKind::Ndarray => cfg!(feature = "ndarray"),
             BackendKind::Flex => cfg!(feature = "flex"),
             BackendKind::Cuda => cfg!(feature = "cuda"),
+            BackendKind::Wgpu => cfg!(feature = "wgpu"),
         }
     }
 
@@ -138,12 +158,17 @@ impl BackendKind {
         Self::ALL.into_iter().filter(|b| b.is_compiled()).collect()
     }
 
-    /// This backend, or an error that says how to get it: not compiled in, or (for cuda) no
-    /// NVIDIA driver on this machine, checked before any GPU call could fail obscurely.
+    /// This backend, or an error that says how to get it: not compiled in, or no device for
+    /// it on this machine (no NVIDIA driver for cuda, no adapter for wgpu), checked before
+    /// any GPU call could fail obscurely.
     pub fn require(self) -> Result<Self, BackendError> {
         if self.is_compiled() {
             if self == BackendKind::Cuda && !nvidia_driver_present() {
                 return Err(BackendError::NoDevice(self));
+            }
+            #[cfg(feature = "wgpu")]
+            if self == BackendKind::Wgpu {
+                wgpu_adapter().map_err(BackendError::NoAdapter)?;
             }
             return Ok(self);
         }
@@ -186,6 +211,35 @@ pub fn nvidia_driver_present() -> bool {
     }
 }
 
+/// Whether wgpu finds an adapter, with the reason when it does not (probed once per process).
+///
+/// burn-wgpu has no fallible way to start: without an adapter its first operation panics. The
+/// probe runs that first operation under `catch_unwind`, with the panic message kept for the
+/// error instead of printed.
+#[cfg(feature = "wgpu")]
+pub fn wgpu_adapter() -> Result<(), String> {
+    use std::sync::OnceLock;
+    static PROBE: OnceLock<Result<(), String>> = OnceLock::new();
+    PROBE
+        .get_or_init(|| {
+            let hook = std::panic::take_hook();
+            std::panic::set_hook(Box::new(|_| {}));
+            let probe = std::panic::catch_unwind(|| {
+                let device = burn_wgpu::WgpuDevice::default();
+                burn::tensor::Tensor::<Wgpu, 1>::ones([1], &device).into_data()
+            });
+            std::panic::set_hook(hook);
+            probe.map(|_| ()).map_err(|panic| {
+                panic
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_else(|| "starting wgpu panicked".into())
+            })
+        })
+        .clone()
+}
+
 /// The burn-ndarray backend type the binaries use (f32).
 #[cfg(feature = "ndarray")]
 pub type Ndarray = burn_ndarray::NdArray<f32>;
@@ -197,6 +251,11 @@ pub type Flex = burn_flex::Flex;
 /// The burn-cuda backend type the binaries use (f32 floats, i32 ints).
 #[cfg(feature = "cuda")]
 pub type Cuda = burn_cuda::Cuda<f32, i32>;
+
+/// The burn-wgpu backend type the binaries use (f32 floats, i32 ints; WGSL shaders, which
+/// wgpu runs on Vulkan, Metal or DX12).
+#[cfg(feature = "wgpu")]
+pub type Wgpu = burn_wgpu::Wgpu<f32, i32>;
 
 #[cfg(test)]
 mod tests {
@@ -245,6 +304,10 @@ mod tests {
             BackendKind::Cuda.placement(Some(WeightFormat::F16)),
             Ok(WeightPlacement::Device(WeightDtype::F16))
         );
+        assert_eq!(
+            BackendKind::Wgpu.placement(None),
+            Ok(WeightPlacement::Device(WeightDtype::F32))
+        );
         let err = BackendKind::Cuda
             .placement(Some(WeightFormat::Q8_0))
             .unwrap_err();
@@ -272,6 +335,10 @@ mod tests {
             }
             Err(other) => panic!("unexpected {other}"),
             Ok(_) => {}
+        }
+        if !cfg!(feature = "wgpu") {
+            let err = BackendKind::Wgpu.require().unwrap_err();
+            assert!(err.to_string().contains("--features wgpu"), "{err}");
         }
     }
 }

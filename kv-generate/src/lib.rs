@@ -8,7 +8,7 @@
 //!   the batch), EOS and stop strings, streaming text ([`TextStream`]), with no cache or any
 //!   kv-core cache ([`CacheChoice`]), and prompt-cache reuse ([`Generator::prefill`],
 //!   [`Generator::continue_from`]).
-//! - [`backend`]: the backends a binary was built with (`ndarray`, `cuda`).
+//! - [`backend`]: the backends a binary was built with (`ndarray`, `flex`, `cuda`, `wgpu`).
 //!
 //! The `kv-generate` command line is built on these; see its `--help`.
 

@@ -82,8 +82,9 @@ struct Args {
     /// First positions a sink cache keeps forever.
     #[arg(long, default_value_t = 4)]
     sink_tokens: usize,
-    /// Compute backend: flex (CPU), ndarray (CPU) or cuda. Default: the fastest compiled in
-    /// (cuda where a driver is present, else flex).
+    /// Compute backend: flex (CPU), ndarray (CPU), cuda or wgpu (Vulkan, Metal, DX12).
+    /// Default: the fastest compiled in (cuda where a driver is present, else flex); wgpu
+    /// only when named.
     #[arg(long)]
     backend: Option<String>,
     /// Format of the projection and embedding weights: native (each as the file stores it, a
@@ -151,6 +152,10 @@ fn run(args: &Args) -> Result<(), CliError> {
         #[cfg(feature = "cuda")]
         BackendKind::Cuda => {
             run_on::<kv_generate::backend::Cuda>(args, backend, &Default::default())
+        }
+        #[cfg(feature = "wgpu")]
+        BackendKind::Wgpu => {
+            run_on::<kv_generate::backend::Wgpu>(args, backend, &Default::default())
         }
         #[allow(unreachable_patterns)]
         other => Err(CliError::Usage(format!("backend {other} is not available"))),

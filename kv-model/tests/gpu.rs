@@ -1,71 +1,41 @@
-//! The reference checks on an NVIDIA GPU (burn-cuda): `cargo test -p kv-model --features cuda
-//! --test gpu`. Logits must stay within 1e-3 of transformers' and greedy tokens must be identical
-//! with no cache and with every cache kind; the CPU and the GPU must also agree with each other
-//! on a random model, approximate (quantized) caches included.
+//! The reference checks on a GPU backend: burn-cuda (`cargo test -p kv-model --features cuda
+//! --test gpu`) and burn-wgpu (`--features wgpu`: Vulkan, Metal or DX12, Mesa's lavapipe
+//! included, which is how CI runs them without a GPU). Logits must stay within 1e-3 of
+//! transformers' and greedy tokens must be identical with no cache and with every cache kind;
+//! the CPU and the GPU must also agree with each other on a random model, approximate
+//! (quantized) caches included.
 //!
-//! Without an NVIDIA driver every test here returns early and says so on stderr (written
-//! directly, so the test harness does not swallow it): CI builds these tests but has no GPU.
-#![cfg(feature = "cuda")]
+//! Without a device every test here returns early and says so on stderr (written directly, so
+//! the test harness does not swallow it): no NVIDIA driver for cuda, no adapter for wgpu.
+#![cfg(any(feature = "cuda", feature = "wgpu"))]
 
 mod common;
 
 use std::io::Write;
 
-use burn::tensor::Device;
+use burn::tensor::backend::Backend;
 use common::*;
 use kv_core::{AnyCache, CacheConfig, QuantBits, QuantizedCacheConfig};
 use kv_model::{load_model, Logits, ModelConfig, Transformer};
 
-/// The GPU backend.
-type Gpu = burn_cuda::Cuda<f32, i32>;
-
 /// The tolerance the GPU must meet against transformers' f32 CPU logits.
 const GPU_TOLERANCE: f32 = 1e-3;
 
-/// The CUDA device, or `None` (after saying why) when this machine has no NVIDIA driver.
-fn gpu(test: &str) -> Option<Device<Gpu>> {
-    let probe = std::path::Path::new("/proc/driver/nvidia/version");
-    if cfg!(target_os = "linux") && !probe.exists() {
-        let _ = writeln!(
-            std::io::stderr(),
-            "gpu::{test}: SKIPPED: no NVIDIA driver ({} is absent); run on a machine with a GPU",
-            probe.display()
-        );
-        return None;
-    }
-    Some(Default::default())
+/// Says on stderr that `test` did not run on `backend`, and why.
+fn skipped(backend: &str, test: &str, why: &str) {
+    let _ = writeln!(std::io::stderr(), "gpu::{backend}::{test}: SKIPPED: {why}");
 }
 
-fn check_fixture(name: &str) {
-    let Some(device) = gpu(name) else { return };
-    let model = load_model::<Gpu>(&fixtures().join(name), &device)
+fn check_fixture<Gpu: Backend>(device: &Gpu::Device, name: &str) {
+    let model = load_model::<Gpu>(&fixtures().join(name), device)
         .unwrap()
         .model;
     let expected = read_json(&format!("{name}/expected.json"));
     reference::check_all(&model, &expected, GPU_TOLERANCE);
 }
 
-#[test]
-fn gpt2_matches_transformers_on_gpu() {
-    check_fixture("gpt2");
-}
-
-#[test]
-fn llama_matches_transformers_on_gpu() {
-    check_fixture("llama");
-}
-
-#[test]
-fn qwen2_matches_transformers_on_gpu() {
-    check_fixture("qwen2");
-}
-
-#[test]
-fn quantized_gguf_matches_transformers_on_gpu() {
-    let Some(device) = gpu("quantized_gguf") else {
-        return;
-    };
-    let model = load_model::<Gpu>(&fixtures().join("tiny-llama.gguf"), &device)
+fn check_quantized_gguf<Gpu: Backend>(device: &Gpu::Device) {
+    let model = load_model::<Gpu>(&fixtures().join("tiny-llama.gguf"), device)
         .unwrap()
         .model;
     let expected = read_json("tiny-llama-gguf.json");
@@ -120,14 +90,10 @@ fn every_cache_kind(len: usize) -> Vec<CacheConfig> {
     kinds
 }
 
-#[test]
-fn cpu_and_gpu_agree_on_every_cache_kind() {
-    let Some(device) = gpu("cpu_and_gpu_agree") else {
-        return;
-    };
+fn check_cpu_and_gpu_agree<Gpu: Backend>(device: &Gpu::Device) {
     let config = small_llama();
     let cpu: Transformer<B> = Transformer::random(&config, 7, &common::device()).unwrap();
-    let gpu: Transformer<Gpu> = Transformer::random(&config, 7, &device).unwrap();
+    let gpu: Transformer<Gpu> = Transformer::random(&config, 7, device).unwrap();
     let prompt: Vec<u32> = (0..9)
         .map(|i| (i * 11 + 3) % config.vocab_size as u32)
         .collect();
@@ -156,4 +122,110 @@ fn cpu_and_gpu_agree_on_every_cache_kind() {
         }
         assert_eq!(cpu_cache.seq_len(), gpu_cache.seq_len(), "{kind:?}");
     }
+}
+
+/// The `#[test]`s of one backend module, each calling `device(test)` first and returning when
+/// it gives no device.
+macro_rules! gpu_tests {
+    () => {
+        #[test]
+        fn gpt2_matches_transformers() {
+            if let Some(device) = device("gpt2_matches_transformers") {
+                super::check_fixture::<Gpu>(&device, "gpt2");
+            }
+        }
+
+        #[test]
+        fn llama_matches_transformers() {
+            if let Some(device) = device("llama_matches_transformers") {
+                super::check_fixture::<Gpu>(&device, "llama");
+            }
+        }
+
+        #[test]
+        fn qwen2_matches_transformers() {
+            if let Some(device) = device("qwen2_matches_transformers") {
+                super::check_fixture::<Gpu>(&device, "qwen2");
+            }
+        }
+
+        #[test]
+        fn quantized_gguf_matches_transformers() {
+            if let Some(device) = device("quantized_gguf_matches_transformers") {
+                super::check_quantized_gguf::<Gpu>(&device);
+            }
+        }
+
+        #[test]
+        fn cpu_and_gpu_agree_on_every_cache_kind() {
+            if let Some(device) = device("cpu_and_gpu_agree_on_every_cache_kind") {
+                super::check_cpu_and_gpu_agree::<Gpu>(&device);
+            }
+        }
+    };
+}
+
+/// burn-cuda, on an NVIDIA GPU.
+#[cfg(feature = "cuda")]
+mod cuda {
+    type Gpu = burn_cuda::Cuda<f32, i32>;
+
+    /// The CUDA device, or `None` (after saying why) when this machine has no NVIDIA driver.
+    fn device(test: &str) -> Option<burn_cuda::CudaDevice> {
+        let probe = std::path::Path::new("/proc/driver/nvidia/version");
+        if cfg!(target_os = "linux") && !probe.exists() {
+            let why = format!(
+                "no NVIDIA driver ({} is absent); run on a machine with a GPU",
+                probe.display()
+            );
+            super::skipped("cuda", test, &why);
+            return None;
+        }
+        Some(Default::default())
+    }
+
+    gpu_tests!();
+}
+
+/// burn-wgpu, on whatever adapter wgpu picks (a GPU, or lavapipe on the CPU).
+#[cfg(feature = "wgpu")]
+mod wgpu {
+    use std::sync::OnceLock;
+
+    type Gpu = burn_wgpu::Wgpu<f32, i32>;
+
+    /// The default wgpu device, or `None` (after saying why) when wgpu finds no adapter.
+    ///
+    /// burn-wgpu has no fallible way to start: without an adapter its first operation panics,
+    /// so the probe runs one under `catch_unwind` (once per process) and keeps the message.
+    fn device(test: &str) -> Option<burn_wgpu::WgpuDevice> {
+        static PROBE: OnceLock<Result<(), String>> = OnceLock::new();
+        let probe = PROBE.get_or_init(|| {
+            let device = burn_wgpu::WgpuDevice::default();
+            std::panic::catch_unwind(|| {
+                burn::tensor::Tensor::<Gpu, 1>::ones([1], &device).into_data()
+            })
+            .map(|_| ())
+            .map_err(|panic| {
+                panic
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_else(|| "starting wgpu panicked".into())
+            })
+        });
+        match probe {
+            Ok(()) => Some(burn_wgpu::WgpuDevice::default()),
+            Err(why) => {
+                let why = format!(
+                    "wgpu found no adapter ({why}); install a Vulkan driver, e.g. \
+                     `apt-get install mesa-vulkan-drivers libvulkan1`"
+                );
+                super::skipped("wgpu", test, &why);
+                None
+            }
+        }
+    }
+
+    gpu_tests!();
 }
