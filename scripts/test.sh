@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The project's test command: everything CI checks, runnable on a fresh machine with a Rust
-# toolchain (no GPU needed). Cold, it takes 45-55 minutes on 2 cores, most of it compiling burn.
+# toolchain (no GPU needed). Cold, it takes about 35-40 minutes on 2 cores, most of it compiling
+# burn.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

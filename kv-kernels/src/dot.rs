@@ -711,49 +711,41 @@ mod x86 {
     }
 
     /// [`q8_0_group!`] for [`super::BATCH`] activation rows at once, as
-    /// [`q4_1_group_batch!`].
-    macro_rules! q8_0_group_batch {
-        ($groups:ident, $xs:ident, $out:ident, $dot:expr) => {{
-            const ROWS: usize = super::BATCH;
-            let mut acc = [_mm256_setzero_ps(); ROWS];
-            for (b, g) in $groups.iter().enumerate() {
-                let mut w = [_mm256_setzero_si256(); 8];
-                for (j, w) in w.iter_mut().enumerate() {
-                    *w = chunk(&g.qs, 32 * j);
-                }
-                let d = scales(&g.d);
-                for r in 0..ROWS {
-                    let xb = &$xs[r][b];
-                    let mut dots = [_mm256_setzero_si256(); 4];
-                    for j in 0..8 {
-                        let (w, a) = sign_folded(w[j], broadcast4(&xb.qs, 4 * j));
-                        dots[j % 4] = $dot(dots[j % 4], w, a);
-                    }
-                    let dots = _mm256_add_epi32(
-                        _mm256_add_epi32(dots[0], dots[1]),
-                        _mm256_add_epi32(dots[2], dots[3]),
-                    );
-                    let step = _mm256_mul_ps(d, _mm256_set1_ps(xb.d));
-                    acc[r] = _mm256_fmadd_ps(step, _mm256_cvtepi32_ps(dots), acc[r]);
-                }
-            }
-            for r in 0..ROWS {
-                // SAFETY: `out[r]` is eight floats, the 32 bytes the unaligned store writes.
-                unsafe { _mm256_storeu_ps($out[r].as_mut_ptr(), acc[r]) }
-            }
-        }};
-    }
-
+    /// [`q4_1_group_batch!`], with the signs folded onto the activations (the VNNI level
+    /// below offsets the weights instead).
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn q8_0_group_batch_avx2(
         groups: &[Q8_0x8],
         xs: [&[BlockQ8]; super::BATCH],
         out: &mut [[f32; 8]; super::BATCH],
     ) {
-        q8_0_group_batch!(groups, xs, out, |acc, a, b| _mm256_add_epi32(
-            acc,
-            dot_u8_i8_avx2(a, b)
-        ));
+        const ROWS: usize = super::BATCH;
+        let mut acc = [_mm256_setzero_ps(); ROWS];
+        for (b, g) in groups.iter().enumerate() {
+            let mut w = [_mm256_setzero_si256(); 8];
+            for (j, w) in w.iter_mut().enumerate() {
+                *w = chunk(&g.qs, 32 * j);
+            }
+            let d = scales(&g.d);
+            for r in 0..ROWS {
+                let xb = &xs[r][b];
+                let mut dots = [_mm256_setzero_si256(); 4];
+                for j in 0..8 {
+                    let (w, a) = sign_folded(w[j], broadcast4(&xb.qs, 4 * j));
+                    dots[j % 4] = _mm256_add_epi32(dots[j % 4], dot_u8_i8_avx2(w, a));
+                }
+                let dots = _mm256_add_epi32(
+                    _mm256_add_epi32(dots[0], dots[1]),
+                    _mm256_add_epi32(dots[2], dots[3]),
+                );
+                let step = _mm256_mul_ps(d, _mm256_set1_ps(xb.d));
+                acc[r] = _mm256_fmadd_ps(step, _mm256_cvtepi32_ps(dots), acc[r]);
+            }
+        }
+        for r in 0..ROWS {
+            // SAFETY: `out[r]` is eight floats, the 32 bytes the unaligned store writes.
+            unsafe { _mm256_storeu_ps(out[r].as_mut_ptr(), acc[r]) }
+        }
     }
 
     /// The VNNI kernel takes signed weights as unsigned by adding 128 to each (one `xor` per
