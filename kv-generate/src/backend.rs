@@ -211,32 +211,14 @@ pub fn nvidia_driver_present() -> bool {
     }
 }
 
-/// Whether wgpu finds an adapter, with the reason when it does not (probed once per process).
-///
-/// burn-wgpu has no fallible way to start: without an adapter its first operation panics. The
-/// probe runs that first operation under `catch_unwind`, with the panic message kept for the
-/// error instead of printed.
+/// Whether wgpu finds an adapter, with the reason when it does not (probed once per process,
+/// through [`kv_model::probe_device`]: burn-wgpu has no fallible way to start).
 #[cfg(feature = "wgpu")]
 pub fn wgpu_adapter() -> Result<(), String> {
     use std::sync::OnceLock;
     static PROBE: OnceLock<Result<(), String>> = OnceLock::new();
     PROBE
-        .get_or_init(|| {
-            let hook = std::panic::take_hook();
-            std::panic::set_hook(Box::new(|_| {}));
-            let probe = std::panic::catch_unwind(|| {
-                let device = burn_wgpu::WgpuDevice::default();
-                burn::tensor::Tensor::<Wgpu, 1>::ones([1], &device).into_data()
-            });
-            std::panic::set_hook(hook);
-            probe.map(|_| ()).map_err(|panic| {
-                panic
-                    .downcast_ref::<String>()
-                    .cloned()
-                    .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-                    .unwrap_or_else(|| "starting wgpu panicked".into())
-            })
-        })
+        .get_or_init(|| kv_model::probe_device::<Wgpu>(&Default::default()))
         .clone()
 }
 

