@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use burn::tensor::backend::Backend;
 use clap::{Args, Parser, Subcommand};
 use kv_bench::compare::{self, CompareSpec, Peer, PeerKind};
+use kv_bench::perplexity::CacheRun;
 use kv_bench::{memory, plot, BackendKind};
 use kv_core::{CacheConfig, QuantBits, QuantizedCacheConfig};
 use kv_generate::{CacheChoice, EosPolicy, GenerationConfig, Generator};
@@ -60,10 +61,27 @@ struct PerplexityArgs {
     /// Positions per reported segment.
     #[arg(long, default_value_t = 512)]
     segment: usize,
-    /// Weight format of the base model for KL divergence and same-top-1 ("none" to skip).
+    /// Positions per point of the log-perplexity curve (perplexity.svg).
+    #[arg(long, default_value_t = 64)]
+    curve_bin: usize,
+    /// Cache kinds to stream the text through, each scored in turn: dynamic, sliding[:W],
+    /// sink[:S+W], int8, int4.
+    #[arg(long, num_args = 1.., default_values_t = vec!["dynamic".to_string()])]
+    cache: Vec<String>,
+    /// Positions a bare `sliding` or `sink` holds in all (a sink spends --sink-tokens of them
+    /// on sinks), so windows and sinks compare at the same memory.
+    #[arg(long, default_value_t = 256)]
+    window: usize,
+    /// Sinks of a bare `sink`.
+    #[arg(long, default_value_t = 4)]
+    sink_tokens: usize,
+    /// Weight format of the base model for KL divergence and same-top-1, run through a dynamic
+    /// cache ("none" to skip). A base of the model's own format measures what each cache kind
+    /// changes.
     #[arg(long, default_value = "f32")]
     kl_base: String,
-    /// Write every number as JSON here.
+    /// Write every number as JSON here, and the log-perplexity curve beside it as
+    /// perplexity.svg.
     #[arg(long)]
     json: Option<PathBuf>,
 }
@@ -330,7 +348,16 @@ fn model_path(model: &Option<PathBuf>) -> Result<PathBuf, BenchError> {
     }
 }
 
-fn cache_choice(name: &str, window: usize, capacity: usize) -> Result<CacheChoice, BenchError> {
+/// The cache kind `name`, with `window` positions for the sliding and sink kinds (and
+/// `sinks` sinks), preallocated for `capacity` positions; a sink cache keeps keys where
+/// `model` needs them (see [`kv_model::ModelConfig::sink_positions`]).
+fn cache_choice(
+    name: &str,
+    window: usize,
+    sinks: usize,
+    capacity: usize,
+    model: &kv_model::ModelConfig,
+) -> Result<CacheChoice, BenchError> {
     let quantized = |bits| {
         CacheChoice::Cache(CacheConfig::Quantized(QuantizedCacheConfig {
             bits,
@@ -346,9 +373,9 @@ fn cache_choice(name: &str, window: usize, capacity: usize) -> Result<CacheChoic
         }),
         "sliding" => CacheChoice::Cache(CacheConfig::SlidingWindow { window }),
         "sink" => CacheChoice::Cache(CacheConfig::Sink {
-            sinks: 4,
+            sinks,
             window,
-            rope_theta: None,
+            positions: model.sink_positions(),
         }),
         "int8" => quantized(QuantBits::Int8),
         "int4" => quantized(QuantBits::Int4),
@@ -418,7 +445,13 @@ impl<B: Backend> Runner for On<B> {
             caches.push(CacheChoice::None);
         }
         for name in args.cache.iter().filter(|c| *c != "none") {
-            caches.push(cache_choice(name, args.window, capacity)?);
+            caches.push(cache_choice(
+                name,
+                args.window,
+                4,
+                capacity,
+                model.config(),
+            )?);
         }
         let peer_kind = args
             .peer
@@ -554,9 +587,9 @@ impl<B: Backend> Runner for On<B> {
     }
 
     fn perplexity(&self, args: &PerplexityArgs) -> Result<(), BenchError> {
-        if args.tokens < 2 || args.chunk == 0 || args.segment == 0 {
+        if args.tokens < 2 || args.chunk == 0 || args.segment == 0 || args.curve_bin == 0 {
             return Err(BenchError::Usage(
-                "--tokens must be at least 2, --chunk and --segment at least 1".into(),
+                "--tokens must be at least 2, --chunk, --segment and --curve-bin at least 1".into(),
             ));
         }
         let kl_base = match args.kl_base.as_str() {
@@ -578,6 +611,19 @@ impl<B: Backend> Runner for On<B> {
             model, tokenizer, ..
         } = load_model_placed::<B>(&path, placement, &self.device)?;
         let model = model.with_execution(self.kind.execution());
+        let runs = args
+            .cache
+            .iter()
+            .map(|spec| {
+                CacheRun::parse(
+                    spec,
+                    args.window,
+                    args.sink_tokens,
+                    model.config().sink_positions(),
+                )
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(BenchError::Usage)?;
         let tokenizer = tokenizer.ok_or_else(|| {
             BenchError::Usage(format!(
                 "{} has no tokenizer to read the text with",
@@ -593,15 +639,26 @@ impl<B: Backend> Runner for On<B> {
             )));
         }
         ids.truncate(args.tokens);
-        if ids.len() > model.config().max_positions {
-            return Err(BenchError::Usage(format!(
-                "--tokens {} is past the model's {} positions",
-                ids.len(),
-                model.config().max_positions
-            )));
+        let max = model.config().max_positions;
+        if ids.len() > max {
+            if let Some(run) = runs.iter().find(|r| !r.runs_past_the_context()) {
+                return Err(BenchError::Usage(format!(
+                    "--tokens {} is past the model's {max} positions, which `{}` would pass: \
+                     only a sink cache runs past them",
+                    ids.len(),
+                    run.label
+                )));
+            }
+            if kl_base.is_some() {
+                return Err(BenchError::Usage(format!(
+                    "--tokens {} is past the model's {max} positions, where no dense base can \
+                     follow: pass --kl-base none",
+                    ids.len()
+                )));
+            }
         }
         let weights = weight_name(placement);
-        let base = match kl_base {
+        let other_base = match kl_base {
             Some(format) if format.name() != weights => {
                 let base_placement = self.kind.placement(Some(format))?;
                 eprintln!("kv-bench: loading the {format} base");
@@ -613,39 +670,78 @@ impl<B: Backend> Runner for On<B> {
             }
             _ => None,
         };
-        eprintln!(
-            "kv-bench: scoring {} tokens in chunks of {} ({weights} weights{})",
-            ids.len(),
-            args.chunk,
-            base.as_ref()
-                .map_or(String::new(), |_| format!(", against {}", args.kl_base))
-        );
-        let start = std::time::Instant::now();
-        let (score, cache_bytes) =
-            kv_bench::perplexity::score(&model, base.as_ref(), &ids, args.chunk, args.segment)?;
-        let seconds = start.elapsed().as_secs_f64();
+        let bins = kv_bench::perplexity::Bins {
+            segment: args.segment,
+            curve: args.curve_bin,
+        };
         println!(
-            "| weights | tokens | perplexity | KL vs {} | same top-1 |",
+            "| cache | weights | tokens | perplexity | KL vs {} | same top-1 | cache bytes | seconds |",
             args.kl_base
         );
-        println!("|---|---|---|---|---|");
-        let same = |v: Option<f64>| v.map_or("-".into(), |v| format!("{:.2}%", 100.0 * v));
-        println!(
-            "| {weights} | {} | {:.4} | {} | {} |",
-            score.tokens,
-            score.perplexity,
-            score
-                .kl_divergence
-                .map_or("-".into(), |v| format!("{v:.6}")),
-            same(score.same_top1),
-        );
-        for s in &score.segments {
-            println!(
-                "segment {:>5}..{:<5} perplexity {:.4}",
-                s.start,
-                s.start + s.tokens,
-                s.perplexity
+        println!("|---|---|---|---|---|---|---|---|");
+        let mut reports = Vec::new();
+        let mut series = Vec::new();
+        for run in &runs {
+            // The base: another weight format, or these weights through a dense cache where
+            // the cache kind is not itself the dense one.
+            let dense = matches!(run.config, CacheConfig::Dynamic { .. });
+            let base = match (&other_base, kl_base) {
+                (Some(other), _) => Some(other),
+                (None, Some(_)) if !dense => Some(&model),
+                _ => None,
+            };
+            eprintln!(
+                "kv-bench: scoring {} tokens through {} in chunks of {} ({weights} weights{})",
+                ids.len(),
+                run.label,
+                args.chunk,
+                base.map_or(String::new(), |_| format!(
+                    ", against {} dense",
+                    args.kl_base
+                ))
             );
+            let start = std::time::Instant::now();
+            let (score, cache_bytes) =
+                kv_bench::perplexity::score(&model, &run.config, base, &ids, args.chunk, bins)?;
+            let seconds = start.elapsed().as_secs_f64();
+            let same = |v: Option<f64>| v.map_or("-".into(), |v| format!("{:.2}%", 100.0 * v));
+            println!(
+                "| {} | {weights} | {} | {:.4} | {} | {} | {cache_bytes} | {seconds:.1} |",
+                run.label,
+                score.tokens,
+                score.perplexity,
+                score
+                    .kl_divergence
+                    .map_or("-".into(), |v| format!("{v:.6}")),
+                same(score.same_top1),
+            );
+            for s in &score.segments {
+                eprintln!(
+                    "kv-bench: {} segment {:>5}..{:<5} perplexity {:.4}",
+                    run.label,
+                    s.start,
+                    s.start + s.tokens,
+                    s.perplexity
+                );
+            }
+            series.push(plot::Series {
+                label: run.label.clone(),
+                values: score.curve.clone(),
+            });
+            reports.push(serde_json::json!({
+                "cache": run.label,
+                "weights": weights,
+                "tokens": score.tokens,
+                "perplexity": score.perplexity,
+                "mean_nll": score.mean_nll,
+                "kl_divergence": score.kl_divergence,
+                "same_top1": score.same_top1,
+                "cache_bytes": cache_bytes,
+                "seconds": seconds,
+                "segments": score.segments,
+                "curve_bin": score.curve_bin,
+                "curve": score.curve,
+            }));
         }
         if let Some(json_path) = &args.json {
             let report = serde_json::json!({
@@ -654,19 +750,10 @@ impl<B: Backend> Runner for On<B> {
                 "text": text_name,
                 "setting": {
                     "tokens": ids.len(), "chunk": args.chunk, "segment": args.segment,
-                    "kl_base": args.kl_base, "seconds": seconds,
+                    "curve_bin": args.curve_bin, "kl_base": args.kl_base,
+                    "window": args.window, "sink_tokens": args.sink_tokens,
                 },
-                "runs": [{
-                    "cache": "dynamic",
-                    "weights": weights,
-                    "tokens": score.tokens,
-                    "perplexity": score.perplexity,
-                    "mean_nll": score.mean_nll,
-                    "kl_divergence": score.kl_divergence,
-                    "same_top1": score.same_top1,
-                    "cache_bytes": cache_bytes,
-                    "segments": score.segments,
-                }],
+                "runs": reports,
                 // The ids scored, so a peer can score exactly these (peers/hf_perplexity.py).
                 "token_ids": ids,
             });
@@ -674,7 +761,29 @@ impl<B: Backend> Runner for On<B> {
                 json_path,
                 &serde_json::to_string_pretty(&report).expect("json"),
             )?;
-            eprintln!("kv-bench: wrote {}", json_path.display());
+            let svg_path = json_path.with_file_name("perplexity.svg");
+            let xs: Vec<f64> = (0..series.iter().map(|s| s.values.len()).max().unwrap_or(0))
+                .map(|i| ((i * args.curve_bin) + args.curve_bin / 2) as f64)
+                .collect();
+            let title = format!("{} tokens of {text_name}, {weights} weights", ids.len());
+            write(
+                &svg_path,
+                &plot::chart(
+                    &title,
+                    "position in the text",
+                    &format!(
+                        "log-perplexity (mean NLL over {} positions)",
+                        args.curve_bin
+                    ),
+                    &xs,
+                    &series,
+                ),
+            )?;
+            eprintln!(
+                "kv-bench: wrote {} and {}",
+                json_path.display(),
+                svg_path.display()
+            );
         }
         Ok(())
     }
@@ -704,7 +813,7 @@ impl<B: Backend> Runner for On<B> {
                         continue;
                     }
                     let prompts: Vec<Vec<u32>> = (0..batch).map(|r| prompt(16, r)).collect();
-                    let cache = cache_choice(name, 256, 16 + new_tokens)?;
+                    let cache = cache_choice(name, 256, 4, 16 + new_tokens, model.config())?;
                     eprintln!("kv-bench: {name}, {new_tokens} new tokens, batch {batch}");
                     let config = GenerationConfig {
                         max_new_tokens: new_tokens,

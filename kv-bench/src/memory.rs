@@ -29,7 +29,7 @@ pub fn kinds(window: usize, sinks: usize, max_len: usize) -> Vec<(String, CacheC
             CacheConfig::Sink {
                 sinks,
                 window,
-                rope_theta: None,
+                positions: kv_core::SinkPositions::TextPositions,
             },
         ),
         (
@@ -77,7 +77,7 @@ pub fn cross_check<B: Backend>(
     };
     let mut mismatches = Vec::new();
     for (name, kind) in kinds {
-        let mut cache = kind.build::<B>(shape, device)?;
+        let mut cache = kind.build::<B>(shape, None, device)?;
         let mut left = positions;
         let mut chunk = positions.div_ceil(3).max(1);
         while left > 0 {

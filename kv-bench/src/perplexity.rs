@@ -4,7 +4,9 @@
 //!
 //! The text goes through the model in chunks of a cache, each chunk's logits scoring the token
 //! after each of its positions, so the whole text is one sequence (no restart per window).
-//! Position `i`'s logits predict token `i + 1`; the first token is never scored.
+//! Position `i`'s logits predict token `i + 1`; the first token is never scored. The cache may
+//! be of any kind: streamed through a window, a sink cache or a quantized cache, the text
+//! measures what each costs in quality the way StreamingLLM and KIVI measured it.
 
 use burn::tensor::{backend::Backend, Tensor};
 use kv_core::CacheConfig;
@@ -48,28 +50,32 @@ fn argmax(values: &[f64]) -> usize {
         .0
 }
 
-/// Scores `tokens` with `model` (and, in the same pass, `base`, for the KL divergence and
-/// same-top-1 share), feeding chunks of `chunk` positions through a dynamic cache per model.
-/// Returns the score and the model's cache bytes at the end.
+/// Scores `tokens` with `model` through a `cache` of any kind (and, in the same pass, `base`
+/// through a dynamic cache, for the KL divergence and same-top-1 share), feeding chunks of
+/// `chunk` positions: the text streams through the cache as it would in generation, so a
+/// window or sink cache never holds more than its budget between chunks, and each query sees
+/// only what the kind keeps. Returns the score (segments of `segment` positions, curve bins of
+/// `bin`) and the model's cache bytes at the end.
 pub fn score<B: Backend>(
     model: &Transformer<B>,
+    cache: &CacheConfig,
     base: Option<&Transformer<B>>,
     tokens: &[u32],
     chunk: usize,
-    segment: usize,
+    bins: Bins,
 ) -> Result<(Score, usize), ModelError> {
-    let capacity = CacheConfig::Dynamic {
+    let mut model_cache = model.new_cache(cache)?;
+    let dense = CacheConfig::Dynamic {
         capacity: tokens.len(),
     };
-    let mut cache = model.new_cache(&capacity)?;
-    let mut base_cache = base.map(|b| b.new_cache(&capacity)).transpose()?;
+    let mut base_cache = base.map(|b| b.new_cache(&dense)).transpose()?;
     let mut scorer = Scorer::default();
     let scored = tokens.len().saturating_sub(1);
     let mut start = 0;
     while start < scored {
         let end = (start + chunk.max(1)).min(scored);
         let ids = [tokens[start..end].to_vec()];
-        let rows = log_rows(model.forward(&ids, None, Some(&mut cache), Logits::All)?);
+        let rows = log_rows(model.forward(&ids, None, Some(&mut model_cache), Logits::All)?);
         let base_rows = match (base, base_cache.as_mut()) {
             (Some(b), Some(c)) => Some(log_rows(b.forward(&ids, None, Some(c), Logits::All)?)),
             _ => None,
@@ -80,7 +86,126 @@ pub fn score<B: Backend>(
         }
         start = end;
     }
-    Ok((scorer.finish(segment), cache.memory_bytes()))
+    Ok((scorer.finish(bins), model_cache.memory_bytes()))
+}
+
+/// How a [`Score`] groups its positions: `segment` positions per reported perplexity, `curve`
+/// positions per point of the log-perplexity curve.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Bins {
+    /// Positions per [`Segment`].
+    pub segment: usize,
+    /// Positions per point of [`Score::curve`].
+    pub curve: usize,
+}
+
+/// A cache kind to stream a text through, as `kv-bench perplexity --cache` names it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CacheRun {
+    /// What the tables and the plot call it: `dynamic`, `sliding 256`, `sink 4+252`, `int8`.
+    pub label: String,
+    /// The cache.
+    pub config: CacheConfig,
+}
+
+impl CacheRun {
+    /// Parses `name[:settings]`: `dynamic`, `sliding[:W]`, `sink[:S+W]`, `int8`, `int4`. A bare
+    /// `sliding` holds `budget` positions, a bare `sink` holds `sinks` sinks and `budget - sinks`
+    /// window positions, so both spend the same memory; `sink_positions` is where the model
+    /// needs a sink cache's keys ([`kv_model::ModelConfig::sink_positions`]).
+    ///
+    /// ```
+    /// use kv_bench::perplexity::CacheRun;
+    /// use kv_core::{CacheConfig, SinkPositions};
+    ///
+    /// let run = CacheRun::parse("sink", 256, 4, SinkPositions::CacheRanks).unwrap();
+    /// assert_eq!(run.label, "sink 4+252");
+    /// let run = CacheRun::parse("sliding:128", 256, 4, SinkPositions::CacheRanks).unwrap();
+    /// assert_eq!(run.config, CacheConfig::SlidingWindow { window: 128 });
+    /// assert!(CacheRun::parse("sink:4+0", 256, 4, SinkPositions::CacheRanks).is_err());
+    /// ```
+    pub fn parse(
+        spec: &str,
+        budget: usize,
+        sinks: usize,
+        sink_positions: kv_core::SinkPositions,
+    ) -> Result<Self, String> {
+        let (name, settings) = match spec.split_once(':') {
+            Some((name, settings)) => (name, Some(settings)),
+            None => (spec, None),
+        };
+        let number = |text: &str| {
+            text.trim()
+                .parse::<usize>()
+                .ok()
+                .filter(|&n| n > 0)
+                .ok_or_else(|| format!("--cache {spec}: `{text}` is not a positive number"))
+        };
+        let quantized = |bits| {
+            CacheConfig::Quantized(kv_core::QuantizedCacheConfig {
+                bits,
+                ..kv_core::QuantizedCacheConfig::default()
+            })
+        };
+        let config = match (name, settings) {
+            ("dynamic", None) => CacheConfig::Dynamic { capacity: 256 },
+            ("int8", None) => quantized(kv_core::QuantBits::Int8),
+            ("int4", None) => quantized(kv_core::QuantBits::Int4),
+            ("sliding", settings) => CacheConfig::SlidingWindow {
+                window: number(settings.unwrap_or(&budget.to_string()))?,
+            },
+            ("sink", settings) => {
+                let (sinks, window) = match settings {
+                    Some(settings) => {
+                        let (s, w) = settings.split_once('+').ok_or_else(|| {
+                            format!("--cache {spec}: write sink:SINKS+WINDOW, e.g. sink:4+252")
+                        })?;
+                        (
+                            s.trim().parse::<usize>().map_err(|_| {
+                                format!("--cache {spec}: `{s}` is not a number of sinks")
+                            })?,
+                            number(w)?,
+                        )
+                    }
+                    None if budget > sinks => (sinks, budget - sinks),
+                    None => {
+                        return Err(format!(
+                            "--cache sink: a budget of {budget} positions leaves no window after \
+                             {sinks} sinks"
+                        ))
+                    }
+                };
+                CacheConfig::Sink {
+                    sinks,
+                    window,
+                    positions: sink_positions,
+                }
+            }
+            _ => {
+                return Err(format!(
+                    "unknown --cache `{spec}`: dynamic, sliding[:W], sink[:S+W], int8, int4"
+                ))
+            }
+        };
+        let label = match &config {
+            CacheConfig::SlidingWindow { window } => format!("sliding {window}"),
+            CacheConfig::Sink { sinks, window, .. } => format!("sink {sinks}+{window}"),
+            _ => name.to_string(),
+        };
+        Ok(Self { label, config })
+    }
+
+    /// Whether the positions the model sees through this cache stay inside the cache (a sink
+    /// cache that re-rotates its keys), so the text may run past the model's context.
+    pub fn runs_past_the_context(&self) -> bool {
+        matches!(
+            self.config,
+            CacheConfig::Sink {
+                positions: kv_core::SinkPositions::CacheRanks,
+                ..
+            }
+        )
+    }
 }
 
 /// `[1, seq, vocab]` logits as log-probability rows.
@@ -122,6 +247,11 @@ pub struct Score {
     pub kl_divergence: Option<f64>,
     /// Share of positions whose most likely token is the base's.
     pub same_top1: Option<f64>,
+    /// Positions per point of `curve`.
+    pub curve_bin: usize,
+    /// Mean NLL (log-perplexity) of each run of `curve_bin` scored positions, in order: the
+    /// curve StreamingLLM plots against position.
+    pub curve: Vec<f64>,
 }
 
 /// Running sums for a [`Score`].
@@ -145,10 +275,13 @@ impl Scorer {
         }
     }
 
-    /// The score, with segments of `segment` positions.
-    pub fn finish(self, segment: usize) -> Score {
+    /// The score, grouped as `bins` says.
+    pub fn finish(self, bins: Bins) -> Score {
         let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
         let mean_nll = mean(&self.nll);
+        let segment = bins.segment;
+        let curve_bin = bins.curve.max(1);
+        let curve = self.nll.chunks(curve_bin).map(mean).collect();
         let segments = self
             .nll
             .chunks(segment.max(1))
@@ -167,6 +300,8 @@ impl Scorer {
             segments,
             kl_divergence: (self.compared > 0).then(|| self.kl_sum / compared),
             same_top1: (self.compared > 0).then(|| self.same as f64 / compared),
+            curve_bin,
+            curve,
         }
     }
 }
@@ -190,9 +325,14 @@ mod tests {
         for next in [1, 5, 7, 0] {
             scorer.add(&uniform, next, Some(&uniform));
         }
-        let score = scorer.finish(2);
+        let score = scorer.finish(Bins {
+            segment: 2,
+            curve: 3,
+        });
         assert!((score.perplexity - 8.0).abs() < 1e-9);
         assert_eq!(score.segments.len(), 2);
+        assert_eq!(score.curve.len(), 2);
+        assert!((score.curve[0] - 8f64.ln()).abs() < 1e-12);
         assert_eq!(score.kl_divergence, Some(0.0));
         assert_eq!(score.same_top1, Some(1.0));
     }
@@ -203,7 +343,10 @@ mod tests {
         let other = log_softmax(&[0.0, 3.0, 0.0]);
         let mut scorer = Scorer::default();
         scorer.add(&other, 1, Some(&base));
-        let score = scorer.finish(512);
+        let score = scorer.finish(Bins {
+            segment: 512,
+            curve: 64,
+        });
         assert!(score.kl_divergence.unwrap() > 1.0);
         assert_eq!(score.same_top1, Some(0.0));
         assert!((score.mean_nll + other[1]).abs() < 1e-12);

@@ -428,3 +428,125 @@ fn perplexity_scores_a_text_against_a_base_format() {
     assert!(stderr.contains("fewer than --tokens 100000"), "{stderr}");
     std::fs::remove_dir_all(out).unwrap();
 }
+
+/// `perplexity --cache`: the text streams through each kind in turn; the JSON has a run per
+/// kind with its label, bytes and curve, perplexity.svg a line per kind; a window that drops
+/// the first tokens moves the distributions off the dense run of the same weights, which is
+/// its own base; only a sink cache may run past the model's 128 positions; a bad kind is a
+/// one-line error.
+#[test]
+fn perplexity_streams_a_text_through_each_cache_kind() {
+    let out = scratch("ppl-caches");
+    std::fs::create_dir_all(&out).unwrap();
+    let text = out.join("text.txt");
+    std::fs::write(
+        &text,
+        "the cat sat on the mat; the dog sat on the log. ".repeat(40),
+    )
+    .unwrap();
+    let model = fixtures().join("tiny-llama.gguf");
+    let json = out.join("ppl.json");
+    let run = |extra: &[&str]| {
+        let mut args = vec![
+            "perplexity",
+            "--model",
+            model.to_str().unwrap(),
+            "--text",
+            text.to_str().unwrap(),
+            "--chunk",
+            "16",
+            "--segment",
+            "32",
+            "--curve-bin",
+            "8",
+            "--json",
+            json.to_str().unwrap(),
+        ];
+        args.extend(extra);
+        kv_bench(&args)
+    };
+    let result = run(&[
+        "--tokens",
+        "100",
+        "--kl-base",
+        "native",
+        "--cache",
+        "dynamic",
+        "sliding:8",
+        "sink:2+6",
+        "int8",
+    ]);
+    assert!(
+        result.status.success(),
+        "{}",
+        String::from_utf8_lossy(&result.stderr)
+    );
+    let report: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let runs = report["runs"].as_array().unwrap();
+    let labels: Vec<&str> = runs.iter().map(|r| r["cache"].as_str().unwrap()).collect();
+    assert_eq!(labels, ["dynamic", "sliding 8", "sink 2+6", "int8"]);
+    assert_eq!(
+        runs[0]["kl_divergence"],
+        Value::Null,
+        "dense is its own base"
+    );
+    assert!(runs[1]["kl_divergence"].as_f64().unwrap() > 0.0);
+    for run in runs {
+        assert_eq!(run["tokens"], 99);
+        assert_eq!(run["curve"].as_array().unwrap().len(), 99usize.div_ceil(8));
+        assert!(run["perplexity"].as_f64().unwrap().is_finite());
+    }
+    // A window holds its budget whatever the length; the dense cache grows with the text.
+    let bytes = |i: usize| runs[i]["cache_bytes"].as_u64().unwrap();
+    assert_eq!(bytes(1), bytes(2));
+    assert!(bytes(0) > bytes(1));
+    let svg = std::fs::read_to_string(out.join("perplexity.svg")).unwrap();
+    assert_eq!(svg.matches("<polyline").count(), 4);
+
+    // Past the model's 128 positions: the sink cache streams on, others are refused.
+    let result = run(&[
+        "--tokens",
+        "200",
+        "--kl-base",
+        "none",
+        "--cache",
+        "sink",
+        "--window",
+        "16",
+    ]);
+    assert!(
+        result.status.success(),
+        "{}",
+        String::from_utf8_lossy(&result.stderr)
+    );
+    for (args, needle) in [
+        (
+            vec![
+                "--tokens",
+                "200",
+                "--kl-base",
+                "none",
+                "--cache",
+                "sink",
+                "dynamic",
+            ],
+            "past the model's 128 positions",
+        ),
+        (vec!["--tokens", "200", "--cache", "sink"], "--kl-base none"),
+        (
+            vec!["--tokens", "50", "--cache", "paged"],
+            "unknown --cache `paged`",
+        ),
+        (
+            vec!["--tokens", "50", "--cache", "sink:4"],
+            "sink:SINKS+WINDOW",
+        ),
+    ] {
+        let result = run(&args);
+        let stderr = String::from_utf8_lossy(&result.stderr);
+        assert!(!result.status.success(), "{args:?}");
+        assert!(stderr.contains(needle), "{args:?}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{stderr}");
+    }
+    std::fs::remove_dir_all(out).unwrap();
+}

@@ -47,7 +47,7 @@ fn kinds() -> Vec<(&'static str, CacheConfig)> {
             CacheConfig::Sink {
                 sinks: 4,
                 window: 8188,
-                rope_theta: None,
+                positions: kv_core::SinkPositions::TextPositions,
             },
         ),
         ("int8", quantized(QuantBits::Int8)),
@@ -65,7 +65,7 @@ fn update(c: &mut Criterion) {
     for len in LENGTHS {
         let prefix = random(len);
         for (name, config) in kinds() {
-            let mut cache = config.build::<B>(shape, &Default::default()).unwrap();
+            let mut cache = config.build::<B>(shape, None, &Default::default()).unwrap();
             cache.update(prefix.clone(), prefix.clone()).unwrap();
             group.bench_with_input(BenchmarkId::new(name, len), &len, |b, &len| {
                 b.iter(|| {

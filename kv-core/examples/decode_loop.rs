@@ -130,7 +130,7 @@ fn main() {
     ];
     for (name, config) in kinds {
         let mut cache =
-            ModelCache::<B>::new(&config, LAYERS, shape, &device).expect("cache config");
+            ModelCache::<B>::new(&config, LAYERS, shape, None, &device).expect("cache config");
         let started = Instant::now();
         let outs: Vec<_> = (0..steps)
             .map(|step| {

@@ -3,9 +3,9 @@
 use burn::tensor::{backend::Backend, Tensor};
 
 use crate::{
-    error::Result, AttentionPattern, DynamicCache, KeyRotation, KvCache, KvView, QuantizedCache,
-    QuantizedCacheConfig, RotaryTable, SinkCache, SlidingWindowCache, StaticCache,
-    StaticCacheConfig,
+    error::Result, AttentionPattern, CacheError, DynamicCache, KeyRotation, KvCache, KvView,
+    QuantizedCache, QuantizedCacheConfig, RotaryTable, SinkCache, SinkPositions,
+    SlidingWindowCache, StaticCache, StaticCacheConfig,
 };
 
 /// Which cache kind to build, with its settings.
@@ -28,14 +28,15 @@ pub enum CacheConfig {
         /// Positions kept.
         window: usize,
     },
-    /// [`SinkCache`]; with `rope_theta` the cache rotates keys itself at cache positions.
+    /// [`SinkCache`].
     Sink {
         /// First positions kept forever.
         sinks: usize,
         /// Last positions kept.
         window: usize,
-        /// Rotary base of the model, for rotary models.
-        rope_theta: Option<f32>,
+        /// Whether the cache re-rotates its keys at their rank in the cache (StreamingLLM, with
+        /// the model's own rotary table) or keeps them at their text positions.
+        positions: SinkPositions,
     },
     /// [`QuantizedCache`].
     Quantized(QuantizedCacheConfig),
@@ -115,8 +116,27 @@ impl CacheConfig {
         }
     }
 
-    /// Builds one layer's cache.
-    pub fn build<B: Backend>(&self, shape: LayerShape, device: &B::Device) -> Result<AnyCache<B>> {
+    /// Builds one layer's cache. `rotary` is the model's rotary table, which a sink cache
+    /// that re-rotates its keys ([`SinkPositions::CacheRanks`]) needs; other kinds ignore it.
+    ///
+    /// ```
+    /// use burn_ndarray::NdArray;
+    /// use kv_core::{CacheConfig, KeyRotation, KvCache, LayerShape, RotaryTable, SinkPositions};
+    ///
+    /// let device = Default::default();
+    /// let shape = LayerShape { kv_heads: 2, head_dim: 8 };
+    /// let rope = RotaryTable::<NdArray>::new(8, 10_000.0, &device).unwrap();
+    /// let sink = CacheConfig::Sink { sinks: 4, window: 60, positions: SinkPositions::CacheRanks };
+    /// let cache = sink.build(shape, Some(&rope), &device).unwrap();
+    /// assert_eq!(cache.key_rotation(), KeyRotation::AppliedByCache);
+    /// assert!(sink.build::<NdArray>(shape, None, &device).is_err()); // no table to rotate with
+    /// ```
+    pub fn build<B: Backend>(
+        &self,
+        shape: LayerShape,
+        rotary: Option<&RotaryTable<B>>,
+        device: &B::Device,
+    ) -> Result<AnyCache<B>> {
         Ok(match *self {
             CacheConfig::Dynamic { capacity } => {
                 AnyCache::Dynamic(DynamicCache::with_capacity(capacity))
@@ -136,17 +156,22 @@ impl CacheConfig {
             CacheConfig::Sink {
                 sinks,
                 window,
-                rope_theta: None,
+                positions: SinkPositions::TextPositions,
             } => AnyCache::Sink(SinkCache::new(sinks, window)?),
             CacheConfig::Sink {
                 sinks,
                 window,
-                rope_theta: Some(theta),
-            } => AnyCache::Sink(SinkCache::with_rotary(
-                sinks,
-                window,
-                RotaryTable::new(shape.head_dim, theta, device)?,
-            )?),
+                positions: SinkPositions::CacheRanks,
+            } => {
+                let rotary = rotary.ok_or(CacheError::SinkNeedsRotary)?;
+                if rotary.head_dim() != shape.head_dim {
+                    return Err(CacheError::RotaryHeadDim {
+                        rotary: rotary.head_dim(),
+                        head_dim: shape.head_dim,
+                    });
+                }
+                AnyCache::Sink(SinkCache::with_rotary(sinks, window, rotary.clone())?)
+            }
             CacheConfig::Quantized(config) => AnyCache::Quantized(QuantizedCache::new(config)?),
         })
     }

@@ -166,6 +166,22 @@ pub enum CacheError {
         key: [usize; 4],
     },
 
+    /// A sink cache asked to re-rotate its keys was given no rotary table.
+    #[error(
+        "a sink cache that re-rotates keys at their rank in the cache needs the model's rotary \
+         table; models with learned positions keep keys at their text positions"
+    )]
+    SinkNeedsRotary,
+    /// A rotary table does not fit the heads it would rotate.
+    #[error(
+        "the rotary table rotates heads of {rotary} values, the cache holds heads of {head_dim}"
+    )]
+    RotaryHeadDim {
+        /// The table's head size.
+        rotary: usize,
+        /// The cache's head size.
+        head_dim: usize,
+    },
     /// A cache configuration that cannot work, with the reason.
     #[error("invalid cache configuration: {0}")]
     InvalidConfig(String),

@@ -82,7 +82,7 @@ pub use mask::{
 pub use model_cache::ModelCache;
 pub use quantized::{QuantBits, QuantizedCache, QuantizedCacheConfig};
 pub use rotary::{HostAngles, RotaryAngles, RotaryTable};
-pub use sink::SinkCache;
+pub use sink::{SinkCache, SinkPositions};
 pub use sliding::SlidingWindowCache;
 pub use static_cache::{StaticCache, StaticCacheConfig};
 pub use view::{KeyPositions, KvView};

@@ -7,7 +7,7 @@ use burn::tensor::{backend::Backend, Tensor};
 
 use crate::{
     error::Result, AnyCache, AttentionPattern, CacheConfig, CacheError, DynamicCache, KeyRotation,
-    KvCache, KvView, LayerShape,
+    KvCache, KvView, LayerShape, RotaryTable,
 };
 
 /// One cache per layer, kept in step: every layer sees the same positions.
@@ -22,7 +22,7 @@ use crate::{
 ///
 /// let device = Default::default();
 /// let shape = LayerShape { kv_heads: 2, head_dim: 8 };
-/// let mut cache = ModelCache::<NdArray>::new(&CacheConfig::Dynamic { capacity: 32 }, 4, shape, &device).unwrap();
+/// let mut cache = ModelCache::<NdArray>::new(&CacheConfig::Dynamic { capacity: 32 }, 4, shape, None, &device).unwrap();
 /// for layer in 0..4 {
 ///     let k = Tensor::<NdArray, 4>::ones([1, 2, 3, 8], &device);
 ///     cache.update(layer, k.clone(), k).unwrap();
@@ -36,15 +36,17 @@ pub struct ModelCache<B: Backend, C: KvCache<B> = AnyCache<B>> {
 }
 
 impl<B: Backend> ModelCache<B, AnyCache<B>> {
-    /// `layers` caches of the kind `config` describes.
+    /// `layers` caches of the kind `config` describes; `rotary` is the model's rotary table
+    /// (see [`CacheConfig::build`]).
     pub fn new(
         config: &CacheConfig,
         layers: usize,
         shape: LayerShape,
+        rotary: Option<&RotaryTable<B>>,
         device: &B::Device,
     ) -> Result<Self> {
         let layers = (0..layers)
-            .map(|_| config.build(shape, device))
+            .map(|_| config.build(shape, rotary, device))
             .collect::<Result<Vec<_>>>()?;
         Ok(Self::from_layers(layers))
     }

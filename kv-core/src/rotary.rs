@@ -70,7 +70,7 @@ impl<B: Backend> RotaryTable<B> {
     /// # Panics
     /// If `positions.len() != seq` or `x`'s last dimension is not [`RotaryTable::head_dim`].
     pub fn apply(&mut self, x: Tensor<B, 4>, positions: &[usize]) -> Tensor<B, 4> {
-        let [_, _, seq, head_dim] = x.dims();
+        let [batch, heads, seq, head_dim] = x.dims();
         assert_eq!(positions.len(), seq, "one position per row");
         assert_eq!(head_dim, self.head_dim(), "rotary head_dim");
         let needed = positions.iter().max().map_or(0, |&p| p + 1);
@@ -84,12 +84,16 @@ impl<B: Backend> RotaryTable<B> {
             .cos
             .clone()
             .select(0, index.clone())
-            .reshape([1, 1, seq, head_dim]);
+            .reshape([1, 1, seq, head_dim])
+            .repeat_dim(0, batch)
+            .repeat_dim(1, heads);
         let sin = self
             .sin
             .clone()
             .select(0, index)
-            .reshape([1, 1, seq, head_dim]);
+            .reshape([1, 1, seq, head_dim])
+            .repeat_dim(0, batch)
+            .repeat_dim(1, heads);
         rotate_half(x, cos, sin)
     }
 

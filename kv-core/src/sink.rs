@@ -7,6 +7,20 @@ use crate::{
     error::Result, AttentionPattern, KeyPositions, KeyRotation, KvCache, KvView, RotaryTable,
 };
 
+/// Where a [`SinkCache`] places the keys it keeps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SinkPositions {
+    /// StreamingLLM: keys are stored before rotation and rotated on every read at their rank
+    /// in the cache (sinks first, then the window oldest to newest), with the model's own
+    /// rotary table, so the positions the model sees stay below `sinks + window` however
+    /// long the text. Needs a rotary model; see [`KeyRotation::AppliedByCache`].
+    CacheRanks,
+    /// Keys stay as the caller gave them, at their positions in the text. This is the only
+    /// choice for models with learned absolute positions (GPT-2), whose positions then run
+    /// up to the model's limit (`n_positions`) and no further.
+    TextPositions,
+}
+
 /// A cache that keeps the first `sinks` positions forever and the last `window` positions in a
 /// ring, so generation can run past the model's context at constant memory (StreamingLLM).
 ///

@@ -35,7 +35,7 @@ fn every_kind() -> Vec<CacheConfig> {
         CacheConfig::Sink {
             sinks: 1,
             window: 3,
-            rope_theta: None,
+            positions: kv_core::SinkPositions::TextPositions,
         },
         CacheConfig::Quantized(QuantizedCacheConfig {
             bits: QuantBits::Int8,
@@ -48,7 +48,7 @@ fn every_kind() -> Vec<CacheConfig> {
 #[test]
 fn empty_caches_report_nothing_and_accept_batch_ops() {
     for config in every_kind() {
-        let mut cache = config.build::<B>(SHAPE, &device()).unwrap();
+        let mut cache = config.build::<B>(SHAPE, None, &device()).unwrap();
         assert_eq!(
             (cache.seq_len(), cache.held_len(), cache.batch_size()),
             (0, 0, None),
@@ -64,7 +64,7 @@ fn empty_caches_report_nothing_and_accept_batch_ops() {
 #[test]
 fn every_kind_rejects_bad_updates_with_the_numbers() {
     for config in every_kind() {
-        let mut cache = config.build::<B>(SHAPE, &device()).unwrap();
+        let mut cache = config.build::<B>(SHAPE, None, &device()).unwrap();
         let (k, v) = kv(1, 2, 1);
         let err = cache.update(k.clone(), rand4([1, 2, 3, 4], 9)).unwrap_err();
         assert_eq!(
@@ -110,7 +110,7 @@ fn every_kind_rejects_bad_updates_with_the_numbers() {
 #[test]
 fn reset_forgets_everything_but_the_configuration() {
     for config in every_kind() {
-        let mut cache = config.build::<B>(SHAPE, &device()).unwrap();
+        let mut cache = config.build::<B>(SHAPE, None, &device()).unwrap();
         let (k, v) = kv(2, 5, 3);
         cache.update(k, v).unwrap();
         cache.reset();
@@ -135,7 +135,7 @@ fn crop_to_zero_then_refill() {
             max_len: 8,
         },
     ] {
-        let mut cache = config.build::<B>(SHAPE, &device()).unwrap();
+        let mut cache = config.build::<B>(SHAPE, None, &device()).unwrap();
         let (k, v) = kv(1, 6, 1);
         cache.update(k, v).unwrap();
         cache.crop(0).unwrap();
@@ -467,7 +467,7 @@ fn legacy_round_trip_is_lossless_and_continues() {
 #[test]
 fn model_cache_applies_operations_to_every_layer() {
     let config = CacheConfig::Dynamic { capacity: 8 };
-    let mut cache = ModelCache::<B>::new(&config, 3, SHAPE, &device()).unwrap();
+    let mut cache = ModelCache::<B>::new(&config, 3, SHAPE, None, &device()).unwrap();
     for layer in 0..3 {
         let (k, v) = kv(2, 4, layer as u64);
         cache.update(layer, k, v).unwrap();
@@ -641,7 +641,7 @@ fn each_kind_names_the_attention_pattern_it_matches() {
         .iter()
         .map(|config| {
             config
-                .build::<B>(SHAPE, &device())
+                .build::<B>(SHAPE, None, &device())
                 .unwrap()
                 .attention_pattern()
         })

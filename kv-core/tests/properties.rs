@@ -155,7 +155,7 @@ fn exact_kinds(case: &Case, window: usize, sinks: usize) -> Vec<(CacheConfig, At
             CacheConfig::Sink {
                 sinks,
                 window,
-                rope_theta: None,
+                positions: kv_core::SinkPositions::TextPositions,
             },
             AttentionPattern::Sinks { sinks, window },
         ),
@@ -175,7 +175,7 @@ proptest! {
     #[test]
     fn every_kind_equals_recomputation(case in case(), window in 1..8usize, sinks in 0..4usize) {
         for (config, pattern) in exact_kinds(&case, window, sinks) {
-            let mut cache = config.build::<B>(case.shape(), &device()).unwrap();
+            let mut cache = config.build::<B>(case.shape(), None, &device()).unwrap();
             let mut reference = Reference::default();
             for (step, &new) in case.chunks.iter().enumerate() {
                 step_and_check(&case, &mut cache, &mut reference, pattern, step, new);
@@ -196,7 +196,7 @@ proptest! {
     #[test]
     fn crop_then_append_equals_cropped_reference(case in case(), window in 1..8usize, sinks in 0..4usize, cut in 0.0f64..1.0) {
         for (config, pattern) in exact_kinds(&case, window, sinks) {
-            let mut cache = config.build::<B>(case.shape(), &device()).unwrap();
+            let mut cache = config.build::<B>(case.shape(), None, &device()).unwrap();
             let mut reference = Reference::default();
             for (step, &new) in case.chunks.iter().enumerate() {
                 step_and_check(&case, &mut cache, &mut reference, pattern, step, new);
@@ -234,7 +234,7 @@ proptest! {
     ) {
         let indices: Vec<usize> = picks.iter().map(|&i| i % case.batch).collect();
         for (config, pattern) in exact_kinds(&case, window, sinks) {
-            let mut cache = config.build::<B>(case.shape(), &device()).unwrap();
+            let mut cache = config.build::<B>(case.shape(), None, &device()).unwrap();
             let mut reference = Reference::default();
             for (step, &new) in case.chunks.iter().enumerate() {
                 step_and_check(&case, &mut cache, &mut reference, pattern, step, new);
@@ -264,7 +264,7 @@ proptest! {
     ) {
         let bits = if int4 { QuantBits::Int4 } else { QuantBits::Int8 };
         let config = QuantizedCacheConfig { bits, group_size: group, residual_len: residual };
-        let mut cache = CacheConfig::Quantized(config).build::<B>(case.shape(), &device()).unwrap();
+        let mut cache = CacheConfig::Quantized(config).build::<B>(case.shape(), None, &device()).unwrap();
         let mut reference = Reference::default();
         for (step, &new) in case.chunks.iter().enumerate() {
             let (k, v) = case.kv(step, new);
@@ -361,12 +361,12 @@ mod predicted_memory {
                 CacheConfig::Dynamic { capacity },
                 CacheConfig::Static { max_batch: 2, max_len: 500 },
                 CacheConfig::SlidingWindow { window: 16 },
-                CacheConfig::Sink { sinks: 3, window: 16, rope_theta: None },
+                CacheConfig::Sink { sinks: 3, window: 16, positions: kv_core::SinkPositions::TextPositions },
                 CacheConfig::Quantized(QuantizedCacheConfig { bits: QuantBits::Int8, group_size: 4, residual_len: 8 }),
                 CacheConfig::Quantized(QuantizedCacheConfig { bits: QuantBits::Int4, group_size: 16, residual_len: 5 }),
             ];
             for kind in kinds {
-                let mut cache = kind.build::<B>(shape, &device()).unwrap();
+                let mut cache = kind.build::<B>(shape, None, &device()).unwrap();
                 let mut seed = 0;
                 for &n in &chunks {
                     seed += 2;

@@ -27,6 +27,22 @@ pub enum GenerateError {
         /// Positions the cache holds.
         capacity: usize,
     },
+    /// The prompt and the tokens to generate would take positions past those the model was
+    /// built for, through a cache that keeps text positions.
+    #[error(
+        "the prompt ({prompt} tokens) plus up to {new} new tokens needs {} positions, past the \
+         {max} the model was built for: lower the new tokens, shorten the prompt, or use a sink \
+         cache, which re-rotates its keys and runs past the model's context",
+        prompt + new - 1
+    )]
+    PastModelContext {
+        /// Longest prompt, in tokens.
+        prompt: usize,
+        /// Tokens that may be generated.
+        new: usize,
+        /// Positions the model was built for.
+        max: usize,
+    },
     /// The model failed (bad input, cache error, ...).
     #[error(transparent)]
     Model(#[from] ModelError),

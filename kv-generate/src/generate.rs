@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 use burn::tensor::{backend::Backend, Tensor};
-use kv_core::{AttentionMask, CacheConfig, ModelCache};
+use kv_core::{AttentionMask, CacheConfig, ModelCache, SinkPositions};
 use kv_model::{Logits, Tokenizer, Transformer};
 
 use crate::error::{GenerateError, Result};
@@ -375,6 +375,24 @@ impl<'a, B: Backend> Generator<'a, B> {
             return Err(GenerateError::InvalidRequest(
                 "stop strings need a tokenizer".into(),
             ));
+        }
+        // Every cache but a sink that re-rotates its keys (and no cache at all) gives the model
+        // text positions, which must stay below its limit; the last token is never fed back.
+        let re_rotates = matches!(
+            config.cache,
+            CacheChoice::Cache(CacheConfig::Sink {
+                positions: SinkPositions::CacheRanks,
+                ..
+            })
+        );
+        let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
+        let max = self.model.config().max_positions;
+        if !re_rotates && longest + config.max_new_tokens - 1 > max {
+            return Err(GenerateError::PastModelContext {
+                prompt: longest,
+                new: config.max_new_tokens,
+                max,
+            });
         }
         let vocab = self.model.config().vocab_size;
         for (row, prompt) in prompts.iter().enumerate() {

@@ -15,8 +15,8 @@ use kv_generate::{
     CacheChoice, EosPolicy, GenerateError, Generation, GenerationConfig, Generator, SamplingConfig,
 };
 use kv_model::{
-    default_model, load_model_placed, ChatMessage, GenerationPrompt, LoadedModel, ModelError,
-    Progress, WeightFormat,
+    default_model, load_model_placed, ChatMessage, GenerationPrompt, LoadedModel, ModelConfig,
+    ModelError, Progress, WeightFormat,
 };
 
 /// Generate text with a transformer through a KV cache.
@@ -36,9 +36,11 @@ struct Args {
     /// Wrap the prompt in the model's chat template as a user message.
     #[arg(long)]
     chat: bool,
-    /// Most tokens to generate.
-    #[arg(long, default_value_t = 128)]
-    max_new_tokens: usize,
+    /// Most tokens to generate [default: 128, or fewer where the model's context ends first;
+    /// a sink cache has no such end]. Asked for explicitly, a number that runs past the
+    /// model's context is refused.
+    #[arg(long)]
+    max_new_tokens: Option<usize>,
     /// Do not stop at the model's end-of-sequence tokens.
     #[arg(long)]
     ignore_eos: bool,
@@ -217,8 +219,9 @@ fn run_on<B: Backend>(
         return Err(CliError::Usage("the prompt is empty".into()));
     }
 
+    let max_new_tokens = new_tokens(args, ids.len(), model.config());
     let config = GenerationConfig {
-        max_new_tokens: args.max_new_tokens,
+        max_new_tokens,
         sampling,
         eos: if args.ignore_eos {
             EosPolicy::Ignore
@@ -226,7 +229,7 @@ fn run_on<B: Backend>(
             EosPolicy::Model
         },
         stop_strings: args.stop_strings.clone(),
-        cache: cache_choice(args, ids.len())?,
+        cache: cache_choice(args, ids.len() + max_new_tokens, model.config())?,
     };
     let generator = Generator::new(&model, tokenizer.as_ref());
     let mut stdout = std::io::stdout().lock();
@@ -278,12 +281,36 @@ fn parse_ids(text: &str) -> Result<Vec<u32>, CliError> {
         .collect()
 }
 
-fn cache_choice(args: &Args, prompt_len: usize) -> Result<CacheChoice, CliError> {
-    let kind = if args.no_kv_cache {
+/// The cache kind `args` ask for.
+fn cache_kind(args: &Args) -> CacheKind {
+    if args.no_kv_cache {
         CacheKind::None
     } else {
         args.cache
-    };
+    }
+}
+
+/// `--max-new-tokens`, or by default 128 capped where the model's context ends after a
+/// prompt of `prompt_len` tokens (no cap through a sink cache that re-rotates its keys).
+fn new_tokens(args: &Args, prompt_len: usize, model: &ModelConfig) -> usize {
+    const DEFAULT: usize = 128;
+    if let Some(n) = args.max_new_tokens {
+        return n;
+    }
+    let re_rotating_sink = cache_kind(args) == CacheKind::Sink
+        && model.sink_positions() == kv_core::SinkPositions::CacheRanks;
+    if re_rotating_sink {
+        return DEFAULT;
+    }
+    // The last generated token is never fed back, so it takes no position.
+    DEFAULT.min((model.max_positions + 1).saturating_sub(prompt_len).max(1))
+}
+
+/// The cache `args` ask for, a static one sized for `total` positions unless told; a sink
+/// cache keeps keys where `model` needs them (re-rotated at cache ranks for rotary models, at
+/// text positions for learned ones).
+fn cache_choice(args: &Args, total: usize, model: &ModelConfig) -> Result<CacheChoice, CliError> {
+    let kind = cache_kind(args);
     let positive = |name: &str, value: usize| {
         if value == 0 {
             Err(CliError::Usage(format!("--{name} must be at least 1")))
@@ -298,11 +325,7 @@ fn cache_choice(args: &Args, prompt_len: usize) -> Result<CacheChoice, CliError>
         }),
         CacheKind::Static => CacheChoice::Cache(CacheConfig::Static {
             max_batch: 1,
-            max_len: positive(
-                "max-cache-len",
-                args.max_cache_len
-                    .unwrap_or(prompt_len + args.max_new_tokens),
-            )?,
+            max_len: positive("max-cache-len", args.max_cache_len.unwrap_or(total))?,
         }),
         CacheKind::Sliding => CacheChoice::Cache(CacheConfig::SlidingWindow {
             window: positive("window", args.window)?,
@@ -310,7 +333,7 @@ fn cache_choice(args: &Args, prompt_len: usize) -> Result<CacheChoice, CliError>
         CacheKind::Sink => CacheChoice::Cache(CacheConfig::Sink {
             sinks: args.sink_tokens,
             window: positive("window", args.window)?,
-            rope_theta: None,
+            positions: model.sink_positions(),
         }),
         CacheKind::Int8 | CacheKind::Int4 => {
             CacheChoice::Cache(CacheConfig::Quantized(QuantizedCacheConfig {

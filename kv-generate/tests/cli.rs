@@ -109,6 +109,83 @@ fn json_greedy_equals_transformers_for_every_cache_flag() {
     }
 }
 
+/// `--cache sink` on a rotary model is StreamingLLM's cache (keys re-rotated with the
+/// model's table): it generates past the 128 positions the llama fixture was built for, with
+/// the tokens of that cache through the library, while `--cache dynamic` is refused with an
+/// error naming the limit.
+#[test]
+fn cache_sink_runs_past_the_model_context_and_dynamic_refuses() {
+    let model = fixtures().join("llama");
+    let model = model.to_str().unwrap();
+    let prompt: Vec<u32> = (0..100u32).map(|i| (i * 11 + 5) % 90).collect();
+    let prompt_csv: Vec<String> = prompt.iter().map(u32::to_string).collect();
+    let prompt_csv = prompt_csv.join(",");
+    let common = [
+        "--model",
+        model,
+        "--prompt-ids",
+        &prompt_csv,
+        "--max-new-tokens",
+        "60",
+        "--ignore-eos",
+        "--greedy",
+        "--backend",
+        "ndarray",
+        "--weights",
+        "f32",
+    ];
+    let line = failure(&[&common[..], &["--cache", "dynamic"]].concat());
+    assert!(line.contains("past the 128"), "{line}");
+
+    let args = [
+        &common[..],
+        &[
+            "--cache",
+            "sink",
+            "--sink-tokens",
+            "4",
+            "--window",
+            "28",
+            "--json",
+        ],
+    ]
+    .concat();
+    let out = kv_generate(&args);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let json: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let generated: Vec<u32> = json["generated_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap() as u32)
+        .collect();
+
+    let loaded = kv_model::load_model::<burn_ndarray::NdArray<f32>>(
+        &fixtures().join("llama"),
+        &Default::default(),
+    )
+    .unwrap();
+    let sink = kv_core::CacheConfig::Sink {
+        sinks: 4,
+        window: 28,
+        positions: kv_core::SinkPositions::CacheRanks,
+    };
+    let config = kv_generate::GenerationConfig {
+        max_new_tokens: 60,
+        eos: kv_generate::EosPolicy::Ignore,
+        cache: kv_generate::CacheChoice::Cache(sink),
+        ..Default::default()
+    };
+    let library = kv_generate::Generator::new(&loaded.model, None)
+        .generate(&[prompt], &config, &mut |_, _| {})
+        .unwrap();
+    assert_eq!(generated, library.rows[0].generated_ids);
+}
+
 #[test]
 fn quantized_flags_run_and_stop_at_eos_by_default() {
     let model = fixtures().join("llama");

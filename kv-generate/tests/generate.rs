@@ -48,7 +48,7 @@ fn every_cache(len: usize) -> Vec<CacheChoice> {
         CacheChoice::Cache(CacheConfig::Sink {
             sinks: 2,
             window: len,
-            rope_theta: None,
+            positions: kv_core::SinkPositions::TextPositions,
         }),
     ]
 }
@@ -348,4 +348,83 @@ fn streaming_emits_whole_characters_only() {
     pieces.extend(stream.flush(&tokenizer).unwrap());
     assert_eq!(pieces.concat(), text);
     assert!(pieces.len() > 1);
+}
+
+/// The llama fixture was built for 128 positions. Through a sink cache that re-rotates its
+/// keys, generation runs on past them with the tokens of the model's own sink loop; through a
+/// dynamic cache or none it is refused before any work, with an error naming the limit, and
+/// allowed right up to it.
+#[test]
+fn a_sink_cache_generates_past_the_model_context_and_other_caches_refuse() {
+    let loaded = load("llama");
+    let model = &loaded.model;
+    let max = model.config().max_positions;
+    assert_eq!(max, 128);
+    let generator = Generator::new(model, None);
+    let prompt: Vec<u32> = (0..100u32).map(|i| (i * 11 + 5) % 90).collect();
+    let sink = CacheConfig::Sink {
+        sinks: 4,
+        window: 28,
+        positions: model.config().sink_positions(),
+    };
+    let out = generator
+        .generate(
+            std::slice::from_ref(&prompt),
+            &greedy(60, CacheChoice::Cache(sink.clone())),
+            &mut |_, _| {},
+        )
+        .unwrap();
+    let generated = &out.rows[0].generated_ids;
+    assert_eq!(generated.len(), 60);
+
+    // The same loop by hand: the prompt, then each greedy token, through the model's cache.
+    let mut cache = model.new_cache(&sink).unwrap();
+    let mut input = prompt.clone();
+    let mut by_hand = Vec::new();
+    for _ in 0..60 {
+        let logits = model
+            .forward(&[input], None, Some(&mut cache), kv_model::Logits::Last)
+            .unwrap();
+        let row = logits.into_data().to_vec::<f32>().unwrap();
+        let next = (0..row.len())
+            .max_by(|&a, &b| row[a].total_cmp(&row[b]))
+            .unwrap() as u32;
+        by_hand.push(next);
+        input = vec![next];
+    }
+    assert_eq!(generated, &by_hand);
+
+    for cache in [
+        CacheChoice::None,
+        CacheChoice::Cache(CacheConfig::Dynamic { capacity: 16 }),
+    ] {
+        let err = generator
+            .generate(
+                std::slice::from_ref(&prompt),
+                &greedy(60, cache.clone()),
+                &mut |_, _| {},
+            )
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                kv_generate::GenerateError::PastModelContext {
+                    prompt: 100,
+                    new: 60,
+                    max: 128
+                }
+            ),
+            "{cache:?}: {err}"
+        );
+        assert!(err.to_string().contains("128"), "{err}");
+        // 100 prompt positions and 28 fed-back tokens fill exactly 128 positions.
+        let fits = generator
+            .generate(
+                std::slice::from_ref(&prompt),
+                &greedy(29, cache.clone()),
+                &mut |_, _| {},
+            )
+            .unwrap();
+        assert_eq!(fits.rows[0].generated_ids.len(), 29, "{cache:?}");
+    }
 }

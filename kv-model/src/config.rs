@@ -130,6 +130,27 @@ pub struct ModelConfig {
 }
 
 impl ModelConfig {
+    /// Where a sink cache for this model keeps its keys: re-rotated at their rank in the
+    /// cache for rotary models (StreamingLLM), at their text positions for learned ones.
+    ///
+    /// ```
+    /// use kv_core::SinkPositions;
+    /// use kv_model::ModelConfig;
+    ///
+    /// let gpt2 = serde_json::json!({
+    ///     "model_type": "gpt2", "vocab_size": 50, "n_embd": 16, "n_layer": 1, "n_head": 2,
+    ///     "n_positions": 32
+    /// });
+    /// let config = ModelConfig::from_hf_json(&gpt2, "example").unwrap();
+    /// assert_eq!(config.sink_positions(), SinkPositions::TextPositions);
+    /// ```
+    pub fn sink_positions(&self) -> kv_core::SinkPositions {
+        match self.rope {
+            Some(_) => kv_core::SinkPositions::CacheRanks,
+            None => kv_core::SinkPositions::TextPositions,
+        }
+    }
+
     /// Reads a Hugging Face `config.json` (transformers v4 or v5 style).
     pub fn from_hf_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| ModelError::io(path, e))?;

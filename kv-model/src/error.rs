@@ -100,14 +100,50 @@ pub enum ModelError {
         /// Vocabulary size.
         vocab: usize,
     },
-    /// A position is past what the model can encode (GPT-2's learned positions).
-    #[error("position {position} is past the model's {max} positions (n_positions); shorten the sequence")]
+    /// A position is past those the model was built for: GPT-2's learned table ends there,
+    /// and a rotary model was never trained on larger rotations.
+    #[error(
+        "position {position} is past the {max} positions the model was built for \
+         (max_position_embeddings, n_positions); shorten the sequence, or use a sink cache \
+         that re-rotates its keys, whose positions stay inside the model's"
+    )]
     SequenceTooLong {
         /// The first position that does not fit.
         position: usize,
         /// Positions the model has.
         max: usize,
     },
+    /// A sink cache asked to re-rotate its keys serves a model with learned positions.
+    #[error(
+        "`{model_type}` has learned positions, so a sink cache cannot re-rotate its keys: keep \
+         them at their text positions (SinkPositions::TextPositions), which end at the model's \
+         {max_positions}"
+    )]
+    SinkNeedsRotary {
+        /// The model's `model_type`.
+        model_type: String,
+        /// Positions the model has.
+        max_positions: usize,
+    },
+    /// A cache that re-rotates its keys holds more positions than the model was built for.
+    #[error(
+        "a sink cache of {held} positions rotates keys up to position {}, past the {max} \
+         positions the model was built for: keep sinks + window at most {max}",
+        held - 1
+    )]
+    CacheLongerThanModel {
+        /// Positions the cache holds (sinks + window).
+        held: usize,
+        /// Positions the model was built for.
+        max: usize,
+    },
+    /// Padded rows through a sink cache that re-rotates its keys: padding would take sink
+    /// slots and shift every rank.
+    #[error(
+        "a sink cache that re-rotates its keys serves rows of one length: run padded rows \
+         one at a time"
+    )]
+    PaddedSink,
     /// The inputs of one forward pass do not fit together.
     #[error("bad forward input: {0}")]
     Input(String),

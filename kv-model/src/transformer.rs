@@ -441,15 +441,46 @@ impl<B: Backend> Transformer<B> {
     }
 
     /// A cache for this model: one `config` cache per layer, shaped for its key/value heads.
+    ///
+    /// A sink cache that re-rotates its keys ([`kv_core::SinkPositions::CacheRanks`]) rotates
+    /// them with this model's own rotary table, rope scaling included, so its keys and the
+    /// model's queries always agree. [`ModelConfig::sink_positions`] names the right choice
+    /// for a model; re-rotation is refused for learned positions, and for a cache holding
+    /// more positions than the model was built for.
     pub fn new_cache(&self, config: &kv_core::CacheConfig) -> Result<ModelCache<B>> {
         let shape = kv_core::LayerShape {
             kv_heads: self.config.num_kv_heads,
             head_dim: self.config.head_dim,
         };
+        let rotary = match &self.positions {
+            PositionEncoding::Rotary(rope) => Some(rope),
+            PositionEncoding::Learned(_) => None,
+        };
+        if let kv_core::CacheConfig::Sink {
+            sinks,
+            window,
+            positions: kv_core::SinkPositions::CacheRanks,
+        } = *config
+        {
+            let max = self.config.max_positions;
+            if rotary.is_none() {
+                return Err(ModelError::SinkNeedsRotary {
+                    model_type: self.config.model_type.clone(),
+                    max_positions: max,
+                });
+            }
+            if sinks + window > max {
+                return Err(ModelError::CacheLongerThanModel {
+                    held: sinks + window,
+                    max,
+                });
+            }
+        }
         Ok(ModelCache::new(
             config,
             self.config.num_layers,
             shape,
+            rotary,
             &self.device,
         )?)
     }
@@ -483,6 +514,14 @@ impl<B: Backend> Transformer<B> {
     /// - `logits`: every position, or the last only.
     ///
     /// Returns `[batch, seq or 1, vocab]`.
+    ///
+    /// # Positions
+    /// Every position the model encodes stays below [`ModelConfig::max_positions`]: a sequence
+    /// that would pass it is refused ([`ModelError::SequenceTooLong`]) rather than computed
+    /// with positions the model never learned. A sink cache that re-rotates its keys encodes
+    /// ranks inside the cache instead, so generation through it runs on past that limit
+    /// (StreamingLLM); once it is full, new tokens go through it one at a time, each seeing
+    /// the sinks and the window before it at ranks `0..sinks + window`.
     pub fn forward<C: KvCache<B>>(
         &self,
         tokens: &[Vec<u32>],
@@ -492,6 +531,19 @@ impl<B: Backend> Transformer<B> {
     ) -> Result<Tensor<B, 3>> {
         let (batch, seq) = self.check_tokens(tokens)?;
         let past = cache.as_ref().map_or(0, |c| c.seq_len());
+        let rotation = cache
+            .as_ref()
+            .map_or(KeyRotation::AppliedByCaller, |c| c.key_rotation());
+        if rotation == KeyRotation::AppliedByCache {
+            if mask.is_some() {
+                return Err(ModelError::PaddedSink);
+            }
+            if let Some(cache) = cache.as_deref_mut() {
+                if let Some(evicting) = self.forward_evicting(tokens, cache, logits)? {
+                    return Ok(evicting);
+                }
+            }
+        }
         let queries = past..past + seq;
         if let Some(mask) = mask {
             if mask.batch() != batch || mask.len() != queries.end {
@@ -507,12 +559,17 @@ impl<B: Backend> Transformer<B> {
             Some(mask) => mask.position_ids(queries.clone()),
             None => vec![queries.clone().collect()],
         };
-        let (cache_pattern, rotation) = cache.as_ref().map_or(
-            (AttentionPattern::Causal, KeyRotation::AppliedByCaller),
-            |c| (c.attention_pattern(), c.key_rotation()),
-        );
+        if rotation == KeyRotation::AppliedByCaller {
+            let max = self.config.max_positions;
+            if let Some(&position) = position_ids.iter().flatten().find(|&&p| p >= max) {
+                return Err(ModelError::SequenceTooLong { position, max });
+            }
+        }
+        let cache_pattern = cache
+            .as_ref()
+            .map_or(AttentionPattern::Causal, |c| c.attention_pattern());
         let runs = self.runs(seq);
-        let on_host = self.runs_on_host(batch * seq, runs.len(), rotation);
+        let on_host = self.runs_on_host(batch * seq, runs.len());
         // Rotary angles of the new tokens: computed once per run of positions, laid out for
         // the query heads and for the key heads, and applied to Q and K in every layer.
         let angles = match (&self.positions, rotation) {
@@ -598,17 +655,49 @@ impl<B: Backend> Transformer<B> {
         Ok(self.lm_head.forward(self.final_norm.forward(x)))
     }
 
+    /// A forward pass of several tokens through a cache that re-rotates its keys, when they
+    /// would evict: the tokens that still fit go in one piece (ranks equal positions there),
+    /// the rest one at a time, so that each token sees the sinks and the window before it at
+    /// ranks `0..sinks + window`, as StreamingLLM defines it. A piece of several tokens that
+    /// evicts would give its later queries ranks past the cache's size and so the wrong
+    /// distances to the sinks. `None` when nothing evicts.
+    fn forward_evicting<C: KvCache<B>>(
+        &self,
+        tokens: &[Vec<u32>],
+        cache: &mut ModelCache<B, C>,
+        logits: Logits,
+    ) -> Result<Option<Tensor<B, 3>>> {
+        let seq = tokens[0].len();
+        let free = cache
+            .max_len()
+            .map_or(usize::MAX, |max| max.saturating_sub(cache.seq_len()));
+        if seq <= free.max(1) {
+            return Ok(None);
+        }
+        let mut pieces = Vec::new();
+        let mut start = 0;
+        while start < seq {
+            let len = if start == 0 { free.max(1) } else { 1 };
+            let piece: Vec<Vec<u32>> = tokens
+                .iter()
+                .map(|row| row[start..start + len].to_vec())
+                .collect();
+            let last = start + len == seq;
+            let wanted = if last { logits } else { Logits::All };
+            let out = self.forward(&piece, None, Some(&mut *cache), wanted)?;
+            if logits == Logits::All || last {
+                pieces.push(out);
+            }
+            start += len;
+        }
+        Ok(Some(Tensor::cat(pieces, 1)))
+    }
+
     /// Whether a forward pass over `rows` new positions in `runs` runs takes
-    /// [`Transformer::forward_on_host`]: one run, every matrix (the LM head too) on the host
-    /// with few enough rows for the kernels' matrix-vector path, and keys rotated by the model
-    /// rather than re-rotated by the cache.
-    fn runs_on_host(&self, rows: usize, runs: usize, rotation: KeyRotation) -> bool {
-        let model_rotates = match self.positions {
-            PositionEncoding::Rotary(_) => rotation == KeyRotation::AppliedByCaller,
-            PositionEncoding::Learned(_) => true,
-        };
+    /// [`Transformer::forward_on_host`]: one run, and every matrix (the LM head too) on the
+    /// host with few enough rows for the kernels' matrix-vector path.
+    fn runs_on_host(&self, rows: usize, runs: usize) -> bool {
         runs == 1
-            && model_rotates
             && self.lm_head.is_host()
             && self.blocks.iter().all(|block| block.runs_on_host(rows))
     }
@@ -631,10 +720,14 @@ impl<B: Backend> Transformer<B> {
         let rows = batch * seq;
         // The residual stream, `[batch * seq, hidden]`.
         let mut x = host::download(self.embed(tokens, &step.position_ids)?);
-        // Cosines and sines of every new position: `[rows of positions * seq, head_dim]`.
-        let angles = match &self.positions {
-            PositionEncoding::Rotary(rope) => Some(rope.host_angles(&step.position_ids.concat())),
-            PositionEncoding::Learned(_) => None,
+        // Cosines and sines of every new position: `[rows of positions * seq, head_dim]`,
+        // when the model rotates keys itself (a cache that re-rotates them takes K as it is,
+        // and Q is rotated at its rank in the cache once the cache has said it).
+        let angles = match (&self.positions, step.rotation) {
+            (PositionEncoding::Rotary(rope), KeyRotation::AppliedByCaller) => {
+                Some(rope.host_angles(&step.position_ids.concat()))
+            }
+            _ => None,
         };
         let shared_positions = step.position_ids.len() == 1;
         let to_backend = |values: Vec<f32>, heads: usize| {
@@ -805,11 +898,8 @@ impl<B: Backend> Transformer<B> {
         match &self.positions {
             PositionEncoding::Rotary(_) => Ok(x),
             PositionEncoding::Learned(table) => {
-                let max = self.config.max_positions;
+                // Positions were checked against the table's length in `forward`.
                 let flat: Vec<usize> = position_ids.iter().flatten().copied().collect();
-                if let Some(&position) = flat.iter().find(|&&p| p >= max) {
-                    return Err(ModelError::SequenceTooLong { position, max });
-                }
                 let rows = position_ids.len();
                 let positions = table
                     .clone()

@@ -78,7 +78,7 @@ fn every_cache_kind(len: usize) -> Vec<CacheConfig> {
     kinds.push(CacheConfig::Sink {
         sinks: 2,
         window: 6,
-        rope_theta: None,
+        positions: kv_core::SinkPositions::CacheRanks,
     });
     for bits in [QuantBits::Int8, QuantBits::Int4] {
         kinds.push(CacheConfig::Quantized(QuantizedCacheConfig {

@@ -289,34 +289,24 @@ fn assert_host_steps_match_backend(
 /// A decode step on host matrices keeps its residual stream on the host and lets the backend do
 /// only the cache and attention. Its logits equal the backend path's (the same f32 weights on
 /// the device) step by step, on every cache kind, including windows that evict and a sink
-/// cache that re-rotates its keys (which takes the backend path for rotary).
+/// cache that re-rotates its keys.
 #[test]
 fn host_decode_steps_equal_the_backend_path_on_every_cache_kind() {
     let mut kinds = exact_cache_kinds(24);
     kinds.extend([
         int8_cache(),
         kv_core::CacheConfig::SlidingWindow { window: 5 },
-        kv_core::CacheConfig::Sink {
-            sinks: 2,
-            window: 4,
-            rope_theta: Some(10_000.0),
-        },
     ]);
     let prompt: Vec<u32> = vec![5, 17, 2, 40];
     for name in ["gpt2", "llama", "qwen2"] {
         let (host, backend) = (load_placed(name, WeightFormat::F32), load(name));
-        for kind in &kinds {
-            if name == "gpt2"
-                && matches!(
-                    kind,
-                    kv_core::CacheConfig::Sink {
-                        rope_theta: Some(_),
-                        ..
-                    }
-                )
-            {
-                continue; // learned positions: nothing to re-rotate
-            }
+        // Evicting sinks, placed as the model needs (re-rotated for rotary models).
+        let sink = kv_core::CacheConfig::Sink {
+            sinks: 2,
+            window: 4,
+            positions: host.config().sink_positions(),
+        };
+        for kind in kinds.iter().chain([&sink]) {
             assert_host_steps_match_backend(&host, &backend, kind, &prompt, 10, name);
         }
     }

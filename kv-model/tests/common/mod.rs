@@ -140,7 +140,7 @@ pub fn exact_cache_kinds(len: usize) -> Vec<CacheConfig> {
         CacheConfig::Sink {
             sinks: 4,
             window: len - 4,
-            rope_theta: None,
+            positions: kv_core::SinkPositions::TextPositions,
         },
     ]
 }
