@@ -113,12 +113,14 @@ fn pack<B: Backend>(codes: Tensor<B, 4>, bits: QuantBits) -> Tensor<B, 4, Int> {
     let codes = codes.int().cast(dtype);
     match bits {
         QuantBits::Int8 => codes,
+        // Channel `c < d / 2` in the low nibble of byte `c`, channel `c + d / 2` in its high
+        // nibble: unpacking is then two whole halves side by side, which CPU backends copy in
+        // runs, where interleaved pairs would be written one element at a time.
         QuantBits::Int4 => {
-            let [b, h, t, d] = codes.dims();
-            let pairs = codes.reshape([b, h, t, d / 2, 2]);
-            let low = pairs.clone().narrow(4, 0, 1);
-            let high = pairs.narrow(4, 1, 1);
-            (low + high.mul_scalar(16)).reshape([b, h, t, d / 2])
+            let half = codes.dims()[3] / 2;
+            let low = codes.clone().narrow(3, 0, half);
+            let high = codes.narrow(3, half, half);
+            low + high.mul_scalar(16)
         }
     }
 }
@@ -128,15 +130,9 @@ fn unpack<B: Backend>(packed: Tensor<B, 4, Int>, bits: QuantBits) -> Tensor<B, 4
     match bits {
         QuantBits::Int8 => packed.float(),
         QuantBits::Int4 => {
-            let [b, h, t, half] = packed.dims();
-            let low = packed
-                .clone()
-                .remainder_scalar(16)
-                .reshape([b, h, t, half, 1]);
-            let high = packed.div_scalar(16).reshape([b, h, t, half, 1]);
-            Tensor::cat(vec![low, high], 4)
-                .reshape([b, h, t, 2 * half])
-                .float()
+            let low = packed.clone().remainder_scalar(16);
+            let high = packed.div_scalar(16);
+            Tensor::cat(vec![low, high], 3).float()
         }
     }
 }
@@ -266,12 +262,17 @@ impl<B: Backend> QuantizedCache<B> {
             self.value_group(d),
             self.config.bits,
         );
+        // Scales and minimums are repeated to the codes' shape before the products: CPU
+        // backends multiply equal shapes on their contiguous fast path, and a broadcast on
+        // their element-by-element strided one (several times slower here).
+        let per_key_group =
+            |x: &Tensor<B, 4>| x.clone().reshape([b, h, t / g, 1, d]).repeat_dim(3, g);
         let k = unpack(keys.codes.clone(), bits).reshape([b, h, t / g, g, d]);
-        let k = k * keys.scale.clone().reshape([b, h, t / g, 1, d])
-            + keys.min.clone().reshape([b, h, t / g, 1, d]);
+        let k = k * per_key_group(&keys.scale) + per_key_group(&keys.min);
+        let per_value_group =
+            |x: &Tensor<B, 4>| x.clone().reshape([b, h, t, d / vg, 1]).repeat_dim(4, vg);
         let v = unpack(values.codes.clone(), bits).reshape([b, h, t, d / vg, vg]);
-        let v = v * values.scale.clone().reshape([b, h, t, d / vg, 1])
-            + values.min.clone().reshape([b, h, t, d / vg, 1]);
+        let v = v * per_value_group(&values.scale) + per_value_group(&values.min);
         Some((k.reshape([b, h, t, d]), v.reshape([b, h, t, d])))
     }
 
