@@ -78,14 +78,6 @@ fn chunked(
     rows
 }
 
-fn worst(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| max_abs_diff(x, y))
-        .fold(0.0, f32::max)
-}
-
 fn tokens() -> impl Strategy<Value = Vec<u32>> {
     proptest::collection::vec(0..VOCAB as u32, 1..28)
 }

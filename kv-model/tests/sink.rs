@@ -148,14 +148,6 @@ proptest! {
     }
 }
 
-fn worst(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| max_abs_diff(x, y))
-        .fold(0.0, f32::max)
-}
-
 /// The reference Llama fixture was built for 128 positions. Through a sink cache it runs on
 /// past them; without a cache, or through a cache that keeps text positions, the first
 /// position past them is refused with an error that names the limit.
