@@ -198,13 +198,7 @@ impl CacheRun {
     /// Whether the positions the model sees through this cache stay inside the cache (a sink
     /// cache that re-rotates its keys), so the text may run past the model's context.
     pub fn runs_past_the_context(&self) -> bool {
-        matches!(
-            self.config,
-            CacheConfig::Sink {
-                positions: kv_core::SinkPositions::CacheRanks,
-                ..
-            }
-        )
+        self.config.bounds_positions()
     }
 }
 

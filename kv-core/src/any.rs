@@ -116,6 +116,27 @@ impl CacheConfig {
         }
     }
 
+    /// Whether the positions a model encodes through this cache stay inside the cache (a sink
+    /// cache that re-rotates its keys at their rank), so a text may run past the model's
+    /// context; every other kind gives the model text positions.
+    ///
+    /// ```
+    /// use kv_core::{CacheConfig, SinkPositions};
+    ///
+    /// let sink = CacheConfig::Sink { sinks: 4, window: 60, positions: SinkPositions::CacheRanks };
+    /// assert!(sink.bounds_positions());
+    /// assert!(!CacheConfig::Dynamic { capacity: 64 }.bounds_positions());
+    /// ```
+    pub fn bounds_positions(&self) -> bool {
+        matches!(
+            self,
+            CacheConfig::Sink {
+                positions: SinkPositions::CacheRanks,
+                ..
+            }
+        )
+    }
+
     /// Builds one layer's cache. `rotary` is the model's rotary table, which a sink cache
     /// that re-rotates its keys ([`SinkPositions::CacheRanks`]) needs; other kinds ignore it.
     ///

@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 use burn::tensor::{backend::Backend, Tensor};
-use kv_core::{AttentionMask, CacheConfig, ModelCache, SinkPositions};
+use kv_core::{AttentionMask, CacheConfig, ModelCache};
 use kv_model::{Logits, Tokenizer, Transformer};
 
 use crate::error::{GenerateError, Result};
@@ -378,13 +378,8 @@ impl<'a, B: Backend> Generator<'a, B> {
         }
         // Every cache but a sink that re-rotates its keys (and no cache at all) gives the model
         // text positions, which must stay below its limit; the last token is never fed back.
-        let re_rotates = matches!(
-            config.cache,
-            CacheChoice::Cache(CacheConfig::Sink {
-                positions: SinkPositions::CacheRanks,
-                ..
-            })
-        );
+        let re_rotates =
+            matches!(&config.cache, CacheChoice::Cache(kind) if kind.bounds_positions());
         let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
         let max = self.model.config().max_positions;
         if !re_rotates && longest + config.max_new_tokens - 1 > max {

@@ -683,8 +683,9 @@ impl<B: Backend> Transformer<B> {
                 .map(|row| row[start..start + len].to_vec())
                 .collect();
             let last = start + len == seq;
-            let wanted = if last { logits } else { Logits::All };
-            let out = self.forward(&piece, None, Some(&mut *cache), wanted)?;
+            // With `Logits::Last` only the last piece's row is kept; earlier pieces then
+            // compute one row each, not one per position.
+            let out = self.forward(&piece, None, Some(&mut *cache), logits)?;
             if logits == Logits::All || last {
                 pieces.push(out);
             }
