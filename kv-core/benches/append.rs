@@ -2,7 +2,9 @@
 //! and for the naive `cat` that copies the whole history each step.
 //!
 //! Shapes are those of SmolLM2-135M's layers: `[1, 3 kv_heads, seq, 64 head_dim]`, f32.
-//! `update` is append + the read of what attention needs; `append` is the write alone.
+//! `update` is append + the read of what attention needs; `append` is the write alone;
+//! `attend` is a decode step's whole use of the cache (`update_and_attend` with the 9 query
+//! heads of SmolLM2-135M), which the quantized kinds answer over their codes.
 
 use std::time::Duration;
 
@@ -82,6 +84,33 @@ fn update(c: &mut Criterion) {
                 (keys, values)
             })
         });
+    }
+    group.finish();
+
+    let mut group = c.benchmark_group("attend_one_token");
+    let query = Tensor::<B, 4>::random(
+        [1, 3 * KV_HEADS, 1, HEAD_DIM],
+        Distribution::Default,
+        &Default::default(),
+    );
+    for len in LENGTHS {
+        let prefix = random(len);
+        for (name, config) in kinds()
+            .into_iter()
+            .filter(|(name, _)| ["dynamic", "int8", "int4"].contains(name))
+        {
+            let mut cache = config.build::<B>(shape, None, &Default::default()).unwrap();
+            cache.update(prefix.clone(), prefix.clone()).unwrap();
+            group.bench_with_input(BenchmarkId::new(name, len), &len, |b, &len| {
+                b.iter(|| {
+                    let out = cache
+                        .update_and_attend(query.clone(), token.clone(), token.clone())
+                        .unwrap();
+                    cache.crop(len).unwrap();
+                    out
+                })
+            });
+        }
     }
     group.finish();
 

@@ -58,8 +58,8 @@ impl CacheConfig {
     ///
     /// The exact kinds hold `2 x batch x kv_heads x head_dim x float_bytes` per slot, over
     /// the capacity hint or `positions` rounded up to the next power of two (dynamic), `max_len` (static) or the
-    /// window (sliding, sink). The quantized kind holds its oldest whole groups as codes plus a
-    /// scale and a minimum per group, and the rest in full precision.
+    /// window (sliding, sink). The quantized kind holds its oldest whole groups as codes plus an
+    /// f16 scale and minimum per group, and the rest in f16, whatever `float_bytes` is.
     ///
     /// ```
     /// use kv_core::{CacheConfig, LayerShape};
@@ -95,24 +95,8 @@ impl CacheConfig {
             }
             CacheConfig::SlidingWindow { window } => per_slot * window,
             CacheConfig::Sink { sinks, window, .. } => per_slot * (sinks + window),
-            CacheConfig::Quantized(config) => {
-                let (group, keep) = (config.group_size, config.residual_len);
-                let quantized = if positions >= keep + group {
-                    (positions - keep) / group * group
-                } else {
-                    0
-                };
-                let residual = positions - quantized;
-                let per_byte = match config.bits {
-                    crate::QuantBits::Int8 => 1,
-                    crate::QuantBits::Int4 => 2,
-                };
-                let value_group = group.min(head_dim);
-                let codes = 2 * quantized * head_dim / per_byte;
-                let key_params = 2 * (quantized / group) * head_dim * float_bytes;
-                let value_params = 2 * quantized * (head_dim / value_group) * float_bytes;
-                batch * kv_heads * (codes + key_params + value_params) + per_slot * residual
-            }
+            // Codes and f16 parameters and residual, whatever the model's float size.
+            CacheConfig::Quantized(config) => batch * kv_heads * config.bytes(head_dim, positions),
         }
     }
 
@@ -228,6 +212,17 @@ macro_rules! each_kind {
 impl<B: Backend> KvCache<B> for AnyCache<B> {
     fn update(&mut self, keys: Tensor<B, 4>, values: Tensor<B, 4>) -> Result<KvView<B>> {
         each_kind!(self, c => c.update(keys, values))
+    }
+    fn attends_in_place(&self) -> bool {
+        each_kind!(self, c => c.attends_in_place())
+    }
+    fn update_and_attend(
+        &mut self,
+        queries: Tensor<B, 4>,
+        keys: Tensor<B, 4>,
+        values: Tensor<B, 4>,
+    ) -> Result<Tensor<B, 4>> {
+        each_kind!(self, c => c.update_and_attend(queries, keys, values))
     }
     fn seq_len(&self) -> usize {
         each_kind!(self, c => c.seq_len())

@@ -2,7 +2,10 @@
 
 use burn::tensor::{backend::Backend, Tensor};
 
-use crate::{error::Result, AttentionPattern, CacheError, KvView};
+use crate::{
+    error::Result, grouped_query_attention, needed_attention_mask, AttentionPattern, CacheError,
+    KvView,
+};
 
 /// Who applies rotary position embeddings to the keys a cache stores.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -25,6 +28,57 @@ pub trait KvCache<B: Backend> {
     /// Appends the keys and values of the next `new` positions (`[batch, kv_heads, new, head_dim]`)
     /// and returns what attention must read for the queries of those positions.
     fn update(&mut self, keys: Tensor<B, 4>, values: Tensor<B, 4>) -> Result<KvView<B>>;
+
+    /// Whether [`KvCache::update_and_attend`] reads this cache's own storage (a
+    /// [`crate::QuantizedCache`] attends over its codes), so a caller should prefer it to
+    /// [`KvCache::update`] and attention over the view.
+    fn attends_in_place(&self) -> bool {
+        false
+    }
+
+    /// Appends keys and values (`[batch, kv_heads, new, head_dim]`) and returns the attention
+    /// of `queries` (`[batch, heads, new, head_dim]`, `heads` a multiple of `kv_heads`; query
+    /// head `h` reads key/value head `h / (heads / kv_heads)`) over everything the cache then
+    /// holds under its [`KvCache::attention_pattern`], with scores scaled by
+    /// `1 / sqrt(head_dim)`: `[batch, heads, new, head_dim]`. No padding: every row holds
+    /// tokens at every position.
+    ///
+    /// By default, [`KvCache::update`] and [`grouped_query_attention`] over its view; a kind
+    /// whose storage attention can read directly overrides it (and says so in
+    /// [`KvCache::attends_in_place`]). Meant for caches whose keys the caller rotates
+    /// ([`KeyRotation::AppliedByCaller`]).
+    ///
+    /// ```
+    /// use burn::tensor::{Distribution, Tensor};
+    /// use burn_ndarray::NdArray;
+    /// use kv_core::{DynamicCache, KvCache};
+    ///
+    /// let device = Default::default();
+    /// let mut cache = DynamicCache::<NdArray>::new();
+    /// let k = Tensor::<NdArray, 4>::random([1, 2, 5, 8], Distribution::Default, &device);
+    /// let q = Tensor::<NdArray, 4>::random([1, 4, 5, 8], Distribution::Default, &device);
+    /// let out = cache.update_and_attend(q, k.clone(), k).unwrap();
+    /// assert_eq!(out.dims(), [1, 4, 5, 8]);
+    /// ```
+    fn update_and_attend(
+        &mut self,
+        queries: Tensor<B, 4>,
+        keys: Tensor<B, 4>,
+        values: Tensor<B, 4>,
+    ) -> Result<Tensor<B, 4>> {
+        let past = self.seq_len();
+        let new = keys.dims()[2];
+        let device = keys.device();
+        let view = self.update(keys, values)?;
+        let mask = needed_attention_mask(
+            past..past + new,
+            &view.positions,
+            self.attention_pattern(),
+            None,
+            &device,
+        );
+        grouped_query_attention(queries, view.keys, view.values, mask)
+    }
 
     /// Positions seen so far: the absolute position the next token will take.
     fn seq_len(&self) -> usize;

@@ -3,7 +3,7 @@
 use thiserror::Error;
 
 /// Everything a cache operation can refuse, with the numbers needed to fix the call.
-#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[derive(Debug, Clone, PartialEq, Error)]
 pub enum CacheError {
     /// Keys and values passed to one update disagree in shape.
     #[error(
@@ -181,6 +181,28 @@ pub enum CacheError {
         rotary: usize,
         /// The cache's head size.
         head_dim: usize,
+    },
+    /// A key or value a quantized cache cannot hold: it keeps scales, minimums and recent
+    /// tokens in f16.
+    #[error(
+        "a key or value of {value} is outside f16's range (±65504), in which a quantized cache \
+         keeps its scales, minimums and recent tokens: use a full-precision cache for this model"
+    )]
+    OutOfHalfRange {
+        /// The first value out of range (or NaN).
+        value: f32,
+    },
+    /// Queries that do not match the keys and values of the same attention call.
+    #[error(
+        "queries of shape {queries:?} do not fit keys of shape {keys:?}: both are [batch, heads, \
+         new, head_dim] with equal batch, new and head_dim, and the query heads a multiple of \
+         the key/value heads"
+    )]
+    QueryShape {
+        /// Shape of the queries passed.
+        queries: [usize; 4],
+        /// Shape of the keys passed.
+        keys: [usize; 4],
     },
     /// A cache configuration that cannot work, with the reason.
     #[error("invalid cache configuration: {0}")]

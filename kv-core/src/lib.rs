@@ -11,6 +11,7 @@
 //! | operation | meaning |
 //! |---|---|
 //! | [`KvCache::update`] | append new keys/values, get back what attention reads ([`KvView`]) |
+//! | [`KvCache::update_and_attend`] | append, then attend (over the cache's own storage where [`KvCache::attends_in_place`]) |
 //! | [`KvCache::seq_len`] / [`KvCache::held_len`] / [`KvCache::max_len`] | positions seen / held / holdable |
 //! | [`KvCache::crop`] | forget positions from a length on |
 //! | [`KvCache::select_batch`] / [`KvCache::repeat_batch`] | reorder rows (beams) / fork continuations |
@@ -18,7 +19,7 @@
 //!
 //! Kinds: [`DynamicCache`] (grows, amortized O(1) append), [`StaticCache`] (preallocated,
 //! written at `cache_position`), [`SlidingWindowCache`] (ring of the last W positions),
-//! [`SinkCache`] (StreamingLLM sinks + window), [`QuantizedCache`] (KIVI int8/int4), and
+//! [`SinkCache`] (StreamingLLM sinks + window), [`QuantizedCache`] (KIVI int8/int4, attended over its codes), and
 //! [`AnyCache`] to choose at run time. [`ModelCache`] holds one per layer. The helpers a custom
 //! loop needs are here too: [`attention_mask`], [`causal_mask`], [`AttentionMask`] (padding and
 //! position ids), [`RotaryTable`], [`grouped_query_attention`], [`AttentionPlan`] (a prompt's

@@ -97,6 +97,23 @@ impl<B: Backend, C: KvCache<B>> ModelCache<B, C> {
         self.layer_mut(layer)?.update(keys, values)
     }
 
+    /// Appends to `layer`'s cache and attends; see [`KvCache::update_and_attend`].
+    pub fn update_and_attend(
+        &mut self,
+        layer: usize,
+        queries: Tensor<B, 4>,
+        keys: Tensor<B, 4>,
+        values: Tensor<B, 4>,
+    ) -> Result<Tensor<B, 4>> {
+        self.layer_mut(layer)?
+            .update_and_attend(queries, keys, values)
+    }
+
+    /// Whether the layers attend over their own storage; see [`KvCache::attends_in_place`].
+    pub fn attends_in_place(&self) -> bool {
+        self.layers.first().is_some_and(KvCache::attends_in_place)
+    }
+
     /// Positions seen so far.
     pub fn seq_len(&self) -> usize {
         self.layers.first().map_or(0, KvCache::seq_len)

@@ -1,156 +1,49 @@
-//! [`QuantizedCache`]: KIVI-style int8/int4 keys and values with a full-precision residual.
+//! [`QuantizedCache`]: KIVI-style int8/int4 keys and values with an f16 residual, kept in host
+//! memory where attention reads the codes directly.
+//!
+//! Each head's storage and the attention that reads it are kv-kernels'
+//! [`QuantizedKv`](kv_kernels::quantized_kv::QuantizedKv), whose module docs say where the
+//! layout comes from and what it costs. This type puts it behind the [`KvCache`] vocabulary:
+//! tensors in, tensors out, one `QuantizedKv` per batch row and key/value head.
+//!
+//! Where the codes live: in host memory, on every backend. A CPU backend (the case this cache
+//! is built for: a long context on a machine whose memory is the limit) then attends over
+//! them in place through [`KvCache::update_and_attend`], reading a quarter (int8) or an eighth
+//! (int4) of the bytes a full-precision cache would. On a GPU backend each layer's step
+//! downloads the new queries, keys and values (a few KiB) and uploads the attention output;
+//! the history never crosses.
 
-use burn::tensor::{backend::Backend, DType, Int, IntDType, Tensor};
+use std::cell::RefCell;
+use std::ops::Range;
+use std::sync::Arc;
+
+use burn::tensor::{backend::Backend, Tensor, TensorData};
+use kv_kernels::attention::{merge_parts, RowStats};
+use kv_kernels::quantized_kv::{check_half_range, AttendScratch, QuantizedKv};
+use kv_kernels::{Isa, KernelError, Threads};
 
 use crate::cache::{check_indices, check_update};
 use crate::{error::Result, CacheError, KeyPositions, KvCache, KvView};
 
-/// Bits per quantized element.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum QuantBits {
-    /// 256 levels, one byte per element.
-    Int8,
-    /// 16 levels, two elements per byte.
-    Int4,
-}
-
-impl QuantBits {
-    /// Highest code: `2^bits - 1`.
-    pub fn max_code(self) -> u32 {
-        match self {
-            QuantBits::Int8 => 255,
-            QuantBits::Int4 => 15,
-        }
-    }
-}
-
-/// How a [`QuantizedCache`] quantizes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct QuantizedCacheConfig {
-    /// Bits per element.
-    pub bits: QuantBits,
-    /// Tokens per key group (keys are quantized per channel over this many tokens), and
-    /// channels per value group (capped at `head_dim`; values are quantized per token).
-    pub group_size: usize,
-    /// Most recent positions kept in full precision (at least this many, fewer than
-    /// `residual_len + group_size`).
-    pub residual_len: usize,
-}
-
-impl Default for QuantizedCacheConfig {
-    /// 4 bits, groups of 64, 128 recent tokens in full precision (transformers' defaults).
-    fn default() -> Self {
-        Self {
-            bits: QuantBits::Int4,
-            group_size: 64,
-            residual_len: 128,
-        }
-    }
-}
-
-/// Packed codes `[batch, kv_heads, tokens, head_dim / per_byte]` (u8) with the `scale` and `min`
-/// of each group.
-#[derive(Debug, Clone)]
-struct Packed<B: Backend> {
-    codes: Tensor<B, 4, Int>,
-    scale: Tensor<B, 4>,
-    min: Tensor<B, 4>,
-}
-
-impl<B: Backend> Packed<B> {
-    fn cat(self, other: Self) -> Self {
-        Self {
-            codes: Tensor::cat(vec![self.codes, other.codes], 2),
-            scale: Tensor::cat(vec![self.scale, other.scale], 2),
-            min: Tensor::cat(vec![self.min, other.min], 2),
-        }
-    }
-
-    fn select_rows(self, index: Tensor<B, 1, Int>) -> Self {
-        Self {
-            codes: self.codes.select(0, index.clone()),
-            scale: self.scale.select(0, index.clone()),
-            min: self.min.select(0, index),
-        }
-    }
-
-    fn bytes(&self) -> usize {
-        let count = |dims: [usize; 4]| dims.iter().product::<usize>();
-        count(self.codes.dims()) * self.codes.dtype().size()
-            + count(self.scale.dims()) * self.scale.dtype().size()
-            + count(self.min.dims()) * self.min.dtype().size()
-    }
-}
-
-/// Quantizes `x` `[.., group, ..]` whose groups run along `axis` of a 5-D view: returns codes
-/// shaped like `x`, and `scale`/`min` with `axis` reduced to 1.
-fn quantize_groups<B: Backend>(
-    x: Tensor<B, 5>,
-    axis: usize,
-    bits: QuantBits,
-) -> (Tensor<B, 5>, Tensor<B, 5>, Tensor<B, 5>) {
-    let min = x.clone().min_dim(axis);
-    let max = x.clone().max_dim(axis);
-    let scale = (max - min.clone()).div_scalar(bits.max_code() as f32);
-    // A constant group has scale 0: every code is 0 and dequantizes to `min` exactly.
-    let scale = scale.clone().mask_fill(scale.equal_elem(0.0), 1.0);
-    let codes = (x - min.clone())
-        .div(scale.clone())
-        .round()
-        .clamp(0.0, bits.max_code() as f32);
-    (codes, scale, min)
-}
-
-/// Float codes `[b, h, t, d]` to packed u8 `[b, h, t, d / per_byte]`, or i32 elements
-/// holding the same byte values on a backend without 8-bit integers (WGSL, so burn-wgpu):
-/// the numbers are the same, the codes then take four times the memory.
-fn pack<B: Backend>(codes: Tensor<B, 4>, bits: QuantBits) -> Tensor<B, 4, Int> {
-    let dtype = if B::supports_dtype(&codes.device(), DType::U8) {
-        IntDType::U8
-    } else {
-        IntDType::I32
-    };
-    let codes = codes.int().cast(dtype);
-    match bits {
-        QuantBits::Int8 => codes,
-        // Channel `c < d / 2` in the low nibble of byte `c`, channel `c + d / 2` in its high
-        // nibble: unpacking is then two whole halves side by side, which CPU backends copy in
-        // runs, where interleaved pairs would be written one element at a time.
-        QuantBits::Int4 => {
-            let half = codes.dims()[3] / 2;
-            let low = codes.clone().narrow(3, 0, half);
-            let high = codes.narrow(3, half, half);
-            low + high.mul_scalar(16)
-        }
-    }
-}
-
-/// Packed u8 `[b, h, t, d / per_byte]` back to float codes `[b, h, t, d]`.
-fn unpack<B: Backend>(packed: Tensor<B, 4, Int>, bits: QuantBits) -> Tensor<B, 4> {
-    match bits {
-        QuantBits::Int8 => packed.float(),
-        QuantBits::Int4 => {
-            let low = packed.clone().remainder_scalar(16);
-            let high = packed.div_scalar(16);
-            Tensor::cat(vec![low, high], 3).float()
-        }
-    }
-}
+pub use kv_kernels::quantized_kv::{QuantBits, QuantizedCacheConfig};
 
 /// A cache that stores old keys and values in 8 or 4 bits (KIVI).
 ///
 /// Keys are quantized per channel over groups of `group_size` tokens (their outliers sit in
 /// fixed channels); values per token over groups of `group_size` channels (capped at
 /// `head_dim`). Quantization is asymmetric: `code = round((x - min) / scale)` with
-/// `scale = (max - min) / (2^bits - 1)` for each group. **Error bound:** every element of a
-/// quantized group dequantizes to within `scale / 2 = (max - min) / (2 * (2^bits - 1))` of its
-/// value (plus f32 rounding); the most recent `residual_len` or more tokens are exact.
+/// `scale = (max - min) / (2^bits - 1)` for each group, scale and minimum stored in f16.
+/// **Error bound:** every element of a quantized group dequantizes to within half a step
+/// (`(max - min) / (2 * (2^bits - 1))`, the stored f16 scale) plus its own f16 rounding (a
+/// relative `2^-11`); the most recent `residual_len` or more tokens are within that f16
+/// rounding.
 ///
-/// New tokens enter the full-precision residual; whenever it holds `residual_len + group_size`
-/// or more, its oldest whole groups are quantized and appended to the packed history.
-/// [`KvCache::memory_bytes`] counts the packed codes (one byte for two int4 elements), the f32
-/// scales and minimums, and the residual. Each update dequantizes the history for attention,
-/// trading compute for memory.
+/// New tokens enter the f16 residual; whenever it holds `residual_len + group_size` or more,
+/// its oldest whole groups are quantized. [`KvCache::memory_bytes`] counts the codes (one byte
+/// for two int4 elements), the f16 scales and minimums, and the residual.
+/// [`KvCache::update_and_attend`] attends over the codes one head at a time;
+/// [`KvCache::update`] widens the whole history into f32 tensors (for callers that need the
+/// keys and values themselves).
 ///
 /// ```
 /// use burn::tensor::Tensor;
@@ -164,20 +57,32 @@ fn unpack<B: Backend>(packed: Tensor<B, 4, Int>, bits: QuantBits) -> Tensor<B, 4
 /// let view = cache.update(k.clone(), k).unwrap();
 /// assert_eq!(view.keys.dims(), [1, 2, 64, 16]);
 /// assert_eq!(cache.quantized_len(), 56);
+/// // Attention of 6 query heads (3 per key/value head) for one new token, over the codes.
+/// let q = Tensor::<NdArray, 4>::ones([1, 6, 1, 16], &device);
+/// let k = Tensor::<NdArray, 4>::ones([1, 2, 1, 16], &device);
+/// let out = cache.update_and_attend(q, k.clone(), k).unwrap();
+/// assert_eq!(out.dims(), [1, 6, 1, 16]);
 /// ```
 #[derive(Debug, Clone)]
 pub struct QuantizedCache<B: Backend> {
     config: QuantizedCacheConfig,
     /// `[batch, kv_heads, head_dim]`, fixed by the first update.
     shape: Option<[usize; 3]>,
-    /// Keys: codes per token, `scale`/`min` `[b, h, groups, head_dim]`.
-    keys: Option<Packed<B>>,
-    /// Values: codes per token, `scale`/`min` `[b, h, tokens, head_dim / value_group]`.
-    values: Option<Packed<B>>,
-    quantized_len: usize,
-    /// Recent keys and values in full precision, `[b, h, r, head_dim]`.
-    residual: Option<(Tensor<B, 4>, Tensor<B, 4>)>,
+    /// One per batch row and key/value head, row-major (`heads[b * kv_heads + h]`).
+    heads: Vec<QuantizedKv>,
+    /// Where views and attention outputs are made, from the first update.
+    device: Option<B::Device>,
 }
+
+thread_local! {
+    /// The buffer each thread widens one head's keys into while attending: reused across
+    /// heads, layers and steps, so the caches themselves hold only codes.
+    static SCRATCH: RefCell<AttendScratch> = RefCell::new(AttendScratch::default());
+}
+
+/// Fewest keys each thread takes when attention over the codes is split by keys: below
+/// this a hand-off costs more than it saves.
+const MIN_KEYS_PER_THREAD: usize = 128;
 
 impl<B: Backend> QuantizedCache<B> {
     /// An empty cache.
@@ -190,10 +95,8 @@ impl<B: Backend> QuantizedCache<B> {
         Ok(Self {
             config,
             shape: None,
-            keys: None,
-            values: None,
-            quantized_len: 0,
-            residual: None,
+            heads: Vec::new(),
+            device: None,
         })
     }
 
@@ -204,142 +107,156 @@ impl<B: Backend> QuantizedCache<B> {
 
     /// Positions held in quantized form.
     pub fn quantized_len(&self) -> usize {
-        self.quantized_len
+        self.heads.first().map_or(0, QuantizedKv::quantized_len)
     }
 
-    fn residual_len(&self) -> usize {
-        self.residual.as_ref().map_or(0, |(k, _)| k.dims()[2])
-    }
-
-    fn value_group(&self, head_dim: usize) -> usize {
-        self.config.group_size.min(head_dim)
-    }
-
-    fn check_head_dim(&self, head_dim: usize) -> Result<()> {
-        let group = self.value_group(head_dim);
-        if !head_dim.is_multiple_of(group) {
-            return Err(CacheError::InvalidConfig(format!(
-                "head_dim {head_dim} is not a multiple of the value group size {group}: choose a \
-                 group_size that divides head_dim"
-            )));
+    /// Appends `keys`/`values` `[batch, kv_heads, new, head_dim]` to each head's storage.
+    fn append(&mut self, keys: Tensor<B, 4>, values: Tensor<B, 4>) -> Result<()> {
+        let [b, h, new, d] = check_update(&keys, &values, self.shape)?;
+        if self.shape.is_none() {
+            let head = QuantizedKv::new(self.config, d).map_err(invalid)?;
+            self.heads = vec![head; b * h];
+            self.shape = Some([b, h, d]);
+            self.device = Some(keys.device());
         }
-        if self.config.bits == QuantBits::Int4 && !head_dim.is_multiple_of(2) {
-            return Err(CacheError::InvalidConfig(format!(
-                "int4 packs two channels per byte, so head_dim must be even, got {head_dim}"
-            )));
+        let (keys, values) = (host(keys), host(values));
+        let rows = new * d;
+        // Checked for every head before any is written, so a refused update leaves the
+        // cache as it was.
+        check_half_range(&keys)
+            .and(check_half_range(&values))
+            .map_err(invalid)?;
+        for (head, (k, v)) in self
+            .heads
+            .iter_mut()
+            .zip(keys.chunks_exact(rows).zip(values.chunks_exact(rows)))
+        {
+            head.append(k, v).map_err(invalid)?;
         }
         Ok(())
     }
 
-    /// Quantizes `keys`/`values` `[b, h, n * group_size, d]`.
-    fn quantize(&self, keys: Tensor<B, 4>, values: Tensor<B, 4>) -> (Packed<B>, Packed<B>) {
-        let [b, h, t, d] = keys.dims();
-        let g = self.config.group_size;
-        let bits = self.config.bits;
-        let (codes, scale, min) = quantize_groups(keys.reshape([b, h, t / g, g, d]), 3, bits);
-        let keys = Packed {
-            codes: pack(codes.reshape([b, h, t, d]), bits),
-            scale: scale.reshape([b, h, t / g, d]),
-            min: min.reshape([b, h, t / g, d]),
-        };
-        let vg = self.value_group(d);
-        let (codes, scale, min) = quantize_groups(values.reshape([b, h, t, d / vg, vg]), 4, bits);
-        let values = Packed {
-            codes: pack(codes.reshape([b, h, t, d]), bits),
-            scale: scale.reshape([b, h, t, d / vg]),
-            min: min.reshape([b, h, t, d / vg]),
-        };
-        (keys, values)
+    fn device(&self) -> &B::Device {
+        self.device.as_ref().expect("set by the first update")
     }
+}
 
-    /// The whole quantized history, dequantized: keys and values `[b, h, quantized_len, d]`.
-    fn dequantize(&self) -> Option<(Tensor<B, 4>, Tensor<B, 4>)> {
-        let (keys, values) = (self.keys.as_ref()?, self.values.as_ref()?);
-        let [b, h, d] = self.shape?;
-        let (t, g, vg, bits) = (
-            self.quantized_len,
-            self.config.group_size,
-            self.value_group(d),
-            self.config.bits,
-        );
-        // Scales and minimums are repeated to the codes' shape before the products: CPU
-        // backends multiply equal shapes on their contiguous fast path, and a broadcast on
-        // their element-by-element strided one (several times slower here).
-        let per_key_group =
-            |x: &Tensor<B, 4>| x.clone().reshape([b, h, t / g, 1, d]).repeat_dim(3, g);
-        let k = unpack(keys.codes.clone(), bits).reshape([b, h, t / g, g, d]);
-        let k = k * per_key_group(&keys.scale) + per_key_group(&keys.min);
-        let per_value_group =
-            |x: &Tensor<B, 4>| x.clone().reshape([b, h, t, d / vg, 1]).repeat_dim(4, vg);
-        let v = unpack(values.codes.clone(), bits).reshape([b, h, t, d / vg, vg]);
-        let v = v * per_value_group(&values.scale) + per_value_group(&values.min);
-        Some((k.reshape([b, h, t, d]), v.reshape([b, h, t, d])))
-    }
+/// A tensor's values on the host, row-major.
+fn host<B: Backend>(x: Tensor<B, 4>) -> Vec<f32> {
+    x.into_data()
+        .convert::<f32>()
+        .into_vec()
+        .expect("f32 after convert")
+}
 
-    /// Quantizes the residual's oldest whole groups beyond the `residual_len` most recent.
-    fn flush(&mut self) {
-        let g = self.config.group_size;
-        let r = self.residual_len();
-        if r < self.config.residual_len + g {
-            return;
-        }
-        let count = (r - self.config.residual_len) / g * g;
-        let (keys, values) = self.residual.take().expect("residual is not empty");
-        let (qk, qv) = self.quantize(
-            keys.clone().narrow(2, 0, count),
-            values.clone().narrow(2, 0, count),
-        );
-        self.keys = Some(match self.keys.take() {
-            Some(old) => old.cat(qk),
-            None => qk,
-        });
-        self.values = Some(match self.values.take() {
-            Some(old) => old.cat(qv),
-            None => qv,
-        });
-        self.quantized_len += count;
-        self.residual = (count < r).then(|| {
-            (
-                keys.narrow(2, count, r - count),
-                values.narrow(2, count, r - count),
-            )
-        });
+fn invalid(e: KernelError) -> CacheError {
+    match e {
+        KernelError::OutOfHalfRange { value } => CacheError::OutOfHalfRange { value },
+        other => CacheError::InvalidConfig(other.to_string()),
     }
 }
 
 impl<B: Backend> KvCache<B> for QuantizedCache<B> {
     fn update(&mut self, keys: Tensor<B, 4>, values: Tensor<B, 4>) -> Result<KvView<B>> {
-        let [b, h, _, d] = check_update(&keys, &values, self.shape)?;
-        if self.shape.is_none() {
-            self.check_head_dim(d)?;
-            self.shape = Some([b, h, d]);
+        self.append(keys, values)?;
+        let [b, h, d] = self.shape.expect("set by append");
+        let len = self.seq_len();
+        let (mut all_keys, mut all_values) = (Vec::with_capacity(b * h * len * d), Vec::new());
+        all_values.reserve(b * h * len * d);
+        let (mut k, mut v) = (Vec::new(), Vec::new());
+        for head in &self.heads {
+            head.dequantize(&mut k, &mut v);
+            all_keys.extend_from_slice(&k);
+            all_values.extend_from_slice(&v);
         }
-        self.residual = Some(match self.residual.take() {
-            Some((old_k, old_v)) => (
-                Tensor::cat(vec![old_k, keys], 2),
-                Tensor::cat(vec![old_v, values], 2),
-            ),
-            None => (keys, values),
-        });
-        self.flush();
-        let (keys, values) = match (self.dequantize(), self.residual.clone()) {
-            (Some((qk, qv)), Some((rk, rv))) => {
-                (Tensor::cat(vec![qk, rk], 2), Tensor::cat(vec![qv, rv], 2))
-            }
-            (Some(quantized), None) => quantized,
-            (None, Some(residual)) => residual,
-            (None, None) => unreachable!("an update of at least one token was just stored"),
+        let tensor = |values: Vec<f32>| {
+            Tensor::from_data(TensorData::new(values, [b, h, len, d]), self.device())
         };
         Ok(KvView {
-            keys,
-            values,
-            positions: KeyPositions::Contiguous(0..self.seq_len()),
+            keys: tensor(all_keys),
+            values: tensor(all_values),
+            positions: KeyPositions::Contiguous(0..len),
             query_rotary_positions: None,
         })
     }
 
+    fn attends_in_place(&self) -> bool {
+        true
+    }
+
+    /// Attends over the codes. The keys are cut into ranges over kv-kernels' threads (the
+    /// workers of the matrix products, idle during attention), each widening its range of
+    /// every head into a buffer of its own and attending there; the parts merge exactly
+    /// (flash-decoding's split, as the dense decode path does).
+    fn update_and_attend(
+        &mut self,
+        queries: Tensor<B, 4>,
+        keys: Tensor<B, 4>,
+        values: Tensor<B, 4>,
+    ) -> Result<Tensor<B, 4>> {
+        let [batch, q_heads, new, d] = queries.dims();
+        let [kb, kv_heads, kn, kd] = keys.dims();
+        if [batch, new, d] != [kb, kn, kd] || kv_heads == 0 || q_heads % kv_heads != 0 {
+            return Err(CacheError::QueryShape {
+                queries: queries.dims(),
+                keys: keys.dims(),
+            });
+        }
+        let past = self.seq_len();
+        self.append(keys, values)?;
+        let groups = q_heads / kv_heads;
+        // Rows of one key/value head: its `groups` query heads, each with `new` positions;
+        // position `i` sees keys `0..past + i + 1`.
+        let ends: Vec<usize> = (0..groups)
+            .flat_map(|_| (0..new).map(|i| past + i + 1))
+            .collect();
+        let per_head = groups * new * d;
+        let (isa, scale) = (Isa::best(), 1.0 / (d as f32).sqrt());
+        let task = {
+            // Cheap clones (shared code blocks), which the worker threads may read while
+            // this cache takes the next update.
+            let heads = self.heads.clone();
+            let q = host(queries);
+            Arc::new(move |keys: Range<usize>| {
+                SCRATCH.with_borrow_mut(|scratch| {
+                    let mut out = vec![0.0f32; q.len()];
+                    let mut stats = Vec::with_capacity(heads.len() * ends.len());
+                    for (head, (q, out)) in heads
+                        .iter()
+                        .zip(q.chunks_exact(per_head).zip(out.chunks_exact_mut(per_head)))
+                    {
+                        stats.extend(head.attend_partial(
+                            isa,
+                            q,
+                            &ends,
+                            keys.clone(),
+                            scale,
+                            out,
+                            d,
+                            scratch,
+                        ));
+                    }
+                    (out, stats)
+                })
+            })
+        };
+        let parts = Threads::global().split(past + new, MIN_KEYS_PER_THREAD, task);
+        let mut out = vec![0.0f32; batch * q_heads * new * d];
+        for (row, merged) in out.chunks_exact_mut(d).enumerate() {
+            let row_parts: Vec<(&[f32], RowStats)> = parts
+                .iter()
+                .map(|(_, (values, stats))| (&values[row * d..][..d], stats[row]))
+                .collect();
+            merge_parts(&row_parts, merged);
+        }
+        Ok(Tensor::from_data(
+            TensorData::new(out, [batch, q_heads, new, d]),
+            self.device(),
+        ))
+    }
+
     fn seq_len(&self) -> usize {
-        self.quantized_len + self.residual_len()
+        self.heads.first().map_or(0, QuantizedKv::len)
     }
 
     fn held_len(&self) -> usize {
@@ -351,48 +268,7 @@ impl<B: Backend> KvCache<B> for QuantizedCache<B> {
     }
 
     fn crop(&mut self, len: usize) -> Result<()> {
-        let total = self.seq_len();
-        if len >= total {
-            return Ok(());
-        }
-        if len >= self.quantized_len {
-            let keep = len - self.quantized_len;
-            self.residual = self
-                .residual
-                .take()
-                .filter(|_| keep > 0)
-                .map(|(k, v)| (k.narrow(2, 0, keep), v.narrow(2, 0, keep)));
-            return Ok(());
-        }
-        // Keep whole groups packed; the partial group's tokens return to the residual,
-        // dequantized (so within the error bound, as before).
-        let g = self.config.group_size;
-        let kept = len / g * g;
-        let (dk, dv) = self.dequantize().expect("quantized history is not empty");
-        self.residual = (len > kept).then(|| {
-            (
-                dk.narrow(2, kept, len - kept),
-                dv.narrow(2, kept, len - kept),
-            )
-        });
-        if kept == 0 {
-            self.keys = None;
-            self.values = None;
-        } else {
-            let keys = self.keys.take().expect("quantized keys");
-            let values = self.values.take().expect("quantized values");
-            self.keys = Some(Packed {
-                codes: keys.codes.narrow(2, 0, kept),
-                scale: keys.scale.narrow(2, 0, kept / g),
-                min: keys.min.narrow(2, 0, kept / g),
-            });
-            self.values = Some(Packed {
-                codes: values.codes.narrow(2, 0, kept),
-                scale: values.scale.narrow(2, 0, kept),
-                min: values.min.narrow(2, 0, kept),
-            });
-        }
-        self.quantized_len = kept;
+        self.heads.iter_mut().for_each(|head| head.truncate(len));
         Ok(())
     }
 
@@ -401,18 +277,10 @@ impl<B: Backend> KvCache<B> for QuantizedCache<B> {
             return Ok(());
         };
         check_indices(indices, batch)?;
-        let device = match (&self.residual, &self.keys) {
-            (Some((k, _)), _) => k.device(),
-            (None, Some(keys)) => keys.scale.device(),
-            (None, None) => return Ok(()),
-        };
-        let index = crate::buffer::index_tensor::<B>(indices, &device);
-        self.keys = self.keys.take().map(|p| p.select_rows(index.clone()));
-        self.values = self.values.take().map(|p| p.select_rows(index.clone()));
-        self.residual = self
-            .residual
-            .take()
-            .map(|(k, v)| (k.select(0, index.clone()), v.select(0, index)));
+        self.heads = indices
+            .iter()
+            .flat_map(|&row| self.heads[row * h..(row + 1) * h].iter().cloned())
+            .collect();
         self.shape = Some([indices.len(), h, d]);
         Ok(())
     }
@@ -423,18 +291,11 @@ impl<B: Backend> KvCache<B> for QuantizedCache<B> {
 
     fn reset(&mut self) {
         self.shape = None;
-        self.keys = None;
-        self.values = None;
-        self.quantized_len = 0;
-        self.residual = None;
+        self.heads.clear();
+        self.device = None;
     }
 
     fn memory_bytes(&self) -> usize {
-        let packed = |p: &Option<Packed<B>>| p.as_ref().map_or(0, Packed::bytes);
-        let residual = self.residual.as_ref().map_or(0, |(k, v)| {
-            let elements: usize = k.dims().iter().product();
-            elements * (k.dtype().size() + v.dtype().size())
-        });
-        packed(&self.keys) + packed(&self.values) + residual
+        self.heads.iter().map(QuantizedKv::bytes).sum()
     }
 }

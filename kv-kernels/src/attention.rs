@@ -63,6 +63,52 @@ pub fn attend(
     out_stride: usize,
     scores: &mut Vec<f32>,
 ) {
+    assert!(
+        visible.iter().all(|range| !range.is_empty()),
+        "visible range empty in {visible:?}"
+    );
+    let rows = attend_partial(
+        isa, q, k, v, head_dim, visible, scale, out, out_stride, scores,
+    );
+    for (r, row) in rows.into_iter().enumerate() {
+        let inv = 1.0 / row.sum;
+        out[r * out_stride..][..head_dim]
+            .iter_mut()
+            .for_each(|o| *o *= inv);
+    }
+}
+
+/// What a query row's softmax needs besides its unnormalised output, over the keys one call
+/// of [`attend_partial`] saw: the largest score and the sum of `exp(score - max)`. A row that
+/// saw no key has `max = -inf` and `sum = 0`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RowStats {
+    /// Largest score.
+    pub max: f32,
+    /// Sum of `exp(score - max)`.
+    pub sum: f32,
+}
+
+/// [`attend`] over a part of the keys, left unnormalised so that parts computed apart (on
+/// different threads, over different key ranges) merge exactly ([`merge_parts`]): the
+/// split-keys scheme of flash-decoding. Row `r` gets `Σ_j exp(s_rj - max_r) v_j` over `j` in
+/// `visible[r]`, which may be empty here (then zeros), and its [`RowStats`].
+///
+/// # Panics
+/// As [`attend`], but for empty ranges.
+#[allow(clippy::too_many_arguments)]
+pub fn attend_partial(
+    isa: Isa,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    head_dim: usize,
+    visible: &[Range<usize>],
+    scale: f32,
+    out: &mut [f32],
+    out_stride: usize,
+    scores: &mut Vec<f32>,
+) -> Vec<RowStats> {
     let d = head_dim;
     let rows = visible.len();
     assert!(d > 0, "head_dim must be positive");
@@ -75,7 +121,7 @@ pub fn attend(
     assert_eq!(k.len() % d, 0, "k is [keys, head_dim]");
     let keys = k.len() / d;
     if rows == 0 {
-        return;
+        return Vec::new();
     }
     assert!(out_stride >= d, "out rows hold head_dim values");
     assert!(
@@ -84,13 +130,23 @@ pub fn attend(
     );
     for range in visible {
         assert!(
-            !range.is_empty() && range.end <= keys,
+            range.start <= range.end && range.end <= keys,
             "visible range {range:?} of {keys} keys"
         );
     }
     // The key slots some row sees: the products run over these only.
-    let first = visible.iter().map(|r| r.start).min().expect("rows > 0");
-    let end = visible.iter().map(|r| r.end).max().expect("rows > 0");
+    let seen = || visible.iter().filter(|r| !r.is_empty());
+    let (Some(first), Some(end)) = (seen().map(|r| r.start).min(), seen().map(|r| r.end).max())
+    else {
+        for r in 0..rows {
+            out[r * out_stride..][..d].fill(0.0);
+        }
+        let nothing = RowStats {
+            max: f32::NEG_INFINITY,
+            sum: 0.0,
+        };
+        return vec![nothing; rows];
+    };
     let span = end - first;
     let (k, v) = (&k[first * d..end * d], &v[first * d..end * d]);
     scores.clear();
@@ -126,18 +182,27 @@ pub fn attend(
     }
 
     // Softmax weights per row, unnormalised (`exp(s - max)`), zero outside the row's range.
-    let mut sums = Vec::with_capacity(rows);
+    let mut stats = Vec::with_capacity(rows);
     for (row, range) in scores.chunks_exact_mut(span).zip(visible) {
+        if range.is_empty() {
+            row.fill(0.0);
+            stats.push(RowStats {
+                max: f32::NEG_INFINITY,
+                sum: 0.0,
+            });
+            continue;
+        }
         let seen = range.start - first..range.end - first;
         row[..seen.start].fill(0.0);
         row[seen.end..].fill(0.0);
         let max = row[seen.clone()]
             .iter()
             .fold(f32::NEG_INFINITY, |m, &s| m.max(s));
-        sums.push(exp_shifted(isa, &mut row[seen], max));
+        let sum = exp_shifted(isa, &mut row[seen], max);
+        stats.push(RowStats { max, sum });
     }
 
-    // out = weights · v, then each row divided by its sum.
+    // out = weights · v.
     // SAFETY: gemm reads `scores` (`rows x span`, row stride span) and `v` (`span x d`, row
     // stride d), both inside their slices, and writes `rows x d` values of `out` with row
     // stride `out_stride`, which the assert on `out.len()` keeps inside it.
@@ -164,12 +229,40 @@ pub fn attend(
             gemm::Parallelism::None,
         )
     }
-    for (r, sum) in sums.into_iter().enumerate() {
-        let inv = 1.0 / sum;
-        out[r * out_stride..][..d]
-            .iter_mut()
-            .for_each(|o| *o *= inv);
+    stats
+}
+
+/// Merges parts of one row's attention computed over disjoint key ranges by
+/// [`attend_partial`], each an unnormalised output `[head_dim]` with its [`RowStats`], into
+/// the normalised output `out`: `Σ_p e^(max_p - M) out_p / Σ_p e^(max_p - M) sum_p` with `M`
+/// the largest `max_p`. At least one part must have seen a key.
+///
+/// ```
+/// use kv_kernels::attention::{merge_parts, RowStats};
+///
+/// // Two keys with equal scores seen by two parts: the mean of their values.
+/// let one = RowStats { max: 0.5, sum: 1.0 };
+/// let mut out = [0.0; 2];
+/// merge_parts(&[(&[1.0, 2.0][..], one), (&[3.0, 4.0][..], one)], &mut out);
+/// assert_eq!(out, [2.0, 3.0]);
+/// ```
+pub fn merge_parts(parts: &[(&[f32], RowStats)], out: &mut [f32]) {
+    let top = parts
+        .iter()
+        .map(|(_, s)| s.max)
+        .fold(f32::NEG_INFINITY, f32::max);
+    assert!(top.is_finite(), "no part saw a key");
+    out.fill(0.0);
+    let mut total = 0.0;
+    for (values, stats) in parts.iter().filter(|(_, s)| s.sum > 0.0) {
+        let weight = (stats.max - top).exp();
+        total += weight * stats.sum;
+        for (o, x) in out.iter_mut().zip(values.iter()) {
+            *o += weight * x;
+        }
     }
+    let inv = 1.0 / total;
+    out.iter_mut().for_each(|o| *o *= inv);
 }
 
 #[cfg(test)]
@@ -268,6 +361,51 @@ mod tests {
                             "{isa}: row {r}, column {c}: {got} against {want}"
                         );
                     }
+                }
+            }
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(32))]
+
+        /// Causal rows cut into key ranges (some rows seeing nothing in a range), each range
+        /// attended apart and merged: equal to attending over all the keys at once.
+        #[test]
+        fn parts_over_key_ranges_merge_into_the_whole(
+            rows in 1usize..6,
+            past in 0usize..40,
+            cuts in prop::collection::vec(0.0f64..1.0, 0..4),
+            seed in 0u64..1000,
+        ) {
+            let d = 8;
+            let keys = past + rows;
+            let visible: Vec<Range<usize>> = (0..rows).map(|r| 0..past + r + 1).collect();
+            let (q, k, v) = (values(rows * d, seed), values(keys * d, seed + 1), values(keys * d, seed + 2));
+            let mut whole = vec![0.0; rows * d];
+            attend(Isa::best(), &q, &k, &v, d, &visible, 0.3, &mut whole, d, &mut Vec::new());
+            let mut bounds: Vec<usize> = cuts.iter().map(|c| (c * keys as f64) as usize).collect();
+            bounds.extend([0, keys]);
+            bounds.sort();
+            let parts: Vec<(Vec<f32>, Vec<RowStats>)> = bounds
+                .windows(2)
+                .map(|w| {
+                    let part: Vec<Range<usize>> = visible
+                        .iter()
+                        .map(|r| r.start.max(w[0])..r.end.min(w[1]).max(w[0]))
+                        .collect();
+                    let mut out = vec![f32::NAN; rows * d];
+                    let stats = attend_partial(Isa::best(), &q, &k, &v, d, &part, 0.3, &mut out, d, &mut Vec::new());
+                    (out, stats)
+                })
+                .collect();
+            for r in 0..rows {
+                let row: Vec<(&[f32], RowStats)> =
+                    parts.iter().map(|(out, stats)| (&out[r * d..][..d], stats[r])).collect();
+                let mut merged = vec![0.0; d];
+                merge_parts(&row, &mut merged);
+                for (got, want) in merged.iter().zip(&whole[r * d..][..d]) {
+                    prop_assert!((got - want).abs() <= 1e-5 * (1.0 + want.abs()), "{got} against {want}");
                 }
             }
         }

@@ -1,11 +1,11 @@
-//! What can go wrong building a matrix.
+//! What can go wrong building a matrix or a quantized cache head.
 
 use thiserror::Error;
 
 use crate::matrix::Format;
 
-/// A matrix that cannot be built from what was given.
-#[derive(Debug, Clone, PartialEq, Eq, Error)]
+/// A matrix or quantized head that cannot be built from what was given.
+#[derive(Debug, Clone, PartialEq, Error)]
 pub enum KernelError {
     /// A block format needs rows that are whole blocks of 32 values.
     #[error("{format} stores rows in blocks of 32 values, but a row has {cols}: use f32 or f16 for this matrix")]
@@ -41,6 +41,17 @@ pub enum KernelError {
         first: (Format, usize),
         /// The first part that differs.
         other: (Format, usize),
+    },
+    /// A quantized cache's configuration that cannot hold heads of this size, or keys and
+    /// values that are not whole rows.
+    #[error("quantized cache: {0}")]
+    QuantizedConfig(String),
+    /// A key or value a quantized cache cannot store: its scales, minimums and recent tokens
+    /// are f16.
+    #[error("a key or value of {value} is outside f16's range (±65504), in which a quantized cache keeps its scales, minimums and recent tokens: use a full-precision cache for this model")]
+    OutOfHalfRange {
+        /// The first value out of range (or NaN).
+        value: f32,
     },
 }
 

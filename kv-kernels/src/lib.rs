@@ -20,6 +20,9 @@
 //! - [`Threads`]: persistent workers that spin between products and park when idle.
 //! - [`attention`]: a prompt's softmax attention for a block of queries over one key head,
 //!   both products through `gemm` and the softmax in vector registers.
+//! - [`quantized_kv`]: one attention head's keys and values in 8 or 4 bits as KIVI holds
+//!   them (a quantized KV cache's storage), and attention that widens them one head at a time
+//!   into a buffer that stays in the core's cache.
 //! - [`vector`]: element-wise functions in vector registers (a softmax row's `exp`, the
 //!   SiLU-gated product of a Llama MLP).
 //!
@@ -34,6 +37,7 @@ mod error;
 mod isa;
 mod matrix;
 mod packed;
+pub mod quantized_kv;
 mod threads;
 pub mod vector;
 

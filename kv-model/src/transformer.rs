@@ -988,6 +988,22 @@ impl<B: Backend> Transformer<B> {
             PositionEncoding::Rotary(rope) => Some(rope),
             PositionEncoding::Learned(_) => None,
         };
+        let cache = match cache {
+            // A cache that attends over its own storage (a quantized one: over its codes)
+            // does the whole step itself, when plain causal attention is all there is to do
+            // (no padding, no window of the model's own, keys rotated here).
+            Some(cache)
+                if cache.attends_in_place()
+                    && step.padding.is_none()
+                    && step.pattern == AttentionPattern::Causal
+                    && step.rotation == KeyRotation::AppliedByCaller =>
+            {
+                let [_, _, seq, head_dim] = q.dims();
+                let out = cache.update_and_attend(layer, q, k, v)?;
+                return Ok(out.swap_dims(1, 2).reshape([batch, seq, heads * head_dim]));
+            }
+            cache => cache,
+        };
         let view = match cache {
             Some(cache) => cache.update(layer, k, v)?,
             None => KvView {
