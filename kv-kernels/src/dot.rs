@@ -198,8 +198,9 @@ pub fn q4_1_group_batch(
     });
 }
 
-/// [`q8_0_group`] against `n` activation rows, as [`q4_1_group_batch`]; `sums` holds each
-/// activation block's `Σ qs` (`n` rows of `groups.len()`), which the VNNI kernel needs.
+/// [`q8_0_group`] against `n` activation rows, as [`q4_1_group_batch`]; `sums` is
+/// [`block_sums`] at the same `isa` (each activation block's `Σ qs` where the VNNI kernel needs
+/// them, empty elsewhere).
 pub fn q8_0_group_batch(
     isa: Isa,
     groups: &[Q8_0x8],
@@ -210,7 +211,6 @@ pub fn q8_0_group_batch(
     stride: usize,
 ) {
     let blocks = groups.len();
-    assert_eq!(sums.len(), x.len(), "a sum per activation block");
     group_batch(groups, x, n, out, stride, |rows, o| {
         let xs = rows.map(|i| row_of(x, blocks, i));
         match isa {
@@ -221,6 +221,11 @@ pub fn q8_0_group_batch(
             }
             #[cfg(target_arch = "x86_64")]
             Isa::Avx512Vnni if isa.is_available() => {
+                assert_eq!(
+                    sums.len(),
+                    x.len(),
+                    "a sum per activation block (block_sums)"
+                );
                 let sums = rows.map(|i| &sums[i * blocks..(i + 1) * blocks]);
                 // SAFETY: avx512vnni, avx512vl, avx2 and f16c were detected on this CPU.
                 unsafe { x86::q8_0_group_batch_vnni(groups, xs, sums, o) }
@@ -234,8 +239,13 @@ pub fn q8_0_group_batch(
     });
 }
 
-/// `Σ qs` of each activation block, for [`q8_0_group_batch`].
-pub fn block_sums(x: &[BlockQ8]) -> Vec<i32> {
+/// `Σ qs` of each activation block, for [`q8_0_group_batch`] at `isa`: only the VNNI kernel
+/// reads them (it multiplies unsigned by signed bytes, and takes `128 Σ qs` back off), so the
+/// other levels get an empty list and skip the pass over the activations.
+pub fn block_sums(isa: Isa, x: &[BlockQ8]) -> Vec<i32> {
+    if isa != Isa::Avx512Vnni || !isa.is_available() {
+        return Vec::new();
+    }
     x.iter()
         .map(|b| b.qs.iter().map(|&q| i32::from(q)).sum())
         .collect()

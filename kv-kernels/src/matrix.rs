@@ -10,7 +10,7 @@ use crate::blocks::{quantize_row, BlockQ4_1, BlockQ8, BlockQ8_0, BLOCK};
 use crate::dot;
 use crate::error::{KernelError, Result};
 use crate::isa::Isa;
-use crate::packed::{Packed, Q4_1x8, Q8_0x8, Unit, GROUP};
+use crate::packed::{Interleave, Packed, Q4_1x8, Q8_0x8, Unit, GROUP};
 use crate::threads::Threads;
 
 /// How a matrix stores its values.
@@ -453,40 +453,24 @@ impl Matrix {
     fn rows_into(&self, isa: Isa, input: &Input, range: Range<usize>, out: &mut [f32]) {
         let (n, len) = (input.n(), range.len());
         debug_assert_eq!(out.len(), n * len);
-        let blocks = self.cols / BLOCK;
         match (&self.storage, &input.rows) {
             // Several activation rows against block weights: each group of eight rows meets
             // the activation rows `dot::BATCH` at a time, its bytes loaded once per pass.
             (Storage::Q8_0(w), InputRows::Quantized(x)) if n > 1 => {
-                let sums = dot::block_sums(x);
-                w.for_units(range, |o, unit| match unit {
-                    Unit::Group(g) => {
-                        dot::q8_0_group_batch(isa, g, x, &sums, n, &mut out[o..], len)
-                    }
-                    Unit::Rows {
-                        blocks: rows,
-                        count,
-                    } => {
-                        for i in 0..n {
-                            let x = &x[i * blocks..(i + 1) * blocks];
-                            dot::q8_0_rows(isa, &rows, x, &mut out[i * len + o..][..count]);
-                        }
-                    }
-                });
+                let sums = dot::block_sums(isa, x);
+                let group = |g: &[Q8_0x8], o: &mut [f32]| {
+                    dot::q8_0_group_batch(isa, g, x, &sums, n, o, len)
+                };
+                let rows =
+                    |w: &[BlockQ8_0], x: &[BlockQ8], o: &mut [f32]| dot::q8_0_rows(isa, w, x, o);
+                batch_units(w, x, n, range, out, group, rows);
             }
             (Storage::Q4_1(w), InputRows::Quantized(x)) if n > 1 => {
-                w.for_units(range, |o, unit| match unit {
-                    Unit::Group(g) => dot::q4_1_group_batch(isa, g, x, n, &mut out[o..], len),
-                    Unit::Rows {
-                        blocks: rows,
-                        count,
-                    } => {
-                        for i in 0..n {
-                            let x = &x[i * blocks..(i + 1) * blocks];
-                            dot::q4_1_rows(isa, &rows, x, &mut out[i * len + o..][..count]);
-                        }
-                    }
-                });
+                let group =
+                    |g: &[Q4_1x8], o: &mut [f32]| dot::q4_1_group_batch(isa, g, x, n, o, len);
+                let rows =
+                    |w: &[BlockQ4_1], x: &[BlockQ8], o: &mut [f32]| dot::q4_1_rows(isa, w, x, o);
+                batch_units(w, x, n, range, out, group, rows);
             }
             (Storage::F32(_) | Storage::F16(_), InputRows::Dense(x)) if n >= GEMM_MIN_ROWS => {
                 self.dense_gemm(x, n, range, out);
@@ -673,4 +657,31 @@ fn check_shape(
         });
     }
     Ok(())
+}
+/// Rows `range` of `x Wᵀ` into `out` (`[n, range.len()]`) for `n` quantized activation rows
+/// against a block format: each full group of eight weight rows through `group` (all the
+/// activation rows, written at stride `range.len()`), the plain rows (a tail, or rows of a
+/// group the range cuts) through `rows`, one activation row at a time.
+fn batch_units<G: Interleave>(
+    w: &Packed<G>,
+    x: &[BlockQ8],
+    n: usize,
+    range: Range<usize>,
+    out: &mut [f32],
+    group: impl Fn(&[G], &mut [f32]),
+    rows: impl Fn(&[G::Block], &[BlockQ8], &mut [f32]),
+) {
+    let (len, blocks) = (range.len(), x.len() / n);
+    w.for_units(range, |o, unit| match unit {
+        Unit::Group(g) => group(g, &mut out[o..]),
+        Unit::Rows {
+            blocks: plain,
+            count,
+        } => {
+            for i in 0..n {
+                let x = &x[i * blocks..(i + 1) * blocks];
+                rows(&plain, x, &mut out[i * len + o..][..count]);
+            }
+        }
+    });
 }

@@ -255,13 +255,6 @@ fn quantizers_round_as_ggml_does() {
     assert_eq!(a.d, 16.0 / 127.0);
 }
 
-fn hex(text: &str) -> Vec<u8> {
-    (0..text.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&text[i..i + 2], 16).unwrap())
-        .collect()
-}
-
 /// The gguf-py cases kv-model's loader is tested on: bytes written by gguf-py's quantizers
 /// and the values gguf-py dequantizes them to.
 #[test]
@@ -278,7 +271,7 @@ fn ggml_bytes_read_as_gguf_py_dequantizes_them() {
         ("Q4_1", Format::Q4_1),
     ] {
         let case = &cases[name];
-        let raw = hex(case["raw_hex"].as_str().unwrap());
+        let raw = hex::decode(case["raw_hex"].as_str().unwrap()).unwrap();
         let elements = case["elements"].as_u64().unwrap() as usize;
         let want: Vec<f32> = case["values"]
             .as_array()

@@ -23,20 +23,13 @@ fn kind(name: &str) -> GgmlType {
     }
 }
 
-fn hex(text: &str) -> Vec<u8> {
-    (0..text.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&text[i..i + 2], 16).unwrap())
-        .collect()
-}
-
 #[test]
 fn dequantization_matches_gguf_py_for_every_kind() {
     let cases = read_json("dequant.json");
     let cases = cases.as_object().unwrap();
     assert_eq!(cases.len(), 7);
     for (name, case) in cases {
-        let raw = hex(case["raw_hex"].as_str().unwrap());
+        let raw = hex::decode(case["raw_hex"].as_str().unwrap()).unwrap();
         let elements = case["elements"].as_u64().unwrap() as usize;
         let want = floats(&case["values"]);
         let kind = kind(name);
