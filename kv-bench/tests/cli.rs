@@ -1,14 +1,14 @@
 //! The harness, not the speed: `kv-bench` writes the files it promises, in their schema, and
 //! generates exactly the tokens asked for. (Timings are never asserted.)
 
+#[path = "../../kv-model/tests/common/fixtures.rs"]
+mod fixtures;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+use fixtures::fixtures;
 use serde_json::Value;
-
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../kv-model/tests/fixtures")
-}
 
 fn kv_bench(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_kv-bench"))
@@ -535,7 +535,7 @@ fn perplexity_streams_a_text_through_each_cache_kind() {
         (vec!["--tokens", "200", "--cache", "sink"], "--kl-base none"),
         (
             vec!["--tokens", "50", "--cache", "paged"],
-            "unknown --cache `paged`",
+            "unknown cache kind `paged`",
         ),
         (
             vec!["--tokens", "50", "--cache", "sink:4"],

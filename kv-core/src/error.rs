@@ -204,6 +204,36 @@ pub enum CacheError {
         /// Shape of the keys passed.
         keys: [usize; 4],
     },
+    /// A cache kind's name that is none of the kinds.
+    #[error("unknown cache kind `{name}`: {forms}", forms = crate::CACHE_SPEC_FORMS)]
+    UnknownCacheKind {
+        /// The name given.
+        name: String,
+    },
+    /// A cache kind with sizes that cannot work.
+    #[error("cache `{spec}`: {reason}")]
+    InvalidCacheSpec {
+        /// The spec as written.
+        spec: String,
+        /// What is wrong, and how to write it.
+        reason: String,
+    },
+    /// An attention plan with nothing to attend.
+    #[error("an attention plan needs at least one query and one key, got {queries} and {keys}")]
+    EmptyPlan {
+        /// Queries asked for.
+        queries: usize,
+        /// Keys asked for.
+        keys: usize,
+    },
+    /// A padding mask whose rows are not the batch's.
+    #[error("the padding mask has {rows} rows for a batch of {batch}: give one row per batch row")]
+    PaddingRows {
+        /// Rows of the mask.
+        rows: usize,
+        /// Rows of the batch.
+        batch: usize,
+    },
     /// A cache configuration that cannot work, with the reason.
     #[error("invalid cache configuration: {0}")]
     InvalidConfig(String),

@@ -50,40 +50,29 @@
 
 #![warn(missing_docs)]
 
-mod any;
 mod attention;
-mod attention_plan;
-mod buffer;
-mod cache;
-mod dynamic;
+mod caches;
 mod error;
-mod mask;
-mod model_cache;
-mod quantized;
-mod rotary;
-mod sink;
-mod sliding;
-mod static_cache;
-mod view;
-mod windowed;
 
-pub use any::{AnyCache, CacheConfig, LayerShape};
-pub use attention::{
+pub use attention::gqa::{
     fold_mask_for_groups, grouped_query_attention, merge_partial_attention, partial_attention,
     reference_attention, repeat_kv, PartialAttention,
 };
-pub use attention_plan::{AttentionPlan, Execution, DEFAULT_BLOCK_QUERIES};
-pub use cache::{KeyRotation, KvCache};
-pub use dynamic::{DynamicCache, MIN_CAPACITY};
-pub use error::{CacheError, Result};
-pub use mask::{
+pub use attention::mask::{
     attention_mask, causal_mask, needed_attention_mask, padding_mask, window_mask, AttentionMask,
     AttentionPattern,
 };
-pub use model_cache::ModelCache;
-pub use quantized::{QuantBits, QuantizedCache, QuantizedCacheConfig};
-pub use rotary::{HostAngles, RotaryAngles, RotaryTable};
-pub use sink::{SinkCache, SinkPositions};
-pub use sliding::SlidingWindowCache;
-pub use static_cache::{StaticCache, StaticCacheConfig};
-pub use view::{KeyPositions, KvView};
+pub use attention::plan::{AttentionPlan, Execution, DEFAULT_BLOCK_QUERIES};
+pub use attention::rotary::{rope_inverse_frequencies, HostAngles, RotaryAngles, RotaryTable};
+pub use caches::any::{AnyCache, CacheConfig, LayerShape};
+pub use caches::buffer::index_tensor;
+pub use caches::dynamic::{DynamicCache, MIN_CAPACITY};
+pub use caches::kind::{CacheKind, CacheSizes, CacheSpec, CACHE_SPEC_FORMS};
+pub use caches::kv_cache::{KeyRotation, KvCache};
+pub use caches::model_cache::ModelCache;
+pub use caches::quantized::{QuantBits, QuantizedCache, QuantizedCacheConfig};
+pub use caches::sink::{SinkCache, SinkPositions};
+pub use caches::sliding::SlidingWindowCache;
+pub use caches::static_cache::{StaticCache, StaticCacheConfig};
+pub use caches::view::{KeyPositions, KvView};
+pub use error::{CacheError, Result};

@@ -3,6 +3,7 @@
 use std::fmt;
 use std::str::FromStr;
 
+use burn::tensor::backend::Backend;
 use kv_core::Execution;
 use kv_model::{WeightFormat, WeightPlacement};
 use thiserror::Error;
@@ -115,10 +116,11 @@ impl BackendKind {
             })
     }
 
-    /// The named backend, or [`BackendKind::fastest`] when `name` is `None`.
-    pub fn choose(name: Option<&str>) -> Result<Self, BackendError> {
-        match name {
-            Some(name) => name.parse::<BackendKind>()?.require(),
+    /// The backend asked for, checked usable here ([`BackendKind::require`]), or
+    /// [`BackendKind::fastest`] when none is.
+    pub fn choose(asked: Option<BackendKind>) -> Result<Self, BackendError> {
+        match asked {
+            Some(kind) => kind.require(),
             None => Self::fastest(),
         }
     }
@@ -201,6 +203,53 @@ impl FromStr for BackendKind {
     }
 }
 
+/// Work a command runs on whichever backend it chose: generic over the backend type, which
+/// [`BackendKind::dispatch`] names from the run-time choice (the one place the binaries map a
+/// [`BackendKind`] to a burn type).
+pub trait OnBackend {
+    /// What the work returns.
+    type Output;
+    /// Runs on backend `B` (`kind`), on its default device.
+    fn run<B: Backend>(self, kind: BackendKind, device: B::Device) -> Self::Output;
+}
+
+impl BackendKind {
+    /// Runs `task` on this backend's burn type, or says the backend was not compiled in.
+    ///
+    /// ```
+    /// use burn::tensor::{backend::Backend, ElementConversion, Tensor};
+    /// use kv_generate::backend::{BackendKind, OnBackend};
+    ///
+    /// struct Sum;
+    /// impl OnBackend for Sum {
+    ///     type Output = f32;
+    ///     fn run<B: Backend>(self, _: BackendKind, device: B::Device) -> f32 {
+    ///         Tensor::<B, 1>::from_floats([1.0, 2.0], &device).sum().into_scalar().elem()
+    ///     }
+    /// }
+    /// let kind = BackendKind::fastest().unwrap();
+    /// assert_eq!(kind.dispatch(Sum).unwrap(), 3.0);
+    /// ```
+    pub fn dispatch<T: OnBackend>(self, task: T) -> Result<T::Output, BackendError> {
+        match self {
+            #[cfg(feature = "ndarray")]
+            BackendKind::Ndarray => Ok(task.run::<Ndarray>(self, Default::default())),
+            #[cfg(feature = "flex")]
+            BackendKind::Flex => Ok(task.run::<Flex>(self, Default::default())),
+            #[cfg(feature = "cuda")]
+            BackendKind::Cuda => Ok(task.run::<Cuda>(self, Default::default())),
+            #[cfg(feature = "wgpu")]
+            BackendKind::Wgpu => Ok(task.run::<Wgpu>(self, Default::default())),
+            // A backend whose feature is off: `require` says how to get it.
+            #[allow(unreachable_patterns)]
+            other => match other.require() {
+                Err(error) => Err(error),
+                Ok(_) => unreachable!("every compiled-in backend has an arm above"),
+            },
+        }
+    }
+}
+
 /// Whether an NVIDIA driver is loaded (Linux reports it in `/proc/driver/nvidia/version`;
 /// elsewhere we cannot tell cheaply and let the backend try).
 pub fn nvidia_driver_present() -> bool {
@@ -262,7 +311,7 @@ mod tests {
         }
         assert_eq!(BackendKind::choose(None).unwrap(), fastest);
         assert_eq!(
-            BackendKind::choose(Some("ndarray")).is_ok(),
+            BackendKind::choose(Some(BackendKind::Ndarray)).is_ok(),
             cfg!(feature = "ndarray")
         );
     }

@@ -21,18 +21,11 @@ pub enum CacheChoice {
 }
 
 impl CacheChoice {
-    /// A short name: `none`, `dynamic`, `static`, `sliding`, `sink`, `int8`, `int4`.
+    /// A short name: `none`, or the kind's ([`kv_core::CacheKind::name`]).
     pub fn name(&self) -> &'static str {
         match self {
             CacheChoice::None => "none",
-            CacheChoice::Cache(CacheConfig::Dynamic { .. }) => "dynamic",
-            CacheChoice::Cache(CacheConfig::Static { .. }) => "static",
-            CacheChoice::Cache(CacheConfig::SlidingWindow { .. }) => "sliding",
-            CacheChoice::Cache(CacheConfig::Sink { .. }) => "sink",
-            CacheChoice::Cache(CacheConfig::Quantized(q)) => match q.bits {
-                kv_core::QuantBits::Int8 => "int8",
-                kv_core::QuantBits::Int4 => "int4",
-            },
+            CacheChoice::Cache(config) => config.kind().name(),
         }
     }
 }
@@ -389,21 +382,8 @@ impl<'a, B: Backend> Generator<'a, B> {
                 max,
             });
         }
-        let vocab = self.model.config().vocab_size;
         for (row, prompt) in prompts.iter().enumerate() {
-            if let Some((position, &id)) = prompt
-                .iter()
-                .enumerate()
-                .find(|(_, &id)| id as usize >= vocab)
-            {
-                return Err(kv_model::ModelError::TokenOutOfRange {
-                    id,
-                    row,
-                    position,
-                    vocab,
-                }
-                .into());
-            }
+            self.model.config().check_token_ids(row, prompt)?;
         }
         Ok(())
     }

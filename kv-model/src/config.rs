@@ -53,9 +53,7 @@ pub struct RopeConfig {
 impl RopeConfig {
     /// The `head_dim / 2` inverse frequencies, computed in f32 as transformers does.
     pub fn inv_freq(&self, head_dim: usize) -> Vec<f32> {
-        let base: Vec<f32> = (0..head_dim / 2)
-            .map(|i| 1.0 / self.theta.powf((2 * i) as f32 / head_dim as f32))
-            .collect();
+        let base = kv_core::rope_inverse_frequencies(head_dim, self.theta);
         match self.scaling {
             RopeScaling::None => base,
             RopeScaling::Linear { factor } => base.iter().map(|f| f / factor).collect(),
@@ -130,6 +128,36 @@ pub struct ModelConfig {
 }
 
 impl ModelConfig {
+    /// Refuses the first id of `ids` (batch row `row`) outside the vocabulary, with its row,
+    /// position and the vocabulary's size.
+    ///
+    /// ```
+    /// use kv_model::{ModelConfig, ModelError};
+    ///
+    /// let json = serde_json::json!({
+    ///     "model_type": "gpt2", "vocab_size": 50, "n_embd": 16, "n_layer": 1, "n_head": 2,
+    ///     "n_positions": 32
+    /// });
+    /// let config = ModelConfig::from_hf_json(&json, "example").unwrap();
+    /// assert!(config.check_token_ids(0, &[1, 49]).is_ok());
+    /// assert!(matches!(
+    ///     config.check_token_ids(2, &[1, 50]),
+    ///     Err(ModelError::TokenOutOfRange { id: 50, row: 2, position: 1, vocab: 50 })
+    /// ));
+    /// ```
+    pub fn check_token_ids(&self, row: usize, ids: &[u32]) -> Result<()> {
+        let vocab = self.vocab_size;
+        match ids.iter().position(|&id| id as usize >= vocab) {
+            Some(position) => Err(ModelError::TokenOutOfRange {
+                id: ids[position],
+                row,
+                position,
+                vocab,
+            }),
+            None => Ok(()),
+        }
+    }
+
     /// Where a sink cache for this model keeps its keys: re-rotated at their rank in the
     /// cache for rotary models (StreamingLLM), at their text positions for learned ones.
     ///

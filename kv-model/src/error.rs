@@ -144,9 +144,40 @@ pub enum ModelError {
          one at a time"
     )]
     PaddedSink,
-    /// The inputs of one forward pass do not fit together.
-    #[error("bad forward input: {0}")]
-    Input(String),
+    /// A forward pass with no tokens (no rows, or rows of length 0).
+    #[error("no tokens: pass at least one id per row")]
+    NoTokens,
+    /// Rows of one forward pass with different lengths.
+    #[error("row {row} has {len} tokens, row 0 has {first}: pad rows to one length")]
+    RaggedRows {
+        /// The first row that differs.
+        row: usize,
+        /// Its length.
+        len: usize,
+        /// Row 0's length.
+        first: usize,
+    },
+    /// An attention mask whose shape is not `[batch, past + new]`.
+    #[error("attention mask is {rows}x{len}, expected {batch}x{expected} (batch x past+new)")]
+    MaskShape {
+        /// The mask's rows.
+        rows: usize,
+        /// The mask's positions.
+        len: usize,
+        /// The batch passed.
+        batch: usize,
+        /// Positions seen plus new.
+        expected: usize,
+    },
+    /// A sink cache for a model that attends over a sliding window of its own.
+    #[error(
+        "a sink cache cannot serve `{model_type}`, which attends over a sliding window of its \
+         own; use a sliding-window cache"
+    )]
+    SinkWithModelWindow {
+        /// The model's type.
+        model_type: String,
+    },
     /// The backend cannot compute with the requested weight element type.
     #[error("{dtype} weights need a backend with {dtype} arithmetic (flex or cuda); {backend} has none: use f32 weights")]
     UnsupportedWeightDtype {

@@ -148,9 +148,9 @@ fn forward_rejects_bad_input_with_the_numbers() {
 
     assert!(matches!(
         forward(&[vec![]], None),
-        Err(ModelError::Input(_))
+        Err(ModelError::NoTokens)
     ));
-    assert!(matches!(forward(&[], None), Err(ModelError::Input(_))));
+    assert!(matches!(forward(&[], None), Err(ModelError::NoTokens)));
 
     let mask = AttentionMask::ones(1, 5);
     let err = forward(&[vec![1, 2, 3]], Some(&mask)).unwrap_err();

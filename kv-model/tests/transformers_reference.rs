@@ -7,13 +7,8 @@ mod common;
 use common::*;
 use kv_core::{AnyCache, Execution};
 use kv_model::{load_model, Logits, ModelConfig, PromptSplit};
-use serde_json::Value;
 
 const TOLERANCE: f32 = 1e-4;
-
-fn expected(model: &str) -> Value {
-    read_json(&format!("{model}/expected.json"))
-}
 
 fn check_all(name: &str) {
     reference::check_all(&load(name), &expected(name), TOLERANCE);

@@ -9,7 +9,6 @@ use kv_core::AnyCache;
 use kv_model::{
     kv_kernels::Format, load_model_placed, Logits, Transformer, WeightFormat, WeightPlacement,
 };
-use serde_json::Value;
 
 const TOLERANCE: f32 = 1e-4;
 
@@ -21,10 +20,6 @@ fn load_placed(name: &str, format: WeightFormat) -> Transformer<B> {
     )
     .unwrap()
     .model
-}
-
-fn expected(name: &str) -> Value {
-    read_json(&format!("{name}/expected.json"))
 }
 
 /// Host f32 products reorder the sums, nothing else: transformers' logits and tokens hold on

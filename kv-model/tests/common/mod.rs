@@ -1,9 +1,10 @@
 //! Shared helpers: fixture paths and readers, the CPU backend, comparisons.
 #![allow(dead_code)]
 
+mod fixtures;
 pub mod reference;
 
-use std::path::PathBuf;
+pub use fixtures::*;
 
 use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
@@ -21,37 +22,6 @@ pub type B = burn_flex::Flex;
 
 pub fn device() -> burn::tensor::Device<B> {
     Default::default()
-}
-
-/// `kv-model/tests/fixtures`. Cargo sets `CARGO_MANIFEST_DIR` when it runs a test; a test
-/// binary run by hand on another machine (`scripts/gpu-check.sh`) sets it to that checkout.
-pub fn fixtures() -> PathBuf {
-    std::env::var_os("CARGO_MANIFEST_DIR")
-        .map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")), PathBuf::from)
-        .join("tests/fixtures")
-}
-
-pub fn read_json(name: &str) -> Value {
-    let path = fixtures().join(name);
-    serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap()
-}
-
-pub fn ids(value: &Value) -> Vec<u32> {
-    value
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_u64().unwrap() as u32)
-        .collect()
-}
-
-pub fn floats(value: &Value) -> Vec<f32> {
-    value
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_f64().unwrap() as f32)
-        .collect()
 }
 
 pub fn load(name: &str) -> Transformer<B> {

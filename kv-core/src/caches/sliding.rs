@@ -2,7 +2,7 @@
 
 use burn::tensor::{backend::Backend, Tensor};
 
-use crate::windowed::Windowed;
+use crate::caches::windowed::Windowed;
 use crate::{error::Result, AttentionPattern, KvCache, KvView};
 
 /// A cache that holds only the most recent `window` positions, as sliding-window attention

@@ -82,13 +82,7 @@ impl CacheConfig {
         }
         match *self {
             CacheConfig::Dynamic { capacity } => {
-                let floor = capacity.max(crate::MIN_CAPACITY);
-                let slots = if positions <= floor {
-                    floor
-                } else {
-                    positions.next_power_of_two()
-                };
-                per_slot * slots
+                per_slot * crate::caches::dynamic::capacity_for(capacity, positions)
             }
             CacheConfig::Static { max_batch, max_len } => {
                 2 * max_batch * kv_heads * head_dim * float_bytes * max_len

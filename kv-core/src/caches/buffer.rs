@@ -4,7 +4,7 @@ use std::ops::Range;
 
 use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
 
-use crate::cache::check_indices;
+use crate::caches::kv_cache::check_indices;
 use crate::error::Result;
 
 /// Keys and values `[batch, kv_heads, capacity, head_dim]`, written slot by slot.
@@ -123,8 +123,17 @@ pub(crate) fn select_rows_checked<B: Backend>(
     Ok(())
 }
 
-/// A 1-D int tensor of indices on `device`.
-pub(crate) fn index_tensor<B: Backend>(indices: &[usize], device: &B::Device) -> Tensor<B, 1, Int> {
+/// A 1-D int tensor of indices on `device`, for `select` (rows of a cache, an embedding, a
+/// rotary table).
+///
+/// ```
+/// use burn_ndarray::NdArray;
+/// use kv_core::index_tensor;
+///
+/// let index = index_tensor::<NdArray>(&[2, 0], &Default::default());
+/// assert_eq!(index.dims(), [2]);
+/// ```
+pub fn index_tensor<B: Backend>(indices: &[usize], device: &B::Device) -> Tensor<B, 1, Int> {
     let data: Vec<i64> = indices.iter().map(|&i| i as i64).collect();
     Tensor::from_data(TensorData::new(data, [indices.len()]), device)
 }

@@ -2,7 +2,7 @@
 
 use burn::tensor::{backend::Backend, Tensor};
 
-use crate::windowed::Windowed;
+use crate::caches::windowed::Windowed;
 use crate::{
     error::Result, AttentionPattern, KeyPositions, KeyRotation, KvCache, KvView, RotaryTable,
 };

@@ -2,8 +2,8 @@
 
 use burn::tensor::{backend::Backend, Tensor};
 
-use crate::buffer::{select_rows_checked, KvBuffer};
-use crate::cache::check_update;
+use crate::caches::buffer::{select_rows_checked, KvBuffer};
+use crate::caches::kv_cache::check_update;
 use crate::{error::Result, KeyPositions, KvCache, KvView};
 
 /// Smallest buffer a [`DynamicCache`] allocates, in positions.
@@ -87,24 +87,10 @@ impl<B: Backend> DynamicCache<B> {
     pub fn append(&mut self, keys: Tensor<B, 4>, values: Tensor<B, 4>) -> Result<()> {
         let [batch, heads, new, head_dim] = check_update(&keys, &values, self.held_shape())?;
         let needed = self.len + new;
-        // The hint (at least MIN_CAPACITY) while it suffices, then powers of two: the capacity
-        // depends only on how many positions are held, not on how they arrived.
-        let grown = |hint: usize| {
-            let floor = hint.max(MIN_CAPACITY);
-            if needed <= floor {
-                floor
-            } else {
-                needed.next_power_of_two()
-            }
-        };
+        let grown = capacity_for(self.capacity_hint, needed);
         let buffer = match self.buffer.take() {
-            None => KvBuffer::zeros(
-                [batch, heads, grown(self.capacity_hint), head_dim],
-                &keys.device(),
-            ),
-            Some(buffer) if buffer.capacity() < needed => {
-                buffer.resized(batch, grown(self.capacity_hint), self.len)
-            }
+            None => KvBuffer::zeros([batch, heads, grown, head_dim], &keys.device()),
+            Some(buffer) if buffer.capacity() < needed => buffer.resized(batch, grown, self.len),
             Some(buffer) => buffer,
         };
         self.buffer = Some(buffer.write(self.len, keys, values));
@@ -171,5 +157,17 @@ impl<B: Backend> KvCache<B> for DynamicCache<B> {
 
     fn memory_bytes(&self) -> usize {
         self.buffer.as_ref().map_or(0, KvBuffer::bytes)
+    }
+}
+
+/// The slots a [`DynamicCache`] with capacity hint `hint` allocates to hold `positions`: the
+/// hint (at least [`MIN_CAPACITY`]) while it suffices, then the next power of two, so the
+/// capacity depends only on how many positions are held, not on how they arrived.
+pub(crate) fn capacity_for(hint: usize, positions: usize) -> usize {
+    let floor = hint.max(MIN_CAPACITY);
+    if positions <= floor {
+        floor
+    } else {
+        positions.next_power_of_two()
     }
 }

@@ -2,8 +2,8 @@
 
 use burn::tensor::{backend::Backend, Tensor};
 
-use crate::buffer::KvBuffer;
-use crate::cache::{check_indices, check_update};
+use crate::caches::buffer::KvBuffer;
+use crate::caches::kv_cache::{check_indices, check_update};
 use crate::{error::Result, CacheError, KeyPositions, KvCache, KvView};
 
 /// The fixed shape of a [`StaticCache`].

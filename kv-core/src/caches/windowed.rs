@@ -6,8 +6,8 @@
 
 use burn::tensor::{backend::Backend, Tensor};
 
-use crate::buffer::{select_rows_checked, KvBuffer};
-use crate::cache::check_update;
+use crate::caches::buffer::{select_rows_checked, KvBuffer};
+use crate::caches::kv_cache::check_update;
 use crate::{error::Result, CacheError, KeyPositions};
 
 /// What an update of a [`Windowed`] buffer returns: keys/values `[batch, kv_heads, slots, head_dim]`

@@ -2,8 +2,21 @@
 
 use burn::tensor::{backend::Backend, Tensor, TensorData};
 
-use crate::buffer::index_tensor;
+use crate::caches::buffer::index_tensor;
 use crate::{error::Result, CacheError};
+
+/// RoPE's `head_dim / 2` inverse frequencies for base `theta`, `theta^(-2i / head_dim)`,
+/// computed in f32 as transformers computes them (rope scaling rescales these).
+///
+/// ```
+/// let f = kv_core::rope_inverse_frequencies(4, 10_000.0);
+/// assert_eq!(f, vec![1.0, 0.01]);
+/// ```
+pub fn rope_inverse_frequencies(head_dim: usize, theta: f32) -> Vec<f32> {
+    (0..head_dim / 2)
+        .map(|i| 1.0 / theta.powf((2 * i) as f32 / head_dim as f32))
+        .collect()
+}
 
 /// Cosine/sine tables for rotary embeddings, grown on demand.
 ///
@@ -38,10 +51,7 @@ impl<B: Backend> RotaryTable<B> {
                 "rotary head_dim must be even and positive, got {head_dim}"
             )));
         }
-        let inv_freq = (0..head_dim / 2)
-            .map(|i| 1.0 / theta.powf((2 * i) as f32 / head_dim as f32))
-            .collect();
-        Self::from_inv_freq(inv_freq, device)
+        Self::from_inv_freq(rope_inverse_frequencies(head_dim, theta), device)
     }
 
     /// Tables for given inverse frequencies (`head_dim / 2` of them), e.g. after rope scaling.

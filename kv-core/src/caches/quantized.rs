@@ -22,7 +22,7 @@ use kv_kernels::attention::{merge_parts, RowStats};
 use kv_kernels::quantized_kv::{check_half_range, AttendScratch, QuantizedKv};
 use kv_kernels::{Isa, KernelError, Threads};
 
-use crate::cache::{check_indices, check_update};
+use crate::caches::kv_cache::{check_indices, check_update};
 use crate::{error::Result, CacheError, KeyPositions, KvCache, KvView};
 
 pub use kv_kernels::quantized_kv::{QuantBits, QuantizedCacheConfig};

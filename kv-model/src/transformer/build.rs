@@ -1,0 +1,529 @@
+//! Building a [`Transformer`] from a file's weights or from random numbers: each tensor from a
+//! [`TensorSource`], the matrices placed as a [`WeightPlacement`] says, Q/K/V and the MLP's
+//! gate and up projections fused into one matrix each.
+
+use super::*;
+
+impl<B: Backend> Transformer<B> {
+    /// Builds the model from Hugging Face-named weights, f32 on the device; every tensor's
+    /// shape is checked against `config`.
+    pub fn from_weights(
+        config: &ModelConfig,
+        weights: Weights,
+        device: &B::Device,
+    ) -> Result<Self> {
+        Self::from_weights_placed(config, weights, WeightPlacement::default(), device)
+    }
+
+    /// [`Transformer::from_weights`] with the matrices placed as `placement` says (on the
+    /// device, or on the host in a kv-kernels format, a GGUF's own blocks included).
+    pub fn from_weights_placed(
+        config: &ModelConfig,
+        mut weights: Weights,
+        placement: WeightPlacement,
+        device: &B::Device,
+    ) -> Result<Self> {
+        let name = weights.source_name().to_owned();
+        config.validate(&name)?;
+        let gpt2_prefix = if weights.contains("wte.weight") {
+            ""
+        } else {
+            "transformer."
+        };
+        build(config, &mut weights, gpt2_prefix, placement, device)
+    }
+
+    /// A model of `config`'s shape with deterministic random weights from `seed`: for tests,
+    /// and for timing where the real weights cannot be carried.
+    pub fn random(config: &ModelConfig, seed: u64, device: &B::Device) -> Result<Self> {
+        Self::random_placed(config, seed, WeightPlacement::default(), device)
+    }
+
+    /// [`Transformer::random`] with the matrices placed as `placement` says.
+    ///
+    /// ```
+    /// use burn_ndarray::NdArray;
+    /// use kv_core::AnyCache;
+    /// use kv_model::{Logits, ModelConfig, Transformer, WeightFormat, WeightPlacement};
+    ///
+    /// let json = serde_json::json!({
+    ///     "model_type": "llama", "vocab_size": 64, "hidden_size": 32, "num_hidden_layers": 2,
+    ///     "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 64
+    /// });
+    /// let config = ModelConfig::from_hf_json(&json, "doc").unwrap();
+    /// let device = Default::default();
+    /// let dense = Transformer::<NdArray>::random(&config, 3, &device).unwrap();
+    /// // The same weights on the host, multiplied by kv-kernels in f32: the same logits.
+    /// let host = WeightPlacement::Host(WeightFormat::F32);
+    /// let kernels = Transformer::<NdArray>::random_placed(&config, 3, host, &device).unwrap();
+    /// let ids = [vec![1, 2, 3]];
+    /// let a = dense.forward::<AnyCache<NdArray>>(&ids, None, None, Logits::All).unwrap();
+    /// let b = kernels.forward::<AnyCache<NdArray>>(&ids, None, None, Logits::All).unwrap();
+    /// a.into_data().assert_approx_eq::<f32>(&b.into_data(), Default::default());
+    /// ```
+    pub fn random_placed(
+        config: &ModelConfig,
+        seed: u64,
+        placement: WeightPlacement,
+        device: &B::Device,
+    ) -> Result<Self> {
+        config.validate("random model")?;
+        build(
+            config,
+            &mut RandomSource { state: seed },
+            "transformer.",
+            placement,
+            device,
+        )
+    }
+}
+
+trait TensorSource {
+    /// The tensor `name` (Hugging Face naming) of `shape`.
+    fn tensor(&mut self, name: &str, shape: &[usize], role: Role) -> Result<HostTensor>;
+
+    /// The 2-D tensor `name` of `shape` (PyTorch order) as a matrix in `format`.
+    fn matrix(&mut self, name: &str, shape: [usize; 2], format: WeightFormat) -> Result<Matrix> {
+        let dense = self.tensor(name, &shape, Role::Matrix)?;
+        dense_matrix(name, dense, format.kernel_format().unwrap_or(Format::F32))
+    }
+}
+
+/// What a tensor is for, which decides how a random model fills it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Role {
+    Matrix,
+    Bias,
+    NormWeight,
+}
+
+impl TensorSource for Weights {
+    fn tensor(&mut self, name: &str, shape: &[usize], _role: Role) -> Result<HostTensor> {
+        self.take(name, shape)
+    }
+
+    fn matrix(&mut self, name: &str, shape: [usize; 2], format: WeightFormat) -> Result<Matrix> {
+        self.take_matrix(name, shape, format)
+    }
+}
+
+/// Deterministic pseudo-random weights (splitmix64): small matrices, zero-mean biases, unit
+/// norm weights.
+struct RandomSource {
+    state: u64,
+}
+
+impl RandomSource {
+    fn next_unit(&mut self) -> f32 {
+        self.state = self.state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^= z >> 31;
+        (z >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
+    }
+}
+
+impl TensorSource for RandomSource {
+    fn tensor(&mut self, _name: &str, shape: &[usize], role: Role) -> Result<HostTensor> {
+        let len = shape.iter().product();
+        let data = match role {
+            Role::NormWeight => vec![1.0; len],
+            Role::Matrix => (0..len).map(|_| 0.08 * self.next_unit()).collect(),
+            Role::Bias => (0..len).map(|_| 0.02 * self.next_unit()).collect(),
+        };
+        Ok(HostTensor::new(shape.to_vec(), data))
+    }
+}
+
+/// Builds the model from any tensor source, its matrices placed as `placement` says.
+fn build<B: Backend>(
+    config: &ModelConfig,
+    source: &mut dyn TensorSource,
+    gpt2_prefix: &str,
+    placement: WeightPlacement,
+    device: &B::Device,
+) -> Result<Transformer<B>> {
+    let host = match placement {
+        WeightPlacement::Host(format) => Some(format),
+        WeightPlacement::Device(_) => None,
+    };
+    let mut matrices = Matrices {
+        source,
+        host,
+        device,
+    };
+    let parts = match config.architecture {
+        Architecture::Gpt2 => build_gpt2(config, &mut matrices, gpt2_prefix)?,
+        Architecture::Llama => build_llama(config, &mut matrices)?,
+    };
+    let model = Transformer {
+        config: config.clone(),
+        token_embedding: parts.token_embedding,
+        positions: parts.positions,
+        blocks: parts.blocks,
+        final_norm: parts.final_norm,
+        lm_head: parts.lm_head,
+        execution: Execution::Sequential,
+        split: PromptSplit::default(),
+        device: device.clone(),
+    };
+    match placement {
+        WeightPlacement::Device(WeightDtype::F32) | WeightPlacement::Host(_) => Ok(model),
+        WeightPlacement::Device(dtype) => model.with_weight_dtype(dtype),
+    }
+}
+
+/// What a family builder returns.
+struct Parts<B: Backend> {
+    blocks: Vec<Block<B>>,
+    token_embedding: Embedding<B>,
+    positions: PositionEncoding<B>,
+    final_norm: Norm<B>,
+    lm_head: Linear<B>,
+}
+
+/// A projection's weight before it becomes a layer: dense `[in, out]` for the device, or a
+/// host matrix `[out, in]`.
+enum Projection {
+    Dense(HostTensor),
+    Rows(Matrix),
+}
+
+/// The tensor source with the placement: hands out projections and embeddings in the form
+/// the model will keep them.
+struct Matrices<'a, B: Backend> {
+    source: &'a mut dyn TensorSource,
+    /// The kv-kernels format, when products run on the host.
+    host: Option<WeightFormat>,
+    device: &'a B::Device,
+}
+
+impl<B: Backend> Matrices<'_, B> {
+    /// A dense tensor (norms, biases, position tables).
+    fn tensor(&mut self, name: &str, shape: &[usize], role: Role) -> Result<HostTensor> {
+        self.source.tensor(name, shape, role)
+    }
+
+    /// A PyTorch `nn.Linear` weight stored `[out, in]`.
+    fn linear(&mut self, name: &str, inputs: usize, outputs: usize) -> Result<Projection> {
+        Ok(match self.host {
+            Some(format) => {
+                Projection::Rows(self.source.matrix(name, [outputs, inputs], format)?)
+            }
+            None => Projection::Dense(
+                self.source
+                    .tensor(name, &[outputs, inputs], Role::Matrix)?
+                    .transposed(),
+            ),
+        })
+    }
+
+    /// A GPT-2 Conv1D weight stored `[in, out]`.
+    fn conv1d(&mut self, name: &str, inputs: usize, outputs: usize) -> Result<Projection> {
+        let dense = self.source.tensor(name, &[inputs, outputs], Role::Matrix)?;
+        Ok(match self.host {
+            Some(format) => Projection::Rows(dense_matrix(
+                name,
+                dense.transposed(),
+                format.kernel_format().unwrap_or(Format::F32),
+            )?),
+            None => Projection::Dense(dense),
+        })
+    }
+
+    /// Projections that share an input, fused into one product (Q/K/V, gate/up).
+    fn fuse(&self, parts: Vec<Projection>, name: &str) -> Result<Projection> {
+        if let Some(Projection::Dense(_)) = parts.first() {
+            let dense: Vec<HostTensor> = parts
+                .into_iter()
+                .map(|p| match p {
+                    Projection::Dense(t) => t,
+                    Projection::Rows(_) => unreachable!("one placement per model"),
+                })
+                .collect();
+            return Ok(Projection::Dense(HostTensor::concat_columns(&dense)));
+        }
+        let mut rows: Vec<Matrix> = parts
+            .into_iter()
+            .map(|p| match p {
+                Projection::Rows(m) => m,
+                Projection::Dense(_) => unreachable!("one placement per model"),
+            })
+            .collect();
+        // A file may store the parts in different formats: all take the most precise one.
+        let widest = rows
+            .iter()
+            .map(Matrix::format)
+            .max_by_key(|f| precision_rank(*f))
+            .expect("at least one part");
+        for m in &mut rows {
+            if m.format() != widest {
+                *m = m.convert(widest);
+            }
+        }
+        Ok(Projection::Rows(Matrix::stack(&rows).map_err(|e| {
+            ModelError::Kernel {
+                source_name: "model".into(),
+                tensor: name.into(),
+                source: e,
+            }
+        })?))
+    }
+
+    /// A layer from a projection and its optional `[out]` bias.
+    fn layer(&self, weight: Projection, bias: Option<HostTensor>) -> Linear<B> {
+        match weight {
+            Projection::Dense(w) => Linear::new(w, bias, self.device),
+            Projection::Rows(m) => Linear::host(Arc::new(m), bias, self.device),
+        }
+    }
+
+    /// The token embedding `[vocab, hidden]` and, with tied embeddings, the LM head over the
+    /// same values (held once on the host; transposed for the device).
+    fn embedding(
+        &mut self,
+        name: &str,
+        vocab: usize,
+        hidden: usize,
+        untied_head: Option<&str>,
+    ) -> Result<(Embedding<B>, Linear<B>)> {
+        match self.host {
+            Some(format) => {
+                let table = Arc::new(self.source.matrix(name, [vocab, hidden], format)?);
+                let head = match untied_head {
+                    Some(head) => Arc::new(self.source.matrix(head, [vocab, hidden], format)?),
+                    None => Arc::clone(&table),
+                };
+                Ok((
+                    Embedding::Host(table),
+                    Linear::host(head, None, self.device),
+                ))
+            }
+            None => {
+                let table = self.source.tensor(name, &[vocab, hidden], Role::Matrix)?;
+                let head = match untied_head {
+                    Some(head) => self.source.tensor(head, &[vocab, hidden], Role::Matrix)?,
+                    None => table.clone(),
+                };
+                Ok((
+                    Embedding::Device(upload(table, self.device)),
+                    Linear::new(head.transposed(), None, self.device),
+                ))
+            }
+        }
+    }
+}
+
+/// Orders formats from least to most precise.
+fn precision_rank(format: Format) -> u8 {
+    match format {
+        Format::Q4_1 => 0,
+        Format::Q8_0 => 1,
+        Format::F16 => 2,
+        Format::F32 => 3,
+    }
+}
+
+/// A dense `[rows, cols]` tensor as a matrix in `format`.
+fn dense_matrix(name: &str, tensor: HostTensor, format: Format) -> Result<Matrix> {
+    Matrix::from_f32(format, tensor.shape[0], tensor.shape[1], &tensor.data).map_err(|e| {
+        ModelError::Kernel {
+            source_name: "model".into(),
+            tensor: name.into(),
+            source: e,
+        }
+    })
+}
+
+fn build_gpt2<B: Backend>(
+    c: &ModelConfig,
+    m: &mut Matrices<'_, B>,
+    prefix: &str,
+) -> Result<Parts<B>> {
+    let hidden = c.hidden_size;
+    let device = m.device;
+    let layer_norm = |m: &mut Matrices<'_, B>, name: &str| -> Result<Norm<B>> {
+        Ok(Norm::Layer {
+            weight: upload(
+                m.tensor(&format!("{name}.weight"), &[hidden], Role::NormWeight)?,
+                device,
+            ),
+            bias: upload(
+                m.tensor(&format!("{name}.bias"), &[hidden], Role::Bias)?,
+                device,
+            ),
+            eps: c.norm_eps,
+        })
+    };
+    let mut norms = Vec::new();
+    for i in 0..c.num_layers {
+        norms.push((
+            layer_norm(m, &format!("{prefix}h.{i}.ln_1"))?,
+            layer_norm(m, &format!("{prefix}h.{i}.ln_2"))?,
+        ));
+    }
+    let final_norm = layer_norm(m, &format!("{prefix}ln_f"))?;
+    let conv1d = |m: &mut Matrices<'_, B>, name: &str, inputs: usize, outputs: usize| {
+        let weight = m.conv1d(&format!("{name}.weight"), inputs, outputs)?;
+        let bias = m.tensor(&format!("{name}.bias"), &[outputs], Role::Bias)?;
+        Ok::<_, ModelError>(m.layer(weight, Some(bias)))
+    };
+    let mut blocks = Vec::with_capacity(c.num_layers);
+    for (i, (attention_norm, mlp_norm)) in norms.into_iter().enumerate() {
+        let p = format!("{prefix}h.{i}");
+        blocks.push(Block {
+            attention_norm,
+            attention: Attention {
+                qkv: conv1d(m, &format!("{p}.attn.c_attn"), hidden, 3 * hidden)?,
+                output: conv1d(m, &format!("{p}.attn.c_proj"), hidden, hidden)?,
+            },
+            mlp_norm,
+            mlp: Mlp::Gelu {
+                fc: conv1d(m, &format!("{p}.mlp.c_fc"), hidden, c.intermediate_size)?,
+                proj: conv1d(m, &format!("{p}.mlp.c_proj"), c.intermediate_size, hidden)?,
+            },
+        });
+    }
+    let (token_embedding, lm_head) =
+        m.embedding(&format!("{prefix}wte.weight"), c.vocab_size, hidden, None)?;
+    let wpe = m.tensor(
+        &format!("{prefix}wpe.weight"),
+        &[c.max_positions, hidden],
+        Role::Matrix,
+    )?;
+    Ok(Parts {
+        blocks,
+        token_embedding,
+        positions: PositionEncoding::Learned(upload(wpe, device)),
+        final_norm,
+        lm_head,
+    })
+}
+
+fn build_llama<B: Backend>(c: &ModelConfig, m: &mut Matrices<'_, B>) -> Result<Parts<B>> {
+    let hidden = c.hidden_size;
+    let device = m.device;
+    let rope = c.rope.ok_or_else(|| {
+        ModelError::config(&c.model_type, "a Llama-family model needs rope settings")
+    })?;
+    let rms = |m: &mut Matrices<'_, B>, name: &str| -> Result<Norm<B>> {
+        Ok(Norm::Rms {
+            weight: upload(m.tensor(name, &[hidden], Role::NormWeight)?, device),
+            eps: c.norm_eps,
+        })
+    };
+    let mut norms = Vec::new();
+    for i in 0..c.num_layers {
+        norms.push((
+            rms(m, &format!("model.layers.{i}.input_layernorm.weight"))?,
+            rms(
+                m,
+                &format!("model.layers.{i}.post_attention_layernorm.weight"),
+            )?,
+        ));
+    }
+    let final_norm = rms(m, "model.norm.weight")?;
+    // One projection: its weight and, if the model has them, its bias.
+    let linear = |m: &mut Matrices<'_, B>,
+                  name: &str,
+                  inputs: usize,
+                  outputs: usize,
+                  bias: bool|
+     -> Result<(Projection, Option<HostTensor>)> {
+        let weight = m.linear(&format!("{name}.weight"), inputs, outputs)?;
+        let bias = if bias {
+            Some(m.tensor(&format!("{name}.bias"), &[outputs], Role::Bias)?)
+        } else {
+            None
+        };
+        Ok((weight, bias))
+    };
+    let (q_out, kv_out) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
+    let mut blocks = Vec::with_capacity(c.num_layers);
+    for (i, (attention_norm, mlp_norm)) in norms.into_iter().enumerate() {
+        let p = format!("model.layers.{i}");
+        let (q, q_bias) = linear(
+            m,
+            &format!("{p}.self_attn.q_proj"),
+            hidden,
+            q_out,
+            c.qkv_bias,
+        )?;
+        let (k, k_bias) = linear(
+            m,
+            &format!("{p}.self_attn.k_proj"),
+            hidden,
+            kv_out,
+            c.qkv_bias,
+        )?;
+        let (v, v_bias) = linear(
+            m,
+            &format!("{p}.self_attn.v_proj"),
+            hidden,
+            kv_out,
+            c.qkv_bias,
+        )?;
+        let (o, o_bias) = linear(
+            m,
+            &format!("{p}.self_attn.o_proj"),
+            q_out,
+            hidden,
+            c.dense_bias,
+        )?;
+        let (gate, gate_bias) = linear(
+            m,
+            &format!("{p}.mlp.gate_proj"),
+            hidden,
+            c.intermediate_size,
+            c.dense_bias,
+        )?;
+        let (up, up_bias) = linear(
+            m,
+            &format!("{p}.mlp.up_proj"),
+            hidden,
+            c.intermediate_size,
+            c.dense_bias,
+        )?;
+        let (down, down_bias) = linear(
+            m,
+            &format!("{p}.mlp.down_proj"),
+            c.intermediate_size,
+            hidden,
+            c.dense_bias,
+        )?;
+        let qkv_bias = match (q_bias, k_bias, v_bias) {
+            (Some(q), Some(k), Some(v)) => Some(HostTensor::concat(&[q, k, v])),
+            _ => None,
+        };
+        let gate_up_bias = match (gate_bias, up_bias) {
+            (Some(g), Some(u)) => Some(HostTensor::concat(&[g, u])),
+            _ => None,
+        };
+        let qkv = m.fuse(vec![q, k, v], &format!("{p}.self_attn.qkv"))?;
+        let gate_up = m.fuse(vec![gate, up], &format!("{p}.mlp.gate_up"))?;
+        blocks.push(Block {
+            attention_norm,
+            attention: Attention {
+                qkv: m.layer(qkv, qkv_bias),
+                output: m.layer(o, o_bias),
+            },
+            mlp_norm,
+            mlp: Mlp::SwiGlu {
+                gate_up: m.layer(gate_up, gate_up_bias),
+                down: m.layer(down, down_bias),
+            },
+        });
+    }
+    let head = (!c.tie_word_embeddings).then_some("lm_head.weight");
+    let (token_embedding, lm_head) =
+        m.embedding("model.embed_tokens.weight", c.vocab_size, hidden, head)?;
+    let rotary = RotaryTable::from_inv_freq(rope.inv_freq(c.head_dim), device)?;
+    Ok(Parts {
+        blocks,
+        token_embedding,
+        positions: PositionEncoding::Rotary(rotary),
+        final_norm,
+        lm_head,
+    })
+}

@@ -1,0 +1,383 @@
+//! The decoder-only transformer of both families, generic over the backend, with attention
+//! through any kv-core cache or none.
+//!
+//! One forward pass, top to bottom:
+//!
+//! 1. token embedding (plus learned positions for GPT-2);
+//! 2. per block: `x += attention(norm(x))`, then `x += mlp(norm(x))`, where attention projects
+//!    Q, K and V in one product, rotates Q and K (rotary models), hands K and V to the layer's
+//!    cache, and attends over what the cache returns;
+//! 3. final norm and LM head, for every position or only the last.
+
+use std::ops::Range;
+
+use std::sync::Arc;
+
+use burn::tensor::{backend::Backend, Tensor, TensorData};
+use kv_core::{
+    index_tensor, merge_partial_attention, partial_attention, AttentionMask, AttentionPattern,
+    AttentionPlan, Execution, KeyPositions, KeyRotation, KvCache, KvView, ModelCache,
+    PartialAttention, RotaryAngles, RotaryTable, DEFAULT_BLOCK_QUERIES,
+};
+use kv_kernels::{attention, Format, Isa, Matrix, Threads};
+use rayon::prelude::*;
+
+use crate::config::{Architecture, ModelConfig};
+use crate::error::{ModelError, Result};
+use crate::host;
+use crate::layers::{upload, Linear, Mlp, Norm, HOST_KERNEL_MAX_ROWS};
+use crate::placement::{WeightDtype, WeightFormat, WeightPlacement};
+use crate::weights::{HostTensor, Weights};
+
+mod build;
+mod context;
+mod forward;
+mod runs;
+mod self_attention;
+
+use context::ForwardContext;
+use runs::{join_runs, narrow_run};
+
+/// How a forward pass over many new tokens (a prompt) is cut up.
+///
+/// Attention runs in blocks of queries, each reading only the keys it can see
+/// ([`kv_core::AttentionPlan`]); with [`Execution::Parallel`], the position-wise work (norms,
+/// projections, rotary, MLP) also runs in runs of positions on rayon's threads. Neither changes
+/// the numbers beyond float rounding; the defaults suit CPU prompts of hundreds of tokens, and
+/// tests set small values to exercise the cuts on short inputs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PromptSplit {
+    /// Queries per attention block (at least 1).
+    pub queries_per_block: usize,
+    /// Fewest positions per run of the position-wise work (at least 1), so each run's matrix
+    /// products keep rows enough to run at speed. There are at most two runs per thread.
+    pub min_positions_per_run: usize,
+}
+
+impl Default for PromptSplit {
+    fn default() -> Self {
+        Self {
+            queries_per_block: DEFAULT_BLOCK_QUERIES,
+            min_positions_per_run: 64,
+        }
+    }
+}
+
+/// Which positions to compute logits for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Logits {
+    /// Every position: `[batch, seq, vocab]` (scoring a text, checking against a reference).
+    All,
+    /// The last position only: `[batch, 1, vocab]`. Generation needs no more, and the LM head
+    /// is the largest product of a small model, so a prompt should not pay for it per token.
+    Last,
+}
+
+/// How positions enter the network.
+#[derive(Debug, Clone)]
+enum PositionEncoding<B: Backend> {
+    /// GPT-2: a learned `[max_positions, hidden]` table added to the token embedding.
+    Learned(Tensor<B, 2>),
+    /// Rotary embeddings applied to queries and keys in every layer.
+    Rotary(RotaryTable<B>),
+}
+
+/// The token embedding table `[vocab, hidden]`.
+#[derive(Debug, Clone)]
+enum Embedding<B: Backend> {
+    /// On the backend's device; rows are gathered there.
+    Device(Tensor<B, 2>),
+    /// In host memory in any kv-kernels format (a GGUF's own blocks); the rows a forward pass
+    /// needs are widened to f32 and uploaded. With tied embeddings the LM head multiplies by
+    /// this same matrix, so the table is held once.
+    Host(Arc<Matrix>),
+}
+
+impl<B: Backend> Embedding<B> {
+    /// Rows `ids` of the table: `[ids.len(), hidden]`.
+    fn rows(&self, ids: &[usize], device: &B::Device) -> Tensor<B, 2> {
+        match self {
+            Embedding::Device(table) => table.clone().select(0, index_tensor::<B>(ids, device)),
+            Embedding::Host(table) => {
+                let hidden = table.cols();
+                let mut values = vec![0.0; ids.len() * hidden];
+                for (&id, row) in ids.iter().zip(values.chunks_exact_mut(hidden)) {
+                    table.row_to_f32(id, row);
+                }
+                Tensor::from_data(TensorData::new(values, [ids.len(), hidden]), device)
+            }
+        }
+    }
+}
+
+/// Q, K, V and output projections of one layer.
+#[derive(Debug, Clone)]
+struct Attention<B: Backend> {
+    /// `[hidden, (heads + 2 * kv_heads) * head_dim]`: Q's columns, then K's, then V's.
+    qkv: Linear<B>,
+    /// `[heads * head_dim, hidden]`.
+    output: Linear<B>,
+}
+
+/// One transformer block (pre-norm).
+#[derive(Debug, Clone)]
+struct Block<B: Backend> {
+    attention_norm: Norm<B>,
+    attention: Attention<B>,
+    mlp_norm: Norm<B>,
+    mlp: Mlp<B>,
+}
+
+impl<B: Backend> Block<B> {
+    /// Whether `rows` positions take the host path through this block's position-wise work
+    /// (see [`crate::host`]): every product on the host, and few enough rows that the
+    /// kernels' matrix-vector path serves them.
+    fn runs_on_host(&self, rows: usize) -> bool {
+        rows <= HOST_KERNEL_MAX_ROWS && self.is_host()
+    }
+
+    /// Whether every matrix of the block lives on the host: then a prompt's position-wise work
+    /// runs there too, run by run (norms, products, activations and residual sums as loops
+    /// around kv-kernels' batched products), and only Q/K/V and the attention output cross
+    /// between the backend and the host.
+    fn is_host(&self) -> bool {
+        self.attention.qkv.is_host() && self.attention.output.is_host() && self.mlp.is_host()
+    }
+}
+
+/// A decoder-only transformer (GPT-2 or Llama family) on backend `B`.
+///
+/// ```
+/// use burn_ndarray::NdArray;
+/// use kv_core::{CacheConfig, ModelCache};
+/// use kv_model::{Logits, ModelConfig, Transformer};
+///
+/// let json = serde_json::json!({
+///     "model_type": "llama", "vocab_size": 64, "hidden_size": 32, "num_hidden_layers": 2,
+///     "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 64
+/// });
+/// let config = ModelConfig::from_hf_json(&json, "example").unwrap();
+/// let device = Default::default();
+/// let model = Transformer::<NdArray>::random(&config, 7, &device).unwrap();
+///
+/// // Prefill three tokens, then decode one, through a dynamic cache.
+/// let mut cache: ModelCache<NdArray> = model.new_cache(&CacheConfig::Dynamic { capacity: 16 }).unwrap();
+/// let logits = model.forward(&[vec![1, 2, 3]], None, Some(&mut cache), Logits::Last).unwrap();
+/// assert_eq!(logits.dims(), [1, 1, config.vocab_size]);
+/// let logits = model.forward(&[vec![4]], None, Some(&mut cache), Logits::Last).unwrap();
+/// assert_eq!(cache.seq_len(), 4);
+/// # let _ = logits;
+/// ```
+#[derive(Debug, Clone)]
+pub struct Transformer<B: Backend> {
+    config: ModelConfig,
+    /// `[vocab, hidden]`.
+    token_embedding: Embedding<B>,
+    positions: PositionEncoding<B>,
+    blocks: Vec<Block<B>>,
+    final_norm: Norm<B>,
+    /// `[hidden, vocab]`.
+    lm_head: Linear<B>,
+    /// Where a prompt's blocks of attention and runs of positions are computed.
+    execution: Execution,
+    /// How a prompt is cut into blocks and runs.
+    split: PromptSplit,
+    device: B::Device,
+}
+
+impl<B: Backend> Transformer<B> {
+    /// The same model with its projection weights stored as `weights` (see [`WeightDtype`]).
+    ///
+    /// ```
+    /// # use burn_ndarray::NdArray;
+    /// # use kv_model::{ModelConfig, Transformer, WeightDtype};
+    /// # let json = serde_json::json!({
+    /// #     "model_type": "llama", "vocab_size": 64, "hidden_size": 32, "num_hidden_layers": 2,
+    /// #     "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 64
+    /// # });
+    /// # let config = ModelConfig::from_hf_json(&json, "doc").unwrap();
+    /// let model = Transformer::<NdArray>::random(&config, 1, &Default::default()).unwrap();
+    /// // burn-ndarray has no f16 arithmetic: a clear error, not a panic mid-generation.
+    /// let err = model.clone().with_weight_dtype(WeightDtype::F16).unwrap_err();
+    /// assert!(err.to_string().contains("use f32 weights"));
+    /// let model = model.with_weight_dtype(WeightDtype::F32).unwrap();
+    /// # let _ = model;
+    /// ```
+    ///
+    /// # Errors
+    /// [`ModelError::UnsupportedWeightDtype`] when the backend has no arithmetic in `weights`.
+    pub fn with_weight_dtype(self, weights: WeightDtype) -> Result<Self> {
+        let dtype = weights.float_dtype();
+        if !B::supports_dtype(&self.device, dtype.into()) {
+            return Err(ModelError::UnsupportedWeightDtype {
+                dtype: weights,
+                backend: B::name(&self.device),
+            });
+        }
+        Ok(Self {
+            blocks: self
+                .blocks
+                .into_iter()
+                .map(|block| Block {
+                    attention: Attention {
+                        qkv: block.attention.qkv.with_weight_dtype(dtype),
+                        output: block.attention.output.with_weight_dtype(dtype),
+                    },
+                    mlp: block.mlp.with_weight_dtype(dtype),
+                    ..block
+                })
+                .collect(),
+            lm_head: self.lm_head.with_weight_dtype(dtype),
+            ..self
+        })
+    }
+
+    /// The same model computing a prompt on `execution`'s threads: its blocks of attention
+    /// queries and its runs of positions ([`PromptSplit`]) one after another
+    /// ([`Execution::Sequential`], the default, for GPU backends, which queue the work on the
+    /// device either way) or spread over rayon's thread pool ([`Execution::Parallel`], for CPU
+    /// backends, whose element-wise and attention kernels run on the calling thread). The
+    /// output is the same either way, up to float rounding.
+    ///
+    /// ```
+    /// # use burn_ndarray::NdArray;
+    /// # use kv_core::{AnyCache, Execution};
+    /// # use kv_model::{Logits, ModelConfig, PromptSplit, Transformer};
+    /// # let json = serde_json::json!({
+    /// #     "model_type": "llama", "vocab_size": 64, "hidden_size": 32, "num_hidden_layers": 2,
+    /// #     "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 64
+    /// # });
+    /// # let config = ModelConfig::from_hf_json(&json, "doc").unwrap();
+    /// let model = Transformer::<NdArray>::random(&config, 1, &Default::default()).unwrap();
+    /// let split = PromptSplit { queries_per_block: 2, min_positions_per_run: 2 };
+    /// let parallel = model.clone().with_execution(Execution::Parallel).with_prompt_split(split);
+    /// let prompt = [vec![3, 1, 4, 1, 5, 9, 2, 6]];
+    /// let a = model.forward::<AnyCache<NdArray>>(&prompt, None, None, Logits::All).unwrap();
+    /// let b = parallel.forward::<AnyCache<NdArray>>(&prompt, None, None, Logits::All).unwrap();
+    /// a.into_data().assert_approx_eq::<f32>(&b.into_data(), Default::default());
+    /// ```
+    pub fn with_execution(self, execution: Execution) -> Self {
+        Self { execution, ..self }
+    }
+
+    /// Where a prompt is computed (see [`Transformer::with_execution`]).
+    pub fn execution(&self) -> Execution {
+        self.execution
+    }
+
+    /// The same model cutting prompts as `split` says (see [`PromptSplit`]).
+    pub fn with_prompt_split(self, split: PromptSplit) -> Self {
+        Self { split, ..self }
+    }
+
+    /// Bytes of every layer's projections.
+    fn layer_bytes(&self) -> usize {
+        self.blocks
+            .iter()
+            .map(|b| {
+                b.attention.qkv.weight_bytes()
+                    + b.attention.output.weight_bytes()
+                    + b.mlp.weight_bytes()
+            })
+            .sum()
+    }
+
+    /// Bytes of weights one decode step reads: every layer's projections and the LM head
+    /// (one row of the embedding table aside). On a CPU a step's time is bounded below by
+    /// these bytes over the memory bandwidth.
+    pub fn step_read_bytes(&self) -> usize {
+        self.layer_bytes() + self.lm_head.weight_bytes()
+    }
+
+    /// Bytes the projection and embedding weights take where they live (the embedding table
+    /// counted once when the LM head shares it).
+    pub fn weight_bytes(&self) -> usize {
+        let layers = self.layer_bytes();
+        let embedding = match &self.token_embedding {
+            Embedding::Device(t) => t.shape().num_elements() * t.dtype().size(),
+            Embedding::Host(m) => m.byte_len(),
+        };
+        let shared_head =
+            matches!(&self.token_embedding, Embedding::Host(_)) && self.config.tie_word_embeddings;
+        layers
+            + embedding
+            + if shared_head {
+                0
+            } else {
+                self.lm_head.weight_bytes()
+            }
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    /// The device the weights live on.
+    pub fn device(&self) -> &B::Device {
+        &self.device
+    }
+
+    /// A cache for this model: one `config` cache per layer, shaped for its key/value heads.
+    ///
+    /// A sink cache that re-rotates its keys ([`kv_core::SinkPositions::CacheRanks`]) rotates
+    /// them with this model's own rotary table, rope scaling included, so its keys and the
+    /// model's queries always agree. [`ModelConfig::sink_positions`] names the right choice
+    /// for a model; re-rotation is refused for learned positions, and for a cache holding
+    /// more positions than the model was built for.
+    pub fn new_cache(&self, config: &kv_core::CacheConfig) -> Result<ModelCache<B>> {
+        let shape = kv_core::LayerShape {
+            kv_heads: self.config.num_kv_heads,
+            head_dim: self.config.head_dim,
+        };
+        let rotary = match &self.positions {
+            PositionEncoding::Rotary(rope) => Some(rope),
+            PositionEncoding::Learned(_) => None,
+        };
+        if let kv_core::CacheConfig::Sink {
+            sinks,
+            window,
+            positions: kv_core::SinkPositions::CacheRanks,
+        } = *config
+        {
+            let max = self.config.max_positions;
+            if rotary.is_none() {
+                return Err(ModelError::SinkNeedsRotary {
+                    model_type: self.config.model_type.clone(),
+                    max_positions: max,
+                });
+            }
+            if sinks + window > max {
+                return Err(ModelError::CacheLongerThanModel {
+                    held: sinks + window,
+                    max,
+                });
+            }
+        }
+        Ok(ModelCache::new(
+            config,
+            self.config.num_layers,
+            shape,
+            rotary,
+            &self.device,
+        )?)
+    }
+
+    /// Number of parameters in the projections and embeddings (norms and biases, which are
+    /// tiny, not counted).
+    pub fn parameter_count(&self) -> usize {
+        let c = &self.config;
+        let attention = c.hidden_size * (c.num_heads + 2 * c.num_kv_heads) * c.head_dim
+            + c.num_heads * c.head_dim * c.hidden_size;
+        let mlp = match c.architecture {
+            Architecture::Gpt2 => 2 * c.hidden_size * c.intermediate_size,
+            Architecture::Llama => 3 * c.hidden_size * c.intermediate_size,
+        };
+        let head = if c.tie_word_embeddings {
+            0
+        } else {
+            c.vocab_size * c.hidden_size
+        };
+        c.vocab_size * c.hidden_size + c.num_layers * (attention + mlp) + head
+    }
+}
