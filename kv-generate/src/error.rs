@@ -17,7 +17,7 @@ pub enum GenerateError {
     /// The prompt and the tokens to generate do not fit the chosen cache.
     #[error(
         "the prompt ({prompt} tokens) plus up to {new} new tokens does not fit a static cache of \
-         {capacity} positions: raise --max-cache-len or lower --max-new-tokens"
+         {capacity} positions: give the cache more positions or generate fewer tokens"
     )]
     CacheTooSmall {
         /// Longest prompt, in tokens.

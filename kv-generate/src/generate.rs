@@ -538,10 +538,9 @@ impl<'a, B: Backend> Generator<'a, B> {
                     for (sequence, &id) in batch.sequences.iter_mut().zip(&new) {
                         sequence.push(id);
                     }
-                    self.model.forward::<kv_core::AnyCache<B>>(
+                    self.model.forward_uncached(
                         &batch.sequences,
                         batch.mask.as_ref(),
-                        None,
                         Logits::Last,
                     )?
                 }

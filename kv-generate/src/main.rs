@@ -124,9 +124,22 @@ fn main() -> ExitCode {
         Err(error) => {
             // One line: flatten any newline a nested message carries.
             let message = error.to_string().replace('\n', " ");
-            eprintln!("kv-generate: error: {message}");
+            eprintln!("kv-generate: error: {message}{}", hint(&error));
             ExitCode::FAILURE
         }
+    }
+}
+
+/// The flags that fix `error`, where the library's message names only what to change.
+fn hint(error: &CliError) -> &'static str {
+    match error {
+        CliError::Generate(GenerateError::CacheTooSmall { .. }) => {
+            " (--max-cache-len, --max-new-tokens)"
+        }
+        CliError::Generate(GenerateError::PastModelContext { .. }) => {
+            " (--max-new-tokens, --cache sink)"
+        }
+        _ => "",
     }
 }
 

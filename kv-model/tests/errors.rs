@@ -5,7 +5,7 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use common::*;
-use kv_core::{AnyCache, AttentionMask, CacheConfig};
+use kv_core::{AttentionMask, CacheConfig};
 use kv_model::{load_model, Logits, ModelConfig, ModelError, Transformer, Weights};
 use proptest::prelude::*;
 
@@ -129,7 +129,7 @@ fn missing_weights_and_unsupported_dtypes_name_the_file() {
 fn forward_rejects_bad_input_with_the_numbers() {
     let model = load("gpt2");
     let forward = |tokens: &[Vec<u32>], mask: Option<&AttentionMask>| {
-        model.forward::<AnyCache<B>>(tokens, mask, None, Logits::Last)
+        model.forward_uncached(tokens, mask, Logits::Last)
     };
 
     let err = forward(&[vec![1, 2, 96]], None).unwrap_err();
@@ -211,7 +211,7 @@ fn random_models_build_from_any_valid_config() {
     let config = ModelConfig::from_hf_json(&json, "inline").unwrap();
     let model = Transformer::<B>::random(&config, 3, &device()).unwrap();
     let logits = model
-        .forward::<AnyCache<B>>(&[vec![1, 2, 3]], None, None, Logits::All)
+        .forward_uncached(&[vec![1, 2, 3]], None, Logits::All)
         .unwrap();
     assert_eq!(logits.dims(), [1, 3, 50]);
     let values = logits.to_data().to_vec::<f32>().unwrap();

@@ -6,7 +6,6 @@ mod common;
 use std::path::Path;
 
 use common::*;
-use kv_core::AnyCache;
 use kv_model::gguf::{dequantize, GgmlType, GgufFile};
 use kv_model::{load_model, Logits, ModelError};
 
@@ -70,7 +69,7 @@ fn tiny_quantized_llama_matches_transformers() {
     let expected = read_json("tiny-llama-gguf.json");
     let prompt = ids(&expected["prompt"]);
     let logits = model
-        .forward::<AnyCache<B>>(std::slice::from_ref(&prompt), None, None, Logits::Last)
+        .forward_uncached(std::slice::from_ref(&prompt), None, Logits::Last)
         .unwrap();
     let diff = max_abs_diff(
         &host_logits(logits)[0][0],

@@ -15,7 +15,7 @@ use std::io::Write;
 
 use burn::tensor::backend::Backend;
 use common::*;
-use kv_core::{AnyCache, CacheConfig, QuantBits, QuantizedCacheConfig};
+use kv_core::{CacheConfig, QuantBits, QuantizedCacheConfig};
 use kv_model::{load_model, Logits, ModelConfig, Transformer};
 
 /// The tolerance the GPU must meet against transformers' f32 CPU logits.
@@ -41,7 +41,7 @@ fn check_quantized_gguf<Gpu: Backend>(device: &Gpu::Device) {
     let expected = read_json("tiny-llama-gguf.json");
     let prompt = ids(&expected["prompt"]);
     let logits = model
-        .forward::<AnyCache<Gpu>>(std::slice::from_ref(&prompt), None, None, Logits::Last)
+        .forward_uncached(std::slice::from_ref(&prompt), None, Logits::Last)
         .unwrap();
     let diff = max_abs_diff(
         &host_logits(logits)[0][0],

@@ -5,7 +5,7 @@
 mod common;
 
 use common::*;
-use kv_core::{AnyCache, AttentionMask, CacheConfig, Execution};
+use kv_core::{AttentionMask, CacheConfig, Execution};
 use kv_model::{Logits, ModelConfig, PromptSplit, Transformer};
 use proptest::prelude::*;
 
@@ -33,7 +33,7 @@ fn tiny(model_type: &str, sliding_window: Option<usize>) -> Transformer<B> {
 /// All-position logits of `tokens` without a cache.
 fn uncached(model: &Transformer<B>, tokens: &[u32]) -> Vec<Vec<f32>> {
     let logits = model
-        .forward::<AnyCache<B>>(&[tokens.to_vec()], None, None, Logits::All)
+        .forward_uncached(&[tokens.to_vec()], None, Logits::All)
         .unwrap();
     host_logits(logits).remove(0)
 }

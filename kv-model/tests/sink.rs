@@ -13,7 +13,7 @@
 mod common;
 
 use common::*;
-use kv_core::{AnyCache, AttentionMask, CacheConfig, SinkPositions};
+use kv_core::{AttentionMask, CacheConfig, SinkPositions};
 use kv_model::{Logits, ModelConfig, ModelError, Transformer};
 use proptest::prelude::*;
 
@@ -84,7 +84,7 @@ fn chunked(
 /// Last-position logits of `tokens` with no cache, at positions `0..tokens.len()`.
 fn uncached_last(model: &Transformer<B>, tokens: &[u32]) -> Vec<f32> {
     let logits = model
-        .forward::<AnyCache<B>>(&[tokens.to_vec()], None, None, Logits::Last)
+        .forward_uncached(&[tokens.to_vec()], None, Logits::Last)
         .unwrap();
     host_logits(logits).remove(0).remove(0)
 }
@@ -217,7 +217,7 @@ fn only_a_re_rotating_sink_cache_runs_past_the_model_context() {
         );
     }
     let err = model
-        .forward::<AnyCache<B>>(std::slice::from_ref(&tokens), None, None, Logits::Last)
+        .forward_uncached(std::slice::from_ref(&tokens), None, Logits::Last)
         .unwrap_err();
     assert!(matches!(err, ModelError::SequenceTooLong { .. }), "{err}");
 }

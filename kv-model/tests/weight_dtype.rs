@@ -23,7 +23,6 @@ fn f16_weights_on_a_backend_without_f16_are_a_clear_error() {
 #[cfg(feature = "flex")]
 mod f16_on_flex {
     use super::*;
-    use kv_core::AnyCache;
     use kv_model::{Logits, Transformer, WeightDtype};
     use serde_json::Value;
 
@@ -39,7 +38,7 @@ mod f16_on_flex {
 
     fn prompt_logits(model: &Transformer<B>, prompt: &[u32]) -> Vec<Vec<f32>> {
         let logits = model
-            .forward::<AnyCache<B>>(&[prompt.to_vec()], None, None, Logits::All)
+            .forward_uncached(&[prompt.to_vec()], None, Logits::All)
             .unwrap();
         host_logits(logits).remove(0)
     }

@@ -5,7 +5,6 @@
 mod common;
 
 use common::*;
-use kv_core::AnyCache;
 use kv_model::{
     kv_kernels::Format, load_model_placed, Logits, Transformer, WeightFormat, WeightPlacement,
 };
@@ -35,7 +34,7 @@ fn host_f32_matches_transformers_on_every_fixture() {
 
 fn last_logits(model: &Transformer<B>, prompt: &[u32]) -> Vec<f32> {
     let logits = model
-        .forward::<AnyCache<B>>(&[prompt.to_vec()], None, None, Logits::Last)
+        .forward_uncached(&[prompt.to_vec()], None, Logits::Last)
         .unwrap();
     host_logits(logits)[0][0].clone()
 }
@@ -201,9 +200,7 @@ fn host_attention_for_prompts_equals_the_backend_attention() {
     // All logits of `rest`, after `prefix` went through the cache if there is one.
     let all_logits = |model: &Transformer<B>, cache: Option<CacheConfig>| {
         let out = match cache {
-            None => {
-                model.forward::<AnyCache<B>>(std::slice::from_ref(&prompt), None, None, Logits::All)
-            }
+            None => model.forward_uncached(std::slice::from_ref(&prompt), None, Logits::All),
             Some(kind) => {
                 let mut cache = model.new_cache(&kind).unwrap();
                 model

@@ -43,7 +43,6 @@ impl<B: Backend> Transformer<B> {
     ///
     /// ```
     /// use burn_ndarray::NdArray;
-    /// use kv_core::AnyCache;
     /// use kv_model::{Logits, ModelConfig, Transformer, WeightFormat, WeightPlacement};
     ///
     /// let json = serde_json::json!({
@@ -57,8 +56,8 @@ impl<B: Backend> Transformer<B> {
     /// let host = WeightPlacement::Host(WeightFormat::F32);
     /// let kernels = Transformer::<NdArray>::random_placed(&config, 3, host, &device).unwrap();
     /// let ids = [vec![1, 2, 3]];
-    /// let a = dense.forward::<AnyCache<NdArray>>(&ids, None, None, Logits::All).unwrap();
-    /// let b = kernels.forward::<AnyCache<NdArray>>(&ids, None, None, Logits::All).unwrap();
+    /// let a = dense.forward_uncached(&ids, None, Logits::All).unwrap();
+    /// let b = kernels.forward_uncached(&ids, None, Logits::All).unwrap();
     /// a.into_data().assert_approx_eq::<f32>(&b.into_data(), Default::default());
     /// ```
     pub fn random_placed(

@@ -4,6 +4,31 @@
 use super::*;
 
 impl<B: Backend> Transformer<B> {
+    /// [`Transformer::forward`] with no cache: attention over `tokens` alone (positions
+    /// `0..seq`, or as `mask` derives them), as a model without a KV cache recomputes every
+    /// step.
+    ///
+    /// ```
+    /// # use burn_ndarray::NdArray;
+    /// # use kv_model::{Logits, ModelConfig, Transformer};
+    /// # let json = serde_json::json!({
+    /// #     "model_type": "llama", "vocab_size": 64, "hidden_size": 32, "num_hidden_layers": 2,
+    /// #     "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 64
+    /// # });
+    /// # let config = ModelConfig::from_hf_json(&json, "doc").unwrap();
+    /// let model = Transformer::<NdArray>::random(&config, 1, &Default::default()).unwrap();
+    /// let logits = model.forward_uncached(&[vec![1, 2, 3]], None, Logits::All).unwrap();
+    /// assert_eq!(logits.dims(), [1, 3, 64]);
+    /// ```
+    pub fn forward_uncached(
+        &self,
+        tokens: &[Vec<u32>],
+        mask: Option<&AttentionMask>,
+        logits: Logits,
+    ) -> Result<Tensor<B, 3>> {
+        self.forward::<kv_core::AnyCache<B>>(tokens, mask, None, logits)
+    }
+
     /// One forward pass.
     ///
     /// - `tokens`: `[batch][seq]` ids, every row the same length.

@@ -241,7 +241,7 @@ impl<B: Backend> Transformer<B> {
     ///
     /// ```
     /// # use burn_ndarray::NdArray;
-    /// # use kv_core::{AnyCache, Execution};
+    /// # use kv_core::Execution;
     /// # use kv_model::{Logits, ModelConfig, PromptSplit, Transformer};
     /// # let json = serde_json::json!({
     /// #     "model_type": "llama", "vocab_size": 64, "hidden_size": 32, "num_hidden_layers": 2,
@@ -252,8 +252,8 @@ impl<B: Backend> Transformer<B> {
     /// let split = PromptSplit { queries_per_block: 2, min_positions_per_run: 2 };
     /// let parallel = model.clone().with_execution(Execution::Parallel).with_prompt_split(split);
     /// let prompt = [vec![3, 1, 4, 1, 5, 9, 2, 6]];
-    /// let a = model.forward::<AnyCache<NdArray>>(&prompt, None, None, Logits::All).unwrap();
-    /// let b = parallel.forward::<AnyCache<NdArray>>(&prompt, None, None, Logits::All).unwrap();
+    /// let a = model.forward_uncached(&prompt, None, Logits::All).unwrap();
+    /// let b = parallel.forward_uncached(&prompt, None, Logits::All).unwrap();
     /// a.into_data().assert_approx_eq::<f32>(&b.into_data(), Default::default());
     /// ```
     pub fn with_execution(self, execution: Execution) -> Self {

@@ -79,7 +79,7 @@ pub fn greedy_uncached<Bk: Backend>(
     let mut tokens = prompt.to_vec();
     for _ in 0..steps {
         let logits = model
-            .forward::<kv_core::AnyCache<Bk>>(&[tokens.clone()], None, None, Logits::Last)
+            .forward_uncached(&[tokens.clone()], None, Logits::Last)
             .unwrap();
         tokens.push(argmax(&host_logits(logits)[0][0]));
     }

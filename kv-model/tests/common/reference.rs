@@ -2,7 +2,6 @@
 //! tests and the GPU tests (`tests/gpu.rs`) run the same assertions.
 
 use burn::tensor::backend::Backend;
-use kv_core::AnyCache;
 use kv_model::{Logits, Transformer};
 use serde_json::Value;
 
@@ -19,7 +18,7 @@ pub fn check_all<Bk: Backend>(model: &Transformer<Bk>, expected: &Value, toleran
 pub fn check_prompt_logits<Bk: Backend>(model: &Transformer<Bk>, expected: &Value, tolerance: f32) {
     let prompt = ids(&expected["prompt"]);
     let logits = model
-        .forward::<AnyCache<Bk>>(std::slice::from_ref(&prompt), None, None, Logits::All)
+        .forward_uncached(std::slice::from_ref(&prompt), None, Logits::All)
         .unwrap();
     let rows = &host_logits(logits)[0];
     assert_eq!(rows.len(), prompt.len());
@@ -31,7 +30,7 @@ pub fn check_prompt_logits<Bk: Backend>(model: &Transformer<Bk>, expected: &Valu
 
     // Last-only logits are the last row of all logits.
     let last_only = model
-        .forward::<AnyCache<Bk>>(&[prompt], None, None, Logits::Last)
+        .forward_uncached(&[prompt], None, Logits::Last)
         .unwrap();
     assert_eq!(last_only.dims(), [1, 1, rows.last().unwrap().len()]);
     assert!(max_abs_diff(&host_logits(last_only)[0][0], rows.last().unwrap()) < 1e-6);
@@ -87,7 +86,7 @@ pub fn check_padded_batch<Bk: Backend>(model: &Transformer<Bk>, expected: &Value
 
     // Without a cache, and through a cache (prefill, as a generation loop would start).
     let uncached = model
-        .forward::<AnyCache<Bk>>(&tokens, Some(&mask), None, Logits::Last)
+        .forward_uncached(&tokens, Some(&mask), Logits::Last)
         .unwrap();
     let mut cache = model
         .new_cache(&kv_core::CacheConfig::Dynamic { capacity: 16 })
