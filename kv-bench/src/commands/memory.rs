@@ -1,0 +1,115 @@
+//! `kv-bench memory`: cache bytes per kind from the model's shape, cross-checked against real
+//! caches.
+
+use super::*;
+
+#[derive(Debug, Args)]
+pub(crate) struct MemoryArgs {
+    /// A Hugging Face model directory or a .gguf file (default: SmolLM2-135M-Instruct).
+    #[arg(long)]
+    pub(crate) model: Option<PathBuf>,
+    /// Window of the sliding and sink kinds.
+    #[arg(long, default_value_t = 4096)]
+    pub(crate) window: usize,
+    /// Sink tokens.
+    #[arg(long, default_value_t = 4)]
+    pub(crate) sinks: usize,
+    /// Batch rows.
+    #[arg(long, default_value_t = 1)]
+    pub(crate) batch: usize,
+    /// Write memory.json here too.
+    #[arg(long)]
+    pub(crate) out: Option<PathBuf>,
+}
+
+pub(crate) fn memory_table(args: &MemoryArgs) -> Result<(), BenchError> {
+    let path = model_path(&args.model)?;
+    let config = model_config(&path)?;
+    let kinds = kv_bench::memory::kinds(args.window, args.sinks, 32_768)?;
+    let sizes = [1_024usize, 8_192, 32_768];
+    println!(
+        "cache bytes for {} ({} layers x {} kv heads x {} head_dim, f32, batch {}):",
+        path.file_name()
+            .map_or(String::new(), |n| n.to_string_lossy().into_owned()),
+        config.num_layers,
+        config.num_kv_heads,
+        config.head_dim,
+        args.batch
+    );
+    println!(
+        "{:<32} {:>14} {:>14} {:>14}",
+        "kind", "1k tokens", "8k tokens", "32k tokens"
+    );
+    let mib = |b: usize| format!("{:.1} MiB", b as f64 / (1 << 20) as f64);
+    let theory: Vec<usize> = sizes
+        .iter()
+        .map(|&n| kv_bench::memory::theoretical_bytes(&config, args.batch, n))
+        .collect();
+    println!(
+        "{:<32} {:>14} {:>14} {:>14}",
+        "2 x L x kv x d x seq x 4 B",
+        mib(theory[0]),
+        mib(theory[1]),
+        mib(theory[2])
+    );
+    let mut table = Vec::new();
+    for (name, kind) in &kinds {
+        let bytes: Vec<usize> = sizes
+            .iter()
+            .map(|&n| kv_bench::memory::model_bytes(&config, kind, args.batch, n))
+            .collect();
+        println!(
+            "{name:<32} {:>14} {:>14} {:>14}",
+            mib(bytes[0]),
+            mib(bytes[1]),
+            mib(bytes[2])
+        );
+        table.push(json!({ "kind": name, "bytes": sizes.iter().zip(&bytes).map(|(n, b)| json!({"tokens": n, "bytes": b})).collect::<Vec<_>>() }));
+    }
+    // Cross-check the arithmetic against real one-layer caches at a small size.
+    let check_kinds = kv_bench::memory::kinds(64, args.sinks, 512)?;
+    let mismatches = cross_check(&config, &check_kinds)?;
+    if mismatches.is_empty() {
+        println!("cross-check: real caches at 300 tokens report exactly the predicted bytes");
+    } else {
+        return Err(BenchError::Usage(format!(
+            "predicted bytes disagree with real caches: {mismatches:?}"
+        )));
+    }
+    if let Some(out) = &args.out {
+        let report = json!({ "model": path.display().to_string(), "batch": args.batch, "theoretical": theory, "kinds": table });
+        write(
+            &out.join("memory.json"),
+            &serde_json::to_string_pretty(&report).unwrap_or_default(),
+        )?;
+    }
+    Ok(())
+}
+
+pub(crate) fn cross_check(
+    config: &kv_model::ModelConfig,
+    kinds: &[(String, CacheConfig)],
+) -> Result<Vec<(String, usize, usize)>, BenchError> {
+    #[cfg(feature = "ndarray")]
+    {
+        Ok(kv_bench::memory::cross_check::<
+            kv_generate::backend::Ndarray,
+        >(config, kinds, 300, &Default::default())?)
+    }
+    #[cfg(all(not(feature = "ndarray"), feature = "flex"))]
+    {
+        Ok(kv_bench::memory::cross_check::<kv_generate::backend::Flex>(
+            config,
+            kinds,
+            300,
+            &Default::default(),
+        )?)
+    }
+    #[cfg(not(any(feature = "ndarray", feature = "flex")))]
+    {
+        let _ = (config, kinds);
+        Err(BenchError::Usage(
+            "memory cross-check needs a CPU backend".into(),
+        ))
+    }
+}
