@@ -161,8 +161,8 @@ impl<B: Backend> KvCache<B> for QuantizedCache<B> {
         self.append(keys, values)?;
         let [b, h, d] = self.shape.expect("set by append");
         let len = self.seq_len();
-        let (mut all_keys, mut all_values) = (Vec::with_capacity(b * h * len * d), Vec::new());
-        all_values.reserve(b * h * len * d);
+        let mut all_keys = Vec::with_capacity(b * h * len * d);
+        let mut all_values = Vec::with_capacity(b * h * len * d);
         let (mut k, mut v) = (Vec::new(), Vec::new());
         for head in &self.heads {
             head.dequantize(&mut k, &mut v);
