@@ -18,6 +18,10 @@ It writes under kv-model/tests/fixtures/:
 - tiny-llama.gguf + tiny-llama-gguf.json: the llama fixture written as GGUF with F16, Q8_0,
   Q4_0 and Q4_1 tensors (Q/K rows permuted as llama.cpp's converter does), and the logits and
   greedy tokens transformers gives when it loads that GGUF.
+- gpt2/beam.json, llama/beam.json, qwen2/beam.json: beam-search cases (beam counts, lengths,
+  length penalties, every `early_stopping` setting, EOS ids) with the sequences and
+  `sequences_scores` transformers' `generate(num_beams=..)` returns. `--beam-only` rewrites just
+  these, from the saved models.
 - dequant.json: random raw blocks of each GGUF quantization kind kv-model reads, with the values
   gguf-py dequantizes them to.
 - smollm2.json (with --smollm2): token ids of a few strings from the tokenizer transformers builds
@@ -177,6 +181,91 @@ def record(model, prompt):
             "last_logits": batch_logits.tolist(),
         },
     }
+
+
+# Beam search: (num_beams, num_return_sequences, max_new_tokens, length_penalty, early_stopping,
+# eos). "greedy[i]" is token i of the model's greedy continuation, an EOS that beams do reach;
+# "model" the model's configured EOS; None no EOS at all. The pairs that differ only in
+# early_stopping give different sequences on at least one model each.
+BEAM_CASES = [
+    (2, 1, 8, 1.0, False, "greedy[4]"),
+    (3, 3, 12, 1.0, True, "greedy[4]"),
+    (4, 2, 10, 0.5, False, "greedy[4]"),
+    (4, 4, 12, 2.0, "never", "greedy[4]"),
+    (3, 3, 12, 1.0, False, "greedy[4]"),
+    (3, 3, 12, 1.0, "never", "greedy[4]"),
+    (2, 2, 12, 1.0, False, "greedy[0]"),
+    (2, 2, 12, 1.0, "never", "greedy[0]"),
+    (3, 2, 12, 1.0, "never", "model"),
+    (5, 3, 10, -1.0, True, "greedy[4]"),
+    (2, 2, 6, 1.0, False, None),
+]
+
+
+@torch.no_grad()
+def beam_search(model, prompt, num_beams, num_return, new_tokens, length_penalty, early, eos, cache):
+    out = model.generate(
+        torch.tensor([prompt]),
+        attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+        max_new_tokens=new_tokens,
+        do_sample=False,
+        num_beams=num_beams,
+        num_return_sequences=num_return,
+        length_penalty=length_penalty,
+        early_stopping=early,
+        eos_token_id=eos,
+        pad_token_id=0,
+        use_cache=cache,
+        return_dict_in_generate=True,
+        output_scores=True,
+    )
+    sequences = []
+    for row, score, beams in zip(out.sequences, out.sequences_scores, out.beam_indices):
+        # beam_indices is -1 past a sequence's end: it gives each sequence's own length.
+        length = int((beams >= 0).sum())
+        sequences.append(
+            {"generated_ids": row[len(prompt) : len(prompt) + length].tolist(), "score": float(score)}
+        )
+    return sequences
+
+
+def make_beam(name, model):
+    model.eval()
+    expected = json.loads((FIXTURES / name / "expected.json").read_text())
+    prompt = expected["prompt"]
+    cases = []
+    for num_beams, num_return, new_tokens, length_penalty, early, eos in BEAM_CASES:
+        if eos is None:
+            eos_id = None
+        elif eos == "model":
+            eos_id = model.generation_config.eos_token_id
+        else:
+            eos_id = expected["greedy_with_cache"][int(eos[len("greedy[") : -1])]
+        args = (model, prompt, num_beams, num_return, new_tokens, length_penalty, early, eos_id)
+        sequences = beam_search(*args, cache=True)
+        uncached = beam_search(*args, cache=False)
+        assert [s["generated_ids"] for s in sequences] == [s["generated_ids"] for s in uncached]
+        cases.append(
+            {
+                "num_beams": num_beams,
+                "num_return_sequences": num_return,
+                "max_new_tokens": new_tokens,
+                "length_penalty": length_penalty,
+                "early_stopping": early,
+                "eos_token_ids": [] if eos_id is None else [eos_id],
+                "sequences": sequences,
+            }
+        )
+        lengths = [len(s["generated_ids"]) for s in sequences]
+        print(f"  beams {num_beams}, early_stopping {early}: lengths {lengths}")
+    write_json(FIXTURES / name / "beam.json", {"prompt": prompt, "cases": cases})
+
+
+def make_beams():
+    for name in ("gpt2", "llama", "qwen2"):
+        print(f"{name}/beam.json")
+        model = AutoModelForCausalLM.from_pretrained(FIXTURES / name, dtype=torch.float32)
+        make_beam(name, model)
 
 
 def write_json(path, value):
@@ -396,10 +485,17 @@ def make_smollm2(gguf_path):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--smollm2", help="path of SmolLM2-135M-Instruct.Q4_1.gguf")
+    parser.add_argument(
+        "--beam-only", action="store_true", help="rewrite only the beam-search cases"
+    )
     args = parser.parse_args()
     FIXTURES.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(1)
+    if args.beam_only:
+        make_beams()
+        return
     llama = make_tiny()
+    make_beams()
     make_tiny_gguf(llama)
     make_dequant()
     if args.smollm2:

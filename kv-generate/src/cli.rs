@@ -132,11 +132,18 @@ pub fn parse_args<P: clap::Parser>(command: &str) -> P {
         ) {
             error.exit()
         }
+        // The first paragraph (some messages list what is missing on the lines after the
+        // first), on one line; the usage and tips after it are left out.
         let text = error.to_string();
-        let first = text.lines().next().unwrap_or_default();
+        let message: Vec<&str> = text
+            .lines()
+            .take_while(|line| !line.trim().is_empty())
+            .map(str::trim)
+            .collect();
+        let message = message.join(" ");
         eprintln!(
             "{command}: error: {}",
-            first.strip_prefix("error: ").unwrap_or(first)
+            message.strip_prefix("error: ").unwrap_or(&message)
         );
         std::process::exit(2)
     })

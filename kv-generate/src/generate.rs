@@ -192,8 +192,8 @@ pub type OnText<'a> = &'a mut dyn FnMut(usize, &str);
 /// ```
 #[derive(Debug, Clone, Copy)]
 pub struct Generator<'a, B: Backend> {
-    model: &'a Transformer<B>,
-    tokenizer: Option<&'a Tokenizer>,
+    pub(crate) model: &'a Transformer<B>,
+    pub(crate) tokenizer: Option<&'a Tokenizer>,
 }
 
 /// One row of a running batch.
@@ -238,21 +238,7 @@ impl<'a, B: Backend> Generator<'a, B> {
     ) -> Result<Generation> {
         self.check(prompts, config)?;
         let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
-        if let CacheChoice::Cache(CacheConfig::Static { max_batch, max_len }) = config.cache {
-            if longest + config.max_new_tokens.saturating_sub(1) > max_len {
-                return Err(GenerateError::CacheTooSmall {
-                    prompt: longest,
-                    new: config.max_new_tokens,
-                    capacity: max_len,
-                });
-            }
-            if prompts.len() > max_batch {
-                return Err(GenerateError::InvalidRequest(format!(
-                    "{} prompts do not fit a static cache of {max_batch} rows",
-                    prompts.len()
-                )));
-            }
-        }
+        self.check_static_fits(longest, prompts.len(), config)?;
         let lengths: Vec<usize> = prompts.iter().map(Vec::len).collect();
         let padded = lengths.iter().any(|&l| l != longest);
         let mask = padded
@@ -352,7 +338,41 @@ impl<'a, B: Backend> Generator<'a, B> {
         self.run(batch, suffixes, config, on_text)
     }
 
-    fn check(&self, prompts: &[Vec<u32>], config: &GenerationConfig) -> Result<()> {
+    /// Refuses `rows` rows of up to `longest` prompt tokens that a static cache cannot hold
+    /// with all their new tokens.
+    pub(crate) fn check_static_fits(
+        &self,
+        longest: usize,
+        rows: usize,
+        config: &GenerationConfig,
+    ) -> Result<()> {
+        if let CacheChoice::Cache(CacheConfig::Static { max_batch, max_len }) = config.cache {
+            if longest + config.max_new_tokens.saturating_sub(1) > max_len {
+                return Err(GenerateError::CacheTooSmall {
+                    prompt: longest,
+                    new: config.max_new_tokens,
+                    capacity: max_len,
+                });
+            }
+            if rows > max_batch {
+                return Err(GenerateError::InvalidRequest(format!(
+                    "{rows} rows do not fit a static cache of {max_batch} rows"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// The ids that end a row under `policy`.
+    pub(crate) fn eos_ids(&self, policy: &EosPolicy) -> Vec<u32> {
+        match policy {
+            EosPolicy::Model => self.model.config().eos_token_ids.clone(),
+            EosPolicy::Ids(ids) => ids.clone(),
+            EosPolicy::Ignore => Vec::new(),
+        }
+    }
+
+    pub(crate) fn check(&self, prompts: &[Vec<u32>], config: &GenerationConfig) -> Result<()> {
         config.sampling.validate()?;
         if prompts.is_empty() || prompts.iter().any(Vec::is_empty) {
             return Err(GenerateError::InvalidRequest(
@@ -449,11 +469,7 @@ impl<'a, B: Backend> Generator<'a, B> {
         config: &GenerationConfig,
         on_text: OnText<'_>,
     ) -> Result<Generation> {
-        let eos: Vec<u32> = match &config.eos {
-            EosPolicy::Model => self.model.config().eos_token_ids.clone(),
-            EosPolicy::Ids(ids) => ids.clone(),
-            EosPolicy::Ignore => Vec::new(),
-        };
+        let eos = self.eos_ids(&config.eos);
         let stops = StopStrings::new(config.stop_strings.clone());
         let decode_start = Instant::now();
         let mut finished: Vec<Row> = Vec::new();
@@ -593,7 +609,7 @@ fn publish(row: &mut Row, stops: &StopStrings, on_text: OnText<'_>) {
 }
 
 /// `[batch, 1, vocab]` logits as one host row per batch row.
-fn host_rows<B: Backend>(logits: Tensor<B, 3>) -> Vec<Vec<f32>> {
+pub(crate) fn host_rows<B: Backend>(logits: Tensor<B, 3>) -> Vec<Vec<f32>> {
     let [batch, seq, vocab] = logits.dims();
     let data = logits
         .into_data()

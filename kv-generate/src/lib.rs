@@ -8,6 +8,8 @@
 //!   the batch), EOS and stop strings, streaming text ([`TextStream`]), with no cache or any
 //!   kv-core cache ([`CacheChoice`]), and prompt-cache reuse ([`Generator::prefill`],
 //!   [`Generator::continue_from`]).
+//! - [`beam`]: beam search as transformers defines it ([`Generator::beam_search`]), the cache
+//!   reordered by row selection each step.
 //! - [`backend`]: the backends a binary was built with (`ndarray`, `flex`, `cuda`, `wgpu`),
 //!   and [`backend::OnBackend`], which runs a command's work on the one chosen at run time.
 //! - [`cli`]: what both commands' command lines share (token ids, cache requests, the model).
@@ -17,12 +19,14 @@
 #![warn(missing_docs)]
 
 pub mod backend;
+pub mod beam;
 pub mod cli;
 mod error;
 mod generate;
 mod sampling;
 mod stream;
 
+pub use beam::{BeamGeneration, BeamSearchConfig, EarlyStopping, Hypothesis};
 pub use error::{GenerateError, Result};
 pub use generate::{
     CacheChoice, EosPolicy, FinishReason, Generation, GenerationConfig, Generator, OnText,

@@ -13,7 +13,8 @@ use kv_core::{CacheKind, CacheSizes};
 use kv_generate::backend::{BackendKind, OnBackend};
 use kv_generate::cli::{model_path, CacheRequest, TokenIds};
 use kv_generate::{
-    CacheChoice, EosPolicy, GenerateError, Generation, GenerationConfig, Generator, SamplingConfig,
+    BeamGeneration, BeamSearchConfig, CacheChoice, EarlyStopping, EosPolicy, GenerateError,
+    Generation, GenerationConfig, Generator, SamplingConfig,
 };
 use kv_model::{
     load_model_placed, ChatMessage, GenerationPrompt, LoadedModel, ModelConfig, ModelError,
@@ -66,6 +67,27 @@ struct Args {
     /// Penalise tokens already in the sequence (1.0 is off).
     #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
     repeat_penalty: f32,
+    /// Search this many beams instead of sampling one token at a time (transformers'
+    /// `num_beams`); the cache keeps each step's surviving beams' rows.
+    #[arg(long, value_name = "N")]
+    num_beams: Option<usize>,
+    /// Beam hypotheses to return, best first [default: 1; at most --num-beams].
+    #[arg(long, value_name = "K", requires = "num_beams")]
+    num_return_sequences: Option<usize>,
+    /// Exponent of the length that divides a beam hypothesis's log-probability: above 0
+    /// favours longer hypotheses [default: 1.0].
+    #[arg(
+        long,
+        value_name = "X",
+        allow_negative_numbers = true,
+        requires = "num_beams"
+    )]
+    length_penalty: Option<f32>,
+    /// When beam search may stop: true (as soon as --num-beams hypotheses end), false (when
+    /// no running beam can beat them at its current length) or never (nor at the longest
+    /// length) [default: false].
+    #[arg(long, value_name = "WHEN", requires = "num_beams")]
+    early_stopping: Option<EarlyStopping>,
     /// Seed of the sampler.
     #[arg(long, default_value_t = 299_792_458)]
     seed: u64,
@@ -216,6 +238,16 @@ fn run_on<B: Backend>(
     };
     let generator = Generator::new(&model, tokenizer.as_ref());
     let mut stdout = std::io::stdout().lock();
+    if let Some(beams) = beam_search(args) {
+        let generation = generator.beam_search(&ids, &config, &beams)?;
+        if args.json {
+            writeln!(stdout, "{}", beam_json(&generation))?;
+        } else {
+            write_hypotheses(&mut stdout, &generation)?;
+            eprintln!("kv-generate: {}", beam_summary(&generation));
+        }
+        return Ok(());
+    }
     let stream = !args.json;
     let mut write_error = None;
     let generation = generator.generate(std::slice::from_ref(&ids), &config, &mut |_, text| {
@@ -284,7 +316,7 @@ fn new_tokens(args: &Args, prompt_len: usize, model: &ModelConfig) -> usize {
 fn cache_choice(args: &Args, total: usize, model: &ModelConfig) -> Result<CacheChoice, CliError> {
     let sizes = CacheSizes {
         capacity: args.max_cache_len.unwrap_or(256),
-        max_batch: 1,
+        max_batch: args.num_beams.unwrap_or(1),
         max_len: args.max_cache_len.unwrap_or(total),
         window: args.window,
         sinks: args.sink_tokens,
@@ -293,6 +325,85 @@ fn cache_choice(args: &Args, total: usize, model: &ModelConfig) -> Result<CacheC
     cache_request(args)
         .choice(&sizes)
         .map_err(|e| CliError::Usage(e.to_string()))
+}
+
+/// The beam search `args` ask for, if any.
+fn beam_search(args: &Args) -> Option<BeamSearchConfig> {
+    let defaults = BeamSearchConfig::default();
+    Some(BeamSearchConfig {
+        num_beams: args.num_beams?,
+        num_return_sequences: args
+            .num_return_sequences
+            .unwrap_or(defaults.num_return_sequences),
+        length_penalty: args.length_penalty.unwrap_or(defaults.length_penalty),
+        early_stopping: args.early_stopping.unwrap_or(defaults.early_stopping),
+    })
+}
+
+/// Each hypothesis's text (or ids, without a tokenizer), best first; several get a header.
+fn write_hypotheses(out: &mut impl Write, generation: &BeamGeneration) -> std::io::Result<()> {
+    let count = generation.sequences.len();
+    for (i, hypothesis) in generation.sequences.iter().enumerate() {
+        if count > 1 {
+            writeln!(
+                out,
+                "--- hypothesis {} of {count}, score {:.4} ---",
+                i + 1,
+                hypothesis.score
+            )?;
+        }
+        match &hypothesis.text {
+            Some(text) => writeln!(out, "{text}")?,
+            None => writeln!(out, "{:?}", hypothesis.generated_ids)?,
+        }
+    }
+    Ok(())
+}
+
+fn beam_summary(generation: &BeamGeneration) -> String {
+    let t = &generation.timings;
+    format!(
+        "prompt {} tokens in {:.1} ms; {} search steps in {:.1} ms; best score {:.4}; cache {} ({} bytes)",
+        generation.prompt_ids.len(),
+        t.prefill.as_secs_f64() * 1e3,
+        t.generated,
+        t.decode.as_secs_f64() * 1e3,
+        generation.sequences[0].score,
+        generation.cache_kind,
+        generation.cache_bytes,
+    )
+}
+
+/// The JSON of a beam search: every hypothesis in `sequences`, best first, and the best one's
+/// ids and text at the top level, where a single generation puts them.
+fn beam_json(generation: &BeamGeneration) -> serde_json::Value {
+    let t = &generation.timings;
+    let best = &generation.sequences[0];
+    let sequences: Vec<serde_json::Value> = generation
+        .sequences
+        .iter()
+        .map(|h| {
+            serde_json::json!({
+                "generated_ids": h.generated_ids,
+                "text": h.text,
+                "score": h.score,
+                "finish_reason": h.finish_reason.name(),
+            })
+        })
+        .collect();
+    serde_json::json!({
+        "prompt_ids": generation.prompt_ids,
+        "generated_ids": best.generated_ids,
+        "text": best.text,
+        "finish_reason": best.finish_reason.name(),
+        "sequences": sequences,
+        "timings": {
+            "prefill_ms": t.prefill.as_secs_f64() * 1e3,
+            "decode_ms": t.decode.as_secs_f64() * 1e3,
+            "steps": t.generated,
+        },
+        "cache": { "kind": generation.cache_kind, "bytes": generation.cache_bytes },
+    })
 }
 
 fn summary(generation: &Generation) -> String {

@@ -53,6 +53,13 @@ impl SamplingConfig {
         }
     }
 
+    /// Whether any penalty (repetition, frequency, presence) is on.
+    pub fn has_penalties(&self) -> bool {
+        self.repetition_penalty != 1.0
+            || self.frequency_penalty != 0.0
+            || self.presence_penalty != 0.0
+    }
+
     /// Checks every parameter's range.
     ///
     /// ```
@@ -129,8 +136,7 @@ impl Sampler {
     /// Whether [`Sampler::sample`] reads its `context` (only the penalties do), so a caller
     /// can skip assembling it.
     pub fn uses_context(&self) -> bool {
-        let c = &self.config;
-        c.repetition_penalty != 1.0 || c.frequency_penalty != 0.0 || c.presence_penalty != 0.0
+        self.config.has_penalties()
     }
 
     /// The next token after `context` (prompt and generated tokens, for the penalties), from

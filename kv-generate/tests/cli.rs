@@ -182,6 +182,70 @@ fn cache_sink_runs_past_the_model_context_and_dynamic_refuses() {
     assert_eq!(generated, library.rows[0].generated_ids);
 }
 
+/// `--num-beams` with its companions returns transformers' hypotheses and scores, best first,
+/// through a cache and without one.
+#[test]
+fn beam_flags_return_transformers_hypotheses_as_json() {
+    let model = fixtures().join("llama");
+    let fixture = fixtures::read_json("llama/beam.json");
+    let prompt = csv(&fixture["prompt"]);
+    // The case that stops at the model's own EOS (the command's default) and returns two.
+    let case = fixture["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["eos_token_ids"] == serde_json::json!([1]) && c["num_return_sequences"] == 2)
+        .expect("a beam case on the model's EOS");
+    assert_eq!(case["early_stopping"], "never");
+    let expected = case["sequences"].as_array().unwrap();
+    for cache in ["none", "static", "dynamic"] {
+        let out = kv_generate(&[
+            "--model",
+            model.to_str().unwrap(),
+            "--prompt-ids",
+            &prompt,
+            "--backend",
+            "ndarray",
+            "--weights",
+            "f32",
+            "--cache",
+            cache,
+            "--max-new-tokens",
+            &case["max_new_tokens"].to_string(),
+            "--num-beams",
+            &case["num_beams"].to_string(),
+            "--num-return-sequences",
+            "2",
+            "--length-penalty",
+            &case["length_penalty"].to_string(),
+            "--early-stopping",
+            "never",
+            "--json",
+        ]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let json: Value = serde_json::from_slice(&out.stdout).unwrap();
+        let sequences = json["sequences"].as_array().unwrap();
+        assert_eq!(sequences.len(), 2, "{cache}");
+        for (got, want) in sequences.iter().zip(expected) {
+            assert_eq!(got["generated_ids"], want["generated_ids"], "{cache}");
+            let (got, want) = (
+                got["score"].as_f64().unwrap(),
+                want["score"].as_f64().unwrap(),
+            );
+            assert!(
+                (got - want).abs() < 1e-4 * want.abs().max(1.0),
+                "{cache}: {got} vs {want}"
+            );
+        }
+        assert_eq!(json["generated_ids"], sequences[0]["generated_ids"]);
+        assert_eq!(json["cache"]["kind"], cache);
+    }
+}
+
 #[test]
 fn quantized_flags_run_and_stop_at_eos_by_default() {
     let model = fixtures().join("llama");
@@ -315,6 +379,56 @@ fn bad_input_exits_non_zero_with_one_line() {
             "static cache of 4",
         ),
         (vec!["--model", llama], "give a prompt"),
+        (
+            vec![
+                "--model",
+                llama,
+                "--prompt-ids",
+                "1",
+                "--num-return-sequences",
+                "2",
+            ],
+            "--num-beams",
+        ),
+        (
+            vec![
+                "--model",
+                llama,
+                "--prompt-ids",
+                "1",
+                "--num-beams",
+                "2",
+                "--early-stopping",
+                "maybe",
+            ],
+            "true, false or never",
+        ),
+        (
+            vec![
+                "--model",
+                llama,
+                "--prompt-ids",
+                "1",
+                "--num-beams",
+                "2",
+                "--num-return-sequences",
+                "3",
+            ],
+            "between 1 and num_beams (2), got 3",
+        ),
+        (
+            vec![
+                "--model",
+                llama,
+                "--prompt-ids",
+                "1",
+                "--num-beams",
+                "2",
+                "--temperature",
+                "0.7",
+            ],
+            "chooses by score",
+        ),
     ];
     for (args, needle) in cases {
         let line = failure(&args);

@@ -9,7 +9,8 @@ use burn_ndarray::NdArray;
 use fixtures::{expected, fixtures, ids};
 use kv_core::{CacheConfig, QuantBits, QuantizedCacheConfig};
 use kv_generate::{
-    CacheChoice, EosPolicy, FinishReason, GenerationConfig, Generator, SamplingConfig, TextStream,
+    BeamSearchConfig, CacheChoice, EarlyStopping, EosPolicy, FinishReason, GenerationConfig,
+    Generator, SamplingConfig, TextStream,
 };
 use kv_model::{load_model, LoadedModel};
 
@@ -410,4 +411,132 @@ fn a_sink_cache_generates_past_the_model_context_and_other_caches_refuse() {
             .unwrap();
         assert_eq!(fits.rows[0].generated_ids.len(), 29, "{cache:?}");
     }
+}
+
+/// One beam-search case from `scripts/make_fixtures.py`.
+fn beam_case(case: &serde_json::Value) -> (GenerationConfig, BeamSearchConfig) {
+    let early = match &case["early_stopping"] {
+        serde_json::Value::Bool(true) => EarlyStopping::WhenFull,
+        serde_json::Value::Bool(false) => EarlyStopping::Heuristic,
+        other => other.as_str().unwrap().parse().unwrap(),
+    };
+    let settings = GenerationConfig {
+        max_new_tokens: case["max_new_tokens"].as_u64().unwrap() as usize,
+        eos: EosPolicy::Ids(ids(&case["eos_token_ids"])),
+        ..GenerationConfig::default()
+    };
+    let beams = BeamSearchConfig {
+        num_beams: case["num_beams"].as_u64().unwrap() as usize,
+        num_return_sequences: case["num_return_sequences"].as_u64().unwrap() as usize,
+        length_penalty: case["length_penalty"].as_f64().unwrap() as f32,
+        early_stopping: early,
+    };
+    (settings, beams)
+}
+
+#[test]
+fn beam_search_equals_transformers_with_and_without_every_cache() {
+    for name in ["gpt2", "llama", "qwen2"] {
+        let loaded = load(name);
+        let generator = Generator::new(&loaded.model, None);
+        let fixture = fixtures::read_json(&format!("{name}/beam.json"));
+        let prompt = ids(&fixture["prompt"]);
+        for case in fixture["cases"].as_array().unwrap() {
+            let (settings, beams) = beam_case(case);
+            let len = prompt.len() + settings.max_new_tokens;
+            let mut caches = every_cache(len);
+            caches[2] = CacheChoice::Cache(CacheConfig::Static {
+                max_batch: beams.num_beams,
+                max_len: len,
+            });
+            let expected = case["sequences"].as_array().unwrap();
+            for cache in caches {
+                let settings = GenerationConfig {
+                    cache: cache.clone(),
+                    ..settings.clone()
+                };
+                let out = generator.beam_search(&prompt, &settings, &beams).unwrap();
+                let what = format!("{name}, {beams:?}, {cache:?}");
+                assert_eq!(out.sequences.len(), expected.len(), "{what}");
+                for (got, want) in out.sequences.iter().zip(expected) {
+                    assert_eq!(got.generated_ids, ids(&want["generated_ids"]), "{what}");
+                    let score = want["score"].as_f64().unwrap() as f32;
+                    assert!(
+                        (got.score - score).abs() <= 1e-4 * score.abs().max(1.0),
+                        "{what}: score {} against transformers' {score}",
+                        got.score
+                    );
+                    let eos =
+                        settings.eos == EosPolicy::Ids(vec![*got.generated_ids.last().unwrap()]);
+                    assert_eq!(got.finish_reason == FinishReason::Eos, eos, "{what}");
+                }
+                assert_eq!(out.cache_bytes == 0, cache == CacheChoice::None, "{what}");
+            }
+        }
+    }
+}
+
+#[test]
+fn beam_search_refuses_what_it_cannot_honour() {
+    let loaded = load("llama");
+    let generator = Generator::new(&loaded.model, None);
+    let settings = greedy(4, CacheChoice::Cache(CacheConfig::Dynamic { capacity: 4 }));
+    let beams = BeamSearchConfig::default();
+    let refused = |settings: &GenerationConfig, beams: &BeamSearchConfig| {
+        generator
+            .beam_search(&[5, 17, 42], settings, beams)
+            .unwrap_err()
+            .to_string()
+    };
+    let message = refused(
+        &settings,
+        &BeamSearchConfig {
+            num_return_sequences: 5,
+            ..beams.clone()
+        },
+    );
+    assert!(
+        message.contains("between 1 and num_beams (4), got 5"),
+        "{message}"
+    );
+    let message = refused(
+        &settings,
+        &BeamSearchConfig {
+            num_beams: 0,
+            ..beams.clone()
+        },
+    );
+    assert!(
+        message.contains("num_beams must be at least 1"),
+        "{message}"
+    );
+    // 49 beams need 98 candidates; the fixture's vocabulary has 96.
+    let message = refused(
+        &settings,
+        &BeamSearchConfig {
+            num_beams: 49,
+            ..beams.clone()
+        },
+    );
+    assert!(message.contains("vocabulary has 96"), "{message}");
+    let sampled = GenerationConfig {
+        sampling: SamplingConfig {
+            temperature: Some(0.7),
+            ..SamplingConfig::greedy()
+        },
+        ..settings.clone()
+    };
+    assert!(refused(&sampled, &beams).contains("chooses by score"));
+    let small_static = greedy(
+        4,
+        CacheChoice::Cache(CacheConfig::Static {
+            max_batch: 2,
+            max_len: 16,
+        }),
+    );
+    let message = refused(&small_static, &beams);
+    assert!(
+        message.contains("4 rows do not fit a static cache of 2 rows"),
+        "{message}"
+    );
 }
