@@ -141,28 +141,12 @@ impl<B: Backend> Linear<B> {
     }
 }
 
-/// `x + output(heads)`, then `+ mlp(norm(...))`, over `n` rows of `hidden` values: the
-/// position-wise rest of a block after attention.
-pub(crate) fn output_and_mlp<B: Backend>(
-    output: &Linear<B>,
-    mlp_norm: &Norm<B>,
-    mlp: &Mlp<B>,
-    heads: &[f32],
-    x: &[f32],
-    n: usize,
-    hidden: usize,
-) -> Vec<f32> {
-    let mut x: Vec<f32> = output
-        .forward_host(heads, n)
-        .iter()
-        .zip(x)
-        .map(|(o, x)| o + x)
-        .collect();
-    let h = mlp.forward_host(&mlp_norm.forward_host(&x, hidden), n);
-    for (x, h) in x.iter_mut().zip(&h) {
-        *x += h;
+/// `x += y`, element by element: a residual connection.
+pub(crate) fn add_assign(x: &mut [f32], y: &[f32]) {
+    debug_assert_eq!(x.len(), y.len());
+    for (x, y) in x.iter_mut().zip(y) {
+        *x += y;
     }
-    x
 }
 
 /// Heads `first..first + heads` of fused projections `[batch * seq, width]` (each row holding

@@ -199,13 +199,4 @@ impl Weights {
         };
         Ok(matrix)
     }
-
-    /// [`Weights::take`] for a tensor that may be absent.
-    pub fn take_optional(&mut self, name: &str, expected: &[usize]) -> Result<Option<HostTensor>> {
-        if self.contains(name) {
-            self.take(name, expected).map(Some)
-        } else {
-            Ok(None)
-        }
-    }
 }

@@ -4,7 +4,7 @@
 
 use std::ops::Range;
 
-use burn::tensor::{backend::Backend, Bool, Int, Tensor, TensorData};
+use burn::tensor::{backend::Backend, Bool, Tensor, TensorData};
 
 use crate::{error::Result, CacheError, KeyPositions};
 
@@ -212,12 +212,6 @@ impl AttentionMask {
             })
             .collect()
     }
-
-    /// The mask as an int tensor `[batch, len]` of 1s and 0s.
-    pub fn to_tensor<B: Backend>(&self, device: &B::Device) -> Tensor<B, 2, Int> {
-        let data: Vec<i64> = self.rows.iter().flatten().map(|&t| i64::from(t)).collect();
-        Tensor::from_data(TensorData::new(data, [self.batch(), self.len()]), device)
-    }
 }
 
 /// The mask for queries at `queries` over key slots at `keys`: `[batch, 1, queries, slots]`
@@ -292,7 +286,24 @@ pub(crate) fn mask_data(
     (data, [rows, 1, queries.len(), key_positions.len()])
 }
 
-/// Causal mask for `new` queries after `past` cached positions: `[1, 1, new, past + new]`.
+/// Causal mask for `new` queries after `past` cached positions: `[1, 1, new, past + new]`,
+/// `true` where a query must not look. For a loop of one's own around a [`crate::KvCache`]:
+/// the mask a prompt's attention over the view needs.
+///
+/// ```
+/// use burn::tensor::Tensor;
+/// use burn_ndarray::NdArray;
+/// use kv_core::{causal_mask, grouped_query_attention};
+///
+/// let device = Default::default();
+/// let mask = causal_mask::<NdArray>(3, 2, &device); // 3 new tokens after 2 cached ones
+/// let hidden: Vec<bool> = mask.clone().into_data().to_vec().unwrap();
+/// assert_eq!(&hidden[..5], &[false, false, false, true, true]); // the first sees 0..3
+/// let q = Tensor::<NdArray, 4>::ones([1, 4, 3, 8], &device);
+/// let kv = Tensor::<NdArray, 4>::ones([1, 2, 5, 8], &device);
+/// let out = grouped_query_attention(q, kv.clone(), kv, Some(mask)).unwrap();
+/// assert_eq!(out.dims(), [1, 4, 3, 8]);
+/// ```
 pub fn causal_mask<B: Backend>(new: usize, past: usize, device: &B::Device) -> Tensor<B, 4, Bool> {
     attention_mask(
         past..past + new,
@@ -303,7 +314,18 @@ pub fn causal_mask<B: Backend>(new: usize, past: usize, device: &B::Device) -> T
     )
 }
 
-/// Sliding-window causal mask for `new` queries after `past` positions: `[1, 1, new, past + new]`.
+/// Sliding-window causal mask for `new` queries after `past` positions: `[1, 1, new, past + new]`,
+/// each query seeing itself and the `window - 1` positions before it (Mistral's window, over a
+/// cache that keeps every position).
+///
+/// ```
+/// use burn_ndarray::NdArray;
+/// use kv_core::window_mask;
+///
+/// let mask = window_mask::<NdArray>(1, 4, 2, &Default::default());
+/// let hidden: Vec<bool> = mask.into_data().to_vec().unwrap();
+/// assert_eq!(hidden, [true, true, true, false, false]); // position 4 sees 3 and 4
+/// ```
 pub fn window_mask<B: Backend>(
     new: usize,
     past: usize,
@@ -319,7 +341,19 @@ pub fn window_mask<B: Backend>(
     )
 }
 
-/// Padding mask from an attention mask: `[batch, 1, 1, len]`, `true` at padding.
+/// Padding mask from an attention mask: `[batch, 1, 1, len]`, `true` at padding; combined
+/// with a causal mask (`mask.bool_or(...)`, broadcast) it gives a left-padded batch's mask.
+///
+/// ```
+/// use burn_ndarray::NdArray;
+/// use kv_core::{padding_mask, AttentionMask};
+///
+/// let padding = AttentionMask::left_padded(&[3, 1], 3).unwrap();
+/// let mask = padding_mask::<NdArray>(&padding, &Default::default());
+/// assert_eq!(mask.dims(), [2, 1, 1, 3]);
+/// let hidden: Vec<bool> = mask.into_data().to_vec().unwrap();
+/// assert_eq!(hidden, [false, false, false, true, true, false]);
+/// ```
 pub fn padding_mask<B: Backend>(mask: &AttentionMask, device: &B::Device) -> Tensor<B, 4, Bool> {
     let data: Vec<bool> = mask.rows.iter().flatten().map(|&t| !t).collect();
     Tensor::from_data(

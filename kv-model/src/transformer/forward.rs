@@ -148,26 +148,19 @@ impl<B: Backend> Transformer<B> {
             .into_iter()
             .collect::<Result<Vec<_>>>()?;
         for (layer, block) in self.blocks.iter().enumerate() {
-            let heads = self.attend(block, &xs, layer, cache.as_deref_mut(), &mut step)?;
-            // The rest of the block treats each position on its own.
-            xs = self.map_runs(&runs, xs, |_, run, x| {
-                let heads = narrow_run(&heads, run);
-                let [batch, len, hidden] = x.dims();
-                if block.is_host() {
-                    let out = host::output_and_mlp(
-                        &block.attention.output,
-                        &block.mlp_norm,
-                        &block.mlp,
-                        &host::download(heads),
-                        &host::download(x),
-                        batch * len,
-                        hidden,
-                    );
-                    return host::upload(out, [batch, len, hidden], &self.device);
-                }
-                let x = block.attention.output.forward(heads) + x;
-                let h = block.mlp.forward(block.mlp_norm.forward(x.clone()));
-                h + x
+            // x = x + attention(norm(x)), then x = x + mlp(norm(x)): attention over every new
+            // position at once, the rest run by run.
+            let attended = self.self_attention(
+                &block.attention_norm,
+                &block.attention,
+                &xs,
+                layer,
+                cache.as_deref_mut(),
+                &mut step,
+            )?;
+            let inputs = xs.into_iter().zip(attended).collect();
+            xs = self.map_runs(&runs, inputs, |_, _, (x, attended)| {
+                block.mlp_residual(x + attended, &self.device)
             });
         }
         let x = match logits {
@@ -240,13 +233,8 @@ impl<B: Backend> Transformer<B> {
         step: &mut ForwardContext<'_, B>,
         logits: Logits,
     ) -> Result<Tensor<B, 3>> {
-        let c = &self.config;
         let (batch, seq) = (tokens.len(), tokens[0].len());
-        let (hidden, heads, kv_heads, head_dim) =
-            (c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim);
-        let rows = batch * seq;
-        // The residual stream, `[batch * seq, hidden]`.
-        let mut x = host::download(self.embed(tokens, &step.position_ids)?);
+        let hidden = self.config.hidden_size;
         // Cosines and sines of every new position: `[rows of positions * seq, head_dim]`,
         // when the model rotates keys itself (a cache that re-rotates them takes K as it is,
         // and Q is rotated at its rank in the cache once the cache has said it).
@@ -256,54 +244,29 @@ impl<B: Backend> Transformer<B> {
             }
             _ => None,
         };
-        let shared_positions = step.position_ids.len() == 1;
-        let to_backend = |values: Vec<f32>, heads: usize| {
-            Tensor::<B, 4>::from_data(
-                TensorData::new(values, [batch, heads, seq, head_dim]),
-                &self.device,
-            )
-        };
+
+        // The residual stream, `[batch * seq, hidden]`.
+        let mut x = host::download(self.embed(tokens, &step.position_ids)?);
         for (layer, block) in self.blocks.iter().enumerate() {
-            // Q, K, V: `[rows, (heads + 2 * kv_heads) * head_dim]`, then per head
-            // `[batch, heads or kv_heads, seq, head_dim]`, Q and K rotated.
+            // x = x + attention(norm(x))
             let h = block.attention_norm.forward_host(&x, hidden);
-            let qkv = block.attention.qkv.forward_host(&h, rows);
-            let mut q = host::heads_major(&qkv, [batch, seq], 0, heads, head_dim);
-            let mut k = host::heads_major(&qkv, [batch, seq], heads, kv_heads, head_dim);
-            let v = host::heads_major(&qkv, [batch, seq], heads + kv_heads, kv_heads, head_dim);
-            if let Some(angles) = &angles {
-                host::rotate_heads(
-                    &mut q,
-                    [batch, heads, seq, head_dim],
-                    angles,
-                    shared_positions,
-                );
-                host::rotate_heads(
-                    &mut k,
-                    [batch, kv_heads, seq, head_dim],
-                    angles,
-                    shared_positions,
-                );
-            }
-            // The backend's part: the cache and attention. `[batch, seq, heads * head_dim]`.
-            let attended = self.attend_through_cache(
-                to_backend(q, heads),
-                to_backend(k, kv_heads),
-                to_backend(v, kv_heads),
+            let attended = self.self_attention_on_host(
+                &block.attention,
+                &h,
+                [batch, seq],
+                angles.as_ref(),
                 layer,
                 cache.as_deref_mut(),
                 step,
             )?;
-            x = host::output_and_mlp(
-                &block.attention.output,
-                &block.mlp_norm,
-                &block.mlp,
-                &host::download(attended),
-                &x,
-                rows,
-                hidden,
-            );
+            host::add_assign(&mut x, &attended);
+            // x = x + mlp(norm(x))
+            let h = block.mlp_norm.forward_host(&x, hidden);
+            host::add_assign(&mut x, &block.mlp.forward_host(&h, batch * seq));
         }
+
+        // The final norm and the LM head, for the last position of each row or all of them:
+        // `[batch, 1 or seq, vocab]`.
         let x = match logits {
             Logits::All => x,
             Logits::Last => x

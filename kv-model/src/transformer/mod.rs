@@ -6,8 +6,14 @@
 //! 1. token embedding (plus learned positions for GPT-2);
 //! 2. per block: `x += attention(norm(x))`, then `x += mlp(norm(x))`, where attention projects
 //!    Q, K and V in one product, rotates Q and K (rotary models), hands K and V to the layer's
-//!    cache, and attends over what the cache returns;
+//!    cache, attends over what the cache returns, and projects the heads back to `hidden`;
 //! 3. final norm and LM head, for every position or only the last.
+//!
+//! A decode step on a CPU backend reads best in `forward.rs`'s `forward_on_host` (the residual
+//! stream in host memory, one block in six lines) and `self_attention.rs`'s
+//! `self_attention_on_host` (Q/K/V, rotary, the cache, the output projection, with shapes).
+//! A prompt, or any pass on a GPU, takes `forward` and `self_attention`: the same steps on
+//! tensors, the position-wise work cut into runs of positions ([`PromptSplit`]).
 
 use std::ops::Range;
 
@@ -16,7 +22,7 @@ use std::sync::Arc;
 use burn::tensor::{backend::Backend, Tensor, TensorData};
 use kv_core::{
     index_tensor, merge_partial_attention, partial_attention, AttentionMask, AttentionPattern,
-    AttentionPlan, Execution, KeyPositions, KeyRotation, KvCache, KvView, ModelCache,
+    AttentionPlan, Execution, HostAngles, KeyPositions, KeyRotation, KvCache, KvView, ModelCache,
     PartialAttention, RotaryAngles, RotaryTable, DEFAULT_BLOCK_QUERIES,
 };
 use kv_kernels::{attention, Format, Isa, Matrix, Threads};
@@ -110,13 +116,22 @@ impl<B: Backend> Embedding<B> {
     }
 }
 
-/// Q, K, V and output projections of one layer.
+/// Q, K, V and output projections of one layer; the attention they serve is
+/// [`Transformer::self_attention`] (`self_attention.rs`), which also needs the model's
+/// positions, the cache and the pass's context.
 #[derive(Debug, Clone)]
 struct Attention<B: Backend> {
     /// `[hidden, (heads + 2 * kv_heads) * head_dim]`: Q's columns, then K's, then V's.
     qkv: Linear<B>,
     /// `[heads * head_dim, hidden]`.
     output: Linear<B>,
+}
+
+impl<B: Backend> Attention<B> {
+    /// Whether both projections live on the host (kv-kernels multiplies by them).
+    fn is_host(&self) -> bool {
+        self.qkv.is_host() && self.output.is_host()
+    }
 }
 
 /// One transformer block (pre-norm).
@@ -141,7 +156,23 @@ impl<B: Backend> Block<B> {
     /// around kv-kernels' batched products), and only Q/K/V and the attention output cross
     /// between the backend and the host.
     fn is_host(&self) -> bool {
-        self.attention.qkv.is_host() && self.attention.output.is_host() && self.mlp.is_host()
+        self.attention.is_host() && self.mlp.is_host()
+    }
+
+    /// `x + mlp(norm(x))` over `[batch, run, hidden]`: the block's second half. On the host
+    /// when the MLP's matrices live there.
+    fn mlp_residual(&self, x: Tensor<B, 3>, device: &B::Device) -> Tensor<B, 3> {
+        if !self.mlp.is_host() {
+            let h = self.mlp.forward(self.mlp_norm.forward(x.clone()));
+            return x + h;
+        }
+        let [batch, len, hidden] = x.dims();
+        let mut x = host::download(x);
+        let h = self
+            .mlp
+            .forward_host(&self.mlp_norm.forward_host(&x, hidden), batch * len);
+        host::add_assign(&mut x, &h);
+        host::upload(x, [batch, len, hidden], device)
     }
 }
 

@@ -4,36 +4,38 @@
 use super::*;
 
 impl<B: Backend> Transformer<B> {
-    /// Self-attention of `layer` over the residual stream `xs` (`[batch, run, hidden]` per run,
-    /// normed here), through `cache` if any, up to the output projection:
-    /// `[batch, seq, heads * head_dim]`.
-    pub(super) fn attend<C: KvCache<B>>(
+    /// `attention(norm(x))` of `layer` over the residual stream `xs` (`[batch, run, hidden]`
+    /// per run): Q, K and V in one product, rotary, the cache update, attention over what the
+    /// cache holds, and the output projection. Returns `[batch, run, hidden]` per run, ready to
+    /// be added to the stream. The position-wise parts run run by run (on the host when the
+    /// block's matrices live there); attention sees every new position at once.
+    pub(super) fn self_attention<C: KvCache<B>>(
         &self,
-        block: &Block<B>,
+        norm: &Norm<B>,
+        attention: &Attention<B>,
         xs: &[Tensor<B, 3>],
         layer: usize,
         cache: Option<&mut ModelCache<B, C>>,
         step: &mut ForwardContext<'_, B>,
-    ) -> Result<Tensor<B, 3>> {
+    ) -> Result<Vec<Tensor<B, 3>>> {
         let c = &self.config;
         let batch = xs[0].dims()[0];
         let (heads, kv_heads, head_dim) = (c.num_heads, c.num_kv_heads, c.head_dim);
+        let on_host = attention.is_host();
         // Q, K and V, `[batch, heads or kv_heads, run, head_dim]`, rotated where the model
         // rotates keys itself: run by run, then joined along the positions.
         let parts = self.map_runs(&step.runs, xs.to_vec(), |i, run, x| {
             let [_, len, hidden] = x.dims();
-            let qkv = if block.is_host() {
-                let h = block
-                    .attention_norm
-                    .forward_host(&host::download(x), hidden);
-                let qkv = &block.attention.qkv;
+            let qkv = if on_host {
+                let h = norm.forward_host(&host::download(x), hidden);
+                let qkv = &attention.qkv;
                 host::upload(
                     qkv.forward_host(&h, batch * len),
                     [batch, len, qkv.out_features()],
                     &self.device,
                 )
             } else {
-                block.attention.qkv.forward(block.attention_norm.forward(x))
+                attention.qkv.forward(norm.forward(x))
             };
             let split = |start: usize, heads: usize| {
                 contiguous(
@@ -58,7 +60,79 @@ impl<B: Backend> Transformer<B> {
         let (qs, (ks, vs)): (Vec<_>, (Vec<_>, Vec<_>)) =
             parts.into_iter().map(|(q, k, v)| (q, (k, v))).unzip();
         let (q, k, v) = (join_runs(qs, 2), join_runs(ks, 2), join_runs(vs, 2));
-        self.attend_through_cache(q, k, v, layer, cache, step)
+        // `[batch, seq, heads * head_dim]`.
+        let attended = self.attend_through_cache(q, k, v, layer, cache, step)?;
+        // The output projection, run by run: `[batch, run, hidden]`.
+        let runs = step.runs.clone();
+        Ok(self.map_runs(&runs, vec![(); runs.len()], |_, run, ()| {
+            let heads = narrow_run(&attended, run);
+            if !on_host {
+                return attention.output.forward(heads);
+            }
+            let [batch, len, _] = heads.dims();
+            let out = attention
+                .output
+                .forward_host(&host::download(heads), batch * len);
+            host::upload(
+                out,
+                [batch, len, attention.output.out_features()],
+                &self.device,
+            )
+        }))
+    }
+
+    /// Self-attention on the host for a decode step: `h` is the normed residual stream
+    /// `[batch * seq, hidden]` of `[batch, seq]` new positions; returns the output
+    /// projection's `[batch * seq, hidden]`, ready to be added to the stream. Q/K/V and the
+    /// output projection run through kv-kernels; the cache update and attention over the cache
+    /// on the backend (host memory too, on a CPU backend).
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn self_attention_on_host<C: KvCache<B>>(
+        &self,
+        attention: &Attention<B>,
+        h: &[f32],
+        [batch, seq]: [usize; 2],
+        angles: Option<&HostAngles>,
+        layer: usize,
+        cache: Option<&mut ModelCache<B, C>>,
+        step: &mut ForwardContext<'_, B>,
+    ) -> Result<Vec<f32>> {
+        let c = &self.config;
+        let (heads, kv_heads, head_dim) = (c.num_heads, c.num_kv_heads, c.head_dim);
+        let rows = batch * seq;
+        // Q, K, V in one product: `[rows, (heads + 2 * kv_heads) * head_dim]`, then per head
+        // `[batch, heads or kv_heads, seq, head_dim]`.
+        let qkv = attention.qkv.forward_host(h, rows);
+        let mut q = host::heads_major(&qkv, [batch, seq], 0, heads, head_dim);
+        let mut k = host::heads_major(&qkv, [batch, seq], heads, kv_heads, head_dim);
+        let v = host::heads_major(&qkv, [batch, seq], heads + kv_heads, kv_heads, head_dim);
+        // Rotary: Q and K turned by their positions' angles (all rows share one list of
+        // positions unless padding gave each its own).
+        if let Some(angles) = angles {
+            let shared = step.position_ids.len() == 1;
+            host::rotate_heads(&mut q, [batch, heads, seq, head_dim], angles, shared);
+            host::rotate_heads(&mut k, [batch, kv_heads, seq, head_dim], angles, shared);
+        }
+        // The cache stores K and V and attention reads what it holds:
+        // `[batch, seq, heads * head_dim]`.
+        let to_backend = |values: Vec<f32>, heads: usize| {
+            Tensor::<B, 4>::from_data(
+                TensorData::new(values, [batch, heads, seq, head_dim]),
+                &self.device,
+            )
+        };
+        let attended = self.attend_through_cache(
+            to_backend(q, heads),
+            to_backend(k, kv_heads),
+            to_backend(v, kv_heads),
+            layer,
+            cache,
+            step,
+        )?;
+        // The output projection: `[rows, hidden]`.
+        Ok(attention
+            .output
+            .forward_host(&host::download(attended), rows))
     }
 
     /// Attention of queries `q` `[batch, heads, seq, head_dim]` over the new keys and values
