@@ -3,7 +3,8 @@
 
 use burn::tensor::{backend::Backend, Tensor};
 use kv_core::{
-    CacheConfig, CacheError, CacheKind, CacheSizes, CacheSpec, KvCache, LayerShape, SinkPositions,
+    CacheConfig, CacheError, CacheKind, CacheSizes, CacheSpec, KvCache, LayerShape,
+    PagedCacheConfig, SinkPositions,
 };
 use kv_model::ModelConfig;
 
@@ -26,7 +27,15 @@ pub fn kinds(
     CacheKind::ALL
         .into_iter()
         .map(|kind| {
-            let config = CacheSpec::from(kind).config(&sizes)?;
+            let config = match CacheSpec::from(kind).config(&sizes)? {
+                // A pool that starts at one block and doubles, as a paged cache grows when it is
+                // not told its length (sized for `max_len`, it would hold what static holds).
+                CacheConfig::Paged(paged) => CacheConfig::Paged(PagedCacheConfig {
+                    initial_blocks: 1,
+                    ..paged
+                }),
+                config => config,
+            };
             let label = match &config {
                 CacheConfig::Dynamic { .. } => kind.name().to_string(),
                 CacheConfig::Static { max_len, .. } => format!("{kind} (max_len {max_len})"),
@@ -36,6 +45,7 @@ pub fn kinds(
                     "{kind} (group {}, residual {})",
                     q.group_size, q.residual_len
                 ),
+                CacheConfig::Paged(p) => format!("{kind} (blocks of {})", p.block_size),
             };
             Ok((label, config))
         })

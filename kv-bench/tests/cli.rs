@@ -165,7 +165,9 @@ fn memory_prints_the_table_and_cross_checks_it() {
         String::from_utf8_lossy(&result.stderr)
     );
     let table = String::from_utf8(result.stdout).unwrap();
-    for kind in ["dynamic", "static", "sliding", "sink", "int8", "int4"] {
+    for kind in [
+        "dynamic", "static", "sliding", "sink", "paged", "int8", "int4",
+    ] {
         assert!(table.contains(kind), "{kind} missing: {table}");
     }
     assert!(table.contains("cross-check: real caches"), "{table}");
@@ -285,7 +287,7 @@ fn bad_input_is_one_line_and_non_zero() {
                 "--prompt-ids",
                 "1",
                 "--cache",
-                "paged",
+                "radix",
             ],
             "unknown cache",
         ),
@@ -534,8 +536,8 @@ fn perplexity_streams_a_text_through_each_cache_kind() {
         ),
         (vec!["--tokens", "200", "--cache", "sink"], "--kl-base none"),
         (
-            vec!["--tokens", "50", "--cache", "paged"],
-            "unknown cache kind `paged`",
+            vec!["--tokens", "50", "--cache", "radix"],
+            "unknown cache kind `radix`",
         ),
         (
             vec!["--tokens", "50", "--cache", "sink:4"],

@@ -105,6 +105,24 @@ pub enum CacheError {
     #[error("repeat count must be at least 1, got 0")]
     ZeroRepeat,
 
+    /// A block pool has fewer free blocks than an operation needs.
+    #[error(
+        "the block pool has {free} free blocks of {total} and this needs {needed}: give the pool \
+         more blocks, or finish or preempt a sequence first"
+    )]
+    PoolExhausted {
+        /// Blocks the operation needs.
+        needed: usize,
+        /// Blocks free.
+        free: usize,
+        /// Blocks in the pool.
+        total: usize,
+    },
+
+    /// A paged cache was configured with blocks of no slots.
+    #[error("a paged cache's block size must be at least 1")]
+    ZeroBlockSize,
+
     /// A layer index past the model cache's layers.
     #[error("layer {layer} is out of range for a cache of {layers} layers")]
     LayerOutOfRange {

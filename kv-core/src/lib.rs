@@ -19,12 +19,14 @@
 //!
 //! Kinds: [`DynamicCache`] (grows, amortized O(1) append), [`StaticCache`] (preallocated,
 //! written at `cache_position`), [`SlidingWindowCache`] (ring of the last W positions),
-//! [`SinkCache`] (StreamingLLM sinks + window), [`QuantizedCache`] (KIVI int8/int4, attended over its codes), and
+//! [`SinkCache`] (StreamingLLM sinks + window), [`QuantizedCache`] (KIVI int8/int4, attended over its codes),
+//! [`PagedCache`] (vLLM's blocks and block tables: forked rows share blocks), and
 //! [`AnyCache`] to choose at run time. [`ModelCache`] holds one per layer. The helpers a custom
 //! loop needs are here too: [`attention_mask`], [`causal_mask`], [`AttentionMask`] (padding and
 //! position ids), [`RotaryTable`], [`grouped_query_attention`], [`AttentionPlan`] (a prompt's
 //! attention in blocks of queries that read only the keys they see, on one thread or many) and
-//! the [`reference_attention`] that tests compare against.
+//! the [`reference_attention`] that tests compare against. Paged storage for many sequences
+//! (a [`BlockPool`] with prefix caching, a [`BlockTable`] per sequence) is here as parts too.
 //!
 //! [`Backend`]: burn::tensor::backend::Backend
 //!
@@ -53,6 +55,7 @@
 mod attention;
 mod caches;
 mod error;
+mod paged;
 
 pub use attention::gqa::{
     fold_mask_for_groups, grouped_query_attention, merge_partial_attention, partial_attention,
@@ -76,3 +79,6 @@ pub use caches::sliding::SlidingWindowCache;
 pub use caches::static_cache::{StaticCache, StaticCacheConfig};
 pub use caches::view::{KeyPositions, KvView};
 pub use error::{CacheError, Result};
+pub use paged::cache::{PagedCache, PagedCacheConfig, DEFAULT_BLOCK_SIZE};
+pub use paged::pool::{BlockHash, BlockId, BlockOrder, BlockPool, PoolStats};
+pub use paged::table::{BlockCopy, BlockTable};

@@ -5,7 +5,9 @@
 
 use burn::tensor::{Tensor, TensorPrimitive};
 use burn_flex::{Flex, FlexDevice};
-use kv_core::{DynamicCache, KvCache, StaticCache, StaticCacheConfig};
+use kv_core::{
+    DynamicCache, KvCache, PagedCache, PagedCacheConfig, StaticCache, StaticCacheConfig,
+};
 
 type B = Flex;
 
@@ -90,4 +92,42 @@ fn appending_to_a_static_cache_keeps_its_buffer() {
     for step in 1..20 {
         assert_eq!(address(&mut cache, step as f32), first, "step {step}");
     }
+}
+
+#[test]
+fn a_paged_cache_writes_its_pool_in_place() {
+    let mut cache = PagedCache::<B>::new(PagedCacheConfig::for_sequences(4, 2, 64));
+    cache.update(token(0.0), token(0.0)).unwrap();
+    let pool = storage_address(&cache.pool_tensors().unwrap().0);
+    // Across blocks: each step's view is dropped before the next write.
+    for step in 1..20 {
+        let view = cache
+            .update(token(step as f32), token(step as f32))
+            .unwrap();
+        assert_eq!(view.keys.dims(), [1, 2, step + 1, 8]);
+        drop(view);
+        let now = storage_address(&cache.pool_tensors().unwrap().0);
+        assert_eq!(now, pool, "step {step} copied the pool");
+    }
+    // Two forked rows append to the block they share: one copies it into a block of its own,
+    // inside the same pool.
+    cache.select_batch(&[0, 0]).unwrap();
+    let two = Tensor::<B, 4>::full([2, 2, 1, 8], 9.0, &FlexDevice);
+    let view = cache.update(two.clone(), two).unwrap();
+    assert_eq!(view.keys.dims(), [2, 2, 21, 8]);
+    drop(view);
+    assert_eq!(storage_address(&cache.pool_tensors().unwrap().0), pool);
+}
+
+#[test]
+fn a_view_kept_across_a_paged_write_costs_a_copy_of_the_pool() {
+    let mut cache = PagedCache::<B>::new(PagedCacheConfig::for_sequences(4, 1, 64));
+    let kept = cache.update(token(1.0), token(1.0)).unwrap();
+    let pool = storage_address(&cache.pool_tensors().unwrap().0);
+    cache.update(token(2.0), token(2.0)).unwrap();
+    // The live view shared the pool, so the write had to copy it (what the model avoids by
+    // dropping each layer's view before that layer's next update).
+    assert_ne!(storage_address(&cache.pool_tensors().unwrap().0), pool);
+    let old: Vec<f32> = kept.keys.into_data().to_vec().unwrap();
+    assert_eq!(old, vec![1.0; 16], "the kept view still reads what it read");
 }

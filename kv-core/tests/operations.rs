@@ -42,6 +42,11 @@ fn every_kind() -> Vec<CacheConfig> {
             group_size: 2,
             residual_len: 2,
         }),
+        CacheConfig::Paged(kv_core::PagedCacheConfig {
+            block_size: 3,
+            initial_blocks: 1,
+            order: kv_core::BlockOrder::Shuffled { seed: 5 },
+        }),
     ]
 }
 
@@ -698,6 +703,7 @@ fn each_kind_names_the_attention_pattern_it_matches() {
                 sinks: 1,
                 window: 3
             },
+            AttentionPattern::Causal,
             AttentionPattern::Causal,
         ]
     );

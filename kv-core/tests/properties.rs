@@ -131,7 +131,25 @@ fn step_and_check(
 
 /// The kinds that must agree exactly, with the attention pattern each implies.
 fn exact_kinds(case: &Case, window: usize, sinks: usize) -> Vec<(CacheConfig, AttentionPattern)> {
+    let paged = |block_size, order| {
+        (
+            CacheConfig::Paged(kv_core::PagedCacheConfig {
+                block_size,
+                initial_blocks: 2,
+                order,
+            }),
+            AttentionPattern::Causal,
+        )
+    };
     vec![
+        paged(1, kv_core::BlockOrder::Shuffled { seed: case.seed }),
+        paged(
+            3,
+            kv_core::BlockOrder::Shuffled {
+                seed: case.seed + 1,
+            },
+        ),
+        paged(16, kv_core::BlockOrder::Ascending),
         (
             CacheConfig::Dynamic { capacity: 1 },
             AttentionPattern::Causal,
@@ -422,6 +440,7 @@ mod predicted_memory {
                 CacheConfig::Sink { sinks: 3, window: 16, positions: kv_core::SinkPositions::TextPositions },
                 CacheConfig::Quantized(QuantizedCacheConfig { bits: QuantBits::Int8, group_size: 4, residual_len: 8 }),
                 CacheConfig::Quantized(QuantizedCacheConfig { bits: QuantBits::Int4, group_size: 16, residual_len: 5 }),
+                CacheConfig::Paged(kv_core::PagedCacheConfig { block_size: 3, initial_blocks: 2, order: kv_core::BlockOrder::Ascending }),
             ];
             for kind in kinds {
                 let mut cache = kind.build::<B>(shape, None, &device()).unwrap();

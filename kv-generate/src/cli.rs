@@ -55,7 +55,7 @@ impl FromStr for TokenIds {
 ///     sliding.choice(&sizes).unwrap(),
 ///     CacheChoice::Cache(CacheConfig::SlidingWindow { window: 64 }),
 /// );
-/// assert!("paged".parse::<CacheRequest>().is_err());
+/// assert!("radix".parse::<CacheRequest>().is_err());
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum CacheRequest {

@@ -91,15 +91,16 @@ struct Args {
     /// Seed of the sampler.
     #[arg(long, default_value_t = 299_792_458)]
     seed: u64,
-    /// The KV cache: none, dynamic, static, sliding[:WINDOW], sink[:SINKS+WINDOW], int8 or
-    /// int4 (a bare sliding or sink takes --window and --sink-tokens).
+    /// The KV cache: none, dynamic, static, sliding[:WINDOW], sink[:SINKS+WINDOW],
+    /// paged[:BLOCK] (blocks of 16 positions by default), int8 or int4 (a bare sliding or sink
+    /// takes --window and --sink-tokens).
     #[arg(long, default_value = "dynamic")]
     cache: CacheRequest,
     /// Same as --cache none.
     #[arg(long)]
     no_kv_cache: bool,
-    /// Positions a static cache holds (default: prompt plus --max-new-tokens), or a dynamic
-    /// cache's first allocation.
+    /// Positions a static cache holds (default: prompt plus --max-new-tokens), a paged cache's
+    /// first pool holds per row, or a dynamic cache's first allocation.
     #[arg(long)]
     max_cache_len: Option<usize>,
     /// Recent positions a sliding or sink cache keeps.

@@ -63,6 +63,8 @@ fn json_greedy_equals_transformers_for_every_cache_flag() {
         vec!["--cache", "sliding:64"],
         vec!["--cache", "sink", "--sink-tokens", "4", "--window", "60"],
         vec!["--cache", "sink:4+60"],
+        vec!["--cache", "paged"],
+        vec!["--cache", "paged:3"],
     ];
     // Every CPU backend compiled in gives transformers' tokens through every cache.
     let mut backends = Vec::new();
@@ -439,8 +441,8 @@ fn bad_input_exits_non_zero_with_one_line() {
     for (flag, value, needle) in [
         (
             "--cache",
-            "paged",
-            "unknown cache kind `paged`: dynamic, static, sliding[:WINDOW]",
+            "radix",
+            "unknown cache kind `radix`: dynamic, static, sliding[:WINDOW]",
         ),
         ("--cache", "sink:4", "write sink:SINKS+WINDOW"),
         ("--cache", "sliding:0", "`0` is not a positive number"),

@@ -34,6 +34,19 @@ fn every_cache(len: usize) -> Vec<CacheChoice> {
             window: len,
             positions: kv_core::SinkPositions::TextPositions,
         }),
+        CacheChoice::Cache(CacheConfig::Paged(kv_core::PagedCacheConfig {
+            block_size: 1,
+            initial_blocks: 2,
+            order: kv_core::BlockOrder::Shuffled { seed: 3 },
+        })),
+        CacheChoice::Cache(CacheConfig::Paged(kv_core::PagedCacheConfig {
+            block_size: 3,
+            initial_blocks: 2,
+            order: kv_core::BlockOrder::Shuffled { seed: 4 },
+        })),
+        CacheChoice::Cache(CacheConfig::Paged(
+            kv_core::PagedCacheConfig::for_sequences(16, 1, len),
+        )),
     ]
 }
 

@@ -99,18 +99,24 @@ fn smollm2_matches_transformers() {
             assert_eq!(argmax(row), top_ids[0]);
         }
 
-        // Greedy continuation through the cache, token for token.
+        // Greedy continuation through the cache, token for token: contiguous, and paged in
+        // blocks scattered over the pool.
         let reference = ids(&prompt["greedy"]);
-        let mut cache = model
-            .new_cache(&CacheConfig::Dynamic { capacity: 128 })
-            .unwrap();
-        let tokens = greedy_cached(&model, &mut cache, &prompt_ids, reference.len());
-        assert_eq!(
-            tokens,
-            reference,
-            "{name}: {:?} vs {:?}",
-            tokenizer.decode(&tokens, SpecialTokens::Show).unwrap(),
-            tokenizer.decode(&reference, SpecialTokens::Show).unwrap()
-        );
+        let paged = CacheConfig::Paged(kv_core::PagedCacheConfig {
+            block_size: 16,
+            initial_blocks: 8,
+            order: kv_core::BlockOrder::Shuffled { seed: 7 },
+        });
+        for kind in [CacheConfig::Dynamic { capacity: 128 }, paged] {
+            let mut cache = model.new_cache(&kind).unwrap();
+            let tokens = greedy_cached(&model, &mut cache, &prompt_ids, reference.len());
+            assert_eq!(
+                tokens,
+                reference,
+                "{name}, {kind:?}: {:?} vs {:?}",
+                tokenizer.decode(&tokens, SpecialTokens::Show).unwrap(),
+                tokenizer.decode(&reference, SpecialTokens::Show).unwrap()
+            );
+        }
     }
 }

@@ -100,7 +100,7 @@ impl OnBackend for Compare<'_> {
         if !args.no_uncached {
             caches.push(CacheChoice::None);
         }
-        let sizes = bench_sizes(args.window, 4, capacity, model.config());
+        let sizes = bench_sizes(args.window, 4, capacity, 1, model.config());
         for request in args.cache.iter().filter(|c| **c != CacheRequest::None) {
             caches.push(request.choice(&sizes)?);
         }

@@ -81,17 +81,18 @@ pub(crate) fn model_path(model: &Option<PathBuf>) -> Result<PathBuf, BenchError>
 }
 
 /// The sizes kv-bench gives a bare cache kind: `window` and `sinks` for the windowed kinds,
-/// `capacity` positions (prompt plus new tokens) for the dense ones, eight rows for a static
-/// one (the sweep's largest batch).
+/// `capacity` positions (prompt plus new tokens) for the dense ones, `rows` rows for a static
+/// or paged one (the batch it will run).
 pub(crate) fn bench_sizes(
     window: usize,
     sinks: usize,
     capacity: usize,
+    rows: usize,
     model: &kv_model::ModelConfig,
 ) -> CacheSizes {
     CacheSizes {
         capacity,
-        max_batch: 8,
+        max_batch: rows,
         max_len: capacity,
         window,
         sinks,

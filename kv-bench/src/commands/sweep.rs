@@ -63,7 +63,7 @@ impl OnBackend for Sweep<'_> {
                         continue;
                     }
                     let prompts: Vec<Vec<u32>> = (0..batch).map(|r| prompt(16, r)).collect();
-                    let sizes = bench_sizes(256, 4, 16 + new_tokens, model.config());
+                    let sizes = bench_sizes(256, 4, 16 + new_tokens, batch, model.config());
                     let cache = request.choice(&sizes)?;
                     eprintln!("kv-bench: {request}, {new_tokens} new tokens, batch {batch}");
                     let config = GenerationConfig {

@@ -4,8 +4,8 @@ use burn::tensor::{backend::Backend, Tensor};
 
 use crate::{
     error::Result, AttentionPattern, CacheError, DynamicCache, KeyRotation, KvCache, KvView,
-    QuantizedCache, QuantizedCacheConfig, RotaryTable, SinkCache, SinkPositions,
-    SlidingWindowCache, StaticCache, StaticCacheConfig,
+    PagedCache, PagedCacheConfig, QuantizedCache, QuantizedCacheConfig, RotaryTable, SinkCache,
+    SinkPositions, SlidingWindowCache, StaticCache, StaticCacheConfig,
 };
 
 /// Which cache kind to build, with its settings.
@@ -40,6 +40,8 @@ pub enum CacheConfig {
     },
     /// [`QuantizedCache`].
     Quantized(QuantizedCacheConfig),
+    /// [`PagedCache`].
+    Paged(PagedCacheConfig),
 }
 
 /// The per-layer shape a [`CacheConfig`] needs to preallocate.
@@ -91,6 +93,15 @@ impl CacheConfig {
             CacheConfig::Sink { sinks, window, .. } => per_slot * (sinks + window),
             // Codes and f16 parameters and residual, whatever the model's float size.
             CacheConfig::Quantized(config) => batch * kv_heads * config.bytes(head_dim, positions),
+            // The whole pool: its first size, doubled until every row's blocks fit.
+            CacheConfig::Paged(config) => {
+                let needed = batch * positions.div_ceil(config.block_size);
+                let mut blocks = config.initial_blocks.max(1);
+                while blocks < needed {
+                    blocks *= 2;
+                }
+                2 * kv_heads * head_dim * float_bytes * blocks * config.block_size
+            }
         }
     }
 
@@ -172,6 +183,12 @@ impl CacheConfig {
                 AnyCache::Sink(SinkCache::with_rotary(sinks, window, rotary.clone())?)
             }
             CacheConfig::Quantized(config) => AnyCache::Quantized(QuantizedCache::new(config)?),
+            CacheConfig::Paged(config) => {
+                if config.block_size == 0 {
+                    return Err(CacheError::ZeroBlockSize);
+                }
+                AnyCache::Paged(PagedCache::new(config))
+            }
         })
     }
 }
@@ -189,6 +206,8 @@ pub enum AnyCache<B: Backend> {
     Sink(SinkCache<B>),
     /// See [`QuantizedCache`].
     Quantized(QuantizedCache<B>),
+    /// See [`PagedCache`].
+    Paged(PagedCache<B>),
 }
 
 macro_rules! each_kind {
@@ -199,6 +218,7 @@ macro_rules! each_kind {
             AnyCache::SlidingWindow($cache) => $body,
             AnyCache::Sink($cache) => $body,
             AnyCache::Quantized($cache) => $body,
+            AnyCache::Paged($cache) => $body,
         }
     };
 }

@@ -1,5 +1,5 @@
-//! Cache kinds by name: the one place the names `dynamic`, `static`, `sliding`, `sink`, `int8`
-//! and `int4` are written and parsed, for every command line, report and file.
+//! Cache kinds by name: the one place the names `dynamic`, `static`, `sliding`, `sink`,
+//! `paged`, `int8` and `int4` are written and parsed, for every command line, report and file.
 //!
 //! A [`CacheSpec`] is what a user types (`sliding`, `sliding:128`, `sink:4+252`, `int8`): a
 //! [`CacheKind`] with the sizes the text gives. [`CacheSpec::config`] fills in the rest from
@@ -9,7 +9,10 @@
 use std::fmt;
 use std::str::FromStr;
 
-use crate::{CacheConfig, CacheError, QuantBits, QuantizedCacheConfig, Result, SinkPositions};
+use crate::{
+    CacheConfig, CacheError, PagedCacheConfig, QuantBits, QuantizedCacheConfig, Result,
+    SinkPositions, DEFAULT_BLOCK_SIZE,
+};
 
 /// A kind of cache, without its sizes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -22,6 +25,8 @@ pub enum CacheKind {
     Sliding,
     /// [`CacheConfig::Sink`].
     Sink,
+    /// [`CacheConfig::Paged`].
+    Paged,
     /// [`CacheConfig::Quantized`] in 8 bits.
     Int8,
     /// [`CacheConfig::Quantized`] in 4 bits.
@@ -30,26 +35,28 @@ pub enum CacheKind {
 
 /// What [`CacheSpec`]'s parser accepts, for error messages and help texts.
 pub const CACHE_SPEC_FORMS: &str =
-    "dynamic, static, sliding[:WINDOW], sink[:SINKS+WINDOW], int8 or int4";
+    "dynamic, static, sliding[:WINDOW], sink[:SINKS+WINDOW], paged[:BLOCK], int8 or int4";
 
 impl CacheKind {
     /// Every kind, in the order reports list them.
-    pub const ALL: [CacheKind; 6] = [
+    pub const ALL: [CacheKind; 7] = [
         CacheKind::Dynamic,
         CacheKind::Static,
         CacheKind::Sliding,
         CacheKind::Sink,
+        CacheKind::Paged,
         CacheKind::Int8,
         CacheKind::Int4,
     ];
 
-    /// The kind's name: `dynamic`, `static`, `sliding`, `sink`, `int8`, `int4`.
+    /// The kind's name: `dynamic`, `static`, `sliding`, `sink`, `paged`, `int8`, `int4`.
     pub fn name(self) -> &'static str {
         match self {
             CacheKind::Dynamic => "dynamic",
             CacheKind::Static => "static",
             CacheKind::Sliding => "sliding",
             CacheKind::Sink => "sink",
+            CacheKind::Paged => "paged",
             CacheKind::Int8 => "int8",
             CacheKind::Int4 => "int4",
         }
@@ -90,6 +97,7 @@ impl CacheConfig {
             CacheConfig::Static { .. } => CacheKind::Static,
             CacheConfig::SlidingWindow { .. } => CacheKind::Sliding,
             CacheConfig::Sink { .. } => CacheKind::Sink,
+            CacheConfig::Paged(_) => CacheKind::Paged,
             CacheConfig::Quantized(q) => match q.bits {
                 QuantBits::Int8 => CacheKind::Int8,
                 QuantBits::Int4 => CacheKind::Int4,
@@ -109,7 +117,8 @@ impl CacheConfig {
 /// assert_eq!((spec.kind, spec.sinks, spec.window), (CacheKind::Sink, Some(4), Some(252)));
 /// assert_eq!(spec.to_string(), "sink:4+252");
 /// assert!("sink:4".parse::<CacheSpec>().is_err());
-/// assert!("paged".parse::<CacheSpec>().is_err());
+/// assert_eq!("paged:32".parse::<CacheSpec>().unwrap().block_size, Some(32));
+/// assert!("radix".parse::<CacheSpec>().is_err());
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct CacheSpec {
@@ -119,6 +128,8 @@ pub struct CacheSpec {
     pub window: Option<usize>,
     /// A sink cache's sinks, when given.
     pub sinks: Option<usize>,
+    /// A paged cache's slots per block, when given.
+    pub block_size: Option<usize>,
 }
 
 impl From<CacheKind> for CacheSpec {
@@ -127,6 +138,7 @@ impl From<CacheKind> for CacheSpec {
             kind,
             window: None,
             sinks: None,
+            block_size: None,
         }
     }
 }
@@ -155,6 +167,7 @@ impl FromStr for CacheSpec {
         match (kind, sizes) {
             (_, None) => {}
             (CacheKind::Sliding, Some(window)) => parsed.window = Some(positive(window)?),
+            (CacheKind::Paged, Some(block)) => parsed.block_size = Some(positive(block)?),
             (CacheKind::Sink, Some(sizes)) => {
                 let (sinks, window) = sizes.split_once('+').ok_or_else(|| {
                     invalid("write sink:SINKS+WINDOW, e.g. sink:4+252".to_string())
@@ -169,8 +182,8 @@ impl FromStr for CacheSpec {
             }
             (kind, Some(_)) => {
                 return Err(invalid(format!(
-                    "{kind} takes no sizes in its name (only sliding:WINDOW and \
-                     sink:SINKS+WINDOW do)"
+                    "{kind} takes no sizes in its name (only sliding:WINDOW, \
+                     sink:SINKS+WINDOW and paged:BLOCK do)"
                 )))
             }
         }
@@ -180,10 +193,11 @@ impl FromStr for CacheSpec {
 
 impl fmt::Display for CacheSpec {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match (self.kind, self.sinks, self.window) {
-            (CacheKind::Sink, Some(sinks), Some(window)) => write!(f, "sink:{sinks}+{window}"),
-            (CacheKind::Sliding, _, Some(window)) => write!(f, "sliding:{window}"),
-            (kind, _, _) => f.write_str(kind.name()),
+        match (self.kind, self.sinks, self.window, self.block_size) {
+            (CacheKind::Sink, Some(sinks), Some(window), _) => write!(f, "sink:{sinks}+{window}"),
+            (CacheKind::Sliding, _, Some(window), _) => write!(f, "sliding:{window}"),
+            (CacheKind::Paged, _, _, Some(block)) => write!(f, "paged:{block}"),
+            (kind, ..) => f.write_str(kind.name()),
         }
     }
 }
@@ -193,9 +207,10 @@ impl fmt::Display for CacheSpec {
 pub struct CacheSizes {
     /// A dynamic cache's first allocation, in positions.
     pub capacity: usize,
-    /// A static cache's rows.
+    /// A static cache's rows, and the rows a paged cache's first pool is sized for.
     pub max_batch: usize,
-    /// A static cache's positions.
+    /// A static cache's positions, and the positions per row a paged cache's first pool is
+    /// sized for.
     pub max_len: usize,
     /// A sliding or sink cache's window.
     pub window: usize,
@@ -259,6 +274,11 @@ impl CacheSpec {
                 window: positive("the window", window)?,
                 positions: sizes.sink_positions,
             },
+            CacheKind::Paged => CacheConfig::Paged(PagedCacheConfig::for_sequences(
+                self.block_size.unwrap_or(DEFAULT_BLOCK_SIZE),
+                sizes.max_batch.max(1),
+                sizes.max_len.max(1),
+            )),
             CacheKind::Int8 => quantized(QuantBits::Int8),
             CacheKind::Int4 => quantized(QuantBits::Int4),
         })
@@ -284,7 +304,7 @@ mod tests {
             let spec: CacheSpec = kind.name().parse().unwrap();
             assert_eq!(spec.config(&sizes).unwrap().kind(), kind);
         }
-        for text in ["sliding:128", "sink:4+252", "sink:0+8"] {
+        for text in ["sliding:128", "sink:4+252", "sink:0+8", "paged:16"] {
             assert_eq!(text.parse::<CacheSpec>().unwrap().to_string(), text);
         }
     }
@@ -292,7 +312,8 @@ mod tests {
     #[test]
     fn bad_specs_say_what_is_wrong() {
         for (text, needle) in [
-            ("paged", "unknown cache kind `paged`"),
+            ("radix", "unknown cache kind `radix`"),
+            ("paged:0", "`0` is not a positive number"),
             ("sink:4", "sink:SINKS+WINDOW"),
             ("sliding:0", "`0` is not a positive number"),
             ("sink:x+8", "`x` is not a number of sinks"),

@@ -121,6 +121,16 @@ pub fn exact_cache_kinds(len: usize) -> Vec<CacheConfig> {
             window: len - 4,
             positions: kv_core::SinkPositions::TextPositions,
         },
+        CacheConfig::Paged(kv_core::PagedCacheConfig {
+            block_size: 3,
+            initial_blocks: 2,
+            order: kv_core::BlockOrder::Shuffled { seed: 11 },
+        }),
+        CacheConfig::Paged(kv_core::PagedCacheConfig {
+            block_size: 16,
+            initial_blocks: 4,
+            order: kv_core::BlockOrder::Ascending,
+        }),
     ]
 }
 

@@ -1,0 +1,488 @@
+//! The block pool: fixed-size blocks of cache slots handed out and taken back in O(1), shared
+//! by reference count, and remembered by the hash of the tokens they hold so a later sequence
+//! with the same prefix reuses them.
+//!
+//! The design is vLLM's (PagedAttention's block manager, and v1's prefix-caching `BlockPool`),
+//! in the shape mistral.rs also follows:
+//!
+//! - **Blocks, not sequences, own storage.** A sequence holds a table of block ids; its `n`-th
+//!   position lives in slot `n % block_size` of block `table[n / block_size]`. Memory lost to
+//!   rounding is under one block per sequence, where a contiguous cache reserves its longest
+//!   length for every sequence.
+//! - **Sharing by reference count.** Forking a sequence (beams, several continuations of one
+//!   prompt) copies its table and counts each block once more; nothing is copied until a
+//!   sequence appends to a shared, partly filled last block (copy-on-write, done by the table).
+//! - **Prefix caching.** A block that becomes full gets a [`BlockHash`] covering its parent's
+//!   hash, its token ids and an extra key (a model fingerprint, a tenant's salt), so equal hashes
+//!   mean equal contents at equal positions. A new sequence looks its full prompt blocks up and
+//!   starts from the ones found.
+//! - **One list for free and evictable.** A block whose count drops to zero keeps its contents
+//!   and hash and joins the tail of the free list; allocation takes the head. The free list is
+//!   thus the least-recently-used eviction order: a cached block stays reusable until every
+//!   block freed before it has been reused, and a lookup that hits an idle block takes it out
+//!   of the list in O(1) (the list is doubly linked through the block metadata).
+//!
+//! What it costs: a few words of metadata per block and one hash-map entry per cached block;
+//! every operation is O(1) except hashing, which reads a block's token ids once.
+
+use std::collections::HashMap;
+
+use sha2::{Digest, Sha256};
+
+use crate::error::{CacheError, Result};
+
+/// A block's index in its pool (and in the storage the pool describes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct BlockId(pub u32);
+
+impl BlockId {
+    /// The index as a `usize`.
+    pub fn index(self) -> usize {
+        self.0 as usize
+    }
+}
+
+/// What a full block holds, as a hash: SHA-256 over the parent block's hash (none for a
+/// sequence's first block), the block's token ids and an extra key. Two blocks with equal
+/// hashes hold the keys and values of the same tokens after the same prefix.
+///
+/// ```
+/// use kv_core::BlockHash;
+///
+/// let first = BlockHash::new(None, &[1, 2, 3, 4], b"model-a");
+/// let second = BlockHash::new(Some(&first), &[5, 6, 7, 8], b"model-a");
+/// assert_eq!(second, BlockHash::new(Some(&first), &[5, 6, 7, 8], b"model-a"));
+/// // The same tokens after another prefix, or for another model, are another block.
+/// assert_ne!(second, BlockHash::new(None, &[5, 6, 7, 8], b"model-a"));
+/// assert_ne!(first, BlockHash::new(None, &[1, 2, 3, 4], b"model-b"));
+/// ```
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct BlockHash(pub [u8; 32]);
+
+impl BlockHash {
+    /// The hash of a block holding `tokens` after the block hashed `parent`, under `extra`.
+    pub fn new(parent: Option<&BlockHash>, tokens: &[u32], extra: &[u8]) -> Self {
+        let mut hasher = Sha256::new();
+        match parent {
+            Some(parent) => {
+                hasher.update([1u8]);
+                hasher.update(parent.0);
+            }
+            None => hasher.update([0u8]),
+        }
+        hasher.update((tokens.len() as u64).to_le_bytes());
+        for token in tokens {
+            hasher.update(token.to_le_bytes());
+        }
+        hasher.update((extra.len() as u64).to_le_bytes());
+        hasher.update(extra);
+        BlockHash(hasher.finalize().into())
+    }
+}
+
+impl std::fmt::Debug for BlockHash {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for byte in &self.0[..8] {
+            write!(f, "{byte:02x}")?;
+        }
+        write!(f, "…")
+    }
+}
+
+/// The order new blocks join a pool's free list, and so the order they are handed out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum BlockOrder {
+    /// By id: a fresh pool hands out consecutive blocks, so a sequence's blocks usually follow
+    /// each other in storage and attention reads them as one slice.
+    #[default]
+    Ascending,
+    /// A fixed permutation from `seed`: every sequence's blocks are scattered, so attention
+    /// always gathers them (tests use it to prove the gather path equal to the slice path).
+    Shuffled {
+        /// Seed of the permutation.
+        seed: u64,
+    },
+}
+
+/// Fisher-Yates with a SplitMix64 stream: a fixed permutation per seed, no dependency.
+fn shuffle(ids: &mut [u32], seed: u64) {
+    let mut state = seed;
+    let mut next = || {
+        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    };
+    for i in (1..ids.len()).rev() {
+        let j = (next() % (i as u64 + 1)) as usize;
+        ids.swap(i, j);
+    }
+}
+
+/// Counters of the prefix cache, since the pool was made.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PoolStats {
+    /// Blocks looked up by hash.
+    pub queries: u64,
+    /// Lookups that found their block.
+    pub hits: u64,
+    /// Cached blocks whose contents were given up to a new allocation.
+    pub evictions: u64,
+}
+
+/// One block's bookkeeping.
+#[derive(Debug, Clone, Default)]
+struct BlockMeta {
+    /// Tables pointing at the block.
+    refs: u32,
+    /// Set once the block is full and registered; kept while it waits in the free list.
+    hash: Option<BlockHash>,
+    /// Neighbours in the free list (only meaningful while `refs == 0`).
+    prev: Option<u32>,
+    next: Option<u32>,
+}
+
+/// A pool of `num_blocks` blocks of `block_size` slots; see the [module docs](self).
+///
+/// ```
+/// use kv_core::{BlockHash, BlockPool};
+///
+/// let mut pool = BlockPool::new(4, 16);
+/// let a = pool.allocate().unwrap();
+/// let hash = BlockHash::new(None, &[7; 16], b"");
+/// pool.register(a, hash);
+/// pool.release(a); // idle, but still cached
+/// assert_eq!(pool.free_blocks(), 4);
+/// assert_eq!(pool.lookup(&hash), Some(a)); // reused, not recomputed
+/// assert_eq!(pool.ref_count(a), 1);
+/// ```
+#[derive(Debug, Clone)]
+pub struct BlockPool {
+    block_size: usize,
+    meta: Vec<BlockMeta>,
+    /// Head (next to allocate, least recently freed) and tail of the free list.
+    head: Option<u32>,
+    tail: Option<u32>,
+    free: usize,
+    cached: HashMap<BlockHash, BlockId>,
+    stats: PoolStats,
+}
+
+impl BlockPool {
+    /// A pool with every block free, in id order (so a fresh pool hands out consecutive
+    /// blocks).
+    ///
+    /// # Panics
+    /// If `block_size` is 0 or `num_blocks` does not fit a `u32`.
+    pub fn new(num_blocks: usize, block_size: usize) -> Self {
+        assert!(block_size > 0, "a block holds at least one slot");
+        assert!(u32::try_from(num_blocks).is_ok(), "at most 2^32 - 1 blocks");
+        let mut pool = Self {
+            block_size,
+            meta: Vec::new(),
+            head: None,
+            tail: None,
+            free: 0,
+            cached: HashMap::new(),
+            stats: PoolStats::default(),
+        };
+        pool.grow(num_blocks, BlockOrder::Ascending);
+        pool
+    }
+
+    /// Adds blocks until the pool holds `num_blocks`, joining the free list after those
+    /// already free, in `order`; the storage the pool describes must grow alike. A smaller
+    /// number changes nothing.
+    pub fn grow(&mut self, num_blocks: usize, order: BlockOrder) {
+        assert!(u32::try_from(num_blocks).is_ok(), "at most 2^32 - 1 blocks");
+        let mut ids: Vec<u32> = (self.meta.len() as u32..num_blocks as u32).collect();
+        if let BlockOrder::Shuffled { seed } = order {
+            shuffle(&mut ids, seed);
+        }
+        self.meta
+            .resize(num_blocks.max(self.meta.len()), BlockMeta::default());
+        for id in ids {
+            self.push_free(id);
+        }
+    }
+
+    /// Slots per block.
+    pub fn block_size(&self) -> usize {
+        self.block_size
+    }
+
+    /// Blocks in the pool.
+    pub fn num_blocks(&self) -> usize {
+        self.meta.len()
+    }
+
+    /// Blocks no table points at (cached ones included: they are reused last).
+    pub fn free_blocks(&self) -> usize {
+        self.free
+    }
+
+    /// Blocks holding a registered hash (in use or idle).
+    pub fn cached_blocks(&self) -> usize {
+        self.cached.len()
+    }
+
+    /// The prefix cache's counters.
+    pub fn stats(&self) -> PoolStats {
+        self.stats
+    }
+
+    /// Tables pointing at `id`.
+    pub fn ref_count(&self, id: BlockId) -> u32 {
+        self.meta[id.index()].refs
+    }
+
+    /// The hash `id` was registered with, if it still holds it.
+    pub fn hash_of(&self, id: BlockId) -> Option<BlockHash> {
+        self.meta[id.index()].hash
+    }
+
+    /// Takes the least recently freed block, with one reference; a cached block taken this way
+    /// is forgotten by the prefix cache.
+    ///
+    /// # Errors
+    /// [`CacheError::PoolExhausted`] when every block is in use.
+    pub fn allocate(&mut self) -> Result<BlockId> {
+        let id = self.head.ok_or(CacheError::PoolExhausted {
+            needed: 1,
+            free: 0,
+            total: self.num_blocks(),
+        })?;
+        self.unlink(id);
+        let meta = &mut self.meta[id as usize];
+        if let Some(hash) = meta.hash.take() {
+            self.cached.remove(&hash);
+            self.stats.evictions += 1;
+        }
+        meta.refs = 1;
+        Ok(BlockId(id))
+    }
+
+    /// `n` blocks at once, or none (the pool unchanged) when fewer are free.
+    ///
+    /// # Errors
+    /// [`CacheError::PoolExhausted`] with the numbers.
+    pub fn allocate_many(&mut self, n: usize) -> Result<Vec<BlockId>> {
+        if n > self.free {
+            return Err(CacheError::PoolExhausted {
+                needed: n,
+                free: self.free,
+                total: self.num_blocks(),
+            });
+        }
+        (0..n).map(|_| self.allocate()).collect()
+    }
+
+    /// One more table points at `id` (a fork).
+    ///
+    /// # Panics
+    /// If `id` is free: only a block in use can be shared ([`BlockPool::lookup`] revives idle
+    /// cached ones).
+    pub fn retain(&mut self, id: BlockId) {
+        let meta = &mut self.meta[id.index()];
+        assert!(meta.refs > 0, "retain of free block {id:?}");
+        meta.refs += 1;
+    }
+
+    /// One table fewer points at `id`; at zero the block joins the tail of the free list,
+    /// keeping its contents and hash for the prefix cache.
+    ///
+    /// # Panics
+    /// If `id` is already free (a double free).
+    pub fn release(&mut self, id: BlockId) {
+        let meta = &mut self.meta[id.index()];
+        assert!(meta.refs > 0, "release of free block {id:?}");
+        meta.refs -= 1;
+        if meta.refs == 0 {
+            self.push_free(id.0);
+        }
+    }
+
+    /// The block holding `hash`, with one more reference (taken out of the free list if it was
+    /// idle), or `None`. Counts a query, and a hit when found.
+    pub fn lookup(&mut self, hash: &BlockHash) -> Option<BlockId> {
+        self.stats.queries += 1;
+        let id = *self.cached.get(hash)?;
+        self.stats.hits += 1;
+        if self.meta[id.index()].refs == 0 {
+            self.unlink(id.0);
+        }
+        self.meta[id.index()].refs += 1;
+        Some(id)
+    }
+
+    /// Records that full block `id` holds `hash`, so later lookups find it. When another
+    /// block already holds the same hash (two sequences computed the same prefix at once),
+    /// that one stays the cached copy and `id` stays unregistered; returns whether `id` was
+    /// registered.
+    pub fn register(&mut self, id: BlockId, hash: BlockHash) -> bool {
+        if self.cached.contains_key(&hash) {
+            return false;
+        }
+        let meta = &mut self.meta[id.index()];
+        if let Some(old) = meta.hash.replace(hash) {
+            self.cached.remove(&old);
+        }
+        self.cached.insert(hash, id);
+        true
+    }
+
+    /// Checks the pool's own invariants, for tests: the free list holds exactly the blocks
+    /// with no reference, linked both ways, and every cached hash names a block that holds it.
+    /// Returns what is wrong.
+    pub fn audit(&self) -> std::result::Result<(), String> {
+        let mut seen = vec![false; self.meta.len()];
+        let mut count = 0;
+        let mut prev = None;
+        let mut at = self.head;
+        while let Some(id) = at {
+            let meta = &self.meta[id as usize];
+            if seen[id as usize] {
+                return Err(format!("free list loops at block {id}"));
+            }
+            seen[id as usize] = true;
+            if meta.refs != 0 {
+                return Err(format!("block {id} is free with {} references", meta.refs));
+            }
+            if meta.prev != prev {
+                return Err(format!(
+                    "block {id}'s back link is {:?}, not {prev:?}",
+                    meta.prev
+                ));
+            }
+            count += 1;
+            prev = Some(id);
+            at = meta.next;
+        }
+        if self.tail != prev {
+            return Err(format!(
+                "tail is {:?}, the list ends at {prev:?}",
+                self.tail
+            ));
+        }
+        if count != self.free {
+            return Err(format!(
+                "{count} blocks in the free list, {} counted",
+                self.free
+            ));
+        }
+        if let Some(id) = (0..self.meta.len()).find(|&i| !seen[i] && self.meta[i].refs == 0) {
+            return Err(format!(
+                "block {id} has no reference but is not in the free list"
+            ));
+        }
+        for (hash, id) in &self.cached {
+            if self.meta[id.index()].hash != Some(*hash) {
+                return Err(format!(
+                    "cached hash {hash:?} names block {id:?}, which holds another"
+                ));
+            }
+        }
+        let hashed = self.meta.iter().filter(|m| m.hash.is_some()).count();
+        if hashed != self.cached.len() {
+            return Err(format!(
+                "{hashed} blocks hold a hash, {} are cached",
+                self.cached.len()
+            ));
+        }
+        Ok(())
+    }
+
+    /// Appends `id` to the tail of the free list.
+    fn push_free(&mut self, id: u32) {
+        let tail = self.tail;
+        let meta = &mut self.meta[id as usize];
+        meta.prev = tail;
+        meta.next = None;
+        match tail {
+            Some(t) => self.meta[t as usize].next = Some(id),
+            None => self.head = Some(id),
+        }
+        self.tail = Some(id);
+        self.free += 1;
+    }
+
+    /// Takes `id` out of the free list.
+    fn unlink(&mut self, id: u32) {
+        let (prev, next) = {
+            let meta = &mut self.meta[id as usize];
+            (meta.prev.take(), meta.next.take())
+        };
+        match prev {
+            Some(p) => self.meta[p as usize].next = next,
+            None => self.head = next,
+        }
+        match next {
+            Some(n) => self.meta[n as usize].prev = prev,
+            None => self.tail = prev,
+        }
+        self.free -= 1;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn allocation_takes_the_least_recently_freed_block() {
+        let mut pool = BlockPool::new(3, 4);
+        let blocks = pool.allocate_many(3).unwrap();
+        assert_eq!(blocks, [BlockId(0), BlockId(1), BlockId(2)]);
+        assert!(matches!(
+            pool.allocate(),
+            Err(CacheError::PoolExhausted {
+                needed: 1,
+                free: 0,
+                total: 3
+            })
+        ));
+        pool.release(BlockId(2));
+        pool.release(BlockId(0));
+        assert_eq!(pool.allocate().unwrap(), BlockId(2));
+        assert_eq!(pool.allocate().unwrap(), BlockId(0));
+        pool.audit().unwrap();
+    }
+
+    #[test]
+    fn an_idle_cached_block_is_revived_by_lookup_and_lost_to_reuse() {
+        let mut pool = BlockPool::new(2, 4);
+        let a = pool.allocate().unwrap();
+        let hash = BlockHash::new(None, &[1, 2, 3, 4], b"");
+        assert!(pool.register(a, hash));
+        pool.release(a);
+        assert_eq!(pool.lookup(&hash), Some(a));
+        assert_eq!(pool.free_blocks(), 1);
+        pool.release(a);
+        // Two allocations reach the idle cached block last, and evict it.
+        let _b = pool.allocate().unwrap();
+        let c = pool.allocate().unwrap();
+        assert_eq!(c, a);
+        assert_eq!(pool.lookup(&hash), None);
+        assert_eq!(
+            pool.stats(),
+            PoolStats {
+                queries: 2,
+                hits: 1,
+                evictions: 1
+            }
+        );
+        pool.audit().unwrap();
+    }
+
+    #[test]
+    fn a_second_block_with_the_same_hash_stays_unregistered() {
+        let mut pool = BlockPool::new(2, 1);
+        let hash = BlockHash::new(None, &[9], b"");
+        let (a, b) = (pool.allocate().unwrap(), pool.allocate().unwrap());
+        assert!(pool.register(a, hash));
+        assert!(!pool.register(b, hash));
+        assert_eq!(pool.hash_of(b), None);
+        pool.audit().unwrap();
+    }
+}

@@ -1,0 +1,234 @@
+//! The block pool and block tables under random sequences of operations, against a model of
+//! what each sequence wrote: reference counts equal the table entries pointing at each block,
+//! the free list holds exactly the unreferenced blocks, every cached hash names a block holding
+//! the tokens it was computed from, every sequence reads back what it wrote, and releasing
+//! everything leaves the pool as it started.
+
+use std::collections::HashMap;
+
+use kv_core::{BlockCopy, BlockHash, BlockPool, BlockTable, CacheError};
+use proptest::prelude::*;
+
+const EXTRA: &[u8] = b"test-model";
+
+/// One operation on the live sequences (indices are taken modulo their number).
+#[derive(Debug, Clone)]
+enum Op {
+    /// A new sequence with these tokens, starting from the cached prefix.
+    Start(Vec<u32>),
+    /// Append tokens to a sequence.
+    Append(usize, Vec<u32>),
+    /// Fork a sequence.
+    Fork(usize),
+    /// Truncate a sequence to this fraction of its length.
+    Truncate(usize, f64),
+    /// Release a sequence.
+    Release(usize),
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    // Tokens from a tiny alphabet, so prompts share prefixes and blocks hash alike.
+    let tokens = |max| prop::collection::vec(0u32..3, 1..max);
+    prop_oneof![
+        3 => tokens(20).prop_map(Op::Start),
+        4 => (any::<usize>(), tokens(8)).prop_map(|(i, t)| Op::Append(i, t)),
+        2 => any::<usize>().prop_map(Op::Fork),
+        1 => (any::<usize>(), 0.0..1.0f64).prop_map(|(i, f)| Op::Truncate(i, f)),
+        2 => any::<usize>().prop_map(Op::Release),
+    ]
+}
+
+/// A live sequence: its table and the token ids it holds.
+struct Sequence {
+    table: BlockTable,
+    tokens: Vec<u32>,
+}
+
+/// The pool, its sequences, and what each block's slots hold (written by the test as a cache
+/// would write keys and values).
+struct World {
+    pool: BlockPool,
+    sequences: Vec<Sequence>,
+    slots: Vec<Vec<Option<u32>>>,
+    /// The tokens each registered hash was computed from.
+    meaning: HashMap<BlockHash, Vec<u32>>,
+}
+
+impl World {
+    fn new(blocks: usize, block_size: usize) -> Self {
+        Self {
+            pool: BlockPool::new(blocks, block_size),
+            sequences: Vec::new(),
+            slots: vec![vec![None; block_size]; blocks],
+            meaning: HashMap::new(),
+        }
+    }
+
+    /// Appends `tokens` to sequence `i`: copies, then slot writes, then hash registration.
+    /// Returns false (nothing changed) when the pool is exhausted.
+    fn append(&mut self, i: usize, tokens: &[u32]) -> bool {
+        let seq = &mut self.sequences[i];
+        let before = (seq.table.clone(), self.pool.free_blocks());
+        let copies = match seq.table.append(&mut self.pool, tokens.len()) {
+            Ok(copies) => copies,
+            Err(CacheError::PoolExhausted { .. }) => {
+                assert_eq!((seq.table.clone(), self.pool.free_blocks()), before);
+                return false;
+            }
+            Err(e) => panic!("{e}"),
+        };
+        for BlockCopy { from, to, slots } in copies {
+            for s in 0..slots {
+                self.slots[to.index()][s] = self.slots[from.index()][s];
+            }
+        }
+        let block_size = self.pool.block_size();
+        for (k, &token) in tokens.iter().enumerate() {
+            let (block, slot) = seq.table.slot(seq.tokens.len() + k, block_size);
+            self.slots[block.index()][slot] = Some(token);
+        }
+        seq.tokens.extend_from_slice(tokens);
+        seq.table
+            .register_full_blocks(&mut self.pool, &seq.tokens, EXTRA);
+        // Remember what each hash of this sequence means.
+        let mut parent: Option<BlockHash> = None;
+        for chunk in seq.tokens.chunks_exact(block_size) {
+            let hash = BlockHash::new(parent.as_ref(), chunk, EXTRA);
+            self.meaning.insert(hash, chunk.to_vec());
+            parent = Some(hash);
+        }
+        true
+    }
+
+    fn apply(&mut self, op: Op) {
+        let n = self.sequences.len();
+        match op {
+            Op::Start(tokens) => {
+                let (table, cached) = BlockTable::from_cached_prefix(
+                    &mut self.pool,
+                    &tokens,
+                    EXTRA,
+                    tokens.len() - 1,
+                );
+                assert!(cached < tokens.len(), "the last token is always computed");
+                assert_eq!(cached % self.pool.block_size(), 0);
+                // What the cached blocks hold is the prompt's prefix.
+                let seq = Sequence {
+                    table,
+                    tokens: tokens[..cached].to_vec(),
+                };
+                assert_eq!(self.read(&seq), seq.tokens);
+                self.sequences.push(seq);
+                if !self.append(n, &tokens[cached..]) {
+                    let mut seq = self.sequences.pop().unwrap();
+                    seq.table.release(&mut self.pool);
+                }
+            }
+            Op::Append(i, tokens) if n > 0 => {
+                self.append(i % n, &tokens);
+            }
+            Op::Fork(i) if n > 0 => {
+                let seq = &self.sequences[i % n];
+                let table = seq.table.fork(&mut self.pool);
+                let tokens = seq.tokens.clone();
+                self.sequences.push(Sequence { table, tokens });
+            }
+            Op::Truncate(i, fraction) if n > 0 => {
+                let seq = &mut self.sequences[i % n];
+                let len = (seq.tokens.len() as f64 * fraction) as usize;
+                seq.table.truncate(&mut self.pool, len);
+                seq.tokens.truncate(len);
+            }
+            Op::Release(i) if n > 0 => {
+                let mut seq = self.sequences.swap_remove(i % n);
+                seq.table.release(&mut self.pool);
+            }
+            _ => {}
+        }
+    }
+
+    /// The tokens sequence `seq` reads back through its table.
+    fn read(&self, seq: &Sequence) -> Vec<u32> {
+        let block_size = self.pool.block_size();
+        (0..seq.table.len())
+            .map(|p| {
+                let (block, slot) = seq.table.slot(p, block_size);
+                self.slots[block.index()][slot].expect("a written slot")
+            })
+            .collect()
+    }
+
+    fn check(&self) {
+        self.pool.audit().unwrap();
+        let mut refs = vec![0u32; self.pool.num_blocks()];
+        for seq in &self.sequences {
+            assert_eq!(seq.table.len(), seq.tokens.len());
+            assert_eq!(
+                seq.table.blocks().len(),
+                seq.tokens.len().div_ceil(self.pool.block_size())
+            );
+            for block in seq.table.blocks() {
+                refs[block.index()] += 1;
+            }
+            assert_eq!(self.read(seq), seq.tokens, "a sequence reads what it wrote");
+        }
+        for (b, &count) in refs.iter().enumerate() {
+            let id = kv_core::BlockId(b as u32);
+            assert_eq!(self.pool.ref_count(id), count, "block {b}");
+            if let Some(hash) = self.pool.hash_of(id) {
+                let held: Vec<u32> = self.slots[b].iter().map(|s| s.unwrap()).collect();
+                assert_eq!(
+                    &held, &self.meaning[&hash],
+                    "cached block {b} holds its tokens"
+                );
+            }
+        }
+        let unreferenced = refs.iter().filter(|&&c| c == 0).count();
+        assert_eq!(self.pool.free_blocks(), unreferenced);
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(200))]
+
+    #[test]
+    fn pool_and_tables_keep_their_invariants(
+        block_size in prop::sample::select(vec![1usize, 3, 4, 16]),
+        blocks in 4usize..40,
+        ops in prop::collection::vec(op(), 1..80),
+    ) {
+        let mut world = World::new(blocks, block_size);
+        for op in ops {
+            world.apply(op);
+            world.check();
+        }
+        for mut seq in std::mem::take(&mut world.sequences) {
+            seq.table.release(&mut world.pool);
+        }
+        world.check();
+        prop_assert_eq!(world.pool.free_blocks(), blocks, "nothing leaks");
+    }
+}
+
+#[test]
+fn a_repeated_prompt_starts_from_its_cached_blocks() {
+    let mut world = World::new(16, 4);
+    let prompt: Vec<u32> = (0..11).collect();
+    world.apply(Op::Start(prompt.clone()));
+    world.apply(Op::Release(0));
+    let hits = world.pool.stats().hits;
+    let (mut table, cached) =
+        BlockTable::from_cached_prefix(&mut world.pool, &prompt, EXTRA, prompt.len() - 1);
+    assert_eq!(cached, 8, "two full blocks of four");
+    assert_eq!(world.pool.stats().hits, hits + 2);
+    // A prompt of exactly two blocks recomputes its last token: only the first block is used.
+    table.release(&mut world.pool);
+    let (mut table, cached) =
+        BlockTable::from_cached_prefix(&mut world.pool, &prompt[..8], EXTRA, 7);
+    assert_eq!(cached, 4);
+    table.release(&mut world.pool);
+    // Another model's extra key shares nothing.
+    let (table, cached) = BlockTable::from_cached_prefix(&mut world.pool, &prompt, b"other", 10);
+    assert_eq!((cached, table.len()), (0, 0));
+    world.check();
+}
