@@ -55,7 +55,6 @@
 mod attention;
 mod caches;
 mod error;
-mod paged;
 
 pub use attention::gqa::{
     fold_mask_for_groups, grouped_query_attention, merge_partial_attention, partial_attention,
@@ -73,12 +72,12 @@ pub use caches::dynamic::{DynamicCache, MIN_CAPACITY};
 pub use caches::kind::{CacheKind, CacheSizes, CacheSpec, CACHE_SPEC_FORMS};
 pub use caches::kv_cache::{KeyRotation, KvCache};
 pub use caches::model_cache::ModelCache;
+pub use caches::paged::cache::{PagedCache, PagedCacheConfig, DEFAULT_BLOCK_SIZE};
+pub use caches::paged::pool::{BlockHash, BlockId, BlockOrder, BlockPool, PoolStats};
+pub use caches::paged::table::{BlockCopy, BlockTable};
 pub use caches::quantized::{QuantBits, QuantizedCache, QuantizedCacheConfig};
 pub use caches::sink::{SinkCache, SinkPositions};
 pub use caches::sliding::SlidingWindowCache;
 pub use caches::static_cache::{StaticCache, StaticCacheConfig};
 pub use caches::view::{KeyPositions, KvView};
 pub use error::{CacheError, Result};
-pub use paged::cache::{PagedCache, PagedCacheConfig, DEFAULT_BLOCK_SIZE};
-pub use paged::pool::{BlockHash, BlockId, BlockOrder, BlockPool, PoolStats};
-pub use paged::table::{BlockCopy, BlockTable};

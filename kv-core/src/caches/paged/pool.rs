@@ -143,7 +143,11 @@ struct BlockMeta {
     next: Option<u32>,
 }
 
-/// A pool of `num_blocks` blocks of `block_size` slots; see the [module docs](self).
+/// A pool of `num_blocks` blocks of `block_size` slots, after vLLM's prefix-caching block pool:
+/// blocks shared by reference count, full blocks found again by [`BlockHash`], and one
+/// doubly linked free list that is also the least-recently-used eviction order (a block freed
+/// keeps its contents and hash until allocation reaches it). Every operation is O(1).
+/// `docs/architecture.md` says where the design comes from and what it costs.
 ///
 /// ```
 /// use kv_core::{BlockHash, BlockPool};
