@@ -683,6 +683,14 @@ fn rotate_matches_apply_per_batch_row() {
 }
 
 #[test]
+fn a_paged_cache_with_empty_blocks_is_an_error_not_a_panic() {
+    let config = CacheConfig::Paged(kv_core::PagedCacheConfig::for_sequences(0, 2, 10));
+    let error = config.build::<B>(SHAPE, None, &device()).unwrap_err();
+    assert_eq!(error, CacheError::ZeroBlockSize);
+    assert!(error.to_string().contains("block size must be at least 1"));
+}
+
+#[test]
 fn each_kind_names_the_attention_pattern_it_matches() {
     let patterns: Vec<AttentionPattern> = every_kind()
         .iter()

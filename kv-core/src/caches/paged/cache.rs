@@ -37,11 +37,11 @@ impl Default for PagedCacheConfig {
 
 impl PagedCacheConfig {
     /// A pool with room for `rows` sequences of `positions` positions each, in blocks of
-    /// `block_size`.
+    /// `block_size` (a `block_size` of 0 is refused when the cache is built).
     pub fn for_sequences(block_size: usize, rows: usize, positions: usize) -> Self {
         Self {
             block_size,
-            initial_blocks: (rows * positions.div_ceil(block_size)).max(1),
+            initial_blocks: (rows * positions.div_ceil(block_size.max(1))).max(1),
             order: BlockOrder::Ascending,
         }
     }
