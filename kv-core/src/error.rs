@@ -119,6 +119,13 @@ pub enum CacheError {
         total: usize,
     },
 
+    /// A paged store was asked about a sequence it does not hold.
+    #[error("sequence {id} is not in the paged store (never added, or freed)")]
+    UnknownSequence {
+        /// The sequence's id.
+        id: u64,
+    },
+
     /// A paged cache was configured with blocks of no slots.
     #[error("a paged cache's block size must be at least 1")]
     ZeroBlockSize,

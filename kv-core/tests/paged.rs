@@ -232,3 +232,133 @@ fn a_repeated_prompt_starts_from_its_cached_blocks() {
     assert_eq!((cached, table.len()), (0, 0));
     world.check();
 }
+
+mod store {
+    use burn::tensor::{Distribution, Tensor};
+    use burn_ndarray::NdArray;
+    use kv_core::{BlockOrder, CacheError, LayerShape, PagedStore, SequenceId};
+
+    type B = NdArray<f32>;
+    const SHAPE: LayerShape = LayerShape {
+        kv_heads: 2,
+        head_dim: 4,
+    };
+
+    fn random(n: usize) -> Tensor<B, 4> {
+        Tensor::random([1, 2, n, 4], Distribution::Default, &Default::default())
+    }
+
+    /// Writes `n` new positions of `id` in both layers; returns what was written per layer.
+    fn write(
+        store: &mut PagedStore<B>,
+        id: SequenceId,
+        tokens: &[u32],
+    ) -> Vec<(Tensor<B, 4>, Tensor<B, 4>)> {
+        let start = store.len(id);
+        store.reserve(id, tokens).unwrap();
+        (0..2)
+            .map(|layer| {
+                let (k, v) = (random(tokens.len()), random(tokens.len()));
+                store.write(layer, id, start, k.clone(), v.clone());
+                (k, v)
+            })
+            .collect()
+    }
+
+    fn same(a: Tensor<B, 4>, b: Tensor<B, 4>) {
+        a.into_data()
+            .assert_approx_eq::<f32>(&b.into_data(), burn::tensor::Tolerance::absolute(0.0));
+    }
+
+    #[test]
+    fn sequences_read_back_what_they_wrote_through_scattered_blocks() {
+        let mut store = PagedStore::<B>::new(
+            2,
+            SHAPE,
+            32,
+            3,
+            BlockOrder::Shuffled { seed: 9 },
+            b"m",
+            &Default::default(),
+        );
+        let (a, _) = store.add_sequence(&[1, 2, 3, 4, 5]);
+        let first = write(&mut store, a, &[1, 2, 3, 4, 5]);
+        let second = write(&mut store, a, &[6]);
+        // A fork shares a's blocks; appending to the shared partly filled block copies it.
+        let b = store.fork(a);
+        let forked = write(&mut store, b, &[7]);
+        let more = write(&mut store, a, &[8]);
+        for layer in 0..2 {
+            let (k, v) = store.read(layer, a);
+            let expect = |i: usize| -> Vec<Tensor<B, 4>> {
+                let pick = |w: &Vec<(Tensor<B, 4>, Tensor<B, 4>)>| {
+                    if i == 0 {
+                        w[layer].0.clone()
+                    } else {
+                        w[layer].1.clone()
+                    }
+                };
+                vec![pick(&first), pick(&second), pick(&more)]
+            };
+            same(k, Tensor::cat(expect(0), 2));
+            same(v, Tensor::cat(expect(1), 2));
+            let (k, _) = store.read(layer, b);
+            let want = Tensor::cat(
+                vec![
+                    first[layer].0.clone(),
+                    second[layer].0.clone(),
+                    forked[layer].0.clone(),
+                ],
+                2,
+            );
+            same(k, want);
+        }
+        store.free(a);
+        store.free(b);
+        assert_eq!(store.pool().free_blocks(), 32);
+        store.pool().audit().unwrap();
+    }
+
+    #[test]
+    fn a_cached_prefix_is_read_not_recomputed_and_exhaustion_changes_nothing() {
+        let mut store = PagedStore::<B>::new(
+            2,
+            SHAPE,
+            4,
+            4,
+            BlockOrder::Ascending,
+            b"m",
+            &Default::default(),
+        );
+        let prompt: Vec<u32> = (10..19).collect(); // two full blocks and one more token
+        let (a, cached) = store.add_sequence(&prompt);
+        assert_eq!(cached, 0);
+        let written = write(&mut store, a, &prompt);
+        store.free(a);
+        let (b, cached) = store.add_sequence(&prompt);
+        assert_eq!(cached, 8);
+        assert_eq!(store.stats().hits, 2);
+        // b reads a's keys for the cached positions without anyone writing them again.
+        write(&mut store, b, &prompt[8..]);
+        let (k, _) = store.read(0, b);
+        same(k.narrow(2, 0, 8), written[0].0.clone().narrow(2, 0, 8));
+        // Three blocks are in use; asking for two more than the pool has left is refused.
+        let free = store.pool().free_blocks();
+        let error = store.reserve(b, &[0; 12]).unwrap_err();
+        assert!(matches!(
+            error,
+            CacheError::PoolExhausted {
+                needed: 3,
+                free: 1,
+                total: 4
+            }
+        ));
+        assert_eq!((store.pool().free_blocks(), store.len(b)), (free, 9));
+        store.free(b);
+        assert!(matches!(
+            store.reserve(b, &[1]),
+            Err(CacheError::UnknownSequence { .. })
+        ));
+        assert_eq!(store.pool().free_blocks(), 4);
+    }
+}
