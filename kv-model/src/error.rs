@@ -113,6 +113,35 @@ pub enum ModelError {
         /// Positions the model has.
         max: usize,
     },
+    /// A piece of a ragged batch names positions its sequence has not reserved in the paged
+    /// store.
+    #[error(
+        "piece {piece} writes positions {start}..{end} of its sequence, which holds only {held}: \
+         reserve them in the paged store (PagedStore::reserve) before the forward pass"
+    )]
+    UnreservedPositions {
+        /// Index of the piece in the batch.
+        piece: usize,
+        /// First position the piece writes.
+        start: usize,
+        /// One past its last.
+        end: usize,
+        /// Positions the sequence holds.
+        held: usize,
+    },
+    /// Two pieces of a ragged batch name the same sequence.
+    #[error(
+        "pieces {first} and {piece} of the batch both extend sequence {sequence}: give each \
+         sequence's new tokens as one piece"
+    )]
+    RepeatedSequence {
+        /// The earlier piece.
+        first: usize,
+        /// The later one.
+        piece: usize,
+        /// The sequence's id.
+        sequence: u64,
+    },
     /// A sink cache asked to re-rotate its keys serves a model with learned positions.
     #[error(
         "`{model_type}` has learned positions, so a sink cache cannot re-rotate its keys: keep \

@@ -48,5 +48,5 @@ pub use safetensors_dir::{
     read_config, read_safetensors, read_safetensors_bytes, safetensors_files,
 };
 pub use tokenizer::{ChatMessage, GenerationPrompt, SpecialTokens, Tokenizer};
-pub use transformer::{Logits, PromptSplit, Transformer};
+pub use transformer::{BatchPiece, Logits, PromptSplit, Transformer};
 pub use weights::{HostTensor, Weights};

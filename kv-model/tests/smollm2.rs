@@ -120,3 +120,71 @@ fn smollm2_matches_transformers() {
         }
     }
 }
+
+/// With the file's Q4_1 blocks multiplied as they are (activation rows rounded to 8 bits, as
+/// llama.cpp does), a last-bit difference in one layer becomes a different rounding and, over
+/// 30 layers, logits that differ by tenths. So every path a position can take computes it
+/// with the same arithmetic: a prompt in one piece, the same prompt cut into chunks through a
+/// paged store (an engine's chunked prefill), and one token at a time give equal logits, bit
+/// for bit.
+#[test]
+fn smollm2_positions_get_the_same_logits_in_one_piece_in_chunks_and_one_at_a_time() {
+    use kv_core::BlockOrder;
+    use kv_model::{load_model_placed, BatchPiece, WeightFormat, WeightPlacement};
+    let path = default_model(&mut |_| {}).expect("fetch the default model");
+    let model = load_model_placed::<B>(
+        &path,
+        WeightPlacement::Host(WeightFormat::Native),
+        &device(),
+    )
+    .unwrap()
+    .model
+    .with_execution(Execution::Parallel);
+    let prompt: Vec<u32> = (0..41).map(|i| (i * 37 + 5) % 4000).collect();
+    let mut cache = model
+        .new_cache(&CacheConfig::Dynamic { capacity: 64 })
+        .unwrap();
+    let whole = host_logits(
+        model
+            .forward(
+                std::slice::from_ref(&prompt),
+                None,
+                Some(&mut cache),
+                Logits::All,
+            )
+            .unwrap(),
+    )
+    .remove(0);
+    for chunk in [16, 5, 1] {
+        let mut store = model.new_paged_store(16, 16, BlockOrder::Shuffled { seed: 3 });
+        let (id, _) = store.add_sequence(&prompt);
+        let mut at = 0;
+        while at < prompt.len() {
+            let n = chunk.min(prompt.len() - at);
+            let tokens = &prompt[at..at + n];
+            store.reserve(id, tokens).unwrap();
+            let piece = BatchPiece {
+                sequence: id,
+                tokens,
+                start: at,
+                logits: Some(Logits::All),
+            };
+            let rows: Vec<f32> = model
+                .forward_ragged(&mut store, &[piece])
+                .unwrap()
+                .into_data()
+                .convert::<f32>()
+                .into_vec()
+                .unwrap();
+            for (i, row) in rows.chunks_exact(whole[0].len()).enumerate() {
+                assert_eq!(
+                    row,
+                    &whole[at + i][..],
+                    "chunks of {chunk}, position {}",
+                    at + i
+                );
+            }
+            at += n;
+        }
+    }
+}

@@ -171,6 +171,15 @@ impl<B: Backend> Transformer<B> {
                 last.narrow(1, len - 1, 1)
             }
         };
+        if self.lm_head.is_host() {
+            // The final norm on the host too, as the decode path computes it, so a position's
+            // logits do not depend on the path its pass took.
+            let [batch, len, hidden] = x.dims();
+            let h = self.final_norm.forward_host(&host::download(x), hidden);
+            let vocab = self.lm_head.out_features();
+            let out = self.lm_head.forward_host(&h, batch * len);
+            return Ok(host::upload(out, [batch, len, vocab], &self.device));
+        }
         Ok(self.lm_head.forward(self.final_norm.forward(x)))
     }
 
@@ -303,7 +312,7 @@ impl<B: Backend> Transformer<B> {
     }
 
     /// The pattern attention must follow: the cache's, narrowed by the model's own window.
-    fn pattern(&self, cache: AttentionPattern) -> Result<AttentionPattern> {
+    pub(super) fn pattern(&self, cache: AttentionPattern) -> Result<AttentionPattern> {
         let Some(model_window) = self.config.sliding_window else {
             return Ok(cache);
         };
@@ -321,7 +330,11 @@ impl<B: Backend> Transformer<B> {
     }
 
     /// Token embeddings, plus learned positions for GPT-2: `[batch, seq, hidden]`.
-    fn embed(&self, tokens: &[Vec<u32>], position_ids: &[Vec<usize>]) -> Result<Tensor<B, 3>> {
+    pub(super) fn embed(
+        &self,
+        tokens: &[Vec<u32>],
+        position_ids: &[Vec<usize>],
+    ) -> Result<Tensor<B, 3>> {
         let (batch, seq) = (tokens.len(), tokens[0].len());
         let hidden = self.config.hidden_size;
         let ids: Vec<usize> = tokens.iter().flatten().map(|&id| id as usize).collect();

@@ -38,10 +38,12 @@ use crate::weights::{HostTensor, Weights};
 mod build;
 mod context;
 mod forward;
+mod ragged;
 mod runs;
 mod self_attention;
 
 use context::ForwardContext;
+pub use ragged::BatchPiece;
 use runs::{join_runs, narrow_run};
 
 /// How a forward pass over many new tokens (a prompt) is cut up.

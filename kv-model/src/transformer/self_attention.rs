@@ -150,7 +150,7 @@ impl<B: Backend> Transformer<B> {
     ) -> Result<Tensor<B, 3>> {
         let c = &self.config;
         let batch = q.dims()[0];
-        let (heads, kv_heads) = (c.num_heads, c.num_kv_heads);
+        let heads = c.num_heads;
         let rope = match &self.positions {
             PositionEncoding::Rotary(rope) => Some(rope),
             PositionEncoding::Learned(_) => None,
@@ -188,11 +188,28 @@ impl<B: Backend> Transformer<B> {
                 .unwrap_or(step.queries.clone());
             q = rope.rotate(q, &[ranks.collect()]);
         }
-        if let Some(visible) = self.host_attention_rows(&q, &view, step) {
-            return Ok(self.attend_on_host(q, view, &visible));
-        }
+        self.attend_view(q, view, step)
+    }
+
+    /// Attention of queries `q` `[batch, heads, seq, head_dim]` (rotated) over `view`, the
+    /// keys and values a cache holds for them (the new ones included), as `step` says (its
+    /// queries' positions, padding and pattern): on the host for a prompt on a host model,
+    /// split by keys over the kernel threads for one long decode query, else through the
+    /// blocked attention plan. Returns `[batch, seq, heads * head_dim]`.
+    pub(super) fn attend_view(
+        &self,
+        q: Tensor<B, 4>,
+        view: KvView<B>,
+        step: &mut ForwardContext<'_, B>,
+    ) -> Result<Tensor<B, 3>> {
+        let c = &self.config;
+        let batch = q.dims()[0];
+        let (heads, kv_heads) = (c.num_heads, c.num_kv_heads);
         if step.on_host && self.splits_keys(&q, &view, step) {
             return self.attend_split_keys(q, view);
+        }
+        if let Some(visible) = self.host_attention_rows(&view, step) {
+            return Ok(self.attend_on_host(q, view, &visible));
         }
         let groups = heads / kv_heads;
         let plan = step.plan_for(
@@ -204,20 +221,21 @@ impl<B: Backend> Transformer<B> {
         Ok(plan.attend_merged(q, view.keys, view.values, self.execution)?)
     }
 
-    /// The key slots each new position sees, when a prompt's attention runs on the host
+    /// The key slots each new position sees, when attention runs on the host
     /// ([`Transformer::attend_on_host`]): the model's matrices live on the host (so its
-    /// backend computes there), there is more than one new position (one takes the decode
-    /// path), no padding, and every query sees one range of contiguous key positions.
+    /// backend computes there), no padding, and every query sees one range of contiguous key
+    /// positions. A prompt and a decode step then compute each query with the same arithmetic,
+    /// so a position gets the same numbers whether it came in a prompt, a chunk of one, or a
+    /// decode step (a long decode step that splits its keys over threads aside).
     fn host_attention_rows(
         &self,
-        q: &Tensor<B, 4>,
         view: &KvView<B>,
         step: &ForwardContext<'_, B>,
     ) -> Option<Vec<Range<usize>>> {
         let KeyPositions::Contiguous(keys) = &view.positions else {
             return None;
         };
-        if q.dims()[2] < 2 || step.padding.is_some() || !self.lm_head.is_host() {
+        if step.padding.is_some() || !self.lm_head.is_host() {
             return None;
         }
         step.queries

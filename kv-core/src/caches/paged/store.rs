@@ -115,6 +115,16 @@ impl<B: Backend> PagedStore<B> {
         self.sequences[&id].table.len()
     }
 
+    /// Whether `id` is held (added or forked, not freed).
+    pub fn contains(&self, id: SequenceId) -> bool {
+        self.sequences.contains_key(&id)
+    }
+
+    /// The block size.
+    pub fn block_size(&self) -> usize {
+        self.pool.block_size()
+    }
+
     /// Sequences held.
     pub fn sequences(&self) -> usize {
         self.sequences.len()
