@@ -43,6 +43,22 @@ pub enum GenerateError {
         /// Positions the model was built for.
         max: usize,
     },
+    /// A request would not fit the engine's block pool even running alone.
+    #[error(
+        "the request needs {positions} positions ({blocks} blocks of {block_size}), more than \
+         the engine's whole pool of {pool_blocks} blocks: shorten the prompt, generate fewer \
+         tokens, or start the engine with a larger pool"
+    )]
+    LargerThanPool {
+        /// Positions the prompt and the new tokens take.
+        positions: usize,
+        /// Blocks they take.
+        blocks: usize,
+        /// Blocks in the pool.
+        pool_blocks: usize,
+        /// Positions per block.
+        block_size: usize,
+    },
     /// The model failed (bad input, cache error, ...).
     #[error(transparent)]
     Model(#[from] ModelError),

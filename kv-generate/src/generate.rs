@@ -196,18 +196,91 @@ pub struct Generator<'a, B: Backend> {
     pub(crate) tokenizer: Option<&'a Tokenizer>,
 }
 
-/// One row of a running batch.
-struct Row {
+/// One sequence being generated: what it was asked, what it has produced, and its text so
+/// far (shared by [`Generator`] and the continuous-batching engine).
+pub(crate) struct Row {
     /// Index of the row in the caller's list.
-    index: usize,
-    prompt: Vec<u32>,
-    generated: Vec<u32>,
-    sampler: Sampler,
-    stream: TextStream,
-    text: String,
+    pub(crate) index: usize,
+    pub(crate) prompt: Vec<u32>,
+    pub(crate) generated: Vec<u32>,
+    pub(crate) sampler: Sampler,
+    pub(crate) stream: TextStream,
+    pub(crate) text: String,
     /// Bytes of `text` already handed to the caller.
-    streamed: usize,
-    finish: Option<FinishReason>,
+    pub(crate) streamed: usize,
+    pub(crate) finish: Option<FinishReason>,
+}
+
+impl Row {
+    /// A row that has generated nothing yet.
+    pub(crate) fn new(index: usize, prompt: Vec<u32>, sampling: SamplingConfig) -> Result<Self> {
+        Ok(Self {
+            index,
+            prompt,
+            generated: Vec::new(),
+            sampler: Sampler::new(sampling)?,
+            stream: TextStream::new(),
+            text: String::new(),
+            streamed: 0,
+            finish: None,
+        })
+    }
+
+    /// Samples the next token from `logits`, appends it, and decides whether the row stops
+    /// (an `eos` id, or `max_new_tokens` reached); its text grows as it becomes valid UTF-8.
+    /// Returns the token.
+    pub(crate) fn advance(
+        &mut self,
+        logits: &[f32],
+        eos: &[u32],
+        max_new_tokens: usize,
+        tokenizer: Option<&Tokenizer>,
+    ) -> Result<u32> {
+        // The penalties read prompt and output; assemble them only when needed.
+        let context = if self.sampler.uses_context() {
+            [self.prompt.as_slice(), self.generated.as_slice()].concat()
+        } else {
+            Vec::new()
+        };
+        let next = self.sampler.sample(logits, &context);
+        self.generated.push(next);
+        if eos.contains(&next) {
+            self.finish = Some(FinishReason::Eos);
+        } else if let Some(tokenizer) = tokenizer {
+            if let Some(text) = self.stream.push(tokenizer, next)? {
+                self.text.push_str(&text);
+            }
+        }
+        if self.finish.is_none() && self.generated.len() >= max_new_tokens {
+            self.finish = Some(FinishReason::Length);
+        }
+        if self.finish.is_some() {
+            if let Some(tokenizer) = tokenizer {
+                if let Some(text) = self.stream.flush(tokenizer)? {
+                    self.text.push_str(&text);
+                }
+            }
+        }
+        Ok(next)
+    }
+
+    /// Checks the text for stop strings (a stop ends the row and cuts the text before it) and
+    /// returns what can be shown that was not before: everything once the row is finished,
+    /// and otherwise all but a tail that could still become a stop string.
+    pub(crate) fn publish(&mut self, stops: &StopStrings) -> &str {
+        if let Some(at) = stops.find(&self.text) {
+            self.text.truncate(at);
+            self.finish = Some(FinishReason::StopString);
+        }
+        let end = if self.finish.is_some() {
+            self.text.len()
+        } else {
+            self.text.len() - stops.pending_len(&self.text)
+        };
+        let start = self.streamed.min(end);
+        self.streamed = self.streamed.max(end);
+        &self.text[start..end]
+    }
 }
 
 /// The state of a batch between steps.
@@ -417,16 +490,7 @@ impl<'a, B: Backend> Generator<'a, B> {
                     seed: config.sampling.seed.wrapping_add(index as u64),
                     ..config.sampling.clone()
                 };
-                Ok(Row {
-                    index,
-                    prompt: prompt.clone(),
-                    generated: Vec::new(),
-                    sampler: Sampler::new(sampling)?,
-                    stream: TextStream::new(),
-                    text: String::new(),
-                    streamed: 0,
-                    finish: None,
-                })
+                Row::new(index, prompt.clone(), sampling)
             })
             .collect()
     }
@@ -479,32 +543,12 @@ impl<'a, B: Backend> Generator<'a, B> {
         loop {
             // Choose each active row's next token and decide who stops.
             for (row, row_logits) in batch.rows.iter_mut().zip(&logits) {
-                // The penalties read prompt and output; assemble them only when needed.
-                let context = if row.sampler.uses_context() {
-                    [row.prompt.as_slice(), row.generated.as_slice()].concat()
-                } else {
-                    Vec::new()
-                };
-                let next = row.sampler.sample(row_logits, &context);
-                row.generated.push(next);
-                if eos.contains(&next) {
-                    row.finish = Some(FinishReason::Eos);
-                } else if let Some(tokenizer) = self.tokenizer {
-                    if let Some(text) = row.stream.push(tokenizer, next)? {
-                        row.text.push_str(&text);
-                    }
+                row.advance(row_logits, &eos, config.max_new_tokens, self.tokenizer)?;
+                let index = row.index;
+                let text = row.publish(&stops);
+                if !text.is_empty() {
+                    on_text(index, text);
                 }
-                if row.finish.is_none() && row.generated.len() >= config.max_new_tokens {
-                    row.finish = Some(FinishReason::Length);
-                }
-                if row.finish.is_some() {
-                    if let Some(tokenizer) = self.tokenizer {
-                        if let Some(text) = row.stream.flush(tokenizer)? {
-                            row.text.push_str(&text);
-                        }
-                    }
-                }
-                publish(row, &stops, on_text);
             }
             // Finished rows leave the batch, so they cost nothing more.
             let keep: Vec<usize> = (0..batch.rows.len())
@@ -586,25 +630,6 @@ impl<'a, B: Backend> Generator<'a, B> {
             cache_bytes,
             cache_kind: config.cache.name(),
         })
-    }
-}
-
-/// Checks the row's text for stop strings (a stop ends the row and cuts the text before it),
-/// and hands `on_text` what can be shown: everything once the row is finished, and otherwise
-/// all but a tail that could still become a stop string.
-fn publish(row: &mut Row, stops: &StopStrings, on_text: OnText<'_>) {
-    if let Some(at) = stops.find(&row.text) {
-        row.text.truncate(at);
-        row.finish = Some(FinishReason::StopString);
-    }
-    let end = if row.finish.is_some() {
-        row.text.len()
-    } else {
-        row.text.len() - stops.pending_len(&row.text)
-    };
-    if end > row.streamed {
-        on_text(row.index, &row.text[row.streamed..end]);
-        row.streamed = end;
     }
 }
 

@@ -10,6 +10,8 @@
 //!   [`Generator::continue_from`]).
 //! - [`beam`]: beam search as transformers defines it ([`Generator::beam_search`]), the cache
 //!   reordered by row selection each step.
+//! - [`engine`]: many requests at once, batched continuously over a paged KV cache with
+//!   prefix caching, chunked prefill and preemption (vLLM's scheduler).
 //! - [`backend`]: the backends a binary was built with (`ndarray`, `flex`, `cuda`, `wgpu`),
 //!   and [`backend::OnBackend`], which runs a command's work on the one chosen at run time.
 //! - [`cli`]: what both commands' command lines share (token ids, cache requests, the model).
@@ -21,6 +23,7 @@
 pub mod backend;
 pub mod beam;
 pub mod cli;
+pub mod engine;
 mod error;
 mod generate;
 mod sampling;
@@ -32,7 +35,7 @@ pub use generate::{
     CacheChoice, EosPolicy, FinishReason, Generation, GenerationConfig, Generator, OnText,
     PromptCache, RowOutput, Timings,
 };
-pub use sampling::{argmax, Sampler, SamplingConfig};
+pub use sampling::{argmax, Sampler, SamplingConfig, TokenLogprobs};
 pub use stream::{StopStrings, TextStream};
 
 /// `docs/guide.md`, whose code blocks run as doc tests.

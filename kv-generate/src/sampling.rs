@@ -419,3 +419,49 @@ mod tests {
         assert_eq!(sampler(presence).sample(&logits, &[0]), 1);
     }
 }
+
+/// The log-probability of a chosen token and of the most likely alternatives, from the
+/// model's raw logits (before penalties, temperature and filtering, as OpenAI's `logprobs`
+/// report them).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprobs {
+    /// The chosen token.
+    pub token: u32,
+    /// Its log-probability.
+    pub logprob: f32,
+    /// The `top` most likely tokens and theirs, most likely first.
+    pub top: Vec<(u32, f32)>,
+}
+
+impl TokenLogprobs {
+    /// `token`'s log-probability under `softmax(logits)`, and the `top` most likely tokens'.
+    ///
+    /// ```
+    /// use kv_generate::TokenLogprobs;
+    ///
+    /// let lp = TokenLogprobs::new(&[0.0, 0.0, f32::NEG_INFINITY], 1, 1);
+    /// assert!((lp.logprob - 0.5f32.ln()).abs() < 1e-6);
+    /// assert_eq!(lp.top.len(), 1);
+    /// ```
+    pub fn new(logits: &[f32], token: u32, top: usize) -> Self {
+        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let sum: f64 = logits.iter().map(|&l| f64::from((l - max).exp())).sum();
+        let log_total = max + sum.ln() as f32;
+        let mut best: Vec<(u32, f32)> = Vec::with_capacity(top + 1);
+        if top > 0 {
+            for (i, &l) in logits.iter().enumerate() {
+                if best.len() == top && l <= best[top - 1].1 {
+                    continue;
+                }
+                let at = best.partition_point(|&(_, b)| b >= l);
+                best.insert(at, (i as u32, l));
+                best.truncate(top);
+            }
+        }
+        Self {
+            token,
+            logprob: logits[token as usize] - log_total,
+            top: best.into_iter().map(|(i, l)| (i, l - log_total)).collect(),
+        }
+    }
+}

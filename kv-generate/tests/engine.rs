@@ -1,0 +1,534 @@
+//! The continuous-batching engine: requests that join and leave a running batch, are cut into
+//! chunks, hit the prefix cache or are preempted get the tokens they get alone; cancelled
+//! requests leave nothing behind; bad requests are errors.
+
+#[path = "../../kv-model/tests/common/fixtures.rs"]
+mod fixtures;
+
+use std::collections::HashMap;
+
+use burn_ndarray::NdArray;
+use fixtures::fixtures;
+use kv_core::{BlockOrder, CacheConfig};
+use kv_generate::engine::{Engine, EngineConfig, EngineEvent, PoolSize, Request, RequestId, Usage};
+use kv_generate::{
+    CacheChoice, EosPolicy, FinishReason, GenerateError, GenerationConfig, Generator,
+    SamplingConfig,
+};
+use kv_model::{load_model, LoadedModel, ModelConfig, Tokenizer, Transformer};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+type B = NdArray<f32>;
+
+fn load(name: &str) -> LoadedModel<B> {
+    load_model::<B>(&fixtures().join(name), &Default::default()).unwrap()
+}
+
+/// What a request produced through the engine.
+#[derive(Debug, Clone, PartialEq)]
+struct Outcome {
+    tokens: Vec<u32>,
+    text: String,
+    reason: FinishReason,
+    usage: Usage,
+}
+
+/// Runs the engine until it is idle, adding `arrivals[i].1` at step `arrivals[i].0`; returns
+/// each request's outcome, in arrival order.
+fn run(engine: &mut Engine<'_, B>, arrivals: &[(usize, Request)]) -> Vec<Outcome> {
+    let mut ids = Vec::new();
+    let mut outcomes: HashMap<RequestId, Outcome> = HashMap::new();
+    let mut tokens: HashMap<RequestId, (Vec<u32>, String)> = HashMap::new();
+    let mut step = 0;
+    while ids.len() < arrivals.len() || engine.has_work() {
+        for (_, request) in arrivals.iter().filter(|(at, _)| *at == step) {
+            ids.push(engine.add_request(request.clone()).unwrap());
+        }
+        for event in engine.step().unwrap() {
+            match event {
+                EngineEvent::Token {
+                    request,
+                    token,
+                    text,
+                    ..
+                } => {
+                    let entry = tokens.entry(request).or_default();
+                    entry.0.push(token);
+                    entry.1.push_str(&text);
+                }
+                EngineEvent::Finished {
+                    request,
+                    reason,
+                    usage,
+                } => {
+                    let (tokens, text) = tokens.remove(&request).unwrap_or_default();
+                    outcomes.insert(
+                        request,
+                        Outcome {
+                            tokens,
+                            text,
+                            reason,
+                            usage,
+                        },
+                    );
+                }
+            }
+        }
+        step += 1;
+        assert!(step < 100_000, "the engine does not finish");
+    }
+    ids.iter().map(|id| outcomes.remove(id).unwrap()).collect()
+}
+
+/// The same request through `Generator` alone, with a dynamic cache.
+fn alone(
+    model: &Transformer<B>,
+    tokenizer: Option<&Tokenizer>,
+    request: &Request,
+) -> (Vec<u32>, Option<String>, FinishReason) {
+    let config = GenerationConfig {
+        max_new_tokens: request.max_new_tokens,
+        sampling: request.sampling.clone(),
+        eos: request.eos.clone(),
+        stop_strings: request.stop_strings.clone(),
+        cache: CacheChoice::Cache(CacheConfig::Dynamic { capacity: 16 }),
+    };
+    let out = Generator::new(model, tokenizer)
+        .generate(
+            std::slice::from_ref(&request.prompt),
+            &config,
+            &mut |_, _| {},
+        )
+        .unwrap();
+    let row = out.rows.into_iter().next().unwrap();
+    (row.generated_ids, row.text, row.finish_reason)
+}
+
+/// Request `i` of a mixed workload: prompts of 1 to 23 tokens, 1 to 12 new tokens, greedy or
+/// seeded sampling, the model's EOS or none.
+fn mixed_request(i: usize, vocab: usize) -> Request {
+    let len = 1 + (i * 7) % 23;
+    let prompt = (0..len)
+        .map(|p| ((i * 13 + p * 29 + 1) % vocab) as u32)
+        .collect();
+    let sampling = if i.is_multiple_of(2) {
+        SamplingConfig::greedy()
+    } else {
+        SamplingConfig {
+            temperature: Some(0.9),
+            top_k: Some(20),
+            top_p: Some(0.95),
+            seed: 100 + i as u64,
+            ..SamplingConfig::greedy()
+        }
+    };
+    Request {
+        sampling,
+        eos: if i.is_multiple_of(3) {
+            EosPolicy::Model
+        } else {
+            EosPolicy::Ignore
+        },
+        ..Request::greedy(prompt, 1 + (i * 5) % 12)
+    }
+}
+
+fn assert_equal_alone(
+    model: &Transformer<B>,
+    tokenizer: Option<&Tokenizer>,
+    requests: &[Request],
+    outcomes: &[Outcome],
+    what: &str,
+) {
+    for (i, (request, outcome)) in requests.iter().zip(outcomes).enumerate() {
+        let (tokens, text, reason) = alone(model, tokenizer, request);
+        assert_eq!(outcome.tokens, tokens, "{what}: request {i}'s tokens");
+        assert_eq!(outcome.reason, reason, "{what}: request {i}'s finish");
+        if let Some(text) = text {
+            assert_eq!(outcome.text, text, "{what}: request {i}'s text");
+        }
+        assert_eq!(outcome.usage.prompt_tokens, request.prompt.len());
+        assert_eq!(outcome.usage.completion_tokens, tokens.len());
+    }
+}
+
+#[test]
+fn twenty_requests_joining_and_leaving_equal_each_alone_on_every_fixture() {
+    for name in ["gpt2", "llama", "qwen2"] {
+        let loaded = load(name);
+        let model = &loaded.model;
+        let vocab = model.config().vocab_size;
+        let requests: Vec<Request> = (0..20).map(|i| mixed_request(i, vocab)).collect();
+        // Arrivals spread over the first steps, two at a time; chunks of at most 7 tokens a
+        // step; blocks of 3 handed out shuffled.
+        let arrivals: Vec<(usize, Request)> = requests
+            .iter()
+            .enumerate()
+            .map(|(i, r)| (i / 2 * 3, r.clone()))
+            .collect();
+        for (block_size, budget, order) in [
+            (3, 7, BlockOrder::Shuffled { seed: 9 }),
+            (1, 5, BlockOrder::Shuffled { seed: 1 }),
+            (16, 64, BlockOrder::Ascending),
+        ] {
+            let config = EngineConfig {
+                pool: PoolSize::Tokens(2048),
+                block_size,
+                max_running: 8,
+                token_budget: budget,
+                block_order: order,
+            };
+            let mut engine = Engine::new(model, None, config).unwrap();
+            let outcomes = run(&mut engine, &arrivals);
+            let what = format!("{name}, blocks of {block_size}, budget {budget}");
+            assert_equal_alone(model, None, &requests, &outcomes, &what);
+            let pool = engine.store().pool();
+            assert_eq!(pool.free_blocks(), pool.num_blocks(), "{what}");
+            pool.audit().unwrap();
+        }
+    }
+}
+
+#[test]
+fn a_shared_prefix_is_found_in_the_cache_skipped_and_gives_the_same_output() {
+    let loaded = load("llama");
+    let model = &loaded.model;
+    let vocab = model.config().vocab_size as u32;
+    let prefix: Vec<u32> = (0..40).map(|p| (p * 7 + 3) % vocab).collect();
+    let first = Request::greedy([prefix.clone(), vec![1, 2, 3]].concat(), 6);
+    let second = Request::greedy([prefix.clone(), vec![4, 5]].concat(), 6);
+    let config = EngineConfig {
+        pool: PoolSize::Tokens(512),
+        block_size: 4,
+        ..EngineConfig::default()
+    };
+    let mut engine = Engine::new(model, None, config).unwrap();
+    let a = run(&mut engine, &[(0, first.clone())]);
+    assert_eq!(a[0].usage.cached_prompt_tokens, 0);
+    let computed = engine.stats().computed_tokens;
+    let b = run(&mut engine, &[(0, second.clone())]);
+    // The prefix's ten full blocks were cached; only the suffix and the decode steps ran.
+    assert_eq!(b[0].usage.cached_prompt_tokens, 40);
+    assert_eq!(engine.stats().prefix_hit_tokens, 40);
+    assert_eq!(
+        engine.stats().computed_tokens - computed,
+        2 + (b[0].tokens.len() - 1)
+    );
+    // The same prompt again: everything but its last block is cached, and its last token is
+    // computed for its logits.
+    let c = run(&mut engine, &[(0, first.clone())]);
+    assert_eq!(c[0].usage.cached_prompt_tokens, 40);
+    assert_equal_alone(
+        model,
+        None,
+        &[first.clone(), second, first],
+        &[a[0].clone(), b[0].clone(), c[0].clone()],
+        "prefix",
+    );
+    assert_eq!(engine.store().stats().hits, 20);
+}
+
+#[test]
+fn a_tiny_pool_preempts_and_outputs_still_equal_each_alone() {
+    let loaded = load("qwen2");
+    let model = &loaded.model;
+    let vocab = model.config().vocab_size;
+    // Six requests of up to 30 positions in a pool of 48: at most one or two fit at a time.
+    let requests: Vec<Request> = (0..6)
+        .map(|i| Request {
+            eos: EosPolicy::Ignore,
+            ..mixed_request(i * 4 + 1, vocab)
+        })
+        .map(|r| Request {
+            max_new_tokens: 18,
+            ..r
+        })
+        .collect();
+    let arrivals: Vec<(usize, Request)> = requests.iter().map(|r| (0, r.clone())).collect();
+    let config = EngineConfig {
+        pool: PoolSize::Blocks(12),
+        block_size: 4,
+        max_running: 6,
+        token_budget: 16,
+        block_order: BlockOrder::Shuffled { seed: 5 },
+    };
+    let mut engine = Engine::new(model, None, config).unwrap();
+    let outcomes = run(&mut engine, &arrivals);
+    assert!(engine.stats().preemptions > 0, "{:?}", engine.stats());
+    assert_equal_alone(model, None, &requests, &outcomes, "tiny pool");
+    let pool = engine.store().pool();
+    assert_eq!(pool.free_blocks(), pool.num_blocks());
+    pool.audit().unwrap();
+}
+
+/// 1000 random requests (a few shared prefixes, random lengths and arrivals), 30% cancelled
+/// at a random step while waiting or mid-stream, through a pool small enough to preempt: the
+/// pool ends as it started.
+#[test]
+fn a_thousand_random_requests_with_cancellations_leave_the_pool_as_it_started() {
+    let json = serde_json::json!({
+        "model_type": "llama", "vocab_size": 64, "hidden_size": 32, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 64
+    });
+    let config = ModelConfig::from_hf_json(&json, "random").unwrap();
+    let model = Transformer::<B>::random(&config, 3, &Default::default()).unwrap();
+    let engine_config = EngineConfig {
+        pool: PoolSize::Blocks(24),
+        block_size: 4,
+        max_running: 12,
+        token_budget: 24,
+        block_order: BlockOrder::Shuffled { seed: 11 },
+    };
+    let mut engine = Engine::new(&model, None, engine_config).unwrap();
+    let mut rng = ChaCha8Rng::seed_from_u64(2024);
+    let prefixes: Vec<Vec<u32>> = (0..4)
+        .map(|_| {
+            (0..rng.random_range(4..24))
+                .map(|_| rng.random_range(0..64))
+                .collect()
+        })
+        .collect();
+    let mut live: Vec<RequestId> = Vec::new();
+    let (mut added, mut cancelled, mut finished) = (0, 0, 0);
+    while added < 1000 || engine.has_work() {
+        for _ in 0..rng.random_range(0..4) {
+            if added == 1000 {
+                break;
+            }
+            let mut prompt = prefixes[rng.random_range(0..4)].clone();
+            prompt.extend((0..rng.random_range(1..12)).map(|_| rng.random_range(0..64u32)));
+            let request = Request {
+                eos: EosPolicy::Ignore,
+                sampling: SamplingConfig {
+                    temperature: Some(1.0),
+                    seed: added as u64,
+                    ..SamplingConfig::greedy()
+                },
+                ..Request::greedy(prompt, rng.random_range(1..20))
+            };
+            live.push(engine.add_request(request).unwrap());
+            added += 1;
+        }
+        if !live.is_empty() && rng.random_bool(0.3) {
+            let id = live.swap_remove(rng.random_range(0..live.len()));
+            assert!(engine.cancel(id));
+            cancelled += 1;
+            // Its blocks are back now, not at the next step.
+            engine.store().pool().audit().unwrap();
+        }
+        for event in engine.step().unwrap() {
+            if let EngineEvent::Finished { request, .. } = event {
+                live.retain(|&id| id != request);
+                finished += 1;
+            }
+        }
+    }
+    assert_eq!(added, 1000);
+    assert_eq!(cancelled + finished, 1000);
+    assert!(cancelled > 200, "{cancelled} cancelled");
+    let stats = engine.stats();
+    assert!(
+        stats.preemptions > 0 && stats.prefix_hit_tokens > 0,
+        "{stats:?}"
+    );
+    let pool = engine.store().pool();
+    assert_eq!(engine.store().sequences(), 0);
+    assert_eq!(pool.free_blocks(), pool.num_blocks());
+    pool.audit().unwrap();
+    assert!(
+        !engine.cancel(RequestId(0)),
+        "finished or cancelled requests are gone"
+    );
+}
+
+#[test]
+fn bad_requests_are_refused_with_the_reason_and_the_engine_runs_on() {
+    let loaded = load("gpt2");
+    let model = &loaded.model;
+    let config = EngineConfig {
+        pool: PoolSize::Blocks(4),
+        block_size: 4,
+        ..EngineConfig::default()
+    };
+    let mut engine = Engine::new(model, None, config.clone()).unwrap();
+    let vocab = model.config().vocab_size as u32;
+    let refused = |engine: &mut Engine<'_, B>, request: Request| {
+        engine.add_request(request).unwrap_err().to_string()
+    };
+    assert!(refused(&mut engine, Request::greedy(vec![], 3)).contains("at least one token"));
+    assert!(refused(&mut engine, Request::greedy(vec![1], 0)).contains("max_new_tokens"));
+    assert!(refused(&mut engine, Request::greedy(vec![vocab], 3)).contains(&vocab.to_string()));
+    let err = engine
+        .add_request(Request::greedy(vec![1; 10], 10))
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            GenerateError::LargerThanPool {
+                positions: 19,
+                blocks: 5,
+                pool_blocks: 4,
+                block_size: 4
+            }
+        ),
+        "{err}"
+    );
+    let max = model.config().max_positions;
+    let mut big = Engine::new(
+        model,
+        None,
+        EngineConfig {
+            pool: PoolSize::Tokens(4 * max),
+            ..config.clone()
+        },
+    )
+    .unwrap();
+    assert!(matches!(
+        big.add_request(Request::greedy(vec![1; max], 2))
+            .unwrap_err(),
+        GenerateError::PastModelContext { .. }
+    ));
+    let stops = Request {
+        stop_strings: vec!["x".into()],
+        ..Request::greedy(vec![1], 2)
+    };
+    assert!(refused(&mut engine, stops).contains("tokenizer"));
+    let hot = Request {
+        sampling: SamplingConfig {
+            temperature: Some(-1.0),
+            ..SamplingConfig::greedy()
+        },
+        ..Request::greedy(vec![1], 2)
+    };
+    assert!(matches!(
+        engine.add_request(hot).unwrap_err(),
+        GenerateError::InvalidSampling(_)
+    ));
+    for bad in [
+        EngineConfig {
+            token_budget: 0,
+            ..config.clone()
+        },
+        EngineConfig {
+            block_size: 0,
+            ..config.clone()
+        },
+        EngineConfig {
+            pool: PoolSize::Bytes(1),
+            ..config.clone()
+        },
+    ] {
+        assert!(Engine::new(model, None, bad).is_err());
+    }
+    // Nothing was queued; a good request still runs.
+    assert!(!engine.has_work());
+    let out = run(&mut engine, &[(0, Request::greedy(vec![1, 2, 3], 4))]);
+    assert_eq!(out[0].usage.prompt_tokens, 3);
+}
+
+#[test]
+fn log_probabilities_come_with_each_token_when_asked() {
+    let loaded = load("llama");
+    let mut engine = Engine::new(&loaded.model, None, EngineConfig::default()).unwrap();
+    let request = Request {
+        top_logprobs: Some(3),
+        eos: EosPolicy::Ignore,
+        ..Request::greedy(vec![5, 6, 7], 4)
+    };
+    engine.add_request(request).unwrap();
+    let mut seen = 0;
+    while engine.has_work() {
+        for event in engine.step().unwrap() {
+            if let EngineEvent::Token {
+                token, logprobs, ..
+            } = event
+            {
+                let lp = logprobs.expect("asked for");
+                seen += 1;
+                assert_eq!(lp.token, token);
+                assert_eq!(lp.top.len(), 3);
+                // Greedy: the chosen token is the most likely one.
+                assert_eq!(lp.top[0], (token, lp.logprob));
+                assert!(lp.logprob <= 0.0 && lp.top[1].1 <= lp.top[0].1);
+            }
+        }
+    }
+    assert_eq!(seen, 4);
+}
+
+/// The default model (SmolLM2-135M-Instruct, Q4_1 as shipped, its matrices multiplied by
+/// kv-kernels as the CPU binaries run it): chat requests of different lengths, joining at
+/// different steps, prompts cut into chunks of 16, greedy and seeded sampling, one with a stop
+/// string: each request's tokens and text equal its run alone.
+#[test]
+fn smollm2_requests_batched_continuously_equal_each_alone() {
+    use kv_model::{
+        default_model, load_model_placed, ChatMessage, GenerationPrompt, WeightFormat,
+        WeightPlacement,
+    };
+    let path = default_model(&mut |_| {}).expect("fetch the default model");
+    let loaded = load_model_placed::<B>(
+        &path,
+        WeightPlacement::Host(WeightFormat::Native),
+        &Default::default(),
+    )
+    .unwrap();
+    let model = &loaded.model;
+    let tokenizer = loaded.tokenizer.as_ref().expect("GGUF tokenizer");
+    let questions = [
+        "What is a KV cache?",
+        "Name three colours.",
+        "Write a haiku about autumn leaves falling on a quiet river at dusk.",
+        "2+2=",
+        "Why is the sky blue? Answer in one sentence.",
+        "Translate 'good morning' into French.",
+        "List the planets of the solar system in order from the sun.",
+        "Hi",
+    ];
+    let requests: Vec<Request> = questions
+        .iter()
+        .enumerate()
+        .map(|(i, q)| {
+            let prompt = tokenizer
+                .apply_chat_template(&[ChatMessage::new("user", *q)], GenerationPrompt::Add)
+                .and_then(|text| tokenizer.encode(&text))
+                .unwrap();
+            Request {
+                sampling: if i.is_multiple_of(2) {
+                    SamplingConfig::greedy()
+                } else {
+                    SamplingConfig {
+                        temperature: Some(0.7),
+                        top_p: Some(0.9),
+                        seed: i as u64,
+                        ..SamplingConfig::greedy()
+                    }
+                },
+                stop_strings: if i == 2 {
+                    vec!["\n".into()]
+                } else {
+                    Vec::new()
+                },
+                ..Request::greedy(prompt, 24)
+            }
+        })
+        .collect();
+    let arrivals: Vec<(usize, Request)> = requests
+        .iter()
+        .enumerate()
+        .map(|(i, r)| (i * 2, r.clone()))
+        .collect();
+    let config = EngineConfig {
+        pool: PoolSize::Tokens(4096),
+        block_size: 16,
+        max_running: 8,
+        token_budget: 16,
+        block_order: BlockOrder::Shuffled { seed: 7 },
+    };
+    let mut engine = Engine::new(model, Some(tokenizer), config).unwrap();
+    let outcomes = run(&mut engine, &arrivals);
+    assert_equal_alone(model, Some(tokenizer), &requests, &outcomes, "SmolLM2");
+    // Every chat prompt starts with the same system turn: later requests found it cached.
+    assert!(engine.stats().prefix_hit_tokens > 0, "{:?}", engine.stats());
+}
