@@ -2,7 +2,8 @@
 //!
 //! Reproducible end-to-end benchmarks of kv-cache: the seed article's with/without-cache
 //! experiment on any model and backend ([`compare`]), cache memory per kind from the model's
-//! shape ([`memory`]), and the step-latency plot ([`plot`]). The `kv-bench` command line drives
+//! shape ([`memory`]), requests through the continuous-batching engine ([`throughput`]), and
+//! the step-latency plot ([`plot`]). The `kv-bench` command line drives
 //! them; the cache-operation micro-benchmarks live in `kv-core/benches` (criterion).
 
 #![warn(missing_docs)]
@@ -13,6 +14,7 @@ pub mod machine;
 pub mod memory;
 pub mod perplexity;
 pub mod plot;
+pub mod throughput;
 
 pub use kv_generate::backend::BackendKind;
 

@@ -1,6 +1,7 @@
 //! `kv-bench`: the with/without-cache experiment (`compare`), a grid of settings (`sweep`) and
 //! cache memory per kind (`memory`), perplexity through weight formats and cache kinds
-//! (`perplexity`) and the machine's read bandwidth (`bandwidth`). This file parses and
+//! (`perplexity`), the machine's read bandwidth (`bandwidth`) and requests through the
+//! continuous-batching engine (`throughput`). This file parses and
 //! dispatches; each subcommand lives in `commands/`.
 
 use std::process::ExitCode;
@@ -15,6 +16,7 @@ use commands::compare::CompareArgs;
 use commands::memory::MemoryArgs;
 use commands::perplexity::PerplexityArgs;
 use commands::sweep::SweepArgs;
+use commands::throughput::ThroughputArgs;
 use commands::BenchError;
 
 /// Benchmarks of KV caching: the seed's experiment, sweeps and memory tables.
@@ -41,6 +43,10 @@ enum Command {
     /// Perplexity of a long text, teacher-forced through a cache in chunks, overall and per
     /// segment; with KL divergence and same-top-1 share against a base weight format.
     Perplexity(PerplexityArgs),
+    /// Requests through the continuous-batching engine at one or more concurrencies: time to
+    /// first token, inter-token latency and aggregate tokens/s, against one request alone
+    /// through a dynamic cache; throughput.json.
+    Throughput(ThroughputArgs),
 }
 
 fn main() -> ExitCode {
@@ -50,6 +56,9 @@ fn main() -> ExitCode {
         Command::Sweep(args) => on_backend(args.model.backend, commands::sweep::Sweep(args)),
         Command::Perplexity(args) => {
             on_backend(args.model.backend, commands::perplexity::Perplexity(args))
+        }
+        Command::Throughput(args) => {
+            on_backend(args.model.backend, commands::throughput::Throughput(args))
         }
         Command::Memory(args) => commands::memory::memory_table(args),
         Command::Bandwidth(args) => commands::bandwidth::bandwidth(args),
