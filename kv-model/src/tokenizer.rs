@@ -264,6 +264,33 @@ impl Tokenizer {
         self.chat_template.as_deref()
     }
 
+    /// This tokenizer with `template` as its Jinja chat template, replacing the model's own (as
+    /// llama.cpp's and vLLM's `--chat-template` do, for models that ship none or a wrong one).
+    ///
+    /// ```
+    /// # fn main() -> Result<(), kv_model::ModelError> {
+    /// # let dir = std::env::temp_dir().join("kv-model-doc-chat-template");
+    /// # std::fs::create_dir_all(&dir).unwrap();
+    /// # let path = dir.join("tokenizer.json");
+    /// # let json = r#"{"version":"1.0","added_tokens":[],"normalizer":null,"pre_tokenizer":null,
+    /// #   "post_processor":null,"decoder":null,
+    /// #   "model":{"type":"WordLevel","vocab":{"a":0,"[UNK]":1},"unk_token":"[UNK]"}}"#;
+    /// # std::fs::write(&path, json).unwrap();
+    /// use kv_model::{ChatMessage, GenerationPrompt, Tokenizer};
+    ///
+    /// let tokenizer = Tokenizer::from_file(&path)?
+    ///     .with_chat_template("{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}");
+    /// let text = tokenizer
+    ///     .apply_chat_template(&[ChatMessage::new("user", "hi")], GenerationPrompt::Omit)?;
+    /// assert_eq!(text, "[user] hi\n");
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn with_chat_template(mut self, template: impl Into<String>) -> Self {
+        self.chat_template = Some(template.into());
+        self
+    }
+
     /// Renders `messages` with the model's Jinja chat template, as transformers'
     /// `apply_chat_template(..., tokenize=False)` does.
     pub fn apply_chat_template(
