@@ -230,6 +230,57 @@ fn a_shared_prefix_is_found_in_the_cache_skipped_and_gives_the_same_output() {
 }
 
 #[test]
+fn a_saved_prefix_restored_into_a_fresh_engine_is_a_cache_hit_with_the_same_output() {
+    let loaded = load("llama");
+    let model = &loaded.model;
+    let vocab = model.config().vocab_size as u32;
+    let prompt: Vec<u32> = (0..22).map(|p| (p * 5 + 1) % vocab).collect();
+    let request = Request::greedy(prompt.clone(), 6);
+    let config = EngineConfig {
+        pool: PoolSize::Tokens(256),
+        block_size: 4,
+        ..EngineConfig::default()
+    };
+    let mut first = Engine::new(model, None, config.clone()).unwrap();
+    let before = run(&mut first, &[(0, request.clone())]);
+    // Nothing of an unseen prompt is cached: nothing to save.
+    assert!(first.save_prefix(&[9, 9, 9, 9, 9]).tokens.is_empty());
+    let saved = first.save_prefix(&prompt);
+    // The prompt's five full blocks.
+    assert_eq!(saved.tokens, prompt[..20]);
+    assert_eq!(saved.layers.len(), model.config().num_layers);
+
+    // A fresh engine (another process, in effect) with the prefix put back.
+    let mut second = Engine::new(model, None, config.clone()).unwrap();
+    assert_eq!(second.restore_prefix(&saved).unwrap(), 20);
+    assert_eq!(
+        second.store().pool().free_blocks(),
+        second.store().pool().num_blocks(),
+        "restored blocks are cached, not held"
+    );
+    let after = run(&mut second, &[(0, request.clone())]);
+    assert_eq!(after[0].usage.cached_prompt_tokens, 20);
+    assert_eq!(after[0].tokens, before[0].tokens);
+    // Restoring twice changes nothing.
+    assert_eq!(second.restore_prefix(&saved).unwrap(), 20);
+
+    // A prefix of another shape is refused with the numbers.
+    let mut wrong = saved.clone();
+    wrong.layers.pop();
+    let error = second.restore_prefix(&wrong).unwrap_err().to_string();
+    assert!(
+        error.contains("layers 1") && error.contains("need 2"),
+        "{error}"
+    );
+    let mut other_blocks = saved.clone();
+    other_blocks.block_size = 16;
+    assert!(second.restore_prefix(&other_blocks).is_err());
+    let mut short = saved;
+    short.layers[0].0.pop();
+    assert!(second.restore_prefix(&short).is_err());
+}
+
+#[test]
 fn a_tiny_pool_preempts_and_outputs_still_equal_each_alone() {
     let loaded = load("qwen2");
     let model = &loaded.model;
