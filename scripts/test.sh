@@ -17,6 +17,9 @@ cargo test -p kv-model --features flex --tests
 echo "== documentation examples"
 cargo test --workspace --doc
 
+echo "== kv-serve through the official openai Python client (installed from PyPI into a venv)"
+./scripts/openai-client-test.sh
+
 echo "== the GPU backends (cuda, wgpu) compile and lint clean (no GPU needed to build)"
 cargo clippy --workspace --all-targets --features cuda,wgpu -- -D warnings
 

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# kv-serve through the official `openai` Python client from PyPI: builds kv-serve and
+# kv-generate, installs the client into a virtual environment in the cache folder, and runs
+# scripts/openai_client_test.py against the tiny GGUF fixture, and against the default model
+# when it has been fetched (for streaming of multi-byte characters).
+#
+#   scripts/openai-client-test.sh [--url URL]
+#
+# With --url it tests a server already running there (the tiny fixture served as `tiny`, as
+# scripts/serve-behind-nginx.sh starts it) instead of starting its own.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+OPENAI_VERSION=3.57.0
+cache="${KV_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/kv-cache}"
+venv="$cache/venv-openai-$OPENAI_VERSION"
+if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c "import openai" 2>/dev/null; then
+  echo "installing openai==$OPENAI_VERSION into $venv"
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install --quiet "openai==$OPENAI_VERSION"
+fi
+
+cargo build --quiet -p kv-serve -p kv-generate
+target="${CARGO_TARGET_DIR:-target}/debug"
+real=()
+if [ -f "$cache/SmolLM2-135M-Instruct.Q4_1.gguf" ]; then
+  real=(--real-model "$cache/SmolLM2-135M-Instruct.Q4_1.gguf")
+fi
+remote=()
+if [ "${1:-}" = "--url" ]; then
+  remote=(--url "$2")
+  real=()
+fi
+"$venv/bin/python" scripts/openai_client_test.py \
+  --kv-serve "$target/kv-serve" --kv-generate "$target/kv-generate" \
+  --model kv-model/tests/fixtures/tiny-llama.gguf "${real[@]}" "${remote[@]}"
