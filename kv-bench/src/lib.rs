@@ -14,6 +14,7 @@ pub mod machine;
 pub mod memory;
 pub mod perplexity;
 pub mod plot;
+pub mod serve_load;
 pub mod throughput;
 
 pub use kv_generate::backend::BackendKind;

@@ -1,7 +1,7 @@
 //! `kv-bench`: the with/without-cache experiment (`compare`), a grid of settings (`sweep`) and
 //! cache memory per kind (`memory`), perplexity through weight formats and cache kinds
-//! (`perplexity`), the machine's read bandwidth (`bandwidth`) and requests through the
-//! continuous-batching engine (`throughput`). This file parses and
+//! (`perplexity`), the machine's read bandwidth (`bandwidth`), requests through the
+//! continuous-batching engine (`throughput`) and load against a server (`serve-load`). This file parses and
 //! dispatches; each subcommand lives in `commands/`.
 
 use std::process::ExitCode;
@@ -15,6 +15,7 @@ use commands::bandwidth::BandwidthArgs;
 use commands::compare::CompareArgs;
 use commands::memory::MemoryArgs;
 use commands::perplexity::PerplexityArgs;
+use commands::serve_load::ServeLoadArgs;
 use commands::sweep::SweepArgs;
 use commands::throughput::ThroughputArgs;
 use commands::BenchError;
@@ -47,6 +48,10 @@ enum Command {
     /// first token, inter-token latency and aggregate tokens/s, against one request alone
     /// through a dynamic cache; throughput.json.
     Throughput(ThroughputArgs),
+    /// Streamed completions against a running OpenAI-compatible server (kv-serve,
+    /// llama-server): TTFT, inter-token and end-to-end latency percentiles, throughput and
+    /// goodput; --json FILE.
+    ServeLoad(ServeLoadArgs),
 }
 
 fn main() -> ExitCode {
@@ -62,6 +67,7 @@ fn main() -> ExitCode {
         }
         Command::Memory(args) => commands::memory::memory_table(args),
         Command::Bandwidth(args) => commands::bandwidth::bandwidth(args),
+        Command::ServeLoad(args) => commands::serve_load::serve_load(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

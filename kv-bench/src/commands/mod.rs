@@ -19,6 +19,7 @@ pub(crate) mod bandwidth;
 pub(crate) mod compare;
 pub(crate) mod memory;
 pub(crate) mod perplexity;
+pub(crate) mod serve_load;
 pub(crate) mod sweep;
 pub(crate) mod throughput;
 
