@@ -4,10 +4,11 @@
 # scripts/openai_client_test.py against the tiny GGUF fixture, and against the default model
 # when it has been fetched (for streaming of multi-byte characters).
 #
-#   scripts/openai-client-test.sh [--url URL]
+#   scripts/openai-client-test.sh [--url URL] [--bin-dir DIR]
 #
 # With --url it tests a server already running there (the tiny fixture served as `tiny`, as
-# scripts/serve-behind-nginx.sh starts it) instead of starting its own.
+# scripts/serve-behind-nginx.sh starts it) instead of starting its own; with --bin-dir it takes
+# kv-serve and kv-generate from DIR instead of building them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -20,17 +21,24 @@ if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c "import openai" 2>/dev
   "$venv/bin/pip" install --quiet "openai==$OPENAI_VERSION"
 fi
 
-cargo build --quiet -p kv-serve -p kv-generate
-target="${CARGO_TARGET_DIR:-target}/debug"
+remote=()
+target=""
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --url) remote=(--url "$2"); shift 2 ;;
+    --bin-dir) target="$2"; shift 2 ;;
+    *) echo "unknown argument $1" >&2; exit 2 ;;
+  esac
+done
+if [ -z "$target" ]; then
+  cargo build --quiet -p kv-serve -p kv-generate
+  target="${CARGO_TARGET_DIR:-target}/debug"
+fi
 real=()
 if [ -f "$cache/SmolLM2-135M-Instruct.Q4_1.gguf" ]; then
   real=(--real-model "$cache/SmolLM2-135M-Instruct.Q4_1.gguf")
 fi
-remote=()
-if [ "${1:-}" = "--url" ]; then
-  remote=(--url "$2")
-  real=()
-fi
+if [ ${#remote[@]} -gt 0 ]; then real=(); fi
 "$venv/bin/python" scripts/openai_client_test.py \
   --kv-serve "$target/kv-serve" --kv-generate "$target/kv-generate" \
   --model kv-model/tests/fixtures/tiny-llama.gguf "${real[@]}" "${remote[@]}"

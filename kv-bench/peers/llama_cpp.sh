@@ -4,6 +4,7 @@
 #   kv-bench/peers/llama_cpp.sh build            # once: llama.cpp from PyPI's llama-cpp-python sdist
 #   kv-bench/peers/llama_cpp.sh convert          # F16, F32 and Q8_0 copies of the default model
 #   kv-bench/peers/llama_cpp.sh bench [ROUNDS]   # the matched-precision table (default 2 rounds)
+#   kv-bench/peers/llama_cpp.sh serve [ROUNDS]   # kv-serve and llama-server under the same load
 #
 # `kv-bench compare --peer llama-cpp` runs llama.cpp per decode step through peers/llama_cpp.py
 # after `build`.
@@ -12,7 +13,8 @@
 # uses the llama.cpp sources vendored in llama-cpp-python==0.3.36 (llama.cpp 0c1e570, ggml
 # 0.25.3) and cmake/ninja from PyPI. The F16/F32/Q8_0 files are llama-quantize's conversions
 # of the Q4_1 file as shipped, so both systems read the same values at every precision.
-# Run from the repository root after `cargo build --release -p kv-generate`.
+# Run from the repository root after `cargo build --release -p kv-generate` (and, for `serve`,
+# `-p kv-serve -p kv-bench`).
 set -euo pipefail
 
 CACHE="${KV_CACHE_DIR:-$HOME/.cache/kv-cache}"
@@ -26,12 +28,14 @@ export LD_LIBRARY_PATH="$BIN${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 
 build() {
     mkdir -p "$DIR"
-    if [ ! -x "$BIN/llama-bench" ]; then
+    if [ ! -x "$BIN/llama-bench" ] || [ ! -x "$BIN/llama-server" ]; then
         python3 -m pip install -q cmake ninja
-        (cd "$DIR" && python3 -m pip download -q --no-deps --no-binary :all: llama-cpp-python==0.3.36 -d .)
+        # Only the package itself from source (`:all:` would build its build dependencies,
+        # cmake included, from source just to read its metadata).
+        (cd "$DIR" && python3 -m pip download -q --no-deps --no-binary llama-cpp-python llama-cpp-python==0.3.36 -d .)
         tar xzf "$DIR/llama_cpp_python-0.3.36.tar.gz" -C "$DIR"
         cmake -S "$SRC" -B "$SRC/build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DLLAMA_CURL=OFF
-        ninja -C "$SRC/build" llama-bench llama-quantize llama-perplexity
+        ninja -C "$SRC/build" llama-bench llama-quantize llama-perplexity llama-server
     fi
     # The Python bindings in the same sdist drive libllama for `kv-bench compare --peer llama-cpp`.
     python3 -m pip install -q numpy diskcache jinja2 typing-extensions
@@ -92,9 +96,42 @@ EOF
     done
 }
 
+# One server at a time on a free loopback port, the same `kv-bench serve-load` against each,
+# interleaved: kv-serve (continuous batching, up to 16 running) and llama-server with 8 slots
+# and continuous batching, both on the Q4_1 file as shipped with $THREADS threads. The load:
+# $SERVE_REQUESTS requests of 128 prompt tokens (random ids) and 128 new tokens (ignore_eos),
+# 8 at a time, then 8 one at a time. JSON reports go to $DIR/serve-*.json.
+serve() {
+    local rounds="${1:-2}" requests="${SERVE_REQUESTS:-32}"
+    local load=(target/release/kv-bench serve-load --prompt-tokens 128 --new-tokens 128 --vocab 49152)
+    echo "machine: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(nproc) cores; threads $THREADS; $(date -u +%F)"
+    for round in $(seq "$rounds"); do
+        for system in kv-serve llama-server; do
+            local port
+            port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+            if [ "$system" = kv-serve ]; then
+                target/release/kv-serve --model "$MODEL" --port "$port" --max-running 16 >/dev/null 2>&1 &
+            else
+                "$BIN/llama-server" -m "$MODEL" --port "$port" -t "$THREADS" -np 8 -cb -c 4096 >/dev/null 2>&1 &
+            fi
+            local pid=$!
+            for _ in $(seq 600); do curl -sf "http://127.0.0.1:$port/health" >/dev/null && break; sleep 0.1; done
+            for c in 8 1; do
+                local n=$requests
+                [ "$c" = 1 ] && n=8
+                echo "== round $round, $system, concurrency $c"
+                "${load[@]}" --url "http://127.0.0.1:$port" --requests "$n" --concurrency "$c" \
+                    --json "$DIR/serve-$system-c$c-r$round.json"
+            done
+            kill "$pid"; wait "$pid" 2>/dev/null || true
+        done
+    done
+}
+
 case "${1:-}" in
     build) build ;;
     convert) convert ;;
     bench) bench "${2:-2}" ;;
-    *) echo "usage: $0 build | convert | bench [ROUNDS]" >&2; exit 2 ;;
+    serve) serve "${2:-2}" ;;
+    *) echo "usage: $0 build | convert | bench [ROUNDS] | serve [ROUNDS]" >&2; exit 2 ;;
 esac
