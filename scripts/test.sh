@@ -18,7 +18,9 @@ echo "== documentation examples"
 cargo test --workspace --doc
 
 echo "== kv-serve through the official openai Python client (installed from PyPI into a venv)"
-./scripts/openai-client-test.sh
+# The debug binaries `cargo test --workspace --all-targets` built above (building them again
+# with other features would recompile burn).
+./scripts/openai-client-test.sh --bin-dir "${CARGO_TARGET_DIR:-target}/debug"
 
 echo "== the GPU backends (cuda, wgpu) compile and lint clean (no GPU needed to build)"
 cargo clippy --workspace --all-targets --features cuda,wgpu -- -D warnings
