@@ -1,8 +1,8 @@
 //! One cached decode step of a model with SmolLM2-135M's shape (random weights), at positions
-//! 10 and 1000, on each CPU backend compiled in (and on flex with f16 weights): the unit of
+//! 10 and 1000, on both CPU backends (and on flex with f16 weights): the unit of
 //! work generation repeats, and how its cost grows with the cache's length.
 //!
-//! `cargo bench -p kv-model --bench decode_step [--features flex]`
+//! `cargo bench -p kv-model --bench decode_step`
 
 mod common;
 
@@ -42,11 +42,8 @@ fn bench_backend<B: Backend>(c: &mut Criterion, name: &str, weights: WeightDtype
 
 fn decode_step(c: &mut Criterion) {
     bench_backend::<burn_ndarray::NdArray<f32>>(c, "ndarray", WeightDtype::F32);
-    #[cfg(feature = "flex")]
-    {
-        bench_backend::<burn_flex::Flex>(c, "flex", WeightDtype::F32);
-        bench_backend::<burn_flex::Flex>(c, "flex-f16", WeightDtype::F16);
-    }
+    bench_backend::<burn_flex::Flex>(c, "flex", WeightDtype::F32);
+    bench_backend::<burn_flex::Flex>(c, "flex-f16", WeightDtype::F16);
 }
 
 criterion_group!(benches, decode_step);

@@ -3,7 +3,7 @@
 //! attention blocks and runs of positions on rayon's threads (`Execution::Parallel`, what the
 //! binaries use on CPU backends): 128 tokens on burn-ndarray, 512 on burn-flex.
 //!
-//! `cargo bench -p kv-model --bench prefill [--features flex]`
+//! `cargo bench -p kv-model --bench prefill`
 
 mod common;
 
@@ -45,7 +45,6 @@ fn bench_backend<B: Backend>(c: &mut Criterion, name: &str, tokens: usize) {
 
 fn prefill(c: &mut Criterion) {
     bench_backend::<burn_ndarray::NdArray<f32>>(c, "ndarray", 128);
-    #[cfg(feature = "flex")]
     bench_backend::<burn_flex::Flex>(c, "flex", 512);
 }
 

@@ -21,6 +21,18 @@ use kv_model::{load_model, Logits, ModelConfig, Transformer};
 /// The tolerance the GPU must meet against transformers' f32 CPU logits.
 const GPU_TOLERANCE: f32 = 1e-3;
 
+/// One test at a time on the device: the harness runs tests on several threads, and on
+/// lavapipe (a Vulkan device on the CPU) two at once only contend for the same cores and
+/// memory.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Holds the device for one test (a failed test's poisoned lock is still a lock).
+fn hold_device() -> std::sync::MutexGuard<'static, ()> {
+    ONE_AT_A_TIME
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 /// Says on stderr that `test` did not run on `backend`, and why.
 fn skipped(backend: &str, test: &str, why: &str) {
     let _ = writeln!(std::io::stderr(), "gpu::{backend}::{test}: SKIPPED: {why}");
@@ -130,6 +142,7 @@ macro_rules! gpu_tests {
     () => {
         #[test]
         fn gpt2_matches_transformers() {
+            let _device = super::hold_device();
             if let Some(device) = device("gpt2_matches_transformers") {
                 super::check_fixture::<Gpu>(&device, "gpt2");
             }
@@ -137,6 +150,7 @@ macro_rules! gpu_tests {
 
         #[test]
         fn llama_matches_transformers() {
+            let _device = super::hold_device();
             if let Some(device) = device("llama_matches_transformers") {
                 super::check_fixture::<Gpu>(&device, "llama");
             }
@@ -144,6 +158,7 @@ macro_rules! gpu_tests {
 
         #[test]
         fn qwen2_matches_transformers() {
+            let _device = super::hold_device();
             if let Some(device) = device("qwen2_matches_transformers") {
                 super::check_fixture::<Gpu>(&device, "qwen2");
             }
@@ -151,6 +166,7 @@ macro_rules! gpu_tests {
 
         #[test]
         fn quantized_gguf_matches_transformers() {
+            let _device = super::hold_device();
             if let Some(device) = device("quantized_gguf_matches_transformers") {
                 super::check_quantized_gguf::<Gpu>(&device);
             }
@@ -158,6 +174,7 @@ macro_rules! gpu_tests {
 
         #[test]
         fn cpu_and_gpu_agree_on_every_cache_kind() {
+            let _device = super::hold_device();
             if let Some(device) = device("cpu_and_gpu_agree_on_every_cache_kind") {
                 super::check_cpu_and_gpu_agree::<Gpu>(&device);
             }

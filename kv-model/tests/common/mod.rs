@@ -12,20 +12,24 @@ use kv_core::{AttentionMask, CacheConfig, ModelCache, QuantBits, QuantizedCacheC
 use kv_model::{load_model, Logits, Transformer};
 use serde_json::Value;
 
-/// The CPU backend under test: burn-ndarray by default, burn-flex with `--features flex`.
-/// (`--features cuda` adds `tests/gpu.rs`, which runs the reference checks on CUDA.)
-#[cfg(not(feature = "flex"))]
-pub type B = burn_ndarray::NdArray<f32>;
-/// The CPU backend under test.
-#[cfg(feature = "flex")]
+/// The CPU backend most tests run on: burn-flex, the one the binaries choose by default.
+/// (`--features cuda` or `wgpu` adds `tests/gpu.rs`, the reference checks on a GPU.)
 pub type B = burn_flex::Flex;
+/// burn-ndarray, the portable CPU backend: the transformers reference checks run on it too.
+pub type Ndarray = burn_ndarray::NdArray<f32>;
 
 pub fn device() -> burn::tensor::Device<B> {
     Default::default()
 }
 
+/// A fixture model on [`B`].
 pub fn load(name: &str) -> Transformer<B> {
-    load_model::<B>(&fixtures().join(name), &device())
+    load_on::<B>(name)
+}
+
+/// A fixture model on any backend, on its default device.
+pub fn load_on<Bk: Backend>(name: &str) -> Transformer<Bk> {
+    load_model::<Bk>(&fixtures().join(name), &Default::default())
         .unwrap()
         .model
 }

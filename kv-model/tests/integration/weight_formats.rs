@@ -2,9 +2,7 @@
 //! fixtures still match transformers; `Native` keeps a GGUF's own blocks; each quantized format
 //! stays within a bound of the f32 model it was made from.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use kv_model::{
     kv_kernels::Format, load_model_placed, Logits, Transformer, WeightFormat, WeightPlacement,
 };

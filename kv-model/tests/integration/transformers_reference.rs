@@ -1,17 +1,17 @@
 //! The tiny GPT-2, Llama (GQA, llama3 rope scaling) and Qwen2 (qkv bias, bf16, tied head)
 //! fixtures against the logits and greedy tokens transformers recorded for them
-//! (`scripts/make_fixtures.py`).
+//! (`scripts/make_fixtures.py`), on both CPU backends: burn-flex (the default) and
+//! burn-ndarray.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use kv_core::Execution;
 use kv_model::{load_model, Logits, ModelConfig, PromptSplit};
 
 const TOLERANCE: f32 = 1e-4;
 
 fn check_all(name: &str) {
-    reference::check_all(&load(name), &expected(name), TOLERANCE);
+    reference::check_all(&load_on::<B>(name), &expected(name), TOLERANCE);
+    reference::check_all(&load_on::<Ndarray>(name), &expected(name), TOLERANCE);
 }
 
 #[test]
@@ -38,7 +38,11 @@ fn prompts_split_across_threads_match_transformers() {
         min_positions_per_run: 2,
     };
     for name in ["gpt2", "llama", "qwen2"] {
-        let model = load(name)
+        let model = load_on::<B>(name)
+            .with_execution(Execution::Parallel)
+            .with_prompt_split(split);
+        reference::check_all(&model, &expected(name), TOLERANCE);
+        let model = load_on::<Ndarray>(name)
             .with_execution(Execution::Parallel)
             .with_prompt_split(split);
         reference::check_all(&model, &expected(name), TOLERANCE);

@@ -1,11 +1,9 @@
 //! GGUF: dequantization against gguf-py, a tiny quantized Llama against transformers loading
 //! the same file, and the reader's errors on malformed files.
 
-mod common;
-
 use std::path::Path;
 
-use common::*;
+use crate::common::*;
 use kv_model::gguf::{dequantize, GgmlType, GgufFile};
 use kv_model::{load_model, Logits, ModelError};
 

@@ -1,9 +1,7 @@
 //! Property tests: every cache kind agrees with the reference built by concatenation, and
 //! attention through the cache equals attention over the full recomputation.
 
-mod common;
-
-use common::{device, max_diff, rand4, Host, Reference, B};
+use crate::common::{device, max_diff, rand4, Host, Reference, B};
 use kv_core::{
     attention_mask, grouped_query_attention, merge_partial_attention, partial_attention,
     reference_attention, AttentionPattern, CacheConfig, CacheError, KeyPositions, KvCache,

@@ -1,9 +1,7 @@
 //! Unit tests of each operation of each kind, their edge cases and their errors.
 
-mod common;
-
+use crate::common::{assert_legacy_equal, device, max_diff, rand4, Host, Reference, B};
 use burn::tensor::Tensor;
-use common::{assert_legacy_equal, device, max_diff, rand4, Host, Reference, B};
 use kv_core::{
     attention_mask, causal_mask, grouped_query_attention, padding_mask, reference_attention,
     window_mask, AttentionMask, AttentionPattern, CacheConfig, CacheError, DynamicCache,

@@ -1,12 +1,9 @@
 //! The `kv-generate` binary: JSON output equal to transformers' greedy tokens for every cache
 //! flag, and a one-line error with a non-zero exit for every bad input.
 
-#[path = "../../kv-model/tests/common/fixtures.rs"]
-mod fixtures;
-
 use std::process::{Command, Output};
 
-use fixtures::{expected, fixtures};
+use crate::fixtures::{expected, fixtures};
 use serde_json::Value;
 
 fn kv_generate(args: &[&str]) -> Output {
@@ -189,7 +186,7 @@ fn cache_sink_runs_past_the_model_context_and_dynamic_refuses() {
 #[test]
 fn beam_flags_return_transformers_hypotheses_as_json() {
     let model = fixtures().join("llama");
-    let fixture = fixtures::read_json("llama/beam.json");
+    let fixture = crate::fixtures::read_json("llama/beam.json");
     let prompt = csv(&fixture["prompt"]);
     // The case that stops at the model's own EOS (the command's default) and returns two.
     let case = fixture["cases"]

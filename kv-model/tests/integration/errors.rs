@@ -1,10 +1,8 @@
 //! Bad input is a typed error that names the file, tensor or value at fault, never a panic.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 
-use common::*;
+use crate::common::*;
 use kv_core::{AttentionMask, CacheConfig};
 use kv_model::{load_model, Logits, ModelConfig, ModelError, Transformer, Weights};
 use proptest::prelude::*;

@@ -2,13 +2,10 @@
 //! chunks, hit the prefix cache or are preempted get the tokens they get alone; cancelled
 //! requests leave nothing behind; bad requests are errors.
 
-#[path = "../../kv-model/tests/common/fixtures.rs"]
-mod fixtures;
-
 use std::collections::HashMap;
 
+use crate::fixtures::fixtures;
 use burn_ndarray::NdArray;
-use fixtures::fixtures;
 use kv_core::{BlockOrder, CacheConfig};
 use kv_generate::engine::{Engine, EngineConfig, EngineEvent, PoolSize, Request, RequestId, Usage};
 use kv_generate::{

@@ -10,9 +10,7 @@
 //! implementation as here, so no recomputation reproduces them; for those the properties are
 //! that chunking never changes the logits and that nothing changes before the first eviction.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use kv_core::{AttentionMask, CacheConfig, SinkPositions};
 use kv_model::{Logits, ModelConfig, ModelError, Transformer};
 use proptest::prelude::*;

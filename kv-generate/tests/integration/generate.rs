@@ -2,11 +2,8 @@
 //! no cache and every exact cache kind, batches equal single runs, prompt caches continue
 //! without recomputation, stop strings and streaming behave.
 
-#[path = "../../kv-model/tests/common/fixtures.rs"]
-mod fixtures;
-
+use crate::fixtures::{expected, fixtures, ids};
 use burn_ndarray::NdArray;
-use fixtures::{expected, fixtures, ids};
 use kv_core::{CacheConfig, QuantBits, QuantizedCacheConfig};
 use kv_generate::{
     BeamSearchConfig, CacheChoice, EarlyStopping, EosPolicy, FinishReason, GenerationConfig,
@@ -452,7 +449,7 @@ fn beam_search_equals_transformers_with_and_without_every_cache() {
     for name in ["gpt2", "llama", "qwen2"] {
         let loaded = load(name);
         let generator = Generator::new(&loaded.model, None);
-        let fixture = fixtures::read_json(&format!("{name}/beam.json"));
+        let fixture = crate::fixtures::read_json(&format!("{name}/beam.json"));
         let prompt = ids(&fixture["prompt"]);
         for case in fixture["cases"].as_array().unwrap() {
             let (settings, beams) = beam_case(case);

@@ -1,18 +1,14 @@
 //! Projection weights stored in f16 (`Transformer::with_weight_dtype`).
 //!
-//! On burn-flex (`cargo test -p kv-model --features flex`), the f16 model stays close to the
-//! logits transformers recorded in f32, and every cache kind gives the f16 model's own uncached
-//! greedy tokens. On burn-ndarray, which has no f16 arithmetic, asking for f16 weights is a
-//! clear error.
+//! On burn-flex the f16 model stays close to the logits transformers recorded in f32, and every
+//! cache kind gives the f16 model's own uncached greedy tokens. On burn-ndarray, which has no
+//! f16 arithmetic, asking for f16 weights is a clear error.
 
-mod common;
+use crate::common::*;
 
-use common::*;
-
-#[cfg(not(feature = "flex"))]
 #[test]
 fn f16_weights_on_a_backend_without_f16_are_a_clear_error() {
-    let err = load("llama")
+    let err = load_on::<Ndarray>("llama")
         .with_weight_dtype(kv_model::WeightDtype::F16)
         .unwrap_err();
     let message = err.to_string();
@@ -20,7 +16,6 @@ fn f16_weights_on_a_backend_without_f16_are_a_clear_error() {
     assert!(message.contains("use f32 weights"), "{message}");
 }
 
-#[cfg(feature = "flex")]
 mod f16_on_flex {
     use super::*;
     use kv_model::{Logits, Transformer, WeightDtype};

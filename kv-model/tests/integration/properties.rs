@@ -2,9 +2,7 @@
 //! uncached computation, however the sequence is cut into chunks, padding never changes a
 //! row's logits, and cutting a prompt into attention blocks and parallel runs changes nothing.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use kv_core::{AttentionMask, CacheConfig, Execution};
 use kv_model::{Logits, ModelConfig, PromptSplit, Transformer};
 use proptest::prelude::*;

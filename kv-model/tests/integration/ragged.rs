@@ -3,10 +3,8 @@
 //! steps, fed in chunks of different sizes beside single decode tokens, get the logits each
 //! gets alone; and what the pass cannot honour is an error.
 
-mod common;
-
+use crate::common::*;
 use burn::tensor::backend::Backend;
-use common::*;
 use kv_core::{BlockOrder, SequenceId};
 use kv_model::{
     BatchPiece, Logits, ModelConfig, ModelError, Transformer, WeightFormat, WeightPlacement,
