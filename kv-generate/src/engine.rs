@@ -168,6 +168,10 @@ pub struct EngineStats {
     pub computed_tokens: usize,
     /// Tokens generated.
     pub generated_tokens: usize,
+    /// Positions looked up in the prefix cache: every token a request holds when it is
+    /// admitted (re-admissions after preemption included), so that `prefix_hit_tokens` is
+    /// always a share of it.
+    pub prefix_query_tokens: usize,
     /// Prompt positions taken from the prefix cache instead of computed (re-admissions after
     /// preemption included).
     pub prefix_hit_tokens: usize,
@@ -694,6 +698,7 @@ impl<'a, B: Backend> Engine<'a, B> {
                 self.waiting.push_front(active);
                 break;
             }
+            self.stats.prefix_query_tokens += tokens.len();
             self.stats.prefix_hit_tokens += cached;
             active.cached_prompt_tokens.get_or_insert(cached);
             active.sequence = Some(sequence);

@@ -80,12 +80,12 @@ impl Metrics {
             prefix_cache_queries: counter(
                 r,
                 "prefix_cache_queries",
-                "Prompt tokens looked up in the prefix cache",
+                "Positions looked up in the prefix cache, at each admission of a request",
             ),
             prefix_cache_hits: counter(
                 r,
                 "prefix_cache_hits",
-                "Prompt tokens found in the prefix cache",
+                "Positions found in the prefix cache, at each admission of a request",
             ),
             preemptions: counter(r, "num_preemptions", "Requests preempted to free blocks"),
             prompt_tokens: counter(r, "prompt_tokens", "Prompt tokens of accepted requests"),

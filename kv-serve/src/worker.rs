@@ -328,7 +328,6 @@ impl<B: Backend> Worker<'_, '_, B> {
         }
         let metrics = &self.shared.metrics;
         metrics.prompt_tokens.inc_by(prompt_tokens as u64);
-        metrics.prefix_cache_queries.inc_by(prompt_tokens as u64);
         for (choice, id) in ids.iter().enumerate() {
             self.owners.insert(*id, (key, choice));
         }
@@ -375,6 +374,10 @@ impl<B: Backend> Worker<'_, '_, B> {
         let metrics = &self.shared.metrics;
         metrics.step_time.observe((now - started).as_secs_f64());
         let after = self.engine.stats();
+        // Both from the engine's admissions, so hits never exceed queries, preemptions included.
+        metrics
+            .prefix_cache_queries
+            .inc_by((after.prefix_query_tokens - before.prefix_query_tokens) as u64);
         metrics
             .prefix_cache_hits
             .inc_by((after.prefix_hit_tokens - before.prefix_hit_tokens) as u64);

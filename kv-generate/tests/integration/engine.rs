@@ -208,6 +208,11 @@ fn a_shared_prefix_is_found_in_the_cache_skipped_and_gives_the_same_output() {
     // The prefix's ten full blocks were cached; only the suffix and the decode steps ran.
     assert_eq!(b[0].usage.cached_prompt_tokens, 40);
     assert_eq!(engine.stats().prefix_hit_tokens, 40);
+    // Both prompts were looked up whole; the hits are a share of that.
+    assert_eq!(
+        engine.stats().prefix_query_tokens,
+        first.prompt.len() + second.prompt.len()
+    );
     assert_eq!(
         engine.stats().computed_tokens - computed,
         2 + (b[0].tokens.len() - 1)
