@@ -4,6 +4,7 @@
 //! burn-ndarray.
 
 use crate::common::*;
+use burn::tensor::backend::Backend;
 use kv_core::Execution;
 use kv_model::{load_model, Logits, ModelConfig, PromptSplit};
 
@@ -33,19 +34,19 @@ fn qwen2_with_qkv_bias_from_bf16_matches_transformers() {
 /// positions on rayon's threads, as CPU binaries run prompts (in blocks and runs of 64).
 #[test]
 fn prompts_split_across_threads_match_transformers() {
-    let split = PromptSplit {
-        queries_per_block: 3,
-        min_positions_per_run: 2,
-    };
+    fn check_split<Bk: Backend>(name: &str) {
+        let split = PromptSplit {
+            queries_per_block: 3,
+            min_positions_per_run: 2,
+        };
+        let model = load_on::<Bk>(name)
+            .with_execution(Execution::Parallel)
+            .with_prompt_split(split);
+        reference::check_all(&model, &expected(name), TOLERANCE);
+    }
     for name in ["gpt2", "llama", "qwen2"] {
-        let model = load_on::<B>(name)
-            .with_execution(Execution::Parallel)
-            .with_prompt_split(split);
-        reference::check_all(&model, &expected(name), TOLERANCE);
-        let model = load_on::<Ndarray>(name)
-            .with_execution(Execution::Parallel)
-            .with_prompt_split(split);
-        reference::check_all(&model, &expected(name), TOLERANCE);
+        check_split::<B>(name);
+        check_split::<Ndarray>(name);
     }
 }
 

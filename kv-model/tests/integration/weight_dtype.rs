@@ -16,20 +16,16 @@ fn f16_weights_on_a_backend_without_f16_are_a_clear_error() {
     assert!(message.contains("use f32 weights"), "{message}");
 }
 
+/// f16 weights on burn-flex ([`B`]).
 mod f16_on_flex {
     use super::*;
     use kv_model::{Logits, Transformer, WeightDtype};
-    use serde_json::Value;
 
     /// f16 keeps 11 significant bits: each product's input row, weights and output are
     /// rounded to about 5e-4 relative, and the fixtures' logits are of order 1.
     const F16_TOLERANCE: f32 = 1e-2;
 
     const FIXTURES: [&str; 3] = ["gpt2", "llama", "qwen2"];
-
-    fn expected(name: &str) -> Value {
-        read_json(&format!("{name}/expected.json"))
-    }
 
     fn prompt_logits(model: &Transformer<B>, prompt: &[u32]) -> Vec<Vec<f32>> {
         let logits = model
