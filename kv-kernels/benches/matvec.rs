@@ -1,5 +1,6 @@
 //! One decode step's products at SmolLM2-135M's shapes, per format and instruction set, on
-//! one thread and split over every core: `cargo bench -p kv-kernels --bench matvec`.
+//! one thread and split over every core, and one prompt chunk's product (many activation rows
+//! at once) per format: `cargo bench -p kv-kernels --bench matvec`.
 
 use std::sync::Arc;
 
@@ -39,5 +40,23 @@ fn matvec(c: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, matvec);
+/// A prompt chunk of [`PROMPT_ROWS`] tokens through the fused gate/up matrix, one thread, the
+/// best instruction set: the batched block kernels, and `gemm` for f16 and f32.
+fn prompt(c: &mut Criterion) {
+    const PROMPT_ROWS: usize = 128;
+    let (rows, cols) = (3072, 576);
+    let mut group = c.benchmark_group("prompt/gate_up");
+    group.throughput(Throughput::Elements((PROMPT_ROWS * rows * cols) as u64));
+    let x = values(PROMPT_ROWS * cols);
+    for format in Format::ALL {
+        let matrix = Matrix::from_f32(format, rows, cols, &values(rows * cols)).unwrap();
+        let mut y = vec![0.0; PROMPT_ROWS * rows];
+        group.bench_function(BenchmarkId::new(format.name(), PROMPT_ROWS), |b| {
+            b.iter(|| matrix.matmul(&x, PROMPT_ROWS, &mut y))
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, matvec, prompt);
 criterion_main!(benches);
