@@ -19,7 +19,7 @@
 //!   reference for every kernel.
 //! - [`Threads`]: persistent workers that spin between products and park when idle.
 //! - [`attention`]: a prompt's softmax attention for a block of queries over one key head,
-//!   both products through `gemm` and the softmax in vector registers.
+//!   both products and the softmax in vector registers, each query row over exactly its keys.
 //! - [`quantized_kv`]: one attention head's keys and values in 8 or 4 bits as KIVI holds
 //!   them (a quantized KV cache's storage), and attention that widens them one head at a time
 //!   into a buffer that stays in the core's cache.

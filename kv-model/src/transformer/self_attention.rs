@@ -245,8 +245,8 @@ impl<B: Backend> Transformer<B> {
     }
 
     /// Attention of `q` `[batch, heads, seq, head_dim]` over `view` on the host, through
-    /// kv-kernels' attention ([`kv_kernels::attention`]: both products in `gemm`, the softmax
-    /// vectorized), `visible[i]` the key slots query `i` sees. Each block of
+    /// kv-kernels' attention ([`kv_kernels::attention`]: both products and the softmax in vector
+    /// registers), `visible[i]` the key slots query `i` sees. Each block of
     /// [`PromptSplit::queries_per_block`] queries of a batch row is one task on `execution`'s
     /// threads (the longest first, since later blocks see more keys), and writes its rows of
     /// every head straight into the output projection's layout: `[batch, seq, heads * head_dim]`.
