@@ -15,7 +15,8 @@ cache folder) and the libllama that script builds (LLAMA_CPP_LIB_PATH), so the l
 its bindings come from one release. The prompt goes through `Llama.eval`; a step is an argmax
 over the last logits in numpy and one `llama_decode` of the chosen token, which Python
 lengthens by some tens of microseconds out of several milliseconds (counted against
-llama.cpp here).
+llama.cpp here). LLAMA_REPACK=0 turns off llama.cpp's weight repacking, as llama-bench's
+`--repack 0`.
 """
 
 import argparse
@@ -75,6 +76,18 @@ def main():
     parser.add_argument("--warmup-tokens", type=int, default=8, help="untimed generation first")
     args = parser.parse_args()
     ids = [int(i) for i in args.prompt_ids.split(",") if i]
+    if os.environ.get("LLAMA_REPACK", "1") == "0":
+        # As llama-bench's `--repack 0`: no extra buffer types, so no weight repacking (its
+        # AMX kernels fault on some machines whose CPU reports AMX).
+        bindings = llama_cpp.llama_cpp  # the ctypes module `Llama` takes its defaults from
+        defaults = bindings.llama_model_default_params
+
+        def without_repacking():
+            params = defaults()
+            params.use_extra_bufts = False
+            return params
+
+        bindings.llama_model_default_params = without_repacking
     llm = llama_cpp.Llama(
         model_path=args.model,
         n_ctx=len(ids) + args.new_tokens + 8,

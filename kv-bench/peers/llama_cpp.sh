@@ -23,6 +23,9 @@ SRC="$DIR/llama_cpp_python-0.3.36/vendor/llama.cpp"
 BIN="$SRC/build/bin"
 MODEL="$CACHE/SmolLM2-135M-Instruct.Q4_1.gguf"
 THREADS="${THREADS:-$(nproc)}"
+# Extra llama-bench flags for `bench`, e.g. LLAMA_BENCH_ARGS="--repack 0" where llama.cpp's
+# default repacking picks AMX kernels that fault on prompts (seen on a 2-core Intel Xeon VM).
+read -r -a LLAMA_BENCH_ARGS <<< "${LLAMA_BENCH_ARGS:-}"
 KV=target/release/kv-generate
 export LD_LIBRARY_PATH="$BIN${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 
@@ -68,13 +71,13 @@ ours_prefill() {
 
 # llama.cpp: tokens/s of tg128 or pp512 (llama-bench, one repetition per call).
 theirs() {
-    "$BIN/llama-bench" -m "$1" -t "$THREADS" -r 1 -o json "${@:2}" 2>/dev/null |
+    "$BIN/llama-bench" -m "$1" -t "$THREADS" -r 1 -o json "${LLAMA_BENCH_ARGS[@]}" "${@:2}" 2>/dev/null |
         python3 -c 'import json,sys; print(round(json.load(sys.stdin)[0]["avg_ts"], 1))'
 }
 
 bench() {
     local rounds="${1:-2}"
-    echo "machine: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(nproc) cores; threads $THREADS; $(date -u +%F)"
+    echo "machine: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(nproc) cores; threads $THREADS; $(date -u +%F); llama-bench ${LLAMA_BENCH_ARGS[*]:-(defaults)}"
     echo "| round | weights | kv-cache decode tok/s | llama.cpp decode tok/s | ratio | kv-cache 512-prefill s | llama.cpp 512-prefill s | ratio |"
     echo "|---|---|---|---|---|---|---|---|"
     for round in $(seq "$rounds"); do
