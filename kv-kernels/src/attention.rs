@@ -3,9 +3,9 @@
 //!
 //! A prompt's attention is two products per query row with a softmax between them,
 //! `o = softmax(s q Kᵀ) V`: the scores of the row against the keys it sees, then the weights
-//! against the values, both in vector registers (AVX2), as is the softmax with a polynomial
-//! `exp` ([`crate::vector::exp`]). A tensor library's fused attention op on the CPU walks the
-//! same rows with a scalar `exp`.
+//! against the values, both in vector registers (AVX2, or AVX-512 where the CPU has it), as is
+//! the softmax with a polynomial `exp` ([`crate::vector::exp`]). A tensor library's fused
+//! attention op on the CPU walks the same rows with a scalar `exp`.
 //!
 //! Each query row sees one range of key slots (a causal prompt: the keys up to its own
 //! position; a sliding window: the last `window` of those), and each row is computed over
@@ -314,6 +314,11 @@ fn row_scores(isa: Isa, q: &[f32], k: &[f32], scale: f32, scores: &mut [f32]) {
     debug_assert_eq!(k.len(), scores.len() * q.len());
     match isa {
         #[cfg(target_arch = "x86_64")]
+        Isa::Avx512Vnni if Isa::Avx512Vnni.is_available() => {
+            // SAFETY: avx512f, avx2 and fma were detected on this CPU.
+            unsafe { x86::row_scores_avx512(q, k, scale, scores) }
+        }
+        #[cfg(target_arch = "x86_64")]
         Isa::Avx2 | Isa::Avx512Vnni if Isa::Avx2.is_available() => {
             // SAFETY: avx2 and fma were detected on this CPU.
             unsafe { x86::row_scores_avx2(q, k, scale, scores) }
@@ -332,6 +337,11 @@ fn row_scores(isa: Isa, q: &[f32], k: &[f32], scale: f32, scores: &mut [f32]) {
 fn add_weighted(isa: Isa, weights: &[f32], v: &[f32], out: &mut [f32]) {
     debug_assert_eq!(v.len(), weights.len() * out.len());
     match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512Vnni if Isa::Avx512Vnni.is_available() => {
+            // SAFETY: avx512f, avx2 and fma were detected on this CPU.
+            unsafe { x86::add_weighted_avx512(weights, v, out) }
+        }
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 | Isa::Avx512Vnni if Isa::Avx2.is_available() => {
             // SAFETY: avx2 and fma were detected on this CPU.
@@ -357,6 +367,11 @@ fn group_scores(
 ) {
     match isa {
         #[cfg(target_arch = "x86_64")]
+        Isa::Avx512Vnni if Isa::Avx512Vnni.is_available() => {
+            // SAFETY: avx512f, avx2 and fma were detected on this CPU.
+            unsafe { x86::group_scores_avx512(q, k, scale, scores) }
+        }
+        #[cfg(target_arch = "x86_64")]
         Isa::Avx2 | Isa::Avx512Vnni if Isa::Avx2.is_available() => {
             // SAFETY: avx2 and fma were detected on this CPU.
             unsafe { x86::group_scores_avx2(q, k, scale, scores) }
@@ -379,6 +394,11 @@ fn group_add_weighted(
 ) {
     match isa {
         #[cfg(target_arch = "x86_64")]
+        Isa::Avx512Vnni if Isa::Avx512Vnni.is_available() => {
+            // SAFETY: avx512f, avx2 and fma were detected on this CPU.
+            unsafe { x86::group_add_weighted_avx512(weights, v, out) }
+        }
+        #[cfg(target_arch = "x86_64")]
         Isa::Avx2 | Isa::Avx512Vnni if Isa::Avx2.is_available() => {
             // SAFETY: avx2 and fma were detected on this CPU.
             unsafe { x86::group_add_weighted_avx2(weights, v, out) }
@@ -393,7 +413,8 @@ fn group_add_weighted(
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    //! The two products of a query row on AVX2 vectors. They replace one `gemm` call per row
+    //! The two products of a query row on AVX2 vectors, and on AVX-512 vectors for the
+    //! [`Isa::Avx512Vnni`](crate::Isa::Avx512Vnni) level. They replace one `gemm` call per row
     //! and product: `gemm` is built for matrices, and for a single row its dispatch and
     //! packing cost as much as the arithmetic (measured on SmolLM2-135M's 512-token prompt:
     //! attention was 31% of the prompt's time). A block of rows cannot share one `gemm` call
@@ -615,6 +636,217 @@ mod x86 {
                 }
             }
             c += 8 * width;
+        }
+        for (w, o) in weights.iter().zip(out.iter_mut()) {
+            add_weighted_tail(w, v, o, c);
+        }
+    }
+
+    /// Sixteen lanes folded to eight, lane `l` plus lane `l + 8`: the first step of the
+    /// AVX-512 kernels' reduction, before [`reduce8`].
+    #[inline]
+    #[target_feature(enable = "avx512f,avx2")]
+    fn fold16(x: __m512) -> __m256 {
+        let high = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(x), 1));
+        _mm256_add_ps(_mm512_castps512_ps256(x), high)
+    }
+
+    /// [`fold16`] then [`tree`], on one vector's lanes.
+    fn tree16(l: [f32; 16]) -> f32 {
+        tree(std::array::from_fn(|i| l[i] + l[i + 8]))
+    }
+
+    /// Lane `t` of the result is [`tree16`] of vector `t`'s lanes.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx2")]
+    fn reduce8_512(v: [__m512; 8]) -> __m256 {
+        let mut folded = [_mm256_setzero_ps(); 8];
+        for (f, x) in folded.iter_mut().zip(v) {
+            *f = fold16(x);
+        }
+        reduce8(folded)
+    }
+
+    /// [`partial`] on sixteen lanes: a key's sums over the first `d - d % 16` dimensions.
+    #[inline]
+    #[target_feature(enable = "avx512f,fma")]
+    fn partial16(q: &[f32], k: &[f32]) -> __m512 {
+        let mut acc = _mm512_setzero_ps();
+        for (q, k) in q.chunks_exact(16).zip(k.chunks_exact(16)) {
+            // SAFETY: both chunks are sixteen floats, the width of the unaligned loads.
+            let (q, k) = unsafe { (_mm512_loadu_ps(q.as_ptr()), _mm512_loadu_ps(k.as_ptr())) };
+            acc = _mm512_fmadd_ps(q, k, acc);
+        }
+        acc
+    }
+
+    /// The dimensions past the last multiple of sixteen, added in turn to `sum`.
+    fn tail16(q: &[f32], k: &[f32], sum: f32) -> f32 {
+        let body = q.len() - q.len() % 16;
+        q[body..]
+            .iter()
+            .zip(&k[body..])
+            .fold(sum, |s, (a, b)| a.mul_add(*b, s))
+    }
+
+    /// [`row_scores_avx2`] on 512-bit vectors: sixteen partial sums per key, folded to eight
+    /// ([`fold16`]) and reduced as there. A different order from the AVX2 level's, the same
+    /// for every key of this level.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512F, AVX2 and FMA.
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    pub(super) unsafe fn row_scores_avx512(q: &[f32], k: &[f32], scale: f32, scores: &mut [f32]) {
+        let d = q.len();
+        let mut keys = k.chunks_exact(8 * d);
+        let mut outs = scores.chunks_exact_mut(8);
+        for (k8, out) in (&mut keys).zip(&mut outs) {
+            let mut acc = [_mm512_setzero_ps(); 8];
+            for (t, a) in acc.iter_mut().enumerate() {
+                *a = partial16(q, &k8[t * d..][..d]);
+            }
+            let mut sums = [0.0f32; 8];
+            // SAFETY: `sums` is eight floats, the 32 bytes the unaligned store writes.
+            unsafe { _mm256_storeu_ps(sums.as_mut_ptr(), reduce8_512(acc)) };
+            for (t, (o, s)) in out.iter_mut().zip(sums).enumerate() {
+                *o = tail16(q, &k8[t * d..][..d], s) * scale;
+            }
+        }
+        for (k, s) in keys.remainder().chunks_exact(d).zip(outs.into_remainder()) {
+            let mut lanes = [0.0f32; 16];
+            // SAFETY: `lanes` is sixteen floats, the 64 bytes the unaligned store writes.
+            unsafe { _mm512_storeu_ps(lanes.as_mut_ptr(), partial16(q, k)) };
+            *s = tail16(q, k, tree16(lanes)) * scale;
+        }
+    }
+
+    /// [`group_scores_avx2`] on 512-bit vectors, each score exactly [`row_scores_avx512`]'s.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512F, AVX2 and FMA.
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    pub(super) unsafe fn group_scores_avx512(
+        q: [&[f32]; 4],
+        k: &[f32],
+        scale: f32,
+        mut scores: [&mut [f32]; 4],
+    ) {
+        let d = q[0].len();
+        let body = d - d % 16;
+        let keys = k.len() / d;
+        let mut j = 0;
+        while j + 2 <= keys {
+            let pair = [&k[j * d..][..d], &k[(j + 1) * d..][..d]];
+            let mut acc = [_mm512_setzero_ps(); 8];
+            for i in (0..body).step_by(16) {
+                // SAFETY: `i + 16 <= body <= d`: each load reads sixteen floats of a row.
+                let kv = unsafe {
+                    [
+                        _mm512_loadu_ps(pair[0][i..i + 16].as_ptr()),
+                        _mm512_loadu_ps(pair[1][i..i + 16].as_ptr()),
+                    ]
+                };
+                for (r, q) in q.iter().enumerate() {
+                    // SAFETY: as above.
+                    let qv = unsafe { _mm512_loadu_ps(q[i..i + 16].as_ptr()) };
+                    acc[2 * r] = _mm512_fmadd_ps(qv, kv[0], acc[2 * r]);
+                    acc[2 * r + 1] = _mm512_fmadd_ps(qv, kv[1], acc[2 * r + 1]);
+                }
+            }
+            let mut sums = [0.0f32; 8];
+            // SAFETY: `sums` is eight floats, the 32 bytes the unaligned store writes.
+            unsafe { _mm256_storeu_ps(sums.as_mut_ptr(), reduce8_512(acc)) };
+            for (r, row) in scores.iter_mut().enumerate() {
+                for t in 0..2 {
+                    row[j + t] = tail16(q[r], pair[t], sums[2 * r + t]) * scale;
+                }
+            }
+            j += 2;
+        }
+        if j < keys {
+            for (q, row) in q.iter().zip(scores.iter_mut()) {
+                // SAFETY: the caller's CPU has AVX-512F, AVX2 and FMA.
+                unsafe { row_scores_avx512(q, &k[j * d..], scale, &mut row[j..]) };
+            }
+        }
+    }
+
+    /// [`add_weighted_avx2`] on 512-bit vectors. Each channel's chain of multiply-adds is the
+    /// same whatever the vector width, so the sums equal the AVX2 level's bit for bit.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512F, AVX2 and FMA.
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    pub(super) unsafe fn add_weighted_avx512(weights: &[f32], v: &[f32], out: &mut [f32]) {
+        let d = out.len();
+        let mut c = 0;
+        while c + 16 <= d {
+            let width = ((d - c) / 16).min(4);
+            let mut acc = [_mm512_setzero_ps(); 4];
+            for (t, a) in acc.iter_mut().enumerate().take(width) {
+                // SAFETY: `out[c + 16 t..][..16]` is sixteen floats inside `out`.
+                *a = unsafe { _mm512_loadu_ps(out[c + 16 * t..][..16].as_ptr()) };
+            }
+            for (w, row) in weights.iter().zip(v.chunks_exact(d)) {
+                let w = _mm512_set1_ps(*w);
+                let row = &row[c..c + 16 * width];
+                for (t, a) in acc.iter_mut().enumerate().take(width) {
+                    // SAFETY: `row[16 t..16 t + 16]` lies inside `row` (t < width).
+                    let x = unsafe { _mm512_loadu_ps(row[16 * t..][..16].as_ptr()) };
+                    *a = _mm512_fmadd_ps(w, x, *a);
+                }
+            }
+            for (t, a) in acc.iter().enumerate().take(width) {
+                // SAFETY: `out[c + 16 t..][..16]` is sixteen floats inside `out`.
+                unsafe { _mm512_storeu_ps(out[c + 16 * t..][..16].as_mut_ptr(), *a) };
+            }
+            c += 16 * width;
+        }
+        add_weighted_tail(weights, v, out, c);
+    }
+
+    /// [`group_add_weighted_avx2`] on 512-bit vectors: 32 channels of the four rows per pass.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512F, AVX2 and FMA.
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    pub(super) unsafe fn group_add_weighted_avx512(
+        weights: [&[f32]; 4],
+        v: &[f32],
+        mut out: [&mut [f32]; 4],
+    ) {
+        let d = out[0].len();
+        let mut c = 0;
+        while c + 16 <= d {
+            let width = if c + 32 <= d { 2 } else { 1 };
+            let mut acc = [_mm512_setzero_ps(); 8];
+            for (r, o) in out.iter().enumerate() {
+                for t in 0..width {
+                    // SAFETY: `o[c + 16 t..][..16]` is sixteen floats inside `o`.
+                    acc[2 * r + t] = unsafe { _mm512_loadu_ps(o[c + 16 * t..][..16].as_ptr()) };
+                }
+            }
+            for (j, row) in v.chunks_exact(d).enumerate() {
+                let row = &row[c..c + 16 * width];
+                let mut x = [_mm512_setzero_ps(); 2];
+                for (t, x) in x.iter_mut().enumerate().take(width) {
+                    // SAFETY: `row[16 t..16 t + 16]` lies inside `row` (t < width).
+                    *x = unsafe { _mm512_loadu_ps(row[16 * t..][..16].as_ptr()) };
+                }
+                for (r, w) in weights.iter().enumerate() {
+                    let w = _mm512_set1_ps(w[j]);
+                    for t in 0..width {
+                        acc[2 * r + t] = _mm512_fmadd_ps(w, x[t], acc[2 * r + t]);
+                    }
+                }
+            }
+            for (r, o) in out.iter_mut().enumerate() {
+                for t in 0..width {
+                    // SAFETY: `o[c + 16 t..][..16]` is sixteen floats inside `o`.
+                    unsafe { _mm512_storeu_ps(o[c + 16 * t..][..16].as_mut_ptr(), acc[2 * r + t]) };
+                }
+            }
+            c += 16 * width;
         }
         for (w, o) in weights.iter().zip(out.iter_mut()) {
             add_weighted_tail(w, v, o, c);
