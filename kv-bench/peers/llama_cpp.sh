@@ -26,6 +26,8 @@ THREADS="${THREADS:-$(nproc)}"
 # Extra llama-bench flags for `bench`, e.g. LLAMA_BENCH_ARGS="--repack 0" where llama.cpp's
 # default repacking picks AMX kernels that fault on prompts (seen on a 2-core Intel Xeon VM).
 read -r -a LLAMA_BENCH_ARGS <<< "${LLAMA_BENCH_ARGS:-}"
+# The same for llama-server in `serve`, e.g. LLAMA_SERVER_ARGS="--no-repack".
+read -r -a LLAMA_SERVER_ARGS <<< "${LLAMA_SERVER_ARGS:-}"
 KV=target/release/kv-generate
 export LD_LIBRARY_PATH="$BIN${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 
@@ -107,7 +109,7 @@ EOF
 serve() {
     local rounds="${1:-2}" requests="${SERVE_REQUESTS:-32}"
     local load=(target/release/kv-bench serve-load --prompt-tokens 128 --new-tokens 128 --vocab 49152)
-    echo "machine: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(nproc) cores; threads $THREADS; $(date -u +%F)"
+    echo "machine: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(nproc) cores; threads $THREADS; $(date -u +%F); llama-server ${LLAMA_SERVER_ARGS[*]:-(defaults)}"
     for round in $(seq "$rounds"); do
         for system in kv-serve llama-server; do
             local port
@@ -115,7 +117,8 @@ serve() {
             if [ "$system" = kv-serve ]; then
                 target/release/kv-serve --model "$MODEL" --port "$port" --max-running 16 >/dev/null 2>&1 &
             else
-                "$BIN/llama-server" -m "$MODEL" --port "$port" -t "$THREADS" -np 8 -cb -c 4096 >/dev/null 2>&1 &
+                "$BIN/llama-server" -m "$MODEL" --port "$port" -t "$THREADS" -np 8 -cb -c 4096 \
+                    "${LLAMA_SERVER_ARGS[@]}" >/dev/null 2>&1 &
             fi
             local pid=$!
             for _ in $(seq 600); do curl -sf "http://127.0.0.1:$port/health" >/dev/null && break; sleep 0.1; done
