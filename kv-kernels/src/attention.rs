@@ -197,12 +197,11 @@ impl<'a> Keys<'a> {
     }
 }
 
-/// The keys every row of a full group sees, if there are any.
+/// The keys every row of a full group sees, if there are any (then no row's range is empty).
 fn shared_keys(group: &[Range<usize>]) -> Option<Range<usize>> {
     let start = group.iter().map(|r| r.start).max()?;
     let end = group.iter().map(|r| r.end).min()?;
-    (group.len() == GROUP_ROWS && start < end && group.iter().all(|r| !r.is_empty()))
-        .then_some(start..end)
+    (group.len() == GROUP_ROWS && start < end).then_some(start..end)
 }
 
 /// One query row over its keys `range` (unnormalised output into `out`).
