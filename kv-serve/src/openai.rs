@@ -1,9 +1,13 @@
-//! The wire types of OpenAI's API, as far as this server speaks it.
+//! The wire types of OpenAI's API, as far as this server speaks it: requests, then every
+//! response body (whole responses, stream chunks, and the llama.cpp/vLLM extras), each
+//! serialised by serde as it is declared here.
 //!
 //! Requests take OpenAI's field names; fields OpenAI defines that the server does not act on
 //! (`tools`, `response_format`, ...) are accepted and ignored, as llama.cpp's and vLLM's
 //! servers do. Where OpenAI is silent the extensions follow vLLM (`top_k`, `min_p`,
 //! `repetition_penalty`).
+
+use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
@@ -219,7 +223,7 @@ pub struct CompletionLogprobs {
     /// Each token's log-probability.
     pub token_logprobs: Vec<f32>,
     /// Each position's alternatives, token text to log-probability.
-    pub top_logprobs: Vec<serde_json::Map<String, serde_json::Value>>,
+    pub top_logprobs: Vec<BTreeMap<String, f32>>,
     /// Where each token's text starts in the choice's text, in bytes.
     pub text_offset: Vec<usize>,
 }
@@ -277,4 +281,199 @@ pub struct PromptCacheSaveRequest {
 pub struct PromptCacheRestoreRequest {
     /// A plain file name inside the server's prompt cache folder.
     pub filename: String,
+}
+
+// --- Responses ------------------------------------------------------------------------------
+
+/// `GET /health`.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Health {
+    /// `ok` while the model is loaded.
+    pub status: &'static str,
+}
+
+/// `GET /v1/models`.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct ModelList {
+    /// `list`.
+    pub object: &'static str,
+    /// The model served.
+    pub data: Vec<ModelCard>,
+}
+
+/// One model of [`ModelList`].
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct ModelCard {
+    /// The name requests use in `model`.
+    pub id: String,
+    /// `model`.
+    pub object: &'static str,
+    /// When it was loaded, in seconds since the Unix epoch.
+    pub created: u64,
+    /// `kv-cache`.
+    pub owned_by: &'static str,
+    /// Its context, in tokens (vLLM's field).
+    pub max_model_len: usize,
+}
+
+/// `POST /tokenize`.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Tokenized {
+    /// The token ids.
+    pub tokens: Vec<u32>,
+    /// How many.
+    pub count: usize,
+    /// The model's context, in tokens.
+    pub max_model_len: usize,
+}
+
+/// `POST /detokenize`.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Detokenized {
+    /// The text, special tokens shown.
+    pub content: String,
+}
+
+/// `POST /prompt_cache/save`.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct PromptCacheSaved {
+    /// The file written.
+    pub filename: String,
+    /// Positions saved (whole blocks).
+    pub tokens_saved: usize,
+    /// The file's size.
+    pub bytes: usize,
+}
+
+/// `POST /prompt_cache/restore`.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct PromptCacheRestored {
+    /// The file read.
+    pub filename: String,
+    /// Positions put back in the pool as cached blocks.
+    pub tokens_restored: usize,
+}
+
+/// `POST /v1/chat/completions`, whole (`object: chat.completion`).
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct ChatCompletion {
+    /// `chatcmpl-...`.
+    pub id: String,
+    /// `chat.completion`.
+    pub object: &'static str,
+    /// Seconds since the Unix epoch.
+    pub created: u64,
+    /// The model served.
+    pub model: String,
+    /// One per choice (`n`).
+    pub choices: Vec<ChatChoice>,
+    /// Token counts.
+    pub usage: Usage,
+}
+
+/// One choice of a [`ChatCompletion`].
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct ChatChoice {
+    /// Which choice.
+    pub index: usize,
+    /// The assistant's reply.
+    pub message: AssistantMessage,
+    /// Per-token log-probabilities, when asked for.
+    pub logprobs: Option<ChatLogprobs>,
+    /// `stop` or `length`.
+    pub finish_reason: Option<&'static str>,
+}
+
+/// The assistant's message in a [`ChatChoice`].
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct AssistantMessage {
+    /// `assistant`.
+    pub role: &'static str,
+    /// Its text.
+    pub content: String,
+}
+
+/// One streamed chunk of a chat completion (`object: chat.completion.chunk`).
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct ChatCompletionChunk {
+    /// The same for every chunk of a response.
+    pub id: String,
+    /// `chat.completion.chunk`.
+    pub object: &'static str,
+    /// Seconds since the Unix epoch.
+    pub created: u64,
+    /// The model served.
+    pub model: String,
+    /// The choices this chunk moves (none in the usage chunk).
+    pub choices: Vec<ChatChunkChoice>,
+}
+
+/// One choice's step in a [`ChatCompletionChunk`].
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct ChatChunkChoice {
+    /// Which choice.
+    pub index: usize,
+    /// What the message gains.
+    pub delta: Delta,
+    /// The new token's log-probabilities, when asked for.
+    pub logprobs: Option<ChatLogprobs>,
+    /// Set in the choice's last chunk.
+    pub finish_reason: Option<&'static str>,
+}
+
+/// What a chunk adds to a chat message (empty in a choice's last chunk).
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct Delta {
+    /// `assistant`, in a choice's first chunk.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub role: Option<&'static str>,
+    /// More text.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub content: Option<String>,
+}
+
+/// `POST /v1/completions`, whole, and each of its streamed chunks (`object: text_completion`
+/// both).
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Completion {
+    /// `cmpl-...`.
+    pub id: String,
+    /// `text_completion`.
+    pub object: &'static str,
+    /// Seconds since the Unix epoch.
+    pub created: u64,
+    /// The model served.
+    pub model: String,
+    /// One per prompt and choice, prompt-major (one per chunk when streamed, none in the
+    /// usage chunk).
+    pub choices: Vec<CompletionChoice>,
+    /// Token counts (whole responses only; streams send them in a chunk of their own).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub usage: Option<Usage>,
+}
+
+/// One choice of a [`Completion`] (or its step in a chunk).
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct CompletionChoice {
+    /// Which choice.
+    pub index: usize,
+    /// Its text (the prompt's first, with `echo`).
+    pub text: String,
+    /// Per-token log-probabilities, when asked for.
+    pub logprobs: Option<CompletionLogprobs>,
+    /// `stop` or `length`, once the choice ends.
+    pub finish_reason: Option<&'static str>,
+}
+
+/// A streamed chunk as sent: its body, and `usage` when the client asked for it
+/// (`stream_options.include_usage`): `null` in every chunk but the last, which holds the
+/// counts and no choices.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct StreamChunk<C> {
+    /// The chunk.
+    #[serde(flatten)]
+    pub body: C,
+    /// Absent without `include_usage`; `null`, or the counts in the last chunk, with it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub usage: Option<Option<Usage>>,
 }
