@@ -13,7 +13,7 @@ use burn::tensor::backend::Backend;
 use clap::Parser;
 use kv_generate::backend::{BackendKind, OnBackend};
 use kv_generate::cli::model_path;
-use kv_generate::engine::{EngineConfig, PoolSize};
+use kv_generate::engine::{self, EngineConfig, PoolSize};
 use kv_model::{load_model_placed, WeightFormat};
 use kv_serve::worker::Loaded;
 use kv_serve::{App, Settings};
@@ -48,22 +48,20 @@ struct Args {
     #[arg(long)]
     weights: Option<WeightFormat>,
     /// Positions the shared KV pool holds, over every request.
-    #[arg(long, default_value_t = 16 * 1024)]
+    #[arg(long, default_value_t = engine::DEFAULT_POOL_TOKENS)]
     pool_tokens: usize,
     /// Positions per KV block.
     #[arg(long, default_value_t = kv_core::DEFAULT_BLOCK_SIZE)]
     block_size: usize,
     /// Most requests (choices) running at once.
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = engine::DEFAULT_MAX_RUNNING)]
     max_running: usize,
     /// Most requests (choices) waiting beyond those running; more get 503 with Retry-After.
     #[arg(long, default_value_t = 64)]
     max_waiting: usize,
     /// Most tokens one engine step feeds (decode tokens first, then prompt chunks); smaller
     /// steps make decoding sequences wait less on a new prompt's chunk.
-    // 128 measured the same throughput as 256 with a shorter inter-token tail at 8 concurrent
-    // requests (docs/benchmarks.md, "Serving").
-    #[arg(long, default_value_t = 128)]
+    #[arg(long, default_value_t = engine::DEFAULT_TOKEN_BUDGET)]
     token_budget: usize,
     /// Require `Authorization: Bearer KEY` on every route but /health.
     #[arg(long, env = "KV_SERVE_API_KEY", hide_env_values = true)]

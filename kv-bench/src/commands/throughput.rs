@@ -37,7 +37,7 @@ pub(crate) struct ThroughputArgs {
     #[arg(long)]
     pub(crate) pool_tokens: Option<usize>,
     /// Most tokens one step feeds (decode tokens plus prompt chunks).
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = kv_generate::engine::DEFAULT_TOKEN_BUDGET)]
     pub(crate) token_budget: usize,
     /// Seed of the prompts and arrivals.
     #[arg(long, default_value_t = 0)]

@@ -27,6 +27,15 @@
 //!   kept, so its output is what it would have been. A request that could never fit the pool
 //!   alone is refused when it is added.
 //!
+//! # Where each part lives
+//! - `config.rs`: [`EngineConfig`] and the defaults kv-serve and kv-bench take;
+//! - `request.rs`: a request as given ([`Request`]), as held (`RequestState`), as reported
+//!   ([`EngineEvent`]);
+//! - `scheduler.rs`: the step plan (admission, the token budget, preemption) over a
+//!   [`CacheManager`];
+//! - this file: the engine, which executes each plan as one ragged forward pass and samples;
+//! - `prefix.rs`: saving a prompt's cached blocks and restoring them.
+//!
 //! # What it costs
 //! Attention reads each sequence's keys through its block table: a plain slice when its
 //! blocks are consecutive in the pool, otherwise a gather (a copy of its keys and values per
@@ -35,129 +44,29 @@
 //! product's, so tokens equal a solo run's exactly when the kernels are row-independent (as
 //! kv-kernels' are) and to float rounding otherwise.
 
-use std::collections::VecDeque;
-
 use burn::tensor::backend::Backend;
-use kv_core::{BlockOrder, CacheError, PagedStore, SequenceId};
-use kv_model::{BatchPiece, Logits, ModelError, Tokenizer, Transformer};
+use kv_core::{CacheError, PagedStore, SequenceId};
+use kv_model::{BatchPiece, Logits, Tokenizer, Transformer};
 
 use crate::error::{GenerateError, Result};
-use crate::generate::{EosPolicy, FinishReason, Row};
-use crate::sampling::{SamplingConfig, TokenLogprobs};
+use crate::generate::{EosPolicy, Row};
+use crate::sampling::TokenLogprobs;
 use crate::stream::StopStrings;
 
-/// How large the engine's block pool is, set once when the engine starts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PoolSize {
-    /// This many blocks.
-    Blocks(usize),
-    /// Room for this many positions (rounded up to whole blocks).
-    Tokens(usize),
-    /// At most this many bytes of keys and values.
-    Bytes(usize),
-}
+mod config;
+mod prefix;
+mod request;
+mod scheduler;
 
-/// How the engine schedules and stores.
-#[derive(Debug, Clone, PartialEq)]
-pub struct EngineConfig {
-    /// The pool of key/value blocks shared by every request.
-    pub pool: PoolSize,
-    /// Positions per block (vLLM's default is 16).
-    pub block_size: usize,
-    /// Most requests running at once (admitted, holding blocks).
-    pub max_running: usize,
-    /// Most tokens one step feeds: one per decoding sequence, the rest for prompt chunks.
-    pub token_budget: usize,
-    /// The order blocks are handed out in ([`BlockOrder::Shuffled`] tests that nothing relies
-    /// on consecutive blocks).
-    pub block_order: BlockOrder,
-}
+pub use config::{
+    EngineConfig, PoolSize, DEFAULT_MAX_RUNNING, DEFAULT_POOL_TOKENS, DEFAULT_TOKEN_BUDGET,
+};
+pub use prefix::SavedPrefix;
+pub use request::{EngineEvent, Request, RequestId, Usage};
+pub use scheduler::CacheManager;
 
-impl Default for EngineConfig {
-    fn default() -> Self {
-        Self {
-            pool: PoolSize::Tokens(32 * 1024),
-            block_size: kv_core::DEFAULT_BLOCK_SIZE,
-            max_running: 16,
-            token_budget: 256,
-            block_order: BlockOrder::Ascending,
-        }
-    }
-}
-
-/// One request: a prompt and how to continue it.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Request {
-    /// The prompt's token ids.
-    pub prompt: Vec<u32>,
-    /// Most tokens to generate.
-    pub max_new_tokens: usize,
-    /// How each token is chosen, with the request's own seed.
-    pub sampling: SamplingConfig,
-    /// Which tokens end it.
-    pub eos: EosPolicy,
-    /// Texts that end it (needs a tokenizer).
-    pub stop_strings: Vec<String>,
-    /// Log-probabilities of each generated token and of this many alternatives; `None` for
-    /// none.
-    pub top_logprobs: Option<usize>,
-}
-
-impl Request {
-    /// Greedy decoding of up to `max_new_tokens` after `prompt`, stopping at the model's EOS.
-    pub fn greedy(prompt: Vec<u32>, max_new_tokens: usize) -> Self {
-        Self {
-            prompt,
-            max_new_tokens,
-            sampling: SamplingConfig::greedy(),
-            eos: EosPolicy::Model,
-            stop_strings: Vec::new(),
-            top_logprobs: None,
-        }
-    }
-}
-
-/// A request's handle, in the order requests were added.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct RequestId(pub u64);
-
-/// Token counts of a finished request.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct Usage {
-    /// Tokens in the prompt.
-    pub prompt_tokens: usize,
-    /// Tokens generated.
-    pub completion_tokens: usize,
-    /// Prompt tokens found in the prefix cache when the request was first admitted (not
-    /// computed).
-    pub cached_prompt_tokens: usize,
-}
-
-/// What a step reports, per request, in the order it happened.
-#[derive(Debug, Clone, PartialEq)]
-pub enum EngineEvent {
-    /// A token was generated.
-    Token {
-        /// Whose.
-        request: RequestId,
-        /// The token.
-        token: u32,
-        /// Text that became showable with it (valid UTF-8, never part of a stop string; may
-        /// be empty).
-        text: String,
-        /// Its log-probabilities, when the request asked for them.
-        logprobs: Option<TokenLogprobs>,
-    },
-    /// The request is done; its blocks are back in the pool.
-    Finished {
-        /// Whose.
-        request: RequestId,
-        /// Why.
-        reason: FinishReason,
-        /// Its token counts.
-        usage: Usage,
-    },
-}
+use request::RequestState;
+use scheduler::{Scheduler, StepPlan};
 
 /// Counters since the engine started.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -210,52 +119,6 @@ impl std::fmt::Display for PoolSummary {
     }
 }
 
-/// A prompt's cached keys and values, every layer, copied out of the pool: what a saved prompt
-/// cache holds (llama.cpp's slot save), to be put back with [`Engine::restore_prefix`] in this
-/// process or another one running the same model.
-#[derive(Debug, Clone, PartialEq)]
-pub struct SavedPrefix {
-    /// Token ids of the saved positions: whole blocks, from the prompt's start.
-    pub tokens: Vec<u32>,
-    /// Positions per block of the pool it came from.
-    pub block_size: usize,
-    /// Key/value heads per layer.
-    pub kv_heads: usize,
-    /// Values per head.
-    pub head_dim: usize,
-    /// Per layer, keys then values, each `[kv_heads, tokens, head_dim]` f32, row-major.
-    pub layers: Vec<(Vec<f32>, Vec<f32>)>,
-}
-
-/// A request the engine holds, waiting or running.
-struct Active {
-    id: RequestId,
-    row: Row,
-    max_new_tokens: usize,
-    eos: Vec<u32>,
-    stops: StopStrings,
-    top_logprobs: Option<usize>,
-    /// Its sequence in the store while it runs.
-    sequence: Option<SequenceId>,
-    /// Positions whose keys and values are in the store (computed or cached).
-    computed: usize,
-    /// Prompt tokens the prefix cache held at its first admission.
-    cached_prompt_tokens: Option<usize>,
-}
-
-impl Active {
-    /// Prompt and generated tokens: every position the sequence will hold before its next
-    /// token is sampled.
-    fn tokens(&self) -> Vec<u32> {
-        [self.row.prompt.as_slice(), self.row.generated.as_slice()].concat()
-    }
-
-    /// Positions not yet in the store.
-    fn pending(&self) -> usize {
-        self.row.prompt.len() + self.row.generated.len() - self.computed
-    }
-}
-
 /// Requests through one model at once, batched continuously over a paged KV cache with
 /// prefix caching (see the module docs).
 ///
@@ -293,12 +156,11 @@ impl Active {
 pub struct Engine<'a, B: Backend> {
     model: &'a Transformer<B>,
     tokenizer: Option<&'a Tokenizer>,
-    config: EngineConfig,
+    /// Every request's keys and values, in one block pool with its prefix cache: the
+    /// scheduler's [`CacheManager`], and what the forward pass reads and writes.
     store: PagedStore<B>,
-    /// Requests not holding blocks (new, or preempted), to be admitted front first.
-    waiting: VecDeque<Active>,
-    /// Requests holding blocks, oldest first.
-    running: Vec<Active>,
+    /// The waiting and running requests, and each step's plan.
+    scheduler: Scheduler,
     next_id: u64,
     stats: EngineStats,
 }
@@ -338,16 +200,12 @@ impl<'a, B: Backend> Engine<'a, B> {
             )));
         }
         let store = model.new_paged_store(blocks, config.block_size, config.block_order);
+        let scheduler = Scheduler::new(config.token_budget, config.max_running);
         Ok(Self {
             model,
             tokenizer,
-            config: EngineConfig {
-                pool: PoolSize::Blocks(blocks),
-                ..config
-            },
             store,
-            waiting: VecDeque::new(),
-            running: Vec::new(),
+            scheduler,
             next_id: 0,
             stats: EngineStats::default(),
         })
@@ -373,22 +231,28 @@ impl<'a, B: Backend> Engine<'a, B> {
 
     /// Counters since the engine started.
     pub fn stats(&self) -> EngineStats {
-        self.stats
+        let scheduled = self.scheduler.stats();
+        EngineStats {
+            prefix_query_tokens: scheduled.prefix_query_tokens,
+            prefix_hit_tokens: scheduled.prefix_hit_tokens,
+            preemptions: scheduled.preemptions,
+            ..self.stats
+        }
     }
 
     /// Requests waiting to be admitted (new or preempted).
     pub fn waiting(&self) -> usize {
-        self.waiting.len()
+        self.scheduler.waiting()
     }
 
     /// Requests running (holding blocks).
     pub fn running(&self) -> usize {
-        self.running.len()
+        self.scheduler.running()
     }
 
     /// Whether any request is waiting or running.
     pub fn has_work(&self) -> bool {
-        !self.waiting.is_empty() || !self.running.is_empty()
+        self.waiting() + self.running() > 0
     }
 
     /// Queues `request`; it is admitted at a coming step.
@@ -442,7 +306,7 @@ impl<'a, B: Backend> Engine<'a, B> {
             EosPolicy::Ids(ids) => ids.clone(),
             EosPolicy::Ignore => Vec::new(),
         };
-        self.waiting.push_back(Active {
+        self.scheduler.add(RequestState {
             id,
             row: Row::new(id.0 as usize, request.prompt, request.sampling)?,
             max_new_tokens: request.max_new_tokens,
@@ -456,114 +320,10 @@ impl<'a, B: Backend> Engine<'a, B> {
         Ok(id)
     }
 
-    /// Copies the longest run of `tokens`'s full blocks that the prefix cache holds out of the
-    /// pool (nothing is computed: run the prompt first). Empty when none is cached.
-    pub fn save_prefix(&mut self, tokens: &[u32]) -> SavedPrefix {
-        let config = self.model.config();
-        // A store never counts a prompt's last position as cached (its logits are needed), so
-        // ask with one placeholder token more: every full block of `tokens` may count.
-        let probe: Vec<u32> = tokens.iter().copied().chain([0]).collect();
-        let (sequence, cached) = self.store.add_sequence(&probe);
-        let host = |t: burn::tensor::Tensor<B, 4>| -> Vec<f32> {
-            t.into_data()
-                .convert::<f32>()
-                .into_vec()
-                .expect("converted to f32")
-        };
-        let layers = if cached == 0 {
-            Vec::new()
-        } else {
-            (0..config.num_layers)
-                .map(|layer| {
-                    let (keys, values) = self.store.read(layer, sequence);
-                    (host(keys), host(values))
-                })
-                .collect()
-        };
-        self.store.free(sequence);
-        SavedPrefix {
-            tokens: tokens[..cached].to_vec(),
-            block_size: self.store.block_size(),
-            kv_heads: config.num_kv_heads,
-            head_dim: config.head_dim,
-            layers,
-        }
-    }
-
-    /// Puts `saved` back in the pool as cached blocks, so later prompts that start with its
-    /// tokens skip computing them (positions the pool still holds are kept, not rewritten).
-    /// Returns the positions it covers. The blocks are cached, not held: like any unreferenced
-    /// block they go when the pool needs room.
-    ///
-    /// # Errors
-    /// A prefix of another shape (layers, heads, head size, lengths), another block size, ids
-    /// outside the vocabulary, or a pool with no room for it now.
-    pub fn restore_prefix(&mut self, saved: &SavedPrefix) -> Result<usize> {
-        let config = self.model.config();
-        let n = saved.tokens.len();
-        let expect = |what: &str, got: usize, want: usize| {
-            if got == want {
-                Ok(())
-            } else {
-                Err(GenerateError::InvalidRequest(format!(
-                    "the saved prefix has {what} {got}, this engine's model and pool need {want}"
-                )))
-            }
-        };
-        expect("block size", saved.block_size, self.store.block_size())?;
-        expect("key/value heads", saved.kv_heads, config.num_kv_heads)?;
-        expect("head size", saved.head_dim, config.head_dim)?;
-        if n == 0 {
-            return Ok(0);
-        }
-        expect("layers", saved.layers.len(), config.num_layers)?;
-        expect("positions not in whole blocks:", n % saved.block_size, 0)?;
-        let values = config.num_kv_heads * n * config.head_dim;
-        for (keys, vals) in &saved.layers {
-            expect("values per layer", keys.len(), values)?;
-            expect("values per layer", vals.len(), values)?;
-        }
-        config.check_token_ids(0, &saved.tokens)?;
-        let probe: Vec<u32> = saved.tokens.iter().copied().chain([0]).collect();
-        let (sequence, cached) = self.store.add_sequence(&probe);
-        if cached < n {
-            if let Err(e) = self.store.reserve(sequence, &saved.tokens[cached..]) {
-                self.store.free(sequence);
-                return Err(e.into());
-            }
-            let dims = [1, config.num_kv_heads, n, config.head_dim];
-            let device = self.model.device();
-            let tensor = |data: &[f32]| {
-                burn::tensor::Tensor::<B, 4>::from_data(
-                    burn::tensor::TensorData::new(data.to_vec(), dims),
-                    device,
-                )
-                .narrow(2, cached, n - cached)
-            };
-            for (layer, (keys, vals)) in saved.layers.iter().enumerate() {
-                self.store
-                    .write(layer, sequence, cached, tensor(keys), tensor(vals));
-            }
-        }
-        self.store.free(sequence);
-        Ok(n)
-    }
-
     /// Drops `request` wherever it is; its blocks are back in the pool when this returns.
     /// Whether it was held (a finished or unknown request is not).
     pub fn cancel(&mut self, request: RequestId) -> bool {
-        if let Some(at) = self.waiting.iter().position(|a| a.id == request) {
-            self.waiting.remove(at);
-            return true;
-        }
-        if let Some(at) = self.running.iter().position(|a| a.id == request) {
-            let active = self.running.remove(at);
-            if let Some(sequence) = active.sequence {
-                self.store.free(sequence);
-            }
-            return true;
-        }
-        false
+        self.scheduler.remove(request, &mut self.store)
     }
 
     /// One step: schedules, runs one forward pass over everything scheduled, samples where a
@@ -573,19 +333,22 @@ impl<'a, B: Backend> Engine<'a, B> {
     /// # Errors
     /// The model's errors (none expected for requests [`Engine::add_request`] accepted).
     pub fn step(&mut self) -> Result<Vec<EngineEvent>> {
-        let plan = self.schedule()?;
-        if plan.is_empty() {
+        let plan: StepPlan = self.scheduler.schedule(&mut self.store)?;
+        if plan.pieces.is_empty() {
             return Ok(Vec::new());
         }
         // The ragged batch: each scheduled request's next tokens, logits where it samples.
         let inputs: Vec<(SequenceId, Vec<u32>, usize, bool)> = plan
+            .pieces
             .iter()
             .map(|&(id, n)| {
-                let active = self.active(id);
-                let tokens = active.tokens();
-                let start = active.computed;
+                let request = self.scheduler.request(id);
+                let tokens = request.tokens();
+                let start = request.computed;
                 let samples = start + n == tokens.len();
-                let sequence = active.sequence.expect("scheduled requests hold a sequence");
+                let sequence = request
+                    .sequence
+                    .expect("scheduled requests hold a sequence");
                 (sequence, tokens[start..start + n].to_vec(), start, samples)
             })
             .collect();
@@ -609,11 +372,11 @@ impl<'a, B: Backend> Engine<'a, B> {
         // Sample where a sequence reached its end, in plan order (one logits row each).
         let mut events = Vec::new();
         let mut row_logits = logits.chunks_exact(vocab.max(1)).take(rows);
-        for (&(id, n), (_, _, _, samples)) in plan.iter().zip(&inputs) {
+        for (&(id, n), (_, _, _, samples)) in plan.pieces.iter().zip(&inputs) {
             self.stats.computed_tokens += n;
             let tokenizer = self.tokenizer;
-            let active = self.active_mut(id);
-            active.computed += n;
+            let request = self.scheduler.request_mut(id);
+            request.computed += n;
             if !samples {
                 continue;
             }
@@ -621,24 +384,24 @@ impl<'a, B: Backend> Engine<'a, B> {
                 .next()
                 .expect("one logits row per sampling piece");
             let token =
-                active
+                request
                     .row
-                    .advance(logits, &active.eos, active.max_new_tokens, tokenizer)?;
-            let logprobs = active
+                    .advance(logits, &request.eos, request.max_new_tokens, tokenizer)?;
+            let logprobs = request
                 .top_logprobs
                 .map(|top| TokenLogprobs::new(logits, token, top));
-            let text = active.row.publish(&active.stops).to_string();
+            let text = request.row.publish(&request.stops).to_string();
             events.push(EngineEvent::Token {
                 request: id,
                 token,
                 text,
                 logprobs,
             });
-            let finish = active.row.finish;
+            let finish = request.row.finish;
             let usage = Usage {
-                prompt_tokens: active.row.prompt.len(),
-                completion_tokens: active.row.generated.len(),
-                cached_prompt_tokens: active.cached_prompt_tokens.unwrap_or(0),
+                prompt_tokens: request.row.prompt.len(),
+                completion_tokens: request.row.generated.len(),
+                cached_prompt_tokens: request.cached_prompt_tokens.unwrap_or(0),
             };
             self.stats.generated_tokens += 1;
             if let Some(reason) = finish {
@@ -651,144 +414,5 @@ impl<'a, B: Backend> Engine<'a, B> {
             }
         }
         Ok(events)
-    }
-
-    /// Decides this step's pieces, `(request, tokens)`, reserving their positions: running
-    /// decoders first (one token each), then running prompts' chunks, oldest first, then new
-    /// admissions, within the token budget. A running request that cannot reserve preempts
-    /// the youngest running one (itself, if it is the youngest).
-    fn schedule(&mut self) -> Result<Vec<(RequestId, usize)>> {
-        let mut budget = self.config.token_budget;
-        let mut plan: Vec<(RequestId, usize)> = Vec::new();
-        let decoding = |a: &Active| a.pending() == 1 && a.computed >= a.row.prompt.len();
-        let order: Vec<RequestId> = {
-            let (decode, prompt): (Vec<&Active>, Vec<&Active>) =
-                self.running.iter().partition(|a| decoding(a));
-            decode.iter().chain(&prompt).map(|a| a.id).collect()
-        };
-        for id in order {
-            if budget == 0 {
-                break;
-            }
-            // Preempted by an earlier request of this loop.
-            if !self.running.iter().any(|a| a.id == id) {
-                continue;
-            }
-            let n = self.active(id).pending().min(budget);
-            if self.reserve_or_preempt(id, n, &plan)? {
-                plan.push((id, n));
-                budget -= n;
-            }
-        }
-        // Admit waiting requests, front first, while there is room.
-        while budget > 0 && self.running.len() < self.config.max_running {
-            let Some(mut active) = self.waiting.pop_front() else {
-                break;
-            };
-            let tokens = active.tokens();
-            let (sequence, cached) = self.store.add_sequence(&tokens);
-            let n = (tokens.len() - cached).min(budget);
-            if self
-                .store
-                .reserve(sequence, &tokens[cached..cached + n])
-                .is_err()
-            {
-                // No room now: it waits for running requests to finish or be preempted.
-                self.store.free(sequence);
-                self.waiting.push_front(active);
-                break;
-            }
-            self.stats.prefix_query_tokens += tokens.len();
-            self.stats.prefix_hit_tokens += cached;
-            active.cached_prompt_tokens.get_or_insert(cached);
-            active.sequence = Some(sequence);
-            active.computed = cached;
-            plan.push((active.id, n));
-            budget -= n;
-            self.running.push(active);
-        }
-        self.running.sort_by_key(|a| a.id);
-        if plan.is_empty() && !self.waiting.is_empty() && self.running.is_empty() {
-            // Unreachable for requests `add_request` accepted (each fits the pool alone);
-            // an error rather than a silent hang if that ever changes.
-            let front = &self.waiting[0];
-            return Err(GenerateError::LargerThanPool {
-                positions: front.row.prompt.len() + front.max_new_tokens - 1,
-                blocks: front.tokens().len().div_ceil(self.store.block_size()),
-                pool_blocks: self.store.pool().num_blocks(),
-                block_size: self.store.block_size(),
-            });
-        }
-        Ok(plan)
-    }
-
-    /// Reserves `id`'s next `n` positions, preempting the youngest running requests not in
-    /// `plan` until it fits. Whether `id` is still running (it preempts itself when it is the
-    /// youngest).
-    fn reserve_or_preempt(
-        &mut self,
-        id: RequestId,
-        n: usize,
-        plan: &[(RequestId, usize)],
-    ) -> Result<bool> {
-        loop {
-            let active = self.active(id);
-            let sequence = active.sequence.expect("running requests hold a sequence");
-            let tokens = active.tokens();
-            let start = active.computed;
-            match self.store.reserve(sequence, &tokens[start..start + n]) {
-                Ok(()) => return Ok(true),
-                Err(CacheError::PoolExhausted { .. }) => {
-                    let victim = self
-                        .running
-                        .iter()
-                        .rev()
-                        .find(|a| !plan.iter().any(|(p, _)| *p == a.id))
-                        .map(|a| a.id)
-                        .expect("`id` itself is running and not planned");
-                    self.preempt(victim);
-                    if victim == id {
-                        return Ok(false);
-                    }
-                }
-                Err(e) => return Err(ModelError::Cache(e).into()),
-            }
-        }
-    }
-
-    /// Gives `id`'s blocks back and queues it first, to recompute its sequence when readmitted.
-    fn preempt(&mut self, id: RequestId) {
-        let at = self
-            .running
-            .iter()
-            .position(|a| a.id == id)
-            .expect("preempting a running request");
-        let mut active = self.running.remove(at);
-        if let Some(sequence) = active.sequence.take() {
-            self.store.free(sequence);
-        }
-        active.computed = 0;
-        self.stats.preemptions += 1;
-        // Preempted requests go back in age order, ahead of new ones.
-        let at = self
-            .waiting
-            .iter()
-            .position(|w| w.id > id)
-            .unwrap_or(self.waiting.len());
-        self.waiting.insert(at, active);
-    }
-
-    fn active(&self, id: RequestId) -> &Active {
-        self.running
-            .iter()
-            .find(|a| a.id == id)
-            .expect("a running request")
-    }
-
-    fn active_mut(&mut self, id: RequestId) -> &mut Active {
-        self.running
-            .iter_mut()
-            .find(|a| a.id == id)
-            .expect("a running request")
     }
 }

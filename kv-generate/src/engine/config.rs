@@ -1,0 +1,62 @@
+//! [`EngineConfig`]: how the engine schedules and stores, with the defaults every front end
+//! (kv-generate's library, kv-serve, kv-bench) takes.
+
+use kv_core::BlockOrder;
+
+/// Positions the default pool holds over every request (16 Ki; about 740 MB of f32 keys and
+/// values for SmolLM2-135M).
+pub const DEFAULT_POOL_TOKENS: usize = 16 * 1024;
+
+/// Requests running at once by default.
+pub const DEFAULT_MAX_RUNNING: usize = 16;
+
+/// Tokens one step feeds by default. 128 measured the same throughput as 256 with a shorter
+/// inter-token tail at 8 concurrent requests, and 64 lost throughput (docs/benchmarks.md,
+/// "Serving").
+pub const DEFAULT_TOKEN_BUDGET: usize = 128;
+
+/// How large the engine's block pool is, set once when the engine starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PoolSize {
+    /// This many blocks.
+    Blocks(usize),
+    /// Room for this many positions (rounded up to whole blocks).
+    Tokens(usize),
+    /// At most this many bytes of keys and values.
+    Bytes(usize),
+}
+
+/// How the engine schedules and stores.
+///
+/// ```
+/// use kv_generate::engine::{EngineConfig, PoolSize, DEFAULT_TOKEN_BUDGET};
+///
+/// let config = EngineConfig { pool: PoolSize::Tokens(4096), ..EngineConfig::default() };
+/// assert_eq!(config.token_budget, DEFAULT_TOKEN_BUDGET);
+/// ```
+#[derive(Debug, Clone, PartialEq)]
+pub struct EngineConfig {
+    /// The pool of key/value blocks shared by every request.
+    pub pool: PoolSize,
+    /// Positions per block (vLLM's default is 16).
+    pub block_size: usize,
+    /// Most requests running at once (admitted, holding blocks).
+    pub max_running: usize,
+    /// Most tokens one step feeds: one per decoding sequence, the rest for prompt chunks.
+    pub token_budget: usize,
+    /// The order blocks are handed out in ([`BlockOrder::Shuffled`] tests that nothing relies
+    /// on consecutive blocks).
+    pub block_order: BlockOrder,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            pool: PoolSize::Tokens(DEFAULT_POOL_TOKENS),
+            block_size: kv_core::DEFAULT_BLOCK_SIZE,
+            max_running: DEFAULT_MAX_RUNNING,
+            token_budget: DEFAULT_TOKEN_BUDGET,
+            block_order: BlockOrder::Ascending,
+        }
+    }
+}
