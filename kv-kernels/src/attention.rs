@@ -24,6 +24,11 @@
 //! single matrix product covers a block, so the keys and values are read once per four rows
 //! (from L2: a head's keys for a 512-token prompt are 128 KiB), not once per block. Scratch:
 //! the scores of four rows, in a buffer the caller allocates and reuses.
+//!
+//! Keys need not be contiguous: [`HeadKeys::blocks`] reads a sequence's keys through its block
+//! table, where a paged pool stores them (vLLM's paged attention), with no copy. A row's
+//! scores are computed key by key and its output channels add their keys in order, so keys
+//! that come in several pieces give the bits one contiguous piece gives.
 
 use std::ops::Range;
 
@@ -72,13 +77,50 @@ pub fn attend(
     out_stride: usize,
     scores: &mut Vec<f32>,
 ) {
+    let keys = HeadKeys::contiguous(k, v, head_dim);
+    attend_keys(isa, q, keys, visible, scale, out, out_stride, scores);
+}
+
+/// [`attend`] over keys wherever they are stored ([`HeadKeys`]): `visible[r]` names key
+/// indices `0..keys.len()` of the sequence, whatever slots hold them.
+///
+/// ```
+/// use kv_kernels::attention::{attend, attend_keys, HeadKeys};
+/// use kv_kernels::Isa;
+///
+/// // Three keys of head_dim 2 in a pool of three blocks of 2 slots: the sequence holds
+/// // blocks 2 and 0, so its keys sit in slots 4, 5 and 0 (slots 1 to 3 belong to others).
+/// let k = [1.0, 1.0, 9.0, 9.0, 9.0, 9.0, 9.0, 9.0, 1.0, 0.0, 0.0, 1.0];
+/// let v = [3.0, 4.0, 9.0, 9.0, 9.0, 9.0, 9.0, 9.0, 5.0, 6.0, 1.0, 2.0];
+/// let keys = HeadKeys::blocks(&k, &v, 2, 2, &[2, 0]);
+/// let (mut paged, mut dense) = ([0.0; 2], [0.0; 2]);
+/// let q = [0.5, 1.0];
+/// attend_keys(Isa::best(), &q, keys, &[0..3], 1.0, &mut paged, 2, &mut Vec::new());
+/// // The same keys laid out one after another.
+/// let (k3, v3) = ([1.0, 0.0, 0.0, 1.0, 1.0, 1.0], [5.0, 6.0, 1.0, 2.0, 3.0, 4.0]);
+/// attend(Isa::best(), &q, &k3, &v3, 2, &[0..3], 1.0, &mut dense, 2, &mut Vec::new());
+/// assert_eq!(paged, dense);
+/// ```
+///
+/// # Panics
+/// As [`attend`].
+#[allow(clippy::too_many_arguments)]
+pub fn attend_keys(
+    isa: Isa,
+    q: &[f32],
+    keys: HeadKeys<'_>,
+    visible: &[Range<usize>],
+    scale: f32,
+    out: &mut [f32],
+    out_stride: usize,
+    scores: &mut Vec<f32>,
+) {
     assert!(
         visible.iter().all(|range| !range.is_empty()),
         "visible range empty in {visible:?}"
     );
-    let rows = attend_partial(
-        isa, q, k, v, head_dim, visible, scale, out, out_stride, scores,
-    );
+    let head_dim = keys.d;
+    let rows = attend_keys_partial(isa, q, keys, visible, scale, out, out_stride, scores);
     for (r, row) in rows.into_iter().enumerate() {
         let inv = 1.0 / row.sum;
         out[r * out_stride..][..head_dim]
@@ -118,7 +160,28 @@ pub fn attend_partial(
     out_stride: usize,
     scores: &mut Vec<f32>,
 ) -> Vec<RowStats> {
-    let d = head_dim;
+    assert!(head_dim > 0, "head_dim must be positive");
+    assert_eq!(k.len() % head_dim, 0, "k is [keys, head_dim]");
+    let keys = HeadKeys::contiguous(k, v, head_dim);
+    attend_keys_partial(isa, q, keys, visible, scale, out, out_stride, scores)
+}
+
+/// [`attend_partial`] over keys wherever they are stored ([`HeadKeys`]).
+///
+/// # Panics
+/// As [`attend_partial`].
+#[allow(clippy::too_many_arguments)]
+pub fn attend_keys_partial(
+    isa: Isa,
+    q: &[f32],
+    keys: HeadKeys<'_>,
+    visible: &[Range<usize>],
+    scale: f32,
+    out: &mut [f32],
+    out_stride: usize,
+    scores: &mut Vec<f32>,
+) -> Vec<RowStats> {
+    let d = keys.d;
     let rows = visible.len();
     assert!(d > 0, "head_dim must be positive");
     assert_eq!(
@@ -126,9 +189,7 @@ pub fn attend_partial(
         rows * d,
         "q is [rows, head_dim]: one range per row"
     );
-    assert_eq!(k.len(), v.len(), "k and v have the same shape");
-    assert_eq!(k.len() % d, 0, "k is [keys, head_dim]");
-    let keys = k.len() / d;
+    let len = keys.len();
     if rows == 0 {
         return Vec::new();
     }
@@ -139,8 +200,8 @@ pub fn attend_partial(
     );
     for range in visible {
         assert!(
-            range.start <= range.end && range.end <= keys,
-            "visible range {range:?} of {keys} keys"
+            range.start <= range.end && range.end <= len,
+            "visible range {range:?} of {len} keys"
         );
     }
     // Each row over exactly the keys it sees, in an order no other row changes, so that its
@@ -155,7 +216,6 @@ pub fn attend_partial(
             let q: [&[f32]; GROUP_ROWS] = std::array::from_fn(|i| &q[(r + i) * d..][..d]);
             let group: &[Range<usize>; GROUP_ROWS] = group.try_into().expect("a full group");
             let out = std::array::from_fn(|_| outs.next().expect("one output row per query"));
-            let keys = Keys { k, v, d };
             stats.extend(attend_group(
                 isa, q, keys, group, shared, scale, out, scores,
             ));
@@ -166,7 +226,7 @@ pub fn attend_partial(
             stats.push(attend_row(
                 isa,
                 q,
-                Keys { k, v, d },
+                keys,
                 visible[r].clone(),
                 scale,
                 out,
@@ -181,19 +241,111 @@ pub fn attend_partial(
 /// Query rows attended together where they share keys ([`attend_group`]).
 const GROUP_ROWS: usize = 4;
 
-/// One key head's keys and values, `[keys, d]` each.
-#[derive(Clone, Copy)]
-struct Keys<'a> {
+/// One key head's keys and values where they are stored: `[keys, head_dim]` one after
+/// another, or slots of a paged pool read through a sequence's block table.
+#[derive(Debug, Clone, Copy)]
+pub struct HeadKeys<'a> {
     k: &'a [f32],
     v: &'a [f32],
     d: usize,
+    /// `None` for contiguous keys; else `(block_size, blocks)`: key `j` is in slot
+    /// `j % block_size` of block `blocks[j / block_size]`.
+    table: Option<(usize, &'a [usize])>,
 }
 
-impl<'a> Keys<'a> {
-    /// Keys `range` and their values.
-    fn range(self, range: Range<usize>) -> (&'a [f32], &'a [f32]) {
-        let span = range.start * self.d..range.end * self.d;
-        (&self.k[span.clone()], &self.v[span])
+impl<'a> HeadKeys<'a> {
+    /// Keys `k` and values `v`, `[keys, head_dim]` each, key `j` in row `j`.
+    ///
+    /// # Panics
+    /// If `head_dim` is 0, or `k` and `v` differ in length or are not whole rows.
+    pub fn contiguous(k: &'a [f32], v: &'a [f32], head_dim: usize) -> Self {
+        assert!(head_dim > 0, "head_dim must be positive");
+        assert_eq!(k.len(), v.len(), "k and v have the same shape");
+        assert_eq!(k.len() % head_dim, 0, "k is [keys, head_dim]");
+        Self {
+            k,
+            v,
+            d: head_dim,
+            table: None,
+        }
+    }
+
+    /// A sequence's keys in a pool of blocks of `block_size` slots, `k` and `v` being the
+    /// pool's `[slots, head_dim]` for one head: key `j` is in slot `j % block_size` of block
+    /// `blocks[j / block_size]` (the sequence's block table), so `blocks.len() * block_size`
+    /// keys may be named.
+    ///
+    /// # Panics
+    /// As [`HeadKeys::contiguous`], and if `block_size` is 0 or a block lies past the pool.
+    pub fn blocks(
+        k: &'a [f32],
+        v: &'a [f32],
+        head_dim: usize,
+        block_size: usize,
+        blocks: &'a [usize],
+    ) -> Self {
+        let pool = Self::contiguous(k, v, head_dim);
+        assert!(block_size > 0, "a block holds at least one slot");
+        let slots = k.len() / head_dim;
+        assert!(
+            blocks.iter().all(|&b| (b + 1) * block_size <= slots),
+            "a block of {blocks:?} lies past the pool's {slots} slots"
+        );
+        Self {
+            table: Some((block_size, blocks)),
+            ..pool
+        }
+    }
+
+    /// Keys that may be named.
+    pub fn len(&self) -> usize {
+        match self.table {
+            None => self.k.len() / self.d,
+            Some((size, blocks)) => size * blocks.len(),
+        }
+    }
+
+    /// Whether no key may be named.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Keys `range` and their values as runs of contiguous rows, in key order: one run for
+    /// contiguous keys, one per block touched otherwise.
+    fn runs(self, range: Range<usize>) -> impl Iterator<Item = (&'a [f32], &'a [f32])> {
+        let d = self.d;
+        // Contiguous keys are one block as long as the range, the first of the pool.
+        const FIRST: &[usize] = &[0];
+        let (size, blocks) = self.table.unwrap_or((range.end.max(1), FIRST));
+        let mut at = range.start;
+        std::iter::from_fn(move || {
+            if at >= range.end {
+                return None;
+            }
+            let (block, slot) = (at / size, at % size);
+            let n = (size - slot).min(range.end - at);
+            let start = (blocks[block] * size + slot) * d;
+            at += n;
+            let span = start..start + n * d;
+            Some((&self.k[span.clone()], &self.v[span]))
+        })
+    }
+}
+
+/// `f(k, v, weights)` over the runs of `keys` in `range`, `weights` the matching stretch of
+/// `per_key` (one value per key of `range`).
+fn for_runs<'w>(
+    keys: HeadKeys<'_>,
+    range: Range<usize>,
+    per_key: &'w mut [f32],
+    mut f: impl FnMut(&[f32], &[f32], &'w mut [f32]),
+) {
+    let d = keys.d;
+    let mut rest = per_key;
+    for (k, v) in keys.runs(range) {
+        let (here, tail) = std::mem::take(&mut rest).split_at_mut(k.len() / d);
+        f(k, v, here);
+        rest = tail;
     }
 }
 
@@ -208,7 +360,7 @@ fn shared_keys(group: &[Range<usize>]) -> Option<Range<usize>> {
 fn attend_row(
     isa: Isa,
     q: &[f32],
-    keys: Keys<'_>,
+    keys: HeadKeys<'_>,
     range: Range<usize>,
     scale: f32,
     out: &mut [f32],
@@ -221,16 +373,19 @@ fn attend_row(
             sum: 0.0,
         };
     }
-    let (k, v) = keys.range(range.clone());
     scores.clear();
     scores.resize(range.len(), 0.0);
     // scores = scale · q kᵀ: `[len]`.
-    row_scores(isa, q, k, scale, scores);
+    for_runs(keys, range.clone(), &mut scores[..], |k, _, s| {
+        row_scores(isa, q, k, scale, s)
+    });
     // Softmax weights, unnormalised (`exp(s - max)`).
     let max = scores.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
     let sum = exp_shifted(isa, scores, max);
     // out = weights · v: `[d]`.
-    add_weighted(isa, scores, v, out);
+    for_runs(keys, range, &mut scores[..], |_, v, w| {
+        add_weighted(isa, w, v, out)
+    });
     RowStats { max, sum }
 }
 
@@ -242,7 +397,7 @@ fn attend_row(
 fn attend_group(
     isa: Isa,
     q: [&[f32]; GROUP_ROWS],
-    keys: Keys<'_>,
+    keys: HeadKeys<'_>,
     ranges: &[Range<usize>; GROUP_ROWS],
     shared: Range<usize>,
     scale: f32,
@@ -264,22 +419,26 @@ fn attend_group(
     for i in 0..GROUP_ROWS {
         let (before, after) = (ranges[i].start..shared.start, shared.end..ranges[i].end);
         let (w, inner) = (&mut *weights[i], inner(i));
-        row_scores(
-            isa,
-            q[i],
-            keys.range(before).0,
-            scale,
-            &mut w[..inner.start],
-        );
-        row_scores(isa, q[i], keys.range(after).0, scale, &mut w[inner.end..]);
+        let (w, rest) = w.split_at_mut(inner.end);
+        for_runs(keys, before, &mut w[..inner.start], |k, _, s| {
+            row_scores(isa, q[i], k, scale, s)
+        });
+        for_runs(keys, after, rest, |k, _, s| {
+            row_scores(isa, q[i], k, scale, s)
+        });
     }
-    let (k, v) = keys.range(shared.clone());
-    let mut parts = weights
-        .iter_mut()
-        .enumerate()
-        .map(|(i, w)| &mut w[inner(i)]);
-    let parts = std::array::from_fn(|_| parts.next().expect("four rows"));
-    group_scores(isa, q, k, scale, parts);
+    // The shared keys, run by run, four rows at once.
+    let mut offset = 0;
+    for (k, _) in keys.runs(shared.clone()) {
+        let n = k.len() / keys.d;
+        let mut parts = weights.iter_mut().enumerate().map(|(i, w)| {
+            let at = inner(i).start + offset;
+            &mut w[at..at + n]
+        });
+        let parts = std::array::from_fn(|_| parts.next().expect("four rows"));
+        group_scores(isa, q, k, scale, parts);
+        offset += n;
+    }
     let stats = weights.each_mut().map(|w| {
         let max = w.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
         let sum = exp_shifted(isa, w, max);
@@ -289,16 +448,31 @@ fn attend_group(
     // ones (four rows at once), then those after.
     for i in 0..GROUP_ROWS {
         out[i].fill(0.0);
-        let before = keys.range(ranges[i].start..shared.start).1;
-        add_weighted(isa, &weights[i][..inner(i).start], before, out[i]);
+        let before = ranges[i].start..shared.start;
+        let o = &mut *out[i];
+        for_runs(
+            keys,
+            before,
+            &mut weights[i][..inner(i).start],
+            |_, v, w| add_weighted(isa, w, v, o),
+        );
     }
-    {
-        let parts: [&[f32]; GROUP_ROWS] = std::array::from_fn(|i| &weights[i][inner(i)]);
+    let mut offset = 0;
+    for (_, v) in keys.runs(shared.clone()) {
+        let n = v.len() / keys.d;
+        let parts: [&[f32]; GROUP_ROWS] = std::array::from_fn(|i| {
+            let at = inner(i).start + offset;
+            &weights[i][at..at + n]
+        });
         group_add_weighted(isa, parts, v, out.each_mut().map(|o| &mut **o));
+        offset += n;
     }
     for i in 0..GROUP_ROWS {
-        let after = keys.range(shared.end..ranges[i].end).1;
-        add_weighted(isa, &weights[i][inner(i).end..], after, out[i]);
+        let after = shared.end..ranges[i].end;
+        let o = &mut *out[i];
+        for_runs(keys, after, &mut weights[i][inner(i).end..], |_, v, w| {
+            add_weighted(isa, w, v, o)
+        });
     }
     stats
 }
@@ -979,6 +1153,43 @@ mod tests {
                     let bits = |x: &[f32]| x.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
                     prop_assert_eq!(bits(&alone), bits(&block[r * d..][..d]), "{} row {}", isa, r);
                 }
+            }
+        }
+
+        /// Keys read through a block table in a pool, in any order of blocks, give the bits
+        /// of the same keys laid out one after another, at every level, alone and in blocks
+        /// of rows: a paged sequence attends where its keys are stored and gets a dense
+        /// cache's answer.
+        #[test]
+        fn keys_in_blocks_equal_contiguous_keys(
+            rows in 1usize..12,
+            past in 0usize..40,
+            d in prop::sample::select(vec![3usize, 8, 17, 64]),
+            block_size in prop::sample::select(vec![1usize, 3, 4, 16]),
+            window in prop::option::of(1usize..30),
+            seed in 0u64..1000,
+        ) {
+            let keys = past + rows;
+            let visible = causal_rows(rows, past, window);
+            let (q, k, v) = (values(rows * d, seed), values(keys * d, seed + 1), values(keys * d, seed + 2));
+            // A pool twice the sequence's blocks, the sequence in every other block, last
+            // first: no two of its blocks are neighbours in the pool.
+            let blocks_needed = keys.div_ceil(block_size);
+            let table: Vec<usize> = (0..blocks_needed).map(|i| 2 * (blocks_needed - 1 - i)).collect();
+            let slots = 2 * blocks_needed * block_size;
+            let (mut pool_k, mut pool_v) = (values(slots * d, seed + 3), values(slots * d, seed + 4));
+            for j in 0..keys {
+                let slot = table[j / block_size] * block_size + j % block_size;
+                pool_k[slot * d..][..d].copy_from_slice(&k[j * d..][..d]);
+                pool_v[slot * d..][..d].copy_from_slice(&v[j * d..][..d]);
+            }
+            let paged = HeadKeys::blocks(&pool_k, &pool_v, d, block_size, &table);
+            let bits = |x: &[f32]| x.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+            for isa in Isa::available() {
+                let (mut dense_out, mut paged_out) = (vec![0.0; rows * d], vec![0.0; rows * d]);
+                attend(isa, &q, &k, &v, d, &visible, 0.125, &mut dense_out, d, &mut Vec::new());
+                attend_keys(isa, &q, paged, &visible, 0.125, &mut paged_out, d, &mut Vec::new());
+                prop_assert_eq!(bits(&dense_out), bits(&paged_out), "{}", isa);
             }
         }
     }
