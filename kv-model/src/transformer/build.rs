@@ -372,6 +372,7 @@ fn build_gpt2<B: Backend>(
     for (i, (attention_norm, mlp_norm)) in norms.into_iter().enumerate() {
         let p = format!("{prefix}h.{i}");
         blocks.push(Block {
+            spec: LayerSpec::new(i, c),
             attention_norm,
             attention: Attention {
                 qkv: conv1d(m, &format!("{p}.attn.c_attn"), hidden, 3 * hidden)?,
@@ -502,6 +503,7 @@ fn build_llama<B: Backend>(c: &ModelConfig, m: &mut Matrices<'_, B>) -> Result<P
         let qkv = m.fuse(vec![q, k, v], &format!("{p}.self_attn.qkv"))?;
         let gate_up = m.fuse(vec![gate, up], &format!("{p}.mlp.gate_up"))?;
         blocks.push(Block {
+            spec: LayerSpec::new(i, c),
             attention_norm,
             attention: Attention {
                 qkv: m.layer(qkv, qkv_bias),

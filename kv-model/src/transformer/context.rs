@@ -1,38 +1,53 @@
-//! [`ForwardContext`]: what every layer of one forward pass shares (positions, runs, rotary
-//! angles, padding, the attention pattern and plan).
+//! [`ForwardContext`]: what every layer's attention over one piece of a pass shares (its
+//! queries' positions, padding, the cache's pattern and rotation, the attention plan).
 
 use super::*;
 
-/// What every layer of one forward pass shares, made once per [`Transformer::forward`].
+/// What attention over one piece of a forward pass needs in every layer, made once per pass
+/// (one per piece in a ragged pass).
 pub(super) struct ForwardContext<'a, B: Backend> {
-    /// Cache positions of the new tokens.
+    /// Cache positions of the piece's new tokens.
     pub(super) queries: Range<usize>,
-    /// Rotary / learned position of each new token, per batch row (or one shared row).
-    pub(super) position_ids: Vec<Vec<usize>>,
-    /// Runs of the new tokens computed apart where positions are independent
-    /// ([`Transformer::runs`]).
-    pub(super) runs: Vec<Range<usize>>,
-    /// Cosines and sines at `position_ids` for the query heads and for the key heads, run by
-    /// run, when the model rotates keys itself.
-    pub(super) angles: Option<Vec<(RotaryAngles<B>, RotaryAngles<B>)>>,
     pub(super) padding: Option<&'a AttentionMask>,
-    pub(super) pattern: AttentionPattern,
+    /// The pattern the cache's keys follow; each layer narrows it by its own window
+    /// ([`Transformer::layer_pattern`]).
+    pub(super) cache_pattern: AttentionPattern,
     pub(super) rotation: KeyRotation,
-    /// Whether the pass runs on the host ([`Transformer::forward_on_host`]), with the kernel
+    /// Whether the pass runs on the host ([`Transformer::runs_on_host`]), with the kernel
     /// threads free to share attention.
     pub(super) on_host: bool,
-    /// The attention plan made for the first layer (its blocks of queries, the keys each
-    /// reads, their masks folded for grouped-query attention), reused while the key positions
-    /// stay the same.
-    pub(super) plan_memo: Option<(KeyPositions, AttentionPlan<B>)>,
+    /// The attention plan made for the last layer that needed one (its blocks of queries, the
+    /// keys each reads, their masks folded for grouped-query attention), reused while the key
+    /// positions and the pattern stay the same.
+    pub(super) plan_memo: Option<(KeyPositions, AttentionPattern, AttentionPlan<B>)>,
 }
 
-impl<B: Backend> ForwardContext<'_, B> {
-    /// The attention plan over `keys`, in blocks of `block_queries`, for queries laid out
-    /// `[batch, kv_heads, groups]`.
+impl<'a, B: Backend> ForwardContext<'a, B> {
+    /// A context for queries at cache positions `queries`, through a cache whose keys follow
+    /// `cache_pattern` and are rotated as `rotation` says.
+    pub(super) fn new(
+        queries: Range<usize>,
+        padding: Option<&'a AttentionMask>,
+        cache_pattern: AttentionPattern,
+        rotation: KeyRotation,
+        on_host: bool,
+    ) -> Self {
+        Self {
+            queries,
+            padding,
+            cache_pattern,
+            rotation,
+            on_host,
+            plan_memo: None,
+        }
+    }
+
+    /// The attention plan over `keys` under `pattern`, in blocks of `block_queries`, for
+    /// queries laid out `[batch, kv_heads, groups]`.
     pub(super) fn plan_for(
         &mut self,
         keys: &KeyPositions,
+        pattern: AttentionPattern,
         block_queries: usize,
         layout: [usize; 3],
         device: &B::Device,
@@ -40,19 +55,21 @@ impl<B: Backend> ForwardContext<'_, B> {
         let stale = self
             .plan_memo
             .as_ref()
-            .is_none_or(|(memo_keys, _)| memo_keys != keys);
+            .is_none_or(|(memo_keys, memo_pattern, _)| {
+                memo_keys != keys || *memo_pattern != pattern
+            });
         if stale {
             let plan = AttentionPlan::new(
                 self.queries.clone(),
                 keys,
-                self.pattern,
+                pattern,
                 self.padding,
                 block_queries,
                 layout,
                 device,
             )?;
-            self.plan_memo = Some((keys.clone(), plan));
+            self.plan_memo = Some((keys.clone(), pattern, plan));
         }
-        Ok(&self.plan_memo.as_ref().expect("planned above").1)
+        Ok(&self.plan_memo.as_ref().expect("planned above").2)
     }
 }

@@ -1,6 +1,9 @@
-//! The forward pass: embedding, the blocks, the final norm and the LM head, on the backend or,
-//! for a decode step on a model whose matrices live on the host, on the host.
+//! The single-sequence forward pass: a batch of rows at the same positions through a
+//! [`ModelCache`]: the embedding, the blocks ([`Block::forward`]), the final norm and the LM
+//! head.
 
+use super::block::{LayerKv, PassLayout};
+use super::stream::{self, Run, Stream};
 use super::*;
 
 impl<B: Backend> Transformer<B> {
@@ -94,93 +97,53 @@ impl<B: Backend> Transformer<B> {
         let cache_pattern = cache
             .as_ref()
             .map_or(AttentionPattern::Causal, |c| c.attention_pattern());
+        self.check_layer_patterns(cache_pattern)?;
         let runs = self.runs(seq);
         let on_host = self.runs_on_host(batch * seq, runs.len());
-        // Rotary angles of the new tokens: computed once per run of positions, laid out for
-        // the query heads and for the key heads, and applied to Q and K in every layer.
-        let angles = match (&self.positions, rotation) {
-            (PositionEncoding::Rotary(rope), KeyRotation::AppliedByCaller) if !on_host => Some(
-                runs.iter()
-                    .map(|run| {
-                        let ids: Vec<Vec<usize>> = position_ids
-                            .iter()
-                            .map(|row| row[run.clone()].to_vec())
-                            .collect();
-                        let angles = rope.angles(&ids);
-                        (
-                            angles.for_heads(self.config.num_heads),
-                            angles.for_heads(self.config.num_kv_heads),
-                        )
-                    })
-                    .collect(),
-            ),
-            _ => None,
-        };
-        let mut step = ForwardContext {
-            queries,
+        // One piece: every batch row attends through its own row of the cache at the same
+        // positions.
+        let layout = PassLayout::new(
+            self,
             runs,
-            angles,
-            position_ids,
-            padding: mask,
-            pattern: self.pattern(cache_pattern)?,
-            rotation,
-            on_host,
-            plan_memo: None,
+            std::iter::once(0..seq).collect(),
+            |positions| {
+                position_ids
+                    .iter()
+                    .map(|row| row[positions.clone()].to_vec())
+                    .collect()
+            },
+            rotation == KeyRotation::AppliedByCaller,
+        );
+        let mut kv = DenseKv {
+            cache,
+            step: ForwardContext::new(queries, mask, cache_pattern, rotation, on_host),
         };
-        if on_host {
-            return self.forward_on_host(tokens, cache, &mut step, logits);
-        }
 
-        // The residual stream `[batch, run, hidden]`, run by run: each run its own buffer, so
-        // the element-wise ops on it work in place on whole buffers, not on views.
-        let runs = step.runs.clone();
-        let mut xs = self
-            .map_runs(&runs, vec![(); runs.len()], |_, run, ()| {
+        // The residual stream `[batch, run, hidden]`, run by run.
+        let mut x = self
+            .map_runs(&layout.runs, vec![(); layout.runs.len()], |_, run, ()| {
                 let ids: Vec<Vec<u32>> =
                     tokens.iter().map(|row| row[run.clone()].to_vec()).collect();
-                let positions: Vec<Vec<usize>> = step
-                    .position_ids
+                let positions: Vec<Vec<usize>> = position_ids
                     .iter()
                     .map(|row| row[run.clone()].to_vec())
                     .collect();
-                self.embed(&ids, &positions)
+                self.embed(&ids, &positions).map(Run::Device)
             })
             .into_iter()
-            .collect::<Result<Vec<_>>>()?;
-        for (layer, block) in self.blocks.iter().enumerate() {
-            // x = x + attention(norm(x)), then x = x + mlp(norm(x)): attention over every new
-            // position at once, the rest run by run.
-            let attended = self.self_attention(
-                &block.attention_norm,
-                &block.attention,
-                &xs,
-                layer,
-                cache.as_deref_mut(),
-                &mut step,
-            )?;
-            let inputs = xs.into_iter().zip(attended).collect();
-            xs = self.map_runs(&runs, inputs, |_, _, (x, attended)| {
-                block.mlp_residual(x + attended, &self.device)
-            });
+            .collect::<Result<Stream<B>>>()?;
+        for block in &self.blocks {
+            x = block.forward(self, &layout, x, &mut kv)?;
         }
         let x = match logits {
-            Logits::All => join_runs(xs, 1),
+            Logits::All => stream::join(x, &self.device),
             Logits::Last => {
-                let last = xs.pop().expect("at least one run");
+                let last = x.pop().expect("at least one run");
                 let len = last.dims()[1];
-                last.narrow(1, len - 1, 1)
+                last.positions(len - 1..len)
             }
         };
-        if self.lm_head.is_host() {
-            // The final norm on the host too, as the decode path computes it, so a position's
-            // logits do not depend on the path its pass took.
-            let [batch, len, hidden] = x.dims();
-            let h = self.final_norm.forward_host(&host::download(x), hidden);
-            let vocab = self.lm_head.out_features();
-            let out = self.lm_head.forward_host(&h, batch * len);
-            return Ok(host::upload(out, [batch, len, vocab], &self.device));
-        }
-        Ok(self.lm_head.forward(self.final_norm.forward(x)))
+        Ok(self.head(x))
     }
 
     /// A forward pass of several tokens through a cache that re-rotates its keys, when they
@@ -222,74 +185,30 @@ impl<B: Backend> Transformer<B> {
         Ok(Some(Tensor::cat(pieces, 1)))
     }
 
-    /// Whether a forward pass over `rows` new positions in `runs` runs takes
-    /// [`Transformer::forward_on_host`]: one run, and every matrix (the LM head too) on the
-    /// host with few enough rows for the kernels' matrix-vector path.
+    /// Whether a forward pass over `rows` new positions in `runs` runs keeps its stream on the
+    /// host from end to end ([`crate::host`]): one run, and every matrix (the LM head too) on
+    /// the host with few enough rows for the kernels' matrix-vector path. Attention may then
+    /// split a decode step's keys over the kernel threads, which are free during it.
     fn runs_on_host(&self, rows: usize, runs: usize) -> bool {
         runs == 1
             && self.lm_head.is_host()
             && self.blocks.iter().all(|block| block.runs_on_host(rows))
     }
 
-    /// [`Transformer::forward`] for a few new tokens (a decode step) on a model whose matrices
-    /// live on the host: the residual stream stays in host memory from the embedding to the
-    /// logits, and per layer the backend only stores the new keys and values and attends over
-    /// the cache (see [`crate::host`]). Same arithmetic as the backend path, value by value.
-    fn forward_on_host<C: KvCache<B>>(
-        &self,
-        tokens: &[Vec<u32>],
-        mut cache: Option<&mut ModelCache<B, C>>,
-        step: &mut ForwardContext<'_, B>,
-        logits: Logits,
-    ) -> Result<Tensor<B, 3>> {
-        let (batch, seq) = (tokens.len(), tokens[0].len());
-        let hidden = self.config.hidden_size;
-        // Cosines and sines of every new position: `[rows of positions * seq, head_dim]`,
-        // when the model rotates keys itself (a cache that re-rotates them takes K as it is,
-        // and Q is rotated at its rank in the cache once the cache has said it).
-        let angles = match (&self.positions, step.rotation) {
-            (PositionEncoding::Rotary(rope), KeyRotation::AppliedByCaller) => {
-                Some(rope.host_angles(&step.position_ids.concat()))
-            }
-            _ => None,
-        };
-
-        // The residual stream, `[batch * seq, hidden]`.
-        let mut x = host::download(self.embed(tokens, &step.position_ids)?);
-        for (layer, block) in self.blocks.iter().enumerate() {
-            // x = x + attention(norm(x))
-            let h = block.attention_norm.forward_host(&x, hidden);
-            let attended = self.self_attention_on_host(
-                &block.attention,
-                &h,
-                [batch, seq],
-                angles.as_ref(),
-                layer,
-                cache.as_deref_mut(),
-                step,
-            )?;
-            host::add_assign(&mut x, &attended);
-            // x = x + mlp(norm(x))
-            let h = block.mlp_norm.forward_host(&x, hidden);
-            host::add_assign(&mut x, &block.mlp.forward_host(&h, batch * seq));
+    /// The final norm and the LM head over `x` `[batch, n, hidden]`: `[batch, n, vocab]`. On
+    /// the host when the LM head lives there (the norm with it, as a decode step computes it,
+    /// so a position's logits do not depend on the path its pass took).
+    pub(super) fn head(&self, x: Run<B>) -> Tensor<B, 3> {
+        if !self.lm_head.is_host() {
+            return self
+                .lm_head
+                .forward(self.final_norm.forward(x.into_device(&self.device)));
         }
-
-        // The final norm and the LM head, for the last position of each row or all of them:
-        // `[batch, 1 or seq, vocab]`.
-        let x = match logits {
-            Logits::All => x,
-            Logits::Last => x
-                .chunks_exact(seq * hidden)
-                .flat_map(|row| &row[(seq - 1) * hidden..])
-                .copied()
-                .collect(),
-        };
-        let positions = x.len() / (batch * hidden);
+        let [batch, n, hidden] = x.dims();
+        let h = self.final_norm.forward_host(&x.into_host(), hidden);
         let vocab = self.lm_head.out_features();
-        let out = self
-            .lm_head
-            .forward_host(&self.final_norm.forward_host(&x, hidden), batch * positions);
-        Ok(host::upload(out, [batch, positions, vocab], &self.device))
+        let out = self.lm_head.forward_host(&h, batch * n);
+        host::upload(out, [batch, n, vocab], &self.device)
     }
 
     /// Checks ids against the vocabulary and rows against each other: `(batch, seq)`.
@@ -311,22 +230,36 @@ impl<B: Backend> Transformer<B> {
         Ok((tokens.len(), seq))
     }
 
-    /// The pattern attention must follow: the cache's, narrowed by the model's own window.
-    pub(super) fn pattern(&self, cache: AttentionPattern) -> Result<AttentionPattern> {
-        let Some(model_window) = self.config.sliding_window else {
+    /// The pattern `layer`'s attention follows: the cache's, narrowed by the layer's own
+    /// window.
+    pub(super) fn layer_pattern(
+        &self,
+        layer: &LayerSpec,
+        cache: AttentionPattern,
+    ) -> Result<AttentionPattern> {
+        let Some(layer_window) = layer.window else {
             return Ok(cache);
         };
         match cache {
             AttentionPattern::Causal => Ok(AttentionPattern::SlidingWindow {
-                window: model_window,
+                window: layer_window,
             }),
             AttentionPattern::SlidingWindow { window } => Ok(AttentionPattern::SlidingWindow {
-                window: window.min(model_window),
+                window: window.min(layer_window),
             }),
             AttentionPattern::Sinks { .. } => Err(ModelError::SinkWithModelWindow {
                 model_type: self.config.model_type.clone(),
             }),
         }
+    }
+
+    /// Checks that every layer can attend through a cache of pattern `cache`, before a pass
+    /// writes anything.
+    pub(super) fn check_layer_patterns(&self, cache: AttentionPattern) -> Result<()> {
+        for block in &self.blocks {
+            self.layer_pattern(&block.spec, cache)?;
+        }
+        Ok(())
     }
 
     /// Token embeddings, plus learned positions for GPT-2: `[batch, seq, hidden]`.
@@ -355,5 +288,26 @@ impl<B: Backend> Transformer<B> {
                 Ok(x + positions)
             }
         }
+    }
+}
+
+/// The single-sequence pass's keys and values: one [`ModelCache`] (a dense cache of any kind
+/// per layer) holding every batch row, or none (attention over the new tokens alone).
+struct DenseKv<'c, 'm, B: Backend, C: KvCache<B>> {
+    cache: Option<&'c mut ModelCache<B, C>>,
+    step: ForwardContext<'m, B>,
+}
+
+impl<B: Backend, C: KvCache<B>> LayerKv<B> for DenseKv<'_, '_, B, C> {
+    fn attend(
+        &mut self,
+        model: &Transformer<B>,
+        layer: &LayerSpec,
+        _piece: usize,
+        q: Tensor<B, 4>,
+        k: Tensor<B, 4>,
+        v: Tensor<B, 4>,
+    ) -> Result<Tensor<B, 3>> {
+        model.attend_through_cache(q, k, v, layer, self.cache.as_deref_mut(), &mut self.step)
     }
 }

@@ -9,11 +9,17 @@
 //!    cache, attends over what the cache returns, and projects the heads back to `hidden`;
 //! 3. final norm and LM head, for every position or only the last.
 //!
-//! A decode step on a CPU backend reads best in `forward.rs`'s `forward_on_host` (the residual
-//! stream in host memory, one block in six lines) and `self_attention.rs`'s
-//! `self_attention_on_host` (Q/K/V, rotary, the cache, the output projection, with shapes).
-//! A prompt, or any pass on a GPU, takes `forward` and `self_attention`: the same steps on
-//! tensors, the position-wise work cut into runs of positions ([`PromptSplit`]).
+//! Where to read it:
+//!
+//! - `block.rs`: [`Block::forward`], the block once for every pass, and how Q/K/V become
+//!   heads;
+//! - `forward.rs`: the single-sequence pass over a [`ModelCache`]; `ragged.rs`: the ragged
+//!   pass over a [`kv_core::PagedStore`] (an engine's step). Each is one layer loop, differing
+//!   only in the layout of its positions and in where keys and values live
+//!   ([`block::LayerKv`]);
+//! - `attention.rs`: attention over what a cache holds, shared by both;
+//! - `stream.rs`: the residual stream, run by run ([`PromptSplit`]), in host memory where the
+//!   weights are on the host (kv-kernels) and on the device otherwise.
 
 use std::ops::Range;
 
@@ -25,7 +31,7 @@ use kv_core::{
     AttentionPlan, Execution, HostAngles, KeyPositions, KeyRotation, KvCache, KvView, ModelCache,
     PartialAttention, RotaryAngles, RotaryTable, DEFAULT_BLOCK_QUERIES,
 };
-use kv_kernels::{attention, Format, Isa, Matrix, Threads};
+use kv_kernels::{Format, Isa, Matrix, Threads};
 use rayon::prelude::*;
 
 use crate::config::{Architecture, ModelConfig};
@@ -35,12 +41,14 @@ use crate::layers::{upload, Linear, Mlp, Norm, HOST_KERNEL_MAX_ROWS};
 use crate::placement::{WeightDtype, WeightFormat, WeightPlacement};
 use crate::weights::{HostTensor, Weights};
 
+mod attention;
+mod block;
 mod build;
 mod context;
 mod forward;
 mod ragged;
 mod runs;
-mod self_attention;
+mod stream;
 
 use context::ForwardContext;
 pub use ragged::BatchPiece;
@@ -118,9 +126,9 @@ impl<B: Backend> Embedding<B> {
     }
 }
 
-/// Q, K, V and output projections of one layer; the attention they serve is
-/// [`Transformer::self_attention`] (`self_attention.rs`), which also needs the model's
-/// positions, the cache and the pass's context.
+/// Q, K, V and output projections of one layer; the attention between them is the pass's
+/// (`block.rs` splits Q/K/V into heads and rotates them, `attention.rs` attends through the
+/// pass's keys and values).
 #[derive(Debug, Clone)]
 struct Attention<B: Backend> {
     /// `[hidden, (heads + 2 * kv_heads) * head_dim]`: Q's columns, then K's, then V's.
@@ -136,9 +144,32 @@ impl<B: Backend> Attention<B> {
     }
 }
 
-/// One transformer block (pre-norm).
+/// What sets one layer apart from the others, as data built from the configuration: the
+/// block code ([`Block::forward`]) is the same for every layer and reads its differences here.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct LayerSpec {
+    /// The layer's index: its cache in a [`ModelCache`], its layer of a paged store.
+    index: usize,
+    /// The model's own attention window on this layer (Mistral's `sliding_window`), or `None`
+    /// for full causal attention.
+    window: Option<usize>,
+}
+
+impl LayerSpec {
+    /// Layer `index` of a model configured as `config`.
+    fn new(index: usize, config: &ModelConfig) -> Self {
+        Self {
+            index,
+            window: config.sliding_window,
+        }
+    }
+}
+
+/// One transformer block (pre-norm): `x += attention(norm(x)); x += mlp(norm(x))`
+/// (`block.rs`).
 #[derive(Debug, Clone)]
 struct Block<B: Backend> {
+    spec: LayerSpec,
     attention_norm: Norm<B>,
     attention: Attention<B>,
     mlp_norm: Norm<B>,
@@ -153,28 +184,12 @@ impl<B: Backend> Block<B> {
         rows <= HOST_KERNEL_MAX_ROWS && self.is_host()
     }
 
-    /// Whether every matrix of the block lives on the host: then a prompt's position-wise work
-    /// runs there too, run by run (norms, products, activations and residual sums as loops
-    /// around kv-kernels' batched products), and only Q/K/V and the attention output cross
-    /// between the backend and the host.
+    /// Whether every matrix of the block lives on the host: then its position-wise work runs
+    /// there too (norms, products, activations and residual sums as loops around kv-kernels'
+    /// products), and only Q/K/V and the attention output cross between the backend and the
+    /// host.
     fn is_host(&self) -> bool {
         self.attention.is_host() && self.mlp.is_host()
-    }
-
-    /// `x + mlp(norm(x))` over `[batch, run, hidden]`: the block's second half. On the host
-    /// when the MLP's matrices live there.
-    fn mlp_residual(&self, x: Tensor<B, 3>, device: &B::Device) -> Tensor<B, 3> {
-        if !self.mlp.is_host() {
-            let h = self.mlp.forward(self.mlp_norm.forward(x.clone()));
-            return x + h;
-        }
-        let [batch, len, hidden] = x.dims();
-        let mut x = host::download(x);
-        let h = self
-            .mlp
-            .forward_host(&self.mlp_norm.forward_host(&x, hidden), batch * len);
-        host::add_assign(&mut x, &h);
-        host::upload(x, [batch, len, hidden], device)
     }
 }
 

@@ -17,6 +17,8 @@
 
 use kv_core::{PagedStore, SequenceId};
 
+use super::block::{LayerKv, PassLayout};
+use super::stream::{self, Run, Stream};
 use super::*;
 
 /// The new tokens of one sequence in a ragged batch ([`Transformer::forward_ragged`]).
@@ -122,9 +124,7 @@ impl<B: Backend> Transformer<B> {
         pieces: &[BatchPiece<'_>],
     ) -> Result<Tensor<B, 2>> {
         self.check_pieces(store, pieces)?;
-        let c = &self.config;
-        let (heads, kv_heads, head_dim) = (c.num_heads, c.num_kv_heads, c.head_dim);
-        let pattern = self.pattern(AttentionPattern::Causal)?;
+        self.check_layer_patterns(AttentionPattern::Causal)?;
         let tokens: Vec<u32> = pieces
             .iter()
             .flat_map(|p| p.tokens.iter().copied())
@@ -133,209 +133,90 @@ impl<B: Backend> Transformer<B> {
             .iter()
             .flat_map(|p| p.start..p.start + p.tokens.len())
             .collect();
-        // Row offset of each piece in the batch matrix.
-        let offsets: Vec<usize> = pieces
+        // Each piece's rows in the batch.
+        let rows_of: Vec<Range<usize>> = pieces
             .iter()
             .scan(0, |at, p| {
-                let offset = *at;
-                *at += p.tokens.len();
-                Some(offset)
+                let rows = *at..*at + p.tokens.len();
+                *at = rows.end;
+                Some(rows)
             })
             .collect();
         let rows = tokens.len();
+        // Every matrix on the host: the stream stays there, run by run. Otherwise one run.
         let on_host = self.lm_head.is_host() && self.blocks.iter().all(Block::is_host);
-        // What attention needs per piece, shared by every layer (its attention plan too).
-        let mut steps: Vec<ForwardContext<'_, B>> = pieces
-            .iter()
-            .map(|p| ForwardContext {
-                queries: p.start..p.start + p.tokens.len(),
-                position_ids: vec![(p.start..p.start + p.tokens.len()).collect()],
-                // One run: the whole piece.
-                runs: std::iter::once(0..p.tokens.len()).collect(),
-                angles: None,
-                padding: None,
-                pattern,
-                rotation: KeyRotation::AppliedByCaller,
-                on_host,
-                plan_memo: None,
-            })
-            .collect();
-        let rope = match &self.positions {
-            PositionEncoding::Rotary(rope) => Some(rope),
-            PositionEncoding::Learned(_) => None,
+        #[allow(clippy::single_range_in_vec_init)] // one run: all the rows
+        let runs = if on_host {
+            self.runs(rows)
+        } else {
+            vec![0..rows]
         };
-        // Per piece: stores its new keys and values and attends over all of its sequence's;
-        // `q`, `k`, `v` are `[1, heads or kv_heads, n, head_dim]`, rotated.
-        let mut attend = |layer: usize,
-                          i: usize,
-                          q: Tensor<B, 4>,
-                          k: Tensor<B, 4>,
-                          v: Tensor<B, 4>|
-         -> Result<Tensor<B, 3>> {
-            let piece = &pieces[i];
-            store.write(layer, piece.sequence, piece.start, k, v);
-            let (keys, values) = store.read(layer, piece.sequence);
-            let held = keys.dims()[2];
-            let view = KvView {
-                keys,
-                values,
-                positions: KeyPositions::Contiguous(0..held),
-                query_rotary_positions: None,
-            };
-            self.attend_view(q, view, &mut steps[i])
-        };
-
-        // The residual stream: all the step's tokens as one sequence.
-        let x = self.embed(&[tokens], &[positions])?;
-        let x = if on_host {
-            // Rotary angles of each piece's positions, `[n, head_dim]`.
-            let angles: Vec<Option<HostAngles>> = pieces
+        let layout = PassLayout::new(
+            self,
+            runs,
+            rows_of.clone(),
+            |rows| vec![positions[rows].to_vec()],
+            true,
+        );
+        let mut kv = PagedKv {
+            store,
+            pieces,
+            steps: pieces
                 .iter()
                 .map(|p| {
-                    rope.map(|r| {
-                        r.host_angles(&(p.start..p.start + p.tokens.len()).collect::<Vec<_>>())
-                    })
+                    let queries = p.start..p.start + p.tokens.len();
+                    ForwardContext::new(
+                        queries,
+                        None,
+                        AttentionPattern::Causal,
+                        KeyRotation::AppliedByCaller,
+                        on_host,
+                    )
                 })
-                .collect();
-            let hidden = c.hidden_size;
-            let runs = self.runs(rows);
-            let mut x = host::download(x);
-            for (layer, block) in self.blocks.iter().enumerate() {
-                // x = x + attention(norm(x)): Q/K/V for every row at once.
-                let qkv = self.host_rows(&runs, &x, hidden, |x, n| {
-                    block
-                        .attention
-                        .qkv
-                        .forward_host(&block.attention_norm.forward_host(x, hidden), n)
-                });
-                let width = qkv.len() / rows;
-                let mut attended = vec![0.0f32; rows * heads * head_dim];
-                for (i, piece) in pieces.iter().enumerate() {
-                    let n = piece.tokens.len();
-                    let fused = &qkv[offsets[i] * width..(offsets[i] + n) * width];
-                    let split = |first: usize, count: usize| {
-                        host::heads_major(fused, [1, n], first, count, head_dim)
-                    };
-                    let (mut q, mut k, v) = (
-                        split(0, heads),
-                        split(heads, kv_heads),
-                        split(heads + kv_heads, kv_heads),
-                    );
-                    if let Some(angles) = &angles[i] {
-                        host::rotate_heads(&mut q, [1, heads, n, head_dim], angles, true);
-                        host::rotate_heads(&mut k, [1, kv_heads, n, head_dim], angles, true);
-                    }
-                    let tensor = |values: Vec<f32>, count: usize| {
-                        Tensor::<B, 4>::from_data(
-                            TensorData::new(values, [1, count, n, head_dim]),
-                            &self.device,
-                        )
-                    };
-                    let out = attend(
-                        layer,
-                        i,
-                        tensor(q, heads),
-                        tensor(k, kv_heads),
-                        tensor(v, kv_heads),
-                    )?;
-                    attended[offsets[i] * heads * head_dim..][..n * heads * head_dim]
-                        .copy_from_slice(&host::download(out));
-                }
-                let out = self.host_rows(&runs, &attended, heads * head_dim, |h, n| {
-                    block.attention.output.forward_host(h, n)
-                });
-                host::add_assign(&mut x, &out);
-                // x = x + mlp(norm(x))
-                let out = self.host_rows(&runs, &x, hidden, |x, n| {
-                    block
-                        .mlp
-                        .forward_host(&block.mlp_norm.forward_host(x, hidden), n)
-                });
-                host::add_assign(&mut x, &out);
-            }
-            host::upload(x, [1, rows, hidden], &self.device)
-        } else {
-            let mut x = x;
-            for (layer, block) in self.blocks.iter().enumerate() {
-                // x = x + attention(norm(x))
-                let qkv = block
-                    .attention
-                    .qkv
-                    .forward(block.attention_norm.forward(x.clone()));
-                let mut attended = Vec::with_capacity(pieces.len());
-                for (i, piece) in pieces.iter().enumerate() {
-                    let n = piece.tokens.len();
-                    let fused = qkv.clone().narrow(1, offsets[i], n);
-                    let split = |first: usize, count: usize| {
-                        fused
-                            .clone()
-                            .narrow(2, first * head_dim, count * head_dim)
-                            .reshape([1, n, count, head_dim])
-                            .swap_dims(1, 2)
-                    };
-                    let (mut q, mut k, v) = (
-                        split(0, heads),
-                        split(heads, kv_heads),
-                        split(heads + kv_heads, kv_heads),
-                    );
-                    if let Some(rope) = rope {
-                        let angles = rope.angles(&[(piece.start..piece.start + n).collect()]);
-                        q = angles.for_heads(heads).apply(q);
-                        k = angles.for_heads(kv_heads).apply(k);
-                    }
-                    attended.push(attend(layer, i, q, k, v)?);
-                }
-                x = x + block.attention.output.forward(Tensor::cat(attended, 1));
-                // x = x + mlp(norm(x))
-                x = block.mlp_residual(x, &self.device);
-            }
-            x
+                .collect(),
         };
+
+        // The residual stream: all the step's tokens as one sequence `[1, rows, hidden]`.
+        let x = self.embed(&[tokens], &[positions])?;
+        let mut x: Stream<B> = layout
+            .runs
+            .iter()
+            .map(|run| Run::Device(narrow_run(&x, run)))
+            .collect();
+        for block in &self.blocks {
+            x = block.forward(self, &layout, x, &mut kv)?;
+        }
 
         // The final norm and the LM head over the rows whose logits are wanted.
         let wanted: Vec<usize> = pieces
             .iter()
-            .zip(&offsets)
-            .flat_map(|(p, &at)| match p.logits {
+            .zip(&rows_of)
+            .flat_map(|(p, rows)| match p.logits {
                 None => 0..0,
-                Some(Logits::Last) => at + p.tokens.len() - 1..at + p.tokens.len(),
-                Some(Logits::All) => at..at + p.tokens.len(),
+                Some(Logits::Last) => rows.end - 1..rows.end,
+                Some(Logits::All) => rows.clone(),
             })
             .collect();
         let vocab = self.lm_head.out_features();
         if wanted.is_empty() {
             return Ok(Tensor::zeros([0, vocab], &self.device));
         }
-        let x = x
-            .select(1, index_tensor::<B>(&wanted, &self.device))
-            .reshape([1, wanted.len(), c.hidden_size]);
-        let logits = if self.lm_head.is_host() {
-            let hidden = c.hidden_size;
-            let h = self.final_norm.forward_host(&host::download(x), hidden);
-            host::upload(
-                self.lm_head.forward_host(&h, wanted.len()),
-                [1, wanted.len(), vocab],
-                &self.device,
-            )
-        } else {
-            self.lm_head.forward(self.final_norm.forward(x))
+        let x = match stream::join(x, &self.device) {
+            Run::Host { values, dims } => {
+                let hidden = dims[2];
+                let values = wanted
+                    .iter()
+                    .flat_map(|&row| &values[row * hidden..(row + 1) * hidden])
+                    .copied()
+                    .collect();
+                Run::Host {
+                    values,
+                    dims: [1, wanted.len(), hidden],
+                }
+            }
+            Run::Device(x) => Run::Device(x.select(1, index_tensor::<B>(&wanted, &self.device))),
         };
-        Ok(logits.reshape([wanted.len(), vocab]))
-    }
-
-    /// `f(rows, n)` over `x`'s rows of `width` values, run by run on rayon's threads (see
-    /// [`Transformer::runs`]), the outputs joined in row order.
-    fn host_rows(
-        &self,
-        runs: &[Range<usize>],
-        x: &[f32],
-        width: usize,
-        f: impl Fn(&[f32], usize) -> Vec<f32> + Sync,
-    ) -> Vec<f32> {
-        self.map_runs(runs, vec![(); runs.len()], |_, run, ()| {
-            f(&x[run.start * width..run.end * width], run.len())
-        })
-        .concat()
+        Ok(self.head(x).reshape([wanted.len(), vocab]))
     }
 
     /// Checks each piece: tokens, ids, positions inside the model's and reserved in `store`.
@@ -383,5 +264,40 @@ impl<B: Backend> Transformer<B> {
             }
         }
         Ok(())
+    }
+}
+
+/// The ragged pass's keys and values: every piece's sequence in one [`PagedStore`].
+struct PagedKv<'s, 'p, B: Backend> {
+    store: &'s mut PagedStore<B>,
+    pieces: &'p [BatchPiece<'p>],
+    /// Each piece's attention context, shared by its layers.
+    steps: Vec<ForwardContext<'p, B>>,
+}
+
+impl<B: Backend> LayerKv<B> for PagedKv<'_, '_, B> {
+    fn attend(
+        &mut self,
+        model: &Transformer<B>,
+        layer: &LayerSpec,
+        piece: usize,
+        q: Tensor<B, 4>,
+        k: Tensor<B, 4>,
+        v: Tensor<B, 4>,
+    ) -> Result<Tensor<B, 3>> {
+        let BatchPiece {
+            sequence, start, ..
+        } = self.pieces[piece];
+        let step = &mut self.steps[piece];
+        self.store.write(layer.index, sequence, start, k, v);
+        let (keys, values) = self.store.read(layer.index, sequence);
+        let held = keys.dims()[2];
+        let view = KvView {
+            keys,
+            values,
+            positions: KeyPositions::Contiguous(0..held),
+            query_rotary_positions: None,
+        };
+        model.attend_view(q, view, layer, step)
     }
 }

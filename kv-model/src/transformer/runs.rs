@@ -31,19 +31,21 @@ impl<B: Backend> Transformer<B> {
         f: impl Fn(usize, &Range<usize>, I) -> T + Sync,
     ) -> Vec<T> {
         debug_assert_eq!(runs.len(), inputs.len());
-        if runs.len() == 1 {
-            return inputs
-                .into_iter()
-                .map(|input| f(0, &runs[0], input))
-                .collect();
+        let tasks: Vec<_> = inputs.into_iter().zip(runs).enumerate().collect();
+        self.map_tasks(runs.len() > 1, tasks, |(i, (input, run))| f(i, run, input))
+    }
+
+    /// `f` over `inputs`, on rayon's threads when `parallel` (one input per task), in order.
+    pub(super) fn map_tasks<I: Send, T: Send>(
+        &self,
+        parallel: bool,
+        inputs: Vec<I>,
+        f: impl Fn(I) -> T + Sync,
+    ) -> Vec<T> {
+        if !parallel {
+            return inputs.into_iter().map(f).collect();
         }
-        inputs
-            .into_par_iter()
-            .zip(runs.par_iter())
-            .enumerate()
-            .with_max_len(1)
-            .map(|(i, (input, run))| f(i, run, input))
-            .collect()
+        inputs.into_par_iter().with_max_len(1).map(&f).collect()
     }
 }
 
