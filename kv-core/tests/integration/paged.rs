@@ -236,7 +236,8 @@ fn a_repeated_prompt_starts_from_its_cached_blocks() {
 mod store {
     use burn::tensor::{Distribution, Tensor};
     use burn_ndarray::NdArray;
-    use kv_core::{BlockOrder, CacheError, LayerShape, PagedStore, SequenceId};
+    use kv_core::{BlockOrder, CacheError, KvMemory, LayerShape, PagedStore, SequenceId};
+    use kv_kernels::{attention, Isa};
 
     type B = NdArray<f32>;
     const SHAPE: LayerShape = LayerShape {
@@ -272,7 +273,59 @@ mod store {
 
     #[test]
     fn sequences_read_back_what_they_wrote_through_scattered_blocks() {
-        let mut store = PagedStore::<B>::new(
+        for memory in [KvMemory::Device, KvMemory::Host] {
+            read_back_through_scattered_blocks(memory);
+        }
+    }
+
+    /// Attention over `id`'s keys in `layer` read in place through its block table equals
+    /// attention over the same keys read out as one tensor, bit for bit, every head.
+    fn host_attention_reads_what_was_written(store: &PagedStore<B>, layer: usize, id: SequenceId) {
+        let kv = store.host_kv(layer, id).expect("a host store");
+        let (k, v) = store.read(layer, id);
+        let values = |t: Tensor<B, 4>| t.into_data().convert::<f32>().into_vec::<f32>().unwrap();
+        let (k, v) = (values(k), values(v));
+        let (len, d) = (kv.len(), SHAPE.head_dim);
+        let q = [0.3, -0.2, 0.5, 0.1];
+        let all = 0..len;
+        let visible = std::slice::from_ref(&all);
+        for head in 0..SHAPE.kv_heads {
+            let span = head * len * d..(head + 1) * len * d;
+            let (mut dense, mut paged) = ([0.0; 4], [0.0; 4]);
+            let isa = Isa::best();
+            attention::attend(
+                isa,
+                &q,
+                &k[span.clone()],
+                &v[span],
+                d,
+                visible,
+                0.5,
+                &mut dense,
+                d,
+                &mut Vec::new(),
+            );
+            attention::attend_keys(
+                isa,
+                &q,
+                kv.head(head),
+                visible,
+                0.5,
+                &mut paged,
+                d,
+                &mut Vec::new(),
+            );
+            assert_eq!(
+                dense.map(f32::to_bits),
+                paged.map(f32::to_bits),
+                "head {head}"
+            );
+        }
+    }
+
+    fn read_back_through_scattered_blocks(memory: KvMemory) {
+        let mut store = PagedStore::<B>::new_in(
+            memory,
             2,
             SHAPE,
             32,
@@ -281,6 +334,7 @@ mod store {
             b"m",
             &Default::default(),
         );
+        assert_eq!(store.memory(), memory);
         let (a, _) = store.add_sequence(&[1, 2, 3, 4, 5]);
         let first = write(&mut store, a, &[1, 2, 3, 4, 5]);
         let second = write(&mut store, a, &[6]);
@@ -312,6 +366,12 @@ mod store {
                 2,
             );
             same(k, want);
+            if memory == KvMemory::Host {
+                host_attention_reads_what_was_written(&store, layer, a);
+                host_attention_reads_what_was_written(&store, layer, b);
+            } else {
+                assert!(store.host_kv(layer, a).is_none());
+            }
         }
         store.free(a);
         store.free(b);

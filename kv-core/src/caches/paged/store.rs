@@ -6,11 +6,11 @@ use std::collections::HashMap;
 
 use burn::tensor::{backend::Backend, Tensor};
 
-use crate::caches::buffer::KvBuffer;
 use crate::error::{CacheError, Result};
 use crate::LayerShape;
 
 use super::pool::{BlockOrder, BlockPool, PoolStats};
+use super::storage::{HostKv, KvMemory, LayerStorage};
 use super::table::BlockTable;
 
 /// A sequence's handle in a [`PagedStore`].
@@ -61,8 +61,10 @@ struct Sequence {
 #[derive(Debug)]
 pub struct PagedStore<B: Backend> {
     pool: BlockPool,
-    /// Per layer, `[1, kv_heads, num_blocks * block_size, head_dim]`.
-    layers: Vec<Option<KvBuffer<B>>>,
+    /// Per layer, `[kv_heads, num_blocks * block_size, head_dim]` keys and values.
+    layers: Vec<LayerStorage<B>>,
+    memory: KvMemory,
+    device: B::Device,
     sequences: HashMap<SequenceId, Sequence>,
     next_id: u64,
     /// The extra key of every block hash (a model fingerprint).
@@ -72,7 +74,8 @@ pub struct PagedStore<B: Backend> {
 impl<B: Backend> PagedStore<B> {
     /// A store of `num_blocks` blocks of `block_size` slots for `layers` layers of `shape`,
     /// handing blocks out in `order`; `extra` goes into every block hash (name the model, so
-    /// two models never share blocks).
+    /// two models never share blocks). Its keys and values are backend tensors
+    /// ([`KvMemory::Device`]); [`PagedStore::new_in`] chooses.
     ///
     /// # Panics
     /// If `block_size` is 0.
@@ -85,15 +88,63 @@ impl<B: Backend> PagedStore<B> {
         extra: &[u8],
         device: &B::Device,
     ) -> Self {
+        Self::new_in(
+            KvMemory::Device,
+            layers,
+            shape,
+            num_blocks,
+            block_size,
+            order,
+            extra,
+            device,
+        )
+    }
+
+    /// [`PagedStore::new`] with its keys and values kept in `memory`.
+    ///
+    /// ```
+    /// use burn::tensor::Tensor;
+    /// use burn_ndarray::NdArray;
+    /// use kv_core::{BlockOrder, KvMemory, LayerShape, PagedStore};
+    ///
+    /// let device = Default::default();
+    /// let shape = LayerShape { kv_heads: 1, head_dim: 2 };
+    /// let mut store =
+    ///     PagedStore::<NdArray>::new_in(KvMemory::Host, 1, shape, 8, 2, BlockOrder::Ascending, b"m", &device);
+    /// let (id, _) = store.add_sequence(&[1, 2, 3]);
+    /// store.reserve(id, &[1, 2, 3]).unwrap();
+    /// let k = Tensor::<NdArray, 1>::from_floats([1.0, 2.0, 3.0, 4.0, 5.0, 6.0], &device).reshape([1, 1, 3, 2]);
+    /// store.write(0, id, 0, k.clone(), k);
+    /// // Attention reads key 2 where the pool holds it, through the block table.
+    /// let kv = store.host_kv(0, id).unwrap();
+    /// assert_eq!(kv.len(), 3);
+    /// # let _ = kv.head(0);
+    /// ```
+    ///
+    /// # Panics
+    /// If `block_size` is 0.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new_in(
+        memory: KvMemory,
+        layers: usize,
+        shape: LayerShape,
+        num_blocks: usize,
+        block_size: usize,
+        order: BlockOrder,
+        extra: &[u8],
+        device: &B::Device,
+    ) -> Self {
         assert!(block_size > 0, "a block holds at least one slot");
         let mut pool = BlockPool::new(0, block_size);
         pool.grow(num_blocks, order);
-        let dims = [1, shape.kv_heads, num_blocks * block_size, shape.head_dim];
+        let dims = [shape.kv_heads, num_blocks * block_size, shape.head_dim];
         Self {
             pool,
             layers: (0..layers)
-                .map(|_| Some(KvBuffer::zeros(dims, device)))
+                .map(|_| LayerStorage::zeros(memory, dims, device))
                 .collect(),
+            memory,
+            device: device.clone(),
             sequences: HashMap::new(),
             next_id: 0,
             extra: extra.to_vec(),
@@ -166,14 +217,8 @@ impl<B: Backend> PagedStore<B> {
         let copies = sequence.table.append(&mut self.pool, tokens.len())?;
         let size = self.pool.block_size();
         for copy in copies {
-            let from: Vec<usize> = (0..copy.slots)
-                .map(|s| copy.from.index() * size + s)
-                .collect();
             for layer in &mut self.layers {
-                let storage = layer.take().expect("storage is put back after each use");
-                // `gather_slots` selects into new tensors, so the write owns the storage alone.
-                let (keys, values) = storage.gather_slots(0..1, &from);
-                *layer = Some(storage.write(copy.to.index() * size, keys, values));
+                layer.copy_slots(copy.from.index() * size, copy.to.index() * size, copy.slots);
             }
         }
         sequence.tokens.extend_from_slice(tokens);
@@ -202,22 +247,20 @@ impl<B: Backend> PagedStore<B> {
             while end < n && slots[end] == slots[at] + (end - at) {
                 end += 1;
             }
-            let buffer = storage.take().expect("storage is put back after each use");
-            *storage = Some(buffer.write(
+            storage.write(
                 slots[at],
                 keys.clone().narrow(2, at, end - at),
                 values.clone().narrow(2, at, end - at),
-            ));
+            );
             at = end;
         }
     }
 
     /// `id`'s keys and values in `layer`: `[1, kv_heads, len, head_dim]`, one slice of the pool
-    /// when its blocks are consecutive, else gathered. Drop them before the next write.
+    /// when its blocks are consecutive, else gathered (a copy; always one from host storage).
+    /// Drop them before the next write.
     pub fn read(&self, layer: usize, id: SequenceId) -> (Tensor<B, 4>, Tensor<B, 4>) {
-        let storage = self.layers[layer]
-            .as_ref()
-            .expect("storage is put back after each use");
+        let storage = &self.layers[layer];
         let table = &self.sequences[&id].table;
         let blocks = table.blocks();
         let first = blocks[0].index();
@@ -227,10 +270,30 @@ impl<B: Backend> PagedStore<B> {
             .all(|(i, b)| b.index() == first + i)
         {
             let start = first * self.pool.block_size();
-            storage.read(0..1, start..start + table.len())
+            storage.read(start..start + table.len(), &self.device)
         } else {
-            storage.gather_slots(0..1, &self.slots(id, 0..table.len()))
+            storage.gather(&self.slots(id, 0..table.len()), &self.device)
         }
+    }
+
+    /// `id`'s keys and values in `layer` where a [`KvMemory::Host`] store keeps them, for
+    /// kv-kernels' attention to read in place through its block table; `None` for a device
+    /// store.
+    pub fn host_kv(&self, layer: usize, id: SequenceId) -> Option<HostKv<'_>> {
+        let host = self.layers[layer].host()?;
+        let table = &self.sequences[&id].table;
+        let blocks = table.blocks().iter().map(|b| b.index()).collect();
+        Some(HostKv::new(
+            host,
+            self.pool.block_size(),
+            blocks,
+            table.len(),
+        ))
+    }
+
+    /// Where the keys and values are kept.
+    pub fn memory(&self) -> KvMemory {
+        self.memory
     }
 
     /// A new sequence sharing every block of `id` (a fork: several continuations, beams).
