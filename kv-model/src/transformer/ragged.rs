@@ -15,7 +15,7 @@
 //! are those it gets alone (up to float rounding where a product's kernel changes with the
 //! number of rows).
 
-use kv_core::{PagedStore, SequenceId};
+use kv_core::{KvMemory, PagedStore, SequenceId};
 
 use super::block::{LayerKv, PassLayout};
 use super::stream::{self, Run, Stream};
@@ -51,7 +51,9 @@ impl<'a> BatchPiece<'a> {
 impl<B: Backend> Transformer<B> {
     /// A paged store for this model: `num_blocks` blocks of `block_size` positions for every
     /// layer, handed out in `order`, its block hashes keyed by this model's configuration so
-    /// that no other model's blocks are ever taken for its own.
+    /// that no other model's blocks are ever taken for its own. A model whose every matrix
+    /// lives on the host keeps its keys and values there too ([`KvMemory::Host`]), where its
+    /// attention reads them in place; others keep them on the device.
     ///
     /// # Panics
     /// If `block_size` is 0.
@@ -66,7 +68,13 @@ impl<B: Backend> Transformer<B> {
             head_dim: self.config.head_dim,
         };
         let fingerprint = format!("{:?}", self.config);
-        PagedStore::new(
+        let memory = if self.lm_head.is_host() && self.blocks.iter().all(Block::is_host) {
+            KvMemory::Host
+        } else {
+            KvMemory::Device
+        };
+        PagedStore::new_in(
+            memory,
             self.config.num_layers,
             shape,
             num_blocks,
@@ -290,6 +298,19 @@ impl<B: Backend> LayerKv<B> for PagedKv<'_, '_, B> {
         } = self.pieces[piece];
         let step = &mut self.steps[piece];
         self.store.write(layer.index, sequence, start, k, v);
+        // A host store: attention reads the sequence's blocks where they lie, through its
+        // block table, with the arithmetic of attention over a dense cache's contiguous keys.
+        if let Some(kv) = self.store.host_kv(layer.index, sequence) {
+            let positions = KeyPositions::Contiguous(0..kv.len());
+            let pattern = model.layer_pattern(layer, step.cache_pattern)?;
+            let splits = step.on_host && model.splits_keys(&q, &positions, pattern, step);
+            if let Some(visible) = model
+                .host_attention_rows(&positions, pattern, step)
+                .filter(|_| !splits)
+            {
+                return Ok(model.attend_host_keys(q, &visible, |_, head| kv.head(head)));
+            }
+        }
         let (keys, values) = self.store.read(layer.index, sequence);
         let held = keys.dims()[2];
         let view = KvView {
