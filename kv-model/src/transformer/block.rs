@@ -204,13 +204,26 @@ impl<B: Backend> Transformer<B> {
     ) -> (Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>) {
         let c = &self.config;
         let (heads, kv_heads, head_dim) = (c.num_heads, c.num_kv_heads, c.head_dim);
-        match qkv.positions(positions) {
+        match qkv {
             Run::Host {
                 values,
-                dims: [batch, n, _],
+                dims: [batch, len, width],
             } => {
+                // The positions' rows where they lie (a whole run, or one batch row's span);
+                // several batch rows' spans are gathered first.
+                let n = positions.len();
+                let gathered;
+                let rows: &[f32] = if n == *len {
+                    values
+                } else if *batch == 1 {
+                    &values[positions.start * width..positions.end * width]
+                } else {
+                    gathered = qkv.positions(positions).into_host();
+                    &gathered
+                };
+                let batch = *batch;
                 let split = |first: usize, count: usize| {
-                    host::heads_major(&values, [batch, n], first, count, head_dim)
+                    host::heads_major(rows, [batch, n], first, count, head_dim)
                 };
                 let (mut q, mut k, v) = (
                     split(0, heads),
@@ -235,6 +248,11 @@ impl<B: Backend> Transformer<B> {
                 (tensor(q, heads), tensor(k, kv_heads), tensor(v, kv_heads))
             }
             Run::Device(qkv) => {
+                let qkv = if positions.len() == qkv.dims()[1] {
+                    qkv.clone()
+                } else {
+                    qkv.clone().narrow(1, positions.start, positions.len())
+                };
                 let [batch, n, _] = qkv.dims();
                 let split = |first: usize, count: usize| {
                     contiguous(
