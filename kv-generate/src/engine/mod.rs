@@ -37,9 +37,12 @@
 //! - `prefix.rs`: saving a prompt's cached blocks and restoring them.
 //!
 //! # What it costs
-//! Attention reads each sequence's keys through its block table: a plain slice when its
-//! blocks are consecutive in the pool, otherwise a gather (a copy of its keys and values per
-//! layer and step). Preemption recomputes what the prefix cache no longer holds. Requests in a
+//! Attention reads each sequence's keys through its block table. On the host (a model whose
+//! matrices live there, as the CPU binaries load them) the pool is host memory and the
+//! attention kernel walks the table where the blocks lie, no copy; only a decode step past 256
+//! keys, which splits its keys over threads, reads them out as a tensor. On a device, a
+//! sequence whose blocks are consecutive in the pool is read as one slice, any other is
+//! gathered (a copy of its keys and values per layer and step). Preemption recomputes what the prefix cache no longer holds. Requests in a
 //! batch share products whose kernels may order a row's sums differently from a single-row
 //! product's, so tokens equal a solo run's exactly when the kernels are row-independent (as
 //! kv-kernels' are) and to float rounding otherwise.
