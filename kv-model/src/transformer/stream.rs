@@ -116,8 +116,8 @@ impl<B: Backend> Run<B> {
         Run::Host { values: x, dims }
     }
 
-    /// Positions `positions` of the run (`[batch, positions.len(), width]`; on the host only
-    /// for one batch row or the whole run).
+    /// Positions `positions` of every batch row of the run, `[batch, positions.len(), width]`,
+    /// where the run is (a copy on the host, a view on the device).
     pub(super) fn positions(&self, positions: Range<usize>) -> Self {
         let [batch, len, width] = self.dims();
         if positions == (0..len) {
