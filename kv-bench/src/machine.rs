@@ -44,3 +44,38 @@ pub fn git_commit() -> Option<String> {
 pub fn now() -> String {
     humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()
 }
+
+/// This process's resident memory now and its peak so far, in bytes (`VmRSS` and `VmHWM` of
+/// `/proc/self/status`; `None` where there is no such file).
+///
+/// ```
+/// if let Some(rss) = kv_bench::machine::resident_memory() {
+///     assert!(rss.peak_bytes >= rss.now_bytes && rss.now_bytes > 0);
+/// }
+/// ```
+pub fn resident_memory() -> Option<ResidentMemory> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kib = |key: &str| -> Option<u64> {
+        let line = status.lines().find(|l| l.starts_with(key))?;
+        line[key.len()..]
+            .trim()
+            .trim_end_matches("kB")
+            .trim()
+            .parse::<u64>()
+            .ok()
+            .map(|k| k * 1024)
+    };
+    Some(ResidentMemory {
+        now_bytes: kib("VmRSS:")?,
+        peak_bytes: kib("VmHWM:")?,
+    })
+}
+
+/// Resident memory of this process ([`resident_memory`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ResidentMemory {
+    /// Resident now.
+    pub now_bytes: u64,
+    /// The most resident at any point so far.
+    pub peak_bytes: u64,
+}

@@ -115,8 +115,9 @@ struct Args {
     #[arg(long)]
     backend: Option<BackendKind>,
     /// Format of the projection and embedding weights: native (each as the file stores it, a
-    /// GGUF's Q4_1/Q8_0 blocks included; the CPU default), f32 (the reference numbers; the GPU
-    /// default), f16, q8_0 or q4_1. CPU backends multiply in any format with their own
+    /// GGUF's quantized blocks included; the CPU default), f32 (the reference numbers; the GPU
+    /// default), f16, or one block format for every matrix: q8_0, q6_k, q5_1, q5_0, q5_k,
+    /// q4_1, q4_0, q4_k. CPU backends multiply in any format with their own
     /// kernels; GPU backends take f32 or f16.
     #[arg(long)]
     weights: Option<WeightFormat>,
@@ -198,8 +199,14 @@ fn run_on<B: Backend>(
     let path = model_path(args.model.as_ref(), "kv-generate")?;
     eprintln!("kv-generate: loading {}", path.display());
     let LoadedModel {
-        model, tokenizer, ..
+        model,
+        tokenizer,
+        notes,
+        ..
     } = load_model_placed::<B>(&path, placement, device)?;
+    for note in &notes {
+        eprintln!("kv-generate: {note}");
+    }
     let model = model.with_execution(backend.execution());
 
     let ids = match (prompt_ids, &args.prompt) {

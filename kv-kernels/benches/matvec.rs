@@ -14,14 +14,22 @@ fn values(len: usize) -> Vec<f32> {
 }
 
 fn matvec(c: &mut Criterion) {
-    // (name, rows = out features, cols = in features): the fused gate/up product and the
-    // LM head of SmolLM2-135M.
-    let shapes = [("gate_up", 3072, 576), ("lm_head", 49152, 576)];
+    // (name, rows = out features, cols = in features): the fused gate/up product, the down
+    // projection (whose rows k-quants can hold: 1536 is six super-blocks) and the LM head of
+    // SmolLM2-135M.
+    let shapes = [
+        ("gate_up", 3072, 576),
+        ("down", 576, 1536),
+        ("lm_head", 49152, 576),
+    ];
     let threads = Threads::global();
     for (name, rows, cols) in shapes {
         let mut group = c.benchmark_group(format!("matvec/{name}"));
         let x = values(cols);
-        for format in Format::ALL {
+        for format in Format::ALL
+            .into_iter()
+            .filter(|f| cols % f.block_values() == 0)
+        {
             let matrix =
                 Arc::new(Matrix::from_f32(format, rows, cols, &values(rows * cols)).unwrap());
             group.throughput(Throughput::Bytes(matrix.byte_len() as u64));
@@ -40,12 +48,13 @@ fn matvec(c: &mut Criterion) {
     }
 }
 
-/// A prompt chunk of [`PROMPT_ROWS`] tokens through the fused gate/up matrix, one thread, the
+/// A prompt chunk of [`PROMPT_ROWS`] tokens through a gate/up-shaped matrix 768 wide (so that
+/// the k-quants hold its rows), one thread, the
 /// best instruction set: the batched block kernels, and `gemm` for f16 and f32.
 fn prompt(c: &mut Criterion) {
     const PROMPT_ROWS: usize = 128;
-    let (rows, cols) = (3072, 576);
-    let mut group = c.benchmark_group("prompt/gate_up");
+    let (rows, cols) = (3072, 768);
+    let mut group = c.benchmark_group("prompt/gate_up_768");
     group.throughput(Throughput::Elements((PROMPT_ROWS * rows * cols) as u64));
     let x = values(PROMPT_ROWS * cols);
     for format in Format::ALL {

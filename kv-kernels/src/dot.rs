@@ -20,9 +20,9 @@
 
 use half::f16;
 
-use crate::blocks::{BlockQ4_1, BlockQ8, BlockQ8_0, BLOCK};
+use crate::blocks::{rows_scalar, BlockQ4_1, BlockQ8, BlockQ8_0, BLOCK};
 use crate::isa::Isa;
-use crate::packed::{Interleave, Q4_1x8, Q8_0x8, GROUP};
+use crate::packed::{Interleave, Q4_0x8, Q4_1x8, Q5_0x8, Q8_0x8, GROUP};
 
 /// `out[r] = Σ_b d_w d_x Σ q_w q_x + m_w s_x` over row `r`'s Q4_1 blocks and `x`'s blocks.
 pub fn q4_1_rows(isa: Isa, w: &[BlockQ4_1], x: &[BlockQ8], out: &mut [f32]) {
@@ -198,6 +198,95 @@ pub fn q4_1_group_batch(
     });
 }
 
+/// The kernels of a format whose levels are centred on an offset (Q4_0: `x = d (q − 8)`,
+/// Q5_0: `x = d (q − 16)`), eight interleaved rows at a time: the levels stay unsigned and
+/// the offset comes off once per row, `Σ d·dx·Σ q q_x − offset·Σ d·s_x`, as Q4_1's minimum
+/// is added.
+macro_rules! centered {
+    ($group:ident, $batch:ident, $g:ty, $name:literal,
+     $avx2:ident, $vnni:ident, $batch_avx2:ident, $batch_vnni:ident) => {
+        #[doc = concat!("[`crate::blocks::Block", $name, "`] rows for the eight interleaved rows of one group.")]
+        pub fn $group(isa: Isa, groups: &[$g], x: &[BlockQ8], out: &mut [f32]) {
+            assert_eq!(
+                groups.len(),
+                x.len(),
+                concat!($name, " group blocks against activation blocks")
+            );
+            assert_eq!(out.len(), GROUP, "one output per row of the group");
+            match isa {
+                #[cfg(target_arch = "x86_64")]
+                Isa::Avx2 if isa.is_available() => {
+                    // SAFETY: the level's instructions (avx2, fma, f16c) were detected on this
+                    // CPU.
+                    unsafe { x86::$avx2(groups, x, out) }
+                }
+                #[cfg(target_arch = "x86_64")]
+                Isa::Avx512Vnni if isa.is_available() => {
+                    // SAFETY: the level's instructions (avx512vnni, avx512vl, avx2, f16c) were
+                    // detected on this CPU.
+                    unsafe { x86::$vnni(groups, x, out) }
+                }
+                _ => each_row(groups, out, |row, o| rows_scalar(row, x, o)),
+            }
+        }
+
+        #[doc = concat!("[`", stringify!($group), "`] against `n` activation rows, as [`q4_1_group_batch`].")]
+        pub fn $batch(
+            isa: Isa,
+            groups: &[$g],
+            x: &[BlockQ8],
+            n: usize,
+            out: &mut [f32],
+            stride: usize,
+        ) {
+            let blocks = groups.len();
+            group_batch(groups, x, n, out, stride, |rows, o| {
+                let xs = rows.map(|i| row_of(x, blocks, i));
+                match isa {
+                    #[cfg(target_arch = "x86_64")]
+                    Isa::Avx2 if isa.is_available() => {
+                        // SAFETY: the level's instructions (avx2, fma, f16c) were detected on
+                        // this CPU.
+                        unsafe { x86::$batch_avx2(groups, xs, o) }
+                    }
+                    #[cfg(target_arch = "x86_64")]
+                    Isa::Avx512Vnni if isa.is_available() => {
+                        // SAFETY: the level's instructions (avx512vnni, avx512vl, avx2, f16c)
+                        // were detected on this CPU.
+                        unsafe { x86::$batch_vnni(groups, xs, o) }
+                    }
+                    _ => {
+                        for (x, o) in xs.iter().zip(o.iter_mut()) {
+                            $group(isa, groups, x, o);
+                        }
+                    }
+                }
+            });
+        }
+    };
+}
+
+centered!(
+    q5_0_group,
+    q5_0_group_batch,
+    Q5_0x8,
+    "Q5_0",
+    q5_0_group_avx2,
+    q5_0_group_vnni,
+    q5_0_group_batch_avx2,
+    q5_0_group_batch_vnni
+);
+centered!(
+    q4_0_group,
+    q4_0_group_batch,
+    Q4_0x8,
+    "Q4_0",
+    q4_0_group_avx2,
+    q4_0_group_vnni,
+    q4_0_group_batch_avx2,
+    q4_0_group_batch_vnni
+);
+
 /// [`q8_0_group`] against `n` activation rows, as [`q4_1_group_batch`]; `sums` is
 /// [`block_sums`] at the same `isa` (each activation block's `Σ qs` where the VNNI kernel needs
 /// them, empty elsewhere).
@@ -345,7 +434,7 @@ fn q8_0_rows_scalar(w: &[BlockQ8_0], x: &[BlockQ8], out: &mut [f32]) {
 }
 
 #[cfg(target_arch = "x86_64")]
-mod x86 {
+pub(crate) mod x86 {
     //! The x86 versions. Each is an `unsafe fn` only because it is compiled for instructions
     //! the caller must have detected; memory is read through bounds-checked slices, except
     //! where a comment says why an unaligned vector load stays inside its slice.
@@ -355,19 +444,19 @@ mod x86 {
     use half::f16;
 
     use crate::blocks::{BlockQ4_1, BlockQ8, BlockQ8_0};
-    use crate::packed::{Q4_1x8, Q8_0x8};
+    use crate::packed::{Q4_0x8, Q4_1x8, Q5_0x8, Q8_0x8};
 
     /// An f16 scale to f32 with F16C (half's own conversion checks the CPU on every call).
     #[inline]
     #[target_feature(enable = "f16c")]
-    fn scale(h: f16) -> f32 {
+    pub(crate) fn scale(h: f16) -> f32 {
         _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(h.to_bits()))))
     }
 
     /// The sum of a vector's eight lanes.
     #[inline]
     #[target_feature(enable = "avx2")]
-    fn hsum(v: __m256) -> f32 {
+    pub(crate) fn hsum(v: __m256) -> f32 {
         let pair = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
         let pair = _mm_add_ps(pair, _mm_movehl_ps(pair, pair));
         _mm_cvtss_f32(_mm_add_ss(pair, _mm_movehdup_ps(pair)))
@@ -388,7 +477,7 @@ mod x86 {
     /// An activation or Q8_0 block's 32 signed bytes.
     #[inline]
     #[target_feature(enable = "avx2")]
-    fn bytes(qs: &[i8; 32]) -> __m256i {
+    pub(crate) fn bytes(qs: &[i8; 32]) -> __m256i {
         // SAFETY: `qs` is 32 bytes, exactly what the unaligned load reads.
         unsafe { _mm256_loadu_si256(qs.as_ptr().cast()) }
     }
@@ -397,19 +486,37 @@ mod x86 {
     /// 16-bit pair sums, which cannot saturate for 4-bit or sign-folded 8-bit inputs).
     #[inline]
     #[target_feature(enable = "avx2")]
-    fn dot_u8_i8_avx2(a: __m256i, b: __m256i) -> __m256i {
+    pub(crate) fn dot_u8_i8_avx2(a: __m256i, b: __m256i) -> __m256i {
         _mm256_madd_epi16(_mm256_maddubs_epi16(a, b), _mm256_set1_epi16(1))
+    }
+
+    /// Byte `j` all ones where bit `j` of `bits` is set, zero elsewhere.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    pub(crate) fn bit_bytes(bits: u32) -> __m256i {
+        let v = _mm256_set1_epi32(bits as i32);
+        // Byte j takes byte j / 8 of the word (each 128-bit half shuffles its own copy).
+        let spread = _mm256_shuffle_epi8(
+            v,
+            _mm256_setr_epi8(
+                0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3,
+                3, 3, 3, 3,
+            ),
+        );
+        // Set every bit but bit j % 8; the byte is all ones exactly when that bit was set.
+        let others = _mm256_set1_epi64x(0x7FBF_DFEF_F7FB_FDFE);
+        _mm256_cmpeq_epi8(_mm256_or_si256(spread, others), _mm256_set1_epi64x(-1))
     }
 
     /// How far ahead of the rows being read the kernels ask for weight bytes, in rows. The
     /// weights stream from memory once per step (a model is larger than the caches); the
     /// hardware prefetcher alone left a core waiting on loads. Measured on SmolLM2-135M's Q4_1
     /// decode (2 threads, AMD EPYC): 120 tok/s without, 135-141 with 1 to 8 rows ahead.
-    const PREFETCH_ROWS: usize = 2;
+    pub(crate) const PREFETCH_ROWS: usize = 2;
 
     /// Starts loading the cache line at `base + offset` into the nearest cache.
     #[inline(always)]
-    fn prefetch(base: *const i8, offset: usize) {
+    pub(crate) fn prefetch(base: *const i8, offset: usize) {
         // SAFETY: a prefetch is a hint: it never faults and changes no memory, whatever the
         // address, which is computed with wrapping arithmetic (no out-of-bounds pointer is
         // ever dereferenced).
@@ -498,7 +605,7 @@ mod x86 {
     /// with `a`'s sign moved onto it.
     #[inline]
     #[target_feature(enable = "avx2")]
-    fn sign_folded(a: __m256i, b: __m256i) -> (__m256i, __m256i) {
+    pub(crate) fn sign_folded(a: __m256i, b: __m256i) -> (__m256i, __m256i) {
         (_mm256_sign_epi8(a, a), _mm256_sign_epi8(b, a))
     }
 
@@ -615,6 +722,191 @@ mod x86 {
     pub(super) unsafe fn q4_1_group_vnni(groups: &[Q4_1x8], x: &[BlockQ8], out: &mut [f32]) {
         q4_1_group!(groups, x, out, |acc, a, b| _mm256_dpbusd_epi32(acc, a, b));
     }
+
+    /// A Q5_0 group's 32-byte chunk `j` as two vectors of five-bit levels (`0..32`), one row
+    /// per 32-bit lane: the low nibbles (values `4j..4j + 4` of each row) and the high ones
+    /// (values `16 + 4j..`), each with its fifth bits from the group's regrouped words.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn q5_0_levels(g: &Q5_0x8, j: usize) -> (__m256i, __m256i) {
+        let (mask, fifth) = (_mm256_set1_epi8(0x0F), _mm256_set1_epi8(0x10));
+        let packed = chunk(&g.qs, 32 * j);
+        let low = _mm256_and_si256(packed, mask);
+        let high = _mm256_and_si256(_mm256_srli_epi16(packed, 4), mask);
+        (
+            _mm256_or_si256(low, _mm256_and_si256(bit_bytes(g.qh[j]), fifth)),
+            _mm256_or_si256(high, _mm256_and_si256(bit_bytes(g.qh[4 + j]), fifth)),
+        )
+    }
+
+    /// A Q4_0 group's 32-byte chunk `j` as two vectors of levels (`0..16`), one row per
+    /// 32-bit lane: the low nibbles (values `4j..4j + 4` of each row) and the high ones.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn q4_0_levels(g: &Q4_0x8, j: usize) -> (__m256i, __m256i) {
+        let mask = _mm256_set1_epi8(0x0F);
+        let packed = chunk(&g.qs, 32 * j);
+        (
+            _mm256_and_si256(packed, mask),
+            _mm256_and_si256(_mm256_srli_epi16(packed, 4), mask),
+        )
+    }
+
+    /// Eight rows of a centred format at once, as [`q4_1_group!`] with `$levels` giving a
+    /// chunk's unsigned levels; the offset is taken off once per row at the end:
+    /// `Σ d_r dx Σ q x − offset Σ d_r s_x`.
+    macro_rules! centered_group {
+        ($groups:ident, $x:ident, $out:ident, $dot:expr, $levels:ident, $offset:expr) => {{
+            let (mut acc, mut acc_offset) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+            let base = $groups.as_ptr().cast::<i8>();
+            let ahead = std::mem::size_of_val($groups);
+            let size = std::mem::size_of_val(&$groups[0]);
+            for (b, (g, xb)) in $groups.iter().zip($x).enumerate() {
+                prefetch_span(base, b * size + ahead, size);
+                let mut dots = [_mm256_setzero_si256(); 4];
+                for j in 0..4 {
+                    let (low, high) = $levels(g, j);
+                    let (a, b) = (2 * (j % 2), 2 * (j % 2) + 1);
+                    dots[a] = $dot(dots[a], low, broadcast4(&xb.qs, 4 * j));
+                    dots[b] = $dot(dots[b], high, broadcast4(&xb.qs, 16 + 4 * j));
+                }
+                let dots = _mm256_add_epi32(
+                    _mm256_add_epi32(dots[0], dots[1]),
+                    _mm256_add_epi32(dots[2], dots[3]),
+                );
+                let d = scales(&g.d);
+                acc = _mm256_fmadd_ps(
+                    _mm256_mul_ps(d, _mm256_set1_ps(xb.d)),
+                    _mm256_cvtepi32_ps(dots),
+                    acc,
+                );
+                acc_offset = _mm256_fmadd_ps(d, _mm256_set1_ps(xb.s), acc_offset);
+            }
+            let sums = _mm256_fnmadd_ps(_mm256_set1_ps($offset), acc_offset, acc);
+            let out: &mut [f32; 8] = $out.try_into().expect("eight outputs");
+            // SAFETY: `out` is eight floats, the 32 bytes the unaligned store writes.
+            unsafe { _mm256_storeu_ps(out.as_mut_ptr(), sums) }
+        }};
+    }
+
+    /// [`centered_group!`] for [`super::BATCH`] activation rows at once: the group's levels
+    /// are unpacked once per block and meet every row.
+    macro_rules! centered_group_batch {
+        ($groups:ident, $xs:ident, $out:ident, $dot:expr, $levels:ident, $offset:expr) => {{
+            const ROWS: usize = super::BATCH;
+            let mut acc = [_mm256_setzero_ps(); ROWS];
+            let mut acc_offset = [_mm256_setzero_ps(); ROWS];
+            for (b, g) in $groups.iter().enumerate() {
+                let mut low = [_mm256_setzero_si256(); 4];
+                let mut high = [_mm256_setzero_si256(); 4];
+                for j in 0..4 {
+                    (low[j], high[j]) = $levels(g, j);
+                }
+                let d = scales(&g.d);
+                for r in 0..ROWS {
+                    let xb = &$xs[r][b];
+                    let mut dots = [_mm256_setzero_si256(); 4];
+                    for j in 0..4 {
+                        let (a, b) = (2 * (j % 2), 2 * (j % 2) + 1);
+                        dots[a] = $dot(dots[a], low[j], broadcast4(&xb.qs, 4 * j));
+                        dots[b] = $dot(dots[b], high[j], broadcast4(&xb.qs, 16 + 4 * j));
+                    }
+                    let dots = _mm256_add_epi32(
+                        _mm256_add_epi32(dots[0], dots[1]),
+                        _mm256_add_epi32(dots[2], dots[3]),
+                    );
+                    let step = _mm256_mul_ps(d, _mm256_set1_ps(xb.d));
+                    acc[r] = _mm256_fmadd_ps(step, _mm256_cvtepi32_ps(dots), acc[r]);
+                    acc_offset[r] = _mm256_fmadd_ps(d, _mm256_set1_ps(xb.s), acc_offset[r]);
+                }
+            }
+            for r in 0..ROWS {
+                let sums = _mm256_fnmadd_ps(_mm256_set1_ps($offset), acc_offset[r], acc[r]);
+                // SAFETY: `out[r]` is eight floats, the 32 bytes the unaligned store writes.
+                unsafe { _mm256_storeu_ps($out[r].as_mut_ptr(), sums) }
+            }
+        }};
+    }
+
+    /// The four kernels of a centred format: one row and a batch of rows, AVX2 and VNNI.
+    macro_rules! centered_kernels {
+        ($g:ty, $levels:ident, $offset:expr, $avx2:ident, $vnni:ident, $batch_avx2:ident, $batch_vnni:ident) => {
+            #[target_feature(enable = "avx2,fma,f16c")]
+            pub(super) unsafe fn $avx2(groups: &[$g], x: &[BlockQ8], out: &mut [f32]) {
+                centered_group!(
+                    groups,
+                    x,
+                    out,
+                    |acc, a, b| _mm256_add_epi32(acc, dot_u8_i8_avx2(a, b)),
+                    $levels,
+                    $offset
+                );
+            }
+
+            #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+            pub(super) unsafe fn $vnni(groups: &[$g], x: &[BlockQ8], out: &mut [f32]) {
+                centered_group!(
+                    groups,
+                    x,
+                    out,
+                    |acc, a, b| _mm256_dpbusd_epi32(acc, a, b),
+                    $levels,
+                    $offset
+                );
+            }
+
+            #[target_feature(enable = "avx2,fma,f16c")]
+            pub(super) unsafe fn $batch_avx2(
+                groups: &[$g],
+                xs: [&[BlockQ8]; super::BATCH],
+                out: &mut [[f32; 8]; super::BATCH],
+            ) {
+                centered_group_batch!(
+                    groups,
+                    xs,
+                    out,
+                    |acc, a, b| _mm256_add_epi32(acc, dot_u8_i8_avx2(a, b)),
+                    $levels,
+                    $offset
+                );
+            }
+
+            #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+            pub(super) unsafe fn $batch_vnni(
+                groups: &[$g],
+                xs: [&[BlockQ8]; super::BATCH],
+                out: &mut [[f32; 8]; super::BATCH],
+            ) {
+                centered_group_batch!(
+                    groups,
+                    xs,
+                    out,
+                    |acc, a, b| _mm256_dpbusd_epi32(acc, a, b),
+                    $levels,
+                    $offset
+                );
+            }
+        };
+    }
+
+    centered_kernels!(
+        Q5_0x8,
+        q5_0_levels,
+        16.0,
+        q5_0_group_avx2,
+        q5_0_group_vnni,
+        q5_0_group_batch_avx2,
+        q5_0_group_batch_vnni
+    );
+    centered_kernels!(
+        Q4_0x8,
+        q4_0_levels,
+        8.0,
+        q4_0_group_avx2,
+        q4_0_group_vnni,
+        q4_0_group_batch_avx2,
+        q4_0_group_batch_vnni
+    );
 
     /// Eight Q8_0 rows at once, as [`q4_1_group!`] without minimums; signed weights meet the
     /// unsigned-by-signed instructions through [`sign_folded`].

@@ -7,11 +7,13 @@ use crate::matrix::Format;
 /// A matrix or quantized head that cannot be built from what was given.
 #[derive(Debug, Clone, PartialEq, Error)]
 pub enum KernelError {
-    /// A block format needs rows that are whole blocks of 32 values.
-    #[error("{format} stores rows in blocks of 32 values, but a row has {cols}: use f32 or f16 for this matrix")]
+    /// A block format needs rows that are whole blocks.
+    #[error("{format} stores rows in blocks of {block} values, but a row has {cols}: use a format whose blocks divide it (f32 or f16 always do)")]
     RaggedBlocks {
         /// The format asked for.
         format: Format,
+        /// Values per block of that format.
+        block: usize,
         /// The row width given.
         cols: usize,
     },
@@ -34,13 +36,13 @@ pub enum KernelError {
     /// [`crate::Matrix::stack`] with no parts.
     #[error("no matrices to stack")]
     NothingToStack,
-    /// [`crate::Matrix::stack`] over parts that differ in format or width.
-    #[error("cannot stack a {} matrix {} wide onto a {} matrix {} wide: convert them to one format first", other.0, other.1, first.0, first.1)]
-    MismatchedStack {
-        /// The first part's format and width.
-        first: (Format, usize),
-        /// The first part that differs.
-        other: (Format, usize),
+    /// [`crate::Matrix::stack`] over parts of different widths.
+    #[error("cannot stack a matrix {other} wide onto one {first} wide: stacked matrices share their input")]
+    MismatchedWidths {
+        /// The first part's width.
+        first: usize,
+        /// The first width that differs.
+        other: usize,
     },
     /// A quantized cache's configuration that cannot hold heads of this size, or keys and
     /// values that are not whole rows.

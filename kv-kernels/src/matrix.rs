@@ -6,14 +6,19 @@ use std::sync::Arc;
 use half::f16;
 use half::slice::HalfFloatSliceExt;
 
-use crate::blocks::{quantize_row, BlockQ4_1, BlockQ8, BlockQ8_0, BLOCK};
+use crate::block_dot;
+use crate::blocks::{
+    quantize_row, BlockQ4K, BlockQ4_0, BlockQ4_1, BlockQ5K, BlockQ5_0, BlockQ5_1, BlockQ6K,
+    BlockQ8, BlockQ8_0, WeightBlock, BLOCK, QK_K,
+};
 use crate::dot;
 use crate::error::{KernelError, Result};
 use crate::isa::Isa;
-use crate::packed::{Interleave, Packed, Q4_1x8, Q8_0x8, Unit, GROUP};
+use crate::packed::{Interleave, Packed, Q4_0x8, Q4_1x8, Q5_0x8, Q8_0x8, Unit, GROUP};
 use crate::threads::Threads;
 
-/// How a matrix stores its values.
+/// How a matrix stores its values: as floats, or in one of ggml's block formats exactly as a
+/// GGUF file stores it (see [`crate::blocks`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Format {
     /// 4 bytes a value.
@@ -24,35 +29,98 @@ pub enum Format {
     Q8_0,
     /// ggml's Q4_1: 20 bytes per 32 values (5 bits a value).
     Q4_1,
+    /// ggml's Q4_0: 18 bytes per 32 values (4.5 bits a value).
+    Q4_0,
+    /// ggml's Q5_0: 22 bytes per 32 values (5.5 bits a value).
+    Q5_0,
+    /// ggml's Q5_1: 24 bytes per 32 values (6 bits a value).
+    Q5_1,
+    /// ggml's Q4_K: 144 bytes per 256 values (4.5 bits a value).
+    Q4K,
+    /// ggml's Q5_K: 176 bytes per 256 values (5.5 bits a value).
+    Q5K,
+    /// ggml's Q6_K: 210 bytes per 256 values (6.56 bits a value).
+    Q6K,
 }
 
 impl Format {
     /// Every format.
-    pub const ALL: [Format; 4] = [Format::F32, Format::F16, Format::Q8_0, Format::Q4_1];
+    pub const ALL: [Format; 10] = [
+        Format::F32,
+        Format::F16,
+        Format::Q8_0,
+        Format::Q4_1,
+        Format::Q4_0,
+        Format::Q5_0,
+        Format::Q5_1,
+        Format::Q4K,
+        Format::Q5K,
+        Format::Q6K,
+    ];
 
-    /// Bytes that a row of `cols` values takes.
-    pub fn row_bytes(self, cols: usize) -> usize {
+    /// `(values, bytes)` of one block: `(1, 4)` and `(1, 2)` for the float formats.
+    pub fn block(self) -> (usize, usize) {
+        use std::mem::size_of;
         match self {
-            Format::F32 => 4 * cols,
-            Format::F16 => 2 * cols,
-            Format::Q8_0 => cols / BLOCK * std::mem::size_of::<BlockQ8_0>(),
-            Format::Q4_1 => cols / BLOCK * std::mem::size_of::<BlockQ4_1>(),
+            Format::F32 => (1, 4),
+            Format::F16 => (1, 2),
+            Format::Q8_0 => (BLOCK, size_of::<BlockQ8_0>()),
+            Format::Q4_1 => (BLOCK, size_of::<BlockQ4_1>()),
+            Format::Q4_0 => (BLOCK, size_of::<BlockQ4_0>()),
+            Format::Q5_0 => (BLOCK, size_of::<BlockQ5_0>()),
+            Format::Q5_1 => (BLOCK, size_of::<BlockQ5_1>()),
+            Format::Q4K => (QK_K, size_of::<BlockQ4K>()),
+            Format::Q5K => (QK_K, size_of::<BlockQ5K>()),
+            Format::Q6K => (QK_K, size_of::<BlockQ6K>()),
         }
     }
 
-    /// Whether rows are cut into blocks of [`BLOCK`] values (so widths must divide by it).
-    pub fn is_blocked(self) -> bool {
-        matches!(self, Format::Q8_0 | Format::Q4_1)
+    /// Values per block: a row's width must divide by it.
+    pub fn block_values(self) -> usize {
+        self.block().0
     }
 
-    /// The lowercase name (`f32`, `f16`, `q8_0`, `q4_1`), as ggml and llama.cpp write it.
+    /// Bytes that a row of `cols` values takes.
+    pub fn row_bytes(self, cols: usize) -> usize {
+        let (values, bytes) = self.block();
+        cols / values * bytes
+    }
+
+    /// Bits a value takes, scales included.
+    pub fn bits_per_value(self) -> f64 {
+        let (values, bytes) = self.block();
+        8.0 * bytes as f64 / values as f64
+    }
+
+    /// Whether rows are cut into blocks (so widths must divide by [`Format::block_values`]).
+    pub fn is_blocked(self) -> bool {
+        self.block_values() > 1
+    }
+
+    /// The lowercase name (`f32`, `q8_0`, `q4_k`...), as ggml and llama.cpp write it.
     pub fn name(self) -> &'static str {
         match self {
             Format::F32 => "f32",
             Format::F16 => "f16",
             Format::Q8_0 => "q8_0",
             Format::Q4_1 => "q4_1",
+            Format::Q4_0 => "q4_0",
+            Format::Q5_0 => "q5_0",
+            Format::Q5_1 => "q5_1",
+            Format::Q4K => "q4_k",
+            Format::Q5K => "q5_k",
+            Format::Q6K => "q6_k",
         }
+    }
+
+    /// Whether the format is kept row-major and multiplied by [`crate::block_dot`]'s row
+    /// kernels (the formats that are not interleaved eight rows at a time).
+    fn is_row_major_blocks(self) -> bool {
+        self.is_blocked()
+            && !matches!(
+                self,
+                Format::Q8_0 | Format::Q4_1 | Format::Q5_0 | Format::Q4_0
+            )
     }
 }
 
@@ -70,6 +138,78 @@ enum Storage {
     F16(Vec<f16>),
     Q8_0(Packed<Q8_0x8>),
     Q4_1(Packed<Q4_1x8>),
+    Q5_0(Packed<Q5_0x8>),
+    Q4_0(Packed<Q4_0x8>),
+    /// The other block formats, row after row.
+    Rows(RowBlocks),
+    /// Matrices of different formats stacked row-wise ([`Matrix::stack`]), each of one
+    /// format: a GGUF mix (`Q4_K_M`) stores the projections a layer fuses in different types.
+    Parts(Vec<Matrix>),
+}
+
+/// A block format kept row-major: `rows * cols / VALUES` blocks, row after row, multiplied
+/// by [`crate::block_dot`]'s row kernels.
+#[derive(Debug, Clone, PartialEq)]
+enum RowBlocks {
+    Q5_1(Vec<BlockQ5_1>),
+    Q4K(Vec<BlockQ4K>),
+    Q5K(Vec<BlockQ5K>),
+    Q6K(Vec<BlockQ6K>),
+}
+
+/// `$body` with `$v` bound to the block vector of whichever format `$rows` holds.
+macro_rules! with_blocks {
+    ($rows:expr, $v:ident => $body:expr) => {
+        match $rows {
+            RowBlocks::Q5_1($v) => $body,
+            RowBlocks::Q4K($v) => $body,
+            RowBlocks::Q5K($v) => $body,
+            RowBlocks::Q6K($v) => $body,
+        }
+    };
+}
+
+/// `format`'s variant of [`RowBlocks`] holding `$f::<Block>($args)`, for a generic `$f`.
+macro_rules! build_blocks {
+    ($format:expr, $f:ident($($arg:expr),*)) => {
+        match $format {
+            Format::Q5_1 => RowBlocks::Q5_1($f::<BlockQ5_1>($($arg),*)),
+            Format::Q4K => RowBlocks::Q4K($f::<BlockQ4K>($($arg),*)),
+            Format::Q5K => RowBlocks::Q5K($f::<BlockQ5K>($($arg),*)),
+            Format::Q6K => RowBlocks::Q6K($f::<BlockQ6K>($($arg),*)),
+            other => unreachable!("{other} is not kept row-major"),
+        }
+    };
+}
+
+/// `values` quantized block by block.
+fn quantize_blocks<B: WeightBlock>(values: &[f32]) -> Vec<B> {
+    values.chunks_exact(B::VALUES).map(B::quantize).collect()
+}
+
+/// Blocks read from a file's bytes (copied into a vector of the block's alignment, so a
+/// tensor at any offset of a file can be read).
+fn blocks_from_bytes<B: WeightBlock>(bytes: &[u8]) -> Vec<B> {
+    bytemuck::pod_collect_to_vec(bytes)
+}
+
+/// Row `row`'s values (`out.len()` of them) from row-major blocks.
+fn dequantize_row<B: WeightBlock>(blocks: &[B], row: usize, out: &mut [f32]) {
+    let per_row = out.len() / B::VALUES;
+    B::widen(
+        Isa::best(),
+        &blocks[row * per_row..(row + 1) * per_row],
+        out,
+    );
+}
+
+/// The blocks of rows `order`, in that order (`per_row` blocks a row).
+fn pick_rows<T: Copy>(v: &[T], per_row: usize, order: &[usize]) -> Vec<T> {
+    let mut picked = Vec::with_capacity(order.len() * per_row);
+    for &r in order {
+        picked.extend_from_slice(&v[r * per_row..(r + 1) * per_row]);
+    }
+    picked
 }
 
 /// A `[rows, cols]` weight matrix in one [`Format`], rows as a GGUF tensor and PyTorch's
@@ -132,7 +272,8 @@ impl Matrix {
     /// for the block formats).
     ///
     /// # Errors
-    /// A length that is not `rows * cols`, or (block formats) `cols` not a multiple of 32.
+    /// A length that is not `rows * cols`, or (block formats) `cols` not a multiple of the
+    /// format's block.
     pub fn from_f32(format: Format, rows: usize, cols: usize, values: &[f32]) -> Result<Self> {
         check_shape(format, rows, cols, values.len(), rows * cols, "values")?;
         let storage = match format {
@@ -152,6 +293,17 @@ impl Matrix {
                     .collect();
                 Storage::Q4_1(Packed::from_plain(&blocks, rows, cols / BLOCK))
             }
+            Format::Q5_0 => Storage::Q5_0(Packed::from_plain(
+                &quantize_blocks::<BlockQ5_0>(values),
+                rows,
+                cols / BLOCK,
+            )),
+            Format::Q4_0 => Storage::Q4_0(Packed::from_plain(
+                &quantize_blocks::<BlockQ4_0>(values),
+                rows,
+                cols / BLOCK,
+            )),
+            _ => Storage::Rows(build_blocks!(format, quantize_blocks(values))),
         };
         Ok(Self {
             rows,
@@ -165,7 +317,7 @@ impl Matrix {
     ///
     /// # Errors
     /// `bytes` not exactly [`Format::row_bytes`] times `rows`, or a block format whose `cols`
-    /// is not a multiple of 32.
+    /// is not a multiple of its block.
     pub fn from_ggml_bytes(format: Format, rows: usize, cols: usize, bytes: &[u8]) -> Result<Self> {
         let expected = format.row_bytes(cols) * rows;
         check_shape(format, rows, cols, bytes.len(), expected, "bytes")?;
@@ -184,6 +336,17 @@ impl Matrix {
                 rows,
                 cols / BLOCK,
             )),
+            Format::Q5_0 => Storage::Q5_0(Packed::from_plain(
+                &blocks_from_bytes::<BlockQ5_0>(bytes),
+                rows,
+                cols / BLOCK,
+            )),
+            Format::Q4_0 => Storage::Q4_0(Packed::from_plain(
+                &blocks_from_bytes::<BlockQ4_0>(bytes),
+                rows,
+                cols / BLOCK,
+            )),
+            _ => Storage::Rows(build_blocks!(format, blocks_from_bytes(bytes))),
         };
         Ok(Self {
             rows,
@@ -202,19 +365,56 @@ impl Matrix {
         self.cols
     }
 
-    /// The storage format.
-    pub fn format(&self) -> Format {
-        match self.storage {
+    /// The storage format, `None` for a matrix stacked from parts of different formats
+    /// (see [`Matrix::part_formats`]).
+    pub fn format(&self) -> Option<Format> {
+        Some(match self.storage {
             Storage::F32(_) => Format::F32,
             Storage::F16(_) => Format::F16,
             Storage::Q8_0(_) => Format::Q8_0,
             Storage::Q4_1(_) => Format::Q4_1,
+            Storage::Q5_0(_) => Format::Q5_0,
+            Storage::Q4_0(_) => Format::Q4_0,
+            Storage::Rows(RowBlocks::Q5_1(_)) => Format::Q5_1,
+            Storage::Rows(RowBlocks::Q4K(_)) => Format::Q4K,
+            Storage::Rows(RowBlocks::Q5K(_)) => Format::Q5K,
+            Storage::Rows(RowBlocks::Q6K(_)) => Format::Q6K,
+            Storage::Parts(_) => return None,
+        })
+    }
+
+    /// Each part's rows and format, in order: one part for a matrix of one format.
+    pub fn part_formats(&self) -> Vec<(usize, Format)> {
+        match (&self.storage, self.format()) {
+            (Storage::Parts(parts), _) => parts.iter().flat_map(Matrix::part_formats).collect(),
+            (_, Some(format)) => vec![(self.rows, format)],
+            (_, None) => unreachable!("only parts have no single format"),
         }
     }
 
     /// Bytes the values take.
     pub fn byte_len(&self) -> usize {
-        self.format().row_bytes(self.cols) * self.rows
+        self.part_formats()
+            .iter()
+            .map(|&(rows, format)| format.row_bytes(self.cols) * rows)
+            .sum()
+    }
+
+    /// The format of single-format storage (every storage but [`Storage::Parts`]).
+    fn single_format(&self) -> Format {
+        self.format()
+            .expect("a matrix of parts is handled before its format is asked")
+    }
+
+    /// The part holding row `row`, and the row's index inside it.
+    fn part_of(parts: &[Matrix], mut row: usize) -> (&Matrix, usize) {
+        for part in parts {
+            if row < part.rows {
+                return (part, row);
+            }
+            row -= part.rows;
+        }
+        unreachable!("row inside the matrix")
     }
 
     /// Row `row`'s values as f32, into `out` (`cols` long).
@@ -242,6 +442,23 @@ impl Matrix {
                     block.dequantize(chunk.try_into().expect("32 values"));
                 });
             }
+            Storage::Q5_0(p) => {
+                let mut chunks = out.chunks_exact_mut(BLOCK);
+                p.for_row_blocks(row, |block| {
+                    block.dequantize(chunks.next().expect("a chunk per block"));
+                });
+            }
+            Storage::Q4_0(p) => {
+                let mut chunks = out.chunks_exact_mut(BLOCK);
+                p.for_row_blocks(row, |block| {
+                    WeightBlock::dequantize(&block, chunks.next().expect("a chunk per block"));
+                });
+            }
+            Storage::Rows(blocks) => with_blocks!(blocks, v => dequantize_row(v, row, out)),
+            Storage::Parts(parts) => {
+                let (part, local) = Self::part_of(parts, row);
+                part.row_to_f32(local, out);
+            }
         }
     }
 
@@ -256,26 +473,68 @@ impl Matrix {
     /// # Panics
     /// If an index is out of range.
     pub fn select_rows(&self, order: &[usize]) -> Self {
-        fn pick<T: Copy>(v: &[T], width: usize, order: &[usize]) -> Vec<T> {
-            order
+        if let Storage::Parts(parts) = &self.storage {
+            // Runs of rows from one part move together, then the runs are stacked.
+            let starts: Vec<usize> = parts
                 .iter()
-                .flat_map(|&r| v[r * width..(r + 1) * width].iter().copied())
-                .collect()
+                .scan(0, |next, p| {
+                    let start = *next;
+                    *next += p.rows;
+                    Some(start)
+                })
+                .collect();
+            let mut runs: Vec<Matrix> = Vec::new();
+            let mut current: Option<(usize, Vec<usize>)> = None;
+            for &row in order {
+                let k = starts.partition_point(|&s| s <= row) - 1;
+                let local = row - starts[k];
+                match &mut current {
+                    Some((part, rows)) if *part == k => rows.push(local),
+                    _ => {
+                        if let Some((part, rows)) = current.take() {
+                            runs.push(parts[part].select_rows(&rows));
+                        }
+                        current = Some((k, vec![local]));
+                    }
+                }
+            }
+            match current {
+                Some((part, rows)) => runs.push(parts[part].select_rows(&rows)),
+                None => return parts[0].select_rows(&[]),
+            }
+            return Self::stack(&runs).expect("parts of one width");
         }
-        let (cols, blocks) = (self.cols, self.cols / BLOCK);
+        let (cols, blocks) = (self.cols, self.cols / self.single_format().block_values());
         let storage = match &self.storage {
-            Storage::F32(v) => Storage::F32(pick(v, cols, order)),
-            Storage::F16(v) => Storage::F16(pick(v, cols, order)),
+            Storage::Parts(_) => unreachable!("parts are handled above"),
+            Storage::F32(v) => Storage::F32(pick_rows(v, cols, order)),
+            Storage::F16(v) => Storage::F16(pick_rows(v, cols, order)),
             Storage::Q8_0(p) => Storage::Q8_0(Packed::from_plain(
-                &pick(&p.to_plain(), blocks, order),
+                &pick_rows(&p.to_plain(), blocks, order),
                 order.len(),
                 blocks,
             )),
             Storage::Q4_1(p) => Storage::Q4_1(Packed::from_plain(
-                &pick(&p.to_plain(), blocks, order),
+                &pick_rows(&p.to_plain(), blocks, order),
                 order.len(),
                 blocks,
             )),
+            Storage::Q5_0(p) => Storage::Q5_0(Packed::from_plain(
+                &pick_rows(&p.to_plain(), blocks, order),
+                order.len(),
+                blocks,
+            )),
+            Storage::Q4_0(p) => Storage::Q4_0(Packed::from_plain(
+                &pick_rows(&p.to_plain(), blocks, order),
+                order.len(),
+                blocks,
+            )),
+            Storage::Rows(r) => Storage::Rows(match r {
+                RowBlocks::Q5_1(v) => RowBlocks::Q5_1(pick_rows(v, blocks, order)),
+                RowBlocks::Q4K(v) => RowBlocks::Q4K(pick_rows(v, blocks, order)),
+                RowBlocks::Q5K(v) => RowBlocks::Q5K(pick_rows(v, blocks, order)),
+                RowBlocks::Q6K(v) => RowBlocks::Q6K(pick_rows(v, blocks, order)),
+            }),
         };
         Self {
             rows: order.len(),
@@ -284,22 +543,57 @@ impl Matrix {
         }
     }
 
-    /// Matrices of one format and width stacked row-wise (fusing Q/K/V or gate/up into one
-    /// product).
+    /// Matrices of one width stacked row-wise (fusing Q/K/V or gate/up into one product).
+    /// Parts of one format become one matrix of it; parts of different formats (a GGUF mix
+    /// stores a layer's V in more bits than its Q and K) stay each in its own format, runs of
+    /// one format joined, and a product meets each run with its own kernels: nothing is
+    /// requantized.
     ///
     /// # Errors
-    /// No parts, or parts of different formats or widths.
+    /// No parts, or parts of different widths.
     pub fn stack(parts: &[Matrix]) -> Result<Self> {
         let first = parts.first().ok_or(KernelError::NothingToStack)?;
         for part in parts {
-            if part.format() != first.format() || part.cols != first.cols {
-                return Err(KernelError::MismatchedStack {
-                    first: (first.format(), first.cols),
-                    other: (part.format(), part.cols),
+            if part.cols != first.cols {
+                return Err(KernelError::MismatchedWidths {
+                    first: first.cols,
+                    other: part.cols,
                 });
             }
         }
         let rows = parts.iter().map(|p| p.rows).sum();
+        if parts.iter().any(|p| p.format() != first.format()) {
+            // Flatten nested parts, then join each run of one format.
+            let flat: Vec<&Matrix> = parts
+                .iter()
+                .flat_map(|p| match &p.storage {
+                    Storage::Parts(inner) => inner.iter().collect::<Vec<_>>(),
+                    _ => vec![p],
+                })
+                .collect();
+            let mut runs: Vec<Matrix> = Vec::new();
+            let mut start = 0;
+            while start < flat.len() {
+                let format = flat[start].format();
+                let end = start
+                    + flat[start..]
+                        .iter()
+                        .take_while(|p| p.format() == format)
+                        .count();
+                let run: Vec<Matrix> = flat[start..end].iter().map(|&p| p.clone()).collect();
+                runs.push(Self::stack(&run)?);
+                start = end;
+            }
+            return Ok(if runs.len() == 1 {
+                runs.pop().expect("one run")
+            } else {
+                Self {
+                    rows,
+                    cols: first.cols,
+                    storage: Storage::Parts(runs),
+                }
+            });
+        }
         let blocks = first.cols / BLOCK;
         let storage = match &first.storage {
             Storage::F32(_) => Storage::F32(concat(parts, |s| match s {
@@ -326,6 +620,39 @@ impl Matrix {
                 rows,
                 blocks,
             )),
+            Storage::Q5_0(_) => Storage::Q5_0(Packed::from_plain(
+                &concat(parts, |s| match s {
+                    Storage::Q5_0(p) => p.to_plain(),
+                    _ => unreachable!("formats checked"),
+                }),
+                rows,
+                blocks,
+            )),
+            Storage::Q4_0(_) => Storage::Q4_0(Packed::from_plain(
+                &concat(parts, |s| match s {
+                    Storage::Q4_0(p) => p.to_plain(),
+                    _ => unreachable!("formats checked"),
+                }),
+                rows,
+                blocks,
+            )),
+            Storage::Parts(_) => unreachable!("mixed parts are joined above"),
+            Storage::Rows(r) => {
+                macro_rules! stacked {
+                    ($variant:ident) => {
+                        RowBlocks::$variant(concat(parts, |s| match s {
+                            Storage::Rows(RowBlocks::$variant(v)) => v.clone(),
+                            _ => unreachable!("formats checked"),
+                        }))
+                    };
+                }
+                Storage::Rows(match r {
+                    RowBlocks::Q5_1(_) => stacked!(Q5_1),
+                    RowBlocks::Q4K(_) => stacked!(Q4K),
+                    RowBlocks::Q5K(_) => stacked!(Q5K),
+                    RowBlocks::Q6K(_) => stacked!(Q6K),
+                })
+            }
         };
         Ok(Self {
             rows,
@@ -337,7 +664,7 @@ impl Matrix {
     /// The same matrix stored as `format` (through f32; for building test references and
     /// for loading a file into another format).
     pub fn convert(&self, format: Format) -> Self {
-        if format == self.format() {
+        if Some(format) == self.format() {
             return self.clone();
         }
         Self::from_f32(format, self.rows, self.cols, &self.to_f32())
@@ -358,7 +685,7 @@ impl Matrix {
     pub fn matmul_with(&self, isa: Isa, x: &[f32], n: usize, y: &mut [f32]) {
         assert_eq!(x.len(), n * self.cols, "x is [n, cols]");
         assert_eq!(y.len(), n * self.rows, "y is [n, rows]");
-        let input = Input::prepare(self.format(), x, n, self.cols);
+        let input = Input::prepare(self, x, n);
         let rows = self.rows;
         self.rows_into(isa, &input, 0..rows, y);
     }
@@ -375,7 +702,7 @@ impl Matrix {
             "rows {outputs:?} of {}",
             self.rows
         );
-        let input = Input::prepare(self.format(), x, n, self.cols);
+        let input = Input::prepare(self, x, n);
         let mut y = vec![0.0; n * outputs.len()];
         self.rows_into(Isa::best(), &input, outputs, &mut y);
         y
@@ -404,7 +731,7 @@ impl Matrix {
             "rows {outputs:?} of {}",
             self.rows
         );
-        let input = Arc::new(Input::prepare(self.format(), x, n, self.cols));
+        let input = Arc::new(Input::prepare(self, x, n));
         let isa = Isa::best();
         let (offset, len, matrix) = (outputs.start, outputs.len(), Arc::clone(self));
         // Shares are whole groups of eight rows, so when the range starts on a group boundary
@@ -454,6 +781,24 @@ impl Matrix {
         let (n, len) = (input.n(), range.len());
         debug_assert_eq!(out.len(), n * len);
         match (&self.storage, &input.rows) {
+            // Parts of different formats: each part's rows inside the range, with the
+            // activations as that part's format takes them.
+            (Storage::Parts(parts), InputRows::Parts(inputs)) => {
+                let mut first = 0;
+                for (part, input) in parts.iter().zip(inputs) {
+                    let (lo, hi) = (range.start.max(first), range.end.min(first + part.rows));
+                    if lo < hi {
+                        let width = hi - lo;
+                        let mut y = vec![0.0; n * width];
+                        part.rows_into(isa, input, lo - first..hi - first, &mut y);
+                        for i in 0..n {
+                            out[i * len + lo - range.start..][..width]
+                                .copy_from_slice(&y[i * width..(i + 1) * width]);
+                        }
+                    }
+                    first += part.rows;
+                }
+            }
             // Several activation rows against block weights: each group of eight rows meets
             // the activation rows `dot::BATCH` at a time, its bytes loaded once per pass.
             (Storage::Q8_0(w), InputRows::Quantized(x)) if n > 1 => {
@@ -465,6 +810,22 @@ impl Matrix {
                     |w: &[BlockQ8_0], x: &[BlockQ8], o: &mut [f32]| dot::q8_0_rows(isa, w, x, o);
                 batch_units(w, x, n, range, out, group, rows);
             }
+            (Storage::Q5_0(w), InputRows::Quantized(x)) if n > 1 => {
+                let group =
+                    |g: &[Q5_0x8], o: &mut [f32]| dot::q5_0_group_batch(isa, g, x, n, o, len);
+                let rows = |w: &[BlockQ5_0], x: &[BlockQ8], o: &mut [f32]| {
+                    block_dot::q5_0_rows(isa, w, x, o)
+                };
+                batch_units(w, x, n, range, out, group, rows);
+            }
+            (Storage::Q4_0(w), InputRows::Quantized(x)) if n > 1 => {
+                let group =
+                    |g: &[Q4_0x8], o: &mut [f32]| dot::q4_0_group_batch(isa, g, x, n, o, len);
+                let rows = |w: &[BlockQ4_0], x: &[BlockQ8], o: &mut [f32]| {
+                    block_dot::q4_0_rows(isa, w, x, o)
+                };
+                batch_units(w, x, n, range, out, group, rows);
+            }
             (Storage::Q4_1(w), InputRows::Quantized(x)) if n > 1 => {
                 let group =
                     |g: &[Q4_1x8], o: &mut [f32]| dot::q4_1_group_batch(isa, g, x, n, o, len);
@@ -472,7 +833,11 @@ impl Matrix {
                     |w: &[BlockQ4_1], x: &[BlockQ8], o: &mut [f32]| dot::q4_1_rows(isa, w, x, o);
                 batch_units(w, x, n, range, out, group, rows);
             }
-            (Storage::F32(_) | Storage::F16(_), InputRows::Dense(x)) if n >= GEMM_MIN_ROWS => {
+            // A prompt against f32, f16 or row-major block weights: `gemm` (those block
+            // formats' rows are widened in cache first, as f16 rows are).
+            (Storage::F32(_) | Storage::F16(_) | Storage::Rows(_), InputRows::Dense(x))
+                if n >= GEMM_MIN_ROWS =>
+            {
                 self.dense_gemm(x, n, range, out);
             }
             _ => {
@@ -490,10 +855,13 @@ impl Matrix {
         }
     }
 
-    /// Rows `range` of `x Wᵀ` into `out` (`[n, range.len()]`) through `gemm`, for f32 and
-    /// f16 weights. f32 rows are read where they are stored. f16 rows are widened
-    /// [`WIDEN_ROWS`] at a time into a per-thread buffer that stays in the core's cache and is
-    /// reused from product to product, so a widened weight never travels to memory and back.
+    /// Rows `range` of `x Wᵀ` into `out` (`[n, range.len()]`) through `gemm`, for f32, f16
+    /// and row-major block weights. f32 rows are read where they are stored. Other rows are
+    /// widened [`WIDEN_ROWS`] at a time into a per-thread buffer that stays in the core's
+    /// cache and is reused from product to product, so a widened weight never travels to
+    /// memory and back, and a prompt's product costs what an f32 one does, whatever its
+    /// weights' format (measured against 8-bit batch kernels for these formats on AVX2, where
+    /// unpacking a block again for each activation row cost more than the widening).
     fn dense_gemm(&self, x: &[f32], n: usize, range: Range<usize>, out: &mut [f32]) {
         let (cols, len) = (self.cols, range.len());
         assert_eq!(x.len(), n * cols, "x is [n, cols]");
@@ -537,13 +905,14 @@ impl Matrix {
         };
         match &self.storage {
             Storage::F32(v) => product(&v[range.start * cols..range.end * cols], 0),
-            Storage::F16(v) => WIDENED.with(|buffer| {
+            Storage::F16(_) | Storage::Rows(_) => WIDENED.with(|buffer| {
                 let mut buffer = buffer.borrow_mut();
                 for first in (0..len).step_by(WIDEN_ROWS) {
                     let rows = (len - first).min(WIDEN_ROWS);
-                    let at = (range.start + first) * cols;
                     buffer.resize(rows * cols, 0.0);
-                    v[at..at + rows * cols].convert_to_f32_slice(&mut buffer);
+                    for (r, chunk) in buffer.chunks_exact_mut(cols).enumerate() {
+                        self.row_to_f32(range.start + first + r, chunk);
+                    }
                     product(&buffer, first);
                 }
             }),
@@ -585,6 +954,30 @@ impl Matrix {
                     |plain, o| dot::q4_1_rows(isa, plain, x, o),
                 );
             }
+            (Storage::Q5_0(w), InputRows::Quantized(x)) => {
+                let x = &x[i * blocks..(i + 1) * blocks];
+                w.for_rows(
+                    rows,
+                    out,
+                    |group, o| dot::q5_0_group(isa, group, x, o),
+                    |plain, o| block_dot::q5_0_rows(isa, plain, x, o),
+                );
+            }
+            (Storage::Q4_0(w), InputRows::Quantized(x)) => {
+                let x = &x[i * blocks..(i + 1) * blocks];
+                w.for_rows(
+                    rows,
+                    out,
+                    |group, o| dot::q4_0_group(isa, group, x, o),
+                    |plain, o| block_dot::q4_0_rows(isa, plain, x, o),
+                );
+            }
+            (Storage::Rows(w), InputRows::Quantized(x)) => {
+                let x = &x[i * blocks..(i + 1) * blocks];
+                let per_row = cols / self.single_format().block_values();
+                let span = rows.start * per_row..rows.end * per_row;
+                with_blocks!(w, v => WeightBlock::rows(isa, &v[span], x, out));
+            }
             _ => unreachable!("Input::prepare follows the format"),
         }
     }
@@ -602,11 +995,27 @@ enum InputRows {
     Dense(Vec<f32>),
     /// 8-bit blocks, for the block formats.
     Quantized(Vec<BlockQ8>),
+    /// One input per part of a matrix of parts.
+    Parts(Vec<Input>),
 }
 
 impl Input {
-    fn prepare(format: Format, x: &[f32], n: usize, cols: usize) -> Self {
-        let rows = if format.is_blocked() {
+    /// The activations `x` (`[n, cols]`) as `matrix`'s kernels read them.
+    fn prepare(matrix: &Matrix, x: &[f32], n: usize) -> Self {
+        let cols = matrix.cols;
+        let format = match &matrix.storage {
+            Storage::Parts(parts) => {
+                let inputs = parts.iter().map(|p| Input::prepare(p, x, n)).collect();
+                return Self {
+                    n,
+                    rows: InputRows::Parts(inputs),
+                };
+            }
+            _ => matrix.single_format(),
+        };
+        // Row-major block formats meet a prompt in `gemm`, as f32 rows.
+        let widened = format.is_row_major_blocks() && n >= GEMM_MIN_ROWS;
+        let rows = if format.is_blocked() && !widened {
             let mut blocks = Vec::with_capacity(n * cols / BLOCK);
             let mut row_blocks = Vec::with_capacity(cols / BLOCK);
             for row in x.chunks_exact(cols.max(1)).take(n) {
@@ -643,8 +1052,13 @@ fn check_shape(
     expected: usize,
     what: &'static str,
 ) -> Result<()> {
-    if format.is_blocked() && !cols.is_multiple_of(BLOCK) {
-        return Err(KernelError::RaggedBlocks { format, cols });
+    let block = format.block_values();
+    if !cols.is_multiple_of(block) {
+        return Err(KernelError::RaggedBlocks {
+            format,
+            block,
+            cols,
+        });
     }
     if found != expected {
         return Err(KernelError::Length {

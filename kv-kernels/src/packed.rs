@@ -15,7 +15,10 @@
 //! broadcast to every lane advances all eight rows; the eight scales widen in one instruction
 //! and the eight results come out in one vector, with no horizontal sum. llama.cpp's CPU
 //! backend repacks Q4_0 and Q8_0 weights the same way when it loads them; this module applies
-//! the idea to the two formats SmolLM2's file uses.
+//! the idea to the 32-value formats files are made of: Q4_1 (SmolLM2's file), Q8_0, Q4_0, and
+//! Q5_0 (what a `Q4_K_M` mix stores wherever rows are not whole 256-value super-blocks, as
+//! in every matrix that reads a 576- or 896-wide hidden state). Q5_0's fifth bits are
+//! regrouped so that one 32-bit word holds the bits of one 32-byte load of nibbles.
 //!
 //! What it costs: nothing in memory (the file's bytes, moved: nothing is widened or
 //! requantized) and one pass over the weights at load. Rows past the last full group of eight
@@ -26,7 +29,7 @@ use std::borrow::Cow;
 
 use half::f16;
 
-use crate::blocks::{BlockQ4_1, BlockQ8_0, BLOCK};
+use crate::blocks::{BlockQ4_0, BlockQ4_1, BlockQ5_0, BlockQ8_0, BLOCK};
 
 /// Rows interleaved in one group.
 pub(crate) const GROUP: usize = 8;
@@ -55,6 +58,33 @@ pub(crate) struct Q8_0x8 {
     pub d: [f16; GROUP],
     /// The rows' values, four of each row in turn.
     pub qs: [i8; GROUP * BLOCK],
+}
+
+/// Block `b` of eight consecutive Q4_0 rows: 144 bytes, the size of the eight blocks.
+#[derive(Debug, Clone, Copy, PartialEq)]
+#[repr(C)]
+pub(crate) struct Q4_0x8 {
+    /// Each row's step.
+    pub d: [f16; GROUP],
+    /// The rows' packed levels, four bytes of each row in turn (as [`Q4_1x8::qs`]).
+    pub qs: [u8; GROUP * BLOCK / 2],
+}
+
+/// Block `b` of eight consecutive Q5_0 rows: 176 bytes, the size of the eight blocks.
+///
+/// The nibbles interleave as [`Q4_1x8`]'s do. The fifth bits are regrouped so that one word
+/// serves one 32-byte load of nibbles: word `j` (`j < 4`) holds at bit `4r + k` the fifth bit
+/// of row `r`'s value `4j + k` (the low nibbles of bytes `4j..4j + 4`), and word `4 + j` that
+/// of value `16 + 4j + k` (their high nibbles).
+#[derive(Debug, Clone, Copy, PartialEq)]
+#[repr(C)]
+pub(crate) struct Q5_0x8 {
+    /// Each row's step.
+    pub d: [f16; GROUP],
+    /// The rows' fifth bits, regrouped as above.
+    pub qh: [u32; GROUP],
+    /// The rows' low four bits, four bytes of each row in turn.
+    pub qs: [u8; GROUP * BLOCK / 2],
 }
 
 /// A group layout and the plain block it interleaves.
@@ -120,6 +150,74 @@ impl Interleave for Q8_0x8 {
     fn unpack(&self, row: usize) -> BlockQ8_0 {
         BlockQ8_0 {
             d: self.d[row],
+            qs: std::array::from_fn(|i| self.qs[interleaved_index(row, i)]),
+        }
+    }
+}
+
+impl Interleave for Q4_0x8 {
+    type Block = BlockQ4_0;
+
+    fn pack(blocks: [&BlockQ4_0; GROUP]) -> Self {
+        let mut group = Self {
+            d: [f16::ZERO; GROUP],
+            qs: [0; GROUP * BLOCK / 2],
+        };
+        for (row, block) in blocks.iter().enumerate() {
+            group.d[row] = block.d;
+            for (i, &q) in block.qs.iter().enumerate() {
+                group.qs[interleaved_index(row, i)] = q;
+            }
+        }
+        group
+    }
+
+    fn unpack(&self, row: usize) -> BlockQ4_0 {
+        BlockQ4_0 {
+            d: self.d[row],
+            qs: std::array::from_fn(|i| self.qs[interleaved_index(row, i)]),
+        }
+    }
+}
+
+impl Interleave for Q5_0x8 {
+    type Block = BlockQ5_0;
+
+    fn pack(blocks: [&BlockQ5_0; GROUP]) -> Self {
+        let mut group = Self {
+            d: [f16::ZERO; GROUP],
+            qh: [0; GROUP],
+            qs: [0; GROUP * BLOCK / 2],
+        };
+        for (row, block) in blocks.iter().enumerate() {
+            group.d[row] = block.d;
+            for (i, &q) in block.qs.iter().enumerate() {
+                group.qs[interleaved_index(row, i)] = q;
+            }
+            let bits = u32::from_le_bytes(block.qh);
+            for j in 0..4 {
+                for k in 0..4 {
+                    let at = 4 * row + k;
+                    group.qh[j] |= ((bits >> (4 * j + k)) & 1) << at;
+                    group.qh[4 + j] |= ((bits >> (16 + 4 * j + k)) & 1) << at;
+                }
+            }
+        }
+        group
+    }
+
+    fn unpack(&self, row: usize) -> BlockQ5_0 {
+        let mut bits = 0u32;
+        for j in 0..4 {
+            for k in 0..4 {
+                let at = 4 * row + k;
+                bits |= ((self.qh[j] >> at) & 1) << (4 * j + k);
+                bits |= ((self.qh[4 + j] >> at) & 1) << (16 + 4 * j + k);
+            }
+        }
+        BlockQ5_0 {
+            d: self.d[row],
+            qh: bits.to_le_bytes(),
             qs: std::array::from_fn(|i| self.qs[interleaved_index(row, i)]),
         }
     }
@@ -279,6 +377,29 @@ mod tests {
     fn groups_are_the_size_of_their_blocks() {
         assert_eq!(std::mem::size_of::<Q4_1x8>(), GROUP * 20);
         assert_eq!(std::mem::size_of::<Q8_0x8>(), GROUP * 34);
+        assert_eq!(std::mem::size_of::<Q5_0x8>(), GROUP * 22);
+        assert_eq!(std::mem::size_of::<Q4_0x8>(), GROUP * 18);
+    }
+
+    #[test]
+    fn q5_0_fifth_bits_round_trip_through_a_group() {
+        let blocks: Vec<BlockQ5_0> = (0..16)
+            .map(|i: u32| BlockQ5_0 {
+                d: f16::from_f32(i as f32),
+                qh: (0x9E37_79B9u32.wrapping_mul(i + 1)).to_le_bytes(),
+                qs: std::array::from_fn(|j| (i as usize * 5 + j * 11) as u8),
+            })
+            .collect();
+        let packed = Packed::<Q5_0x8>::from_plain(&blocks, 8, 2);
+        assert_eq!(packed.to_plain(), blocks);
+        // Word 1, bit 4r + k: the fifth bit of row r's value 4 + k.
+        let group = &packed.groups[0];
+        for row in 0..8 {
+            let bits = u32::from_le_bytes(blocks[row * 2].qh);
+            for k in 0..4 {
+                assert_eq!((group.qh[1] >> (4 * row + k)) & 1, (bits >> (4 + k)) & 1);
+            }
+        }
     }
 
     #[test]

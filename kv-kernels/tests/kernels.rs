@@ -45,8 +45,18 @@ fn activation_bound(matrix: &Matrix, x: &[f32], n: usize) -> Vec<f32> {
     bound
 }
 
+/// The formats whose blocks divide a row of `cols` values.
+fn formats_for(cols: usize) -> impl Iterator<Item = Format> {
+    Format::ALL
+        .into_iter()
+        .filter(move |f| cols.is_multiple_of(f.block_values()))
+}
+
+/// Rows, columns (1 to 4 blocks of 32, or 1 or 2 k-quant super-blocks of 256), activation
+/// rows, weights and activations.
 fn matrix_strategy() -> impl Strategy<Value = (usize, usize, usize, Vec<f32>, Vec<f32>)> {
-    (1usize..20, 1usize..5, 1usize..10).prop_flat_map(|(rows, blocks, n)| {
+    let blocks = prop_oneof![1usize..5, Just(8), Just(16)];
+    (1usize..20, blocks, 1usize..10).prop_flat_map(|(rows, blocks, n)| {
         let cols = blocks * BLOCK;
         (
             Just(rows),
@@ -65,7 +75,7 @@ proptest! {
     /// kernel to float-summation order; float formats likewise.
     #[test]
     fn every_level_matches_the_scalar_kernel((rows, cols, n, w, x) in matrix_strategy()) {
-        for format in Format::ALL {
+        for format in formats_for(cols) {
             let matrix = Matrix::from_f32(format, rows, cols, &w).unwrap();
             let mut want = vec![0.0; n * rows];
             matrix.matmul_with(Isa::Scalar, &x, n, &mut want);
@@ -83,7 +93,7 @@ proptest! {
     /// `x` for the block formats (and none for f32/f16).
     #[test]
     fn products_equal_the_dequantized_arithmetic((rows, cols, n, w, x) in matrix_strategy()) {
-        for format in Format::ALL {
+        for format in formats_for(cols) {
             let matrix = Matrix::from_f32(format, rows, cols, &w).unwrap();
             let want = reference(&matrix, &x, n);
             let bound = activation_bound(&matrix, &x, n);
@@ -100,7 +110,7 @@ proptest! {
     #[test]
     fn split_products_equal_one_thread((rows, cols, n, w, x) in matrix_strategy()) {
         let threads = Threads::new(3, Threads::DEFAULT_SPIN);
-        for format in Format::ALL {
+        for format in formats_for(cols) {
             // Enough rows that the split really happens.
             let tall: Vec<f32> = w.iter().cycle().take(rows * 40 * cols).copied().collect();
             let matrix = Arc::new(Matrix::from_f32(format, rows * 40, cols, &tall).unwrap());
@@ -121,7 +131,7 @@ proptest! {
         let threads = Threads::new(2, Threads::DEFAULT_SPIN);
         let start = start % rows;
         let end = (start + len).min(rows);
-        for format in Format::ALL {
+        for format in formats_for(cols) {
             let matrix = Arc::new(Matrix::from_f32(format, rows, cols, &w).unwrap());
             let mut whole = vec![0.0; n * rows];
             matrix.matmul(&x, n, &mut whole);
@@ -175,7 +185,7 @@ proptest! {
     /// Reordering and stacking rows moves blocks whole.
     #[test]
     fn select_and_stack_move_rows_whole((rows, cols, _n, w, _x) in matrix_strategy()) {
-        for format in Format::ALL {
+        for format in formats_for(cols) {
             let matrix = Matrix::from_f32(format, rows, cols, &w).unwrap();
             let dense = matrix.to_f32();
             let order: Vec<usize> = (0..rows).rev().collect();
@@ -195,7 +205,13 @@ proptest! {
 /// threads, equal the dequantized arithmetic as the matrix-vector path does.
 #[test]
 fn prompt_sized_products_equal_the_dequantized_arithmetic() {
-    let (rows, cols, n) = (137, 96, 21);
+    for cols in [96, 512] {
+        prompt_sized_products(cols);
+    }
+}
+
+fn prompt_sized_products(cols: usize) {
+    let (rows, n) = (137, 21);
     let w: Vec<f32> = (0..rows * cols)
         .map(|i| ((i * 7919) % 401) as f32 / 100.0 - 2.0)
         .collect();
@@ -203,7 +219,7 @@ fn prompt_sized_products_equal_the_dequantized_arithmetic() {
         .map(|i| ((i * 104_729) % 601) as f32 / 100.0 - 3.0)
         .collect();
     let threads = Threads::new(2, Threads::DEFAULT_SPIN);
-    for format in Format::ALL {
+    for format in formats_for(cols) {
         let matrix = Arc::new(Matrix::from_f32(format, rows, cols, &w).unwrap());
         let want = reference(&matrix, &x, n);
         let bound = activation_bound(&matrix, &x, n);
@@ -255,8 +271,9 @@ fn quantizers_round_as_ggml_does() {
     assert_eq!(a.d, 16.0 / 127.0);
 }
 
-/// The gguf-py cases kv-model's loader is tested on: bytes written by gguf-py's quantizers
-/// and the values gguf-py dequantizes them to.
+/// The gguf-py cases kv-model's loader is tested on (random blocks with real f16 scales,
+/// written by scripts/make_dequant_fixtures.py) and the values gguf-py dequantizes them to:
+/// every format kv-kernels keeps reads them as llama.cpp does.
 #[test]
 fn ggml_bytes_read_as_gguf_py_dequantizes_them() {
     let path = concat!(
@@ -268,7 +285,13 @@ fn ggml_bytes_read_as_gguf_py_dequantizes_them() {
     for (name, format) in [
         ("F16", Format::F16),
         ("Q8_0", Format::Q8_0),
+        ("Q4_0", Format::Q4_0),
         ("Q4_1", Format::Q4_1),
+        ("Q5_0", Format::Q5_0),
+        ("Q5_1", Format::Q5_1),
+        ("Q4_K", Format::Q4K),
+        ("Q5_K", Format::Q5K),
+        ("Q6_K", Format::Q6K),
     ] {
         let case = &cases[name];
         let raw = hex::decode(case["raw_hex"].as_str().unwrap()).unwrap();
@@ -280,7 +303,7 @@ fn ggml_bytes_read_as_gguf_py_dequantizes_them() {
             .map(|v| v.as_f64().unwrap() as f32)
             .collect();
         let (rows, cols) = if format.is_blocked() {
-            (elements / BLOCK, BLOCK)
+            (elements / format.block_values(), format.block_values())
         } else {
             (1, elements)
         };
@@ -313,19 +336,119 @@ fn bad_shapes_are_errors_that_say_what_to_fix() {
         err,
         KernelError::RaggedBlocks {
             format: Format::Q4_1,
+            block: 32,
             cols: 48
         }
     );
-    assert!(err.to_string().contains("use f32 or f16"), "{err}");
+    assert!(err.to_string().contains("f32 or f16 always do"), "{err}");
+    let err = Matrix::from_f32(Format::Q4K, 1, 96, &[0.0; 96]).unwrap_err();
+    assert!(err.to_string().contains("blocks of 256 values"), "{err}");
     let err = Matrix::from_ggml_bytes(Format::Q8_0, 2, 32, &[0; 60]).unwrap_err();
     assert!(err.to_string().contains("needs 68 bytes, got 60"), "{err}");
     let a = Matrix::from_f32(Format::F32, 1, 32, &[0.0; 32]).unwrap();
-    let b = Matrix::from_f32(Format::F16, 1, 32, &[0.0; 32]).unwrap();
-    assert!(matches!(
+    let b = Matrix::from_f32(Format::F32, 1, 64, &[0.0; 64]).unwrap();
+    assert_eq!(
         Matrix::stack(&[a, b]),
-        Err(KernelError::MismatchedStack { .. })
-    ));
+        Err(KernelError::MismatchedWidths {
+            first: 32,
+            other: 64
+        })
+    );
     assert_eq!(Matrix::stack(&[]), Err(KernelError::NothingToStack));
+}
+
+/// A stack of parts in different formats (a Q4_K_M layer's Q, K and V) multiplies each part
+/// with its own kernels: the product equals the parts' products side by side, at every
+/// level, over any row range, split over threads or not, and with a prompt's many rows.
+#[test]
+fn mixed_format_stacks_equal_their_parts() {
+    let cols = 512;
+    let layout = [
+        (Format::Q5_0, 13),
+        (Format::Q4K, 9),
+        (Format::Q5_0, 3),
+        (Format::Q8_0, 17),
+        (Format::Q6K, 8),
+    ];
+    let parts: Vec<Matrix> = layout
+        .iter()
+        .enumerate()
+        .map(|(k, &(format, rows))| {
+            let w: Vec<f32> = (0..rows * cols)
+                .map(|i| (((i + 31 * k) * 7919) % 401) as f32 / 100.0 - 2.0)
+                .collect();
+            Matrix::from_f32(format, rows, cols, &w).unwrap()
+        })
+        .collect();
+    let stacked = Arc::new(Matrix::stack(&parts).unwrap());
+    assert_eq!(stacked.format(), None);
+    assert_eq!(
+        stacked.part_formats(),
+        layout.map(|(format, rows)| (rows, format)).to_vec(),
+        "runs of one format stay apart where they are not adjacent"
+    );
+    let rows: usize = layout.iter().map(|&(_, r)| r).sum();
+    assert_eq!(stacked.rows(), rows);
+    assert_eq!(
+        stacked.byte_len(),
+        parts.iter().map(Matrix::byte_len).sum::<usize>()
+    );
+    let threads = Threads::new(3, Threads::DEFAULT_SPIN);
+    for n in [1, 3, 20] {
+        let x: Vec<f32> = (0..n * cols)
+            .map(|i| ((i * 104_729) % 601) as f32 / 100.0 - 3.0)
+            .collect();
+        let mut want = vec![0.0; n * rows];
+        let mut first = 0;
+        for part in &parts {
+            let mut y = vec![0.0; n * part.rows()];
+            part.matmul(&x, n, &mut y);
+            for i in 0..n {
+                want[i * rows + first..][..part.rows()]
+                    .copy_from_slice(&y[i * part.rows()..(i + 1) * part.rows()]);
+            }
+            first += part.rows();
+        }
+        let mut got = vec![0.0; n * rows];
+        stacked.matmul(&x, n, &mut got);
+        assert_eq!(got, want, "{n} rows");
+        assert_eq!(stacked.par_matmul(&x, n, &threads), want, "{n} rows, split");
+        // A range that cuts a group of eight interleaved Q8_0 rows reads those rows one at a
+        // time: the same integer dots, summed in another order.
+        for range in [0..rows, 5..30, 20..rows] {
+            let part = stacked.matmul_rows(&x, n, range.clone());
+            for i in 0..n {
+                let got = &part[i * range.len()..(i + 1) * range.len()];
+                let whole = &want[i * rows + range.start..i * rows + range.end];
+                for (g, w) in got.iter().zip(whole) {
+                    assert!(
+                        (g - w).abs() <= 1e-4 * (1.0 + w.abs()),
+                        "{range:?}: {g} vs {w}"
+                    );
+                }
+            }
+        }
+        for isa in Isa::available() {
+            let mut at_level = vec![0.0; n * rows];
+            stacked.matmul_with(isa, &x, n, &mut at_level);
+            let mut reference = vec![0.0; n * rows];
+            stacked.matmul_with(Isa::Scalar, &x, n, &mut reference);
+            for (g, w) in at_level.iter().zip(&reference) {
+                assert!((g - w).abs() <= 1e-4 * (1.0 + w.abs()), "{isa}: {g} vs {w}");
+            }
+        }
+    }
+    // Rows reordered across parts, and back to dense values, move whole.
+    let order: Vec<usize> = (0..rows).rev().collect();
+    let reversed = stacked.select_rows(&order);
+    let dense = stacked.to_f32();
+    let back = reversed.to_f32();
+    for (i, &r) in order.iter().enumerate() {
+        assert_eq!(
+            back[i * cols..(i + 1) * cols],
+            dense[r * cols..(r + 1) * cols]
+        );
+    }
 }
 
 #[test]

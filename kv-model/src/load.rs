@@ -21,6 +21,9 @@ pub struct LoadedModel<B: Backend> {
     pub tokenizer: Option<Tokenizer>,
     /// Where it came from.
     pub source: PathBuf,
+    /// One-line notices about how the files were read (a GGUF type requantized at load), for
+    /// the program to show its user.
+    pub notes: Vec<String>,
 }
 
 /// Loads a Hugging Face model directory or a `.gguf` file onto `device`.
@@ -38,8 +41,8 @@ pub fn load_model<B: Backend>(path: &Path, device: &B::Device) -> Result<LoadedM
 
 /// [`load_model`] with the matrices placed as `placement` says: on the device as f32 or f16,
 /// or in host memory in a kv-kernels format, where [`WeightFormat::Native`] keeps a GGUF's
-/// F32, F16, Q8_0 and Q4_1 matrices in the file's own bytes (resident memory about the file's
-/// size).
+/// matrices in the file's own blocks (resident memory about the file's size; the types
+/// without a kernel are requantized, and [`LoadedModel::notes`] says so).
 ///
 /// [`WeightFormat::Native`]: crate::WeightFormat::Native
 pub fn load_model_placed<B: Backend>(
@@ -57,10 +60,12 @@ pub fn load_model_placed<B: Backend>(
         } else {
             None
         };
+        let notes = weights.notes().to_vec();
         return Ok(LoadedModel {
             model: Transformer::from_weights_placed(&config, weights, placement, device)?,
             tokenizer,
             source: path.to_path_buf(),
+            notes,
         });
     }
     if !path.exists() {
@@ -79,9 +84,14 @@ pub fn load_model_placed<B: Backend>(
         Some(_) => Some(Tokenizer::from_gguf(&file)?),
         None => None,
     };
+    // The weights hold copies of every tensor they keep: the file's bytes can go before the
+    // model is built, so a native load peaks at about twice the file and settles at one.
+    drop(file);
+    let notes = weights.notes().to_vec();
     Ok(LoadedModel {
         model: Transformer::from_weights_placed(&config, weights, placement, device)?,
         tokenizer,
         source: path.to_path_buf(),
+        notes,
     })
 }

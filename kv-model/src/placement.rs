@@ -68,16 +68,23 @@ impl std::str::FromStr for WeightDtype {
 ///
 /// What each trades, on a CPU, where a decode step reads every weight once:
 ///
-/// | format | bytes per weight | numbers |
+/// | format | bits per weight | numbers |
 /// |---|---|---|
-/// | `F32` | 4 | the reference (transformers' within float rounding) |
-/// | `F16` | 2 | weights rounded to half precision |
-/// | `Q8_0` | 1.06 | weights in 8-bit blocks; activations rounded to 8 bits per product |
-/// | `Q4_1` | 0.63 | weights in 4-bit blocks; activations rounded to 8 bits per product |
+/// | `F32` | 32 | the reference (transformers' within float rounding) |
+/// | `F16` | 16 | weights rounded to half precision |
+/// | `Q8_0` | 8.5 | weights in 8-bit blocks; activations rounded to 8 bits per product |
+/// | `Q6K` | 6.56 | ggml's Q6_K super-blocks; activations as above |
+/// | `Q5_1`, `Q5_0` | 6, 5.5 | ggml's 5-bit blocks, with and without a minimum |
+/// | `Q5K` | 5.5 | ggml's Q5_K super-blocks |
+/// | `Q4_1`, `Q4_0` | 5, 4.5 | ggml's 4-bit blocks, with and without a minimum |
+/// | `Q4K` | 4.5 | ggml's Q4_K super-blocks |
 /// | `Native` | as stored | each matrix as its file stores it (llama.cpp's way) |
 ///
 /// Converting a quantized file's matrices to another format cannot restore what quantizing
-/// removed: `F32` on a Q4_1 file computes exactly with the Q4_1 values.
+/// removed: `F32` on a Q4_1 file computes exactly with the Q4_1 values. The k-quants need rows
+/// that are whole super-blocks of 256 values; a matrix whose rows are not keeps its file's
+/// format (or f32, from a safetensors checkpoint) under those three, as llama.cpp's quantizer
+/// falls back for such rows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum WeightFormat {
     /// Every matrix in f32.
@@ -87,33 +94,48 @@ pub enum WeightFormat {
     /// Every matrix in ggml's Q8_0 blocks (quantized at load where the file has another
     /// format).
     Q8_0,
-    /// Every matrix in ggml's Q4_1 blocks (quantized at load where the file has another
-    /// format).
+    /// Every matrix in ggml's Q4_1 blocks.
     Q4_1,
-    /// Each matrix in the format its file stores it in: a GGUF's F32, F16, Q8_0 and Q4_1
-    /// tensors keep their bytes; formats without a kernel (Q4_0, Q4_K, Q6_K, BF16), GPT-2's
-    /// transposed matrices and safetensors checkpoints are held in f32.
+    /// Every matrix in ggml's Q4_0 blocks.
+    Q4_0,
+    /// Every matrix in ggml's Q5_0 blocks.
+    Q5_0,
+    /// Every matrix in ggml's Q5_1 blocks.
+    Q5_1,
+    /// Every matrix whose rows allow it in ggml's Q4_K super-blocks.
+    Q4K,
+    /// Every matrix whose rows allow it in ggml's Q5_K super-blocks.
+    Q5K,
+    /// Every matrix whose rows allow it in ggml's Q6_K super-blocks.
+    Q6K,
+    /// Each matrix in the format its file stores it in: a GGUF's F32, F16, Q8_0, Q4_0, Q4_1,
+    /// Q5_0, Q5_1, Q4_K, Q5_K and Q6_K tensors keep their bytes; BF16, Q2_K, Q3_K, IQ4_NL
+    /// and IQ4_XS are requantized at load (see `GgmlType::requantize_to`); GPT-2's transposed
+    /// matrices and safetensors checkpoints are held in f32.
     Native,
 }
 
 impl WeightFormat {
     /// Every format, in the order `--help` lists them.
-    pub const ALL: [WeightFormat; 5] = [
+    pub const ALL: [WeightFormat; 11] = [
         WeightFormat::F32,
         WeightFormat::F16,
         WeightFormat::Q8_0,
+        WeightFormat::Q6K,
+        WeightFormat::Q5_1,
+        WeightFormat::Q5_0,
+        WeightFormat::Q5K,
         WeightFormat::Q4_1,
+        WeightFormat::Q4_0,
+        WeightFormat::Q4K,
         WeightFormat::Native,
     ];
 
-    /// The command-line name.
+    /// The command-line name: the kernel format's (`q4_k`...) or `native`.
     pub fn name(self) -> &'static str {
-        match self {
-            WeightFormat::F32 => "f32",
-            WeightFormat::F16 => "f16",
-            WeightFormat::Q8_0 => "q8_0",
-            WeightFormat::Q4_1 => "q4_1",
-            WeightFormat::Native => "native",
+        match self.kernel_format() {
+            Some(format) => format.name(),
+            None => "native",
         }
     }
 
@@ -124,6 +146,12 @@ impl WeightFormat {
             WeightFormat::F16 => Some(Format::F16),
             WeightFormat::Q8_0 => Some(Format::Q8_0),
             WeightFormat::Q4_1 => Some(Format::Q4_1),
+            WeightFormat::Q4_0 => Some(Format::Q4_0),
+            WeightFormat::Q5_0 => Some(Format::Q5_0),
+            WeightFormat::Q5_1 => Some(Format::Q5_1),
+            WeightFormat::Q4K => Some(Format::Q4K),
+            WeightFormat::Q5K => Some(Format::Q5K),
+            WeightFormat::Q6K => Some(Format::Q6K),
             WeightFormat::Native => None,
         }
     }
@@ -153,7 +181,11 @@ impl std::str::FromStr for WeightFormat {
             .into_iter()
             .find(|f| f.name() == s)
             .ok_or_else(|| {
-                format!("unknown weight format `{s}`: expected f32, f16, q8_0, q4_1 or native")
+                let names: Vec<&str> = Self::ALL.iter().map(|f| f.name()).collect();
+                format!(
+                    "unknown weight format `{s}`: expected one of {}",
+                    names.join(", ")
+                )
             })
     }
 }

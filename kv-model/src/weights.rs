@@ -99,6 +99,7 @@ impl Stored {
 pub struct Weights {
     source_name: String,
     tensors: HashMap<String, Stored>,
+    notes: Vec<String>,
 }
 
 impl Weights {
@@ -107,7 +108,19 @@ impl Weights {
         Self {
             source_name: source_name.into(),
             tensors: HashMap::new(),
+            notes: Vec::new(),
         }
+    }
+
+    /// One-line notices about how the weights were read (a type requantized at load, say),
+    /// for a program to show its user.
+    pub fn notes(&self) -> &[String] {
+        &self.notes
+    }
+
+    /// Adds a notice (see [`Weights::notes`]).
+    pub fn add_note(&mut self, note: impl Into<String>) {
+        self.notes.push(note.into());
     }
 
     /// Where these weights came from.
@@ -176,7 +189,9 @@ impl Weights {
     }
 
     /// Removes and returns the 2-D tensor `name` (`[rows, cols]`) as a matrix in `format`:
-    /// a stored matrix as it is where the format allows, anything else converted.
+    /// a stored matrix as it is where the format allows, anything else converted. A row width
+    /// the format's blocks do not divide (a k-quant's 256 into a 576-wide row) keeps the
+    /// stored matrix, or f32 for a dense tensor, as llama.cpp's quantizer falls back.
     pub fn take_matrix(
         &mut self,
         name: &str,
@@ -185,11 +200,13 @@ impl Weights {
     ) -> Result<Matrix> {
         let stored = self.take_stored(name, &[rows, cols])?;
         let source = self.source_name.clone();
+        let fits = |f: Format| cols.is_multiple_of(f.block_values());
         let matrix = match (stored, format.kernel_format()) {
             (Stored::Matrix(m), None) => m,
-            (Stored::Matrix(m), Some(f)) => m.convert(f),
+            (Stored::Matrix(m), Some(f)) if fits(f) => m.convert(f),
+            (Stored::Matrix(m), Some(_)) => m,
             (Stored::Dense(t), f) => {
-                let f = f.unwrap_or(Format::F32);
+                let f = f.filter(|&f| fits(f)).unwrap_or(Format::F32);
                 Matrix::from_f32(f, rows, cols, &t.data).map_err(|e| ModelError::Kernel {
                     source_name: source.clone(),
                     tensor: name.into(),

@@ -44,7 +44,7 @@ struct Args {
     #[arg(long)]
     backend: Option<BackendKind>,
     /// Format of the weights: native (as the file stores them; the CPU default), f32, f16,
-    /// q8_0 or q4_1.
+    /// or one block format for every matrix (q8_0, q6_k, q5_1, q5_0, q5_k, q4_1, q4_0, q4_k).
     #[arg(long)]
     weights: Option<WeightFormat>,
     /// Positions the shared KV pool holds, over every request.
@@ -145,6 +145,9 @@ fn serve<B: Backend>(args: Args, kind: BackendKind, device: B::Device) -> Result
         eprintln!("kv-serve: loading {} on {kind}", path.display());
         let loaded =
             load_model_placed::<B>(&path, placement, &device).map_err(|e| e.to_string())?;
+        for note in &loaded.notes {
+            eprintln!("kv-serve: {note}");
+        }
         let id = served_name.unwrap_or_else(|| {
             let name = path.file_name().map_or_else(
                 || path.display().to_string(),

@@ -78,8 +78,30 @@ impl OnBackend for Compare<'_> {
         eprintln!("kv-bench: loading {}", path.display());
         let placement = on.kind.placement(args.model.weights)?;
         let LoadedModel {
-            model, tokenizer, ..
+            model,
+            tokenizer,
+            notes,
+            ..
         } = load_model_placed::<B>(&path, placement, &on.device)?;
+        for note in &notes {
+            eprintln!("kv-bench: {note}");
+        }
+        // What the load left resident, beside the file's size and the weights' bytes: a native
+        // load holds the file's blocks, not a widened copy.
+        let file_bytes = std::fs::metadata(&path)
+            .ok()
+            .filter(|m| m.is_file())
+            .map(|m| m.len());
+        let resident = kv_bench::machine::resident_memory();
+        if let Some(rss) = resident {
+            eprintln!(
+                "kv-bench: resident after load {:.1} MB (peak while loading {:.1} MB); weights {:.1} MB{}",
+                rss.now_bytes as f64 / 1e6,
+                rss.peak_bytes as f64 / 1e6,
+                model.weight_bytes() as f64 / 1e6,
+                file_bytes.map_or(String::new(), |b| format!("; file {:.1} MB", b as f64 / 1e6)),
+            );
+        }
         let model = model.with_execution(on.kind.execution());
         let weights = weight_name(placement);
         let prompt_ids = match (&args.prompt_ids, &tokenizer) {
@@ -209,6 +231,10 @@ impl OnBackend for Compare<'_> {
             "decode_weight_bytes_f32": weight_bytes,
             "weights": weights,
             "decode_weight_bytes": read_bytes,
+            "weight_bytes": model.weight_bytes(),
+            "file_bytes": file_bytes,
+            "resident_after_load_bytes": resident.map(|r| r.now_bytes),
+            "peak_resident_while_loading_bytes": resident.map(|r| r.peak_bytes),
             "read_bandwidth": bandwidth.as_ref().map(|b| b.to_json()),
         });
         let report = kv_bench::compare::report(&spec, &results, setting);

@@ -34,7 +34,8 @@ pub(crate) struct ModelArgs {
     #[arg(long)]
     pub(crate) backend: Option<BackendKind>,
     /// Format of kv-cache's projection and embedding weights: native (each as the file stores
-    /// it; the CPU default), f32 (the reference numbers; the GPU default), f16, q8_0 or q4_1.
+    /// it; the CPU default), f32 (the reference numbers; the GPU default), f16, or one block
+    /// format for every matrix: q8_0, q6_k, q5_1, q5_0, q5_k, q4_1, q4_0, q4_k.
     #[arg(long)]
     pub(crate) weights: Option<WeightFormat>,
 }

@@ -103,8 +103,14 @@ impl OnBackend for Perplexity<'_> {
         let placement = on.kind.placement(args.model.weights)?;
         eprintln!("kv-bench: loading {}", path.display());
         let LoadedModel {
-            model, tokenizer, ..
+            model,
+            tokenizer,
+            notes,
+            ..
         } = load_model_placed::<B>(&path, placement, &on.device)?;
+        for note in &notes {
+            eprintln!("kv-bench: {note}");
+        }
         let model = model.with_execution(on.kind.execution());
         let runs = args
             .cache

@@ -461,7 +461,9 @@ fn bad_input_exits_non_zero_with_one_line() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(
-        stderr.contains("unknown weight format `int3`: expected f32, f16, q8_0, q4_1 or native"),
+        stderr.contains(
+            "unknown weight format `int3`: expected one of f32, f16, q8_0, q6_k, q5_1, q5_0, q5_k, q4_1, q4_0, q4_k, native"
+        ),
         "{stderr}"
     );
     if !cfg!(feature = "cuda") {

@@ -1,11 +1,13 @@
 //! GGUF metadata to [`ModelConfig`], and llama.cpp tensor names and layouts to Hugging Face
 //! ones, so one model builder serves both formats.
 
+use std::collections::BTreeMap;
+
 use crate::config::{Architecture, ModelConfig, RopeConfig, RopeScaling};
 use crate::error::{ModelError, Result};
 use crate::gguf::{GgmlType, GgufFile, MetaValue};
 use crate::weights::{HostTensor, Weights};
-use kv_kernels::{Format, Matrix};
+use kv_kernels::Matrix;
 
 /// The model configuration a GGUF file's metadata describes.
 pub fn config_from_gguf(file: &GgufFile) -> Result<ModelConfig> {
@@ -107,14 +109,17 @@ pub fn config_from_gguf(file: &GgufFile) -> Result<ModelConfig> {
 /// Every tensor of the file, renamed to Hugging Face names, with Q/K rows of Llama and
 /// Mistral files put back in the rotate-half order (llama.cpp's converter interleaves them).
 ///
-/// Llama-family matrices stored as F32, F16, Q8_0 or Q4_1 are kept in their blocks (moving
-/// whole rows is all the Q/K reordering needs), so a model built on kv-kernels runs on the
-/// file's own bytes; everything else is dequantized to f32 here. GPT-2 matrices are
-/// dequantized and transposed back to the Conv1D layout (`[in, out]`), whose rows are not the
-/// file's blocks.
+/// Llama-family matrices whose type has a kv-kernels format (F32, F16, Q8_0, Q4_0, Q4_1,
+/// Q5_0, Q5_1, Q4_K, Q5_K, Q6_K) are kept in their blocks (moving whole rows is all the Q/K
+/// reordering needs), so a model built on kv-kernels runs on the file's own bytes. The other
+/// types (BF16, Q2_K, Q3_K, IQ4_NL, IQ4_XS) are requantized to the format
+/// [`GgmlType::requantize_to`] names, and [`Weights::notes`] says so in one line per type.
+/// GPT-2 matrices are dequantized and transposed back to the Conv1D layout (`[in, out]`),
+/// whose rows are not the file's blocks.
 pub fn weights_from_gguf(file: &GgufFile, config: &ModelConfig) -> Result<Weights> {
     let mut weights = Weights::new(file.path().display().to_string());
     let permuted = matches!(config.model_type.as_str(), "llama" | "mistral");
+    let mut requantized: BTreeMap<GgmlType, usize> = BTreeMap::new();
     for info in &file.tensors {
         let Some(name) = hf_name(&info.name, config.architecture) else {
             continue;
@@ -127,25 +132,25 @@ pub fn weights_from_gguf(file: &GgufFile, config: &ModelConfig) -> Result<Weight
             None
         };
         let shape = info.shape();
-        let kept = match info.ggml_type {
-            GgmlType::F32 => Some(Format::F32),
-            GgmlType::F16 => Some(Format::F16),
-            GgmlType::Q8_0 => Some(Format::Q8_0),
-            GgmlType::Q4_1 => Some(Format::Q4_1),
-            _ => None,
-        };
-        if let (Some(format), Architecture::Llama, [rows, cols]) =
-            (kept, config.architecture, shape.as_slice())
-        {
-            let bytes = file.tensor_bytes(info)?;
-            let mut matrix = Matrix::from_ggml_bytes(format, *rows, *cols, bytes).map_err(|e| {
-                ModelError::Gguf {
-                    path: file.path().to_path_buf(),
-                    message: format!("tensor `{}`: {e}", info.name),
+        if let (Architecture::Llama, &[rows, cols]) = (config.architecture, shape.as_slice()) {
+            let kernel_error = |e: kv_kernels::KernelError| ModelError::Gguf {
+                path: file.path().to_path_buf(),
+                message: format!("tensor `{}` ({}): {e}", info.name, info.ggml_type),
+            };
+            let mut matrix = match info.ggml_type.kernel_format() {
+                Some(format) => {
+                    Matrix::from_ggml_bytes(format, rows, cols, &file.tensor_bytes(info)?)
+                        .map_err(kernel_error)?
                 }
-            })?;
+                None => {
+                    let target = info.ggml_type.requantize_to();
+                    *requantized.entry(info.ggml_type).or_default() += 1;
+                    Matrix::from_f32(target, rows, cols, &file.tensor_f32(info)?)
+                        .map_err(kernel_error)?
+                }
+            };
             if let Some(heads) = heads {
-                matrix = matrix.select_rows(&rotate_half_order(*rows, heads, &info.name, file)?);
+                matrix = matrix.select_rows(&rotate_half_order(rows, heads, &info.name, file)?);
             }
             weights.insert_matrix(name, matrix);
             continue;
@@ -168,6 +173,12 @@ pub fn weights_from_gguf(file: &GgufFile, config: &ModelConfig) -> Result<Weight
             tensor = tensor.transposed();
         }
         weights.insert(name, tensor);
+    }
+    for (kind, count) in requantized {
+        weights.add_note(format!(
+            "{count} matrices stored as {kind} requantized to {} at load (no {kind} kernel)",
+            kind.requantize_to()
+        ));
     }
     Ok(weights)
 }

@@ -6,12 +6,20 @@
 //! the tensor data, aligned to `general.alignment` (32 by default). Everything is
 //! little-endian. The reader checks every length against the bytes that remain, so a truncated
 //! or corrupt file is an error, never a panic or a huge allocation.
+//!
+//! [`GgufFile::open`] reads the header and the tensor directory only; each tensor's bytes are
+//! read from the file when asked for, so loading a model holds one tensor of the file at a
+//! time beside what it has built, not the whole file.
 
 mod convert;
 mod dequant;
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 pub use convert::{config_from_gguf, weights_from_gguf};
 pub use dequant::{dequantize, GgmlType};
@@ -124,7 +132,7 @@ impl TensorInfo {
     }
 }
 
-/// A parsed GGUF file: its metadata and tensor directory, with the raw bytes.
+/// A parsed GGUF file: its metadata and tensor directory, and where to read its tensors.
 #[derive(Debug, Clone)]
 pub struct GgufFile {
     path: PathBuf,
@@ -134,24 +142,78 @@ pub struct GgufFile {
     pub metadata: BTreeMap<String, MetaValue>,
     /// Tensors, in file order.
     pub tensors: Vec<TensorInfo>,
-    bytes: Vec<u8>,
+    data: Data,
     data_start: usize,
 }
 
+/// Where a file's tensor bytes come from.
+#[derive(Debug, Clone)]
+enum Data {
+    /// The whole file in memory ([`GgufFile::parse`]).
+    Memory(Vec<u8>),
+    /// The file on disk, `len` bytes long, read a tensor at a time ([`GgufFile::open`]).
+    Disk { file: Arc<File>, len: u64 },
+}
+
+impl Data {
+    fn len(&self) -> u64 {
+        match self {
+            Data::Memory(bytes) => bytes.len() as u64,
+            Data::Disk { len, .. } => *len,
+        }
+    }
+}
+
+/// Bytes read first for a header (metadata and tensor directory): a Llama 3 tokenizer's 128k
+/// tokens and merges take about 8 MB. A header that does not parse within them is read again
+/// four times longer, up to the whole file.
+const HEADER_READ: u64 = 16 << 20;
+
 impl GgufFile {
-    /// Reads and parses `path`.
+    /// Reads and parses `path`'s header and tensor directory; tensors are read when asked for.
     pub fn open(path: &Path) -> Result<Self> {
-        let bytes = std::fs::read(path).map_err(|e| ModelError::io(path, e))?;
-        Self::parse(bytes, path)
+        let io = |e| ModelError::io(path, e);
+        let mut file = File::open(path).map_err(io)?;
+        let len = file.metadata().map_err(io)?.len();
+        let mut prefix = HEADER_READ.min(len);
+        loop {
+            let mut head = vec![0; prefix as usize];
+            file.seek(SeekFrom::Start(0)).map_err(io)?;
+            file.read_exact(&mut head).map_err(io)?;
+            match Self::parse_header(&head, path) {
+                Ok(mut parsed) => {
+                    parsed.data = Data::Disk {
+                        file: Arc::new(file),
+                        len,
+                    };
+                    parsed.check_tensors()?;
+                    return Ok(parsed);
+                }
+                Err(_) if prefix < len => prefix = prefix.saturating_mul(4).min(len),
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     /// Parses a whole file held in memory; `path` is used in error messages.
     pub fn parse(bytes: Vec<u8>, path: &Path) -> Result<Self> {
-        let mut reader = Reader {
-            bytes: &bytes,
-            at: 0,
-            path,
-        };
+        let mut parsed = Self::parse_header(&bytes, path)?;
+        parsed.data = Data::Memory(bytes);
+        parsed.check_tensors()?;
+        Ok(parsed)
+    }
+
+    /// Every tensor's data lies inside the file.
+    fn check_tensors(&self) -> Result<()> {
+        for info in &self.tensors {
+            self.tensor_range(info)?;
+        }
+        Ok(())
+    }
+
+    /// The header and tensor directory from the file's first bytes, with no tensor data yet.
+    fn parse_header(bytes: &[u8], path: &Path) -> Result<Self> {
+        let mut reader = Reader { bytes, at: 0, path };
         let magic = reader.take(4)?;
         if magic != b"GGUF" {
             return Err(reader.error(format!("bad magic {magic:?}, expected \"GGUF\"")));
@@ -191,11 +253,15 @@ impl GgufFile {
                 )));
             }
             let type_id = reader.u32()?;
-            let ggml_type = GgmlType::from_id(type_id).ok_or_else(|| ModelError::UnsupportedDtype {
-                path: path.to_path_buf(),
-                tensor: name.clone(),
-                dtype: format!("ggml type {type_id} (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K and Q6_K are read)"),
-            })?;
+            let ggml_type =
+                GgmlType::from_id(type_id).ok_or_else(|| ModelError::UnsupportedDtype {
+                    path: path.to_path_buf(),
+                    tensor: name.clone(),
+                    dtype: format!(
+                        "ggml type {type_id} ({} are read)",
+                        GgmlType::ALL.map(GgmlType::name).join(", ")
+                    ),
+                })?;
             let offset = reader.u64()?;
             tensors.push(TensorInfo {
                 name,
@@ -216,18 +282,15 @@ impl GgufFile {
             },
         };
         let data_start = reader.at.div_ceil(alignment) * alignment;
-        let file = Self {
+        Ok(Self {
             path: path.to_path_buf(),
             version,
             metadata,
             tensors,
             data_start,
-            bytes,
-        };
-        for info in &file.tensors {
-            file.tensor_bytes(info)?;
-        }
-        Ok(file)
+            // The caller puts the data in place before any tensor is read.
+            data: Data::Memory(Vec::new()),
+        })
     }
 
     /// The file's path.
@@ -245,29 +308,48 @@ impl GgufFile {
         self.tensors.iter().find(|t| t.name == name)
     }
 
-    /// The raw bytes of a tensor, checked against the file's length.
-    pub fn tensor_bytes(&self, info: &TensorInfo) -> Result<&[u8]> {
+    /// The raw bytes of a tensor, checked against the file's length (read from disk for a
+    /// file [`GgufFile::open`] opened).
+    pub fn tensor_bytes(&self, info: &TensorInfo) -> Result<Cow<'_, [u8]>> {
+        let range = self.tensor_range(info)?;
+        match &self.data {
+            Data::Memory(bytes) => Ok(Cow::Borrowed(
+                &bytes[range.start as usize..range.end as usize],
+            )),
+            Data::Disk { file, .. } => {
+                let io = |e| ModelError::io(&self.path, e);
+                let mut bytes = vec![0; (range.end - range.start) as usize];
+                let mut file: &File = file;
+                file.seek(SeekFrom::Start(range.start)).map_err(io)?;
+                file.read_exact(&mut bytes).map_err(io)?;
+                Ok(Cow::Owned(bytes))
+            }
+        }
+    }
+
+    /// Where a tensor's bytes lie in the file, checked against the file's length.
+    fn tensor_range(&self, info: &TensorInfo) -> Result<std::ops::Range<u64>> {
         let fail = |message: String| ModelError::Gguf {
             path: self.path.clone(),
             message: format!("tensor `{}`: {message}", info.name),
         };
         let len = info.ggml_type.byte_len(info.elements()).ok_or_else(|| {
             fail(format!(
-                "{} elements do not fill whole {:?} blocks",
+                "{} elements do not fill whole {} blocks of {} values",
                 info.elements(),
-                info.ggml_type
+                info.ggml_type,
+                info.ggml_type.block().0
             ))
         })?;
         let start = (self.data_start as u64).checked_add(info.offset);
         let end = start.and_then(|s| s.checked_add(len));
         match (start, end) {
-            (Some(start), Some(end)) if end <= self.bytes.len() as u64 => {
-                Ok(&self.bytes[start as usize..end as usize])
-            }
+            (Some(start), Some(end)) if end <= self.data.len() => Ok(start..end),
             _ => Err(fail(format!(
-                "data at offset {} + {len} bytes runs past the end of the file ({} bytes); the file is truncated",
+                "{} data at offset {} + {len} bytes runs past the end of the file ({} bytes); the file is truncated",
+                info.ggml_type,
                 info.offset,
-                self.bytes.len()
+                self.data.len()
             ))),
         }
     }
@@ -275,7 +357,7 @@ impl GgufFile {
     /// A tensor dequantized to f32, shape outermost first.
     pub fn tensor_f32(&self, info: &TensorInfo) -> Result<Vec<f32>> {
         let bytes = self.tensor_bytes(info)?;
-        Ok(dequantize(info.ggml_type, bytes, info.elements() as usize))
+        Ok(dequantize(info.ggml_type, &bytes, info.elements() as usize))
     }
 }
 

@@ -243,24 +243,15 @@ impl<B: Backend> Matrices<'_, B> {
                 .collect();
             return Ok(Projection::Dense(HostTensor::concat_columns(&dense)));
         }
-        let mut rows: Vec<Matrix> = parts
+        let rows: Vec<Matrix> = parts
             .into_iter()
             .map(|p| match p {
                 Projection::Rows(m) => m,
                 Projection::Dense(_) => unreachable!("one placement per model"),
             })
             .collect();
-        // A file may store the parts in different formats: all take the most precise one.
-        let widest = rows
-            .iter()
-            .map(Matrix::format)
-            .max_by_key(|f| precision_rank(*f))
-            .expect("at least one part");
-        for m in &mut rows {
-            if m.format() != widest {
-                *m = m.convert(widest);
-            }
-        }
+        // A file may store the parts in different formats (a Q4_K_M layer's V in more bits
+        // than its Q and K): the stack keeps each in its own, so nothing is requantized.
         Ok(Projection::Rows(Matrix::stack(&rows).map_err(|e| {
             ModelError::Kernel {
                 source_name: "model".into(),
@@ -311,16 +302,6 @@ impl<B: Backend> Matrices<'_, B> {
                 ))
             }
         }
-    }
-}
-
-/// Orders formats from least to most precise.
-fn precision_rank(format: Format) -> u8 {
-    match format {
-        Format::Q4_1 => 0,
-        Format::Q8_0 => 1,
-        Format::F16 => 2,
-        Format::F32 => 3,
     }
 }
 

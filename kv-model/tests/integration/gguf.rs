@@ -8,23 +8,18 @@ use kv_model::gguf::{dequantize, GgmlType, GgufFile};
 use kv_model::{load_model, Logits, ModelError};
 
 fn kind(name: &str) -> GgmlType {
-    match name {
-        "F16" => GgmlType::F16,
-        "BF16" => GgmlType::BF16,
-        "Q8_0" => GgmlType::Q8_0,
-        "Q4_0" => GgmlType::Q4_0,
-        "Q4_1" => GgmlType::Q4_1,
-        "Q4_K" => GgmlType::Q4K,
-        "Q6_K" => GgmlType::Q6K,
-        other => panic!("unexpected kind {other}"),
-    }
+    GgmlType::ALL
+        .into_iter()
+        .find(|t| t.name() == name)
+        .unwrap_or_else(|| panic!("unexpected kind {name}"))
 }
 
 #[test]
 fn dequantization_matches_gguf_py_for_every_kind() {
     let cases = read_json("dequant.json");
     let cases = cases.as_object().unwrap();
-    assert_eq!(cases.len(), 7);
+    // Every type but F32 (which needs no fixture): each type llama.cpp's presets write.
+    assert_eq!(cases.len(), GgmlType::ALL.len() - 1);
     for (name, case) in cases {
         let raw = hex::decode(case["raw_hex"].as_str().unwrap()).unwrap();
         let elements = case["elements"].as_u64().unwrap() as usize;
@@ -188,7 +183,44 @@ fn unknown_tensor_types_and_architectures_are_named() {
 
 mod fuzz {
     use super::*;
+    use kv_kernels::Matrix;
     use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+        /// Random bytes as blocks of every type: dequantization never panics, and where
+        /// kv-kernels keeps the type, a matrix over the same bytes holds the same values and
+        /// multiplies without panicking (random scales may be NaN or infinite; the bytes are
+        /// what they are, so only the absence of panics and agreement are asked).
+        #[test]
+        fn random_blocks_of_every_type_read_and_multiply(
+            bytes in proptest::collection::vec(any::<u8>(), 2048),
+            blocks in 1usize..4,
+            rows in 1usize..4,
+        ) {
+            for kind in GgmlType::ALL {
+                let (per_block, block_bytes) = kind.block();
+                let cols = per_block as usize * blocks;
+                let raw = &bytes[..rows * blocks * block_bytes as usize];
+                let values = dequantize(kind, raw, rows * cols);
+                prop_assert_eq!(values.len(), rows * cols);
+                if let Some(format) = kind.kernel_format() {
+                    let matrix = Matrix::from_ggml_bytes(format, rows, cols, raw).unwrap();
+                    let widened = matrix.to_f32();
+                    // The vector widening fuses a multiply and subtract the scalar reference
+                    // rounds twice: equal within a rounding.
+                    for (a, b) in widened.iter().zip(&values) {
+                        let close = (a - b).abs() <= 1e-5 * b.abs().max(1.0);
+                        prop_assert!(a == b || close || (a.is_nan() && b.is_nan()), "{}: {} vs {}", kind, a, b);
+                    }
+                    let x = vec![0.5f32; 3 * cols];
+                    let mut y = vec![0.0; 3 * rows];
+                    matrix.matmul(&x, 3, &mut y);
+                }
+            }
+        }
+    }
 
     proptest! {
         #![proptest_config(ProptestConfig { cases: 200, ..ProptestConfig::default() })]

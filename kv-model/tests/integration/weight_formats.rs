@@ -122,6 +122,86 @@ fn each_format_stays_near_f32_and_its_cache_matches_its_own_uncached_pass() {
     );
 }
 
+/// A two-layer Llama config 256 wide, so every matrix's rows are whole k-quant super-blocks.
+fn k_quant_sized_config() -> kv_model::ModelConfig {
+    let json = serde_json::json!({
+        "model_type": "llama", "vocab_size": 96, "hidden_size": 256, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 512
+    });
+    kv_model::ModelConfig::from_hf_json(&json, "random-256").unwrap()
+}
+
+/// Every weight format, the legacy blocks and the k-quants included, on a model whose rows
+/// every format can hold: each stays near f32 by its bits (the 8- and 6-bit formats closer
+/// than the 4-bit ones), its weights take the bytes its blocks say, decode steps through a
+/// cache equal its own uncached pass, and a prompt (`gemm` over rows widened in cache for the
+/// row-major block formats) computes what decode-sized chunks (8-bit activations) compute.
+#[test]
+fn every_format_on_a_model_k_quants_fit_tracks_f32_and_its_own_cache() {
+    let config = k_quant_sized_config();
+    let prompt: Vec<u32> = (0..24).map(|i| (i * 37 + 5) % 96).collect();
+    let reference = {
+        let model = Transformer::<B>::random(&config, 7, &device()).unwrap();
+        last_logits(&model, &prompt)
+    };
+    let scale = reference.iter().fold(0.0f32, |a, v| a.max(v.abs()));
+    let f32_bytes = Transformer::<B>::random_placed(
+        &config,
+        7,
+        WeightPlacement::Host(WeightFormat::F32),
+        &device(),
+    )
+    .unwrap()
+    .weight_bytes() as f64;
+    let mut diff_of = std::collections::HashMap::new();
+    for format in WeightFormat::ALL {
+        if format == WeightFormat::Native {
+            continue;
+        }
+        let model =
+            Transformer::<B>::random_placed(&config, 7, WeightPlacement::Host(format), &device())
+                .unwrap();
+        let bits = format.kernel_format().unwrap().bits_per_value();
+        let ratio = model.weight_bytes() as f64 / f32_bytes;
+        assert!(
+            (ratio - bits / 32.0).abs() < 1e-9,
+            "{format}: {ratio} of f32's bytes"
+        );
+        let logits = last_logits(&model, &prompt);
+        let diff = max_abs_diff(&logits, &reference);
+        diff_of.insert(format, diff);
+        assert!(
+            diff < 0.25 * (1.0 + scale),
+            "{format}: {diff} off f32 (logits up to {scale})"
+        );
+
+        let mut cache = model
+            .new_cache(&kv_core::CacheConfig::Dynamic { capacity: 32 })
+            .unwrap();
+        let mut last = None;
+        for chunk in prompt.chunks(8) {
+            last = Some(
+                model
+                    .forward(&[chunk.to_vec()], None, Some(&mut cache), Logits::Last)
+                    .unwrap(),
+            );
+        }
+        let chunked = host_logits(last.unwrap())[0][0].clone();
+        let diff = max_abs_diff(&chunked, &logits);
+        assert!(
+            diff <= 2e-2 * (1.0 + scale),
+            "{format}: prompt and cached chunks differ by {diff}"
+        );
+    }
+    let d = |f| diff_of[&f];
+    assert!(d(WeightFormat::F32) < 1e-4, "{diff_of:?}");
+    for fine in [WeightFormat::Q8_0, WeightFormat::Q6K] {
+        for coarse in [WeightFormat::Q4_0, WeightFormat::Q4_1, WeightFormat::Q4K] {
+            assert!(d(fine) < d(coarse), "{fine} vs {coarse}: {diff_of:?}");
+        }
+    }
+}
+
 /// A prompt longer than a decode step's rows takes kv-kernels' batched products (`gemm` on the
 /// stored f32/f16 rows; the batch kernels, with activations rounded to 8 bits, for the block
 /// formats), whose outputs equal the matrix-vector kernels' bit for bit. So the prompt's last

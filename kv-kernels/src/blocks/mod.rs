@@ -1,42 +1,96 @@
 //! The block formats: ggml's weight blocks exactly as GGUF files store them, and the 8-bit
 //! activation blocks a row is quantized to before it meets them.
 //!
-//! Every block covers [`BLOCK`] consecutive values of one row. A weight block keeps its scale
-//! (and, for Q4_1, its minimum) in half precision, as the file does, so a loaded matrix is the
-//! file's bytes, not a widened copy. Activation blocks are made fresh for each product and
-//! never stored, so they keep their scale and sum in `f32` (llama.cpp's `block_q8_1` rounds
-//! both to `f16`): the only rounding an activation takes is to 8 bits.
+//! A weight block keeps its scales (and minimums) in half precision, as the file does, so a
+//! loaded matrix is the file's bytes, not a widened copy. There are two families:
+//!
+//! - [`legacy`]: ggml's first formats, blocks of [`BLOCK`] = 32 values with one scale
+//!   (Q4_0, Q5_0, Q8_0) or a scale and a minimum (Q4_1, Q5_1);
+//! - [`k_quants`]: super-blocks of [`QK_K`] = 256 values cut into sub-blocks with their own
+//!   6- or 8-bit scales (Q4_K, Q5_K, Q6_K), what llama.cpp's `Q4_K_M`-style presets write.
+//!
+//! Activations meet every weight format as [`BlockQ8`]: 32 values in signed bytes with an
+//! `f32` scale and sum. Those are made fresh for each product and never stored, so they keep
+//! their scale and sum in `f32` (llama.cpp's `block_q8_1` rounds both to `f16`): the only
+//! rounding an activation takes is to 8 bits. A k-quant sub-block of 32 values meets one
+//! activation block; a Q6_K pair of 16-value sub-blocks meets one activation block too, so a
+//! single activation format serves every kernel (llama.cpp pairs the k-quants with a
+//! 256-value `block_q8_K` instead).
 
 use crate::isa::Isa;
 use bytemuck::{Pod, Zeroable};
-use half::f16;
 
-/// Values per block, in every block format.
+pub mod k_quants;
+pub mod legacy;
+
+pub use k_quants::{BlockQ4K, BlockQ5K, BlockQ6K, QK_K};
+pub use legacy::{BlockQ4_0, BlockQ4_1, BlockQ5_0, BlockQ5_1, BlockQ8_0};
+
+/// Values per activation block, and per block of the legacy formats.
 pub const BLOCK: usize = 32;
 
-/// ggml's `block_q4_1`: 32 weights as 4-bit steps above a minimum, `x = d * q + m`, 20 bytes.
+/// A ggml weight block: [`WeightBlock::VALUES`] consecutive values of one row, laid out
+/// byte for byte as ggml defines it, with ggml's dequantization and a reference quantizer.
 ///
-/// Nibble order is ggml's: byte `j` holds value `j` in its low half and value `j + 16` in its
-/// high half.
-#[repr(C)]
-#[derive(Debug, Clone, Copy, PartialEq, Pod, Zeroable)]
-pub struct BlockQ4_1 {
-    /// The step between levels.
-    pub d: f16,
-    /// The value of level 0.
-    pub m: f16,
-    /// 32 levels in `0..16`, two per byte.
-    pub qs: [u8; BLOCK / 2],
+/// `dot` is the scalar reference of the format's product with activations: it computes
+/// exactly what the vector kernels compute (the same integer dots, the same scale products),
+/// so every instruction level agrees with it up to the order of float sums.
+pub trait WeightBlock: Pod + std::fmt::Debug + PartialEq + Send + Sync {
+    /// Values per block.
+    const VALUES: usize;
+
+    /// Quantizes `values` (`VALUES` long).
+    fn quantize(values: &[f32]) -> Self;
+
+    /// The values this block stands for, into `out` (`VALUES` long).
+    fn dequantize(&self, out: &mut [f32]);
+
+    /// `Σ w x` over the block and its `VALUES / 32` activation blocks.
+    fn dot(&self, x: &[BlockQ8]) -> f32;
+
+    /// `out[r] = Σ_b w x` over row `r`'s blocks (rows end to end in `w`) and the activation
+    /// row `x`, on the given instruction level. The default is the scalar reference.
+    fn rows(isa: Isa, w: &[Self], x: &[BlockQ8], out: &mut [f32]) {
+        let _ = isa;
+        rows_scalar(w, x, out);
+    }
+
+    /// Every value of `blocks`, into `out` (`VALUES` per block), on the given instruction
+    /// level: how a prompt's product widens rows for `gemm`. The default is
+    /// [`WeightBlock::dequantize`] block by block.
+    fn widen(isa: Isa, blocks: &[Self], out: &mut [f32]) {
+        let _ = isa;
+        for (block, chunk) in blocks.iter().zip(out.chunks_exact_mut(Self::VALUES)) {
+            block.dequantize(chunk);
+        }
+    }
 }
 
-/// ggml's `block_q8_0`: 32 weights as signed bytes times a scale, `x = d * q`, 34 bytes.
-#[repr(C)]
-#[derive(Debug, Clone, Copy, PartialEq, Pod, Zeroable)]
-pub struct BlockQ8_0 {
-    /// The scale.
-    pub d: f16,
-    /// 32 values in `-127..=127`.
-    pub qs: [i8; BLOCK],
+/// Blocks read from a file's bytes (copied into a vector of the block's alignment, so a
+/// tensor at any offset of a file can be read), and their values appended to `out`.
+///
+/// # Panics
+/// If `bytes` is not whole blocks.
+pub fn dequantize_bytes<B: WeightBlock>(bytes: &[u8], out: &mut Vec<f32>) {
+    let blocks: Vec<B> = bytemuck::pod_collect_to_vec(bytes);
+    let start = out.len();
+    out.resize(start + blocks.len() * B::VALUES, 0.0);
+    for (block, chunk) in blocks.iter().zip(out[start..].chunks_exact_mut(B::VALUES)) {
+        block.dequantize(chunk);
+    }
+}
+
+/// [`WeightBlock::rows`] in plain Rust.
+pub(crate) fn rows_scalar<B: WeightBlock>(w: &[B], x: &[BlockQ8], out: &mut [f32]) {
+    let per = B::VALUES / BLOCK;
+    let blocks = x.len() / per;
+    for (row, o) in w.chunks_exact(blocks.max(1)).zip(out.iter_mut()) {
+        *o = row
+            .iter()
+            .zip(x.chunks_exact(per))
+            .map(|(wb, xs)| wb.dot(xs))
+            .sum();
+    }
 }
 
 /// 32 activations as signed bytes times a scale, with the block's sum: the partner of both
@@ -50,56 +104,6 @@ pub struct BlockQ8 {
     pub s: f32,
     /// 32 values in `-127..=127`.
     pub qs: [i8; BLOCK],
-}
-
-impl BlockQ4_1 {
-    /// ggml's reference quantizer (`quantize_row_q4_1_ref`): the block's minimum and range
-    /// over 15 steps, each value rounded to the nearest step.
-    pub fn quantize(values: &[f32; BLOCK]) -> Self {
-        let min = values.iter().copied().fold(f32::INFINITY, f32::min);
-        let max = values.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let d = (max - min) / 15.0;
-        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
-        let level = |x: f32| (((x - min) * id + 0.5) as u8).min(15);
-        let mut qs = [0u8; BLOCK / 2];
-        for (j, q) in qs.iter_mut().enumerate() {
-            *q = level(values[j]) | (level(values[j + BLOCK / 2]) << 4);
-        }
-        Self {
-            d: f16::from_f32(d),
-            m: f16::from_f32(min),
-            qs,
-        }
-    }
-
-    /// The 32 values this block stands for.
-    pub fn dequantize(&self, out: &mut [f32; BLOCK]) {
-        let (d, m) = (self.d.to_f32(), self.m.to_f32());
-        for (j, &q) in self.qs.iter().enumerate() {
-            out[j] = d * f32::from(q & 0x0F) + m;
-            out[j + BLOCK / 2] = d * f32::from(q >> 4) + m;
-        }
-    }
-}
-
-impl BlockQ8_0 {
-    /// ggml's reference quantizer (`quantize_row_q8_0_ref`): the largest magnitude maps to
-    /// 127, every value rounds to the nearest step.
-    pub fn quantize(values: &[f32; BLOCK]) -> Self {
-        let (d, qs) = quantize_symmetric(values);
-        Self {
-            d: f16::from_f32(d),
-            qs,
-        }
-    }
-
-    /// The 32 values this block stands for.
-    pub fn dequantize(&self, out: &mut [f32; BLOCK]) {
-        let d = self.d.to_f32();
-        for (o, &q) in out.iter_mut().zip(&self.qs) {
-            *o = d * f32::from(q);
-        }
-    }
 }
 
 impl BlockQ8 {
@@ -118,18 +122,6 @@ impl BlockQ8 {
             qs,
         }
     }
-}
-
-/// `(d, q)` with `d = max|x| / 127` and `q = round(x / d)`.
-fn quantize_symmetric(values: &[f32; BLOCK]) -> (f32, [i8; BLOCK]) {
-    let amax = values.iter().fold(0.0f32, |a, &x| a.max(x.abs()));
-    let d = amax / 127.0;
-    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
-    let mut qs = [0i8; BLOCK];
-    for (q, &x) in qs.iter_mut().zip(values) {
-        *q = (x * id).round() as i8;
-    }
-    (d, qs)
 }
 
 /// Quantizes a row whose length is a multiple of [`BLOCK`] into activation blocks
