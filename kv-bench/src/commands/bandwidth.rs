@@ -60,5 +60,34 @@ pub(crate) fn bandwidth(args: &BandwidthArgs) -> Result<(), BenchError> {
             bw.floor_steps_per_second(weight_bytes)
         );
     }
+    if let Some(path) = args.model.as_ref().filter(|p| is_gguf(p)) {
+        let weight_bytes = gguf_step_bytes(path)?;
+        println!(
+            "{} (the file's own blocks, `--weights native`): {:.1} MB read per decode step, floor {:.1} tokens/s",
+            config.model_type,
+            weight_bytes as f64 / 1e6,
+            bw.floor_steps_per_second(weight_bytes)
+        );
+    }
     Ok(())
+}
+
+fn is_gguf(path: &std::path::Path) -> bool {
+    path.extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
+}
+
+/// Bytes of a GGUF file's matrices that a native decode step reads, from its header alone:
+/// every 2-D tensor but the token embedding (of which a step reads one row), unless the file
+/// has no `output.weight`, in which case the embedding is the LM head and is read whole.
+fn gguf_step_bytes(path: &std::path::Path) -> Result<usize, BenchError> {
+    let file = kv_model::gguf::GgufFile::open(path)?;
+    let tied = file.tensor_info("output.weight").is_none();
+    let bytes = file
+        .tensors
+        .iter()
+        .filter(|t| t.dims.len() == 2 && (tied || t.name != "token_embd.weight"))
+        .filter_map(|t| t.ggml_type.byte_len(t.elements()))
+        .sum::<u64>();
+    Ok(bytes as usize)
 }

@@ -169,6 +169,25 @@ impl GgmlType {
         }
     }
 
+    /// Where a block keeps its half-precision scales and minimums (byte offsets within the
+    /// block), or for the float types, `None`: every value is checked instead. A file whose
+    /// scale is NaN or infinite is corrupt (every value of the block would be), which
+    /// [`first_non_finite`] finds at load.
+    fn scale_offsets(self) -> Option<&'static [usize]> {
+        Some(match self {
+            GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => return None,
+            // `d` first, then the block's values.
+            GgmlType::Q4_0 | GgmlType::Q5_0 | GgmlType::Q8_0 => &[0],
+            GgmlType::IQ4NL | GgmlType::IQ4XS => &[0],
+            // `d` and the minimum's scale first.
+            GgmlType::Q4_1 | GgmlType::Q5_1 | GgmlType::Q4K | GgmlType::Q5K => &[0, 2],
+            // The super-block's scales last, after its values.
+            GgmlType::Q2K => &[80, 82],
+            GgmlType::Q3K => &[108],
+            GgmlType::Q6K => &[208],
+        })
+    }
+
     /// Bytes that `elements` take, or `None` if they do not fill whole blocks (or overflow).
     pub fn byte_len(self, elements: u64) -> Option<u64> {
         let (per_block, bytes) = self.block();
@@ -182,6 +201,32 @@ impl GgmlType {
 impl std::fmt::Display for GgmlType {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.name())
+    }
+}
+
+/// The first block of `bytes` (whole blocks of `kind`) whose scale or minimum is NaN or
+/// infinite, as `(byte offset within bytes, the value)`; for the float types, the first such
+/// value. `None` when every block is finite, as in any file a quantizer wrote.
+pub fn first_non_finite(kind: GgmlType, bytes: &[u8]) -> Option<(usize, f32)> {
+    let (_, block_bytes) = kind.block();
+    let mut blocks = bytes.chunks_exact(block_bytes as usize).enumerate();
+    let found = |at: usize, value: f32| (!value.is_finite()).then_some((at, value));
+    match kind.scale_offsets() {
+        Some(offsets) => blocks
+            .flat_map(|(i, block)| {
+                offsets
+                    .iter()
+                    .map(move |&o| (i * block_bytes as usize + o, half(&block[o..o + 2])))
+            })
+            .find_map(|(at, v)| found(at, v)),
+        None => blocks.find_map(|(i, b)| {
+            let value = match kind {
+                GgmlType::F32 => f32::from_le_bytes([b[0], b[1], b[2], b[3]]),
+                GgmlType::F16 => half(b),
+                _ => bf16::from_le_bytes([b[0], b[1]]).to_f32(),
+            };
+            found(i * block_bytes as usize, value)
+        }),
     }
 }
 

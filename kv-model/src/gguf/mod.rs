@@ -22,7 +22,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 pub use convert::{config_from_gguf, weights_from_gguf};
-pub use dequant::{dequantize, GgmlType};
+pub use dequant::{dequantize, first_non_finite, GgmlType};
 
 use crate::error::{ModelError, Result};
 
@@ -310,8 +310,33 @@ impl GgufFile {
 
     /// The raw bytes of a tensor, checked against the file's length (read from disk for a
     /// file [`GgufFile::open`] opened).
+    ///
+    /// # Errors
+    /// The range runs past the end of the file, or a block's scale (or a float tensor's
+    /// value) is NaN or infinite: the error names the tensor, its type and the byte offset.
     pub fn tensor_bytes(&self, info: &TensorInfo) -> Result<Cow<'_, [u8]>> {
         let range = self.tensor_range(info)?;
+        let bytes = self.read_range(range.clone())?;
+        if let Some((at, value)) = first_non_finite(info.ggml_type, &bytes) {
+            let what = match info.ggml_type {
+                GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => "value",
+                _ => "block scale",
+            };
+            return Err(ModelError::Gguf {
+                path: self.path.clone(),
+                message: format!(
+                    "tensor `{}`: {} {what} at file offset {} is {value}; the file is corrupt",
+                    info.name,
+                    info.ggml_type,
+                    range.start + at as u64
+                ),
+            });
+        }
+        Ok(bytes)
+    }
+
+    /// The bytes of `range`, borrowed from memory or read from disk.
+    fn read_range(&self, range: std::ops::Range<u64>) -> Result<Cow<'_, [u8]>> {
         match &self.data {
             Data::Memory(bytes) => Ok(Cow::Borrowed(
                 &bytes[range.start as usize..range.end as usize],

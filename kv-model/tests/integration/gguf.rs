@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use crate::common::*;
-use kv_model::gguf::{dequantize, GgmlType, GgufFile};
+use kv_model::gguf::{dequantize, first_non_finite, GgmlType, GgufFile};
 use kv_model::{load_model, Logits, ModelError};
 
 fn kind(name: &str) -> GgmlType {
@@ -179,6 +179,77 @@ fn unknown_tensor_types_and_architectures_are_named() {
         "{err}"
     );
     std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// A NaN or infinite scale is found exactly where it makes the block's values non-finite:
+/// the half-precision bit pattern `0x7f80` (NaN as f16, infinity as bf16 and as an f32's upper
+/// half) is written at every even offset of the second of two all-zero blocks of every type,
+/// and the check reports it exactly when dequantization would have produced a non-finite
+/// value (a zero block's other bytes, read as levels, times a zero scale stay zero).
+#[test]
+fn non_finite_scales_are_found_in_every_type() {
+    for kind in GgmlType::ALL {
+        let (per_block, block_bytes) = kind.block();
+        let block_bytes = block_bytes as usize;
+        let mut found_any = false;
+        for at in (block_bytes..2 * block_bytes - 1).step_by(2) {
+            let mut bytes = vec![0u8; 2 * block_bytes];
+            bytes[at..at + 2].copy_from_slice(&[0x80, 0x7f]);
+            let values = dequantize(kind, &bytes, 2 * per_block as usize);
+            let poisoned = values.iter().any(|v| !v.is_finite());
+            let found = first_non_finite(kind, &bytes);
+            assert_eq!(found.is_some(), poisoned, "{kind} with 0x7f80 at byte {at}");
+            if let Some((offset, value)) = found {
+                assert!(!value.is_finite());
+                assert!(offset <= at && at < offset + 4, "{kind}: {offset} for {at}");
+                found_any = true;
+            }
+        }
+        assert!(found_any, "{kind}: no scale position found");
+    }
+}
+
+/// A tensor whose block scale is NaN is a load error naming the tensor, its type and the
+/// byte offset in the file, not a model that generates garbage.
+#[test]
+fn corrupt_blocks_are_errors_naming_tensor_type_and_offset() {
+    let good = tiny_bytes();
+    let file = parse(good.clone()).unwrap();
+    for kind in [
+        GgmlType::Q4_0,
+        GgmlType::Q4_1,
+        GgmlType::Q8_0,
+        GgmlType::F16,
+    ] {
+        let info = file
+            .tensors
+            .iter()
+            .find(|t| t.ggml_type == kind)
+            .unwrap_or_else(|| panic!("the tiny model has a {kind} tensor"));
+        // Where the tensor's bytes lie in the file.
+        let expected = file.tensor_bytes(info).unwrap().into_owned();
+        let start = good
+            .windows(expected.len())
+            .position(|w| w == expected.as_slice())
+            .unwrap();
+        // The second block's scale (its first two bytes; the second value for F16).
+        let at = start + kind.block().1 as usize;
+        let mut bad = good.clone();
+        bad[at..at + 2].copy_from_slice(&[0x00, 0x7e]);
+        let bad_file = parse(bad).unwrap();
+        let err = bad_file
+            .tensor_bytes(bad_file.tensor_info(&info.name).unwrap())
+            .unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.contains(&info.name)
+                && text.contains(kind.name())
+                && text.contains(&format!("offset {at}"))
+                && text.contains("NaN"),
+            "{text}"
+        );
+        assert_eq!(text.lines().count(), 1, "{text}");
+    }
 }
 
 mod fuzz {

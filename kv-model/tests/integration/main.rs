@@ -8,6 +8,7 @@ mod common;
 
 mod errors;
 mod gguf;
+mod large_model;
 mod properties;
 mod ragged;
 mod sink;
