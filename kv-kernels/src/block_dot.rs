@@ -1,5 +1,5 @@
-//! Row-by-row products for the formats a matrix keeps row-major (Q5_1, Q4_K, Q5_K, Q6_K),
-//! and for the rows of Q4_0 and Q5_0 matrices outside whole groups of eight (which
+//! Row-by-row products for the formats a matrix keeps row-major (Q4_K, Q5_K, Q6_K), and for
+//! the rows of Q4_0, Q5_0 and Q5_1 matrices outside whole groups of eight (which
 //! [`crate::packed`] interleaves): each weight row's blocks against one row of 8-bit
 //! activation blocks.
 //!
@@ -13,7 +13,7 @@
 //! The integer sums are exact, so every level equals the scalar reference
 //! ([`crate::blocks::WeightBlock::dot`]) up to the order of its float additions.
 //!
-//! Why row-major and not eight rows interleaved as Q4_0, Q4_1, Q5_0 and Q8_0 are:
+//! Why row-major and not eight rows interleaved as Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0 are:
 //! a k-quant block carries 256 values per scale load, so the per-row bookkeeping that
 //! interleaving saves is an eighth of what it is for 32-value blocks, and a prompt's products
 //! over these formats go through `gemm` on rows widened in cache, not through these kernels.

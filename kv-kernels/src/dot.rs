@@ -22,7 +22,7 @@ use half::f16;
 
 use crate::blocks::{rows_scalar, BlockQ4_1, BlockQ8, BlockQ8_0, BLOCK};
 use crate::isa::Isa;
-use crate::packed::{Interleave, Q4_0x8, Q4_1x8, Q5_0x8, Q8_0x8, GROUP};
+use crate::packed::{Interleave, Q4_0x8, Q4_1x8, Q5_0x8, Q5_1x8, Q8_0x8, GROUP};
 
 /// `out[r] = Σ_b d_w d_x Σ q_w q_x + m_w s_x` over row `r`'s Q4_1 blocks and `x`'s blocks.
 pub fn q4_1_rows(isa: Isa, w: &[BlockQ4_1], x: &[BlockQ8], out: &mut [f32]) {
@@ -198,11 +198,11 @@ pub fn q4_1_group_batch(
     });
 }
 
-/// The kernels of a format whose levels are centred on an offset (Q4_0: `x = d (q − 8)`,
-/// Q5_0: `x = d (q − 16)`), eight interleaved rows at a time: the levels stay unsigned and
-/// the offset comes off once per row, `Σ d·dx·Σ q q_x − offset·Σ d·s_x`, as Q4_1's minimum
-/// is added.
-macro_rules! centered {
+/// The kernels of a format whose unsigned levels sit above an offset or a minimum, eight
+/// interleaved rows at a time: centred on an offset (Q4_0: `x = d (q − 8)`, Q5_0:
+/// `x = d (q − 16)`), the offset comes off once per row, `Σ d·dx·Σ q q_x − offset·Σ d·s_x`;
+/// above a minimum (Q5_1: `x = d q + m`), the minimum is added, `Σ d·dx·Σ q q_x + Σ m·s_x`.
+macro_rules! unsigned_levels {
     ($group:ident, $batch:ident, $g:ty, $name:literal,
      $avx2:ident, $vnni:ident, $batch_avx2:ident, $batch_vnni:ident) => {
         #[doc = concat!("[`crate::blocks::Block", $name, "`] rows for the eight interleaved rows of one group.")]
@@ -266,7 +266,7 @@ macro_rules! centered {
     };
 }
 
-centered!(
+unsigned_levels!(
     q5_0_group,
     q5_0_group_batch,
     Q5_0x8,
@@ -276,7 +276,7 @@ centered!(
     q5_0_group_batch_avx2,
     q5_0_group_batch_vnni
 );
-centered!(
+unsigned_levels!(
     q4_0_group,
     q4_0_group_batch,
     Q4_0x8,
@@ -285,6 +285,16 @@ centered!(
     q4_0_group_vnni,
     q4_0_group_batch_avx2,
     q4_0_group_batch_vnni
+);
+unsigned_levels!(
+    q5_1_group,
+    q5_1_group_batch,
+    Q5_1x8,
+    "Q5_1",
+    q5_1_group_avx2,
+    q5_1_group_vnni,
+    q5_1_group_batch_avx2,
+    q5_1_group_batch_vnni
 );
 
 /// [`q8_0_group`] against `n` activation rows, as [`q4_1_group_batch`]; `sums` is
@@ -444,7 +454,7 @@ pub(crate) mod x86 {
     use half::f16;
 
     use crate::blocks::{BlockQ4_1, BlockQ8, BlockQ8_0};
-    use crate::packed::{Q4_0x8, Q4_1x8, Q5_0x8, Q8_0x8};
+    use crate::packed::{Q4_0x8, Q4_1x8, Q5_0x8, Q5_1x8, Q8_0x8};
 
     /// An f16 scale to f32 with F16C (half's own conversion checks the CPU on every call).
     #[inline]
@@ -723,20 +733,34 @@ pub(crate) mod x86 {
         q4_1_group!(groups, x, out, |acc, a, b| _mm256_dpbusd_epi32(acc, a, b));
     }
 
-    /// A Q5_0 group's 32-byte chunk `j` as two vectors of five-bit levels (`0..32`), one row
-    /// per 32-bit lane: the low nibbles (values `4j..4j + 4` of each row) and the high ones
+    /// A five-bit group's 32-byte chunk `j` as two vectors of levels (`0..32`), one row per
+    /// 32-bit lane: the low nibbles (values `4j..4j + 4` of each row) and the high ones
     /// (values `16 + 4j..`), each with its fifth bits from the group's regrouped words.
     #[inline]
     #[target_feature(enable = "avx2")]
-    fn q5_0_levels(g: &Q5_0x8, j: usize) -> (__m256i, __m256i) {
+    fn five_bit_levels(qs: &[u8; 128], qh: &[u32; 8], j: usize) -> (__m256i, __m256i) {
         let (mask, fifth) = (_mm256_set1_epi8(0x0F), _mm256_set1_epi8(0x10));
-        let packed = chunk(&g.qs, 32 * j);
+        let packed = chunk(qs, 32 * j);
         let low = _mm256_and_si256(packed, mask);
         let high = _mm256_and_si256(_mm256_srli_epi16(packed, 4), mask);
         (
-            _mm256_or_si256(low, _mm256_and_si256(bit_bytes(g.qh[j]), fifth)),
-            _mm256_or_si256(high, _mm256_and_si256(bit_bytes(g.qh[4 + j]), fifth)),
+            _mm256_or_si256(low, _mm256_and_si256(bit_bytes(qh[j]), fifth)),
+            _mm256_or_si256(high, _mm256_and_si256(bit_bytes(qh[4 + j]), fifth)),
         )
+    }
+
+    /// [`five_bit_levels`] of a Q5_0 group.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn q5_0_levels(g: &Q5_0x8, j: usize) -> (__m256i, __m256i) {
+        five_bit_levels(&g.qs, &g.qh, j)
+    }
+
+    /// [`five_bit_levels`] of a Q5_1 group.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn q5_1_levels(g: &Q5_1x8, j: usize) -> (__m256i, __m256i) {
+        five_bit_levels(&g.qs, &g.qh, j)
     }
 
     /// A Q4_0 group's 32-byte chunk `j` as two vectors of levels (`0..16`), one row per
@@ -752,11 +776,13 @@ pub(crate) mod x86 {
         )
     }
 
-    /// Eight rows of a centred format at once, as [`q4_1_group!`] with `$levels` giving a
-    /// chunk's unsigned levels; the offset is taken off once per row at the end:
-    /// `Σ d_r dx Σ q x − offset Σ d_r s_x`.
-    macro_rules! centered_group {
-        ($groups:ident, $x:ident, $out:ident, $dot:expr, $levels:ident, $offset:expr) => {{
+    /// Eight rows of an unsigned-level format at once, as [`q4_1_group!`] with `$levels`
+    /// giving a chunk's levels. Each block adds `$term(group, steps)` (eight lanes) times the
+    /// activation's sum into a second accumulator, and `$finish(acc, that)` makes the result:
+    /// for a centred format the steps, and `acc − offset · Σ d_r s_x`; for a minimum, the
+    /// minimums, and `acc + Σ m_r s_x`.
+    macro_rules! levels_group {
+        ($groups:ident, $x:ident, $out:ident, $dot:expr, $levels:ident, $term:expr, $finish:expr) => {{
             let (mut acc, mut acc_offset) = (_mm256_setzero_ps(), _mm256_setzero_ps());
             let base = $groups.as_ptr().cast::<i8>();
             let ahead = std::mem::size_of_val($groups);
@@ -780,19 +806,19 @@ pub(crate) mod x86 {
                     _mm256_cvtepi32_ps(dots),
                     acc,
                 );
-                acc_offset = _mm256_fmadd_ps(d, _mm256_set1_ps(xb.s), acc_offset);
+                acc_offset = _mm256_fmadd_ps($term(g, d), _mm256_set1_ps(xb.s), acc_offset);
             }
-            let sums = _mm256_fnmadd_ps(_mm256_set1_ps($offset), acc_offset, acc);
+            let sums = $finish(acc, acc_offset);
             let out: &mut [f32; 8] = $out.try_into().expect("eight outputs");
             // SAFETY: `out` is eight floats, the 32 bytes the unaligned store writes.
             unsafe { _mm256_storeu_ps(out.as_mut_ptr(), sums) }
         }};
     }
 
-    /// [`centered_group!`] for [`super::BATCH`] activation rows at once: the group's levels
+    /// [`levels_group!`] for [`super::BATCH`] activation rows at once: the group's levels
     /// are unpacked once per block and meet every row.
-    macro_rules! centered_group_batch {
-        ($groups:ident, $xs:ident, $out:ident, $dot:expr, $levels:ident, $offset:expr) => {{
+    macro_rules! levels_group_batch {
+        ($groups:ident, $xs:ident, $out:ident, $dot:expr, $levels:ident, $term:expr, $finish:expr) => {{
             const ROWS: usize = super::BATCH;
             let mut acc = [_mm256_setzero_ps(); ROWS];
             let mut acc_offset = [_mm256_setzero_ps(); ROWS];
@@ -803,6 +829,7 @@ pub(crate) mod x86 {
                     (low[j], high[j]) = $levels(g, j);
                 }
                 let d = scales(&g.d);
+                let term = $term(g, d);
                 for r in 0..ROWS {
                     let xb = &$xs[r][b];
                     let mut dots = [_mm256_setzero_si256(); 4];
@@ -817,41 +844,44 @@ pub(crate) mod x86 {
                     );
                     let step = _mm256_mul_ps(d, _mm256_set1_ps(xb.d));
                     acc[r] = _mm256_fmadd_ps(step, _mm256_cvtepi32_ps(dots), acc[r]);
-                    acc_offset[r] = _mm256_fmadd_ps(d, _mm256_set1_ps(xb.s), acc_offset[r]);
+                    acc_offset[r] = _mm256_fmadd_ps(term, _mm256_set1_ps(xb.s), acc_offset[r]);
                 }
             }
             for r in 0..ROWS {
-                let sums = _mm256_fnmadd_ps(_mm256_set1_ps($offset), acc_offset[r], acc[r]);
+                let sums = $finish(acc[r], acc_offset[r]);
                 // SAFETY: `out[r]` is eight floats, the 32 bytes the unaligned store writes.
                 unsafe { _mm256_storeu_ps($out[r].as_mut_ptr(), sums) }
             }
         }};
     }
 
-    /// The four kernels of a centred format: one row and a batch of rows, AVX2 and VNNI.
-    macro_rules! centered_kernels {
-        ($g:ty, $levels:ident, $offset:expr, $avx2:ident, $vnni:ident, $batch_avx2:ident, $batch_vnni:ident) => {
+    /// The four kernels of an unsigned-level format (see [`levels_group!`] for `$term` and
+    /// `$finish`): one row and a batch of rows, AVX2 and VNNI.
+    macro_rules! levels_kernels {
+        ($g:ty, $levels:ident, $term:expr, $finish:expr, $avx2:ident, $vnni:ident, $batch_avx2:ident, $batch_vnni:ident) => {
             #[target_feature(enable = "avx2,fma,f16c")]
             pub(super) unsafe fn $avx2(groups: &[$g], x: &[BlockQ8], out: &mut [f32]) {
-                centered_group!(
+                levels_group!(
                     groups,
                     x,
                     out,
                     |acc, a, b| _mm256_add_epi32(acc, dot_u8_i8_avx2(a, b)),
                     $levels,
-                    $offset
+                    $term,
+                    $finish
                 );
             }
 
             #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
             pub(super) unsafe fn $vnni(groups: &[$g], x: &[BlockQ8], out: &mut [f32]) {
-                centered_group!(
+                levels_group!(
                     groups,
                     x,
                     out,
                     |acc, a, b| _mm256_dpbusd_epi32(acc, a, b),
                     $levels,
-                    $offset
+                    $term,
+                    $finish
                 );
             }
 
@@ -861,13 +891,14 @@ pub(crate) mod x86 {
                 xs: [&[BlockQ8]; super::BATCH],
                 out: &mut [[f32; 8]; super::BATCH],
             ) {
-                centered_group_batch!(
+                levels_group_batch!(
                     groups,
                     xs,
                     out,
                     |acc, a, b| _mm256_add_epi32(acc, dot_u8_i8_avx2(a, b)),
                     $levels,
-                    $offset
+                    $term,
+                    $finish
                 );
             }
 
@@ -877,35 +908,51 @@ pub(crate) mod x86 {
                 xs: [&[BlockQ8]; super::BATCH],
                 out: &mut [[f32; 8]; super::BATCH],
             ) {
-                centered_group_batch!(
+                levels_group_batch!(
                     groups,
                     xs,
                     out,
                     |acc, a, b| _mm256_dpbusd_epi32(acc, a, b),
                     $levels,
-                    $offset
+                    $term,
+                    $finish
                 );
             }
         };
     }
 
-    centered_kernels!(
+    levels_kernels!(
         Q5_0x8,
         q5_0_levels,
-        16.0,
+        // Centred: the steps meet the activation sums, and the offset comes off.
+        |_: &Q5_0x8, d: __m256| d,
+        |acc: __m256, steps: __m256| _mm256_fnmadd_ps(_mm256_set1_ps(16.0), steps, acc),
         q5_0_group_avx2,
         q5_0_group_vnni,
         q5_0_group_batch_avx2,
         q5_0_group_batch_vnni
     );
-    centered_kernels!(
+    levels_kernels!(
         Q4_0x8,
         q4_0_levels,
-        8.0,
+        // Centred: the steps meet the activation sums, and the offset comes off.
+        |_: &Q4_0x8, d: __m256| d,
+        |acc: __m256, steps: __m256| _mm256_fnmadd_ps(_mm256_set1_ps(8.0), steps, acc),
         q4_0_group_avx2,
         q4_0_group_vnni,
         q4_0_group_batch_avx2,
         q4_0_group_batch_vnni
+    );
+    levels_kernels!(
+        Q5_1x8,
+        q5_1_levels,
+        // Above a minimum: the minimums meet the activation sums, and are added.
+        |g: &Q5_1x8, _: __m256| scales(&g.m),
+        |acc: __m256, minimums: __m256| _mm256_add_ps(acc, minimums),
+        q5_1_group_avx2,
+        q5_1_group_vnni,
+        q5_1_group_batch_avx2,
+        q5_1_group_batch_vnni
     );
 
     /// Eight Q8_0 rows at once, as [`q4_1_group!`] without minimums; signed weights meet the

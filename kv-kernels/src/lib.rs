@@ -11,7 +11,7 @@
 //!   calling thread ([`Matrix::matmul`], [`Matrix::matmul_rows`]) or split over [`Threads`]
 //!   ([`Matrix::par_matmul`]). The 32-value block formats are stored eight rows interleaved,
 //!   so one vector instruction serves eight rows (the `packed` module's docs say how and what
-//!   it costs: nothing in memory); the k-quants and Q5_1 stay row-major with row kernels.
+//!   it costs: nothing in memory); the k-quants stay row-major with row kernels.
 //!   Many activation rows (a prompt) meet each group of eight rows four at a time, its bytes
 //!   loaded once per pass; f32 weights go through `gemm` where they are stored, f16 and
 //!   row-major block weights widened a few hundred rows at a time into a buffer that stays

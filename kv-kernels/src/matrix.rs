@@ -14,7 +14,7 @@ use crate::blocks::{
 use crate::dot;
 use crate::error::{KernelError, Result};
 use crate::isa::Isa;
-use crate::packed::{Interleave, Packed, Q4_0x8, Q4_1x8, Q5_0x8, Q8_0x8, Unit, GROUP};
+use crate::packed::{Interleave, Packed, Q4_0x8, Q4_1x8, Q5_0x8, Q5_1x8, Q8_0x8, Unit, GROUP};
 use crate::threads::Threads;
 
 /// How a matrix stores its values: as floats, or in one of ggml's block formats exactly as a
@@ -119,7 +119,7 @@ impl Format {
         self.is_blocked()
             && !matches!(
                 self,
-                Format::Q8_0 | Format::Q4_1 | Format::Q5_0 | Format::Q4_0
+                Format::Q8_0 | Format::Q4_1 | Format::Q5_0 | Format::Q5_1 | Format::Q4_0
             )
     }
 }
@@ -139,6 +139,7 @@ enum Storage {
     Q8_0(Packed<Q8_0x8>),
     Q4_1(Packed<Q4_1x8>),
     Q5_0(Packed<Q5_0x8>),
+    Q5_1(Packed<Q5_1x8>),
     Q4_0(Packed<Q4_0x8>),
     /// The other block formats, row after row.
     Rows(RowBlocks),
@@ -151,7 +152,6 @@ enum Storage {
 /// by [`crate::block_dot`]'s row kernels.
 #[derive(Debug, Clone, PartialEq)]
 enum RowBlocks {
-    Q5_1(Vec<BlockQ5_1>),
     Q4K(Vec<BlockQ4K>),
     Q5K(Vec<BlockQ5K>),
     Q6K(Vec<BlockQ6K>),
@@ -161,7 +161,6 @@ enum RowBlocks {
 macro_rules! with_blocks {
     ($rows:expr, $v:ident => $body:expr) => {
         match $rows {
-            RowBlocks::Q5_1($v) => $body,
             RowBlocks::Q4K($v) => $body,
             RowBlocks::Q5K($v) => $body,
             RowBlocks::Q6K($v) => $body,
@@ -173,7 +172,6 @@ macro_rules! with_blocks {
 macro_rules! build_blocks {
     ($format:expr, $f:ident($($arg:expr),*)) => {
         match $format {
-            Format::Q5_1 => RowBlocks::Q5_1($f::<BlockQ5_1>($($arg),*)),
             Format::Q4K => RowBlocks::Q4K($f::<BlockQ4K>($($arg),*)),
             Format::Q5K => RowBlocks::Q5K($f::<BlockQ5K>($($arg),*)),
             Format::Q6K => RowBlocks::Q6K($f::<BlockQ6K>($($arg),*)),
@@ -298,6 +296,11 @@ impl Matrix {
                 rows,
                 cols / BLOCK,
             )),
+            Format::Q5_1 => Storage::Q5_1(Packed::from_plain(
+                &quantize_blocks::<BlockQ5_1>(values),
+                rows,
+                cols / BLOCK,
+            )),
             Format::Q4_0 => Storage::Q4_0(Packed::from_plain(
                 &quantize_blocks::<BlockQ4_0>(values),
                 rows,
@@ -341,6 +344,11 @@ impl Matrix {
                 rows,
                 cols / BLOCK,
             )),
+            Format::Q5_1 => Storage::Q5_1(Packed::from_plain(
+                &blocks_from_bytes::<BlockQ5_1>(bytes),
+                rows,
+                cols / BLOCK,
+            )),
             Format::Q4_0 => Storage::Q4_0(Packed::from_plain(
                 &blocks_from_bytes::<BlockQ4_0>(bytes),
                 rows,
@@ -374,8 +382,8 @@ impl Matrix {
             Storage::Q8_0(_) => Format::Q8_0,
             Storage::Q4_1(_) => Format::Q4_1,
             Storage::Q5_0(_) => Format::Q5_0,
+            Storage::Q5_1(_) => Format::Q5_1,
             Storage::Q4_0(_) => Format::Q4_0,
-            Storage::Rows(RowBlocks::Q5_1(_)) => Format::Q5_1,
             Storage::Rows(RowBlocks::Q4K(_)) => Format::Q4K,
             Storage::Rows(RowBlocks::Q5K(_)) => Format::Q5K,
             Storage::Rows(RowBlocks::Q6K(_)) => Format::Q6K,
@@ -443,6 +451,12 @@ impl Matrix {
                 });
             }
             Storage::Q5_0(p) => {
+                let mut chunks = out.chunks_exact_mut(BLOCK);
+                p.for_row_blocks(row, |block| {
+                    block.dequantize(chunks.next().expect("a chunk per block"));
+                });
+            }
+            Storage::Q5_1(p) => {
                 let mut chunks = out.chunks_exact_mut(BLOCK);
                 p.for_row_blocks(row, |block| {
                     block.dequantize(chunks.next().expect("a chunk per block"));
@@ -524,13 +538,17 @@ impl Matrix {
                 order.len(),
                 blocks,
             )),
+            Storage::Q5_1(p) => Storage::Q5_1(Packed::from_plain(
+                &pick_rows(&p.to_plain(), blocks, order),
+                order.len(),
+                blocks,
+            )),
             Storage::Q4_0(p) => Storage::Q4_0(Packed::from_plain(
                 &pick_rows(&p.to_plain(), blocks, order),
                 order.len(),
                 blocks,
             )),
             Storage::Rows(r) => Storage::Rows(match r {
-                RowBlocks::Q5_1(v) => RowBlocks::Q5_1(pick_rows(v, blocks, order)),
                 RowBlocks::Q4K(v) => RowBlocks::Q4K(pick_rows(v, blocks, order)),
                 RowBlocks::Q5K(v) => RowBlocks::Q5K(pick_rows(v, blocks, order)),
                 RowBlocks::Q6K(v) => RowBlocks::Q6K(pick_rows(v, blocks, order)),
@@ -628,6 +646,14 @@ impl Matrix {
                 rows,
                 blocks,
             )),
+            Storage::Q5_1(_) => Storage::Q5_1(Packed::from_plain(
+                &concat(parts, |s| match s {
+                    Storage::Q5_1(p) => p.to_plain(),
+                    _ => unreachable!("formats checked"),
+                }),
+                rows,
+                blocks,
+            )),
             Storage::Q4_0(_) => Storage::Q4_0(Packed::from_plain(
                 &concat(parts, |s| match s {
                     Storage::Q4_0(p) => p.to_plain(),
@@ -647,7 +673,6 @@ impl Matrix {
                     };
                 }
                 Storage::Rows(match r {
-                    RowBlocks::Q5_1(_) => stacked!(Q5_1),
                     RowBlocks::Q4K(_) => stacked!(Q4K),
                     RowBlocks::Q5K(_) => stacked!(Q5K),
                     RowBlocks::Q6K(_) => stacked!(Q6K),
@@ -818,6 +843,14 @@ impl Matrix {
                 };
                 batch_units(w, x, n, range, out, group, rows);
             }
+            (Storage::Q5_1(w), InputRows::Quantized(x)) if n > 1 => {
+                let group =
+                    |g: &[Q5_1x8], o: &mut [f32]| dot::q5_1_group_batch(isa, g, x, n, o, len);
+                let rows = |w: &[BlockQ5_1], x: &[BlockQ8], o: &mut [f32]| {
+                    block_dot::q5_1_rows(isa, w, x, o)
+                };
+                batch_units(w, x, n, range, out, group, rows);
+            }
             (Storage::Q4_0(w), InputRows::Quantized(x)) if n > 1 => {
                 let group =
                     |g: &[Q4_0x8], o: &mut [f32]| dot::q4_0_group_batch(isa, g, x, n, o, len);
@@ -961,6 +994,15 @@ impl Matrix {
                     out,
                     |group, o| dot::q5_0_group(isa, group, x, o),
                     |plain, o| block_dot::q5_0_rows(isa, plain, x, o),
+                );
+            }
+            (Storage::Q5_1(w), InputRows::Quantized(x)) => {
+                let x = &x[i * blocks..(i + 1) * blocks];
+                w.for_rows(
+                    rows,
+                    out,
+                    |group, o| dot::q5_1_group(isa, group, x, o),
+                    |plain, o| block_dot::q5_1_rows(isa, plain, x, o),
                 );
             }
             (Storage::Q4_0(w), InputRows::Quantized(x)) => {

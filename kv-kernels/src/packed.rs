@@ -16,9 +16,10 @@
 //! and the eight results come out in one vector, with no horizontal sum. llama.cpp's CPU
 //! backend repacks Q4_0 and Q8_0 weights the same way when it loads them; this module applies
 //! the idea to the 32-value formats files are made of: Q4_1 (SmolLM2's file), Q8_0, Q4_0, and
-//! Q5_0 (what a `Q4_K_M` mix stores wherever rows are not whole 256-value super-blocks, as
-//! in every matrix that reads a 576- or 896-wide hidden state). Q5_0's fifth bits are
-//! regrouped so that one 32-bit word holds the bits of one 32-byte load of nibbles.
+//! Q5_0 and Q5_1 (what `Q4_K_M` and `Q5_K_M` mixes store wherever rows are not whole
+//! 256-value super-blocks, as in every matrix that reads a 576- or 896-wide hidden state).
+//! The five-bit formats' fifth bits are regrouped so that one 32-bit word holds the bits of
+//! one 32-byte load of nibbles.
 //!
 //! What it costs: nothing in memory (the file's bytes, moved: nothing is widened or
 //! requantized) and one pass over the weights at load. Rows past the last full group of eight
@@ -29,7 +30,7 @@ use std::borrow::Cow;
 
 use half::f16;
 
-use crate::blocks::{BlockQ4_0, BlockQ4_1, BlockQ5_0, BlockQ8_0, BLOCK};
+use crate::blocks::{BlockQ4_0, BlockQ4_1, BlockQ5_0, BlockQ5_1, BlockQ8_0, BLOCK};
 
 /// Rows interleaved in one group.
 pub(crate) const GROUP: usize = 8;
@@ -85,6 +86,46 @@ pub(crate) struct Q5_0x8 {
     pub qh: [u32; GROUP],
     /// The rows' low four bits, four bytes of each row in turn.
     pub qs: [u8; GROUP * BLOCK / 2],
+}
+
+/// Block `b` of eight consecutive Q5_1 rows: 192 bytes, the size of the eight blocks. The
+/// nibbles interleave and the fifth bits regroup as [`Q5_0x8`]'s do.
+#[derive(Debug, Clone, Copy, PartialEq)]
+#[repr(C)]
+pub(crate) struct Q5_1x8 {
+    /// Each row's step.
+    pub d: [f16; GROUP],
+    /// Each row's minimum.
+    pub m: [f16; GROUP],
+    /// The rows' fifth bits, regrouped as [`Q5_0x8::qh`].
+    pub qh: [u32; GROUP],
+    /// The rows' low four bits, four bytes of each row in turn.
+    pub qs: [u8; GROUP * BLOCK / 2],
+}
+
+/// Row `row`'s 32 fifth bits (`qh` of a five-bit block, bit `i` for value `i`) into a group's
+/// regrouped words (see [`Q5_0x8`]).
+fn regroup_fifth_bits(row: usize, bits: u32, qh: &mut [u32; GROUP]) {
+    for j in 0..4 {
+        for k in 0..4 {
+            let at = 4 * row + k;
+            qh[j] |= ((bits >> (4 * j + k)) & 1) << at;
+            qh[4 + j] |= ((bits >> (16 + 4 * j + k)) & 1) << at;
+        }
+    }
+}
+
+/// Row `row`'s 32 fifth bits back out of a group's regrouped words.
+fn fifth_bits_of(row: usize, qh: &[u32; GROUP]) -> u32 {
+    let mut bits = 0u32;
+    for j in 0..4 {
+        for k in 0..4 {
+            let at = 4 * row + k;
+            bits |= ((qh[j] >> at) & 1) << (4 * j + k);
+            bits |= ((qh[4 + j] >> at) & 1) << (16 + 4 * j + k);
+        }
+    }
+    bits
 }
 
 /// A group layout and the plain block it interleaves.
@@ -194,30 +235,46 @@ impl Interleave for Q5_0x8 {
             for (i, &q) in block.qs.iter().enumerate() {
                 group.qs[interleaved_index(row, i)] = q;
             }
-            let bits = u32::from_le_bytes(block.qh);
-            for j in 0..4 {
-                for k in 0..4 {
-                    let at = 4 * row + k;
-                    group.qh[j] |= ((bits >> (4 * j + k)) & 1) << at;
-                    group.qh[4 + j] |= ((bits >> (16 + 4 * j + k)) & 1) << at;
-                }
-            }
+            regroup_fifth_bits(row, u32::from_le_bytes(block.qh), &mut group.qh);
         }
         group
     }
 
     fn unpack(&self, row: usize) -> BlockQ5_0 {
-        let mut bits = 0u32;
-        for j in 0..4 {
-            for k in 0..4 {
-                let at = 4 * row + k;
-                bits |= ((self.qh[j] >> at) & 1) << (4 * j + k);
-                bits |= ((self.qh[4 + j] >> at) & 1) << (16 + 4 * j + k);
-            }
-        }
         BlockQ5_0 {
             d: self.d[row],
-            qh: bits.to_le_bytes(),
+            qh: fifth_bits_of(row, &self.qh).to_le_bytes(),
+            qs: std::array::from_fn(|i| self.qs[interleaved_index(row, i)]),
+        }
+    }
+}
+
+impl Interleave for Q5_1x8 {
+    type Block = BlockQ5_1;
+
+    fn pack(blocks: [&BlockQ5_1; GROUP]) -> Self {
+        let mut group = Self {
+            d: [f16::ZERO; GROUP],
+            m: [f16::ZERO; GROUP],
+            qh: [0; GROUP],
+            qs: [0; GROUP * BLOCK / 2],
+        };
+        for (row, block) in blocks.iter().enumerate() {
+            group.d[row] = block.d;
+            group.m[row] = block.m;
+            for (i, &q) in block.qs.iter().enumerate() {
+                group.qs[interleaved_index(row, i)] = q;
+            }
+            regroup_fifth_bits(row, u32::from_le_bytes(block.qh), &mut group.qh);
+        }
+        group
+    }
+
+    fn unpack(&self, row: usize) -> BlockQ5_1 {
+        BlockQ5_1 {
+            d: self.d[row],
+            m: self.m[row],
+            qh: fifth_bits_of(row, &self.qh).to_le_bytes(),
             qs: std::array::from_fn(|i| self.qs[interleaved_index(row, i)]),
         }
     }
@@ -379,6 +436,7 @@ mod tests {
         assert_eq!(std::mem::size_of::<Q8_0x8>(), GROUP * 34);
         assert_eq!(std::mem::size_of::<Q5_0x8>(), GROUP * 22);
         assert_eq!(std::mem::size_of::<Q4_0x8>(), GROUP * 18);
+        assert_eq!(std::mem::size_of::<Q5_1x8>(), GROUP * 24);
     }
 
     #[test]
@@ -400,6 +458,20 @@ mod tests {
                 assert_eq!((group.qh[1] >> (4 * row + k)) & 1, (bits >> (4 + k)) & 1);
             }
         }
+    }
+
+    #[test]
+    fn q5_1_blocks_round_trip_through_groups_and_a_tail() {
+        let blocks: Vec<BlockQ5_1> = (0..27)
+            .map(|i: u32| BlockQ5_1 {
+                d: f16::from_f32(i as f32),
+                m: f16::from_f32(-(i as f32) / 2.0),
+                qh: (0x85EB_CA6Bu32.wrapping_mul(i + 3)).to_le_bytes(),
+                qs: std::array::from_fn(|j| (i as usize * 3 + j * 17) as u8),
+            })
+            .collect();
+        let packed = Packed::<Q5_1x8>::from_plain(&blocks, 9, 3);
+        assert_eq!(packed.to_plain(), blocks);
     }
 
     #[test]
