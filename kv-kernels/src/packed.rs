@@ -143,6 +143,18 @@ fn interleaved_index(row: usize, i: usize) -> usize {
     (i / LANE) * GROUP * LANE + row * LANE + i % LANE
 }
 
+/// Row `row`'s bytes into their places in a group's interleaved `qs`.
+fn interleave_row<T: Copy>(row: usize, bytes: &[T], qs: &mut [T]) {
+    for (i, &q) in bytes.iter().enumerate() {
+        qs[interleaved_index(row, i)] = q;
+    }
+}
+
+/// Row `row`'s `N` bytes back out of a group's interleaved `qs`.
+fn row_of<T: Copy, const N: usize>(qs: &[T], row: usize) -> [T; N] {
+    std::array::from_fn(|i| qs[interleaved_index(row, i)])
+}
+
 impl Interleave for Q4_1x8 {
     type Block = BlockQ4_1;
 
@@ -155,9 +167,7 @@ impl Interleave for Q4_1x8 {
         for (row, block) in blocks.iter().enumerate() {
             group.d[row] = block.d;
             group.m[row] = block.m;
-            for (i, &q) in block.qs.iter().enumerate() {
-                group.qs[interleaved_index(row, i)] = q;
-            }
+            interleave_row(row, &block.qs, &mut group.qs);
         }
         group
     }
@@ -166,7 +176,7 @@ impl Interleave for Q4_1x8 {
         BlockQ4_1 {
             d: self.d[row],
             m: self.m[row],
-            qs: std::array::from_fn(|i| self.qs[interleaved_index(row, i)]),
+            qs: row_of(&self.qs, row),
         }
     }
 }
@@ -181,9 +191,7 @@ impl Interleave for Q8_0x8 {
         };
         for (row, block) in blocks.iter().enumerate() {
             group.d[row] = block.d;
-            for (i, &q) in block.qs.iter().enumerate() {
-                group.qs[interleaved_index(row, i)] = q;
-            }
+            interleave_row(row, &block.qs, &mut group.qs);
         }
         group
     }
@@ -191,7 +199,7 @@ impl Interleave for Q8_0x8 {
     fn unpack(&self, row: usize) -> BlockQ8_0 {
         BlockQ8_0 {
             d: self.d[row],
-            qs: std::array::from_fn(|i| self.qs[interleaved_index(row, i)]),
+            qs: row_of(&self.qs, row),
         }
     }
 }
@@ -206,9 +214,7 @@ impl Interleave for Q4_0x8 {
         };
         for (row, block) in blocks.iter().enumerate() {
             group.d[row] = block.d;
-            for (i, &q) in block.qs.iter().enumerate() {
-                group.qs[interleaved_index(row, i)] = q;
-            }
+            interleave_row(row, &block.qs, &mut group.qs);
         }
         group
     }
@@ -216,7 +222,7 @@ impl Interleave for Q4_0x8 {
     fn unpack(&self, row: usize) -> BlockQ4_0 {
         BlockQ4_0 {
             d: self.d[row],
-            qs: std::array::from_fn(|i| self.qs[interleaved_index(row, i)]),
+            qs: row_of(&self.qs, row),
         }
     }
 }
@@ -232,9 +238,7 @@ impl Interleave for Q5_0x8 {
         };
         for (row, block) in blocks.iter().enumerate() {
             group.d[row] = block.d;
-            for (i, &q) in block.qs.iter().enumerate() {
-                group.qs[interleaved_index(row, i)] = q;
-            }
+            interleave_row(row, &block.qs, &mut group.qs);
             regroup_fifth_bits(row, u32::from_le_bytes(block.qh), &mut group.qh);
         }
         group
@@ -244,7 +248,7 @@ impl Interleave for Q5_0x8 {
         BlockQ5_0 {
             d: self.d[row],
             qh: fifth_bits_of(row, &self.qh).to_le_bytes(),
-            qs: std::array::from_fn(|i| self.qs[interleaved_index(row, i)]),
+            qs: row_of(&self.qs, row),
         }
     }
 }
@@ -262,9 +266,7 @@ impl Interleave for Q5_1x8 {
         for (row, block) in blocks.iter().enumerate() {
             group.d[row] = block.d;
             group.m[row] = block.m;
-            for (i, &q) in block.qs.iter().enumerate() {
-                group.qs[interleaved_index(row, i)] = q;
-            }
+            interleave_row(row, &block.qs, &mut group.qs);
             regroup_fifth_bits(row, u32::from_le_bytes(block.qh), &mut group.qh);
         }
         group
@@ -275,7 +277,7 @@ impl Interleave for Q5_1x8 {
             d: self.d[row],
             m: self.m[row],
             qh: fifth_bits_of(row, &self.qh).to_le_bytes(),
-            qs: std::array::from_fn(|i| self.qs[interleaved_index(row, i)]),
+            qs: row_of(&self.qs, row),
         }
     }
 }
