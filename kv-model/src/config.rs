@@ -12,9 +12,81 @@ use crate::error::{ModelError, Result};
 pub enum Architecture {
     /// GPT-2: learned positions, LayerNorm, GELU (tanh), fused QKV, tied LM head.
     Gpt2,
-    /// Llama, and the same network under `mistral` and `qwen2`: RoPE, RMSNorm, SwiGLU,
-    /// grouped-query attention.
+    /// Llama, and the networks that differ from it only in data ([`Variations`]): Mistral,
+    /// Qwen2, Qwen3 and Gemma 3. RoPE, RMSNorm, a gated MLP, grouped-query attention.
     Llama,
+}
+
+/// The model types [`ModelConfig::from_hf_json`] and GGUF files may name, for errors.
+pub const SUPPORTED_MODEL_TYPES: &str = "gpt2, llama, mistral, qwen2, qwen3, gemma3_text (gemma3)";
+
+/// Which keys a layer's queries see.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LayerAttention {
+    /// Every earlier position (causal).
+    Full,
+    /// The last [`ModelConfig::sliding_window`] positions, the query's own included.
+    Sliding,
+}
+
+/// The activation of a gated MLP, `down(act(gate(x)) * up(x))`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GatedActivation {
+    /// SiLU (SwiGLU: Llama, Mistral, Qwen).
+    Silu,
+    /// GELU with the tanh approximation (GeGLU: Gemma's `gelu_pytorch_tanh`).
+    GeluTanh,
+}
+
+/// What sets a Llama-family network apart from Llama itself, as data the one transformer
+/// reads layer by layer (Llama's values are the [`Default`]).
+///
+/// | | Qwen3 | Gemma 3 |
+/// |---|---|---|
+/// | `qk_norm` | yes | yes |
+/// | `sandwich_norms` | | yes |
+/// | `activation` | SiLU | GELU (tanh) |
+/// | `embedding_scale` | | √hidden |
+/// | `query_pre_attn_scalar` | | from the config |
+/// | `local_rope` | | base 10,000 on sliding layers |
+#[derive(Debug, Clone, PartialEq)]
+pub struct Variations {
+    /// RMSNorm over each head of the queries and keys, before rotary (Qwen3, Gemma 3):
+    /// weights `self_attn.q_norm` and `self_attn.k_norm`, `[head_dim]`.
+    pub qk_norm: bool,
+    /// Norms on the outputs of attention and of the MLP too, before each residual sum
+    /// (Gemma): four norms per block.
+    pub sandwich_norms: bool,
+    /// Added to every RMSNorm weight at load: Gemma's checkpoints store `w` and scale by
+    /// `1 + w` (GGUF files store the sum already, so theirs is 0).
+    pub norm_weight_offset: f32,
+    /// The gated MLP's activation.
+    pub activation: GatedActivation,
+    /// Factor on the token embeddings (Gemma: √hidden).
+    pub embedding_scale: Option<f32>,
+    /// Attention scores are scaled by `query_pre_attn_scalar^-1/2` instead of
+    /// `head_dim^-1/2` (Gemma).
+    pub query_pre_attn_scalar: Option<f32>,
+    /// Rotary settings of the sliding-window layers, where they differ from the global
+    /// layers' (Gemma 3: base 10,000).
+    pub local_rope: Option<RopeConfig>,
+    /// `cap * tanh(logits / cap)` on the output logits (Gemma 2's `final_logit_softcapping`).
+    pub final_logit_softcap: Option<f32>,
+}
+
+impl Default for Variations {
+    fn default() -> Self {
+        Self {
+            qk_norm: false,
+            sandwich_norms: false,
+            norm_weight_offset: 0.0,
+            activation: GatedActivation::Silu,
+            embedding_scale: None,
+            query_pre_attn_scalar: None,
+            local_rope: None,
+            final_logit_softcap: None,
+        }
+    }
 }
 
 /// How rotary frequencies are rescaled for long contexts (`rope_type` in transformers).
@@ -119,8 +191,14 @@ pub struct ModelConfig {
     pub dense_bias: bool,
     /// Whether the LM head reuses the token embedding.
     pub tie_word_embeddings: bool,
-    /// Mistral-style sliding-window attention: each query sees this many keys, its own included.
+    /// Sliding-window attention: each query of a [`LayerAttention::Sliding`] layer sees this
+    /// many keys, its own included.
     pub sliding_window: Option<usize>,
+    /// Each layer's attention, `num_layers` entries: all sliding for Mistral with a window,
+    /// five sliding to one full for Gemma 3, all full otherwise.
+    pub layer_attention: Vec<LayerAttention>,
+    /// How the network differs from Llama (the default for GPT-2 and Llama).
+    pub variations: Variations,
     /// Beginning-of-sequence token.
     pub bos_token_id: Option<u32>,
     /// Tokens that end generation.
@@ -209,7 +287,8 @@ impl ModelConfig {
         let model_type = fields.string("model_type")?;
         let config = match model_type.as_str() {
             "gpt2" => fields.gpt2(model_type)?,
-            "llama" | "mistral" | "qwen2" => fields.llama(model_type)?,
+            "llama" | "mistral" | "qwen2" | "qwen3" => fields.llama(model_type)?,
+            "gemma3_text" | "gemma3" => fields.gemma3(model_type)?,
             _ => {
                 return Err(ModelError::UnsupportedArchitecture {
                     source_name: source_name.into(),
@@ -256,7 +335,42 @@ impl ModelConfig {
         if self.sliding_window == Some(0) {
             return fail("sliding_window must be positive".into());
         }
+        if self.layer_attention.len() != self.num_layers {
+            return fail(format!(
+                "{} layer types for {} layers",
+                self.layer_attention.len(),
+                self.num_layers
+            ));
+        }
+        if self.sliding_window.is_none() && self.layer_attention.contains(&LayerAttention::Sliding)
+        {
+            return fail("sliding layers need `sliding_window`".into());
+        }
         Ok(())
+    }
+
+    /// The attention window of layer `layer`: `Some(sliding_window)` on a sliding layer,
+    /// `None` (full causal attention) on the others.
+    ///
+    /// ```
+    /// use kv_model::ModelConfig;
+    ///
+    /// let json = serde_json::json!({
+    ///     "model_type": "gemma3_text", "vocab_size": 64, "hidden_size": 32,
+    ///     "num_hidden_layers": 6, "num_attention_heads": 2, "num_key_value_heads": 1,
+    ///     "head_dim": 16, "intermediate_size": 64, "sliding_window": 4,
+    ///     "layer_types": ["sliding_attention", "sliding_attention", "sliding_attention",
+    ///                     "sliding_attention", "sliding_attention", "full_attention"]
+    /// });
+    /// let config = ModelConfig::from_hf_json(&json, "example").unwrap();
+    /// assert_eq!(config.layer_window(0), Some(4));
+    /// assert_eq!(config.layer_window(5), None);
+    /// ```
+    pub fn layer_window(&self, layer: usize) -> Option<usize> {
+        match self.layer_attention.get(layer) {
+            Some(LayerAttention::Sliding) => self.sliding_window,
+            _ => None,
+        }
     }
 }
 
@@ -351,6 +465,8 @@ impl Fields<'_> {
             dense_bias: true,
             tie_word_embeddings: true,
             sliding_window: None,
+            layer_attention: vec![LayerAttention::Full; self.usize("n_layer")?],
+            variations: Variations::default(),
             bos_token_id: token_ids(self.get("bos_token_id")).and_then(|ids| ids.first().copied()),
             eos_token_ids: self.token_ids("eos_token_id").unwrap_or_default(),
         })
@@ -375,21 +491,29 @@ impl Fields<'_> {
             None => 0,
         };
         let qwen2 = model_type == "qwen2";
+        let qwen3 = model_type == "qwen3";
         let sliding_window = match model_type.as_str() {
             "mistral" => self.opt_usize("sliding_window")?,
-            "qwen2" if self.bool_or("use_sliding_window", false)? => {
+            "qwen2" | "qwen3" if self.bool_or("use_sliding_window", false)? => {
                 return Err(ModelError::config(
                     self.source_name,
-                    "qwen2 with use_sliding_window (per-layer windows) is not supported",
+                    format!(
+                        "{model_type} with use_sliding_window (per-layer windows) is not supported"
+                    ),
                 ))
             }
             _ => None,
+        };
+        let num_layers = self.usize("num_hidden_layers")?;
+        let layer_attention = match sliding_window {
+            Some(_) => vec![LayerAttention::Sliding; num_layers],
+            None => vec![LayerAttention::Full; num_layers],
         };
         Ok(ModelConfig {
             architecture: Architecture::Llama,
             vocab_size: self.usize("vocab_size")?,
             hidden_size: hidden,
-            num_layers: self.usize("num_hidden_layers")?,
+            num_layers,
             num_heads: heads,
             num_kv_heads: self.opt_usize("num_key_value_heads")?.unwrap_or(heads),
             head_dim,
@@ -398,9 +522,125 @@ impl Fields<'_> {
             norm_eps: self.f32_or("rms_norm_eps", 1e-6)?,
             rope: Some(self.rope()?),
             qkv_bias: qwen2 || self.bool_or("attention_bias", false)?,
-            dense_bias: !qwen2 && self.bool_or("mlp_bias", false)?,
+            dense_bias: !qwen2 && !qwen3 && self.bool_or("mlp_bias", false)?,
             tie_word_embeddings: self.bool_or("tie_word_embeddings", false)?,
             sliding_window,
+            layer_attention,
+            variations: Variations {
+                qk_norm: qwen3,
+                ..Variations::default()
+            },
+            bos_token_id: token_ids(self.get("bos_token_id")).and_then(|ids| ids.first().copied()),
+            eos_token_ids: self.token_ids("eos_token_id").unwrap_or_default(),
+            model_type,
+        })
+    }
+
+    /// Gemma 3's text model (`gemma3_text`, or the text part of a `gemma3` config): sliding
+    /// and full layers (`layer_types`, or v4's `sliding_window_pattern`), a second rotary base
+    /// on the sliding layers (v5 `rope_parameters.sliding_attention`, or v4
+    /// `rope_local_base_freq`), Q/K norms, four norms per block storing `w` for `1 + w`, GeGLU,
+    /// embeddings scaled by √hidden and tied.
+    fn gemma3(&self, model_type: String) -> Result<ModelConfig> {
+        if let Some(text) = self.get("text_config") {
+            let fields = Fields {
+                json: text,
+                source_name: self.source_name,
+            };
+            return fields.gemma3("gemma3_text".into());
+        }
+        let activation = self
+            .get("hidden_activation")
+            .or_else(|| self.get("hidden_act"))
+            .and_then(Value::as_str)
+            .unwrap_or("gelu_pytorch_tanh");
+        if !matches!(activation, "gelu_pytorch_tanh" | "gelu_new") {
+            return Err(ModelError::config(
+                self.source_name,
+                format!("hidden_activation `{activation}` is not supported (gelu_pytorch_tanh is)"),
+            ));
+        }
+        if self.get("attn_logit_softcapping").is_some() {
+            return Err(ModelError::config(
+                self.source_name,
+                "attn_logit_softcapping (attention-score soft-capping) is not supported",
+            ));
+        }
+        let hidden = self.usize("hidden_size")?;
+        let heads = self.usize("num_attention_heads")?;
+        let head_dim = self.opt_usize("head_dim")?.unwrap_or(256);
+        let num_layers = self.usize("num_hidden_layers")?;
+        let layer_attention = match self.get("layer_types").and_then(Value::as_array) {
+            Some(types) => types
+                .iter()
+                .map(|t| match t.as_str() {
+                    Some("sliding_attention") => Ok(LayerAttention::Sliding),
+                    Some("full_attention") => Ok(LayerAttention::Full),
+                    _ => Err(self.missing(
+                        "layer_types",
+                        "a list of \"sliding_attention\" and \"full_attention\"",
+                    )),
+                })
+                .collect::<Result<Vec<_>>>()?,
+            None => {
+                let pattern = self
+                    .opt_usize("sliding_window_pattern")?
+                    .unwrap_or(6)
+                    .max(1);
+                (0..num_layers)
+                    .map(|i| match (i + 1) % pattern {
+                        0 => LayerAttention::Full,
+                        _ => LayerAttention::Sliding,
+                    })
+                    .collect()
+            }
+        };
+        // v5: `rope_parameters` per layer type; v4: `rope_theta` + `rope_scaling` for the
+        // global layers and `rope_local_base_freq` for the sliding ones.
+        let (global, local) = match self.get("rope_parameters") {
+            Some(params) if params.get("full_attention").is_some() => (
+                self.rope_from(params.get("full_attention"), None)?,
+                self.rope_from(params.get("sliding_attention"), Some(10_000.0))?,
+            ),
+            _ => (
+                self.rope()?,
+                RopeConfig {
+                    theta: self.f32_or("rope_local_base_freq", 10_000.0)?,
+                    scaling: RopeScaling::None,
+                },
+            ),
+        };
+        let scalar = self.f32_or("query_pre_attn_scalar", head_dim as f32)?;
+        Ok(ModelConfig {
+            architecture: Architecture::Llama,
+            vocab_size: self.usize("vocab_size")?,
+            hidden_size: hidden,
+            num_layers,
+            num_heads: heads,
+            num_kv_heads: self.opt_usize("num_key_value_heads")?.unwrap_or(heads),
+            head_dim,
+            intermediate_size: self.usize("intermediate_size")?,
+            max_positions: self.opt_usize("max_position_embeddings")?.unwrap_or(32_768),
+            norm_eps: self.f32_or("rms_norm_eps", 1e-6)?,
+            rope: Some(global),
+            qkv_bias: self.bool_or("attention_bias", false)?,
+            dense_bias: false,
+            tie_word_embeddings: self.bool_or("tie_word_embeddings", true)?,
+            sliding_window: Some(self.opt_usize("sliding_window")?.unwrap_or(4096)),
+            layer_attention,
+            variations: Variations {
+                qk_norm: true,
+                sandwich_norms: true,
+                norm_weight_offset: 1.0,
+                activation: GatedActivation::GeluTanh,
+                embedding_scale: Some((hidden as f32).sqrt()),
+                query_pre_attn_scalar: Some(scalar),
+                local_rope: Some(local),
+                final_logit_softcap: match self.get("final_logit_softcapping") {
+                    Some(_) => Some(self.f32_or("final_logit_softcapping", 0.0)?),
+                    None => None,
+                },
+            },
             bos_token_id: token_ids(self.get("bos_token_id")).and_then(|ids| ids.first().copied()),
             eos_token_ids: self.token_ids("eos_token_id").unwrap_or_default(),
             model_type,
@@ -409,17 +649,22 @@ impl Fields<'_> {
 
     /// Rope settings: v5 `rope_parameters`, or v4 `rope_theta` + `rope_scaling`.
     fn rope(&self) -> Result<RopeConfig> {
-        let (params, theta) = match self.get("rope_parameters") {
-            Some(params) => {
-                let theta = params.get("rope_theta").and_then(Value::as_f64);
-                (Some(params), theta)
+        match self.get("rope_parameters") {
+            Some(params) => self.rope_from(Some(params), None),
+            None => {
+                let theta = self.get("rope_theta").and_then(Value::as_f64);
+                self.rope_from(self.get("rope_scaling"), theta.or(Some(10_000.0)))
             }
-            None => (
-                self.get("rope_scaling"),
-                self.get("rope_theta").and_then(Value::as_f64),
-            ),
-        };
-        let theta = theta.unwrap_or(10_000.0) as f32;
+        }
+    }
+
+    /// Rope settings from a `rope_parameters` or `rope_scaling` object (its own `rope_theta`
+    /// first, then `theta`, then 10,000).
+    fn rope_from(&self, params: Option<&Value>, theta: Option<f64>) -> Result<RopeConfig> {
+        let own = params
+            .and_then(|p| p.get("rope_theta"))
+            .and_then(Value::as_f64);
+        let theta = own.or(theta).unwrap_or(10_000.0) as f32;
         let Some(params) = params else {
             return Ok(RopeConfig {
                 theta,

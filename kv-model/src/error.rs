@@ -33,7 +33,10 @@ pub enum ModelError {
         message: String,
     },
     /// The architecture is not one this crate implements.
-    #[error("{source_name}: unsupported architecture `{architecture}` (supported: gpt2, llama, mistral, qwen2)")]
+    #[error(
+        "{source_name}: unsupported architecture `{architecture}` (supported: {})",
+        crate::config::SUPPORTED_MODEL_TYPES
+    )]
     UnsupportedArchitecture {
         /// Where the configuration came from.
         source_name: String,

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use burn::tensor::{activation, backend::Backend, FloatDType, Tensor, TensorData};
 use kv_kernels::{Matrix, Threads};
 
+use crate::config::GatedActivation;
 use crate::weights::HostTensor;
 
 /// Uploads a host tensor of rank `D`.
@@ -220,6 +221,15 @@ impl<B: Backend> Norm<B> {
     }
 }
 
+impl<B: Backend> Norm<B> {
+    /// Per head: `[batch, heads, seq, head_dim]` normed over `head_dim` (Q/K norms).
+    pub fn forward_heads(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
+        let [batch, heads, seq, head_dim] = x.dims();
+        self.forward(x.reshape([batch, heads * seq, head_dim]))
+            .reshape([batch, heads, seq, head_dim])
+    }
+}
+
 /// The feed-forward half of a block.
 #[derive(Debug, Clone)]
 pub(crate) enum Mlp<B: Backend> {
@@ -230,12 +240,15 @@ pub(crate) enum Mlp<B: Backend> {
         /// `[inner, hidden]`.
         proj: Linear<B>,
     },
-    /// `down(silu(gate(x)) * up(x))` (Llama), with gate and up fused into one product.
-    SwiGlu {
+    /// `down(act(gate(x)) * up(x))` (SwiGLU in Llama, GeGLU in Gemma), with gate and up
+    /// fused into one product.
+    Gated {
         /// `[hidden, 2 * inner]`: the gate's columns, then up's.
         gate_up: Linear<B>,
         /// `[inner, hidden]`.
         down: Linear<B>,
+        /// What the gate goes through.
+        activation: GatedActivation,
     },
 }
 
@@ -247,9 +260,14 @@ impl<B: Backend> Mlp<B> {
                 fc: fc.with_weight_dtype(dtype),
                 proj: proj.with_weight_dtype(dtype),
             },
-            Mlp::SwiGlu { gate_up, down } => Mlp::SwiGlu {
+            Mlp::Gated {
+                gate_up,
+                down,
+                activation,
+            } => Mlp::Gated {
                 gate_up: gate_up.with_weight_dtype(dtype),
                 down: down.with_weight_dtype(dtype),
+                activation,
             },
         }
     }
@@ -258,7 +276,7 @@ impl<B: Backend> Mlp<B> {
     pub fn weight_bytes(&self) -> usize {
         match self {
             Mlp::Gelu { fc, proj } => fc.weight_bytes() + proj.weight_bytes(),
-            Mlp::SwiGlu { gate_up, down } => gate_up.weight_bytes() + down.weight_bytes(),
+            Mlp::Gated { gate_up, down, .. } => gate_up.weight_bytes() + down.weight_bytes(),
         }
     }
 
@@ -266,7 +284,11 @@ impl<B: Backend> Mlp<B> {
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         match self {
             Mlp::Gelu { fc, proj } => proj.forward(gelu_tanh(fc.forward(x))),
-            Mlp::SwiGlu { gate_up, down } => {
+            Mlp::Gated {
+                gate_up,
+                down,
+                activation,
+            } => {
                 let inner = gate_up.out_features() / 2;
                 let (gate, up) = if x.dims()[1] == 1 {
                     // One token: one product over the fused weights (the same bytes read,
@@ -284,7 +306,11 @@ impl<B: Backend> Mlp<B> {
                         gate_up.forward_columns(x, inner, inner),
                     )
                 };
-                down.forward(activation::silu(gate) * up)
+                let gate = match activation {
+                    GatedActivation::Silu => activation::silu(gate),
+                    GatedActivation::GeluTanh => gelu_tanh(gate),
+                };
+                down.forward(gate * up)
             }
         }
     }

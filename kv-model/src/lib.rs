@@ -34,7 +34,10 @@ mod tokenizer;
 mod transformer;
 mod weights;
 
-pub use config::{Architecture, ModelConfig, RopeConfig, RopeScaling};
+pub use config::{
+    Architecture, GatedActivation, LayerAttention, ModelConfig, RopeConfig, RopeScaling,
+    Variations, SUPPORTED_MODEL_TYPES,
+};
 pub use device_probe::probe_device;
 pub use error::{ModelError, Result};
 pub use fetch::{

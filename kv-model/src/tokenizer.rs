@@ -60,6 +60,8 @@ pub struct Tokenizer {
     chat_template: Option<String>,
     bos_token: Option<String>,
     eos_token: Option<String>,
+    /// Whether a plain-text prompt starts with the BOS token ([`Tokenizer::encode_prompt`]).
+    add_bos: bool,
 }
 
 impl std::fmt::Debug for Tokenizer {
@@ -99,15 +101,22 @@ impl Tokenizer {
             chat_template: text("chat_template"),
             bos_token: text("bos_token"),
             eos_token: text("eos_token"),
+            add_bos: config
+                .as_ref()
+                .and_then(|c| c.get("add_bos_token"))
+                .and_then(Value::as_bool)
+                .unwrap_or(false),
             inner,
             source_name,
         })
     }
 
-    /// Builds the tokenizer a GGUF file describes (`tokenizer.ggml.model = gpt2`: byte-level
-    /// BPE), as transformers does for the same file: the vocabulary and merges as stored,
-    /// control tokens added as special tokens, user-defined tokens as added tokens, and the
-    /// split regex of `tokenizer.ggml.pre` where one is known (GPT-2's otherwise).
+    /// Builds the tokenizer a GGUF file describes, as transformers does for the same file:
+    /// byte-level BPE (`tokenizer.ggml.model = gpt2`: the vocabulary and merges as stored, the
+    /// split regex of `tokenizer.ggml.pre` where one is known, GPT-2's otherwise) or
+    /// SentencePiece BPE (`llama`: Llama 2, Mistral, Gemma; merges rebuilt from the vocabulary,
+    /// bytes falling back to `<0xXX>` tokens); control tokens added as special tokens,
+    /// user-defined tokens as added tokens.
     pub fn from_gguf(file: &GgufFile) -> Result<Self> {
         let source_name = file.path().display().to_string();
         let fail = |message: String| ModelError::Tokenizer {
@@ -121,90 +130,52 @@ impl Tokenizer {
                 .map(MetaValue::as_str)
                 .collect()
         };
-        let model = file.get("tokenizer.ggml.model").and_then(MetaValue::as_str);
-        if model != Some("gpt2") {
-            return Err(fail(format!(
-                "tokenizer.ggml.model {model:?} is not supported (only byte-level BPE, `gpt2`); \
-                 use the model's tokenizer.json"
-            )));
-        }
         let tokens = strings("tokenizer.ggml.tokens").ok_or_else(|| {
             fail("metadata `tokenizer.ggml.tokens` is missing or not strings".into())
         })?;
-        let merges = strings("tokenizer.ggml.merges").unwrap_or_default();
         let types: Vec<u64> = file
             .get("tokenizer.ggml.token_type")
             .and_then(MetaValue::as_array)
             .map(|items| items.iter().map(|v| v.as_u64().unwrap_or(1)).collect())
             .unwrap_or_default();
-
-        // Tokens are spelled in GPT-2's byte alphabet; one that is not (a mislabelled token)
-        // is respelled byte by byte, as transformers does.
-        let spelling = bytes_to_unicode();
-        let alphabet: std::collections::HashSet<char> = spelling.iter().copied().collect();
-        let spell = |token: &str| -> String {
-            if token.chars().all(|c| alphabet.contains(&c)) {
-                token.to_owned()
-            } else {
-                token.bytes().map(|b| spelling[b as usize]).collect()
+        let flag = |key: &str| file.get(key).and_then(MetaValue::as_bool);
+        let model = file.get("tokenizer.ggml.model").and_then(MetaValue::as_str);
+        let (mut inner, is_token) = match model {
+            Some("gpt2") => {
+                let merges = strings("tokenizer.ggml.merges").unwrap_or_default();
+                let pre = file
+                    .get("tokenizer.ggml.pre")
+                    .and_then(MetaValue::as_str)
+                    .unwrap_or("default");
+                let add_prefix_space = flag("tokenizer.ggml.add_space_prefix").unwrap_or(false);
+                let inner =
+                    byte_level_bpe(&tokens, &merges, pre, add_prefix_space).map_err(fail)?;
+                // A control token outside GPT-2's byte alphabet is a mislabel: transformers
+                // skips it, so the vocabulary keeps the size the model expects.
+                let alphabet: std::collections::HashSet<char> =
+                    bytes_to_unicode().into_iter().collect();
+                let is_token: Box<dyn Fn(&str) -> bool> =
+                    Box::new(move |t: &str| t.chars().all(|c| alphabet.contains(&c)));
+                (inner, is_token)
+            }
+            Some("llama") => {
+                let inner = sentencepiece_bpe(&tokens).map_err(fail)?;
+                let is_token: Box<dyn Fn(&str) -> bool> = Box::new(|_: &str| true);
+                (inner, is_token)
+            }
+            other => {
+                return Err(fail(format!(
+                    "tokenizer.ggml.model {other:?} is not supported (byte-level BPE `gpt2` and \
+                     SentencePiece BPE `llama` are); use the model's tokenizer.json"
+                )))
             }
         };
-        let vocab: Vocab = tokens
-            .iter()
-            .enumerate()
-            .map(|(id, token)| (spell(token), id as u32))
-            .collect();
-        let merges: Vec<(String, String)> = merges
-            .iter()
-            .map(|m| {
-                m.split_once(' ')
-                    .map(|(a, b)| (a.to_owned(), b.to_owned()))
-                    .ok_or_else(|| {
-                        fail(format!(
-                            "merge {m:?} is not two tokens separated by a space"
-                        ))
-                    })
-            })
-            .collect::<Result<_>>()?;
-        let bpe = BPE::builder()
-            .vocab_and_merges(vocab, merges)
-            .build()
-            .map_err(|e| fail(format!("building BPE: {e}")))?;
-
-        let mut inner = tokenizers::Tokenizer::new(bpe);
-        let add_prefix_space = file
-            .get("tokenizer.ggml.add_space_prefix")
-            .and_then(MetaValue::as_bool)
-            .unwrap_or(false);
-        let pre = file
-            .get("tokenizer.ggml.pre")
-            .and_then(MetaValue::as_str)
-            .unwrap_or("default");
-        let pre_tokenizer: PreTokenizerWrapper = match split_regex(pre) {
-            Some(regex) => {
-                let split = Split::new(
-                    SplitPattern::Regex(regex.into()),
-                    SplitDelimiterBehavior::Isolated,
-                    false,
-                )
-                .map_err(|e| fail(format!("split regex: {e}")))?;
-                Sequence::new(vec![
-                    split.into(),
-                    ByteLevel::new(false, true, false).into(),
-                ])
-                .into()
-            }
-            None => ByteLevel::new(add_prefix_space, true, true).into(),
-        };
-        inner.with_pre_tokenizer(Some(pre_tokenizer));
-        inner.with_decoder(Some(ByteLevelDecoder::default()));
-        inner.with_post_processor(Some(ByteLevel::default().trim_offsets(false)));
 
         let of_type = |kind: u64| -> Vec<&str> {
             tokens
                 .iter()
                 .zip(&types)
-                .filter(|(token, &t)| t == kind && token.chars().all(|c| alphabet.contains(&c)))
+                .filter(|(token, &t)| t == kind && is_token(token))
                 .map(|(token, _)| *token)
                 .collect()
         };
@@ -213,8 +184,12 @@ impl Tokenizer {
             .map(|t| AddedToken::from(t, true).normalized(false))
             .collect();
         inner.add_special_tokens(&control);
+        // User-defined tokens (`<think>`) are matched whole, as llama.cpp does; one the
+        // vocabulary spells otherwise (Gemma's runs of spaces, respelled with `▁`) is left to
+        // the model, as transformers leaves it, so it gets no id of its own.
         let user: Vec<AddedToken> = of_type(4)
             .into_iter()
+            .filter(|t| inner.token_to_id(t).is_some())
             .map(|t| AddedToken::from(t, false).normalized(false))
             .collect();
         inner.add_tokens(&user);
@@ -230,9 +205,26 @@ impl Tokenizer {
                 .map(str::to_owned),
             bos_token: id_token("tokenizer.ggml.bos_token_id"),
             eos_token: id_token("tokenizer.ggml.eos_token_id"),
+            // llama.cpp adds BOS to a SentencePiece vocabulary that does not say otherwise.
+            add_bos: flag("tokenizer.ggml.add_bos_token").unwrap_or(model == Some("llama")),
             inner,
             source_name,
         })
+    }
+
+    /// Token ids of a plain-text prompt (no chat template): [`Tokenizer::encode`], with the
+    /// BOS token in front where the model's tokenizer adds one (Gemma and Llama 2's do; the
+    /// GGUF's `tokenizer.ggml.add_bos_token`, or `add_bos_token` in `tokenizer_config.json`)
+    /// and the text does not start with it already.
+    pub fn encode_prompt(&self, text: &str) -> Result<Vec<u32>> {
+        let mut ids = self.encode(text)?;
+        let bos = self.bos_token.as_deref().and_then(|t| self.token_id(t));
+        if let (true, Some(bos)) = (self.add_bos, bos) {
+            if ids.first() != Some(&bos) {
+                ids.insert(0, bos);
+            }
+        }
+        Ok(ids)
     }
 
     /// Token ids of `text`, with no BOS or other special tokens added (a chat template writes
@@ -347,6 +339,147 @@ impl Tokenizer {
             message: e.to_string(),
         }
     }
+}
+
+/// Byte-level BPE over GPT-2's byte alphabet from a GGUF's tokens and merges.
+fn byte_level_bpe(
+    tokens: &[&str],
+    merges: &[&str],
+    pre: &str,
+    add_prefix_space: bool,
+) -> std::result::Result<tokenizers::Tokenizer, String> {
+    // Tokens are spelled in GPT-2's byte alphabet; one that is not (a mislabelled token)
+    // is respelled byte by byte, as transformers does.
+    let spelling = bytes_to_unicode();
+    let alphabet: std::collections::HashSet<char> = spelling.iter().copied().collect();
+    let spell = |token: &str| -> String {
+        if token.chars().all(|c| alphabet.contains(&c)) {
+            token.to_owned()
+        } else {
+            token.bytes().map(|b| spelling[b as usize]).collect()
+        }
+    };
+    let vocab: Vocab = tokens
+        .iter()
+        .enumerate()
+        .map(|(id, token)| (spell(token), id as u32))
+        .collect();
+    let merges: Vec<(String, String)> = merges
+        .iter()
+        .map(|m| {
+            m.split_once(' ')
+                .map(|(a, b)| (a.to_owned(), b.to_owned()))
+                .ok_or_else(|| format!("merge {m:?} is not two tokens separated by a space"))
+        })
+        .collect::<std::result::Result<_, _>>()?;
+    let bpe = BPE::builder()
+        .vocab_and_merges(vocab, merges)
+        .build()
+        .map_err(|e| format!("building BPE: {e}"))?;
+    let mut inner = tokenizers::Tokenizer::new(bpe);
+    let pre_tokenizer: PreTokenizerWrapper = match split_regex(pre) {
+        Some(regex) => {
+            let split = Split::new(
+                SplitPattern::Regex(regex.into()),
+                SplitDelimiterBehavior::Isolated,
+                false,
+            )
+            .map_err(|e| format!("split regex: {e}"))?;
+            Sequence::new(vec![
+                split.into(),
+                ByteLevel::new(false, true, false).into(),
+            ])
+            .into()
+        }
+        None => ByteLevel::new(add_prefix_space, true, true).into(),
+    };
+    inner.with_pre_tokenizer(Some(pre_tokenizer));
+    inner.with_decoder(Some(ByteLevelDecoder::default()));
+    inner.with_post_processor(Some(ByteLevel::default().trim_offsets(false)));
+    Ok(inner)
+}
+
+/// SentencePiece BPE from a GGUF's tokens (`▁` for a space, `<0xXX>` for a byte), as
+/// transformers' `GemmaTokenizer` builds it for a Gemma file: spaces become `▁`, no pre-split,
+/// bytes outside the vocabulary fall back to their `<0xXX>` tokens.
+///
+/// The file stores no merges, so they are rebuilt from the vocabulary, as transformers does:
+/// every way to cut a token into two tokens is a merge, ranked by the position of the token
+/// it makes in the file (earlier first: SentencePiece files list tokens best-first), and
+/// for one token, longer left pieces first. Tokens written as two or more plain spaces are
+/// spelled with `▁` first, so the merges that build them match.
+fn sentencepiece_bpe(tokens: &[&str]) -> std::result::Result<tokenizers::Tokenizer, String> {
+    use std::collections::HashMap;
+    use tokenizers::decoders::{
+        byte_fallback::ByteFallback, fuse::Fuse, sequence::Sequence as DecoderSequence,
+        DecoderWrapper,
+    };
+    use tokenizers::normalizers::replace::Replace;
+
+    let spelled: Vec<String> = tokens
+        .iter()
+        .map(|t| {
+            if t.contains(' ') && t.trim().is_empty() {
+                "\u{2581}".repeat(t.chars().count())
+            } else {
+                (*t).to_owned()
+            }
+        })
+        .collect();
+    // A token spelled twice keeps its last id, as a Python dict built from the list does.
+    let mut vocab: HashMap<&str, u32> = HashMap::with_capacity(spelled.len());
+    for (id, token) in spelled.iter().enumerate() {
+        vocab.insert(token, id as u32);
+    }
+    let mut ranked: Vec<(u32, usize, &str, &str)> = Vec::new();
+    let mut seen = std::collections::HashSet::with_capacity(spelled.len());
+    for token in &spelled {
+        if !seen.insert(token.as_str()) {
+            continue;
+        }
+        let rank = vocab[token.as_str()];
+        for (cut, _) in token.char_indices().skip(1) {
+            let (left, right) = token.split_at(cut);
+            if vocab.contains_key(left) && vocab.contains_key(right) {
+                ranked.push((rank, left.len(), left, right));
+            }
+        }
+    }
+    // Best first: the made token's position, then the longer left piece.
+    ranked.sort_by(|a, b| a.0.cmp(&b.0).then(b.1.cmp(&a.1)));
+    let merges: Vec<(String, String)> = ranked
+        .into_iter()
+        .map(|(_, _, l, r)| (l.to_owned(), r.to_owned()))
+        .collect();
+    let vocab: Vocab = vocab
+        .into_iter()
+        .map(|(t, id)| (t.to_owned(), id))
+        .collect();
+    let unk = tokens
+        .iter()
+        .find(|t| **t == "<unk>")
+        .map(|t| (*t).to_owned());
+    let mut builder = BPE::builder()
+        .vocab_and_merges(vocab, merges)
+        .fuse_unk(true)
+        .byte_fallback(true);
+    if let Some(unk) = unk {
+        builder = builder.unk_token(unk);
+    }
+    let bpe = builder.build().map_err(|e| format!("building BPE: {e}"))?;
+    let mut inner = tokenizers::Tokenizer::new(bpe);
+    inner.with_normalizer(Some(
+        Replace::new(" ", "\u{2581}").map_err(|e| format!("normalizer: {e}"))?,
+    ));
+    let decoders: Vec<DecoderWrapper> = vec![
+        Replace::new("\u{2581}", " ")
+            .map_err(|e| format!("decoder: {e}"))?
+            .into(),
+        ByteFallback::default().into(),
+        Fuse::default().into(),
+    ];
+    inner.with_decoder(Some(DecoderSequence::new(decoders)));
+    Ok(inner)
 }
 
 /// GPT-2's byte-to-character table: printable bytes map to themselves, the rest to code points

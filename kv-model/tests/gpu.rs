@@ -165,6 +165,22 @@ macro_rules! gpu_tests {
         }
 
         #[test]
+        fn qwen3_matches_transformers() {
+            let _device = super::hold_device();
+            if let Some(device) = device("qwen3_matches_transformers") {
+                super::check_fixture::<Gpu>(&device, "qwen3");
+            }
+        }
+
+        #[test]
+        fn gemma3_hybrid_cache_matches_transformers() {
+            let _device = super::hold_device();
+            if let Some(device) = device("gemma3_hybrid_cache_matches_transformers") {
+                super::check_fixture::<Gpu>(&device, "gemma3");
+            }
+        }
+
+        #[test]
         fn quantized_gguf_matches_transformers() {
             let _device = super::hold_device();
             if let Some(device) = device("quantized_gguf_matches_transformers") {

@@ -126,6 +126,35 @@ impl CacheConfig {
         )
     }
 
+    /// The cache a layer that attends over only its last `window` positions (a model's
+    /// sliding-window layer) gets when `self` is asked for: the kinds that hold every position
+    /// (dynamic, static) become a ring of `window` slots, as transformers' hybrid cache gives
+    /// such layers, since nothing older is ever read; a sliding ring narrower than `window`
+    /// stays as it is and a wider one is narrowed; the quantized and paged kinds are kept (the
+    /// layer's mask hides what it does not see). `None` for a sink cache, whose sinks a
+    /// windowed layer could never see: it would not compute the model.
+    ///
+    /// ```
+    /// use kv_core::CacheConfig;
+    ///
+    /// let full = CacheConfig::Dynamic { capacity: 64 };
+    /// assert_eq!(full.for_window(512), Some(CacheConfig::SlidingWindow { window: 512 }));
+    /// let narrow = CacheConfig::SlidingWindow { window: 128 };
+    /// assert_eq!(narrow.for_window(512), Some(narrow.clone()));
+    /// ```
+    pub fn for_window(&self, window: usize) -> Option<CacheConfig> {
+        match self {
+            CacheConfig::Dynamic { .. } | CacheConfig::Static { .. } => {
+                Some(CacheConfig::SlidingWindow { window })
+            }
+            CacheConfig::SlidingWindow { window: own } => Some(CacheConfig::SlidingWindow {
+                window: window.min(*own),
+            }),
+            CacheConfig::Sink { .. } => None,
+            CacheConfig::Quantized(_) | CacheConfig::Paged(_) => Some(self.clone()),
+        }
+    }
+
     /// Builds one layer's cache. `rotary` is the model's rotary table, which a sink cache
     /// that re-rotates its keys ([`SinkPositions::CacheRanks`]) needs; other kinds ignore it.
     ///

@@ -50,6 +50,37 @@ impl<B: Backend> ModelCache<B, AnyCache<B>> {
             .collect::<Result<Vec<_>>>()?;
         Ok(Self::from_layers(layers))
     }
+
+    /// One cache per entry of `configs`, layer by layer: a hybrid cache, whose layers may be
+    /// of different kinds (a ring on a model's sliding-window layers, a full cache on its
+    /// global ones, as transformers' `HybridCache`).
+    ///
+    /// ```
+    /// use burn_ndarray::NdArray;
+    /// use kv_core::{CacheConfig, LayerShape, ModelCache};
+    ///
+    /// let device = Default::default();
+    /// let shape = LayerShape { kv_heads: 1, head_dim: 8 };
+    /// let full = CacheConfig::Dynamic { capacity: 16 };
+    /// let ring = full.for_window(4).unwrap();
+    /// let configs = [ring.clone(), ring, full];
+    /// let cache = ModelCache::<NdArray>::per_layer(&configs, shape, None, &device).unwrap();
+    /// assert_eq!(cache.layer(0).unwrap().max_len(), Some(4));
+    /// # use kv_core::KvCache;
+    /// assert_eq!(cache.layer(2).unwrap().max_len(), None);
+    /// ```
+    pub fn per_layer(
+        configs: &[CacheConfig],
+        shape: LayerShape,
+        rotary: Option<&RotaryTable<B>>,
+        device: &B::Device,
+    ) -> Result<Self> {
+        let layers = configs
+            .iter()
+            .map(|config| config.build(shape, rotary, device))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self::from_layers(layers))
+    }
 }
 
 impl<B: Backend, C: KvCache<B>> ModelCache<B, C> {
@@ -139,9 +170,11 @@ impl<B: Backend, C: KvCache<B>> ModelCache<B, C> {
             .map_or(KeyRotation::AppliedByCaller, KvCache::key_rotation)
     }
 
-    /// The most positions each layer holds, if bounded.
+    /// The most positions a layer holds, if bounded: the fewest over the layers that bound
+    /// theirs, `None` when every layer grows (a hybrid cache's rings are bounded, its full
+    /// layers may not be: the ring's bound is the answer).
     pub fn max_len(&self) -> Option<usize> {
-        self.layers.first().and_then(KvCache::max_len)
+        self.layers.iter().filter_map(KvCache::max_len).min()
     }
 
     /// Crops every layer; see [`KvCache::crop`].

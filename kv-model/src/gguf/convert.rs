@@ -3,7 +3,9 @@
 
 use std::collections::BTreeMap;
 
-use crate::config::{Architecture, ModelConfig, RopeConfig, RopeScaling};
+use crate::config::{
+    Architecture, GatedActivation, LayerAttention, ModelConfig, RopeConfig, RopeScaling, Variations,
+};
 use crate::error::{ModelError, Result};
 use crate::gguf::{GgmlType, GgufFile, MetaValue};
 use crate::weights::{HostTensor, Weights};
@@ -19,7 +21,7 @@ pub fn config_from_gguf(file: &GgufFile) -> Result<ModelConfig> {
         .to_owned();
     let family = match arch.as_str() {
         "gpt2" => Architecture::Gpt2,
-        "llama" | "mistral" | "qwen2" => Architecture::Llama,
+        "llama" | "mistral" | "qwen2" | "qwen3" | "gemma3" => Architecture::Llama,
         _ => {
             return Err(ModelError::UnsupportedArchitecture {
                 source_name: source,
@@ -68,11 +70,75 @@ pub fn config_from_gguf(file: &GgufFile) -> Result<ModelConfig> {
         ));
     }
     let id = |name: &str| file.get(name).and_then(MetaValue::as_u64).map(|v| v as u32);
+    let num_layers = number("block_count")?;
+    let rope = RopeConfig {
+        theta: float("rope.freq_base", 10_000.0),
+        scaling: match file
+            .get(&key("rope.scaling.type"))
+            .and_then(MetaValue::as_str)
+        {
+            Some("linear") => RopeScaling::Linear {
+                factor: float("rope.scaling.factor", 1.0),
+            },
+            _ => RopeScaling::None,
+        },
+    };
+    let gemma3 = arch == "gemma3";
+    // Gemma 3 files name the window; llama.cpp fixes the rest of the recipe for the
+    // architecture (five sliding layers to one full one, rotary base 10,000 on the sliding
+    // layers, norms stored with Gemma's `1 + w` already added).
+    let sliding_window = match gemma3 {
+        true => Some(number("attention.sliding_window")?),
+        false => None,
+    };
+    let layer_attention = match file
+        .get(&key("attention.sliding_window_pattern"))
+        .and_then(MetaValue::as_array)
+    {
+        Some(pattern) if gemma3 => pattern
+            .iter()
+            .map(|v| match v.as_bool() {
+                Some(true) => LayerAttention::Sliding,
+                _ => LayerAttention::Full,
+            })
+            .collect(),
+        _ if gemma3 => (0..num_layers)
+            .map(|i| match (i + 1) % 6 {
+                0 => LayerAttention::Full,
+                _ => LayerAttention::Sliding,
+            })
+            .collect(),
+        _ => vec![LayerAttention::Full; num_layers],
+    };
+    let variations = match arch.as_str() {
+        "qwen3" => Variations {
+            qk_norm: true,
+            ..Variations::default()
+        },
+        "gemma3" => Variations {
+            qk_norm: true,
+            sandwich_norms: true,
+            norm_weight_offset: 0.0,
+            activation: GatedActivation::GeluTanh,
+            embedding_scale: Some((hidden as f32).sqrt()),
+            // As llama.cpp: 1/sqrt(head_dim), but hidden/heads for the 27B model (62 layers).
+            query_pre_attn_scalar: Some(match num_layers {
+                62 => (hidden / heads.max(1)) as f32,
+                _ => head_dim as f32,
+            }),
+            local_rope: Some(RopeConfig {
+                theta: 10_000.0,
+                scaling: RopeScaling::None,
+            }),
+            final_logit_softcap: None,
+        },
+        _ => Variations::default(),
+    };
     let config = ModelConfig {
         architecture: family,
         vocab_size,
         hidden_size: hidden,
-        num_layers: number("block_count")?,
+        num_layers,
         num_heads: heads,
         num_kv_heads: number("attention.head_count_kv").unwrap_or(heads),
         head_dim,
@@ -82,22 +148,13 @@ pub fn config_from_gguf(file: &GgufFile) -> Result<ModelConfig> {
             Architecture::Gpt2 => float("attention.layer_norm_epsilon", 1e-5),
             Architecture::Llama => float("attention.layer_norm_rms_epsilon", 1e-6),
         },
-        rope: (family == Architecture::Llama).then(|| RopeConfig {
-            theta: float("rope.freq_base", 10_000.0),
-            scaling: match file
-                .get(&key("rope.scaling.type"))
-                .and_then(MetaValue::as_str)
-            {
-                Some("linear") => RopeScaling::Linear {
-                    factor: float("rope.scaling.factor", 1.0),
-                },
-                _ => RopeScaling::None,
-            },
-        }),
+        rope: (family == Architecture::Llama).then_some(rope),
         qkv_bias: family == Architecture::Gpt2 || has("blk.0.attn_q.bias"),
         dense_bias: family == Architecture::Gpt2 || has("blk.0.ffn_up.bias"),
         tie_word_embeddings: !has("output.weight"),
-        sliding_window: None,
+        sliding_window,
+        layer_attention,
+        variations,
         bos_token_id: id("tokenizer.ggml.bos_token_id"),
         eos_token_ids: id("tokenizer.ggml.eos_token_id").into_iter().collect(),
         model_type: arch,
@@ -121,7 +178,7 @@ pub fn weights_from_gguf(file: &GgufFile, config: &ModelConfig) -> Result<Weight
     let permuted = matches!(config.model_type.as_str(), "llama" | "mistral");
     let mut requantized: BTreeMap<GgmlType, usize> = BTreeMap::new();
     for info in &file.tensors {
-        let Some(name) = hf_name(&info.name, config.architecture) else {
+        let Some(name) = hf_name(&info.name, config) else {
             continue;
         };
         let heads = if permuted && info.name.ends_with("attn_q.weight") {
@@ -184,7 +241,14 @@ pub fn weights_from_gguf(file: &GgufFile, config: &ModelConfig) -> Result<Weight
 }
 
 /// The Hugging Face name of a llama.cpp tensor, `None` for tensors the model does not use.
-fn hf_name(gguf: &str, family: Architecture) -> Option<String> {
+///
+/// One llama.cpp name means two Hugging Face ones: `ffn_norm` is the norm before the MLP,
+/// which Llama calls `post_attention_layernorm` and Gemma (whose `post_attention_layernorm`
+/// is the norm after attention, llama.cpp's `post_attention_norm`)
+/// `pre_feedforward_layernorm`.
+fn hf_name(gguf: &str, config: &ModelConfig) -> Option<String> {
+    let family = config.architecture;
+    let sandwich = config.variations.sandwich_norms;
     let global = match (family, gguf) {
         (Architecture::Llama, "token_embd.weight") => Some("model.embed_tokens.weight"),
         (Architecture::Llama, "output_norm.weight") => Some("model.norm.weight"),
@@ -204,7 +268,12 @@ fn hf_name(gguf: &str, family: Architecture) -> Option<String> {
     let (module, suffix) = part.rsplit_once('.')?;
     let hf = match (family, module) {
         (Architecture::Llama, "attn_norm") => "input_layernorm",
+        (Architecture::Llama, "ffn_norm") if sandwich => "pre_feedforward_layernorm",
         (Architecture::Llama, "ffn_norm") => "post_attention_layernorm",
+        (Architecture::Llama, "post_attention_norm") => "post_attention_layernorm",
+        (Architecture::Llama, "post_ffw_norm") => "post_feedforward_layernorm",
+        (Architecture::Llama, "attn_q_norm") => "self_attn.q_norm",
+        (Architecture::Llama, "attn_k_norm") => "self_attn.k_norm",
         (Architecture::Llama, "attn_q") => "self_attn.q_proj",
         (Architecture::Llama, "attn_k") => "self_attn.k_proj",
         (Architecture::Llama, "attn_v") => "self_attn.v_proj",

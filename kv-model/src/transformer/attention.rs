@@ -25,10 +25,13 @@ impl<B: Backend> Transformer<B> {
         let batch = q.dims()[0];
         let heads = c.num_heads;
         let rope = match &self.positions {
-            PositionEncoding::Rotary(rope) => Some(rope),
+            PositionEncoding::Rotary(global, local) => match (layer.local_rope, local) {
+                (true, Some(local)) => Some(local),
+                _ => Some(global),
+            },
             PositionEncoding::Learned(_) => None,
         };
-        let pattern = self.layer_pattern(layer, step.cache_pattern)?;
+        let pattern = self.layer_pattern(layer, step.cache_pattern(layer.index))?;
         let cache = match cache {
             // A cache that attends over its own storage (a quantized one: over its codes)
             // does the whole step itself, when plain causal attention is all there is to do
@@ -80,7 +83,7 @@ impl<B: Backend> Transformer<B> {
         let c = &self.config;
         let batch = q.dims()[0];
         let (heads, kv_heads) = (c.num_heads, c.num_kv_heads);
-        let pattern = self.layer_pattern(layer, step.cache_pattern)?;
+        let pattern = self.layer_pattern(layer, step.cache_pattern(layer.index))?;
         if step.on_host && self.splits_keys(&q, &view.positions, pattern, step) {
             return self.attend_split_keys(q, view);
         }

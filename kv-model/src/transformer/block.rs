@@ -56,6 +56,19 @@ struct Segment<B: Backend> {
     positions: Range<usize>,
     /// Cosines and sines when the model rotates keys itself, in each form a layer needs.
     angles: Option<SegmentAngles<B>>,
+    /// The same from the local rotary table, for the layers that use it (Gemma 3's sliding
+    /// layers).
+    local_angles: Option<SegmentAngles<B>>,
+}
+
+impl<B: Backend> Segment<B> {
+    /// The angles `layer` rotates this segment's queries and keys by.
+    fn angles_for(&self, layer: &LayerSpec) -> Option<&SegmentAngles<B>> {
+        match (layer.local_rope, &self.local_angles) {
+            (true, Some(local)) => Some(local),
+            _ => self.angles.as_ref(),
+        }
+    }
 }
 
 /// The rotary angles of a segment's positions: on the host for Q/K/V split on the host, on
@@ -81,9 +94,9 @@ impl<B: Backend> PassLayout<B> {
         position_ids: impl Fn(Range<usize>) -> Vec<Vec<usize>>,
         rotate: bool,
     ) -> Self {
-        let rope = match (&model.positions, rotate) {
-            (PositionEncoding::Rotary(rope), true) => Some(rope),
-            _ => None,
+        let (rope, local_rope) = match (&model.positions, rotate) {
+            (PositionEncoding::Rotary(rope, local), true) => (Some(rope), local.as_ref()),
+            _ => (None, None),
         };
         let c = &model.config;
         let host_qkv = model.blocks.iter().any(|b| b.attention.qkv.is_host());
@@ -95,7 +108,7 @@ impl<B: Backend> PassLayout<B> {
                 if positions.is_empty() {
                     continue;
                 }
-                let angles = rope.map(|rope| {
+                let angles_of = |rope: &RotaryTable<B>| {
                     let ids = position_ids(positions.clone());
                     SegmentAngles {
                         host: host_qkv.then(|| rope.host_angles(&ids.concat())),
@@ -108,12 +121,13 @@ impl<B: Backend> PassLayout<B> {
                             )
                         }),
                     }
-                });
+                };
                 segments.push(Segment {
                     run,
                     piece,
+                    angles: rope.map(angles_of),
+                    local_angles: local_rope.map(angles_of),
                     positions,
-                    angles,
                 });
             }
         }
@@ -142,13 +156,22 @@ impl<B: Backend> Block<B> {
         let qkv = model.map_runs(runs, x.iter().collect(), |_, _, x| {
             x.norm_linear(&self.attention_norm, &self.attention.qkv, device)
         });
-        let heads = model.attend_layer(&self.spec, layout, qkv, kv)?;
+        let heads = model.attend_layer(&self.spec, &self.attention, layout, qkv, kv)?;
         let x = model.map_runs(runs, x.into_iter().zip(heads).collect(), |_, _, (x, h)| {
-            x.add(h.linear(&self.attention.output, device))
+            let h = h.linear(&self.attention.output, device);
+            x.add(match &self.attention_post_norm {
+                Some(norm) => h.norm(norm),
+                None => h,
+            })
         });
-        // x = x + mlp(norm(x))
+        // x = x + mlp(norm(x)), the MLP's output normed too where the model says so
         Ok(model.map_runs(runs, x, |_, _, x| {
-            x.mlp_residual(&self.mlp_norm, &self.mlp, device)
+            x.mlp_residual(
+                &self.mlp_norm,
+                &self.mlp,
+                self.mlp_post_norm.as_ref(),
+                device,
+            )
         }))
     }
 }
@@ -160,6 +183,7 @@ impl<B: Backend> Transformer<B> {
     fn attend_layer(
         &self,
         layer: &LayerSpec,
+        attention: &Attention<B>,
         layout: &PassLayout<B>,
         qkv: Stream<B>,
         kv: &mut dyn LayerKv<B>,
@@ -169,7 +193,12 @@ impl<B: Backend> Transformer<B> {
         let split = self.map_tasks(parallel, segments, |segment| {
             let run = &layout.runs[segment.run];
             let positions = segment.positions.start - run.start..segment.positions.end - run.start;
-            self.split_heads(&qkv[segment.run], positions, segment.angles.as_ref())
+            self.split_heads(
+                &qkv[segment.run],
+                positions,
+                attention,
+                segment.angles_for(layer),
+            )
         });
         let mut split = split.into_iter().zip(&layout.segments).peekable();
         let mut attended = Vec::with_capacity(layout.pieces.len());
@@ -194,16 +223,20 @@ impl<B: Backend> Transformer<B> {
 
     /// Q, K and V of positions `positions` of a run of fused projections
     /// `[batch, len, (heads + 2 * kv_heads) * head_dim]`, as attention reads them:
-    /// `[batch, heads or kv_heads, n, head_dim]`, Q and K rotated by `angles`. Split where the
-    /// projections are (host loops, or tensor views copied once), with the same values.
+    /// `[batch, heads or kv_heads, n, head_dim]`, Q and K normed per head where `attention`
+    /// says (Qwen3, Gemma 3), then rotated by `angles`, Q scaled for a model whose attention
+    /// scale is not `head_dim^-1/2`. Split where the projections are (host loops, or tensor
+    /// views copied once), with the same values.
     fn split_heads(
         &self,
         qkv: &Run<B>,
         positions: Range<usize>,
+        attention: &Attention<B>,
         angles: Option<&SegmentAngles<B>>,
     ) -> (Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>) {
         let c = &self.config;
         let (heads, kv_heads, head_dim) = (c.num_heads, c.num_kv_heads, c.head_dim);
+        let query_factor = self.query_factor();
         match qkv {
             Run::Host {
                 values,
@@ -230,6 +263,10 @@ impl<B: Backend> Transformer<B> {
                     split(heads, kv_heads),
                     split(heads + kv_heads, kv_heads),
                 );
+                if let Some((q_norm, k_norm)) = &attention.qk_norms {
+                    q = q_norm.forward_host(&q, head_dim);
+                    k = k_norm.forward_host(&k, head_dim);
+                }
                 if let Some(SegmentAngles {
                     host: Some(angles),
                     shared,
@@ -238,6 +275,9 @@ impl<B: Backend> Transformer<B> {
                 {
                     host::rotate_heads(&mut q, [batch, heads, n, head_dim], angles, *shared);
                     host::rotate_heads(&mut k, [batch, kv_heads, n, head_dim], angles, *shared);
+                }
+                if let Some(factor) = query_factor {
+                    q.iter_mut().for_each(|v| *v *= factor);
                 }
                 let tensor = |values: Vec<f32>, count: usize| {
                     Tensor::<B, 4>::from_data(
@@ -267,6 +307,10 @@ impl<B: Backend> Transformer<B> {
                     split(heads, kv_heads),
                     split(heads + kv_heads, kv_heads),
                 );
+                if let Some((q_norm, k_norm)) = &attention.qk_norms {
+                    q = q_norm.forward_heads(q);
+                    k = k_norm.forward_heads(k);
+                }
                 if let Some(SegmentAngles {
                     device: Some((for_queries, for_keys)),
                     ..
@@ -274,6 +318,9 @@ impl<B: Backend> Transformer<B> {
                 {
                     q = for_queries.apply(q);
                     k = for_keys.apply(k);
+                }
+                if let Some(factor) = query_factor {
+                    q = q.mul_scalar(factor);
                 }
                 (q, k, v)
             }

@@ -357,8 +357,11 @@ fn build_gpt2<B: Backend>(
             attention_norm,
             attention: Attention {
                 qkv: conv1d(m, &format!("{p}.attn.c_attn"), hidden, 3 * hidden)?,
+                qk_norms: None,
                 output: conv1d(m, &format!("{p}.attn.c_proj"), hidden, hidden)?,
             },
+            attention_post_norm: None,
+            mlp_post_norm: None,
             mlp_norm,
             mlp: Mlp::Gelu {
                 fc: conv1d(m, &format!("{p}.mlp.c_fc"), hidden, c.intermediate_size)?,
@@ -388,21 +391,44 @@ fn build_llama<B: Backend>(c: &ModelConfig, m: &mut Matrices<'_, B>) -> Result<P
     let rope = c.rope.ok_or_else(|| {
         ModelError::config(&c.model_type, "a Llama-family model needs rope settings")
     })?;
-    let rms = |m: &mut Matrices<'_, B>, name: &str| -> Result<Norm<B>> {
+    let variations = &c.variations;
+    // An RMSNorm over `width` values; Gemma's checkpoints store `w` for a scale of `1 + w`.
+    let rms_of = |m: &mut Matrices<'_, B>, name: &str, width: usize| -> Result<Norm<B>> {
+        let mut weight = m.tensor(name, &[width], Role::NormWeight)?;
+        if variations.norm_weight_offset != 0.0 {
+            weight
+                .data
+                .iter_mut()
+                .for_each(|w| *w += variations.norm_weight_offset);
+        }
         Ok(Norm::Rms {
-            weight: upload(m.tensor(name, &[hidden], Role::NormWeight)?, device),
+            weight: upload(weight, device),
             eps: c.norm_eps,
         })
     };
+    let rms = |m: &mut Matrices<'_, B>, name: &str| rms_of(m, name, hidden);
+    // Per layer: the norm before attention, the one before the MLP and, with sandwich norms,
+    // those after each (Gemma names the one before the MLP `pre_feedforward_layernorm` and
+    // uses `post_attention_layernorm` for the one after attention).
     let mut norms = Vec::new();
     for i in 0..c.num_layers {
-        norms.push((
-            rms(m, &format!("model.layers.{i}.input_layernorm.weight"))?,
-            rms(
-                m,
-                &format!("model.layers.{i}.post_attention_layernorm.weight"),
-            )?,
-        ));
+        let p = format!("model.layers.{i}");
+        let input = rms(m, &format!("{p}.input_layernorm.weight"))?;
+        norms.push(if variations.sandwich_norms {
+            (
+                input,
+                rms(m, &format!("{p}.pre_feedforward_layernorm.weight"))?,
+                Some(rms(m, &format!("{p}.post_attention_layernorm.weight"))?),
+                Some(rms(m, &format!("{p}.post_feedforward_layernorm.weight"))?),
+            )
+        } else {
+            (
+                input,
+                rms(m, &format!("{p}.post_attention_layernorm.weight"))?,
+                None,
+                None,
+            )
+        });
     }
     let final_norm = rms(m, "model.norm.weight")?;
     // One projection: its weight and, if the model has them, its bias.
@@ -422,8 +448,17 @@ fn build_llama<B: Backend>(c: &ModelConfig, m: &mut Matrices<'_, B>) -> Result<P
     };
     let (q_out, kv_out) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
     let mut blocks = Vec::with_capacity(c.num_layers);
-    for (i, (attention_norm, mlp_norm)) in norms.into_iter().enumerate() {
+    for (i, (attention_norm, mlp_norm, attention_post_norm, mlp_post_norm)) in
+        norms.into_iter().enumerate()
+    {
         let p = format!("model.layers.{i}");
+        let qk_norms = match variations.qk_norm {
+            true => Some((
+                rms_of(m, &format!("{p}.self_attn.q_norm.weight"), c.head_dim)?,
+                rms_of(m, &format!("{p}.self_attn.k_norm.weight"), c.head_dim)?,
+            )),
+            false => None,
+        };
         let (q, q_bias) = linear(
             m,
             &format!("{p}.self_attn.q_proj"),
@@ -488,23 +523,34 @@ fn build_llama<B: Backend>(c: &ModelConfig, m: &mut Matrices<'_, B>) -> Result<P
             attention_norm,
             attention: Attention {
                 qkv: m.layer(qkv, qkv_bias),
+                qk_norms,
                 output: m.layer(o, o_bias),
             },
+            attention_post_norm,
             mlp_norm,
-            mlp: Mlp::SwiGlu {
+            mlp: Mlp::Gated {
                 gate_up: m.layer(gate_up, gate_up_bias),
                 down: m.layer(down, down_bias),
+                activation: variations.activation,
             },
+            mlp_post_norm,
         });
     }
     let head = (!c.tie_word_embeddings).then_some("lm_head.weight");
     let (token_embedding, lm_head) =
         m.embedding("model.embed_tokens.weight", c.vocab_size, hidden, head)?;
     let rotary = RotaryTable::from_inv_freq(rope.inv_freq(c.head_dim), device)?;
+    let local = match &variations.local_rope {
+        Some(local) => Some(RotaryTable::from_inv_freq(
+            local.inv_freq(c.head_dim),
+            device,
+        )?),
+        None => None,
+    };
     Ok(Parts {
         blocks,
         token_embedding,
-        positions: PositionEncoding::Rotary(rotary),
+        positions: PositionEncoding::Rotary(rotary, local),
         final_norm,
         lm_head,
     })

@@ -9,9 +9,9 @@ pub(super) struct ForwardContext<'a, B: Backend> {
     /// Cache positions of the piece's new tokens.
     pub(super) queries: Range<usize>,
     pub(super) padding: Option<&'a AttentionMask>,
-    /// The pattern the cache's keys follow; each layer narrows it by its own window
-    /// ([`Transformer::layer_pattern`]).
-    pub(super) cache_pattern: AttentionPattern,
+    /// The pattern each layer's cached keys follow (one entry: every layer's); each layer
+    /// narrows it by its own window ([`Transformer::layer_pattern`]).
+    cache_patterns: Vec<AttentionPattern>,
     pub(super) rotation: KeyRotation,
     /// Whether the pass runs on the host ([`Transformer::runs_on_host`]), with the kernel
     /// threads free to share attention.
@@ -23,22 +23,30 @@ pub(super) struct ForwardContext<'a, B: Backend> {
 }
 
 impl<'a, B: Backend> ForwardContext<'a, B> {
-    /// A context for queries at cache positions `queries`, through a cache whose keys follow
-    /// `cache_pattern` and are rotated as `rotation` says.
+    /// A context for queries at cache positions `queries`, through a cache whose layers' keys
+    /// follow `cache_patterns` (one entry: all of them) and are rotated as `rotation` says.
     pub(super) fn new(
         queries: Range<usize>,
         padding: Option<&'a AttentionMask>,
-        cache_pattern: AttentionPattern,
+        cache_patterns: Vec<AttentionPattern>,
         rotation: KeyRotation,
         on_host: bool,
     ) -> Self {
         Self {
             queries,
             padding,
-            cache_pattern,
+            cache_patterns,
             rotation,
             on_host,
             plan_memo: None,
+        }
+    }
+
+    /// The pattern layer `layer`'s cached keys follow.
+    pub(super) fn cache_pattern(&self, layer: usize) -> AttentionPattern {
+        match self.cache_patterns.as_slice() {
+            [one] => *one,
+            all => all.get(layer).copied().unwrap_or(AttentionPattern::Causal),
         }
     }
 

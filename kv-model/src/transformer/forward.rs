@@ -94,10 +94,15 @@ impl<B: Backend> Transformer<B> {
                 return Err(ModelError::SequenceTooLong { position, max });
             }
         }
-        let cache_pattern = cache
-            .as_ref()
-            .map_or(AttentionPattern::Causal, |c| c.attention_pattern());
-        self.check_layer_patterns(cache_pattern)?;
+        let cache_patterns = match &cache {
+            Some(cache) => cache
+                .layers()
+                .iter()
+                .map(KvCache::attention_pattern)
+                .collect(),
+            None => vec![AttentionPattern::Causal],
+        };
+        self.check_layer_patterns(&cache_patterns)?;
         let runs = self.runs(seq);
         let on_host = self.runs_on_host(batch * seq, runs.len());
         // One piece: every batch row attends through its own row of the cache at the same
@@ -116,7 +121,7 @@ impl<B: Backend> Transformer<B> {
         );
         let mut kv = DenseKv {
             cache,
-            step: ForwardContext::new(queries, mask, cache_pattern, rotation, on_host),
+            step: ForwardContext::new(queries, mask, cache_patterns, rotation, on_host),
         };
 
         // The residual stream `[batch, run, hidden]`, run by run.
@@ -199,15 +204,23 @@ impl<B: Backend> Transformer<B> {
     /// the host when the LM head lives there (the norm with it, as a decode step computes it,
     /// so a position's logits do not depend on the path its pass took).
     pub(super) fn head(&self, x: Run<B>) -> Tensor<B, 3> {
+        let cap = self.config.variations.final_logit_softcap;
         if !self.lm_head.is_host() {
-            return self
+            let logits = self
                 .lm_head
                 .forward(self.final_norm.forward(x.into_device(&self.device)));
+            return match cap {
+                Some(cap) => logits.div_scalar(cap).tanh().mul_scalar(cap),
+                None => logits,
+            };
         }
         let [batch, n, hidden] = x.dims();
         let h = self.final_norm.forward_host(&x.into_host(), hidden);
         let vocab = self.lm_head.out_features();
-        let out = self.lm_head.forward_host(&h, batch * n);
+        let mut out = self.lm_head.forward_host(&h, batch * n);
+        if let Some(cap) = cap {
+            out.iter_mut().for_each(|v| *v = (*v / cap).tanh() * cap);
+        }
         host::upload(out, [batch, n, vocab], &self.device)
     }
 
@@ -253,11 +266,15 @@ impl<B: Backend> Transformer<B> {
         }
     }
 
-    /// Checks that every layer can attend through a cache of pattern `cache`, before a pass
-    /// writes anything.
-    pub(super) fn check_layer_patterns(&self, cache: AttentionPattern) -> Result<()> {
-        for block in &self.blocks {
-            self.layer_pattern(&block.spec, cache)?;
+    /// Checks that every layer can attend through a cache whose layers follow `cache` (one
+    /// entry: all of them), before a pass writes anything.
+    pub(super) fn check_layer_patterns(&self, cache: &[AttentionPattern]) -> Result<()> {
+        for (i, block) in self.blocks.iter().enumerate() {
+            let pattern = match cache {
+                [one] => *one,
+                all => all.get(i).copied().unwrap_or(AttentionPattern::Causal),
+            };
+            self.layer_pattern(&block.spec, pattern)?;
         }
         Ok(())
     }
@@ -271,12 +288,15 @@ impl<B: Backend> Transformer<B> {
         let (batch, seq) = (tokens.len(), tokens[0].len());
         let hidden = self.config.hidden_size;
         let ids: Vec<usize> = tokens.iter().flatten().map(|&id| id as usize).collect();
-        let x = self
+        let mut x = self
             .token_embedding
             .rows(&ids, &self.device)
             .reshape([batch, seq, hidden]);
+        if let Some(scale) = self.config.variations.embedding_scale {
+            x = x.mul_scalar(scale);
+        }
         match &self.positions {
-            PositionEncoding::Rotary(_) => Ok(x),
+            PositionEncoding::Rotary(..) => Ok(x),
             PositionEncoding::Learned(table) => {
                 // Positions were checked against the table's length in `forward`.
                 let flat: Vec<usize> = position_ids.iter().flatten().copied().collect();

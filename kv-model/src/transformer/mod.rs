@@ -94,8 +94,9 @@ pub enum Logits {
 enum PositionEncoding<B: Backend> {
     /// GPT-2: a learned `[max_positions, hidden]` table added to the token embedding.
     Learned(Tensor<B, 2>),
-    /// Rotary embeddings applied to queries and keys in every layer.
-    Rotary(RotaryTable<B>),
+    /// Rotary embeddings applied to queries and keys in every layer: the global table, and
+    /// the local one of the sliding layers where the model has one (Gemma 3).
+    Rotary(RotaryTable<B>, Option<RotaryTable<B>>),
 }
 
 /// The token embedding table `[vocab, hidden]`.
@@ -133,6 +134,9 @@ impl<B: Backend> Embedding<B> {
 struct Attention<B: Backend> {
     /// `[hidden, (heads + 2 * kv_heads) * head_dim]`: Q's columns, then K's, then V's.
     qkv: Linear<B>,
+    /// RMSNorm over each query head and each key head before rotary (Qwen3, Gemma 3), with
+    /// `[head_dim]` weights.
+    qk_norms: Option<(Norm<B>, Norm<B>)>,
     /// `[heads * head_dim, hidden]`.
     output: Linear<B>,
 }
@@ -150,17 +154,22 @@ impl<B: Backend> Attention<B> {
 struct LayerSpec {
     /// The layer's index: its cache in a [`ModelCache`], its layer of a paged store.
     index: usize,
-    /// The model's own attention window on this layer (Mistral's `sliding_window`), or `None`
-    /// for full causal attention.
+    /// The model's own attention window on this layer (a sliding layer's
+    /// `sliding_window`), or `None` for full causal attention.
     window: Option<usize>,
+    /// Whether the layer rotates with the model's local rotary table (Gemma 3's sliding
+    /// layers), not the global one.
+    local_rope: bool,
 }
 
 impl LayerSpec {
     /// Layer `index` of a model configured as `config`.
     fn new(index: usize, config: &ModelConfig) -> Self {
+        let window = config.layer_window(index);
         Self {
             index,
-            window: config.sliding_window,
+            window,
+            local_rope: window.is_some() && config.variations.local_rope.is_some(),
         }
     }
 }
@@ -172,8 +181,12 @@ struct Block<B: Backend> {
     spec: LayerSpec,
     attention_norm: Norm<B>,
     attention: Attention<B>,
+    /// The norm on attention's output before the residual sum (Gemma's sandwich norms).
+    attention_post_norm: Option<Norm<B>>,
     mlp_norm: Norm<B>,
     mlp: Mlp<B>,
+    /// The norm on the MLP's output before the residual sum (Gemma's sandwich norms).
+    mlp_post_norm: Option<Norm<B>>,
 }
 
 impl<B: Backend> Block<B> {
@@ -270,6 +283,7 @@ impl<B: Backend> Transformer<B> {
                     attention: Attention {
                         qkv: block.attention.qkv.with_weight_dtype(dtype),
                         output: block.attention.output.with_weight_dtype(dtype),
+                        qk_norms: block.attention.qk_norms,
                     },
                     mlp: block.mlp.with_weight_dtype(dtype),
                     ..block
@@ -356,6 +370,14 @@ impl<B: Backend> Transformer<B> {
             }
     }
 
+    /// The factor on the queries that turns attention's `head_dim^-1/2` scale into the
+    /// model's own (`query_pre_attn_scalar^-1/2`), `None` where they agree.
+    fn query_factor(&self) -> Option<f32> {
+        let scalar = self.config.variations.query_pre_attn_scalar?;
+        let head_dim = self.config.head_dim as f32;
+        (scalar != head_dim).then(|| (head_dim / scalar).sqrt())
+    }
+
     /// The configuration.
     pub fn config(&self) -> &ModelConfig {
         &self.config
@@ -366,20 +388,24 @@ impl<B: Backend> Transformer<B> {
         &self.device
     }
 
-    /// A cache for this model: one `config` cache per layer, shaped for its key/value heads.
+    /// A cache for this model: one cache per layer, shaped for its key/value heads, of the
+    /// kind `config` names, except on the model's sliding-window layers, which never read
+    /// past their window: there a kind that holds every position becomes a ring of
+    /// `sliding_window` slots ([`kv_core::CacheConfig::for_window`]), so a Gemma 3 cache
+    /// grows at its global layers' rate only (transformers' hybrid cache).
     ///
     /// A sink cache that re-rotates its keys ([`kv_core::SinkPositions::CacheRanks`]) rotates
     /// them with this model's own rotary table, rope scaling included, so its keys and the
     /// model's queries always agree. [`ModelConfig::sink_positions`] names the right choice
-    /// for a model; re-rotation is refused for learned positions, and for a cache holding
-    /// more positions than the model was built for.
+    /// for a model; re-rotation is refused for learned positions, for a cache holding more
+    /// positions than the model was built for, and on a model with sliding-window layers.
     pub fn new_cache(&self, config: &kv_core::CacheConfig) -> Result<ModelCache<B>> {
         let shape = kv_core::LayerShape {
             kv_heads: self.config.num_kv_heads,
             head_dim: self.config.head_dim,
         };
         let rotary = match &self.positions {
-            PositionEncoding::Rotary(rope) => Some(rope),
+            PositionEncoding::Rotary(rope, _) => Some(rope),
             PositionEncoding::Learned(_) => None,
         };
         if let kv_core::CacheConfig::Sink {
@@ -402,9 +428,20 @@ impl<B: Backend> Transformer<B> {
                 });
             }
         }
-        Ok(ModelCache::new(
-            config,
-            self.config.num_layers,
+        let configs = (0..self.config.num_layers)
+            .map(|layer| match self.config.layer_window(layer) {
+                None => Ok(config.clone()),
+                Some(window) => {
+                    config
+                        .for_window(window)
+                        .ok_or_else(|| ModelError::SinkWithModelWindow {
+                            model_type: self.config.model_type.clone(),
+                        })
+                }
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(ModelCache::per_layer(
+            &configs,
             shape,
             rotary,
             &self.device,

@@ -132,7 +132,7 @@ impl<B: Backend> Transformer<B> {
         pieces: &[BatchPiece<'_>],
     ) -> Result<Tensor<B, 2>> {
         self.check_pieces(store, pieces)?;
-        self.check_layer_patterns(AttentionPattern::Causal)?;
+        self.check_layer_patterns(&[AttentionPattern::Causal])?;
         let tokens: Vec<u32> = pieces
             .iter()
             .flat_map(|p| p.tokens.iter().copied())
@@ -176,7 +176,7 @@ impl<B: Backend> Transformer<B> {
                     ForwardContext::new(
                         queries,
                         None,
-                        AttentionPattern::Causal,
+                        vec![AttentionPattern::Causal],
                         KeyRotation::AppliedByCaller,
                         on_host,
                     )
@@ -302,7 +302,7 @@ impl<B: Backend> LayerKv<B> for PagedKv<'_, '_, B> {
         // block table, with the arithmetic of attention over a dense cache's contiguous keys.
         if let Some(kv) = self.store.host_kv(layer.index, sequence) {
             let positions = KeyPositions::Contiguous(0..kv.len());
-            let pattern = model.layer_pattern(layer, step.cache_pattern)?;
+            let pattern = model.layer_pattern(layer, step.cache_pattern(layer.index))?;
             let splits = step.on_host && model.splits_keys(&q, &positions, pattern, step);
             if let Some(visible) = model
                 .host_attention_rows(&positions, pattern, step)

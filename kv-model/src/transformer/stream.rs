@@ -101,17 +101,41 @@ impl<B: Backend> Run<B> {
         }
     }
 
-    /// `x + mlp(norm(x))`: a block's second half, on the host when the MLP's matrices live
-    /// there.
-    pub(super) fn mlp_residual(self, norm: &Norm<B>, mlp: &Mlp<B>, device: &B::Device) -> Self {
+    /// `norm(x)`, where the run is.
+    pub(super) fn norm(self, norm: &Norm<B>) -> Self {
+        match self {
+            Run::Host { values, dims } => Run::Host {
+                values: norm.forward_host(&values, dims[2]),
+                dims,
+            },
+            Run::Device(t) => Run::Device(norm.forward(t)),
+        }
+    }
+
+    /// `x + post(mlp(norm(x)))` (`post` the optional norm on the MLP's output): a block's
+    /// second half, on the host when the MLP's matrices live there.
+    pub(super) fn mlp_residual(
+        self,
+        norm: &Norm<B>,
+        mlp: &Mlp<B>,
+        post: Option<&Norm<B>>,
+        device: &B::Device,
+    ) -> Self {
         if !mlp.is_host() {
             let x = self.into_device(device);
             let h = mlp.forward(norm.forward(x.clone()));
+            let h = match post {
+                Some(post) => post.forward(h),
+                None => h,
+            };
             return Run::Device(x + h);
         }
         let dims @ [batch, len, width] = self.dims();
         let mut x = self.into_host();
-        let h = mlp.forward_host(&norm.forward_host(&x, width), batch * len);
+        let mut h = mlp.forward_host(&norm.forward_host(&x, width), batch * len);
+        if let Some(post) = post {
+            h = post.forward_host(&h, width);
+        }
         host::add_assign(&mut x, &h);
         Run::Host { values: x, dims }
     }

@@ -7,6 +7,7 @@
 mod common;
 
 mod errors;
+mod gemma3;
 mod gguf;
 mod large_model;
 mod properties;

@@ -1,4 +1,5 @@
-//! The tiny GPT-2, Llama (GQA, llama3 rope scaling) and Qwen2 (qkv bias, bf16, tied head)
+//! The tiny GPT-2, Llama (GQA, llama3 rope scaling), Qwen2 (qkv bias, bf16, tied head), Qwen3
+//! (Q/K norms) and Gemma 3 (sliding and full layers, a window shorter than the prompt)
 //! fixtures against the logits and greedy tokens transformers recorded for them
 //! (`scripts/make_fixtures.py`), on both CPU backends: burn-flex (the default) and
 //! burn-ndarray.
@@ -30,6 +31,30 @@ fn qwen2_with_qkv_bias_from_bf16_matches_transformers() {
     check_all("qwen2");
 }
 
+#[test]
+fn qwen3_with_qk_norms_matches_transformers() {
+    check_all("qwen3");
+}
+
+/// Gemma 3: four sliding layers (window 4, under a prompt of 8 and 32 new tokens) and two
+/// full ones with their own rotary base, Q/K and sandwich norms, `1 + w` weights, GeGLU,
+/// scaled embeddings and a `query_pre_attn_scalar` of 24 for heads of 16. Every exact cache
+/// kind gives its sliding layers a ring of 4 slots (the hybrid cache).
+#[test]
+fn gemma3_with_sliding_and_full_layers_matches_transformers() {
+    check_all("gemma3");
+    let model = load("gemma3");
+    let cache = model
+        .new_cache(&kv_core::CacheConfig::Dynamic { capacity: 64 })
+        .unwrap();
+    let windows: Vec<Option<usize>> = cache
+        .layers()
+        .iter()
+        .map(kv_core::KvCache::max_len)
+        .collect();
+    assert_eq!(windows, [Some(4), Some(4), None, Some(4), Some(4), None]);
+}
+
 /// The same checks with every prompt cut into attention blocks of 3 queries and runs of 2
 /// positions on rayon's threads, as CPU binaries run prompts (in blocks and runs of 64).
 #[test]
@@ -44,7 +69,7 @@ fn prompts_split_across_threads_match_transformers() {
             .with_prompt_split(split);
         reference::check_all(&model, &expected(name), TOLERANCE);
     }
-    for name in ["gpt2", "llama", "qwen2"] {
+    for name in ["gpt2", "llama", "qwen2", "qwen3", "gemma3"] {
         check_split::<B>(name);
         check_split::<Ndarray>(name);
     }

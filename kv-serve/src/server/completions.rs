@@ -34,7 +34,7 @@ pub(super) fn completion_prompts(
 ) -> Result<Vec<Vec<u32>>, ApiError> {
     let encode = |text: &str, param: &str| -> Result<Vec<u32>, ApiError> {
         tokenizer(info, param)?
-            .encode(text)
+            .encode_prompt(text)
             .map_err(|e| ApiError::invalid(param, e.to_string()))
     };
     let prompts = match prompt {
