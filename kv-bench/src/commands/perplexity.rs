@@ -15,7 +15,9 @@ pub(crate) struct PerplexityArgs {
     pub(crate) tokens: usize,
     /// Tokens per forward pass. Chunks of up to 16 go through the decode path, longer chunks
     /// through the prompt path; both multiply with kv-kernels, whose block formats round
-    /// activations to 8 bits.
+    /// activations to 8 bits, except that from 16 rows on the k-quants (Q4_K, Q5_K, Q6_K) are
+    /// widened and meet f32 activations in `gemm`: to measure what a decode step rounds on
+    /// every format, use chunks of 15 or fewer.
     #[arg(long, default_value_t = 512)]
     pub(crate) chunk: usize,
     /// Positions per reported segment.
