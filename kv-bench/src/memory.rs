@@ -58,18 +58,49 @@ pub fn theoretical_bytes(config: &ModelConfig, batch: usize, positions: usize) -
     2 * config.num_layers * config.num_kv_heads * config.head_dim * positions * batch * 4
 }
 
-/// Bytes of the whole model's cache of `kind` (every layer) after `positions` tokens.
+/// A model's cache bytes, its full-attention layers and its sliding-window layers apart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct LayerBytes {
+    /// Bytes of the layers that attend over every position.
+    pub full: usize,
+    /// Bytes of the layers that attend over their window only.
+    pub sliding: usize,
+}
+
+impl LayerBytes {
+    /// Both together.
+    pub fn total(&self) -> usize {
+        self.full + self.sliding
+    }
+}
+
+/// Bytes of the whole model's cache of `kind` after `positions` tokens, layer by layer as
+/// `Transformer::new_cache` builds it: a sliding-window layer gets
+/// [`CacheConfig::for_window`] of `kind` (a ring of its window where `kind` holds every
+/// position). `None` where the model refuses the kind (a sink cache on a model with sliding
+/// layers).
 pub fn model_bytes(
     config: &ModelConfig,
     kind: &CacheConfig,
     batch: usize,
     positions: usize,
-) -> usize {
+) -> Option<LayerBytes> {
     let shape = LayerShape {
         kv_heads: config.num_kv_heads,
         head_dim: config.head_dim,
     };
-    config.num_layers * kind.predicted_bytes(shape, batch, positions, 4)
+    let mut bytes = LayerBytes::default();
+    for layer in 0..config.num_layers {
+        match config.layer_window(layer) {
+            None => bytes.full += kind.predicted_bytes(shape, batch, positions, 4),
+            Some(window) => {
+                bytes.sliding += kind
+                    .for_window(window)?
+                    .predicted_bytes(shape, batch, positions, 4)
+            }
+        }
+    }
+    Some(bytes)
 }
 
 /// Builds one real layer cache of each kind, appends `positions` tokens of zeros in chunks, and

@@ -17,8 +17,8 @@ use kv_generate::{
     Generation, GenerationConfig, Generator, SamplingConfig,
 };
 use kv_model::{
-    load_model_placed, ChatMessage, GenerationPrompt, LoadedModel, ModelConfig, ModelError,
-    WeightFormat,
+    load_model_placed, ChatMessage, GenerationPrompt, LayerCaches, LoadedModel, ModelConfig,
+    ModelError, WeightFormat,
 };
 
 /// Generate text with a transformer through a KV cache.
@@ -121,6 +121,11 @@ struct Args {
     /// kernels; GPU backends take f32 or f16.
     #[arg(long)]
     weights: Option<WeightFormat>,
+    /// How a model with sliding-window layers (Gemma 3) caches them: hybrid (a ring of the
+    /// window on those layers where the cache kind would hold every position; the default) or
+    /// uniform (the kind on every layer, masked: the same tokens, to measure what hybrid saves).
+    #[arg(long, default_value = "hybrid")]
+    layer_caches: LayerCaches,
     /// Print one JSON object instead of streaming text.
     #[arg(long)]
     json: bool,
@@ -207,7 +212,9 @@ fn run_on<B: Backend>(
     for note in &notes {
         eprintln!("kv-generate: {note}");
     }
-    let model = model.with_execution(backend.execution());
+    let model = model
+        .with_execution(backend.execution())
+        .with_layer_caches(args.layer_caches);
 
     let ids = match (prompt_ids, &args.prompt) {
         (Some(ids), _) => ids,

@@ -1,5 +1,6 @@
 //! Element-wise functions over f32 slices, in vector registers where the CPU has them: the
-//! `exp` of a softmax row and the SiLU-gated product of a Llama MLP. A CPU tensor backend
+//! `exp` of a softmax row and the gated products of a Llama MLP (SiLU) and a Gemma one
+//! (GELU, tanh form). A CPU tensor backend
 //! calls the C library's scalar `expf` once per value; these take eight values per step with
 //! a polynomial (Cody and Waite's reduction, Cephes' coefficients), written with intrinsics
 //! because the compiler leaves the scalar loop scalar.
@@ -76,7 +77,7 @@ mod x86 {
 
     use std::arch::x86_64::*;
 
-    use super::{exp, EXP_LOWEST, EXP_POLY, LN2_HI, LN2_LO};
+    use super::{exp, Gate, EXP_LOWEST, EXP_POLY, GELU_CUBIC, GELU_SCALE, LN2_HI, LN2_LO};
 
     /// # Safety
     /// The CPU must have AVX2 and FMA.
@@ -103,22 +104,34 @@ mod x86 {
         total
     }
 
+    /// `out = g * sigmoid(s(g)) * up` for `gate`'s `g`, `s` the gate's argument
+    /// ([`super::Gate::argument`]).
+    ///
     /// # Safety
     /// The CPU must have AVX2 and FMA; the three slices have one length (checked by the
     /// caller).
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn silu_mul_avx2(gate: &[f32], up: &[f32], out: &mut [f32]) {
+    pub(super) unsafe fn gated_avx2(kind: Gate, gate: &[f32], up: &[f32], out: &mut [f32]) {
         let one = _mm256_set1_ps(1.0);
         let sign = _mm256_set1_ps(-0.0);
+        let (cubic, scale) = (_mm256_set1_ps(GELU_CUBIC), _mm256_set1_ps(GELU_SCALE));
         let whole = gate.len() / 8 * 8;
         for i in (0..whole).step_by(8) {
             // SAFETY: `i + 8 <= whole <= len` for all three slices.
             let g = _mm256_loadu_ps(gate.as_ptr().add(i));
             let u = _mm256_loadu_ps(up.as_ptr().add(i));
-            // t = e^-|g| <= 1, so nothing overflows: sigmoid(g) is 1 / (1 + t) for g >= 0
+            let s = match kind {
+                Gate::Silu => g,
+                // 2 sqrt(2/pi) (g + 0.044715 g³) = g (scale + scale * cubic * g²)
+                Gate::GeluTanh => _mm256_mul_ps(
+                    _mm256_mul_ps(g, scale),
+                    _mm256_fmadd_ps(_mm256_mul_ps(g, g), cubic, one),
+                ),
+            };
+            // t = e^-|s| <= 1, so nothing overflows: sigmoid(s) is 1 / (1 + t) for s >= 0
             // and t / (1 + t) below.
-            let t = exp8(_mm256_or_ps(g, sign));
-            let negative = _mm256_cmp_ps::<_CMP_LT_OQ>(g, _mm256_setzero_ps());
+            let t = exp8(_mm256_or_ps(s, sign));
+            let negative = _mm256_cmp_ps::<_CMP_LT_OQ>(s, _mm256_setzero_ps());
             let numerator = _mm256_blendv_ps(one, t, negative);
             let sigmoid = _mm256_div_ps(numerator, _mm256_add_ps(one, t));
             let o = _mm256_mul_ps(_mm256_mul_ps(g, sigmoid), u);
@@ -129,7 +142,7 @@ mod x86 {
             .zip(&gate[whole..])
             .zip(&up[whole..])
         {
-            *o = g / (1.0 + (-g).exp()) * u;
+            *o = kind.reference(*g) * u;
         }
     }
 
@@ -161,9 +174,76 @@ mod x86 {
     }
 }
 
-/// `out[i] = silu(gate[i]) * up[i]`, with `silu(g) = g / (1 + e⁻ᵍ)`: the gated product of a
-/// Llama MLP. The scalar level is the reference (the C library's `exp`); the vector one stays
+/// The activation of a gated MLP's gate, written as `g * sigmoid(s(g))`: SiLU is `s(g) = g`,
+/// and GELU's tanh form `0.5 g (1 + tanh(u))` with `u = sqrt(2/pi) (g + 0.044715 g³)` is
+/// `g * sigmoid(2u)`, so both share one vector kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Gate {
+    /// `g / (1 + e⁻ᵍ)` (Llama's SwiGLU).
+    Silu,
+    /// `0.5 g (1 + tanh(sqrt(2/pi) (g + 0.044715 g³)))` (Gemma's GeGLU, `gelu_pytorch_tanh`).
+    GeluTanh,
+}
+
+/// `2 sqrt(2/pi)`, and the cubic term's 0.044715: `s(g) = GELU_SCALE g (1 + GELU_CUBIC g²)`.
+const GELU_SCALE: f32 = 2.0 * 0.797_884_6;
+const GELU_CUBIC: f32 = 0.044_715;
+
+impl Gate {
+    /// The activation of one value, with the C library's `exp` and `tanh`: the reference the
+    /// vector kernels are checked against.
+    pub fn reference(self, g: f32) -> f32 {
+        match self {
+            Gate::Silu => g / (1.0 + (-g).exp()),
+            Gate::GeluTanh => {
+                let inner = (g + GELU_CUBIC * g * g * g) * (2.0 / std::f32::consts::PI).sqrt();
+                0.5 * g * (1.0 + inner.tanh())
+            }
+        }
+    }
+}
+
+/// `out[i] = act(gate[i]) * up[i]`: the gated product of an MLP whose gate goes through
+/// `kind`. The scalar level is the reference ([`Gate::reference`]); the vector one stays
 /// within a few ulp of it.
+///
+/// ```
+/// use kv_kernels::{vector::{gated, Gate}, Isa};
+///
+/// let (gate, up) = ([-2.0, 0.0, 3.0], [1.0, 5.0, 2.0]);
+/// let mut out = [0.0; 3];
+/// gated(Isa::best(), Gate::GeluTanh, &gate, &up, &mut out);
+/// for i in 0..3 {
+///     assert!((out[i] - Gate::GeluTanh.reference(gate[i]) * up[i]).abs() < 1e-6);
+/// }
+/// ```
+///
+/// # Panics
+/// If the three slices differ in length.
+pub fn gated(isa: Isa, kind: Gate, gate: &[f32], up: &[f32], out: &mut [f32]) {
+    assert!(
+        gate.len() == up.len() && up.len() == out.len(),
+        "gate, up and out of {}, {} and {} values",
+        gate.len(),
+        up.len(),
+        out.len()
+    );
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 | Isa::Avx512Vnni if Isa::Avx2.is_available() => {
+            // SAFETY: avx2 and fma were detected on this CPU.
+            unsafe { x86::gated_avx2(kind, gate, up, out) }
+        }
+        _ => {
+            for ((o, g), u) in out.iter_mut().zip(gate).zip(up) {
+                *o = kind.reference(*g) * u;
+            }
+        }
+    }
+}
+
+/// `out[i] = silu(gate[i]) * up[i]`, with `silu(g) = g / (1 + e⁻ᵍ)`: [`gated`] with
+/// [`Gate::Silu`], the gated product of a Llama MLP.
 ///
 /// ```
 /// use kv_kernels::{vector::silu_mul, Isa};
@@ -180,25 +260,7 @@ mod x86 {
 /// # Panics
 /// If the three slices differ in length.
 pub fn silu_mul(isa: Isa, gate: &[f32], up: &[f32], out: &mut [f32]) {
-    assert!(
-        gate.len() == up.len() && up.len() == out.len(),
-        "gate, up and out of {}, {} and {} values",
-        gate.len(),
-        up.len(),
-        out.len()
-    );
-    match isa {
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 | Isa::Avx512Vnni if Isa::Avx2.is_available() => {
-            // SAFETY: avx2 and fma were detected on this CPU.
-            unsafe { x86::silu_mul_avx2(gate, up, out) }
-        }
-        _ => {
-            for ((o, g), u) in out.iter_mut().zip(gate).zip(up) {
-                *o = g / (1.0 + (-g).exp()) * u;
-            }
-        }
-    }
+    gated(isa, Gate::Silu, gate, up, out);
 }
 
 #[cfg(test)]
@@ -226,6 +288,35 @@ mod tests {
         assert_eq!(exp(-87.5), 0.0);
         assert_eq!(exp(f32::NEG_INFINITY), 0.0);
         assert_eq!(exp(0.0), 1.0);
+    }
+
+    #[test]
+    fn gelu_tanh_gate_is_the_reference_at_every_level() {
+        let gate: Vec<f32> = (0..4001).map(|i| (i as f32 - 2000.0) * 0.01).collect();
+        let up: Vec<f32> = gate.iter().map(|g| 1.5 - g.sin()).collect();
+        // The exact values, in f64.
+        let want: Vec<f64> = gate
+            .iter()
+            .zip(&up)
+            .map(|(&g, &u)| {
+                let g = g as f64;
+                let inner = (g + 0.044_715 * g * g * g) * (2.0 / std::f64::consts::PI).sqrt();
+                0.5 * g * (1.0 + inner.tanh()) * u as f64
+            })
+            .collect();
+        for isa in Isa::available() {
+            let mut got = vec![0.0; gate.len()];
+            gated(isa, Gate::GeluTanh, &gate, &up, &mut got);
+            for ((g, w), x) in got.iter().zip(&want).zip(&gate) {
+                // Within 8 ulp, or 1e-6 where the result nears zero (for g < -3 the scalar
+                // reference's `1 + tanh(u)` keeps few bits; the sigmoid form keeps them all).
+                let tolerance = (8.0 * f32::EPSILON as f64 * w.abs()).max(1e-6);
+                assert!(
+                    (*g as f64 - w).abs() <= tolerance,
+                    "{isa}: gelu at {x}: {g} against {w}"
+                );
+            }
+        }
     }
 
     #[test]

@@ -19,7 +19,8 @@
 
 use burn::tensor::{backend::Backend, Tensor, TensorData};
 use kv_core::HostAngles;
-use kv_kernels::{vector, Isa};
+use kv_kernels::vector::{self, Gate};
+use kv_kernels::Isa;
 
 use crate::config::GatedActivation;
 use crate::layers::{Linear, Mlp, Norm};
@@ -95,37 +96,25 @@ impl<B: Backend> Mlp<B> {
         match self {
             Mlp::Gelu { fc, proj } => {
                 let mut h = fc.forward_host(x, n);
-                h.iter_mut().for_each(|v| *v = gelu_tanh(*v));
+                h.iter_mut().for_each(|v| *v = Gate::GeluTanh.reference(*v));
                 proj.forward_host(&h, n)
             }
             Mlp::Gated {
                 gate_up,
                 down,
-                activation: GatedActivation::GeluTanh,
-            } => {
-                let both = gate_up.forward_host(x, n);
-                let inner = gate_up.out_features() / 2;
-                let mut h = vec![0.0; n * inner];
-                for (row, o) in both.chunks_exact(2 * inner).zip(h.chunks_exact_mut(inner)) {
-                    let (gate, up) = row.split_at(inner);
-                    for ((o, g), u) in o.iter_mut().zip(gate).zip(up) {
-                        *o = gelu_tanh(*g) * u;
-                    }
-                }
-                down.forward_host(&h, n)
-            }
-            Mlp::Gated {
-                gate_up,
-                down,
-                activation: GatedActivation::Silu,
+                activation,
             } => {
                 let both = gate_up.forward_host(x, n);
                 let inner = gate_up.out_features() / 2;
                 let mut h = vec![0.0; n * inner];
                 let isa = Isa::best();
+                let gate = match activation {
+                    GatedActivation::Silu => Gate::Silu,
+                    GatedActivation::GeluTanh => Gate::GeluTanh,
+                };
                 for (row, o) in both.chunks_exact(2 * inner).zip(h.chunks_exact_mut(inner)) {
-                    let (gate, up) = row.split_at(inner);
-                    vector::silu_mul(isa, gate, up, o);
+                    let (g, up) = row.split_at(inner);
+                    vector::gated(isa, gate, g, up, o);
                 }
                 down.forward_host(&h, n)
             }
@@ -156,13 +145,6 @@ impl<B: Backend> Linear<B> {
         }
         y
     }
-}
-
-/// GELU with the tanh approximation, as the backend path computes it
-/// (`0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x³)))`).
-fn gelu_tanh(v: f32) -> f32 {
-    let inner = (v + 0.044_715 * v * v * v) * (2.0 / std::f32::consts::PI).sqrt();
-    0.5 * v * (1.0 + inner.tanh())
 }
 
 /// `x += y`, element by element: a residual connection.

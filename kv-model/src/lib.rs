@@ -51,5 +51,5 @@ pub use safetensors_dir::{
     read_config, read_safetensors, read_safetensors_bytes, safetensors_files,
 };
 pub use tokenizer::{ChatMessage, GenerationPrompt, SpecialTokens, Tokenizer};
-pub use transformer::{BatchPiece, Logits, PromptSplit, Transformer};
+pub use transformer::{BatchPiece, LayerCaches, Logits, PromptSplit, Transformer};
 pub use weights::{HostTensor, Weights};

@@ -2,6 +2,8 @@
 //! caches.
 
 use super::*;
+use kv_model::LayerAttention;
+use serde_json::Value;
 
 #[derive(Debug, Args)]
 pub(crate) struct MemoryArgs {
@@ -52,19 +54,53 @@ pub(crate) fn memory_table(args: &MemoryArgs) -> Result<(), BenchError> {
         mib(theory[1]),
         mib(theory[2])
     );
+    let sliding = config
+        .layer_attention
+        .iter()
+        .filter(|&&a| a == LayerAttention::Sliding);
+    let sliding = sliding.count();
+    if sliding > 0 {
+        println!(
+            "{} of {} layers attend over a window of {} positions: each kind is built as the model \
+             builds it (a ring of the window on those layers where the kind holds every position); \
+             in brackets, full + sliding layers",
+            sliding,
+            config.num_layers,
+            config.sliding_window.unwrap_or(0)
+        );
+    }
     let mut table = Vec::new();
     for (name, kind) in &kinds {
-        let bytes: Vec<usize> = sizes
+        let bytes: Vec<Option<kv_bench::memory::LayerBytes>> = sizes
             .iter()
             .map(|&n| kv_bench::memory::model_bytes(&config, kind, args.batch, n))
             .collect();
+        let cell = |b: &Option<kv_bench::memory::LayerBytes>| match b {
+            None => "refused".to_string(),
+            Some(b) if sliding > 0 => format!(
+                "{} ({:.0}+{:.0})",
+                mib(b.total()),
+                b.full as f64 / (1 << 20) as f64,
+                b.sliding as f64 / (1 << 20) as f64
+            ),
+            Some(b) => mib(b.total()),
+        };
+        let width = if sliding > 0 { 22 } else { 14 };
         println!(
-            "{name:<32} {:>14} {:>14} {:>14}",
-            mib(bytes[0]),
-            mib(bytes[1]),
-            mib(bytes[2])
+            "{name:<32} {:>width$} {:>width$} {:>width$}",
+            cell(&bytes[0]),
+            cell(&bytes[1]),
+            cell(&bytes[2])
         );
-        table.push(json!({ "kind": name, "bytes": sizes.iter().zip(&bytes).map(|(n, b)| json!({"tokens": n, "bytes": b})).collect::<Vec<_>>() }));
+        let per_size: Vec<Value> = sizes
+            .iter()
+            .zip(&bytes)
+            .map(|(n, b)| match b {
+                Some(b) => json!({"tokens": n, "bytes": b.total(), "full_layers": b.full, "sliding_layers": b.sliding}),
+                None => json!({"tokens": n, "refused": true}),
+            })
+            .collect();
+        table.push(json!({ "kind": name, "bytes": per_size }));
     }
     // Cross-check the arithmetic against real one-layer caches at a small size.
     let check_kinds = kv_bench::memory::kinds(64, args.sinks, 512)?;

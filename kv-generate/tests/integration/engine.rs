@@ -152,7 +152,9 @@ fn assert_equal_alone(
 
 #[test]
 fn twenty_requests_joining_and_leaving_equal_each_alone_on_every_fixture() {
-    for name in ["gpt2", "llama", "qwen2"] {
+    // gemma3's sliding layers (window 4) see less than the requests' prompts: the paged
+    // store's full-length blocks are masked to the window, the cache alone is a ring.
+    for name in ["gpt2", "llama", "qwen2", "qwen3", "gemma3"] {
         let loaded = load(name);
         let model = &loaded.model;
         let vocab = model.config().vocab_size;
@@ -584,4 +586,67 @@ fn smollm2_requests_batched_continuously_equal_each_alone() {
     assert_equal_alone(model, Some(tokenizer), &requests, &outcomes, "SmolLM2");
     // Every chat prompt starts with the same system turn: later requests found it cached.
     assert!(engine.stats().prefix_hit_tokens > 0, "{:?}", engine.stats());
+}
+
+/// Gemma 3 270M (sliding layers with a window of 512) through the engine: three requests, one
+/// with a 968-token prompt, batched continuously over a paged pool, give the tokens
+/// transformers gives (`kv-model/tests/fixtures/gemma3-270m-q4_k_m.json`). Needs the file
+/// (`kv-bench/peers/llama_cpp.sh fetch-gemma3`); says so and checks nothing without it.
+#[test]
+fn gemma3_requests_past_the_window_match_transformers_through_the_engine() {
+    use kv_model::{load_model_placed, WeightFormat, WeightPlacement};
+    let Some(path) = kv_model::cache_dir()
+        .ok()
+        .map(|dir| dir.join("gemma-3-270m-q4_k_m.gguf"))
+        .filter(|path| path.is_file())
+    else {
+        eprintln!(
+            "gemma-3-270m-q4_k_m.gguf is absent: run kv-bench/peers/llama_cpp.sh fetch-gemma3"
+        );
+        return;
+    };
+    let text = std::fs::read_to_string(fixtures().join("gemma3-270m-q4_k_m.json")).unwrap();
+    let expected: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let ids = |v: &serde_json::Value| -> Vec<u32> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|id| id.as_u64().unwrap() as u32)
+            .collect()
+    };
+    let loaded = load_model_placed::<B>(
+        &path,
+        WeightPlacement::Host(WeightFormat::F32),
+        &Default::default(),
+    )
+    .unwrap();
+    let cases = expected["cases"].as_array().unwrap();
+    let arrivals: Vec<(usize, Request)> = cases
+        .iter()
+        .enumerate()
+        .map(|(i, case)| {
+            let request = Request {
+                eos: EosPolicy::Ignore,
+                ..Request::greedy(ids(&case["prompt_ids"]), 32)
+            };
+            (i, request)
+        })
+        .collect();
+    let config = EngineConfig {
+        pool: PoolSize::Tokens(4096),
+        block_size: 16,
+        max_running: 4,
+        token_budget: 256,
+        block_order: BlockOrder::Shuffled { seed: 3 },
+    };
+    let mut engine = Engine::new(&loaded.model, None, config).unwrap();
+    let outcomes = run(&mut engine, &arrivals);
+    for (case, outcome) in cases.iter().zip(&outcomes) {
+        assert_eq!(
+            outcome.tokens,
+            ids(&case["generated_ids"]),
+            "{}",
+            case["prompt"]
+        );
+    }
 }

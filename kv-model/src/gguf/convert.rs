@@ -156,11 +156,54 @@ pub fn config_from_gguf(file: &GgufFile) -> Result<ModelConfig> {
         layer_attention,
         variations,
         bos_token_id: id("tokenizer.ggml.bos_token_id"),
-        eos_token_ids: id("tokenizer.ggml.eos_token_id").into_iter().collect(),
+        eos_token_ids: end_of_generation_ids(file),
         model_type: arch,
     };
     config.validate(&source)?;
     Ok(config)
+}
+
+/// The end-of-turn markers chat models end a reply with, which llama.cpp stops at whatever the
+/// file's `eos_token_id` says: Gemma's, Llama 3's, ChatML's (Qwen, SmolLM2), Phi-3's.
+const END_OF_TURN: [&str; 5] = [
+    "<end_of_turn>",
+    "<|eot_id|>",
+    "<|im_end|>",
+    "<|end|>",
+    "<|eom_id|>",
+];
+
+/// The ids that end generation: the file's EOS, its end-of-turn and end-of-message ids
+/// (`tokenizer.ggml.eot_token_id`, `eom_token_id`) and every control token spelled as a known
+/// end-of-turn marker ([`END_OF_TURN`]), as llama.cpp's vocabulary collects them, so an
+/// instruction-tuned Gemma stops at `<end_of_turn>` though its EOS is `<eos>`.
+fn end_of_generation_ids(file: &GgufFile) -> Vec<u32> {
+    let id = |name: &str| file.get(name).and_then(MetaValue::as_u64).map(|v| v as u32);
+    let mut ids: Vec<u32> = [
+        "tokenizer.ggml.eos_token_id",
+        "tokenizer.ggml.eot_token_id",
+        "tokenizer.ggml.eom_token_id",
+    ]
+    .iter()
+    .filter_map(|key| id(key))
+    .collect();
+    let tokens = file
+        .get("tokenizer.ggml.tokens")
+        .and_then(MetaValue::as_array)
+        .unwrap_or_default();
+    let types = file
+        .get("tokenizer.ggml.token_type")
+        .and_then(MetaValue::as_array)
+        .unwrap_or_default();
+    for (i, (token, kind)) in tokens.iter().zip(types).enumerate() {
+        let control = kind.as_u64() == Some(3);
+        if control && token.as_str().is_some_and(|t| END_OF_TURN.contains(&t)) {
+            ids.push(i as u32);
+        }
+    }
+    let mut seen = std::collections::HashSet::new();
+    ids.retain(|id| seen.insert(*id));
+    ids
 }
 
 /// Every tensor of the file, renamed to Hugging Face names, with Q/K rows of Llama and

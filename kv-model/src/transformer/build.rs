@@ -165,6 +165,7 @@ fn build<B: Backend>(
         lm_head: parts.lm_head,
         execution: Execution::Sequential,
         split: PromptSplit::default(),
+        layer_caches: LayerCaches::default(),
         device: device.clone(),
     };
     match placement {

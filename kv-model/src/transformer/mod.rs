@@ -79,6 +79,38 @@ impl Default for PromptSplit {
     }
 }
 
+/// How [`Transformer::new_cache`] gives a model's sliding-window layers their caches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LayerCaches {
+    /// A ring of the layer's window where the asked kind would hold every position
+    /// (transformers' hybrid cache): the same output, and such layers hold their window only.
+    #[default]
+    Hybrid,
+    /// The asked kind on every layer, the sliding ones masked to their window: the same output
+    /// with every layer holding every position, to measure what the hybrid cache saves.
+    Uniform,
+}
+
+impl std::str::FromStr for LayerCaches {
+    type Err = String;
+
+    /// `hybrid` or `uniform`.
+    ///
+    /// ```
+    /// use kv_model::LayerCaches;
+    ///
+    /// assert_eq!("uniform".parse::<LayerCaches>(), Ok(LayerCaches::Uniform));
+    /// assert!("ring".parse::<LayerCaches>().is_err());
+    /// ```
+    fn from_str(text: &str) -> std::result::Result<Self, Self::Err> {
+        match text {
+            "hybrid" => Ok(LayerCaches::Hybrid),
+            "uniform" => Ok(LayerCaches::Uniform),
+            other => Err(format!("unknown layer caches `{other}`: hybrid or uniform")),
+        }
+    }
+}
+
 /// Which positions to compute logits for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Logits {
@@ -243,6 +275,8 @@ pub struct Transformer<B: Backend> {
     execution: Execution,
     /// How a prompt is cut into blocks and runs.
     split: PromptSplit,
+    /// How [`Transformer::new_cache`] treats sliding-window layers.
+    layer_caches: LayerCaches,
     device: B::Device,
 }
 
@@ -325,6 +359,14 @@ impl<B: Backend> Transformer<B> {
     /// Where a prompt is computed (see [`Transformer::with_execution`]).
     pub fn execution(&self) -> Execution {
         self.execution
+    }
+
+    /// The same model building its caches' sliding-window layers as `layer_caches` says.
+    pub fn with_layer_caches(self, layer_caches: LayerCaches) -> Self {
+        Self {
+            layer_caches,
+            ..self
+        }
     }
 
     /// The same model cutting prompts as `split` says (see [`PromptSplit`]).
@@ -431,6 +473,12 @@ impl<B: Backend> Transformer<B> {
         let configs = (0..self.config.num_layers)
             .map(|layer| match self.config.layer_window(layer) {
                 None => Ok(config.clone()),
+                Some(_) if self.layer_caches == LayerCaches::Uniform => match config {
+                    kv_core::CacheConfig::Sink { .. } => Err(ModelError::SinkWithModelWindow {
+                        model_type: self.config.model_type.clone(),
+                    }),
+                    _ => Ok(config.clone()),
+                },
                 Some(window) => {
                     config
                         .for_window(window)

@@ -70,6 +70,10 @@ fn gemma3_270m_matches_transformers_past_its_window() {
             load_model_placed::<B>(&path, WeightPlacement::Host(format), &device()).unwrap();
         let model = loaded.model;
         assert_eq!(model.config().sliding_window, Some(window));
+        // The file's EOS (`<eos>`) and Gemma's end of turn both end generation.
+        let tokenizer = loaded.tokenizer.as_ref().unwrap();
+        let end_of_turn = tokenizer.token_id("<end_of_turn>").unwrap();
+        assert_eq!(model.config().eos_token_ids, [1, end_of_turn]);
         for case in cases {
             let prompt = ids(&case["prompt_ids"]);
             let want = ids(&case["generated_ids"]);
