@@ -765,3 +765,75 @@ fn a_saved_prompt_cache_survives_a_restart() {
         .contains("--prompt-cache-dir"));
     let _ = std::fs::remove_dir_all(&folder);
 }
+
+/// Gemma 3 270M (sliding-window layers, window 512) served: each fixture prompt as text, the
+/// 968-token one past the window, comes back as the text of transformers' 32 greedy tokens
+/// (`kv-model/tests/fixtures/gemma3-270m-q4_k_m.json`). Needs the file
+/// (`kv-bench/peers/llama_cpp.sh fetch-gemma3`); says so and checks nothing without it.
+#[test]
+fn gemma3_completions_past_the_window_equal_transformers() {
+    let Some(path) = kv_model::cache_dir()
+        .ok()
+        .map(|dir| dir.join("gemma-3-270m-q4_k_m.gguf"))
+        .filter(|path| path.is_file())
+    else {
+        eprintln!(
+            "gemma-3-270m-q4_k_m.gguf is absent: run kv-bench/peers/llama_cpp.sh fetch-gemma3"
+        );
+        return;
+    };
+    let fixture = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../kv-model/tests/fixtures/gemma3-270m-q4_k_m.json");
+    let expected: Value = serde_json::from_str(&std::fs::read_to_string(fixture).unwrap()).unwrap();
+    let loader_path = path.clone();
+    let load = move || -> Result<Loaded<NdArray>, String> {
+        let placement = kv_model::WeightPlacement::Host(kv_model::WeightFormat::F32);
+        let loaded =
+            kv_model::load_model_placed::<NdArray>(&loader_path, placement, &Default::default())
+                .map_err(|e| e.to_string())?;
+        Ok(Loaded {
+            model: loaded.model,
+            tokenizer: loaded.tokenizer,
+            id: "gemma3".into(),
+            fingerprint: kv_serve::model_fingerprint(&loader_path, "f32/ndarray")
+                .map_err(|e| e.to_string())?,
+        })
+    };
+    let engine = EngineConfig {
+        pool: PoolSize::Tokens(4096),
+        block_size: 16,
+        max_running: 4,
+        token_budget: 256,
+        ..EngineConfig::default()
+    };
+    let server = start_loading(load, Settings::default(), engine);
+    let file = kv_model::gguf::GgufFile::open(&path).unwrap();
+    let tokenizer = kv_model::Tokenizer::from_gguf(&file).unwrap();
+    for case in expected["cases"].as_array().unwrap() {
+        let want: Vec<u32> = case["generated_ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|id| id.as_u64().unwrap() as u32)
+            .collect();
+        let want = tokenizer
+            .decode(&want, kv_model::SpecialTokens::Skip)
+            .unwrap();
+        let body = json!({
+            "model": "gemma3", "prompt": case["prompt"], "max_tokens": 32, "temperature": 0,
+            "ignore_eos": true
+        });
+        let (status, reply) = server.post("/v1/completions", &body);
+        assert_eq!(status, 200, "{reply}");
+        assert_eq!(
+            reply["usage"]["prompt_tokens"],
+            case["prompt_ids"].as_array().unwrap().len()
+        );
+        assert_eq!(
+            reply["choices"][0]["text"],
+            want.as_str(),
+            "{}",
+            case["prompt"]
+        );
+    }
+}
