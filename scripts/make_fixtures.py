@@ -10,8 +10,10 @@ safetensors, numpy and gguf from PyPI:
 
 It writes under kv-model/tests/fixtures/:
 
-- qwen3/, gemma3/: the same for Qwen3 and Gemma 3 (`--hybrid-only` writes just these); gemma3
-  has sliding layers with a window of 4 positions, shorter than the prompt, and full layers.
+- qwen3/, gemma3/, phi3/: the same for Qwen3, Gemma 3 and Phi-3 (`--hybrid-only` writes just
+  these); gemma3 has sliding layers with a window of 4 positions, shorter than the prompt, and
+  full layers; phi3 has fused Q/K/V and gate/up projections, LongRoPE short factors with the
+  attention factor of a 256-position model trained on 64, and a window of 6 on every layer.
 - gpt2/, llama/, qwen2/: tiny random models saved by `save_pretrained` (config.json in the
   transformers v5 style, model.safetensors; qwen2 in bf16), each with expected.json: prompt ids,
   last-position logits, the top 5 of every position, 32 greedy tokens generated with and without
@@ -60,6 +62,8 @@ from transformers import (  # noqa: E402
     Qwen3ForCausalLM,
     Gemma3TextConfig,
     Gemma3ForCausalLM,
+    Phi3Config,
+    Phi3ForCausalLM,
 )
 
 FIXTURES = Path("kv-model/tests/fixtures")
@@ -193,7 +197,33 @@ def tiny_hybrid_models():
             for name, param in model.named_parameters():
                 if name.endswith("norm.weight"):
                     param.normal_(0.0, 0.3).add_(0.0 if model is gemma3 else 1.0)
-    return {"qwen3": qwen3, "gemma3": gemma3}
+    torch.manual_seed(6)
+    phi3 = Phi3ForCausalLM(
+        Phi3Config(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=256,
+            original_max_position_embeddings=64,
+            rms_norm_eps=1e-5,
+            initializer_range=0.2,
+            tie_word_embeddings=False,
+            sliding_window=6,
+            rope_parameters={
+                "rope_type": "longrope",
+                "rope_theta": 10000.0,
+                "short_factor": [1.0, 1.3, 2.1, 3.7],
+                "long_factor": [1.5, 4.0, 9.0, 20.0],
+            },
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=0,
+        )
+    )
+    return {"qwen3": qwen3, "gemma3": gemma3, "phi3": phi3}
 
 
 def greedy(model, ids, use_cache):

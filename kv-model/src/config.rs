@@ -18,7 +18,8 @@ pub enum Architecture {
 }
 
 /// The model types [`ModelConfig::from_hf_json`] and GGUF files may name, for errors.
-pub const SUPPORTED_MODEL_TYPES: &str = "gpt2, llama, mistral, qwen2, qwen3, gemma3_text (gemma3)";
+pub const SUPPORTED_MODEL_TYPES: &str =
+    "gpt2, llama, mistral, qwen2, qwen3, phi3 (Hugging Face directories), gemma3_text (gemma3)";
 
 /// Which keys a layer's queries see.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -72,6 +73,8 @@ pub struct Variations {
     pub local_rope: Option<RopeConfig>,
     /// `cap * tanh(logits / cap)` on the output logits (Gemma 2's `final_logit_softcapping`).
     pub final_logit_softcap: Option<f32>,
+    /// Q/K/V stored as one `qkv_proj` and gate/up as one `gate_up_proj` (Phi-3).
+    pub fused_projections: bool,
 }
 
 impl Default for Variations {
@@ -85,12 +88,13 @@ impl Default for Variations {
             query_pre_attn_scalar: None,
             local_rope: None,
             final_logit_softcap: None,
+            fused_projections: false,
         }
     }
 }
 
 /// How rotary frequencies are rescaled for long contexts (`rope_type` in transformers).
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum RopeScaling {
     /// Plain RoPE (`default`).
     None,
@@ -111,10 +115,19 @@ pub enum RopeScaling {
         /// Context length the model was trained with.
         original_max_positions: usize,
     },
+    /// Each frequency divided by its own factor, and the rotated queries and keys scaled by
+    /// `attention_factor` (LongRoPE's `short_factor` in Phi-3; its cosines and sines carry the
+    /// factor in transformers).
+    PerFrequency {
+        /// One divisor per frequency, `head_dim / 2` of them.
+        factors: Vec<f32>,
+        /// Factor on the rotated queries and keys (so `attention_factor²` on their scores).
+        attention_factor: f32,
+    },
 }
 
 /// Rotary position embedding settings.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct RopeConfig {
     /// Base of the frequencies (`rope_theta`).
     pub theta: f32,
@@ -126,10 +139,13 @@ impl RopeConfig {
     /// The `head_dim / 2` inverse frequencies, computed in f32 as transformers does.
     pub fn inv_freq(&self, head_dim: usize) -> Vec<f32> {
         let base = kv_core::rope_inverse_frequencies(head_dim, self.theta);
-        match self.scaling {
+        match &self.scaling {
             RopeScaling::None => base,
+            RopeScaling::PerFrequency { factors, .. } => {
+                base.iter().zip(factors).map(|(f, d)| f / d).collect()
+            }
             RopeScaling::Linear { factor } => base.iter().map(|f| f / factor).collect(),
-            RopeScaling::Llama3 {
+            &RopeScaling::Llama3 {
                 factor,
                 low_freq_factor,
                 high_freq_factor,
@@ -287,7 +303,7 @@ impl ModelConfig {
         let model_type = fields.string("model_type")?;
         let config = match model_type.as_str() {
             "gpt2" => fields.gpt2(model_type)?,
-            "llama" | "mistral" | "qwen2" | "qwen3" => fields.llama(model_type)?,
+            "llama" | "mistral" | "qwen2" | "qwen3" | "phi3" => fields.llama(model_type)?,
             "gemma3_text" | "gemma3" => fields.gemma3(model_type)?,
             _ => {
                 return Err(ModelError::UnsupportedArchitecture {
@@ -334,6 +350,20 @@ impl ModelConfig {
         }
         if self.sliding_window == Some(0) {
             return fail("sliding_window must be positive".into());
+        }
+        if let Some(RopeConfig {
+            scaling: RopeScaling::PerFrequency { factors, .. },
+            ..
+        }) = &self.rope
+        {
+            if factors.len() != self.head_dim / 2 {
+                return fail(format!(
+                    "{} rope factors for heads of {} (one per frequency: {})",
+                    factors.len(),
+                    self.head_dim,
+                    self.head_dim / 2
+                ));
+            }
         }
         if self.layer_attention.len() != self.num_layers {
             return fail(format!(
@@ -492,8 +522,21 @@ impl Fields<'_> {
         };
         let qwen2 = model_type == "qwen2";
         let qwen3 = model_type == "qwen3";
+        let phi3 = model_type == "phi3";
+        let partial = self
+            .get("rope_parameters")
+            .and_then(|p| p.get("partial_rotary_factor"))
+            .or_else(|| self.get("partial_rotary_factor"))
+            .and_then(Value::as_f64)
+            .unwrap_or(1.0);
+        if partial != 1.0 {
+            return Err(ModelError::config(
+                self.source_name,
+                format!("partial_rotary_factor {partial} (rotary on part of each head) is not supported"),
+            ));
+        }
         let sliding_window = match model_type.as_str() {
-            "mistral" => self.opt_usize("sliding_window")?,
+            "mistral" | "phi3" => self.opt_usize("sliding_window")?,
             "qwen2" | "qwen3" if self.bool_or("use_sliding_window", false)? => {
                 return Err(ModelError::config(
                     self.source_name,
@@ -505,6 +548,14 @@ impl Fields<'_> {
             _ => None,
         };
         let num_layers = self.usize("num_hidden_layers")?;
+        let max_positions = self.opt_usize("max_position_embeddings")?.unwrap_or(2048);
+        let rope = self.rope_with_max(max_positions)?;
+        let longrope_original = self
+            .get("rope_parameters")
+            .or_else(|| self.get("rope_scaling"))
+            .and_then(|p| p.get("original_max_position_embeddings"))
+            .and_then(Value::as_u64)
+            .map(|v| v as usize);
         let layer_attention = match sliding_window {
             Some(_) => vec![LayerAttention::Sliding; num_layers],
             None => vec![LayerAttention::Full; num_layers],
@@ -518,16 +569,27 @@ impl Fields<'_> {
             num_kv_heads: self.opt_usize("num_key_value_heads")?.unwrap_or(heads),
             head_dim,
             intermediate_size: self.usize("intermediate_size")?,
-            max_positions: self.opt_usize("max_position_embeddings")?.unwrap_or(2048),
+            max_positions: match &rope.scaling {
+                // LongRoPE's short factors hold up to the trained context only; past it
+                // transformers switches to the long factors mid-sequence, which a cache of
+                // keys rotated with the short ones cannot follow.
+                RopeScaling::PerFrequency { .. } => self
+                    .opt_usize("original_max_position_embeddings")?
+                    .or(longrope_original)
+                    .unwrap_or(max_positions)
+                    .min(max_positions),
+                _ => max_positions,
+            },
             norm_eps: self.f32_or("rms_norm_eps", 1e-6)?,
-            rope: Some(self.rope()?),
+            rope: Some(rope),
             qkv_bias: qwen2 || self.bool_or("attention_bias", false)?,
-            dense_bias: !qwen2 && !qwen3 && self.bool_or("mlp_bias", false)?,
+            dense_bias: !qwen2 && !qwen3 && !phi3 && self.bool_or("mlp_bias", false)?,
             tie_word_embeddings: self.bool_or("tie_word_embeddings", false)?,
             sliding_window,
             layer_attention,
             variations: Variations {
                 qk_norm: qwen3,
+                fused_projections: phi3,
                 ..Variations::default()
             },
             bos_token_id: token_ids(self.get("bos_token_id")).and_then(|ids| ids.first().copied()),
@@ -599,8 +661,8 @@ impl Fields<'_> {
         // global layers and `rope_local_base_freq` for the sliding ones.
         let (global, local) = match self.get("rope_parameters") {
             Some(params) if params.get("full_attention").is_some() => (
-                self.rope_from(params.get("full_attention"), None)?,
-                self.rope_from(params.get("sliding_attention"), Some(10_000.0))?,
+                self.rope_from(params.get("full_attention"), None, 32_768)?,
+                self.rope_from(params.get("sliding_attention"), Some(10_000.0), 32_768)?,
             ),
             _ => (
                 self.rope()?,
@@ -640,6 +702,7 @@ impl Fields<'_> {
                     Some(_) => Some(self.f32_or("final_logit_softcapping", 0.0)?),
                     None => None,
                 },
+                fused_projections: false,
             },
             bos_token_id: token_ids(self.get("bos_token_id")).and_then(|ids| ids.first().copied()),
             eos_token_ids: self.token_ids("eos_token_id").unwrap_or_default(),
@@ -649,18 +712,34 @@ impl Fields<'_> {
 
     /// Rope settings: v5 `rope_parameters`, or v4 `rope_theta` + `rope_scaling`.
     fn rope(&self) -> Result<RopeConfig> {
+        let max = self.opt_usize("max_position_embeddings")?.unwrap_or(2048);
+        self.rope_with_max(max)
+    }
+
+    /// [`Fields::rope`] for a model of `max_positions` positions (LongRoPE's default
+    /// attention factor depends on it).
+    fn rope_with_max(&self, max_positions: usize) -> Result<RopeConfig> {
         match self.get("rope_parameters") {
-            Some(params) => self.rope_from(Some(params), None),
+            Some(params) => self.rope_from(Some(params), None, max_positions),
             None => {
                 let theta = self.get("rope_theta").and_then(Value::as_f64);
-                self.rope_from(self.get("rope_scaling"), theta.or(Some(10_000.0)))
+                self.rope_from(
+                    self.get("rope_scaling"),
+                    theta.or(Some(10_000.0)),
+                    max_positions,
+                )
             }
         }
     }
 
     /// Rope settings from a `rope_parameters` or `rope_scaling` object (its own `rope_theta`
     /// first, then `theta`, then 10,000).
-    fn rope_from(&self, params: Option<&Value>, theta: Option<f64>) -> Result<RopeConfig> {
+    fn rope_from(
+        &self,
+        params: Option<&Value>,
+        theta: Option<f64>,
+        max_positions: usize,
+    ) -> Result<RopeConfig> {
         let own = params
             .and_then(|p| p.get("rope_theta"))
             .and_then(Value::as_f64);
@@ -694,12 +773,43 @@ impl Fields<'_> {
                 high_freq_factor: number("high_freq_factor")?,
                 original_max_positions: number("original_max_position_embeddings")? as usize,
             },
-            other => {
-                return Err(ModelError::config(
-                    self.source_name,
-                    format!("rope_type `{other}` is not supported (default, linear, llama3 are)"),
-                ))
+            // Phi-3's LongRoPE (`su` in older configs): the short factors, which hold up to
+            // the trained context (the model's `max_positions` stops there), and the
+            // attention factor transformers computes when the config gives none.
+            "longrope" | "su" => {
+                let factors = params
+                    .get("short_factor")
+                    .and_then(Value::as_array)
+                    .and_then(|f| f.iter().map(|v| v.as_f64().map(|v| v as f32)).collect())
+                    .ok_or_else(|| self.missing("rope short_factor", "a list of numbers"))?;
+                let original = params
+                    .get("original_max_position_embeddings")
+                    .or_else(|| self.get("original_max_position_embeddings"))
+                    .and_then(Value::as_u64)
+                    .ok_or_else(|| {
+                        self.missing("original_max_position_embeddings", "a positive integer")
+                    })? as f32;
+                let factor = match params.get("factor").and_then(Value::as_f64) {
+                    Some(f) => f as f32,
+                    None => max_positions as f32 / original,
+                };
+                let attention_factor = match params.get("attention_factor").and_then(Value::as_f64)
+                {
+                    Some(a) => a as f32,
+                    None if factor <= 1.0 => 1.0,
+                    None => (1.0 + factor.ln() / original.ln()).sqrt(),
+                };
+                RopeScaling::PerFrequency {
+                    factors,
+                    attention_factor,
+                }
             }
+            other => return Err(ModelError::config(
+                self.source_name,
+                format!(
+                    "rope_type `{other}` is not supported (default, linear, llama3, longrope are)"
+                ),
+            )),
         };
         Ok(RopeConfig { theta, scaling })
     }

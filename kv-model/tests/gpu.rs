@@ -181,6 +181,14 @@ macro_rules! gpu_tests {
         }
 
         #[test]
+        fn phi3_matches_transformers() {
+            let _device = super::hold_device();
+            if let Some(device) = device("phi3_matches_transformers") {
+                super::check_fixture::<Gpu>(&device, "phi3");
+            }
+        }
+
+        #[test]
         fn quantized_gguf_matches_transformers() {
             let _device = super::hold_device();
             if let Some(device) = device("quantized_gguf_matches_transformers") {

@@ -131,6 +131,7 @@ pub fn config_from_gguf(file: &GgufFile) -> Result<ModelConfig> {
                 scaling: RopeScaling::None,
             }),
             final_logit_softcap: None,
+            fused_projections: false,
         },
         _ => Variations::default(),
     };

@@ -389,7 +389,7 @@ fn build_gpt2<B: Backend>(
 fn build_llama<B: Backend>(c: &ModelConfig, m: &mut Matrices<'_, B>) -> Result<Parts<B>> {
     let hidden = c.hidden_size;
     let device = m.device;
-    let rope = c.rope.ok_or_else(|| {
+    let rope = c.rope.clone().ok_or_else(|| {
         ModelError::config(&c.model_type, "a Llama-family model needs rope settings")
     })?;
     let variations = &c.variations;
@@ -460,27 +460,43 @@ fn build_llama<B: Backend>(c: &ModelConfig, m: &mut Matrices<'_, B>) -> Result<P
             )),
             false => None,
         };
-        let (q, q_bias) = linear(
-            m,
-            &format!("{p}.self_attn.q_proj"),
-            hidden,
-            q_out,
-            c.qkv_bias,
-        )?;
-        let (k, k_bias) = linear(
-            m,
-            &format!("{p}.self_attn.k_proj"),
-            hidden,
-            kv_out,
-            c.qkv_bias,
-        )?;
-        let (v, v_bias) = linear(
-            m,
-            &format!("{p}.self_attn.v_proj"),
-            hidden,
-            kv_out,
-            c.qkv_bias,
-        )?;
+        // Q/K/V: three matrices fused here, or one as the file stores it (Phi-3).
+        let (qkv, qkv_bias) = if variations.fused_projections {
+            linear(
+                m,
+                &format!("{p}.self_attn.qkv_proj"),
+                hidden,
+                q_out + 2 * kv_out,
+                c.qkv_bias,
+            )?
+        } else {
+            let (q, q_bias) = linear(
+                m,
+                &format!("{p}.self_attn.q_proj"),
+                hidden,
+                q_out,
+                c.qkv_bias,
+            )?;
+            let (k, k_bias) = linear(
+                m,
+                &format!("{p}.self_attn.k_proj"),
+                hidden,
+                kv_out,
+                c.qkv_bias,
+            )?;
+            let (v, v_bias) = linear(
+                m,
+                &format!("{p}.self_attn.v_proj"),
+                hidden,
+                kv_out,
+                c.qkv_bias,
+            )?;
+            let bias = match (q_bias, k_bias, v_bias) {
+                (Some(q), Some(k), Some(v)) => Some(HostTensor::concat(&[q, k, v])),
+                _ => None,
+            };
+            (m.fuse(vec![q, k, v], &format!("{p}.self_attn.qkv"))?, bias)
+        };
         let (o, o_bias) = linear(
             m,
             &format!("{p}.self_attn.o_proj"),
@@ -488,20 +504,36 @@ fn build_llama<B: Backend>(c: &ModelConfig, m: &mut Matrices<'_, B>) -> Result<P
             hidden,
             c.dense_bias,
         )?;
-        let (gate, gate_bias) = linear(
-            m,
-            &format!("{p}.mlp.gate_proj"),
-            hidden,
-            c.intermediate_size,
-            c.dense_bias,
-        )?;
-        let (up, up_bias) = linear(
-            m,
-            &format!("{p}.mlp.up_proj"),
-            hidden,
-            c.intermediate_size,
-            c.dense_bias,
-        )?;
+        // Gate and up: fused here, or one matrix as the file stores it (Phi-3).
+        let (gate_up, gate_up_bias) = if variations.fused_projections {
+            linear(
+                m,
+                &format!("{p}.mlp.gate_up_proj"),
+                hidden,
+                2 * c.intermediate_size,
+                c.dense_bias,
+            )?
+        } else {
+            let (gate, gate_bias) = linear(
+                m,
+                &format!("{p}.mlp.gate_proj"),
+                hidden,
+                c.intermediate_size,
+                c.dense_bias,
+            )?;
+            let (up, up_bias) = linear(
+                m,
+                &format!("{p}.mlp.up_proj"),
+                hidden,
+                c.intermediate_size,
+                c.dense_bias,
+            )?;
+            let bias = match (gate_bias, up_bias) {
+                (Some(g), Some(u)) => Some(HostTensor::concat(&[g, u])),
+                _ => None,
+            };
+            (m.fuse(vec![gate, up], &format!("{p}.mlp.gate_up"))?, bias)
+        };
         let (down, down_bias) = linear(
             m,
             &format!("{p}.mlp.down_proj"),
@@ -509,16 +541,6 @@ fn build_llama<B: Backend>(c: &ModelConfig, m: &mut Matrices<'_, B>) -> Result<P
             hidden,
             c.dense_bias,
         )?;
-        let qkv_bias = match (q_bias, k_bias, v_bias) {
-            (Some(q), Some(k), Some(v)) => Some(HostTensor::concat(&[q, k, v])),
-            _ => None,
-        };
-        let gate_up_bias = match (gate_bias, up_bias) {
-            (Some(g), Some(u)) => Some(HostTensor::concat(&[g, u])),
-            _ => None,
-        };
-        let qkv = m.fuse(vec![q, k, v], &format!("{p}.self_attn.qkv"))?;
-        let gate_up = m.fuse(vec![gate, up], &format!("{p}.mlp.gate_up"))?;
         blocks.push(Block {
             spec: LayerSpec::new(i, c),
             attention_norm,

@@ -414,10 +414,26 @@ impl<B: Backend> Transformer<B> {
 
     /// The factor on the queries that turns attention's `head_dim^-1/2` scale into the
     /// model's own (`query_pre_attn_scalar^-1/2`), `None` where they agree.
+    ///
+    /// LongRoPE's attention factor, which transformers puts on the cosines and sines (so on
+    /// both the rotated queries and keys), is folded in here as its square.
     fn query_factor(&self) -> Option<f32> {
-        let scalar = self.config.variations.query_pre_attn_scalar?;
         let head_dim = self.config.head_dim as f32;
-        (scalar != head_dim).then(|| (head_dim / scalar).sqrt())
+        let mut factor = match self.config.variations.query_pre_attn_scalar {
+            Some(scalar) => (head_dim / scalar).sqrt(),
+            None => 1.0,
+        };
+        if let Some(crate::config::RopeConfig {
+            scaling:
+                crate::config::RopeScaling::PerFrequency {
+                    attention_factor, ..
+                },
+            ..
+        }) = &self.config.rope
+        {
+            factor *= attention_factor * attention_factor;
+        }
+        (factor != 1.0).then_some(factor)
     }
 
     /// The configuration.

@@ -55,6 +55,13 @@ fn gemma3_with_sliding_and_full_layers_matches_transformers() {
     assert_eq!(windows, [Some(4), Some(4), None, Some(4), Some(4), None]);
 }
 
+/// Phi-3: Q/K/V and gate/up stored fused, LongRoPE's short factors and attention factor, and
+/// a window of 6 on every layer (a ring of 6 slots in every exact cache kind).
+#[test]
+fn phi3_with_longrope_and_fused_projections_matches_transformers() {
+    check_all("phi3");
+}
+
 /// The same checks with every prompt cut into attention blocks of 3 queries and runs of 2
 /// positions on rayon's threads, as CPU binaries run prompts (in blocks and runs of 64).
 #[test]
@@ -69,7 +76,7 @@ fn prompts_split_across_threads_match_transformers() {
             .with_prompt_split(split);
         reference::check_all(&model, &expected(name), TOLERANCE);
     }
-    for name in ["gpt2", "llama", "qwen2", "qwen3", "gemma3"] {
+    for name in ["gpt2", "llama", "qwen2", "qwen3", "gemma3", "phi3"] {
         check_split::<B>(name);
         check_split::<Ndarray>(name);
     }
