@@ -27,6 +27,8 @@ It writes under kv-model/tests/fixtures/:
   length penalties, every `early_stopping` setting, EOS ids) with the sequences and
   `sequences_scores` transformers' `generate(num_beams=..)` returns. `--beam-only` rewrites just
   these, from the saved models.
+- tiny-llama3.gguf: the same llama fixture in F32 as llama.cpp writes a Llama 3 file, its llama3
+  rope scaling as `rope_freqs.weight`; the reference is llama/expected.json (`--llama3-gguf-only`).
 - dequant.json: written by make_dequant_fixtures.py (which needs only numpy and gguf).
 - smollm2.json (with --smollm2): token ids of a few strings from the tokenizer transformers builds
   from the default model's GGUF metadata, and greedy continuations of two prompts from that GGUF
@@ -486,6 +488,93 @@ def make_tiny_gguf(llama):
     write_json(FIXTURES / "tiny-llama-gguf.json", expected)
 
 
+def llama3_rope_factors(config):
+    """`rope_freqs.weight` as llama.cpp's converter writes it for llama3 rope scaling: one
+    divisor per frequency (1 for short wavelengths, `factor` for long ones, a blend between)."""
+    import math
+
+    rope = config.rope_parameters
+    head_dim = config.hidden_size // config.num_attention_heads
+    base, factor = rope["rope_theta"], rope["factor"]
+    low, high = rope["low_freq_factor"], rope["high_freq_factor"]
+    old = rope["original_max_position_embeddings"]
+    freqs = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    factors = []
+    for freq in freqs.tolist():
+        wavelen = 2 * math.pi / freq
+        if wavelen < old / high:
+            factors.append(1.0)
+        elif wavelen > old / low:
+            factors.append(factor)
+        else:
+            smooth = (old / wavelen - low) / (high - low)
+            factors.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(factors, dtype=np.float32)
+
+
+def make_tiny_llama3_gguf(llama):
+    """tiny-llama3.gguf: the llama fixture (llama3 rope scaling) in F32 as llama.cpp's converter
+    writes a Llama 3 file: Q/K rows permuted, the scaling as `rope_freqs.weight`. The reference
+    is llama/expected.json (the same weights and scaling as safetensors)."""
+    import gguf
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    print("tiny-llama3.gguf")
+    config = llama.config
+    path = FIXTURES / "tiny-llama3.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_name("tiny-llama3")
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_rope_dimension_count(config.hidden_size // config.num_attention_heads)
+    writer.add_file_type(0)
+    alphabet = list(bytes_to_unicode().values())[:VOCAB]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("llama-bpe")
+    writer.add_token_list(alphabet)
+    writer.add_token_types([1] * VOCAB)
+    writer.add_token_merges([])
+    writer.add_bos_token_id(0)
+    writer.add_eos_token_id(1)
+    state = {k: v.float().numpy() for k, v in llama.state_dict().items()}
+    names = {
+        "token_embd.weight": "model.embed_tokens.weight",
+        "output_norm.weight": "model.norm.weight",
+        "output.weight": "lm_head.weight",
+    }
+    for i in range(config.num_hidden_layers):
+        p = f"model.layers.{i}."
+        names |= {
+            f"blk.{i}.attn_norm.weight": p + "input_layernorm.weight",
+            f"blk.{i}.ffn_norm.weight": p + "post_attention_layernorm.weight",
+            f"blk.{i}.attn_q.weight": p + "self_attn.q_proj.weight",
+            f"blk.{i}.attn_k.weight": p + "self_attn.k_proj.weight",
+            f"blk.{i}.attn_v.weight": p + "self_attn.v_proj.weight",
+            f"blk.{i}.attn_output.weight": p + "self_attn.o_proj.weight",
+            f"blk.{i}.ffn_gate.weight": p + "mlp.gate_proj.weight",
+            f"blk.{i}.ffn_up.weight": p + "mlp.up_proj.weight",
+            f"blk.{i}.ffn_down.weight": p + "mlp.down_proj.weight",
+        }
+    writer.add_tensor("rope_freqs.weight", llama3_rope_factors(config))
+    for gguf_name, hf_name in names.items():
+        weight = state[hf_name]
+        if gguf_name.endswith("attn_q.weight"):
+            weight = llama_cpp_permute(weight, config.num_attention_heads)
+        if gguf_name.endswith("attn_k.weight"):
+            weight = llama_cpp_permute(weight, config.num_key_value_heads)
+        writer.add_tensor(gguf_name, weight.astype(np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
 # --- The default model ----------------------------------------------------------------------
 
 TOKENIZER_STRINGS = [
@@ -626,7 +715,10 @@ def main():
         "--beam-only", action="store_true", help="rewrite only the beam-search cases"
     )
     parser.add_argument(
-        "--hybrid-only", action="store_true", help="rewrite only the qwen3 and gemma3 models"
+        "--hybrid-only", action="store_true", help="rewrite only the qwen3, gemma3 and phi3 models"
+    )
+    parser.add_argument(
+        "--llama3-gguf-only", action="store_true", help="rewrite only tiny-llama3.gguf"
     )
     args = parser.parse_args()
     FIXTURES.mkdir(parents=True, exist_ok=True)
@@ -637,12 +729,17 @@ def main():
     if args.gemma3:
         make_gemma3(args.gemma3)
         return
+    if args.llama3_gguf_only:
+        llama = AutoModelForCausalLM.from_pretrained(FIXTURES / "llama", dtype=torch.float32)
+        make_tiny_llama3_gguf(llama)
+        return
     make_tiny(tiny_hybrid_models())
     if args.hybrid_only:
         return
     llama = make_tiny()
     make_beams()
     make_tiny_gguf(llama)
+    make_tiny_llama3_gguf(llama)
     make_dequant()
     if args.smollm2:
         make_smollm2(args.smollm2)

@@ -804,12 +804,14 @@ impl Fields<'_> {
                     attention_factor,
                 }
             }
-            other => return Err(ModelError::config(
-                self.source_name,
-                format!(
+            other => {
+                return Err(ModelError::config(
+                    self.source_name,
+                    format!(
                     "rope_type `{other}` is not supported (default, linear, llama3, longrope are)"
                 ),
-            )),
+                ))
+            }
         };
         Ok(RopeConfig { theta, scaling })
     }

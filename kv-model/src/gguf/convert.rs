@@ -62,22 +62,25 @@ pub fn config_from_gguf(file: &GgufFile) -> Result<ModelConfig> {
         Err(e) => return Err(e),
     };
     let has = |name: &str| file.tensor_info(name).is_some();
-    if has("rope_freqs.weight") {
-        return Err(ModelError::config(
-            &source,
-            "per-frequency rope factors (`rope_freqs.weight`, llama3 scaling in GGUF) are not supported; \
-             load the Hugging Face checkpoint instead",
-        ));
-    }
+    // Llama 3.1+ files store llama3 rope scaling as one divisor per frequency.
+    let rope_factors = match file.tensor_info("rope_freqs.weight") {
+        Some(info) => Some(file.tensor_f32(info)?),
+        None => None,
+    };
     let id = |name: &str| file.get(name).and_then(MetaValue::as_u64).map(|v| v as u32);
     let num_layers = number("block_count")?;
     let rope = RopeConfig {
         theta: float("rope.freq_base", 10_000.0),
-        scaling: match file
-            .get(&key("rope.scaling.type"))
-            .and_then(MetaValue::as_str)
-        {
-            Some("linear") => RopeScaling::Linear {
+        scaling: match (
+            rope_factors,
+            file.get(&key("rope.scaling.type"))
+                .and_then(MetaValue::as_str),
+        ) {
+            (Some(factors), _) => RopeScaling::PerFrequency {
+                factors,
+                attention_factor: 1.0,
+            },
+            (None, Some("linear")) => RopeScaling::Linear {
                 factor: float("rope.scaling.factor", 1.0),
             },
             _ => RopeScaling::None,

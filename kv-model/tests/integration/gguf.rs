@@ -329,3 +329,18 @@ mod fuzz {
         }
     }
 }
+
+/// A Llama 3 file: llama3 rope scaling stored as `rope_freqs.weight` (one divisor per
+/// frequency, as llama.cpp's converter writes it) gives the logits and greedy tokens of the
+/// same weights and scaling loaded from safetensors (`llama/expected.json`).
+#[test]
+fn llama3_rope_factors_in_gguf_match_the_safetensors_model() {
+    let model = load_model::<B>(&fixtures().join("tiny-llama3.gguf"), &device())
+        .unwrap()
+        .model;
+    assert!(matches!(
+        model.config().rope.as_ref().unwrap().scaling,
+        kv_model::RopeScaling::PerFrequency { .. }
+    ));
+    reference::check_all(&model, &expected("llama"), 1e-4);
+}
