@@ -203,8 +203,9 @@ pub enum ModelError {
     },
     /// A sink cache for a model that attends over a sliding window of its own.
     #[error(
-        "a sink cache cannot serve `{model_type}`, which attends over a sliding window of its \
-         own; use a sliding-window cache"
+        "a sink cache cannot serve `{model_type}`: its sliding-window layers never see the \
+         first positions a sink cache keeps; use dynamic (those layers get rings of their \
+         window) or sliding"
     )]
     SinkWithModelWindow {
         /// The model's type.

@@ -85,6 +85,10 @@ fn unknown_architectures_and_bad_configs_are_refused() {
     assert!(
         matches!(&err, ModelError::UnsupportedArchitecture { architecture, .. } if architecture == "bert")
     );
+    // The message names what is supported.
+    for name in ["llama", "qwen3", "gemma3_text", "phi3"] {
+        assert!(err.to_string().contains(name), "{err}");
+    }
 
     scratch.edit_config(|c| {
         c["model_type"] = "llama".into();
