@@ -165,11 +165,17 @@ impl<B: Backend> Windowed<B> {
         }
         self.buffer = Some(buffer);
         self.seen = end;
-        let positions = held.into_iter().chain(seen..end).collect();
+        // A sliding ring holds one run of positions just before the new ones: the view is then
+        // one contiguous run too, which attention reads without gathering slot by slot.
+        let positions = match held.first() {
+            Some(&first) if first + held.len() == seen => KeyPositions::Contiguous(first..end),
+            None => KeyPositions::Contiguous(seen..end),
+            _ => KeyPositions::Slots(held.into_iter().chain(seen..end).collect()),
+        };
         Ok(WindowedView {
             keys: view_keys,
             values: view_values,
-            positions: KeyPositions::Slots(positions),
+            positions,
         })
     }
 

@@ -104,7 +104,7 @@ impl<B: Backend> Transformer<B> {
     /// The key slots each new position sees, when attention runs on the host
     /// ([`Transformer::attend_on_host`]): the model's matrices live on the host (so its
     /// backend computes there), no padding, and every query sees one range of contiguous key
-    /// positions. A prompt and a decode step then compute each query with the same arithmetic,
+    /// positions, or every slot of a ring holding one run of positions in any order. A prompt and a decode step then compute each query with the same arithmetic,
     /// so a position gets the same numbers whether it came in a prompt, a chunk of one, or a
     /// decode step (a long decode step that splits its keys over threads aside).
     pub(super) fn host_attention_rows(
@@ -113,16 +113,29 @@ impl<B: Backend> Transformer<B> {
         pattern: AttentionPattern,
         step: &ForwardContext<'_, B>,
     ) -> Option<Vec<Range<usize>>> {
-        let KeyPositions::Contiguous(keys) = positions else {
-            return None;
-        };
         if step.padding.is_some() || !self.lm_head.is_host() {
             return None;
         }
-        step.queries
-            .clone()
-            .map(|query| pattern.visible_slots(query, keys.clone()))
-            .collect()
+        match positions {
+            KeyPositions::Contiguous(keys) => step
+                .queries
+                .clone()
+                .map(|query| pattern.visible_slots(query, keys.clone()))
+                .collect(),
+            // A full ring read in slot order (a sliding layer's decode step): attention does
+            // not depend on the keys' order, so where every query sees every slot the slots
+            // are one range, whatever positions they hold.
+            KeyPositions::Slots(slots) => {
+                let (&lo, &hi) = (slots.iter().min()?, slots.iter().max()?);
+                let all = 0..hi + 1 - lo;
+                let distinct = all.len() == slots.len();
+                let sees_all = step
+                    .queries
+                    .clone()
+                    .all(|query| pattern.visible_slots(query, lo..hi + 1) == Some(all.clone()));
+                (distinct && sees_all).then(|| vec![0..slots.len(); step.queries.len()])
+            }
+        }
     }
 
     /// Attention of `q` `[batch, heads, seq, head_dim]` over `view` on the host
