@@ -657,12 +657,17 @@ impl Fields<'_> {
                     .collect()
             }
         };
+        let max_positions = self.opt_usize("max_position_embeddings")?.unwrap_or(32_768);
         // v5: `rope_parameters` per layer type; v4: `rope_theta` + `rope_scaling` for the
         // global layers and `rope_local_base_freq` for the sliding ones.
         let (global, local) = match self.get("rope_parameters") {
             Some(params) if params.get("full_attention").is_some() => (
-                self.rope_from(params.get("full_attention"), None, 32_768)?,
-                self.rope_from(params.get("sliding_attention"), Some(10_000.0), 32_768)?,
+                self.rope_from(params.get("full_attention"), None, max_positions)?,
+                self.rope_from(
+                    params.get("sliding_attention"),
+                    Some(10_000.0),
+                    max_positions,
+                )?,
             ),
             _ => (
                 self.rope()?,
@@ -682,7 +687,7 @@ impl Fields<'_> {
             num_kv_heads: self.opt_usize("num_key_value_heads")?.unwrap_or(heads),
             head_dim,
             intermediate_size: self.usize("intermediate_size")?,
-            max_positions: self.opt_usize("max_position_embeddings")?.unwrap_or(32_768),
+            max_positions,
             norm_eps: self.f32_or("rms_norm_eps", 1e-6)?,
             rope: Some(global),
             qkv_bias: self.bool_or("attention_bias", false)?,
