@@ -10,9 +10,10 @@ safetensors, numpy and gguf from PyPI:
 
 It writes under kv-model/tests/fixtures/:
 
-- qwen3/, gemma3/, phi3/: the same for Qwen3, Gemma 3 and Phi-3 (`--hybrid-only` writes just
-  these); gemma3 has sliding layers with a window of 4 positions, shorter than the prompt, and
-  full layers; phi3 has fused Q/K/V and gate/up projections, LongRoPE short factors with the
+- qwen3/, gemma3/, phi3/, gemma2/: the same for Qwen3, Gemma 3, Phi-3 and Gemma 2
+  (`--hybrid-only` writes just these); gemma3 has sliding layers with a window of 4 positions,
+  shorter than the prompt, and full layers; gemma2 alternates sliding (window 4) and full
+  layers and soft-caps attention scores at 2 and logits at 4, caps that bend every value; phi3 has fused Q/K/V and gate/up projections, LongRoPE short factors with the
   attention factor of a 256-position model trained on 64, and a window of 6 on every layer.
 - gpt2/, llama/, qwen2/: tiny random models saved by `save_pretrained` (config.json in the
   transformers v5 style, model.safetensors; qwen2 in bf16), each with expected.json: prompt ids,
@@ -27,6 +28,8 @@ It writes under kv-model/tests/fixtures/:
   length penalties, every `early_stopping` setting, EOS ids) with the sequences and
   `sequences_scores` transformers' `generate(num_beams=..)` returns. `--beam-only` rewrites just
   these, from the saved models.
+- tiny-gemma2.gguf + tiny-gemma2-gguf.json: the gemma2 fixture written as llama.cpp writes a
+  Gemma 2 file, and the logits transformers gives for it (with `--hybrid-only` too).
 - tiny-llama3.gguf: the same llama fixture in F32 as llama.cpp writes a Llama 3 file, its llama3
   rope scaling as `rope_freqs.weight`; the reference is llama/expected.json (`--llama3-gguf-only`).
 - dequant.json: written by make_dequant_fixtures.py (which needs only numpy and gguf).
@@ -64,6 +67,8 @@ from transformers import (  # noqa: E402
     Qwen3ForCausalLM,
     Gemma3TextConfig,
     Gemma3ForCausalLM,
+    Gemma2Config,
+    Gemma2ForCausalLM,
     Phi3Config,
     Phi3ForCausalLM,
 )
@@ -143,13 +148,17 @@ def tiny_models():
 
 # The window of the tiny Gemma 3: shorter than the prompt, so sliding layers drop keys.
 GEMMA3_WINDOW = 4
+GEMMA2_SEED = 7
+GEMMA2_ATTN_CAP = 2.0
+GEMMA2_FINAL_CAP = 4.0
 
 
 def tiny_hybrid_models():
-    """Qwen3 (Q/K norms, head_dim apart from hidden/heads) and Gemma 3 (sliding and full
+    """Qwen3 (Q/K norms, head_dim apart from hidden/heads), Gemma 3 (sliding and full
     layers with two rotary bases, Q/K norms, sandwich norms stored as `w` for `1 + w`, GeGLU,
-    scaled embeddings, a query_pre_attn_scalar that is not head_dim), their norm weights
-    random so a loader that drops one or its offset fails."""
+    scaled embeddings, a query_pre_attn_scalar that is not head_dim), Phi-3, and Gemma 2
+    (alternating sliding and full layers, attention scores and logits soft-capped), their
+    norm weights random so a loader that drops one or its offset fails."""
     torch.manual_seed(6)
     qwen3 = Qwen3ForCausalLM(
         Qwen3Config(
@@ -225,7 +234,35 @@ def tiny_hybrid_models():
             pad_token_id=0,
         )
     )
-    return {"qwen3": qwen3, "gemma3": gemma3, "phi3": phi3}
+    torch.manual_seed(GEMMA2_SEED)
+    gemma2 = Gemma2ForCausalLM(
+        Gemma2Config(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=4,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=16,
+            query_pre_attn_scalar=24,
+            sliding_window=GEMMA3_WINDOW,
+            # Caps small enough that every attention score and logit is bent by them.
+            attn_logit_softcapping=GEMMA2_ATTN_CAP,
+            final_logit_softcapping=GEMMA2_FINAL_CAP,
+            max_position_embeddings=128,
+            rms_norm_eps=1e-6,
+            initializer_range=0.2,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+            bos_token_id=2,
+            eos_token_id=1,
+            pad_token_id=0,
+        )
+    )
+    with torch.no_grad():
+        for name, param in gemma2.named_parameters():
+            if name.endswith("norm.weight"):
+                param.normal_(0.0, 0.3)
+    return {"qwen3": qwen3, "gemma3": gemma3, "phi3": phi3, "gemma2": gemma2}
 
 
 def greedy(model, ids, use_cache):
@@ -575,6 +612,73 @@ def make_tiny_llama3_gguf(llama):
     writer.close()
 
 
+@torch.no_grad()
+def make_tiny_gemma2_gguf(gemma2):
+    """tiny-gemma2.gguf + tiny-gemma2-gguf.json: the gemma2 fixture in F32 as llama.cpp's
+    converter writes a Gemma 2 file (norm weights stored with their `1 + w` added, soft-caps and
+    window in the metadata). llama.cpp scales attention by head_dim^-1/2 for every Gemma 2 but
+    the 27B, whatever query_pre_attn_scalar was, so the reference is the same weights with
+    query_pre_attn_scalar = head_dim in transformers."""
+    import gguf
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    print("tiny-gemma2.gguf")
+    config = Gemma2Config(**{**gemma2.config.to_dict(), "query_pre_attn_scalar": gemma2.config.head_dim})
+    reference = Gemma2ForCausalLM(config)
+    reference.load_state_dict(gemma2.state_dict())
+    write_json(FIXTURES / "tiny-gemma2-gguf.json", record(reference, PROMPT))
+    path = FIXTURES / "tiny-gemma2.gguf"
+    writer = gguf.GGUFWriter(str(path), "gemma2")
+    writer.add_name("tiny-gemma2")
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_key_length(config.head_dim)
+    writer.add_value_length(config.head_dim)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_sliding_window(config.sliding_window)
+    writer.add_float32("gemma2.attn_logit_softcapping", config.attn_logit_softcapping)
+    writer.add_float32("gemma2.final_logit_softcapping", config.final_logit_softcapping)
+    writer.add_file_type(0)
+    alphabet = list(bytes_to_unicode().values())[:VOCAB]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(alphabet)
+    writer.add_token_types([1] * VOCAB)
+    writer.add_token_merges([])
+    writer.add_bos_token_id(config.bos_token_id)
+    writer.add_eos_token_id(config.eos_token_id)
+    state = {k: v.float().numpy() for k, v in gemma2.state_dict().items()}
+    names = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight"}
+    for i in range(config.num_hidden_layers):
+        p = f"model.layers.{i}."
+        names |= {
+            f"blk.{i}.attn_norm.weight": p + "input_layernorm.weight",
+            f"blk.{i}.post_attention_norm.weight": p + "post_attention_layernorm.weight",
+            f"blk.{i}.ffn_norm.weight": p + "pre_feedforward_layernorm.weight",
+            f"blk.{i}.post_ffw_norm.weight": p + "post_feedforward_layernorm.weight",
+            f"blk.{i}.attn_q.weight": p + "self_attn.q_proj.weight",
+            f"blk.{i}.attn_k.weight": p + "self_attn.k_proj.weight",
+            f"blk.{i}.attn_v.weight": p + "self_attn.v_proj.weight",
+            f"blk.{i}.attn_output.weight": p + "self_attn.o_proj.weight",
+            f"blk.{i}.ffn_gate.weight": p + "mlp.gate_proj.weight",
+            f"blk.{i}.ffn_up.weight": p + "mlp.up_proj.weight",
+            f"blk.{i}.ffn_down.weight": p + "mlp.down_proj.weight",
+        }
+    for gguf_name, hf_name in names.items():
+        weight = state[hf_name]
+        if gguf_name.endswith("norm.weight"):
+            weight = weight + 1.0
+        writer.add_tensor(gguf_name, weight.astype(np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
 # --- The default model ----------------------------------------------------------------------
 
 TOKENIZER_STRINGS = [
@@ -715,7 +819,7 @@ def main():
         "--beam-only", action="store_true", help="rewrite only the beam-search cases"
     )
     parser.add_argument(
-        "--hybrid-only", action="store_true", help="rewrite only the qwen3, gemma3 and phi3 models"
+        "--hybrid-only", action="store_true", help="rewrite only the qwen3, gemma3, phi3 and gemma2 models"
     )
     parser.add_argument(
         "--llama3-gguf-only", action="store_true", help="rewrite only tiny-llama3.gguf"
@@ -733,7 +837,9 @@ def main():
         llama = AutoModelForCausalLM.from_pretrained(FIXTURES / "llama", dtype=torch.float32)
         make_tiny_llama3_gguf(llama)
         return
-    make_tiny(tiny_hybrid_models())
+    hybrid = tiny_hybrid_models()
+    make_tiny(hybrid)
+    make_tiny_gemma2_gguf(AutoModelForCausalLM.from_pretrained(FIXTURES / "gemma2", dtype=torch.float32))
     if args.hybrid_only:
         return
     llama = make_tiny()

@@ -74,7 +74,7 @@ fn forward(
             None,
             &device,
         );
-        let out = grouped_query_attention(q, k, v, Some(mask)).expect("attention shapes");
+        let out = grouped_query_attention(q, k, v, Some(mask), None).expect("attention shapes");
         let out = out.swap_dims(1, 2).reshape([1, new, HIDDEN]);
         x = x + out.matmul(layer.wo.clone().unsqueeze());
     }

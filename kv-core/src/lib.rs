@@ -44,7 +44,7 @@
 //!     let v = Tensor::<NdArray, 4>::random([1, 2, 1, 16], Distribution::Default, &device);
 //!     let view = cache.update(k, v).unwrap();
 //!     let mask = attention_mask(step..step + 1, &view.positions, AttentionPattern::Causal, None, &device);
-//!     let out = grouped_query_attention(q, view.keys, view.values, Some(mask)).unwrap();
+//!     let out = grouped_query_attention(q, view.keys, view.values, Some(mask), None).unwrap();
 //!     assert_eq!(out.dims(), [1, 4, 1, 16]);
 //! }
 //! assert_eq!(cache.seq_len(), 4);
@@ -83,3 +83,4 @@ pub use caches::sliding::SlidingWindowCache;
 pub use caches::static_cache::{StaticCache, StaticCacheConfig};
 pub use caches::view::{KeyPositions, KvView};
 pub use error::{CacheError, Result};
+pub use kv_kernels::attention::SoftCap;

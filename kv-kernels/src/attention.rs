@@ -35,6 +35,84 @@ use std::ops::Range;
 use crate::vector::exp_shifted;
 use crate::Isa;
 
+/// Attention-logit soft-capping (Gemma 2's `attn_logit_softcapping`): each scaled score `s`
+/// becomes `cap · tanh(s / cap)`, squashed into `(-cap, cap)` before the softmax. Scores well
+/// inside the cap barely move; the largest ones can no longer swamp the rest.
+///
+/// ```
+/// use kv_kernels::attention::SoftCap;
+///
+/// let cap = SoftCap::new(50.0).unwrap();
+/// assert!((cap.apply(1.0) - 1.0).abs() < 1e-3);
+/// assert!(cap.apply(1e6) <= 50.0);
+/// assert_eq!(SoftCap::new(0.0), None); // a cap must be positive and finite
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SoftCap(f32);
+
+impl SoftCap {
+    /// A cap of `cap`, if it is positive and finite.
+    pub fn new(cap: f32) -> Option<Self> {
+        (cap.is_finite() && cap > 0.0).then_some(Self(cap))
+    }
+
+    /// The cap.
+    pub fn get(self) -> f32 {
+        self.0
+    }
+
+    /// `cap · tanh(s / cap)`, in f32 as transformers computes it (divide, tanh, multiply).
+    pub fn apply(self, s: f32) -> f32 {
+        (s / self.0).tanh() * self.0
+    }
+
+    /// [`SoftCap::apply`] on every score of `scores`. Scalar `tanh`: one call per score,
+    /// a few percent of a row's cost next to its two products.
+    pub fn apply_all(self, scores: &mut [f32]) {
+        scores.iter_mut().for_each(|s| *s = self.apply(*s));
+    }
+}
+
+/// How a query row's dot products with its keys become the scores its softmax takes:
+/// `scale · q·k`, then soft-capped where `cap` is set. An `f32` converts to a plain scale.
+///
+/// ```
+/// use kv_kernels::attention::{Logits, SoftCap};
+///
+/// let plain: Logits = 0.125.into();
+/// assert_eq!(plain, Logits { scale: 0.125, cap: None });
+/// let gemma2 = Logits { scale: 0.0625, cap: SoftCap::new(50.0) };
+/// assert_eq!(gemma2.score(16.0), SoftCap::new(50.0).unwrap().apply(1.0));
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Logits {
+    /// Factor on every dot product (usually `head_dim^-1/2`).
+    pub scale: f32,
+    /// Soft-capping after the scale, if any.
+    pub cap: Option<SoftCap>,
+}
+
+impl Logits {
+    /// The score of one dot product `dot`.
+    pub fn score(self, dot: f32) -> f32 {
+        let s = self.scale * dot;
+        self.cap.map_or(s, |cap| cap.apply(s))
+    }
+
+    /// Caps `scores` already scaled, where a cap is set.
+    fn cap_all(self, scores: &mut [f32]) {
+        if let Some(cap) = self.cap {
+            cap.apply_all(scores);
+        }
+    }
+}
+
+impl From<f32> for Logits {
+    fn from(scale: f32) -> Self {
+        Self { scale, cap: None }
+    }
+}
+
 /// One key head's attention for a block of query rows.
 ///
 /// Shapes (row-major, `d = head_dim`):
@@ -44,7 +122,8 @@ use crate::Isa;
 ///   straight into a `[seq, heads * d]` layout;
 /// - `scores`: scratch, resized as needed.
 ///
-/// Computes `out[r] = Σ_j p_rj v_j` over `j` in `visible[r]`, with `p_r = softmax(scale q_r kⱼᵀ)`.
+/// Computes `out[r] = Σ_j p_rj v_j` over `j` in `visible[r]`, with `p_r = softmax(s_r)` and
+/// `s_rj` the [`Logits`] of `q_r kⱼᵀ` (`scale q_r kⱼᵀ`, soft-capped where a cap is set).
 ///
 /// # Panics
 /// If a slice is shorter than its shape says, `visible` has not one range per query row, or a
@@ -72,13 +151,13 @@ pub fn attend(
     v: &[f32],
     head_dim: usize,
     visible: &[Range<usize>],
-    scale: f32,
+    logits: impl Into<Logits>,
     out: &mut [f32],
     out_stride: usize,
     scores: &mut Vec<f32>,
 ) {
     let keys = HeadKeys::contiguous(k, v, head_dim);
-    attend_keys(isa, q, keys, visible, scale, out, out_stride, scores);
+    attend_keys(isa, q, keys, visible, logits, out, out_stride, scores);
 }
 
 /// [`attend`] over keys wherever they are stored ([`HeadKeys`]): `visible[r]` names key
@@ -110,7 +189,7 @@ pub fn attend_keys(
     q: &[f32],
     keys: HeadKeys<'_>,
     visible: &[Range<usize>],
-    scale: f32,
+    logits: impl Into<Logits>,
     out: &mut [f32],
     out_stride: usize,
     scores: &mut Vec<f32>,
@@ -120,7 +199,7 @@ pub fn attend_keys(
         "visible range empty in {visible:?}"
     );
     let head_dim = keys.d;
-    let rows = attend_keys_partial(isa, q, keys, visible, scale, out, out_stride, scores);
+    let rows = attend_keys_partial(isa, q, keys, visible, logits, out, out_stride, scores);
     for (r, row) in rows.into_iter().enumerate() {
         let inv = 1.0 / row.sum;
         out[r * out_stride..][..head_dim]
@@ -155,7 +234,7 @@ pub fn attend_partial(
     v: &[f32],
     head_dim: usize,
     visible: &[Range<usize>],
-    scale: f32,
+    logits: impl Into<Logits>,
     out: &mut [f32],
     out_stride: usize,
     scores: &mut Vec<f32>,
@@ -163,7 +242,7 @@ pub fn attend_partial(
     assert!(head_dim > 0, "head_dim must be positive");
     assert_eq!(k.len() % head_dim, 0, "k is [keys, head_dim]");
     let keys = HeadKeys::contiguous(k, v, head_dim);
-    attend_keys_partial(isa, q, keys, visible, scale, out, out_stride, scores)
+    attend_keys_partial(isa, q, keys, visible, logits, out, out_stride, scores)
 }
 
 /// [`attend_partial`] over keys wherever they are stored ([`HeadKeys`]).
@@ -176,11 +255,12 @@ pub fn attend_keys_partial(
     q: &[f32],
     keys: HeadKeys<'_>,
     visible: &[Range<usize>],
-    scale: f32,
+    logits: impl Into<Logits>,
     out: &mut [f32],
     out_stride: usize,
     scores: &mut Vec<f32>,
 ) -> Vec<RowStats> {
+    let logits = logits.into();
     let d = keys.d;
     let rows = visible.len();
     assert!(d > 0, "head_dim must be positive");
@@ -217,7 +297,7 @@ pub fn attend_keys_partial(
             let group: &[Range<usize>; GROUP_ROWS] = group.try_into().expect("a full group");
             let out = std::array::from_fn(|_| outs.next().expect("one output row per query"));
             stats.extend(attend_group(
-                isa, q, keys, group, shared, scale, out, scores,
+                isa, q, keys, group, shared, logits, out, scores,
             ));
             r += GROUP_ROWS;
         } else {
@@ -228,7 +308,7 @@ pub fn attend_keys_partial(
                 q,
                 keys,
                 visible[r].clone(),
-                scale,
+                logits,
                 out,
                 scores,
             ));
@@ -362,10 +442,11 @@ fn attend_row(
     q: &[f32],
     keys: HeadKeys<'_>,
     range: Range<usize>,
-    scale: f32,
+    logits: Logits,
     out: &mut [f32],
     scores: &mut Vec<f32>,
 ) -> RowStats {
+    let scale = logits.scale;
     out.fill(0.0);
     if range.is_empty() {
         return RowStats {
@@ -379,6 +460,7 @@ fn attend_row(
     for_runs(keys, range.clone(), &mut scores[..], |k, _, s| {
         row_scores(isa, q, k, scale, s)
     });
+    logits.cap_all(scores);
     // Softmax weights, unnormalised (`exp(s - max)`).
     let max = scores.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
     let sum = exp_shifted(isa, scores, max);
@@ -400,10 +482,11 @@ fn attend_group(
     keys: HeadKeys<'_>,
     ranges: &[Range<usize>; GROUP_ROWS],
     shared: Range<usize>,
-    scale: f32,
+    logits: Logits,
     mut out: [&mut [f32]; GROUP_ROWS],
     scores: &mut Vec<f32>,
 ) -> [RowStats; GROUP_ROWS] {
+    let scale = logits.scale;
     scores.clear();
     scores.resize(ranges.iter().map(|r| r.len()).sum(), 0.0);
     let mut weights: [&mut [f32]; GROUP_ROWS] = {
@@ -440,6 +523,7 @@ fn attend_group(
         offset += n;
     }
     let stats = weights.each_mut().map(|w| {
+        logits.cap_all(w);
         let max = w.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
         let sum = exp_shifted(isa, w, max);
         RowStats { max, sum }
@@ -980,7 +1064,8 @@ mod tests {
 
     use super::*;
 
-    /// The definition in f64: softmax over each row's visible keys, weights times values.
+    /// The definition in f64: softmax over each row's visible keys (scores soft-capped where
+    /// `cap` is set), weights times values.
     fn reference(
         q: &[f32],
         k: &[f32],
@@ -988,6 +1073,7 @@ mod tests {
         d: usize,
         visible: &[Range<usize>],
         scale: f32,
+        cap: Option<f32>,
     ) -> Vec<f32> {
         let mut out = Vec::new();
         for (r, range) in visible.iter().enumerate() {
@@ -996,11 +1082,12 @@ mod tests {
                 .clone()
                 .map(|j| {
                     let kj = &k[j * d..][..d];
-                    scale as f64
+                    let s = scale as f64
                         * qr.iter()
                             .zip(kj)
                             .map(|(a, b)| *a as f64 * *b as f64)
-                            .sum::<f64>()
+                            .sum::<f64>();
+                    cap.map_or(s, |cap| cap as f64 * (s / cap as f64).tanh())
                 })
                 .collect();
             let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
@@ -1048,13 +1135,15 @@ mod tests {
         #![proptest_config(ProptestConfig::with_cases(48))]
 
         /// Causal and sliding-window blocks, at any offset into the keys, with the output
-        /// written at a stride: equal to the definition at every level.
+        /// written at a stride, with and without soft-capping: equal to the definition at
+        /// every level.
         #[test]
         fn a_block_equals_the_definition(
             rows in 1usize..40,
             past in 0usize..50,
             d in prop::sample::select(vec![1usize, 8, 17, 64]),
             window in prop::option::of(1usize..30),
+            cap in prop::option::of(0.5f32..4.0),
             seed in 0u64..1000,
         ) {
             let keys = past + rows;
@@ -1063,11 +1152,12 @@ mod tests {
             let k = values(keys * d, seed + 1);
             let v = values(keys * d, seed + 2);
             let scale = 1.0 / (d as f32).sqrt();
-            let expected = reference(&q, &k, &v, d, &visible, scale);
+            let expected = reference(&q, &k, &v, d, &visible, scale, cap);
+            let logits = Logits { scale, cap: cap.and_then(SoftCap::new) };
             let stride = d + 3;
             for isa in Isa::available() {
                 let mut out = vec![f32::NAN; (rows - 1) * stride + d];
-                attend(isa, &q, &k, &v, d, &visible, scale, &mut out, stride, &mut Vec::new());
+                attend(isa, &q, &k, &v, d, &visible, logits, &mut out, stride, &mut Vec::new());
                 for r in 0..rows {
                     for c in 0..d {
                         let (got, want) = (out[r * stride + c], expected[r * d + c]);
@@ -1138,18 +1228,20 @@ mod tests {
             past in 0usize..40,
             d in prop::sample::select(vec![3usize, 8, 17, 64, 72]),
             window in prop::option::of(1usize..30),
+            cap in prop::option::of(0.5f32..4.0),
             seed in 0u64..1000,
         ) {
             let keys = past + rows;
             let visible = causal_rows(rows, past, window);
             let (q, k, v) = (values(rows * d, seed), values(keys * d, seed + 1), values(keys * d, seed + 2));
+            let logits = Logits { scale: 0.125, cap: cap.and_then(SoftCap::new) };
             for isa in Isa::available() {
                 let mut block = vec![0.0; rows * d];
-                attend(isa, &q, &k, &v, d, &visible, 0.125, &mut block, d, &mut Vec::new());
+                attend(isa, &q, &k, &v, d, &visible, logits, &mut block, d, &mut Vec::new());
                 for (r, range) in visible.iter().enumerate() {
                     let mut alone = vec![0.0; d];
                     let q = &q[r * d..][..d];
-                    attend(isa, q, &k, &v, d, std::slice::from_ref(range), 0.125, &mut alone, d, &mut Vec::new());
+                    attend(isa, q, &k, &v, d, std::slice::from_ref(range), logits, &mut alone, d, &mut Vec::new());
                     let bits = |x: &[f32]| x.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
                     prop_assert_eq!(bits(&alone), bits(&block[r * d..][..d]), "{} row {}", isa, r);
                 }

@@ -29,7 +29,7 @@ use std::sync::Arc;
 
 use half::f16;
 
-use crate::attention::{self, RowStats};
+use crate::attention::{self, Logits, RowStats};
 use crate::{Isa, KernelError, Result};
 
 /// Bits per quantized element.
@@ -449,7 +449,7 @@ impl QuantizedKv {
 
     /// Softmax attention of query rows over this head's tokens: row `r` (`q[r * d..][..d]`)
     /// sees tokens `0..ends[r]`, and its output goes to `out[r * out_stride..][..d]`, with
-    /// scores `scale * q . k`. Equals [`crate::attention::attend`] over the
+    /// scores `logits` of `q . k` ([`Logits`]). Equals [`crate::attention::attend`] over the
     /// [`QuantizedKv::dequantize`]d keys and values.
     ///
     /// # Panics
@@ -460,14 +460,14 @@ impl QuantizedKv {
         isa: Isa,
         q: &[f32],
         ends: &[usize],
-        scale: f32,
+        logits: impl Into<Logits>,
         out: &mut [f32],
         out_stride: usize,
         scratch: &mut AttendScratch,
     ) {
         assert!(ends.iter().all(|&e| e > 0), "every row sees a token");
         let keys = 0..self.len();
-        let stats = self.attend_partial(isa, q, ends, keys, scale, out, out_stride, scratch);
+        let stats = self.attend_partial(isa, q, ends, keys, logits, out, out_stride, scratch);
         for (r, row) in stats.into_iter().enumerate() {
             let inv = 1.0 / row.sum;
             out[r * out_stride..][..self.head_dim]
@@ -490,11 +490,12 @@ impl QuantizedKv {
         q: &[f32],
         ends: &[usize],
         keys: Range<usize>,
-        scale: f32,
+        logits: impl Into<Logits>,
         out: &mut [f32],
         out_stride: usize,
         scratch: &mut AttendScratch,
     ) -> Vec<RowStats> {
+        let logits = logits.into();
         let d = self.head_dim;
         assert_eq!(
             q.len(),
@@ -532,7 +533,7 @@ impl QuantizedKv {
                 v,
                 d,
                 &visible,
-                scale,
+                logits,
                 &mut out[block * ROWS_PER_BLOCK * out_stride..],
                 out_stride,
                 scores,

@@ -13,13 +13,13 @@ pub enum Architecture {
     /// GPT-2: learned positions, LayerNorm, GELU (tanh), fused QKV, tied LM head.
     Gpt2,
     /// Llama, and the networks that differ from it only in data ([`Variations`]): Mistral,
-    /// Qwen2, Qwen3 and Gemma 3. RoPE, RMSNorm, a gated MLP, grouped-query attention.
+    /// Qwen2, Qwen3, Phi-3, Gemma 2 and Gemma 3. RoPE, RMSNorm, a gated MLP, grouped-query attention.
     Llama,
 }
 
 /// The model types [`ModelConfig::from_hf_json`] and GGUF files may name, for errors.
 pub const SUPPORTED_MODEL_TYPES: &str =
-    "gpt2, llama, mistral, qwen2, qwen3, phi3 (Hugging Face directories), gemma3_text (gemma3)";
+    "gpt2, llama, mistral, qwen2, qwen3, phi3 (Hugging Face directories), gemma2, gemma3_text (gemma3)";
 
 /// Which keys a layer's queries see.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,14 +42,18 @@ pub enum GatedActivation {
 /// What sets a Llama-family network apart from Llama itself, as data the one transformer
 /// reads layer by layer (Llama's values are the [`Default`]).
 ///
-/// | | Qwen3 | Gemma 3 |
-/// |---|---|---|
-/// | `qk_norm` | yes | yes |
-/// | `sandwich_norms` | | yes |
-/// | `activation` | SiLU | GELU (tanh) |
-/// | `embedding_scale` | | √hidden |
-/// | `query_pre_attn_scalar` | | from the config |
-/// | `local_rope` | | base 10,000 on sliding layers |
+/// | | Qwen3 | Gemma 2 | Gemma 3 | Phi-3 |
+/// |---|---|---|---|---|
+/// | `qk_norm` | yes | | yes | |
+/// | `sandwich_norms` | | yes | yes | |
+/// | `norm_weight_offset` | | 1 | 1 | |
+/// | `activation` | SiLU | GELU (tanh) | GELU (tanh) | SiLU |
+/// | `embedding_scale` | | √hidden | √hidden | |
+/// | `query_pre_attn_scalar` | | from the config | from the config | |
+/// | `local_rope` | | | base 10,000 on sliding layers | |
+/// | `attn_logit_softcap` | | 50 | | |
+/// | `final_logit_softcap` | | 30 | | |
+/// | `fused_projections` | | | | yes |
 #[derive(Debug, Clone, PartialEq)]
 pub struct Variations {
     /// RMSNorm over each head of the queries and keys, before rotary (Qwen3, Gemma 3):
@@ -73,6 +77,9 @@ pub struct Variations {
     pub local_rope: Option<RopeConfig>,
     /// `cap * tanh(logits / cap)` on the output logits (Gemma 2's `final_logit_softcapping`).
     pub final_logit_softcap: Option<f32>,
+    /// `cap * tanh(score / cap)` on every attention score before the softmax (Gemma 2's
+    /// `attn_logit_softcapping`).
+    pub attn_logit_softcap: Option<f32>,
     /// Q/K/V stored as one `qkv_proj` and gate/up as one `gate_up_proj` (Phi-3).
     pub fused_projections: bool,
 }
@@ -88,6 +95,7 @@ impl Default for Variations {
             query_pre_attn_scalar: None,
             local_rope: None,
             final_logit_softcap: None,
+            attn_logit_softcap: None,
             fused_projections: false,
         }
     }
@@ -304,7 +312,7 @@ impl ModelConfig {
         let config = match model_type.as_str() {
             "gpt2" => fields.gpt2(model_type)?,
             "llama" | "mistral" | "qwen2" | "qwen3" | "phi3" => fields.llama(model_type)?,
-            "gemma3_text" | "gemma3" => fields.gemma3(model_type)?,
+            "gemma2" | "gemma3_text" | "gemma3" => fields.gemma(model_type)?,
             _ => {
                 return Err(ModelError::UnsupportedArchitecture {
                     source_name: source_name.into(),
@@ -375,6 +383,20 @@ impl ModelConfig {
         if self.sliding_window.is_none() && self.layer_attention.contains(&LayerAttention::Sliding)
         {
             return fail("sliding layers need `sliding_window`".into());
+        }
+        let caps = [
+            ("attn_logit_softcapping", self.variations.attn_logit_softcap),
+            (
+                "final_logit_softcapping",
+                self.variations.final_logit_softcap,
+            ),
+        ];
+        for (field, cap) in caps {
+            if let Some(cap) = cap.filter(|cap| kv_core::SoftCap::new(*cap).is_none()) {
+                return fail(format!(
+                    "{field} is {cap}; a cap must be positive and finite"
+                ));
+            }
         }
         Ok(())
     }
@@ -598,19 +620,23 @@ impl Fields<'_> {
         })
     }
 
-    /// Gemma 3's text model (`gemma3_text`, or the text part of a `gemma3` config): sliding
-    /// and full layers (`layer_types`, or v4's `sliding_window_pattern`), a second rotary base
-    /// on the sliding layers (v5 `rope_parameters.sliding_attention`, or v4
-    /// `rope_local_base_freq`), Q/K norms, four norms per block storing `w` for `1 + w`, GeGLU,
-    /// embeddings scaled by √hidden and tied.
-    fn gemma3(&self, model_type: String) -> Result<ModelConfig> {
+    /// Gemma 2 (`gemma2`) and Gemma 3's text model (`gemma3_text`, or the text part of a
+    /// `gemma3` config). Both: sliding and full layers (`layer_types`, or v4's
+    /// `sliding_window_pattern`: Gemma 2's alternate, Gemma 3's are five sliding to one
+    /// full), four norms per block storing `w` for `1 + w`, GeGLU, embeddings scaled by
+    /// √hidden and tied, attention scaled by `query_pre_attn_scalar`. Gemma 2 soft-caps the
+    /// attention scores and the final logits. Gemma 3 has Q/K norms and a second rotary base on
+    /// the sliding layers (v5 `rope_parameters.sliding_attention`, or v4
+    /// `rope_local_base_freq`).
+    fn gemma(&self, model_type: String) -> Result<ModelConfig> {
         if let Some(text) = self.get("text_config") {
             let fields = Fields {
                 json: text,
                 source_name: self.source_name,
             };
-            return fields.gemma3("gemma3_text".into());
+            return fields.gemma("gemma3_text".into());
         }
+        let gemma2 = model_type == "gemma2";
         let activation = self
             .get("hidden_activation")
             .or_else(|| self.get("hidden_act"))
@@ -620,12 +646,6 @@ impl Fields<'_> {
             return Err(ModelError::config(
                 self.source_name,
                 format!("hidden_activation `{activation}` is not supported (gelu_pytorch_tanh is)"),
-            ));
-        }
-        if self.get("attn_logit_softcapping").is_some() {
-            return Err(ModelError::config(
-                self.source_name,
-                "attn_logit_softcapping (attention-score soft-capping) is not supported",
             ));
         }
         let hidden = self.usize("hidden_size")?;
@@ -647,7 +667,7 @@ impl Fields<'_> {
             None => {
                 let pattern = self
                     .opt_usize("sliding_window_pattern")?
-                    .unwrap_or(6)
+                    .unwrap_or(if gemma2 { 2 } else { 6 })
                     .max(1);
                 (0..num_layers)
                     .map(|i| match (i + 1) % pattern {
@@ -661,21 +681,31 @@ impl Fields<'_> {
         // v5: `rope_parameters` per layer type; v4: `rope_theta` + `rope_scaling` for the
         // global layers and `rope_local_base_freq` for the sliding ones.
         let (global, local) = match self.get("rope_parameters") {
+            _ if gemma2 => (self.rope_with_max(max_positions)?, None),
             Some(params) if params.get("full_attention").is_some() => (
                 self.rope_from(params.get("full_attention"), None, max_positions)?,
-                self.rope_from(
+                Some(self.rope_from(
                     params.get("sliding_attention"),
                     Some(10_000.0),
                     max_positions,
-                )?,
+                )?),
             ),
             _ => (
-                self.rope()?,
-                RopeConfig {
+                self.rope_with_max(max_positions)?,
+                Some(RopeConfig {
                     theta: self.f32_or("rope_local_base_freq", 10_000.0)?,
                     scaling: RopeScaling::None,
-                },
+                }),
             ),
+        };
+        // A cap the config sets to null is off; Gemma 2's defaults are transformers'.
+        let cap = |field: &str, default: f32| -> Result<Option<f32>> {
+            match self.get(field) {
+                Some(Value::Null) => Ok(None),
+                Some(_) => Ok(Some(self.f32_or(field, default)?)),
+                None if gemma2 => Ok(Some(default)),
+                None => Ok(None),
+            }
         };
         let scalar = self.f32_or("query_pre_attn_scalar", head_dim as f32)?;
         Ok(ModelConfig {
@@ -696,17 +726,15 @@ impl Fields<'_> {
             sliding_window: Some(self.opt_usize("sliding_window")?.unwrap_or(4096)),
             layer_attention,
             variations: Variations {
-                qk_norm: true,
+                qk_norm: !gemma2,
                 sandwich_norms: true,
                 norm_weight_offset: 1.0,
                 activation: GatedActivation::GeluTanh,
                 embedding_scale: Some((hidden as f32).sqrt()),
                 query_pre_attn_scalar: Some(scalar),
-                local_rope: Some(local),
-                final_logit_softcap: match self.get("final_logit_softcapping") {
-                    Some(_) => Some(self.f32_or("final_logit_softcapping", 0.0)?),
-                    None => None,
-                },
+                local_rope: local,
+                final_logit_softcap: cap("final_logit_softcapping", 30.0)?,
+                attn_logit_softcap: cap("attn_logit_softcapping", 50.0)?,
                 fused_projections: false,
             },
             bos_token_id: token_ids(self.get("bos_token_id")).and_then(|ids| ids.first().copied()),
@@ -715,13 +743,8 @@ impl Fields<'_> {
         })
     }
 
-    /// Rope settings: v5 `rope_parameters`, or v4 `rope_theta` + `rope_scaling`.
-    fn rope(&self) -> Result<RopeConfig> {
-        let max = self.opt_usize("max_position_embeddings")?.unwrap_or(2048);
-        self.rope_with_max(max)
-    }
-
-    /// [`Fields::rope`] for a model of `max_positions` positions (LongRoPE's default
+    /// Rope settings (v5 `rope_parameters`, or v4 `rope_theta` + `rope_scaling`) for a model
+    /// of `max_positions` positions (LongRoPE's default
     /// attention factor depends on it).
     fn rope_with_max(&self, max_positions: usize) -> Result<RopeConfig> {
         match self.get("rope_parameters") {

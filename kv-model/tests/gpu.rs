@@ -189,6 +189,14 @@ macro_rules! gpu_tests {
         }
 
         #[test]
+        fn gemma2_soft_capping_matches_transformers() {
+            let _device = super::hold_device();
+            if let Some(device) = device("gemma2_soft_capping_matches_transformers") {
+                super::check_fixture::<Gpu>(&device, "gemma2");
+            }
+        }
+
+        #[test]
         fn quantized_gguf_matches_transformers() {
             let _device = super::hold_device();
             if let Some(device) = device("quantized_gguf_matches_transformers") {

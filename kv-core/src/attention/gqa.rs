@@ -5,7 +5,17 @@ use burn::tensor::{
     Tensor,
 };
 
+use kv_kernels::attention::SoftCap;
+
 use crate::{error::Result, CacheError};
+
+/// `cap · tanh(scores / cap)` where `cap` is set (Gemma 2's attention-logit soft-capping).
+fn soft_cap<B: Backend>(scores: Tensor<B, 4>, cap: Option<SoftCap>) -> Tensor<B, 4> {
+    match cap {
+        Some(cap) => scores.div_scalar(cap.get()).tanh().mul_scalar(cap.get()),
+        None => scores,
+    }
+}
 
 /// Checks `q` `[b, h, n, d]`, `k`/`v` `[b, kv, s, d]` and returns `(heads / kv_heads)`.
 fn groups(q: &[usize; 4], k: &[usize; 4], v: &[usize; 4]) -> Result<usize> {
@@ -33,8 +43,8 @@ pub fn repeat_kv<B: Backend>(x: Tensor<B, 4>, groups: usize) -> Tensor<B, 4> {
 }
 
 /// The textbook computation, for tests to compare against:
-/// `softmax(q kᵀ / sqrt(d) + mask) v`, with key/value heads repeated for grouped-query
-/// attention.
+/// `softmax(cap(q kᵀ / sqrt(d)) + mask) v`, with key/value heads repeated for grouped-query
+/// attention and `cap` the soft-capping where one is given.
 ///
 /// Shapes: `q` `[batch, heads, queries, head_dim]`, `k`/`v` `[batch, kv_heads, keys, head_dim]`,
 /// `mask` `[batch or 1, 1, queries, keys]` with `true` = hidden. Returns
@@ -44,12 +54,14 @@ pub fn reference_attention<B: Backend>(
     k: Tensor<B, 4>,
     v: Tensor<B, 4>,
     mask: Option<Tensor<B, 4, Bool>>,
+    cap: Option<SoftCap>,
 ) -> Result<Tensor<B, 4>> {
     let [b, h, n, d] = q.dims();
     let groups = groups(&q.dims(), &k.dims(), &v.dims())?;
     let s = k.dims()[2];
     let (k, v) = (repeat_kv(k, groups), repeat_kv(v, groups));
     let scores = q.matmul(k.swap_dims(2, 3)).div_scalar((d as f32).sqrt());
+    let scores = soft_cap(scores, cap);
     let scores = match mask {
         Some(mask) => scores.mask_fill(mask.expand([b, h, n, s]), f32::MIN),
         None => scores,
@@ -75,8 +87,8 @@ pub fn reference_attention<B: Backend>(
 /// let mask = Tensor::<NdArray, 4, Bool>::from_data([[[[false; 5]; 3]]], &device);
 /// let folded = fold_mask_for_groups(mask.clone(), 1, 2, 3);
 /// assert_eq!(folded.dims(), [1, 2, 9, 5]);
-/// let a = grouped_query_attention(q.clone(), k.clone(), k.clone(), Some(mask)).unwrap();
-/// let b = grouped_query_attention(q, k.clone(), k, Some(folded)).unwrap();
+/// let a = grouped_query_attention(q.clone(), k.clone(), k.clone(), Some(mask), None).unwrap();
+/// let b = grouped_query_attention(q, k.clone(), k, Some(folded), None).unwrap();
 /// assert_eq!(a.into_data(), b.into_data());
 /// ```
 pub fn fold_mask_for_groups<B: Backend>(
@@ -97,7 +109,8 @@ pub fn fold_mask_for_groups<B: Backend>(
 ///
 /// Shapes as [`reference_attention`]; `mask` may also come folded by
 /// [`fold_mask_for_groups`]. Every query row must see at least one key (the masks of
-/// [`crate::attention_mask`] ensure this).
+/// [`crate::attention_mask`] ensure this). Scores are `q kᵀ / sqrt(d)`, soft-capped by `cap`
+/// where one is given (Gemma 2).
 ///
 /// ```
 /// use burn::tensor::Tensor;
@@ -107,7 +120,7 @@ pub fn fold_mask_for_groups<B: Backend>(
 /// let device = Default::default();
 /// let q = Tensor::<NdArray, 4>::ones([1, 6, 1, 8], &device); // 6 query heads
 /// let k = Tensor::<NdArray, 4>::ones([1, 2, 5, 8], &device); // 2 key/value heads
-/// let out = grouped_query_attention(q, k.clone(), k, None).unwrap();
+/// let out = grouped_query_attention(q, k.clone(), k, None, None).unwrap();
 /// assert_eq!(out.dims(), [1, 6, 1, 8]);
 /// ```
 pub fn grouped_query_attention<B: Backend>(
@@ -115,6 +128,7 @@ pub fn grouped_query_attention<B: Backend>(
     k: Tensor<B, 4>,
     v: Tensor<B, 4>,
     mask: Option<Tensor<B, 4, Bool>>,
+    cap: Option<SoftCap>,
 ) -> Result<Tensor<B, 4>> {
     let [b, h, n, d] = q.dims();
     let groups = groups(&q.dims(), &k.dims(), &v.dims())?;
@@ -128,7 +142,7 @@ pub fn grouped_query_attention<B: Backend>(
         let scores = q
             .matmul(k.swap_dims(2, 3))
             .mul_scalar(1.0 / (d as f64).sqrt());
-        let out = softmax(scores, 3).matmul(v);
+        let out = softmax(soft_cap(scores, cap), 3).matmul(v);
         return Ok(out.reshape([b, h, n, d]));
     }
     let mask = mask.map(|mask| {
@@ -138,7 +152,11 @@ pub fn grouped_query_attention<B: Backend>(
             fold_mask_for_groups(mask, b, kv, groups)
         }
     });
-    let out = attention(q, k, v, mask, None, AttentionModuleOptions::default());
+    let options = AttentionModuleOptions {
+        softcap: cap.map(|cap| cap.get() as f64),
+        ..Default::default()
+    };
+    let out = attention(q, k, v, mask, None, options);
     Ok(out.reshape([b, h, n, d]))
 }
 
@@ -162,6 +180,7 @@ pub struct PartialAttention<B: Backend> {
 /// [`PartialAttention`] of `q` `[batch, heads, queries, head_dim]` over `k`/`v`
 /// `[batch, kv_heads, keys, head_dim]` (a slice of the cache), grouped-query aware, with no
 /// mask: every query sees every key of the slice (a decode step's query sees the whole cache).
+/// Scores soft-capped by `cap` where one is given.
 ///
 /// ```
 /// use burn::tensor::{Distribution, Tensor};
@@ -172,10 +191,11 @@ pub struct PartialAttention<B: Backend> {
 /// let q = Tensor::<NdArray, 4>::random([1, 4, 1, 8], Distribution::Default, &device);
 /// let k = Tensor::<NdArray, 4>::random([1, 2, 10, 8], Distribution::Default, &device);
 /// let v = Tensor::<NdArray, 4>::random([1, 2, 10, 8], Distribution::Default, &device);
-/// let whole = grouped_query_attention(q.clone(), k.clone(), v.clone(), None).unwrap();
+/// let whole = grouped_query_attention(q.clone(), k.clone(), v.clone(), None, None).unwrap();
 /// let parts = vec![
-///     partial_attention(q.clone(), k.clone().narrow(2, 0, 6), v.clone().narrow(2, 0, 6)).unwrap(),
-///     partial_attention(q, k.narrow(2, 6, 4), v.narrow(2, 6, 4)).unwrap(),
+///     partial_attention(q.clone(), k.clone().narrow(2, 0, 6), v.clone().narrow(2, 0, 6), None)
+///         .unwrap(),
+///     partial_attention(q, k.narrow(2, 6, 4), v.narrow(2, 6, 4), None).unwrap(),
 /// ];
 /// let merged = merge_partial_attention(parts);
 /// let diff = (merged - whole).abs().max().into_scalar();
@@ -185,6 +205,7 @@ pub fn partial_attention<B: Backend>(
     q: Tensor<B, 4>,
     k: Tensor<B, 4>,
     v: Tensor<B, 4>,
+    cap: Option<SoftCap>,
 ) -> Result<PartialAttention<B>> {
     let [b, h, n, d] = q.dims();
     let groups = groups(&q.dims(), &k.dims(), &v.dims())?;
@@ -194,6 +215,7 @@ pub fn partial_attention<B: Backend>(
     let scores = q
         .matmul(k.swap_dims(2, 3))
         .mul_scalar(1.0 / (d as f64).sqrt());
+    let scores = soft_cap(scores, cap);
     let max = scores.clone().max_dim(3);
     let exp = (scores - max.clone()).exp();
     let sum = exp.clone().sum_dim(3);

@@ -301,7 +301,7 @@ pub(crate) fn mask_data(
 /// assert_eq!(&hidden[..5], &[false, false, false, true, true]); // the first sees 0..3
 /// let q = Tensor::<NdArray, 4>::ones([1, 4, 3, 8], &device);
 /// let kv = Tensor::<NdArray, 4>::ones([1, 2, 5, 8], &device);
-/// let out = grouped_query_attention(q, kv.clone(), kv, Some(mask)).unwrap();
+/// let out = grouped_query_attention(q, kv.clone(), kv, Some(mask), None).unwrap();
 /// assert_eq!(out.dims(), [1, 4, 3, 8]);
 /// ```
 pub fn causal_mask<B: Backend>(new: usize, past: usize, device: &B::Device) -> Tensor<B, 4, Bool> {

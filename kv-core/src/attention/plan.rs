@@ -14,6 +14,8 @@ use std::ops::Range;
 use burn::tensor::{backend::Backend, Bool, Tensor, TensorData};
 use rayon::prelude::*;
 
+use kv_kernels::attention::SoftCap;
+
 use crate::attention::gqa::grouped_query_attention;
 use crate::attention::mask::{mask_data, AttentionMask, AttentionPattern};
 use crate::error::{CacheError, Result};
@@ -75,10 +77,10 @@ struct QueryBlock<B: Backend> {
 /// let plan = AttentionPlan::<NdArray>::new(0..10, &keys, pattern, None, 4, [1, 2, 2], &device)
 ///     .unwrap();
 /// assert_eq!(plan.key_reads(), 4 * 4 + 4 * 8 + 2 * 10);
-/// let blocked = plan.attend(q.clone(), k.clone(), v.clone(), Execution::Parallel).unwrap();
+/// let blocked = plan.attend(q.clone(), k.clone(), v.clone(), None, Execution::Parallel).unwrap();
 ///
 /// let mask = attention_mask(0..10, &keys, AttentionPattern::Causal, None, &device);
-/// let whole = grouped_query_attention(q, k, v, Some(mask)).unwrap();
+/// let whole = grouped_query_attention(q, k, v, Some(mask), None).unwrap();
 /// blocked.into_data().assert_approx_eq::<f32>(&whole.into_data(), Default::default());
 /// ```
 #[derive(Debug, Clone)]
@@ -186,7 +188,7 @@ impl<B: Backend> AttentionPlan<B> {
 
     /// Attention of `q` `[batch, heads, queries, head_dim]` over `k` and `v`
     /// `[batch, kv_heads, keys, head_dim]`, block by block or on `execution`'s threads:
-    /// `[batch, heads, queries, head_dim]`.
+    /// `[batch, heads, queries, head_dim]`. Scores are soft-capped by `cap` where one is given.
     ///
     /// # Errors
     /// [`CacheError::PlanShape`] if the tensors do not have the plan's queries and keys;
@@ -196,10 +198,11 @@ impl<B: Backend> AttentionPlan<B> {
         q: Tensor<B, 4>,
         k: Tensor<B, 4>,
         v: Tensor<B, 4>,
+        cap: Option<SoftCap>,
         execution: Execution,
     ) -> Result<Tensor<B, 4>> {
         self.check(&q, &k, &v)?;
-        let outputs = self.run_blocks(&q, &k, &v, execution, |out| out)?;
+        let outputs = self.run_blocks(&q, &k, &v, cap, execution, |out| out)?;
         Ok(Tensor::cat(outputs, 2))
     }
 
@@ -214,11 +217,12 @@ impl<B: Backend> AttentionPlan<B> {
         q: Tensor<B, 4>,
         k: Tensor<B, 4>,
         v: Tensor<B, 4>,
+        cap: Option<SoftCap>,
         execution: Execution,
     ) -> Result<Tensor<B, 3>> {
         self.check(&q, &k, &v)?;
         let [batch, heads, _, head_dim] = q.dims();
-        let outputs = self.run_blocks(&q, &k, &v, execution, |out| {
+        let outputs = self.run_blocks(&q, &k, &v, cap, execution, |out| {
             let queries = out.dims()[2];
             out.swap_dims(1, 2)
                 .reshape([batch, queries, heads * head_dim])
@@ -244,6 +248,7 @@ impl<B: Backend> AttentionPlan<B> {
         q: &Tensor<B, 4>,
         k: &Tensor<B, 4>,
         v: &Tensor<B, 4>,
+        cap: Option<SoftCap>,
         execution: Execution,
         finish: impl Fn(Tensor<B, 4>) -> Tensor<B, D> + Sync,
     ) -> Result<Vec<Tensor<B, D>>> {
@@ -260,6 +265,7 @@ impl<B: Backend> AttentionPlan<B> {
                 narrow(k, &block.keys),
                 narrow(v, &block.keys),
                 block.mask.clone(),
+                cap,
             )
             .map(&finish)
         };
@@ -340,8 +346,8 @@ mod tests {
         assert_eq!(plan.key_reads(), 20);
     }
 
-    /// Every pattern, with and without padding, in both executions: the blocked output equals
-    /// the textbook attention under the whole mask.
+    /// Every pattern, with and without padding and soft-capping, in both executions: the
+    /// blocked output equals the textbook attention under the whole mask.
     #[test]
     fn blocks_give_the_attention_of_the_whole_mask() {
         let device = Default::default();
@@ -354,7 +360,8 @@ mod tests {
                 window: 4,
             },
         ];
-        for pattern in patterns {
+        let caps = [None, SoftCap::new(0.5)];
+        for (pattern, cap) in patterns.into_iter().flat_map(|p| caps.map(|c| (p, c))) {
             for padding in [None, Some(&padding)] {
                 for block in [1, 4, 13, 64] {
                     let (q, k, v) = (
@@ -365,18 +372,19 @@ mod tests {
                     let keys = KeyPositions::Contiguous(0..13);
                     let plan = plan(0..13, &keys, pattern, padding, block, [2, 2, 3]).unwrap();
                     let mask = attention_mask(0..13, &keys, pattern, padding, &device);
-                    let expected = reference_attention(q.clone(), k.clone(), v.clone(), Some(mask))
-                        .unwrap()
-                        .into_data();
+                    let expected =
+                        reference_attention(q.clone(), k.clone(), v.clone(), Some(mask), cap)
+                            .unwrap()
+                            .into_data();
                     for execution in [Execution::Sequential, Execution::Parallel] {
                         let got = plan
-                            .attend(q.clone(), k.clone(), v.clone(), execution)
+                            .attend(q.clone(), k.clone(), v.clone(), cap, execution)
                             .unwrap();
                         got.clone()
                             .into_data()
                             .assert_approx_eq::<f32>(&expected, Tolerance::absolute(1e-5));
                         let merged = plan
-                            .attend_merged(q.clone(), k.clone(), v.clone(), execution)
+                            .attend_merged(q.clone(), k.clone(), v.clone(), cap, execution)
                             .unwrap();
                         let expected_merged = got.swap_dims(1, 2).reshape([2, 13, 6 * 8]);
                         merged
@@ -402,8 +410,9 @@ mod tests {
         );
         let plan = plan(9..12, &keys, pattern, None, 2, [1, 1, 2]).unwrap();
         let mask = attention_mask(9..12, &keys, pattern, None, &device);
-        let expected = reference_attention(q.clone(), k.clone(), v.clone(), Some(mask)).unwrap();
-        let got = plan.attend(q, k, v, Execution::Parallel).unwrap();
+        let expected =
+            reference_attention(q.clone(), k.clone(), v.clone(), Some(mask), None).unwrap();
+        let got = plan.attend(q, k, v, None, Execution::Parallel).unwrap();
         got.into_data()
             .assert_approx_eq::<f32>(&expected.into_data(), Tolerance::absolute(1e-5));
     }
@@ -450,6 +459,7 @@ mod tests {
                 random([1, 1, 8, 4]),
                 random([1, 1, 9, 4]),
                 random([1, 1, 9, 4]),
+                None,
                 Execution::Sequential,
             )
             .unwrap_err();

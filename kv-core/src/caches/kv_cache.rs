@@ -77,7 +77,7 @@ pub trait KvCache<B: Backend> {
             None,
             &device,
         );
-        grouped_query_attention(queries, view.keys, view.values, mask)
+        grouped_query_attention(queries, view.keys, view.values, mask, None)
     }
 
     /// Positions seen so far: the absolute position the next token will take.

@@ -6,7 +6,7 @@ use kv_core::{
     attention_mask, causal_mask, grouped_query_attention, padding_mask, reference_attention,
     window_mask, AttentionMask, AttentionPattern, CacheConfig, CacheError, DynamicCache,
     KeyPositions, KeyRotation, KvCache, LayerShape, ModelCache, QuantBits, QuantizedCache,
-    QuantizedCacheConfig, RotaryTable, SinkCache, SlidingWindowCache, StaticCache,
+    QuantizedCacheConfig, RotaryTable, SinkCache, SlidingWindowCache, SoftCap, StaticCache,
     StaticCacheConfig,
 };
 
@@ -583,7 +583,7 @@ fn padded_queries_never_see_an_empty_row() {
     );
     let q = rand4([2, 2, 3, 4], 1);
     let (k, v) = kv(2, 3, 2);
-    let out: Vec<f32> = grouped_query_attention(q, k, v, Some(mask))
+    let out: Vec<f32> = grouped_query_attention(q, k, v, Some(mask), None)
         .unwrap()
         .to_data()
         .to_vec()
@@ -618,13 +618,14 @@ fn grouped_query_attention_equals_the_reference_with_repeated_heads() {
     let (k, v) = (rand4([2, 2, 7, 8], 2), rand4([2, 2, 7, 8], 3));
     let mask = causal_mask::<B>(3, 4, &device());
     let fast =
-        grouped_query_attention(q.clone(), k.clone(), v.clone(), Some(mask.clone())).unwrap();
-    let slow = reference_attention(q, k, v, Some(mask)).unwrap();
+        grouped_query_attention(q.clone(), k.clone(), v.clone(), Some(mask.clone()), None).unwrap();
+    let slow = reference_attention(q, k, v, Some(mask), None).unwrap();
     assert!(max_diff(&fast, &slow) < 1e-5);
     let err = reference_attention(
         rand4([1, 3, 1, 8], 1),
         rand4([1, 2, 4, 8], 2),
         rand4([1, 2, 4, 8], 3),
+        None,
         None,
     )
     .unwrap_err();
@@ -632,16 +633,23 @@ fn grouped_query_attention_equals_the_reference_with_repeated_heads() {
 }
 
 /// A decode step (one query, nothing masked) takes its own path through two batched products;
-/// it must equal the reference, grouped heads included, and so must an unmasked prompt.
+/// it must equal the reference, grouped heads included, and so must an unmasked prompt, with
+/// and without soft-capped scores (the cap small enough to change them).
 #[test]
 fn unmasked_single_query_attention_equals_the_reference() {
-    for (queries, seed) in [(1, 10), (3, 20)] {
-        let q = rand4([2, 6, queries, 8], seed);
-        let (k, v) = (rand4([2, 2, 9, 8], seed + 1), rand4([2, 2, 9, 8], seed + 2));
-        let fast = grouped_query_attention(q.clone(), k.clone(), v.clone(), None).unwrap();
-        let slow = reference_attention(q, k, v, None).unwrap();
-        assert_eq!(fast.dims(), [2, 6, queries, 8]);
-        assert!(max_diff(&fast, &slow) < 1e-5, "{queries} queries");
+    for cap in [None, SoftCap::new(0.5)] {
+        for (queries, seed) in [(1, 10), (3, 20)] {
+            let q = rand4([2, 6, queries, 8], seed);
+            let (k, v) = (rand4([2, 2, 9, 8], seed + 1), rand4([2, 2, 9, 8], seed + 2));
+            let fast = grouped_query_attention(q.clone(), k.clone(), v.clone(), None, cap).unwrap();
+            let slow = reference_attention(q.clone(), k.clone(), v.clone(), None, cap).unwrap();
+            assert_eq!(fast.dims(), [2, 6, queries, 8]);
+            assert!(max_diff(&fast, &slow) < 1e-5, "{queries} queries, {cap:?}");
+            if cap.is_some() {
+                let plain = reference_attention(q, k, v, None, None).unwrap();
+                assert!(max_diff(&plain, &slow) > 1e-3, "the cap changes the output");
+            }
+        }
     }
 }
 

@@ -118,11 +118,18 @@ fn step_and_check(
         None,
         &device(),
     );
-    let cached = grouped_query_attention(q.clone(), view.keys, view.values, Some(mask)).unwrap();
+    let cached =
+        grouped_query_attention(q.clone(), view.keys, view.values, Some(mask), None).unwrap();
     let full = KeyPositions::Contiguous(0..start + new);
     let full_mask = attention_mask(start..start + new, &full, pattern, None, &device());
-    let expected =
-        reference_attention(q, reference.keys(), reference.values(), Some(full_mask)).unwrap();
+    let expected = reference_attention(
+        q,
+        reference.keys(),
+        reference.values(),
+        Some(full_mask),
+        None,
+    )
+    .unwrap();
     let diff = max_diff(&cached, &expected);
     assert!(diff <= 1e-5, "attention differs by {diff}");
 }
@@ -336,7 +343,7 @@ proptest! {
                 let got = in_place.update_and_attend(q.clone(), k.clone(), v.clone()).unwrap();
                 let view = through_view.update(k, v).unwrap();
                 let mask = attention_mask(start..start + new, &view.positions, pattern, None, &device());
-                let expected = grouped_query_attention(q, view.keys, view.values, Some(mask)).unwrap();
+                let expected = grouped_query_attention(q, view.keys, view.values, Some(mask), None).unwrap();
                 let diff = max_diff(&got, &expected);
                 prop_assert!(diff <= 1e-5, "{:?} step {}: differs by {}", config, step, diff);
                 prop_assert_eq!(in_place.memory_bytes(), through_view.memory_bytes());
@@ -467,14 +474,16 @@ proptest! {
         (batch, kv_heads, groups, queries, keys, head_dim) in
             (1usize..3, 1usize..4, 1usize..4, 1usize..3, 2usize..40, 1usize..5),
         cuts in prop::collection::vec(0.0f64..1.0, 0..3),
+        cap in prop::option::of(0.5f32..5.0),
         seed in 0u64..1000,
     ) {
+        let cap = cap.and_then(kv_core::SoftCap::new);
         let head_dim = 2 * head_dim;
         let heads = kv_heads * groups;
         let q = rand4([batch, heads, queries, head_dim], seed);
         let k = rand4([batch, kv_heads, keys, head_dim], seed + 1).mul_scalar(3.0);
         let v = rand4([batch, kv_heads, keys, head_dim], seed + 2);
-        let whole = grouped_query_attention(q.clone(), k.clone(), v.clone(), None).unwrap();
+        let whole = grouped_query_attention(q.clone(), k.clone(), v.clone(), None, cap).unwrap();
         let mut bounds: Vec<usize> = cuts.iter().map(|c| 1 + (c * (keys - 1) as f64) as usize).collect();
         bounds.extend([0, keys]);
         bounds.sort_unstable();
@@ -483,7 +492,7 @@ proptest! {
             .windows(2)
             .map(|w| {
                 let slice = |t: &burn::tensor::Tensor<B, 4>| t.clone().narrow(2, w[0], w[1] - w[0]);
-                partial_attention(q.clone(), slice(&k), slice(&v)).unwrap()
+                partial_attention(q.clone(), slice(&k), slice(&v), cap).unwrap()
             })
             .collect();
         let merged = merge_partial_attention(parts);

@@ -154,7 +154,9 @@ fn assert_equal_alone(
 fn twenty_requests_joining_and_leaving_equal_each_alone_on_every_fixture() {
     // gemma3's sliding layers (window 4) see less than the requests' prompts: the paged
     // store's full-length blocks are masked to the window, the cache alone is a ring.
-    for name in ["gpt2", "llama", "qwen2", "qwen3", "gemma3", "phi3"] {
+    for name in [
+        "gpt2", "llama", "qwen2", "qwen3", "gemma3", "phi3", "gemma2",
+    ] {
         let loaded = load(name);
         let model = &loaded.model;
         let vocab = model.config().vocab_size;

@@ -21,7 +21,7 @@ pub fn config_from_gguf(file: &GgufFile) -> Result<ModelConfig> {
         .to_owned();
     let family = match arch.as_str() {
         "gpt2" => Architecture::Gpt2,
-        "llama" | "mistral" | "qwen2" | "qwen3" | "gemma3" => Architecture::Llama,
+        "llama" | "mistral" | "qwen2" | "qwen3" | "gemma2" | "gemma3" => Architecture::Llama,
         _ => {
             return Err(ModelError::UnsupportedArchitecture {
                 source_name: source,
@@ -86,55 +86,71 @@ pub fn config_from_gguf(file: &GgufFile) -> Result<ModelConfig> {
             _ => RopeScaling::None,
         },
     };
-    let gemma3 = arch == "gemma3";
-    // Gemma 3 files name the window; llama.cpp fixes the rest of the recipe for the
-    // architecture (five sliding layers to one full one, rotary base 10,000 on the sliding
-    // layers, norms stored with Gemma's `1 + w` already added).
-    let sliding_window = match gemma3 {
-        true => Some(number("attention.sliding_window")?),
-        false => None,
+    // Gemma files name the window and the soft-caps; llama.cpp fixes the rest of the recipe
+    // for the architecture (Gemma 2: sliding and full layers alternating; Gemma 3: five
+    // sliding layers to one full one and rotary base 10,000 on the sliding layers; both:
+    // norms stored with Gemma's `1 + w` already added).
+    let full_every = match arch.as_str() {
+        "gemma2" => Some(2),
+        "gemma3" => Some(6),
+        _ => None,
     };
-    let layer_attention = match file
-        .get(&key("attention.sliding_window_pattern"))
-        .and_then(MetaValue::as_array)
-    {
-        Some(pattern) if gemma3 => pattern
+    let sliding_window = match full_every {
+        Some(_) => Some(number("attention.sliding_window")?),
+        None => None,
+    };
+    let layer_attention = match (
+        full_every,
+        file.get(&key("attention.sliding_window_pattern"))
+            .and_then(MetaValue::as_array),
+    ) {
+        (Some(_), Some(pattern)) => pattern
             .iter()
             .map(|v| match v.as_bool() {
                 Some(true) => LayerAttention::Sliding,
                 _ => LayerAttention::Full,
             })
             .collect(),
-        _ if gemma3 => (0..num_layers)
-            .map(|i| match (i + 1) % 6 {
+        (Some(every), None) => (0..num_layers)
+            .map(|i| match (i + 1) % every {
                 0 => LayerAttention::Full,
                 _ => LayerAttention::Sliding,
             })
             .collect(),
-        _ => vec![LayerAttention::Full; num_layers],
+        (None, _) => vec![LayerAttention::Full; num_layers],
+    };
+    // As llama.cpp: attention scaled by 1/sqrt(head_dim), but by 1/sqrt(hidden/heads) for the
+    // 27B models (46 layers in Gemma 2, 62 in Gemma 3).
+    let gemma_scalar = |large_layers: usize| match num_layers == large_layers {
+        true => (hidden / heads.max(1)) as f32,
+        false => head_dim as f32,
+    };
+    let gemma = Variations {
+        sandwich_norms: true,
+        norm_weight_offset: 0.0,
+        activation: GatedActivation::GeluTanh,
+        embedding_scale: Some((hidden as f32).sqrt()),
+        ..Variations::default()
     };
     let variations = match arch.as_str() {
         "qwen3" => Variations {
             qk_norm: true,
             ..Variations::default()
         },
+        "gemma2" => Variations {
+            query_pre_attn_scalar: Some(gemma_scalar(46)),
+            attn_logit_softcap: Some(float("attn_logit_softcapping", 50.0)),
+            final_logit_softcap: Some(float("final_logit_softcapping", 30.0)),
+            ..gemma
+        },
         "gemma3" => Variations {
             qk_norm: true,
-            sandwich_norms: true,
-            norm_weight_offset: 0.0,
-            activation: GatedActivation::GeluTanh,
-            embedding_scale: Some((hidden as f32).sqrt()),
-            // As llama.cpp: 1/sqrt(head_dim), but hidden/heads for the 27B model (62 layers).
-            query_pre_attn_scalar: Some(match num_layers {
-                62 => (hidden / heads.max(1)) as f32,
-                _ => head_dim as f32,
-            }),
+            query_pre_attn_scalar: Some(gemma_scalar(62)),
             local_rope: Some(RopeConfig {
                 theta: 10_000.0,
                 scaling: RopeScaling::None,
             }),
-            final_logit_softcap: None,
-            fused_projections: false,
+            ..gemma
         },
         _ => Variations::default(),
     };

@@ -3,7 +3,7 @@
 //! (`attend_view`: on the host through kv-kernels, split by keys for a long decode step, or
 //! through the blocked attention plan).
 
-use kv_kernels::attention::{self, HeadKeys};
+use kv_kernels::attention::{self, HeadKeys, Logits};
 
 use super::*;
 
@@ -35,9 +35,10 @@ impl<B: Backend> Transformer<B> {
         let cache = match cache {
             // A cache that attends over its own storage (a quantized one: over its codes)
             // does the whole step itself, when plain causal attention is all there is to do
-            // (no padding, no window of the model's own, keys rotated here).
+            // (no padding, no window of the model's own, no soft-capping, keys rotated here).
             Some(cache)
                 if cache.attends_in_place()
+                    && self.attention_cap().is_none()
                     && step.padding.is_none()
                     && pattern == AttentionPattern::Causal
                     && step.rotation == KeyRotation::AppliedByCaller =>
@@ -98,7 +99,8 @@ impl<B: Backend> Transformer<B> {
             [batch, kv_heads, groups],
             &self.device,
         )?;
-        Ok(plan.attend_merged(q, view.keys, view.values, self.execution)?)
+        let cap = self.attention_cap();
+        Ok(plan.attend_merged(q, view.keys, view.values, cap, self.execution)?)
     }
 
     /// The key slots each new position sees, when attention runs on the host
@@ -178,7 +180,10 @@ impl<B: Backend> Transformer<B> {
         let q = host::download(q);
         let width = heads * head_dim;
         let block = self.split.queries_per_block.max(1);
-        let scale = 1.0 / (head_dim as f32).sqrt();
+        let logits = Logits {
+            scale: 1.0 / (head_dim as f32).sqrt(),
+            cap: self.attention_cap(),
+        };
         let isa = Isa::best();
         let mut out = vec![0.0f32; batch * seq * width];
         // (batch row, first query, its rows of `out`), the last blocks first.
@@ -204,7 +209,7 @@ impl<B: Backend> Transformer<B> {
                     q,
                     keys(b, h / groups),
                     visible,
-                    scale,
+                    logits,
                     &mut out[h * head_dim..],
                     width,
                     &mut scores,
@@ -244,12 +249,13 @@ impl<B: Backend> Transformer<B> {
     fn attend_split_keys(&self, q: Tensor<B, 4>, view: KvView<B>) -> Result<Tensor<B, 3>> {
         let [batch, heads, _, head_dim] = q.dims();
         let (keys, values) = (view.keys, view.values);
+        let cap = self.attention_cap();
         let parts = Threads::global().split(
             keys.dims()[2],
             MIN_KEYS_PER_THREAD,
             Arc::new(move |range: Range<usize>| {
                 let slice = |t: &Tensor<B, 4>| t.clone().narrow(2, range.start, range.len());
-                partial_attention(q.clone(), slice(&keys), slice(&values))
+                partial_attention(q.clone(), slice(&keys), slice(&values), cap)
             }),
         );
         let parts = parts

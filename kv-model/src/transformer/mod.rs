@@ -29,7 +29,7 @@ use burn::tensor::{backend::Backend, Tensor, TensorData};
 use kv_core::{
     index_tensor, merge_partial_attention, partial_attention, AttentionMask, AttentionPattern,
     AttentionPlan, Execution, HostAngles, KeyPositions, KeyRotation, KvCache, KvView, ModelCache,
-    PartialAttention, RotaryAngles, RotaryTable, DEFAULT_BLOCK_QUERIES,
+    PartialAttention, RotaryAngles, RotaryTable, SoftCap, DEFAULT_BLOCK_QUERIES,
 };
 use kv_kernels::{Format, Isa, Matrix, Threads};
 use rayon::prelude::*;
@@ -434,6 +434,14 @@ impl<B: Backend> Transformer<B> {
             factor *= attention_factor * attention_factor;
         }
         (factor != 1.0).then_some(factor)
+    }
+
+    /// The soft-capping of attention scores (Gemma 2), if the model has one.
+    fn attention_cap(&self) -> Option<SoftCap> {
+        self.config
+            .variations
+            .attn_logit_softcap
+            .and_then(SoftCap::new)
     }
 
     /// The configuration.

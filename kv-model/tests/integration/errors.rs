@@ -86,7 +86,7 @@ fn unknown_architectures_and_bad_configs_are_refused() {
         matches!(&err, ModelError::UnsupportedArchitecture { architecture, .. } if architecture == "bert")
     );
     // The message names what is supported.
-    for name in ["llama", "qwen3", "gemma3_text", "phi3"] {
+    for name in ["llama", "qwen3", "gemma2", "gemma3_text", "phi3"] {
         assert!(err.to_string().contains(name), "{err}");
     }
 

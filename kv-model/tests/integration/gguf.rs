@@ -348,3 +348,19 @@ fn llama3_rope_factors_in_gguf_match_the_safetensors_model() {
     ));
     reference::check_all(&model, &expected("llama"), 1e-4);
 }
+
+/// The tiny Gemma 2 written as llama.cpp writes a Gemma 2 file (norms stored as `1 + w`,
+/// soft-caps and window in the metadata, attention scaled by head_dim^-1/2 as llama.cpp
+/// does for every Gemma 2 but the 27B) gives transformers' logits and greedy tokens for the
+/// same weights.
+#[test]
+fn gemma2_gguf_matches_transformers() {
+    let model = load_model::<B>(&fixtures().join("tiny-gemma2.gguf"), &device())
+        .unwrap()
+        .model;
+    let variations = &model.config().variations;
+    assert_eq!(variations.attn_logit_softcap, Some(2.0));
+    assert_eq!(variations.final_logit_softcap, Some(4.0));
+    assert_eq!(model.config().sliding_window, Some(4));
+    reference::check_all(&model, &read_json("tiny-gemma2-gguf.json"), 1e-4);
+}

@@ -1,5 +1,6 @@
 //! The tiny GPT-2, Llama (GQA, llama3 rope scaling), Qwen2 (qkv bias, bf16, tied head), Qwen3
-//! (Q/K norms) and Gemma 3 (sliding and full layers, a window shorter than the prompt)
+//! (Q/K norms), Gemma 3 (sliding and full layers, a window shorter than the prompt), Phi-3
+//! and Gemma 2 (soft-capped attention scores and logits)
 //! fixtures against the logits and greedy tokens transformers recorded for them
 //! (`scripts/make_fixtures.py`), on both CPU backends: burn-flex (the default) and
 //! burn-ndarray.
@@ -62,6 +63,45 @@ fn phi3_with_longrope_and_fused_projections_matches_transformers() {
     check_all("phi3");
 }
 
+/// Gemma 2: sliding (window 4) and full layers alternating, attention scores soft-capped at 2
+/// and logits at 4 (caps that bend every value: without the attention cap transformers'
+/// logits move by 0.7), sandwich norms, GeGLU and scaled embeddings. Soft-capping runs in
+/// every attention path: the host kernels, the blocked plan, split keys, and the quantized
+/// cache (which then attends over its widened keys, not in place).
+#[test]
+fn gemma2_with_soft_capping_matches_transformers() {
+    check_all("gemma2");
+    let config = load("gemma2").config().clone();
+    assert_eq!(config.variations.attn_logit_softcap, Some(2.0));
+    assert_eq!(config.variations.final_logit_softcap, Some(4.0));
+    assert_eq!(
+        config.layer_attention,
+        [
+            kv_model::LayerAttention::Sliding,
+            kv_model::LayerAttention::Full
+        ]
+        .repeat(2)
+    );
+    // An int8 cache: the prompt's logits within int8's error of transformers' (attention
+    // without the cap would be off by tenths).
+    let model = load("gemma2");
+    let expected = expected("gemma2");
+    let mut cache = model.new_cache(&int8_cache()).unwrap();
+    let logits = model
+        .forward(
+            &[ids(&expected["prompt"])],
+            None,
+            Some(&mut cache),
+            Logits::Last,
+        )
+        .unwrap();
+    let diff = max_abs_diff(
+        &host_logits(logits)[0][0],
+        &floats(&expected["last_logits"]),
+    );
+    assert!(diff < 0.05, "int8 cache: logits differ by {diff}");
+}
+
 /// The same checks with every prompt cut into attention blocks of 3 queries and runs of 2
 /// positions on rayon's threads, as CPU binaries run prompts (in blocks and runs of 64).
 #[test]
@@ -76,7 +116,9 @@ fn prompts_split_across_threads_match_transformers() {
             .with_prompt_split(split);
         reference::check_all(&model, &expected(name), TOLERANCE);
     }
-    for name in ["gpt2", "llama", "qwen2", "qwen3", "gemma3", "phi3"] {
+    for name in [
+        "gpt2", "llama", "qwen2", "qwen3", "gemma3", "phi3", "gemma2",
+    ] {
         check_split::<B>(name);
         check_split::<Ndarray>(name);
     }
