@@ -10,8 +10,8 @@ safetensors, numpy and gguf from PyPI:
 
 It writes under kv-model/tests/fixtures/:
 
-- qwen3/, gemma3/, phi3/, gemma2/: the same for Qwen3, Gemma 3, Phi-3 and Gemma 2
-  (`--hybrid-only` writes just these); gemma3 has sliding layers with a window of 4 positions,
+- qwen3/, gemma3/, phi3/, gemma2/, phi4/: the same for Qwen3, Gemma 3, Phi-3, Gemma 2 and a
+  Phi-4-mini-shaped Phi-3 (rotary on 3/4 of each head) (`--hybrid-only` writes just these); gemma3 has sliding layers with a window of 4 positions,
   shorter than the prompt, and full layers; gemma2 alternates sliding (window 4) and full
   layers and soft-caps attention scores at 2 and logits at 4, caps that bend every value; phi3 has fused Q/K/V and gate/up projections, LongRoPE short factors with the
   attention factor of a 256-position model trained on 64, and a window of 6 on every layer.
@@ -262,7 +262,35 @@ def tiny_hybrid_models():
         for name, param in gemma2.named_parameters():
             if name.endswith("norm.weight"):
                 param.normal_(0.0, 0.3)
-    return {"qwen3": qwen3, "gemma3": gemma3, "phi3": phi3, "gemma2": gemma2}
+    # Phi-4-mini's shape of rotary: 3/4 of each head rotated (12 of 16 channels), with
+    # LongRoPE factors for those 6 frequencies and an attention factor on the rotated part only.
+    torch.manual_seed(8)
+    phi4 = Phi3ForCausalLM(
+        Phi3Config(
+            vocab_size=VOCAB,
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=256,
+            original_max_position_embeddings=64,
+            rms_norm_eps=1e-5,
+            initializer_range=0.2,
+            tie_word_embeddings=True,
+            rope_parameters={
+                "rope_type": "longrope",
+                "rope_theta": 10000.0,
+                "partial_rotary_factor": 0.75,
+                "short_factor": [1.0, 1.2, 1.9, 3.1, 4.4, 6.0],
+                "long_factor": [1.5, 3.0, 6.0, 12.0, 20.0, 30.0],
+            },
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=0,
+        )
+    )
+    return {"qwen3": qwen3, "gemma3": gemma3, "phi3": phi3, "gemma2": gemma2, "phi4": phi4}
 
 
 def greedy(model, ids, use_cache):
@@ -819,7 +847,7 @@ def main():
         "--beam-only", action="store_true", help="rewrite only the beam-search cases"
     )
     parser.add_argument(
-        "--hybrid-only", action="store_true", help="rewrite only the qwen3, gemma3, phi3 and gemma2 models"
+        "--hybrid-only", action="store_true", help="rewrite only the qwen3, gemma3, phi3, gemma2 and phi4 models"
     )
     parser.add_argument(
         "--llama3-gguf-only", action="store_true", help="rewrite only tiny-llama3.gguf"

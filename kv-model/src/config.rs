@@ -82,6 +82,9 @@ pub struct Variations {
     pub attn_logit_softcap: Option<f32>,
     /// Q/K/V stored as one `qkv_proj` and gate/up as one `gate_up_proj` (Phi-3).
     pub fused_projections: bool,
+    /// Rotary on the first `rotary_dim` channels of each head only, the rest passed through
+    /// unrotated (`partial_rotary_factor`: Phi-4-mini rotates 96 of 128). `None`: every channel.
+    pub rotary_dim: Option<usize>,
 }
 
 impl Default for Variations {
@@ -97,6 +100,7 @@ impl Default for Variations {
             final_logit_softcap: None,
             attn_logit_softcap: None,
             fused_projections: false,
+            rotary_dim: None,
         }
     }
 }
@@ -359,17 +363,26 @@ impl ModelConfig {
         if self.sliding_window == Some(0) {
             return fail("sliding_window must be positive".into());
         }
+        if let Some(rotary) = self.variations.rotary_dim {
+            if rotary == 0 || rotary % 2 != 0 || rotary > self.head_dim {
+                return fail(format!(
+                    "a rotary part of {rotary} channels in heads of {}: it must be even, \
+                     positive and at most the head",
+                    self.head_dim
+                ));
+            }
+        }
         if let Some(RopeConfig {
             scaling: RopeScaling::PerFrequency { factors, .. },
             ..
         }) = &self.rope
         {
-            if factors.len() != self.head_dim / 2 {
+            let rotary = self.rotary_dim();
+            if factors.len() != rotary / 2 {
                 return fail(format!(
-                    "{} rope factors for heads of {} (one per frequency: {})",
+                    "{} rope factors for {rotary} rotated channels per head (one per frequency: {})",
                     factors.len(),
-                    self.head_dim,
-                    self.head_dim / 2
+                    rotary / 2
                 ));
             }
         }
@@ -399,6 +412,11 @@ impl ModelConfig {
             }
         }
         Ok(())
+    }
+
+    /// Channels of each head that rotary rotates: [`Variations::rotary_dim`], or every one.
+    pub fn rotary_dim(&self) -> usize {
+        self.variations.rotary_dim.unwrap_or(self.head_dim)
     }
 
     /// The attention window of layer `layer`: `Some(sliding_window)` on a sliding layer,
@@ -545,18 +563,16 @@ impl Fields<'_> {
         let qwen2 = model_type == "qwen2";
         let qwen3 = model_type == "qwen3";
         let phi3 = model_type == "phi3";
+        // Rotary on the first `head_dim * partial_rotary_factor` channels (truncated, as
+        // transformers does), the rest passed through.
         let partial = self
             .get("rope_parameters")
             .and_then(|p| p.get("partial_rotary_factor"))
             .or_else(|| self.get("partial_rotary_factor"))
             .and_then(Value::as_f64)
             .unwrap_or(1.0);
-        if partial != 1.0 {
-            return Err(ModelError::config(
-                self.source_name,
-                format!("partial_rotary_factor {partial} (rotary on part of each head) is not supported"),
-            ));
-        }
+        let rotary_dim = ((head_dim as f64 * partial) as usize != head_dim)
+            .then_some((head_dim as f64 * partial) as usize);
         let sliding_window = match model_type.as_str() {
             "mistral" | "phi3" => self.opt_usize("sliding_window")?,
             "qwen2" | "qwen3" if self.bool_or("use_sliding_window", false)? => {
@@ -612,6 +628,7 @@ impl Fields<'_> {
             variations: Variations {
                 qk_norm: qwen3,
                 fused_projections: phi3,
+                rotary_dim,
                 ..Variations::default()
             },
             bos_token_id: token_ids(self.get("bos_token_id")).and_then(|ids| ids.first().copied()),
@@ -736,6 +753,7 @@ impl Fields<'_> {
                 final_logit_softcap: cap("final_logit_softcapping", 30.0)?,
                 attn_logit_softcap: cap("attn_logit_softcapping", 50.0)?,
                 fused_projections: false,
+                rotary_dim: None,
             },
             bos_token_id: token_ids(self.get("bos_token_id")).and_then(|ids| ids.first().copied()),
             eos_token_ids: self.token_ids("eos_token_id").unwrap_or_default(),

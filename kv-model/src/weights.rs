@@ -160,6 +160,48 @@ impl Weights {
         names
     }
 
+    /// Reorders the rows of the 2-D tensor `name` (the entries of a 1-D one): row `i` of the
+    /// result is row `order[i]` of the stored one. Dense tensors and matrices in blocks alike
+    /// (whole rows move, so blocks stay intact).
+    ///
+    /// # Errors
+    /// [`ModelError::MissingTensor`] if there is no `name`; [`ModelError::TensorShape`] if it
+    /// does not have `order.len()` rows.
+    pub fn permute_rows(&mut self, name: &str, order: &[usize]) -> Result<()> {
+        let stored = self
+            .tensors
+            .get_mut(name)
+            .ok_or_else(|| ModelError::MissingTensor {
+                source_name: self.source_name.clone(),
+                tensor: name.into(),
+            })?;
+        let shape = stored.shape();
+        if shape.first() != Some(&order.len()) || shape.len() > 2 {
+            let mut expected = shape.clone();
+            if let Some(rows) = expected.first_mut() {
+                *rows = order.len();
+            }
+            return Err(ModelError::TensorShape {
+                source_name: self.source_name.clone(),
+                tensor: name.into(),
+                expected,
+                found: shape,
+            });
+        }
+        *stored = match stored {
+            Stored::Matrix(m) => Stored::Matrix(m.select_rows(order)),
+            Stored::Dense(t) => {
+                let cols = shape.get(1).copied().unwrap_or(1);
+                let data = order
+                    .iter()
+                    .flat_map(|&r| t.data[r * cols..(r + 1) * cols].iter().copied())
+                    .collect();
+                Stored::Dense(HostTensor::new(shape, data))
+            }
+        };
+        Ok(())
+    }
+
     /// Removes `name`, checking its shape.
     fn take_stored(&mut self, name: &str, expected: &[usize]) -> Result<Stored> {
         let tensor = self

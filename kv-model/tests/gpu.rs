@@ -197,6 +197,14 @@ macro_rules! gpu_tests {
         }
 
         #[test]
+        fn phi3_partial_rotary_matches_transformers() {
+            let _device = super::hold_device();
+            if let Some(device) = device("phi3_partial_rotary_matches_transformers") {
+                super::check_fixture::<Gpu>(&device, "phi4");
+            }
+        }
+
+        #[test]
         fn quantized_gguf_matches_transformers() {
             let _device = super::hold_device();
             if let Some(device) = device("quantized_gguf_matches_transformers") {

@@ -276,8 +276,14 @@ impl<B: Backend> Transformer<B> {
                     host::rotate_heads(&mut q, [batch, heads, n, head_dim], angles, *shared);
                     host::rotate_heads(&mut k, [batch, kv_heads, n, head_dim], angles, *shared);
                 }
-                if let Some(factor) = query_factor {
-                    q.iter_mut().for_each(|v| *v *= factor);
+                match &query_factor {
+                    Some(QueryScale::Uniform(factor)) => q.iter_mut().for_each(|v| *v *= factor),
+                    Some(QueryScale::Channels(factors)) => {
+                        for head in q.chunks_exact_mut(head_dim) {
+                            head.iter_mut().zip(factors).for_each(|(v, f)| *v *= f);
+                        }
+                    }
+                    None => {}
                 }
                 let tensor = |values: Vec<f32>, count: usize| {
                     Tensor::<B, 4>::from_data(
@@ -319,8 +325,13 @@ impl<B: Backend> Transformer<B> {
                     q = for_queries.apply(q);
                     k = for_keys.apply(k);
                 }
-                if let Some(factor) = query_factor {
-                    q = q.mul_scalar(factor);
+                match query_factor {
+                    Some(QueryScale::Uniform(factor)) => q = q.mul_scalar(factor),
+                    Some(QueryScale::Channels(factors)) => {
+                        let data = TensorData::new(factors, [1, 1, 1, head_dim]);
+                        q = q.mul(Tensor::from_data(data, &self.device));
+                    }
+                    None => {}
                 }
                 (q, k, v)
             }

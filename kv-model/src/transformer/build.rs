@@ -25,6 +25,9 @@ impl<B: Backend> Transformer<B> {
     ) -> Result<Self> {
         let name = weights.source_name().to_owned();
         config.validate(&name)?;
+        if let Some(rotary) = config.variations.rotary_dim {
+            lay_out_partial_rotary(config, &mut weights, rotary)?;
+        }
         let gpt2_prefix = if weights.contains("wte.weight") {
             ""
         } else {
@@ -562,10 +565,10 @@ fn build_llama<B: Backend>(c: &ModelConfig, m: &mut Matrices<'_, B>) -> Result<P
     let head = (!c.tie_word_embeddings).then_some("lm_head.weight");
     let (token_embedding, lm_head) =
         m.embedding("model.embed_tokens.weight", c.vocab_size, hidden, head)?;
-    let rotary = RotaryTable::from_inv_freq(rope.inv_freq(c.head_dim), device)?;
+    let rotary = RotaryTable::from_inv_freq(rotary_inv_freq(c, &rope), device)?;
     let local = match &variations.local_rope {
         Some(local) => Some(RotaryTable::from_inv_freq(
-            local.inv_freq(c.head_dim),
+            rotary_inv_freq(c, local),
             device,
         )?),
         None => None,
@@ -577,4 +580,86 @@ fn build_llama<B: Backend>(c: &ModelConfig, m: &mut Matrices<'_, B>) -> Result<P
         final_norm,
         lm_head,
     })
+}
+
+/// The `head_dim / 2` inverse frequencies of a rotary table for `rope`: those of the rotated
+/// channels, then zeros (angle 0: cosine 1, sine 0) for the channels partial rotary passes
+/// through, in the layout [`lay_out_partial_rotary`] gives the heads.
+fn rotary_inv_freq(c: &ModelConfig, rope: &crate::config::RopeConfig) -> Vec<f32> {
+    let mut inv_freq = rope.inv_freq(c.rotary_dim());
+    inv_freq.resize(c.head_dim / 2, 0.0);
+    inv_freq
+}
+
+/// Where each channel of a head goes when rotary covers only its first `rotary` channels:
+/// `[rot_a, pass_a, rot_b, pass_b]` (each rotated half, then half of the passed channels),
+/// so that the rotate-half table pairs channel `i` with `i + head_dim / 2` as transformers
+/// pairs `i` with `i + rotary / 2`, and the passed channels pair with each other at angle 0.
+/// Entry `i` is the stored channel that lands at `i`.
+fn partial_rotary_order(head_dim: usize, rotary: usize) -> Vec<usize> {
+    let (rot, pass) = (rotary / 2, (head_dim - rotary) / 2);
+    let half = |first_rot: usize, first_pass: usize| {
+        (first_rot..first_rot + rot).chain(first_pass..first_pass + pass)
+    };
+    half(0, rotary).chain(half(rot, rotary + pass)).collect()
+}
+
+/// Partial rotary (Phi-4-mini) run as full rotary: every head's query and key channels are
+/// reordered at load ([`partial_rotary_order`]) in the Q and K projections, their biases and
+/// their norms. Scores are sums over channels, so the same order on queries and keys leaves
+/// them unchanged, and values (the attention's output) are not touched: every attention
+/// path, cache and rotation runs as it does for a fully rotated model, at no cost per token.
+fn lay_out_partial_rotary(c: &ModelConfig, weights: &mut Weights, rotary: usize) -> Result<()> {
+    let order = partial_rotary_order(c.head_dim, rotary);
+    let heads = |count: usize, offset: usize| -> Vec<usize> {
+        (0..count)
+            .flat_map(|h| order.iter().map(move |&j| offset + h * c.head_dim + j))
+            .collect()
+    };
+    let (q_rows, kv_rows) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
+    let mut permute = |name: String, order: &[usize], required: bool| -> Result<()> {
+        match weights.contains(&name) || required {
+            true => weights.permute_rows(&name, order),
+            false => Ok(()),
+        }
+    };
+    for i in 0..c.num_layers {
+        let p = format!("model.layers.{i}.self_attn");
+        if c.variations.fused_projections {
+            // Q's rows, then K's, then V's (unchanged).
+            let mut fused = heads(c.num_heads, 0);
+            fused.extend(heads(c.num_kv_heads, q_rows));
+            fused.extend(q_rows + kv_rows..q_rows + 2 * kv_rows);
+            permute(format!("{p}.qkv_proj.weight"), &fused, true)?;
+            permute(format!("{p}.qkv_proj.bias"), &fused, false)?;
+        } else {
+            let (q, k) = (heads(c.num_heads, 0), heads(c.num_kv_heads, 0));
+            permute(format!("{p}.q_proj.weight"), &q, true)?;
+            permute(format!("{p}.q_proj.bias"), &q, false)?;
+            permute(format!("{p}.k_proj.weight"), &k, true)?;
+            permute(format!("{p}.k_proj.bias"), &k, false)?;
+        }
+        if c.variations.qk_norm {
+            permute(format!("{p}.q_norm.weight"), &order, true)?;
+            permute(format!("{p}.k_norm.weight"), &order, true)?;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::partial_rotary_order;
+
+    #[test]
+    fn partial_rotary_pairs_the_rotated_channels_across_the_halves() {
+        // Heads of 8, rotary on 4: rotated pairs (0, 2) and (1, 3); passed 4..8.
+        let order = partial_rotary_order(8, 4);
+        assert_eq!(order, [0, 1, 4, 5, 2, 3, 6, 7]);
+        // Channel i pairs with i + 4: rotated with rotated as transformers pairs them.
+        for i in 0..2 {
+            assert_eq!(order[i + 4], order[i] + 2);
+        }
+        assert_eq!(partial_rotary_order(6, 6), [0, 1, 2, 3, 4, 5]);
+    }
 }

@@ -180,6 +180,15 @@ impl<B: Backend> Attention<B> {
     }
 }
 
+/// The factor on the queries after rotary ([`Transformer::query_factor`]).
+#[derive(Debug, Clone, PartialEq)]
+enum QueryScale {
+    /// The same factor on every channel.
+    Uniform(f32),
+    /// One factor per channel of a head, `[head_dim]`.
+    Channels(Vec<f32>),
+}
+
 /// What sets one layer apart from the others, as data built from the configuration: the
 /// block code ([`Block::forward`]) is the same for every layer and reads its differences here.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -416,24 +425,39 @@ impl<B: Backend> Transformer<B> {
     /// model's own (`query_pre_attn_scalar^-1/2`), `None` where they agree.
     ///
     /// LongRoPE's attention factor, which transformers puts on the cosines and sines (so on
-    /// both the rotated queries and keys), is folded in here as its square.
-    fn query_factor(&self) -> Option<f32> {
-        let head_dim = self.config.head_dim as f32;
-        let mut factor = match self.config.variations.query_pre_attn_scalar {
+    /// both the rotated queries and keys), is folded in here as its square: on every channel,
+    /// or on the rotated ones only where rotary covers part of each head.
+    fn query_factor(&self) -> Option<QueryScale> {
+        let c = &self.config;
+        let head_dim = c.head_dim as f32;
+        let scale = match c.variations.query_pre_attn_scalar {
             Some(scalar) => (head_dim / scalar).sqrt(),
             None => 1.0,
         };
-        if let Some(crate::config::RopeConfig {
-            scaling:
-                crate::config::RopeScaling::PerFrequency {
-                    attention_factor, ..
-                },
-            ..
-        }) = &self.config.rope
-        {
-            factor *= attention_factor * attention_factor;
+        let rotated = match &c.rope {
+            Some(crate::config::RopeConfig {
+                scaling:
+                    crate::config::RopeScaling::PerFrequency {
+                        attention_factor, ..
+                    },
+                ..
+            }) => scale * attention_factor * attention_factor,
+            _ => scale,
+        };
+        match c.variations.rotary_dim {
+            Some(rotary) if rotated != scale => {
+                // The rotated channels sit at the start of each half ([`build`]'s layout).
+                let (half, rot) = (c.head_dim / 2, rotary / 2);
+                let channels = (0..c.head_dim)
+                    .map(|i| match i % half < rot {
+                        true => rotated,
+                        false => scale,
+                    })
+                    .collect();
+                Some(QueryScale::Channels(channels))
+            }
+            _ => (rotated != 1.0).then_some(QueryScale::Uniform(rotated)),
         }
-        (factor != 1.0).then_some(factor)
     }
 
     /// The soft-capping of attention scores (Gemma 2), if the model has one.

@@ -28,12 +28,19 @@ pub fn check_prompt_logits<Bk: Backend>(model: &Transformer<Bk>, expected: &Valu
         assert_eq!(argmax(row), top_ids[0], "argmax at position {position}");
     }
 
-    // Last-only logits are the last row of all logits.
+    // Last-only logits are the last row of all logits, to float rounding (the head's product
+    // of one row and of many may take different kernels).
     let last_only = model
         .forward_uncached(&[prompt], None, Logits::Last)
         .unwrap();
     assert_eq!(last_only.dims(), [1, 1, rows.last().unwrap().len()]);
-    assert!(max_abs_diff(&host_logits(last_only)[0][0], rows.last().unwrap()) < 1e-6);
+    let last = rows.last().unwrap();
+    let diff = max_abs_diff(&host_logits(last_only)[0][0], last);
+    let largest = last.iter().fold(0.0f32, |m, x| m.max(x.abs()));
+    assert!(
+        diff <= 1e-6 * (1.0 + largest),
+        "last-only logits differ from the last row by {diff} (largest {largest})"
+    );
 }
 
 /// The prompt's logit rows against the recorded ones: the whole last row, and every position's

@@ -1,6 +1,6 @@
 //! The tiny GPT-2, Llama (GQA, llama3 rope scaling), Qwen2 (qkv bias, bf16, tied head), Qwen3
 //! (Q/K norms), Gemma 3 (sliding and full layers, a window shorter than the prompt), Phi-3
-//! and Gemma 2 (soft-capped attention scores and logits)
+//! (with full and partial rotary) and Gemma 2 (soft-capped attention scores and logits)
 //! fixtures against the logits and greedy tokens transformers recorded for them
 //! (`scripts/make_fixtures.py`), on both CPU backends: burn-flex (the default) and
 //! burn-ndarray.
@@ -61,6 +61,15 @@ fn gemma3_with_sliding_and_full_layers_matches_transformers() {
 #[test]
 fn phi3_with_longrope_and_fused_projections_matches_transformers() {
     check_all("phi3");
+}
+
+/// Phi-4-mini's rotary: 12 of each head's 16 channels rotated, with LongRoPE factors for
+/// those 6 frequencies and the attention factor on the rotated channels only; the Q/K
+/// channels are reordered at load so the full rotary tables serve.
+#[test]
+fn phi3_with_partial_rotary_matches_transformers() {
+    check_all("phi4");
+    assert_eq!(load("phi4").config().variations.rotary_dim, Some(12));
 }
 
 /// Gemma 2: sliding (window 4) and full layers alternating, attention scores soft-capped at 2
