@@ -3,7 +3,7 @@
 
 use burn::tensor::{backend::Backend, Tensor};
 use kv_core::{
-    CacheConfig, CacheError, CacheKind, CacheSizes, CacheSpec, KvCache, LayerShape,
+    CacheConfig, CacheError, CacheKind, CacheSizes, CacheSpec, KvCache, LayerGroup, LayerShape,
     PagedCacheConfig, SinkPositions,
 };
 use kv_model::ModelConfig;
@@ -101,6 +101,32 @@ pub fn model_bytes(
         }
     }
     Some(bytes)
+}
+
+/// Bytes one sequence of `positions` holds in the serving engine's paged pool (blocks of
+/// `block_size`, [`kv_core::PagedStore`]) as it decodes: its layers in groups
+/// ([`LayerGroup::split`]), a block holding the largest group's count of layers, a sliding
+/// group only the blocks its window reaches ([`LayerGroup::decode_blocks`]).
+pub fn engine_bytes(config: &ModelConfig, block_size: usize, positions: usize) -> LayerBytes {
+    let windows: Vec<Option<usize>> = (0..config.num_layers)
+        .map(|i| config.layer_window(i))
+        .collect();
+    let groups = LayerGroup::split(&windows);
+    let per_block = groups.iter().map(|g| g.layers.len()).max().unwrap_or(0)
+        * block_size
+        * 2
+        * config.num_kv_heads
+        * config.head_dim
+        * 4;
+    let mut bytes = LayerBytes::default();
+    for group in &groups {
+        let held = group.decode_blocks(positions, block_size) * per_block;
+        match group.window {
+            None => bytes.full += held,
+            Some(_) => bytes.sliding += held,
+        }
+    }
+    bytes
 }
 
 /// Builds one real layer cache of each kind, appends `positions` tokens of zeros in chunks, and

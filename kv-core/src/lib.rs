@@ -75,7 +75,7 @@ pub use caches::model_cache::ModelCache;
 pub use caches::paged::cache::{PagedCache, PagedCacheConfig, DEFAULT_BLOCK_SIZE};
 pub use caches::paged::pool::{BlockHash, BlockId, BlockOrder, BlockPool, PoolStats};
 pub use caches::paged::storage::{HostKv, KvMemory};
-pub use caches::paged::store::{PagedStore, SequenceId};
+pub use caches::paged::store::{LayerGroup, PagedStore, SequenceId};
 pub use caches::paged::table::{BlockCopy, BlockTable};
 pub use caches::quantized::{QuantBits, QuantizedCache, QuantizedCacheConfig};
 pub use caches::sink::{SinkCache, SinkPositions};

@@ -5,8 +5,9 @@
 //! `layers.{i}.keys` and `layers.{i}.values`, f32 `[kv_heads, tokens, head_dim]`, and string
 //! metadata: the format's name and version, the model's fingerprint (a hash of its files, the
 //! weight format and the backend: keys computed by another model or at another precision must
-//! not be reused), the dtype, the block size, the token ids, and a SHA-256 of the tensors'
-//! bytes. Reading checks each of these and says which one failed.
+//! not be reused), the dtype, the block size, the token ids, each layer's first held position
+//! (past 0 for a sliding-window layer of a prefix longer than its window; zeros before it),
+//! and a SHA-256 of the tensors' bytes. Reading checks each of these and says which one failed.
 //!
 //! Files live in one folder (`--prompt-cache-dir`); a name is a plain file name, so a request
 //! cannot reach outside it.
@@ -124,6 +125,10 @@ pub fn encode(saved: &SavedPrefix, fingerprint: &str) -> Vec<u8> {
         ("head_dim".to_string(), saved.head_dim.to_string()),
         ("layers".to_string(), saved.layers.len().to_string()),
         (
+            "layer_starts".to_string(),
+            serde_json::to_string(&saved.layer_starts).expect("positions serialize"),
+        ),
+        (
             "tokens".to_string(),
             serde_json::to_string(&saved.tokens).expect("ids serialize"),
         ),
@@ -195,6 +200,18 @@ pub fn decode(
     );
     let tokens: Vec<u32> = serde_json::from_str(field("tokens")?)
         .map_err(|e| not_ours(format!("`tokens` is not a list of ids: {e}")))?;
+    // Files written before sliding-window layers were saved apart hold every layer from 0.
+    let layer_starts: Vec<usize> = match meta.get("layer_starts") {
+        Some(starts) => serde_json::from_str(starts)
+            .map_err(|e| not_ours(format!("`layer_starts` is not a list of positions: {e}")))?,
+        None => vec![0; layers],
+    };
+    if layer_starts.len() != layers {
+        return Err(not_ours(format!(
+            "{} layer starts for {layers} layers",
+            layer_starts.len()
+        )));
+    }
     let tensors = SafeTensors::deserialize(bytes).map_err(|e| corrupt(e.to_string()))?;
     let shape = [kv_heads, tokens.len(), head_dim];
     let mut hash = Sha256::new();
@@ -235,6 +252,7 @@ pub fn decode(
         kv_heads,
         head_dim,
         layers: saved_layers,
+        layer_starts,
     })
 }
 
@@ -252,6 +270,7 @@ mod tests {
                 ((0..24).map(|i| i as f32).collect(), vec![0.5; 24]),
                 (vec![-1.0; 24], (0..24).map(|i| -(i as f32)).collect()),
             ],
+            layer_starts: vec![0, 2],
         }
     }
 

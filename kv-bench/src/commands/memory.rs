@@ -70,10 +70,25 @@ pub(crate) fn memory_table(args: &MemoryArgs) -> Result<(), BenchError> {
         );
     }
     let mut table = Vec::new();
-    for (name, kind) in &kinds {
+    // The serving engine's pool: one sequence's blocks (of 16) as it decodes.
+    let engine = (
+        "engine pool (blocks of 16)".to_string(),
+        None::<kv_core::CacheConfig>,
+    );
+    let rows = kinds.iter().map(|(n, k)| (n.clone(), Some(k.clone())));
+    for (name, kind) in rows.chain([engine]) {
         let bytes: Vec<Option<kv_bench::memory::LayerBytes>> = sizes
             .iter()
-            .map(|&n| kv_bench::memory::model_bytes(&config, kind, args.batch, n))
+            .map(|&n| match &kind {
+                Some(kind) => kv_bench::memory::model_bytes(&config, kind, args.batch, n),
+                None => {
+                    let one = kv_bench::memory::engine_bytes(&config, 16, n);
+                    Some(kv_bench::memory::LayerBytes {
+                        full: one.full * args.batch,
+                        sliding: one.sliding * args.batch,
+                    })
+                }
+            })
             .collect();
         let cell = |b: &Option<kv_bench::memory::LayerBytes>| match b {
             None => "refused".to_string(),

@@ -102,7 +102,8 @@ pub struct PoolSummary {
     pub bytes: usize,
     /// The model's longest sequence.
     pub max_positions: usize,
-    /// Sequences of that length the pool holds at once.
+    /// Sequences of that length the pool holds at once as they decode (a sliding layer
+    /// group holding its window's blocks only).
     pub full_length_sequences: usize,
 }
 
@@ -189,10 +190,15 @@ impl<'a, B: Backend> Engine<'a, B> {
                 config.token_budget, config.max_running
             )));
         }
-        let block_bytes = config.block_size * model.kv_bytes_per_position();
+        // A block holds one layer group's keys (every layer, for a model without sliding
+        // layers): a pool of `n` tokens has room for `n` positions of every group.
+        let groups = model.paged_layer_groups();
+        let layers_per_block = groups.iter().map(|g| g.layers.len()).max().unwrap_or(1);
+        let block_bytes =
+            config.block_size * layers_per_block * model.kv_bytes_per_layer_position();
         let blocks = match config.pool {
             PoolSize::Blocks(n) => n,
-            PoolSize::Tokens(n) => n.div_ceil(config.block_size),
+            PoolSize::Tokens(n) => n.div_ceil(config.block_size) * groups.len(),
             PoolSize::Bytes(n) => n / block_bytes,
         };
         if blocks == 0 {
@@ -218,12 +224,15 @@ impl<'a, B: Backend> Engine<'a, B> {
     pub fn pool_summary(&self) -> PoolSummary {
         let pool = self.store.pool();
         let max_positions = self.model.config().max_positions;
+        let block_bytes = pool.block_size()
+            * self.store.layers_per_block()
+            * self.model.kv_bytes_per_layer_position();
         PoolSummary {
             blocks: pool.num_blocks(),
             block_size: pool.block_size(),
-            bytes: pool.num_blocks() * pool.block_size() * self.model.kv_bytes_per_position(),
+            bytes: pool.num_blocks() * block_bytes,
             max_positions,
-            full_length_sequences: pool.num_blocks() / max_positions.div_ceil(pool.block_size()),
+            full_length_sequences: pool.num_blocks() / self.store.decode_blocks(max_positions),
         }
     }
 
@@ -293,7 +302,7 @@ impl<'a, B: Backend> Engine<'a, B> {
             });
         }
         let pool = self.store.pool();
-        let blocks = positions.div_ceil(pool.block_size());
+        let blocks = self.store.blocks_for(positions);
         if blocks > pool.num_blocks() {
             return Err(GenerateError::LargerThanPool {
                 positions,

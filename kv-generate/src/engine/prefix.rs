@@ -21,6 +21,10 @@ pub struct SavedPrefix {
     pub head_dim: usize,
     /// Per layer, keys then values, each `[kv_heads, tokens, head_dim]` f32, row-major.
     pub layers: Vec<(Vec<f32>, Vec<f32>)>,
+    /// Per layer, the first position it holds: 0, but for a sliding-window layer of a prefix
+    /// longer than its window, whose pool gave back the positions no later query sees (they
+    /// are zeros in `layers`).
+    pub layer_starts: Vec<usize>,
 }
 
 impl<B: Backend> Engine<'_, B> {
@@ -38,16 +42,26 @@ impl<B: Backend> Engine<'_, B> {
                 .into_vec()
                 .expect("converted to f32")
         };
-        let layers = if cached == 0 {
-            Vec::new()
-        } else {
-            (0..config.num_layers)
-                .map(|layer| {
-                    let (keys, values) = self.store.read(layer, sequence);
-                    (host(keys), host(values))
-                })
-                .collect()
+        let (heads, d) = (config.num_kv_heads, config.head_dim);
+        // A layer's held positions, zeros before them: `[kv_heads, cached, head_dim]`.
+        let padded = |held: Vec<f32>, start: usize| -> Vec<f32> {
+            let rows = cached - start;
+            let mut all = vec![0.0; heads * cached * d];
+            for h in 0..heads {
+                all[(h * cached + start) * d..(h + 1) * cached * d]
+                    .copy_from_slice(&held[h * rows * d..(h + 1) * rows * d]);
+            }
+            all
         };
+        let (mut layers, mut layer_starts) = (Vec::new(), Vec::new());
+        if cached > 0 {
+            for layer in 0..config.num_layers {
+                let start = self.store.held_positions(layer, sequence).start;
+                let (keys, values) = self.store.read(layer, sequence);
+                layers.push((padded(host(keys), start), padded(host(values), start)));
+                layer_starts.push(start);
+            }
+        }
         self.store.free(sequence);
         SavedPrefix {
             tokens: tokens[..cached].to_vec(),
@@ -55,6 +69,7 @@ impl<B: Backend> Engine<'_, B> {
             kv_heads: config.num_kv_heads,
             head_dim: config.head_dim,
             layers,
+            layer_starts,
         }
     }
 
@@ -85,6 +100,7 @@ impl<B: Backend> Engine<'_, B> {
             return Ok(0);
         }
         expect("layers", saved.layers.len(), config.num_layers)?;
+        expect("layer starts", saved.layer_starts.len(), config.num_layers)?;
         expect("positions not in whole blocks:", n % saved.block_size, 0)?;
         let values = config.num_kv_heads * n * config.head_dim;
         for (keys, vals) in &saved.layers {
@@ -95,22 +111,42 @@ impl<B: Backend> Engine<'_, B> {
         let probe: Vec<u32> = saved.tokens.iter().copied().chain([0]).collect();
         let (sequence, cached) = self.store.add_sequence(&probe);
         if cached < n {
-            if let Err(e) = self.store.reserve(sequence, &saved.tokens[cached..]) {
+            if let Err(e) = self
+                .store
+                .reserve_restored(sequence, &saved.tokens[cached..])
+            {
                 self.store.free(sequence);
                 return Err(e.into());
             }
+            // Each layer's positions it holds now (a sliding layer: its window's before the
+            // next position), which the saved prefix must have.
+            let firsts: Vec<usize> = (0..config.num_layers)
+                .map(|layer| self.store.held_positions(layer, sequence).start.max(cached))
+                .collect();
+            if let Some(layer) = (0..config.num_layers).find(|&l| firsts[l] < saved.layer_starts[l])
+            {
+                self.store.free(sequence);
+                return Err(GenerateError::InvalidRequest(format!(
+                    "the saved prefix holds layer {layer} from position {}, this pool needs it \
+                     from {}",
+                    saved.layer_starts[layer], firsts[layer]
+                )));
+            }
             let dims = [1, config.num_kv_heads, n, config.head_dim];
             let device = self.model.device();
-            let tensor = |data: &[f32]| {
+            let tensor = |data: &[f32], first: usize| {
                 burn::tensor::Tensor::<B, 4>::from_data(
                     burn::tensor::TensorData::new(data.to_vec(), dims),
                     device,
                 )
-                .narrow(2, cached, n - cached)
+                .narrow(2, first, n - first)
             };
             for (layer, (keys, vals)) in saved.layers.iter().enumerate() {
-                self.store
-                    .write(layer, sequence, cached, tensor(keys), tensor(vals));
+                let first = firsts[layer];
+                if first < n {
+                    let (k, v) = (tensor(keys, first), tensor(vals, first));
+                    self.store.write(layer, sequence, first, k, v);
+                }
             }
         }
         self.store.free(sequence);

@@ -43,6 +43,11 @@ pub trait CacheManager {
 
     /// Blocks in the pool.
     fn num_blocks(&self) -> usize;
+
+    /// Blocks a sequence of `positions` positions takes at most.
+    fn blocks_for(&self, positions: usize) -> usize {
+        positions.div_ceil(self.block_size())
+    }
 }
 
 impl<B: Backend> CacheManager for PagedStore<B> {
@@ -64,6 +69,10 @@ impl<B: Backend> CacheManager for PagedStore<B> {
 
     fn num_blocks(&self) -> usize {
         self.pool().num_blocks()
+    }
+
+    fn blocks_for(&self, positions: usize) -> usize {
+        PagedStore::blocks_for(self, positions)
     }
 }
 
@@ -209,7 +218,7 @@ impl Scheduler {
             let front = &self.waiting[0];
             return Err(GenerateError::LargerThanPool {
                 positions: front.row.prompt.len() + front.max_new_tokens - 1,
-                blocks: front.tokens().len().div_ceil(cache.block_size()),
+                blocks: cache.blocks_for(front.tokens().len()),
                 pool_blocks: cache.num_blocks(),
                 block_size: cache.block_size(),
             });

@@ -286,6 +286,105 @@ fn a_saved_prefix_restored_into_a_fresh_engine_is_a_cache_hit_with_the_same_outp
     assert!(second.restore_prefix(&short).is_err());
 }
 
+/// Gemma 3's sliding layers (window 4) in blocks of 4: their groups give back the blocks that
+/// slide out of the window as a request decodes, so its blocks grow at the full layers' rate
+/// only; its tokens are those of the model alone through a dense hybrid cache.
+#[test]
+fn sliding_layer_groups_give_back_blocks_past_their_window() {
+    let loaded = load("gemma3");
+    let model = &loaded.model;
+    let groups = model.paged_layer_groups();
+    // Two full layers (2, 5), four sliding ones in two groups of two.
+    assert_eq!(groups.len(), 3);
+    assert_eq!(groups[0].layers, [2, 5]);
+    let prompt: Vec<u32> = (0..8).map(|p| (p * 7 + 3) % 96).collect();
+    let config = EngineConfig {
+        pool: PoolSize::Tokens(64),
+        block_size: 4,
+        ..EngineConfig::default()
+    };
+    let mut engine = Engine::new(model, None, config).unwrap();
+    let request = Request {
+        eos: EosPolicy::Ignore,
+        ..Request::greedy(prompt.clone(), 32)
+    };
+    let id = engine.add_request(request.clone()).unwrap();
+    let pool_blocks = engine.store().pool().num_blocks();
+    // 64 positions of every group: 16 blocks each.
+    assert_eq!(pool_blocks, 3 * 16);
+    let mut tokens = Vec::new();
+    let mut most_held = 0;
+    while engine.has_work() {
+        for event in engine.step().unwrap() {
+            if let EngineEvent::Token { token, .. } = event {
+                tokens.push(token);
+            }
+        }
+        let held = pool_blocks - engine.store().pool().free_blocks();
+        most_held = most_held.max(held);
+        if engine.running() > 0 && tokens.len() >= 2 {
+            // Positions written so far: the prompt and every token fed back (past the
+            // prompt's step, whose chunk the sliding groups hold whole).
+            let positions = prompt.len() + tokens.len() - 1;
+            assert_eq!(
+                held,
+                engine.store().decode_blocks(positions),
+                "{positions} positions"
+            );
+        }
+    }
+    let _ = id;
+    // 39 positions: 10 blocks of full layers, 2 per sliding group at most; one table for
+    // every layer would hold 30.
+    assert_eq!(engine.store().decode_blocks(39), 10 + 2 + 2);
+    assert_eq!(engine.store().blocks_for(39), 30);
+    assert!(most_held <= 14, "held {most_held} blocks");
+    assert_eq!(tokens, alone(model, None, &request).0);
+}
+
+/// A Gemma 3 prefix longer than the window saved and restored: the sliding layers keep only
+/// their window's blocks before the prefix's end, and a fresh engine given them back answers
+/// as the first did.
+#[test]
+fn a_saved_hybrid_prefix_keeps_its_windows_and_restores() {
+    let loaded = load("gemma3");
+    let model = &loaded.model;
+    let prompt: Vec<u32> = (0..22).map(|p| (p * 5 + 1) % 96).collect();
+    let request = Request::greedy(prompt.clone(), 6);
+    let config = EngineConfig {
+        pool: PoolSize::Tokens(256),
+        block_size: 4,
+        ..EngineConfig::default()
+    };
+    let mut first = Engine::new(model, None, config.clone()).unwrap();
+    let before = run(&mut first, &[(0, request.clone())]);
+    // The same prompt again: its cached blocks match, the sliding groups' window among them.
+    let again = run(&mut first, &[(0, request.clone())]);
+    assert_eq!(again[0].usage.cached_prompt_tokens, 20);
+    assert_eq!(again[0].tokens, before[0].tokens);
+    let saved = first.save_prefix(&prompt);
+    assert_eq!(saved.tokens, prompt[..20]);
+    // Position 20's window of 4 starts at 17, in the block of 16..20.
+    let starts: Vec<usize> = (0..6).map(|l| if l % 3 == 2 { 0 } else { 16 }).collect();
+    assert_eq!(saved.layer_starts, starts);
+    let mut second = Engine::new(model, None, config.clone()).unwrap();
+    assert_eq!(second.restore_prefix(&saved).unwrap(), 20);
+    let after = run(&mut second, &[(0, request)]);
+    assert_eq!(after[0].usage.cached_prompt_tokens, 20);
+    assert_eq!(after[0].tokens, before[0].tokens);
+    // A prefix whose sliding layers start later than this pool needs is refused.
+    let mut late = saved;
+    late.layer_starts[0] = 20;
+    let config = EngineConfig {
+        pool: PoolSize::Tokens(256),
+        block_size: 4,
+        ..EngineConfig::default()
+    };
+    let mut third = Engine::new(model, None, config).unwrap();
+    let error = third.restore_prefix(&late).unwrap_err().to_string();
+    assert!(error.contains("layer 0 from position 20"), "{error}");
+}
+
 #[test]
 fn a_tiny_pool_preempts_and_outputs_still_equal_each_alone() {
     let loaded = load("qwen2");
@@ -321,17 +420,30 @@ fn a_tiny_pool_preempts_and_outputs_still_equal_each_alone() {
 
 /// 1000 random requests (a few shared prefixes, random lengths and arrivals), 30% cancelled
 /// at a random step while waiting or mid-stream, through a pool small enough to preempt: the
-/// pool ends as it started.
+/// pool ends as it started. On a Llama and on a Gemma 3 whose sliding layers (window 4) give
+/// blocks back as they go (three layer groups, so three times the blocks).
 #[test]
 fn a_thousand_random_requests_with_cancellations_leave_the_pool_as_it_started() {
-    let json = serde_json::json!({
+    let llama = serde_json::json!({
         "model_type": "llama", "vocab_size": 64, "hidden_size": 32, "num_hidden_layers": 2,
         "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 64
     });
-    let config = ModelConfig::from_hf_json(&json, "random").unwrap();
+    let gemma3 = serde_json::json!({
+        "model_type": "gemma3_text", "vocab_size": 64, "hidden_size": 32,
+        "num_hidden_layers": 3, "num_attention_heads": 2, "num_key_value_heads": 1,
+        "head_dim": 16, "intermediate_size": 64, "sliding_window": 4,
+        "layer_types": ["sliding_attention", "full_attention", "sliding_attention"]
+    });
+    for (json, blocks) in [(llama, 24), (gemma3, 72)] {
+        thousand_random_requests(&json, blocks);
+    }
+}
+
+fn thousand_random_requests(json: &serde_json::Value, blocks: usize) {
+    let config = ModelConfig::from_hf_json(json, "random").unwrap();
     let model = Transformer::<B>::random(&config, 3, &Default::default()).unwrap();
     let engine_config = EngineConfig {
-        pool: PoolSize::Blocks(24),
+        pool: PoolSize::Blocks(blocks),
         block_size: 4,
         max_running: 12,
         token_budget: 24,

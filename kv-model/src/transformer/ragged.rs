@@ -15,7 +15,7 @@
 //! are those it gets alone (up to float rounding where a product's kernel changes with the
 //! number of rows).
 
-use kv_core::{KvMemory, PagedStore, SequenceId};
+use kv_core::{KvMemory, LayerGroup, PagedStore, SequenceId};
 
 use super::block::{LayerKv, PassLayout};
 use super::stream::{self, Run, Stream};
@@ -49,11 +49,23 @@ impl<'a> BatchPiece<'a> {
 }
 
 impl<B: Backend> Transformer<B> {
-    /// A paged store for this model: `num_blocks` blocks of `block_size` positions for every
-    /// layer, handed out in `order`, its block hashes keyed by this model's configuration so
-    /// that no other model's blocks are ever taken for its own. A model whose every matrix
-    /// lives on the host keeps its keys and values there too ([`KvMemory::Host`]), where its
-    /// attention reads them in place; others keep them on the device.
+    /// The layer groups of this model's paged stores ([`LayerGroup::split`]): one group of
+    /// every layer for a model whose layers all see every position; groups of its sliding
+    /// layers and of its full ones otherwise (Gemma), each with its own block tables, so the
+    /// sliding groups give back the blocks that slide out of their window.
+    pub fn paged_layer_groups(&self) -> Vec<LayerGroup> {
+        let windows: Vec<Option<usize>> = (0..self.config.num_layers)
+            .map(|i| self.config.layer_window(i))
+            .collect();
+        LayerGroup::split(&windows)
+    }
+
+    /// A paged store for this model: `num_blocks` blocks of `block_size` positions, each for
+    /// the layers of one group ([`Transformer::paged_layer_groups`]), handed out in `order`,
+    /// its block hashes keyed by this model's configuration so that no other model's blocks
+    /// are ever taken for its own. A model whose every matrix lives on the host keeps its
+    /// keys and values there too ([`KvMemory::Host`]), where its attention reads them in
+    /// place; others keep them on the device.
     ///
     /// # Panics
     /// If `block_size` is 0.
@@ -73,9 +85,9 @@ impl<B: Backend> Transformer<B> {
         } else {
             KvMemory::Device
         };
-        PagedStore::new_in(
+        PagedStore::new_grouped(
             memory,
-            self.config.num_layers,
+            &self.paged_layer_groups(),
             shape,
             num_blocks,
             block_size,
@@ -87,8 +99,13 @@ impl<B: Backend> Transformer<B> {
 
     /// Bytes of keys and values one position takes over every layer (f32).
     pub fn kv_bytes_per_position(&self) -> usize {
+        self.config.num_layers * self.kv_bytes_per_layer_position()
+    }
+
+    /// Bytes of keys and values one position takes in one layer (f32).
+    pub fn kv_bytes_per_layer_position(&self) -> usize {
         let c = &self.config;
-        2 * c.num_layers * c.num_kv_heads * c.head_dim * std::mem::size_of::<f32>()
+        2 * c.num_kv_heads * c.head_dim * std::mem::size_of::<f32>()
     }
 
     /// One forward pass over `pieces`, each the new tokens of one sequence of `store` at its
@@ -298,10 +315,13 @@ impl<B: Backend> LayerKv<B> for PagedKv<'_, '_, B> {
         } = self.pieces[piece];
         let step = &mut self.steps[piece];
         self.store.write(layer.index, sequence, start, k, v);
+        // The positions the layer still holds: all, or a sliding layer's from the first block
+        // its window reaches.
+        let held = self.store.held_positions(layer.index, sequence);
         // A host store: attention reads the sequence's blocks where they lie, through its
         // block table, with the arithmetic of attention over a dense cache's contiguous keys.
         if let Some(kv) = self.store.host_kv(layer.index, sequence) {
-            let positions = KeyPositions::Contiguous(0..kv.len());
+            let positions = KeyPositions::Contiguous(held.clone());
             let pattern = model.layer_pattern(layer, step.cache_pattern(layer.index))?;
             let splits = step.on_host && model.splits_keys(&q, &positions, pattern, step);
             if let Some(visible) = model
@@ -312,11 +332,10 @@ impl<B: Backend> LayerKv<B> for PagedKv<'_, '_, B> {
             }
         }
         let (keys, values) = self.store.read(layer.index, sequence);
-        let held = keys.dims()[2];
         let view = KvView {
             keys,
             values,
-            positions: KeyPositions::Contiguous(0..held),
+            positions: KeyPositions::Contiguous(held),
             query_rotary_positions: None,
         };
         model.attend_view(q, view, layer, step)

@@ -307,6 +307,11 @@ impl BlockPool {
         }
     }
 
+    /// Whether a block holding `hash` is cached, without taking it or counting a query.
+    pub fn is_cached(&self, hash: &BlockHash) -> bool {
+        self.cached.contains_key(hash)
+    }
+
     /// The block holding `hash`, with one more reference (taken out of the free list if it was
     /// idle), or `None`. Counts a query, and a hit when found.
     pub fn lookup(&mut self, hash: &BlockHash) -> Option<BlockId> {

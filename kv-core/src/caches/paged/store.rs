@@ -1,6 +1,15 @@
 //! [`PagedStore`]: the keys and values of many sequences, every layer, in one block pool: what
 //! an engine that batches requests continuously keeps (one block table per sequence, shared by
 //! all layers, as vLLM keeps them).
+//!
+//! A model whose layers attend differently (Gemma's sliding-window and full layers) splits
+//! them into [`LayerGroup`]s of equal size, each with its own block table per sequence, as
+//! vLLM's hybrid allocator does: a block then holds one group's layers, so every group draws
+//! from the one pool, and a sliding group gives back the blocks that slid wholly out of its
+//! window. A sequence's memory then grows at the full layers' rate only. What it costs: a
+//! group short of the common size leaves its missing members' slots unused, and the prefix
+//! cache must find a sliding group's blocks of the last window before a cached prefix (not
+//! those before it, which were given back), so a prefix may match shorter than with one table.
 
 use std::collections::HashMap;
 
@@ -9,7 +18,7 @@ use burn::tensor::{backend::Backend, Tensor};
 use crate::error::{CacheError, Result};
 use crate::LayerShape;
 
-use super::pool::{BlockOrder, BlockPool, PoolStats};
+use super::pool::{BlockHash, BlockOrder, BlockPool, PoolStats};
 use super::storage::{HostKv, KvMemory, LayerStorage};
 use super::table::BlockTable;
 
@@ -17,11 +26,105 @@ use super::table::BlockTable;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct SequenceId(pub u64);
 
-/// One sequence: its table and the token ids its positions hold (for the prefix cache).
+/// Layers that share block tables, and the window they attend over: one group for a model
+/// whose layers all see every position; for a hybrid model, groups of its sliding layers and
+/// groups of its full ones ([`PagedStore::new_grouped`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LayerGroup {
+    /// The layers, by index.
+    pub layers: Vec<usize>,
+    /// Positions each query of these layers sees (its own included), or `None` for all.
+    pub window: Option<usize>,
+}
+
+impl LayerGroup {
+    /// Blocks of `block_size` this group holds for one sequence of `positions` positions once
+    /// it decodes one position a step: all of them, or a sliding group's from the block its
+    /// last position's window starts in.
+    ///
+    /// ```
+    /// use kv_core::LayerGroup;
+    ///
+    /// let sliding = LayerGroup { layers: vec![0], window: Some(512) };
+    /// assert_eq!(sliding.decode_blocks(4096, 16), 32); // positions 3584..4096
+    /// assert_eq!(sliding.decode_blocks(4100, 16), 33); // 3588..4100: from the block of 3584
+    /// let full = LayerGroup { layers: vec![1], window: None };
+    /// assert_eq!(full.decode_blocks(4096, 16), 256);
+    /// ```
+    pub fn decode_blocks(&self, positions: usize, block_size: usize) -> usize {
+        let Some(last) = positions.checked_sub(1) else {
+            return 0;
+        };
+        let first = self.window.map_or(0, |w| (last + 1).saturating_sub(w));
+        last / block_size - first / block_size + 1
+    }
+
+    /// vLLM's grouping of `windows` (one per layer): layers of one window into groups of
+    /// the common size, the smallest count of layers sharing a window, in layer order (the
+    /// last group of a kind may come short).
+    ///
+    /// ```
+    /// use kv_core::LayerGroup;
+    ///
+    /// // Gemma 3's pattern over 12 layers: five sliding (window 512) to one full.
+    /// let windows: Vec<Option<usize>> =
+    ///     (0..12).map(|i| if i % 6 == 5 { None } else { Some(512) }).collect();
+    /// let groups = LayerGroup::split(&windows);
+    /// assert_eq!(groups.len(), 6); // one full group of 2, five sliding groups of 2
+    /// assert_eq!(groups[0], LayerGroup { layers: vec![5, 11], window: None });
+    /// assert_eq!(groups[1], LayerGroup { layers: vec![0, 1], window: Some(512) });
+    /// ```
+    pub fn split(windows: &[Option<usize>]) -> Vec<Self> {
+        let mut kinds: Vec<(Option<usize>, Vec<usize>)> = Vec::new();
+        for (layer, &window) in windows.iter().enumerate() {
+            match kinds.iter_mut().find(|(w, _)| *w == window) {
+                Some((_, layers)) => layers.push(layer),
+                None => kinds.push((window, vec![layer])),
+            }
+        }
+        // Full layers first: their group is the one whose tables grow with the sequence.
+        kinds.sort_by_key(|(window, _)| window.is_some());
+        let size = kinds.iter().map(|(_, l)| l.len()).min().unwrap_or(1).max(1);
+        kinds
+            .into_iter()
+            .flat_map(|(window, layers)| {
+                layers
+                    .chunks(size)
+                    .map(|chunk| LayerGroup {
+                        layers: chunk.to_vec(),
+                        window,
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    }
+}
+
+/// One sequence: a table per layer group and the token ids its positions hold (for the
+/// prefix cache).
 #[derive(Debug, Clone)]
 struct Sequence {
-    table: BlockTable,
+    tables: Vec<BlockTable>,
     tokens: Vec<u32>,
+}
+
+/// Which of a reserve's positions are read by queries to come.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Reading {
+    /// The new positions are queries themselves (a forward pass): a sliding group keeps what
+    /// the first one's window sees.
+    FromTheFirst,
+    /// The new positions are written from elsewhere: a sliding group keeps what the window
+    /// of the position after the last one sees.
+    AfterTheLast,
+}
+
+/// A group's window and the key its block hashes carry.
+#[derive(Debug, Clone)]
+struct Group {
+    window: Option<usize>,
+    /// The store's extra key and the group's index: groups never share a block.
+    extra: Vec<u8>,
 }
 
 /// Every layer's keys and values for many sequences in one pool of `num_blocks` blocks, sized
@@ -61,14 +164,16 @@ struct Sequence {
 #[derive(Debug)]
 pub struct PagedStore<B: Backend> {
     pool: BlockPool,
-    /// Per layer, `[kv_heads, num_blocks * block_size, head_dim]` keys and values.
-    layers: Vec<LayerStorage<B>>,
+    /// Per member of a group, `[kv_heads, num_blocks * block_size, head_dim]` keys and values:
+    /// a block's slots in member `m` hold layer `m` of the group that holds the block.
+    members: Vec<LayerStorage<B>>,
+    /// Each layer's group and member.
+    layer_at: Vec<(usize, usize)>,
+    groups: Vec<Group>,
     memory: KvMemory,
     device: B::Device,
     sequences: HashMap<SequenceId, Sequence>,
     next_id: u64,
-    /// The extra key of every block hash (a model fingerprint).
-    extra: Vec<u8>,
 }
 
 impl<B: Backend> PagedStore<B> {
@@ -134,21 +239,142 @@ impl<B: Backend> PagedStore<B> {
         extra: &[u8],
         device: &B::Device,
     ) -> Self {
+        let group = LayerGroup {
+            layers: (0..layers).collect(),
+            window: None,
+        };
+        Self::new_grouped(
+            memory,
+            &[group],
+            shape,
+            num_blocks,
+            block_size,
+            order,
+            extra,
+            device,
+        )
+    }
+
+    /// [`PagedStore::new_in`] for layers in `groups` ([`LayerGroup::split`]), each group with
+    /// its own block table per sequence; a block holds the largest group's count of layers.
+    ///
+    /// ```
+    /// use burn::tensor::Tensor;
+    /// use burn_ndarray::NdArray;
+    /// use kv_core::{BlockOrder, KvMemory, LayerGroup, LayerShape, PagedStore};
+    ///
+    /// let device = Default::default();
+    /// let shape = LayerShape { kv_heads: 1, head_dim: 2 };
+    /// // Layer 0 sees the last 2 positions, layer 1 every one.
+    /// let groups = LayerGroup::split(&[Some(2), None]);
+    /// let mut store = PagedStore::<NdArray>::new_grouped(
+    ///     KvMemory::Host, &groups, shape, 16, 2, BlockOrder::Ascending, b"m", &device,
+    /// );
+    /// let (id, _) = store.add_sequence(&[]);
+    /// for position in 0..8 {
+    ///     store.reserve(id, &[position as u32]).unwrap();
+    ///     let kv = Tensor::<NdArray, 4>::ones([1, 1, 1, 2], &device);
+    ///     store.write(0, id, position, kv.clone(), kv.clone());
+    ///     store.write(1, id, position, kv.clone(), kv);
+    /// }
+    /// // The full layer holds 4 blocks; the sliding one only the block of positions 6..8,
+    /// // all that position 7's window of 2 sees.
+    /// assert_eq!(store.held_positions(1, id), 0..8);
+    /// assert_eq!(store.held_positions(0, id), 6..8);
+    /// assert_eq!(store.pool().free_blocks(), 16 - 4 - 1);
+    /// ```
+    ///
+    /// # Panics
+    /// If `block_size` is 0, or `groups` do not hold every layer `0..n` exactly once.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new_grouped(
+        memory: KvMemory,
+        groups: &[LayerGroup],
+        shape: LayerShape,
+        num_blocks: usize,
+        block_size: usize,
+        order: BlockOrder,
+        extra: &[u8],
+        device: &B::Device,
+    ) -> Self {
         assert!(block_size > 0, "a block holds at least one slot");
+        let layers: usize = groups.iter().map(|g| g.layers.len()).sum();
+        let mut layer_at = vec![None; layers];
+        for (g, group) in groups.iter().enumerate() {
+            for (m, &layer) in group.layers.iter().enumerate() {
+                let at = layer_at.get_mut(layer).unwrap_or_else(|| {
+                    panic!("layer {layer} of {groups:?} is past the {layers} layers grouped")
+                });
+                assert!(at.is_none(), "layer {layer} is in two groups of {groups:?}");
+                *at = Some((g, m));
+            }
+        }
+        let members = groups.iter().map(|g| g.layers.len()).max().unwrap_or(0);
         let mut pool = BlockPool::new(0, block_size);
         pool.grow(num_blocks, order);
         let dims = [shape.kv_heads, num_blocks * block_size, shape.head_dim];
+        let group_extra = |g: usize| {
+            let mut key = extra.to_vec();
+            if groups.len() > 1 {
+                key.extend_from_slice(format!("/group {g}").as_bytes());
+            }
+            key
+        };
         Self {
             pool,
-            layers: (0..layers)
+            members: (0..members)
                 .map(|_| LayerStorage::zeros(memory, dims, device))
+                .collect(),
+            layer_at: layer_at
+                .into_iter()
+                .map(|at| at.expect("each layer placed"))
+                .collect(),
+            groups: groups
+                .iter()
+                .enumerate()
+                .map(|(g, group)| Group {
+                    window: group.window,
+                    extra: group_extra(g),
+                })
                 .collect(),
             memory,
             device: device.clone(),
             sequences: HashMap::new(),
             next_id: 0,
-            extra: extra.to_vec(),
         }
+    }
+
+    /// Layer groups, each with its own block tables (one for a store of [`PagedStore::new`]).
+    pub fn groups(&self) -> usize {
+        self.groups.len()
+    }
+
+    /// Blocks one sequence of `positions` positions takes if no group gives any back (its
+    /// prompt in one piece): an upper bound, `groups × ⌈positions / block_size⌉`.
+    pub fn blocks_for(&self, positions: usize) -> usize {
+        self.groups.len() * positions.div_ceil(self.pool.block_size())
+    }
+
+    /// Blocks one sequence of `positions` positions holds once it decodes one position a
+    /// step: every block of a full group, and of a sliding group those the last position's
+    /// window reaches (`⌈(window - 1) / block_size⌉ + 1` at most).
+    pub fn decode_blocks(&self, positions: usize) -> usize {
+        let size = self.pool.block_size();
+        self.groups
+            .iter()
+            .map(|g| {
+                let group = LayerGroup {
+                    layers: Vec::new(),
+                    window: g.window,
+                };
+                group.decode_blocks(positions, size)
+            })
+            .sum()
+    }
+
+    /// Layers a block holds keys and values for (the largest group's count).
+    pub fn layers_per_block(&self) -> usize {
+        self.members.len()
     }
 
     /// The pool.
@@ -163,7 +389,19 @@ impl<B: Backend> PagedStore<B> {
 
     /// Positions `id` holds.
     pub fn len(&self, id: SequenceId) -> usize {
-        self.sequences[&id].table.len()
+        self.sequences[&id].tables[0].len()
+    }
+
+    /// The positions of `id` whose keys and values `layer` holds: every one, or for a layer
+    /// of a sliding group those from the first block still in its window.
+    pub fn held_positions(&self, layer: usize, id: SequenceId) -> std::ops::Range<usize> {
+        let table = self.table(layer, id);
+        table.first_held(self.pool.block_size())..table.len()
+    }
+
+    /// `id`'s table for `layer`'s group.
+    fn table(&self, layer: usize, id: SequenceId) -> &BlockTable {
+        &self.sequences[&id].tables[self.layer_at[layer].0]
     }
 
     /// Whether `id` is held (added or forked, not freed).
@@ -184,47 +422,146 @@ impl<B: Backend> PagedStore<B> {
     /// Adds a sequence for `prompt`, starting from its longest run of cached full blocks (never
     /// its last token, whose logits must be computed): `(id, cached positions)`. The cached
     /// positions need no compute; the rest are [`PagedStore::reserve`]d and written.
+    ///
+    /// With several layer groups the run is the longest that every group can serve: a full
+    /// group all its blocks up to it, a sliding group the blocks of the window before it.
     pub fn add_sequence(&mut self, prompt: &[u32]) -> (SequenceId, usize) {
-        let (table, cached) = BlockTable::from_cached_prefix(
-            &mut self.pool,
-            prompt,
-            &self.extra,
-            prompt.len().saturating_sub(1),
-        );
+        let max_tokens = prompt.len().saturating_sub(1);
+        let size = self.pool.block_size();
+        let mut tables: Vec<BlockTable> = Vec::with_capacity(self.groups.len());
+        // Full groups take their longest runs (as one table would); the shortest bounds all.
+        for group in self.groups.iter().filter(|g| g.window.is_none()) {
+            let (table, _) =
+                BlockTable::from_cached_prefix(&mut self.pool, prompt, &group.extra, max_tokens);
+            tables.push(table);
+        }
+        let mut blocks = tables
+            .iter()
+            .map(|t| t.len() / size)
+            .min()
+            .unwrap_or(max_tokens / size);
+        // Sliding groups: the longest run, at most that, whose window's blocks are cached.
+        let sliding: Vec<&Group> = self.groups.iter().filter(|g| g.window.is_some()).collect();
+        let chains: Vec<Vec<BlockHash>> = sliding
+            .iter()
+            .map(|g| hash_chain(&prompt[..blocks * size], size, &g.extra))
+            .collect();
+        let first_needed =
+            |blocks: usize, window: usize| (blocks * size + 1).saturating_sub(window) / size;
+        while blocks > 0
+            && !sliding.iter().zip(&chains).all(|(g, chain)| {
+                let first = first_needed(blocks, g.window.expect("sliding"));
+                chain[first..blocks].iter().all(|h| self.pool.is_cached(h))
+            })
+        {
+            blocks -= 1;
+        }
+        for table in &mut tables {
+            table.truncate(&mut self.pool, blocks * size);
+        }
+        for (g, chain) in sliding.iter().zip(&chains) {
+            let first = first_needed(blocks, g.window.expect("sliding"));
+            let table = BlockTable::from_cached_window(&mut self.pool, &chain[..blocks], first)
+                .expect("checked cached");
+            tables.push(table);
+        }
+        // Back in group order: full groups came first above, as they come first in `groups`
+        // whenever there are both (`LayerGroup::split`); otherwise one kind only.
+        let order: Vec<usize> = (0..self.groups.len())
+            .filter(|&g| self.groups[g].window.is_none())
+            .chain((0..self.groups.len()).filter(|&g| self.groups[g].window.is_some()))
+            .collect();
+        let mut slots: Vec<Option<BlockTable>> = vec![None; self.groups.len()];
+        for (table, g) in tables.into_iter().zip(order) {
+            slots[g] = Some(table);
+        }
+        let tables = slots
+            .into_iter()
+            .map(|t| t.expect("one per group"))
+            .collect();
+        let cached = blocks * size;
         let id = SequenceId(self.next_id);
         self.next_id += 1;
         let tokens = prompt[..cached].to_vec();
-        self.sequences.insert(id, Sequence { table, tokens });
+        self.sequences.insert(id, Sequence { tables, tokens });
         (id, cached)
     }
 
     /// Blocks that reserving `n` more positions for `id` would take.
     pub fn blocks_needed(&self, id: SequenceId, n: usize) -> usize {
-        self.sequences[&id].table.blocks_needed(&self.pool, n)
+        self.sequences[&id]
+            .tables
+            .iter()
+            .map(|t| t.blocks_needed(&self.pool, n))
+            .sum()
     }
 
     /// Makes room for `tokens` after `id`'s positions (copying a shared last block in every
     /// layer first) and records their ids; full blocks are registered for the prefix cache.
-    /// All or nothing.
+    /// A sliding group first gives back the blocks no new position's window reaches. All or
+    /// nothing (but for those blocks, which no later step needs).
     ///
     /// # Errors
     /// [`CacheError::PoolExhausted`] with the numbers, the store unchanged.
     pub fn reserve(&mut self, id: SequenceId, tokens: &[u32]) -> Result<()> {
+        self.reserve_for(id, tokens, Reading::FromTheFirst)
+    }
+
+    /// [`PagedStore::reserve`] for positions whose keys come from elsewhere (a saved prefix
+    /// put back) rather than from a forward pass over them: a sliding group takes blocks only
+    /// for the positions the window of the position after them sees, and
+    /// [`PagedStore::held_positions`] says which to write.
+    ///
+    /// # Errors
+    /// As [`PagedStore::reserve`].
+    pub fn reserve_restored(&mut self, id: SequenceId, tokens: &[u32]) -> Result<()> {
+        self.reserve_for(id, tokens, Reading::AfterTheLast)
+    }
+
+    fn reserve_for(&mut self, id: SequenceId, tokens: &[u32], reading: Reading) -> Result<()> {
         let sequence = self
             .sequences
             .get_mut(&id)
             .ok_or(CacheError::UnknownSequence { id: id.0 })?;
-        let copies = sequence.table.append(&mut self.pool, tokens.len())?;
-        let size = self.pool.block_size();
-        for copy in copies {
-            for layer in &mut self.layers {
-                layer.copy_slots(copy.from.index() * size, copy.to.index() * size, copy.slots);
-            }
+        let start = sequence.tables[0].len();
+        let first_query = match reading {
+            Reading::FromTheFirst => start,
+            Reading::AfterTheLast => start + tokens.len(),
+        };
+        // Per group, the first position a coming query sees.
+        let first_needed: Vec<usize> = self
+            .groups
+            .iter()
+            .map(|g| g.window.map_or(0, |w| (first_query + 1).saturating_sub(w)))
+            .collect();
+        for (table, &first) in sequence.tables.iter_mut().zip(&first_needed) {
+            table.release_before(&mut self.pool, first);
         }
+        let needed: usize = sequence
+            .tables
+            .iter()
+            .zip(&first_needed)
+            .map(|(t, &first)| t.blocks_needed_from(&self.pool, tokens.len(), first))
+            .sum();
+        if needed > self.pool.free_blocks() {
+            return Err(CacheError::PoolExhausted {
+                needed,
+                free: self.pool.free_blocks(),
+                total: self.pool.num_blocks(),
+            });
+        }
+        let size = self.pool.block_size();
         sequence.tokens.extend_from_slice(tokens);
-        sequence
-            .table
-            .register_full_blocks(&mut self.pool, &sequence.tokens, &self.extra);
+        let groups = sequence.tables.iter_mut().zip(&self.groups);
+        for ((table, group), &first) in groups.zip(&first_needed) {
+            let copies = table.append_from(&mut self.pool, tokens.len(), first)?;
+            for copy in copies {
+                for member in &mut self.members {
+                    member.copy_slots(copy.from.index() * size, copy.to.index() * size, copy.slots);
+                }
+            }
+            table.register_full_blocks(&mut self.pool, &sequence.tokens, &group.extra);
+        }
         Ok(())
     }
 
@@ -239,8 +576,8 @@ impl<B: Backend> PagedStore<B> {
         values: Tensor<B, 4>,
     ) {
         let n = keys.dims()[2];
-        let slots = self.slots(id, start..start + n);
-        let storage = &mut self.layers[layer];
+        let slots = self.slots(layer, id, start..start + n);
+        let storage = &mut self.members[self.layer_at[layer].1];
         let mut at = 0;
         while at < n {
             let mut end = at + 1;
@@ -256,38 +593,41 @@ impl<B: Backend> PagedStore<B> {
         }
     }
 
-    /// `id`'s keys and values in `layer`: `[1, kv_heads, len, head_dim]`, one slice of the pool
-    /// when its blocks are consecutive, else gathered (a copy; always one from host storage).
-    /// Drop them before the next write.
+    /// `id`'s keys and values in `layer` at [`PagedStore::held_positions`]:
+    /// `[1, kv_heads, held, head_dim]`, one slice of the pool when its blocks are consecutive,
+    /// else gathered (a copy; always one from host storage). Drop them before the next write.
     pub fn read(&self, layer: usize, id: SequenceId) -> (Tensor<B, 4>, Tensor<B, 4>) {
-        let storage = &self.layers[layer];
-        let table = &self.sequences[&id].table;
-        let blocks = table.blocks();
+        let storage = &self.members[self.layer_at[layer].1];
+        let held = self.held_positions(layer, id);
+        let blocks = self.table(layer, id).blocks();
         let first = blocks[0].index();
+        let size = self.pool.block_size();
         if blocks
             .iter()
             .enumerate()
             .all(|(i, b)| b.index() == first + i)
         {
-            let start = first * self.pool.block_size();
-            storage.read(start..start + table.len(), &self.device)
+            // `held` starts at a block's first slot.
+            let start = first * size;
+            storage.read(start..start + held.len(), &self.device)
         } else {
-            storage.gather(&self.slots(id, 0..table.len()), &self.device)
+            storage.gather(&self.slots(layer, id, held), &self.device)
         }
     }
 
     /// `id`'s keys and values in `layer` where a [`KvMemory::Host`] store keeps them, for
-    /// kv-kernels' attention to read in place through its block table; `None` for a device
-    /// store.
+    /// kv-kernels' attention to read in place through its block table (key `i` is position
+    /// `held_positions(layer, id).start + i`); `None` for a device store.
     pub fn host_kv(&self, layer: usize, id: SequenceId) -> Option<HostKv<'_>> {
-        let host = self.layers[layer].host()?;
-        let table = &self.sequences[&id].table;
+        let host = self.members[self.layer_at[layer].1].host()?;
+        let table = self.table(layer, id);
         let blocks = table.blocks().iter().map(|b| b.index()).collect();
+        let held = self.held_positions(layer, id);
         Some(HostKv::new(
             host,
             self.pool.block_size(),
             blocks,
-            table.len(),
+            held.len(),
         ))
     }
 
@@ -299,13 +639,17 @@ impl<B: Backend> PagedStore<B> {
     /// A new sequence sharing every block of `id` (a fork: several continuations, beams).
     pub fn fork(&mut self, id: SequenceId) -> SequenceId {
         let sequence = self.sequences[&id].clone();
-        let table = sequence.table.fork(&mut self.pool);
+        let tables = sequence
+            .tables
+            .iter()
+            .map(|t| t.fork(&mut self.pool))
+            .collect();
         let new = SequenceId(self.next_id);
         self.next_id += 1;
         self.sequences.insert(
             new,
             Sequence {
-                table,
+                tables,
                 tokens: sequence.tokens,
             },
         );
@@ -315,14 +659,16 @@ impl<B: Backend> PagedStore<B> {
     /// Gives `id`'s blocks back (its full blocks stay cached until reused).
     pub fn free(&mut self, id: SequenceId) {
         if let Some(mut sequence) = self.sequences.remove(&id) {
-            sequence.table.release(&mut self.pool);
+            for table in &mut sequence.tables {
+                table.release(&mut self.pool);
+            }
         }
     }
 
-    /// Pool slots of `id`'s positions.
-    fn slots(&self, id: SequenceId, positions: std::ops::Range<usize>) -> Vec<usize> {
+    /// Pool slots of `id`'s positions in `layer` (held ones).
+    fn slots(&self, layer: usize, id: SequenceId, positions: std::ops::Range<usize>) -> Vec<usize> {
         let size = self.pool.block_size();
-        let table = &self.sequences[&id].table;
+        let table = self.table(layer, id);
         positions
             .map(|p| {
                 let (block, slot) = table.slot(p, size);
@@ -330,4 +676,14 @@ impl<B: Backend> PagedStore<B> {
             })
             .collect()
     }
+}
+
+/// The hashes of `tokens`' full blocks of `size`, each chained to the one before.
+fn hash_chain(tokens: &[u32], size: usize, extra: &[u8]) -> Vec<BlockHash> {
+    let mut chain: Vec<BlockHash> = Vec::with_capacity(tokens.len() / size);
+    for chunk in tokens.chunks_exact(size) {
+        let hash = BlockHash::new(chain.last(), chunk, extra);
+        chain.push(hash);
+    }
+    chain
 }

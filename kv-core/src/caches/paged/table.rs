@@ -19,6 +19,11 @@ pub struct BlockCopy {
 /// The blocks of one sequence: position `p` lives in slot `p % block_size` of block
 /// `blocks[p / block_size]`.
 ///
+/// A table of sliding-window layers gives back the blocks that have slid wholly out of its
+/// window ([`BlockTable::release_before`], vLLM's sliding-window manager): its first
+/// [`BlockTable::first_held`] positions are then not held, and [`BlockTable::blocks`] starts
+/// after them.
+///
 /// A table holds one reference to each of its blocks; it must be given back with
 /// [`BlockTable::release`] (a table dropped without it leaks its blocks, which
 /// [`BlockPool::audit`] does not see, so the pool's owner keeps tables and releases them).
@@ -40,12 +45,19 @@ pub struct BlockCopy {
 /// ```
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct BlockTable {
+    /// One entry per block of positions `0..len`; the first `dropped` were given back and
+    /// stand for nothing ([`NOT_HELD`]).
     blocks: Vec<BlockId>,
+    /// Leading blocks given back (slid out of a window, or never taken from the cache).
+    dropped: usize,
     /// Positions held.
     len: usize,
     /// Hashes of the first full blocks, in order (those registered or looked up so far).
     hashes: Vec<BlockHash>,
 }
+
+/// The entry of a block a table no longer holds.
+const NOT_HELD: BlockId = BlockId(u32::MAX);
 
 impl BlockTable {
     /// An empty table.
@@ -78,6 +90,31 @@ impl BlockTable {
         (table, cached)
     }
 
+    /// A table over the blocks whose hashes are `hashes` (a prefix's chain, in order), taking
+    /// from the pool's cache only those from block `first` on: the blocks a sliding window
+    /// still sees past the prefix. Returns `None`, taking nothing, if one of them is not
+    /// cached.
+    pub fn from_cached_window(
+        pool: &mut BlockPool,
+        hashes: &[BlockHash],
+        first: usize,
+    ) -> Option<Self> {
+        let first = first.min(hashes.len());
+        if !hashes[first..].iter().all(|hash| pool.is_cached(hash)) {
+            return None;
+        }
+        let mut blocks = vec![NOT_HELD; first];
+        for hash in &hashes[first..] {
+            blocks.push(pool.lookup(hash).expect("checked cached"));
+        }
+        Some(Self {
+            blocks,
+            dropped: first,
+            len: hashes.len() * pool.block_size(),
+            hashes: hashes.to_vec(),
+        })
+    }
+
     /// Positions held.
     pub fn len(&self) -> usize {
         self.len
@@ -88,22 +125,70 @@ impl BlockTable {
         self.len == 0
     }
 
-    /// The blocks, in position order.
+    /// The blocks held, in position order: those of positions `first_held..len`.
     pub fn blocks(&self) -> &[BlockId] {
-        &self.blocks
+        &self.blocks[self.dropped..]
     }
 
-    /// The block and slot of position `position` (`< len`).
+    /// The first position whose block is held (0 unless blocks were given back with
+    /// [`BlockTable::release_before`]).
+    pub fn first_held(&self, block_size: usize) -> usize {
+        (self.dropped * block_size).min(self.len)
+    }
+
+    /// The block and slot of position `position` (`first_held..len`).
     pub fn slot(&self, position: usize, block_size: usize) -> (BlockId, usize) {
-        (self.blocks[position / block_size], position % block_size)
+        let block = position / block_size;
+        debug_assert!(block >= self.dropped, "position {position} was given back");
+        (self.blocks[block], position % block_size)
+    }
+
+    /// Gives back the blocks whose every position lies before `position` (a sliding window's
+    /// keys that no later query sees): returns how many. Their hashes stay in the table, so
+    /// later full blocks still chain to them.
+    ///
+    /// ```
+    /// use kv_core::{BlockPool, BlockTable};
+    ///
+    /// let mut pool = BlockPool::new(8, 4);
+    /// let mut table = BlockTable::new();
+    /// table.append(&mut pool, 10).unwrap(); // blocks of positions 0..4, 4..8, 8..10
+    /// assert_eq!(table.release_before(&mut pool, 7), 1); // 0..4 only: 4..8 holds 7
+    /// assert_eq!((table.first_held(4), table.blocks().len()), (4, 2));
+    /// assert_eq!(pool.free_blocks(), 6);
+    /// ```
+    pub fn release_before(&mut self, pool: &mut BlockPool, position: usize) -> usize {
+        let whole = (position.min(self.len) / pool.block_size()).min(self.blocks.len());
+        let released = whole.saturating_sub(self.dropped);
+        for entry in &mut self.blocks[self.dropped..whole] {
+            pool.release(std::mem::replace(entry, NOT_HELD));
+        }
+        self.dropped = self.dropped.max(whole);
+        released
     }
 
     /// Blocks needed to append `n` positions (a copy-on-write block included), without
     /// taking them.
     pub fn blocks_needed(&self, pool: &BlockPool, n: usize) -> usize {
+        self.blocks_needed_from(pool, n, 0)
+    }
+
+    /// [`BlockTable::blocks_needed`] for [`BlockTable::append_from`].
+    pub fn blocks_needed_from(&self, pool: &BlockPool, n: usize, first_needed: usize) -> usize {
         let block_size = pool.block_size();
         let grown = (self.len + n).div_ceil(block_size) - self.blocks.len();
-        grown + usize::from(n > 0 && self.must_copy_last(pool))
+        let skipped = self.skippable(block_size, n, first_needed);
+        grown - skipped + usize::from(n > 0 && self.must_copy_last(pool))
+    }
+
+    /// New whole blocks of `n` appended positions that lie before `first_needed` and can be
+    /// left out: only where every block so far was given back and the last one is full.
+    fn skippable(&self, block_size: usize, n: usize, first_needed: usize) -> usize {
+        if self.dropped < self.blocks.len() || !self.len.is_multiple_of(block_size) {
+            return 0;
+        }
+        let before = first_needed.min(self.len + n) / block_size;
+        before.saturating_sub(self.blocks.len())
     }
 
     /// Makes room for `n` more positions: a fresh copy of the last block when it is partly
@@ -114,7 +199,32 @@ impl BlockTable {
     /// # Errors
     /// [`CacheError::PoolExhausted`] with the numbers.
     pub fn append(&mut self, pool: &mut BlockPool, n: usize) -> Result<Vec<BlockCopy>> {
-        let needed = self.blocks_needed(pool, n);
+        self.append_from(pool, n, 0)
+    }
+
+    /// [`BlockTable::append`] for positions of which only those from `first_needed` on will
+    /// be read (a sliding window's, past a prefix restored from elsewhere): whole new blocks
+    /// before it are left out, as if given back at once, where the table holds no block yet.
+    ///
+    /// ```
+    /// use kv_core::{BlockPool, BlockTable};
+    ///
+    /// let mut pool = BlockPool::new(8, 4);
+    /// let mut table = BlockTable::new();
+    /// table.append_from(&mut pool, 10, 7).unwrap(); // positions 0..10, 7..10 to be read
+    /// assert_eq!((table.first_held(4), table.blocks().len()), (4, 2)); // blocks 4..8, 8..10
+    /// assert_eq!(pool.free_blocks(), 6);
+    /// ```
+    ///
+    /// # Errors
+    /// As [`BlockTable::append`].
+    pub fn append_from(
+        &mut self,
+        pool: &mut BlockPool,
+        n: usize,
+        first_needed: usize,
+    ) -> Result<Vec<BlockCopy>> {
+        let needed = self.blocks_needed_from(pool, n, first_needed);
         if needed > pool.free_blocks() {
             return Err(CacheError::PoolExhausted {
                 needed,
@@ -134,6 +244,9 @@ impl BlockTable {
             pool.release(from);
             *self.blocks.last_mut().expect("checked") = to;
         }
+        let skipped = self.skippable(pool.block_size(), n, first_needed);
+        self.blocks.extend(std::iter::repeat_n(NOT_HELD, skipped));
+        self.dropped += skipped;
         let total = (self.len + n).div_ceil(pool.block_size());
         let fresh = pool.allocate_many(total - self.blocks.len())?;
         self.blocks.extend(fresh);
@@ -142,7 +255,8 @@ impl BlockTable {
     }
 
     /// Registers the hashes of blocks that have become full, given every token id the table
-    /// holds (`tokens.len() == len()`), so later sequences with this prefix find them.
+    /// holds (`tokens.len() == len()`), so later sequences with this prefix find them (blocks
+    /// given back only extend the chain of hashes).
     pub fn register_full_blocks(&mut self, pool: &mut BlockPool, tokens: &[u32], extra: &[u8]) {
         debug_assert_eq!(tokens.len(), self.len);
         let block_size = pool.block_size();
@@ -153,28 +267,37 @@ impl BlockTable {
                 &tokens[i * block_size..(i + 1) * block_size],
                 extra,
             );
-            pool.register(self.blocks[i], hash);
+            if i >= self.dropped {
+                pool.register(self.blocks[i], hash);
+            }
             self.hashes.push(hash);
         }
     }
 
     /// Another table over the same blocks (each referenced once more): a fork.
     pub fn fork(&self, pool: &mut BlockPool) -> Self {
-        for &id in &self.blocks {
+        for &id in self.blocks() {
             pool.retain(id);
         }
         self.clone()
     }
 
-    /// Forgets positions from `len` on, giving back the blocks no longer needed.
+    /// Forgets positions from `len` on, giving back the blocks no longer needed. `len` is 0 or
+    /// at least [`BlockTable::first_held`]: positions given back cannot become the last ones.
     pub fn truncate(&mut self, pool: &mut BlockPool, len: usize) {
         if len >= self.len {
             return;
         }
+        debug_assert!(
+            len == 0 || len >= self.first_held(pool.block_size()),
+            "truncating to {len} positions, before the first held one"
+        );
         let keep = len.div_ceil(pool.block_size());
-        for id in self.blocks.drain(keep..).rev() {
+        for id in self.blocks.drain(keep.max(self.dropped)..).rev() {
             pool.release(id);
         }
+        self.blocks.truncate(keep);
+        self.dropped = self.dropped.min(keep);
         self.hashes.truncate(len / pool.block_size());
         self.len = len;
     }
