@@ -66,10 +66,26 @@ impl SoftCap {
         (s / self.0).tanh() * self.0
     }
 
-    /// [`SoftCap::apply`] on every score of `scores`. Scalar `tanh`: one call per score,
-    /// a few percent of a row's cost next to its two products.
-    pub fn apply_all(self, scores: &mut [f32]) {
-        scores.iter_mut().for_each(|s| *s = self.apply(*s));
+    /// [`SoftCap::apply`] on every score of `scores`, to within a few units of `cap · 2⁻²³`
+    /// (six millionths of a score at Gemma 2's cap of 50). `tanh(y) = (1 - e) / (1 + e)` with
+    /// `e = exp(-2|y|)`, the sign put back, the exponentials through the vector `exp` of a
+    /// softmax row ([`exp_shifted`]), 64 scores at a time. With the C library's scalar `tanh`
+    /// a 512-token prompt's attention (head_dim 256) took 1.47x its time without the cap;
+    /// this way 1.09x (`cargo bench -p kv-kernels --bench attention`).
+    pub fn apply_all(self, isa: Isa, scores: &mut [f32]) {
+        let cap = self.0;
+        let mut e = [0.0f32; 64];
+        for chunk in scores.chunks_mut(64) {
+            let e = &mut e[..chunk.len()];
+            for (e, s) in e.iter_mut().zip(chunk.iter()) {
+                *e = -2.0 * (s / cap).abs();
+            }
+            exp_shifted(isa, e, 0.0);
+            for (s, e) in chunk.iter_mut().zip(e.iter()) {
+                let t = (1.0 - e) / (1.0 + e);
+                *s = cap * t.copysign(*s);
+            }
+        }
     }
 }
 
@@ -100,9 +116,9 @@ impl Logits {
     }
 
     /// Caps `scores` already scaled, where a cap is set.
-    fn cap_all(self, scores: &mut [f32]) {
+    fn cap_all(self, isa: Isa, scores: &mut [f32]) {
         if let Some(cap) = self.cap {
-            cap.apply_all(scores);
+            cap.apply_all(isa, scores);
         }
     }
 }
@@ -460,7 +476,7 @@ fn attend_row(
     for_runs(keys, range.clone(), &mut scores[..], |k, _, s| {
         row_scores(isa, q, k, scale, s)
     });
-    logits.cap_all(scores);
+    logits.cap_all(isa, scores);
     // Softmax weights, unnormalised (`exp(s - max)`).
     let max = scores.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
     let sum = exp_shifted(isa, scores, max);
@@ -523,7 +539,7 @@ fn attend_group(
         offset += n;
     }
     let stats = weights.each_mut().map(|w| {
-        logits.cap_all(w);
+        logits.cap_all(isa, w);
         let max = w.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
         let sum = exp_shifted(isa, w, max);
         RowStats { max, sum }
