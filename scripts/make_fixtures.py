@@ -30,6 +30,8 @@ It writes under kv-model/tests/fixtures/:
   these, from the saved models.
 - tiny-gemma2.gguf + tiny-gemma2-gguf.json: the gemma2 fixture written as llama.cpp writes a
   Gemma 2 file, and the logits transformers gives for it (with `--hybrid-only` too).
+- tiny-phi4.gguf: the phi4 fixture written as llama.cpp writes a Phi-3 file (partial rotary,
+  LongRoPE factors as tensors); its reference is phi4/expected.json (with `--hybrid-only` too).
 - tiny-llama3.gguf: the same llama fixture in F32 as llama.cpp writes a Llama 3 file, its llama3
   rope scaling as `rope_freqs.weight`; the reference is llama/expected.json (`--llama3-gguf-only`).
 - dequant.json: written by make_dequant_fixtures.py (which needs only numpy and gguf).
@@ -707,6 +709,69 @@ def make_tiny_gemma2_gguf(gemma2):
     writer.close()
 
 
+@torch.no_grad()
+def make_tiny_phi4_gguf(phi4):
+    """tiny-phi4.gguf: the phi4 fixture (rotary on 12 of 16 channels, LongRoPE) in F32 as
+    llama.cpp's converter writes a Phi-3 file: Q/K/V and gate/up fused, the rotary part as
+    `rope.dimension_count`, LongRoPE's factors as `rope_factors_short`/`rope_factors_long` and
+    its attention factor in the metadata. The reference is phi4/expected.json (same weights)."""
+    import gguf
+    import math
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    print("tiny-phi4.gguf")
+    config = phi4.config
+    rope = config.rope_parameters
+    head_dim = config.hidden_size // config.num_attention_heads
+    rope_dims = int(rope["partial_rotary_factor"] * config.hidden_size) // config.num_attention_heads
+    original = rope.get("original_max_position_embeddings", config.original_max_position_embeddings)
+    scale = config.max_position_embeddings / original
+    path = FIXTURES / "tiny-phi4.gguf"
+    writer = gguf.GGUFWriter(str(path), "phi3")
+    writer.add_name("tiny-phi4")
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_rope_scaling_orig_ctx_len(original)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_rope_dimension_count(rope_dims)
+    writer.add_rope_freq_base(rope["rope_theta"])
+    writer.add_rope_scaling_attn_factors(math.sqrt(1 + math.log(scale) / math.log(original)))
+    writer.add_file_type(0)
+    alphabet = list(bytes_to_unicode().values())[:VOCAB]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(alphabet)
+    writer.add_token_types([1] * VOCAB)
+    writer.add_token_merges([])
+    writer.add_bos_token_id(config.bos_token_id)
+    writer.add_eos_token_id(config.eos_token_id)
+    writer.add_tensor("rope_factors_long.weight", np.array(rope["long_factor"], dtype=np.float32))
+    writer.add_tensor("rope_factors_short.weight", np.array(rope["short_factor"], dtype=np.float32))
+    state = {k: v.float().numpy() for k, v in phi4.state_dict().items()}
+    names = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight"}
+    for i in range(config.num_hidden_layers):
+        p = f"model.layers.{i}."
+        names |= {
+            f"blk.{i}.attn_norm.weight": p + "input_layernorm.weight",
+            f"blk.{i}.ffn_norm.weight": p + "post_attention_layernorm.weight",
+            f"blk.{i}.attn_qkv.weight": p + "self_attn.qkv_proj.weight",
+            f"blk.{i}.attn_output.weight": p + "self_attn.o_proj.weight",
+            f"blk.{i}.ffn_up.weight": p + "mlp.gate_up_proj.weight",
+            f"blk.{i}.ffn_down.weight": p + "mlp.down_proj.weight",
+        }
+    assert head_dim == 16 and rope_dims == 12
+    for gguf_name, hf_name in names.items():
+        writer.add_tensor(gguf_name, state[hf_name].astype(np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
 # --- The default model ----------------------------------------------------------------------
 
 TOKENIZER_STRINGS = [
@@ -868,6 +933,7 @@ def main():
     hybrid = tiny_hybrid_models()
     make_tiny(hybrid)
     make_tiny_gemma2_gguf(AutoModelForCausalLM.from_pretrained(FIXTURES / "gemma2", dtype=torch.float32))
+    make_tiny_phi4_gguf(AutoModelForCausalLM.from_pretrained(FIXTURES / "phi4", dtype=torch.float32))
     if args.hybrid_only:
         return
     llama = make_tiny()

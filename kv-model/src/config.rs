@@ -19,7 +19,7 @@ pub enum Architecture {
 
 /// The model types [`ModelConfig::from_hf_json`] and GGUF files may name, for errors.
 pub const SUPPORTED_MODEL_TYPES: &str =
-    "gpt2, llama, mistral, qwen2, qwen3, phi3 (Hugging Face directories), gemma2, gemma3_text (gemma3)";
+    "gpt2, llama, mistral, qwen2, qwen3, phi3, gemma2, gemma3_text (gemma3)";
 
 /// Which keys a layer's queries see.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

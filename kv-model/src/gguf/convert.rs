@@ -21,7 +21,9 @@ pub fn config_from_gguf(file: &GgufFile) -> Result<ModelConfig> {
         .to_owned();
     let family = match arch.as_str() {
         "gpt2" => Architecture::Gpt2,
-        "llama" | "mistral" | "qwen2" | "qwen3" | "gemma2" | "gemma3" => Architecture::Llama,
+        "llama" | "mistral" | "qwen2" | "qwen3" | "phi3" | "gemma2" | "gemma3" => {
+            Architecture::Llama
+        }
         _ => {
             return Err(ModelError::UnsupportedArchitecture {
                 source_name: source,
@@ -62,8 +64,12 @@ pub fn config_from_gguf(file: &GgufFile) -> Result<ModelConfig> {
         Err(e) => return Err(e),
     };
     let has = |name: &str| file.tensor_info(name).is_some();
-    // Llama 3.1+ files store llama3 rope scaling as one divisor per frequency.
-    let rope_factors = match file.tensor_info("rope_freqs.weight") {
+    // Llama 3.1+ files store llama3 rope scaling as one divisor per frequency, Phi-3 files
+    // LongRoPE's short factors (with the attention factor in the metadata).
+    let factors_tensor = ["rope_freqs.weight", "rope_factors_short.weight"]
+        .into_iter()
+        .find_map(|name| file.tensor_info(name));
+    let rope_factors = match factors_tensor {
         Some(info) => Some(file.tensor_f32(info)?),
         None => None,
     };
@@ -78,7 +84,7 @@ pub fn config_from_gguf(file: &GgufFile) -> Result<ModelConfig> {
         ) {
             (Some(factors), _) => RopeScaling::PerFrequency {
                 factors,
-                attention_factor: 1.0,
+                attention_factor: float("rope.scaling.attn_factor", 1.0),
             },
             (None, Some("linear")) => RopeScaling::Linear {
                 factor: float("rope.scaling.factor", 1.0),
@@ -95,9 +101,11 @@ pub fn config_from_gguf(file: &GgufFile) -> Result<ModelConfig> {
         "gemma3" => Some(6),
         _ => None,
     };
-    let sliding_window = match full_every {
-        Some(_) => Some(number("attention.sliding_window")?),
-        None => None,
+    let sliding_window = match (full_every, arch.as_str()) {
+        (Some(_), _) => Some(number("attention.sliding_window")?),
+        // Phi-3's window, where its file names one, on every layer (as transformers runs it).
+        (None, "phi3") => number("attention.sliding_window").ok().filter(|&w| w > 0),
+        _ => None,
     };
     let layer_attention = match (
         full_every,
@@ -117,6 +125,7 @@ pub fn config_from_gguf(file: &GgufFile) -> Result<ModelConfig> {
                 _ => LayerAttention::Sliding,
             })
             .collect(),
+        (None, _) if sliding_window.is_some() => vec![LayerAttention::Sliding; num_layers],
         (None, _) => vec![LayerAttention::Full; num_layers],
     };
     // As llama.cpp: attention scaled by 1/sqrt(head_dim), but by 1/sqrt(hidden/heads) for the
@@ -135,6 +144,15 @@ pub fn config_from_gguf(file: &GgufFile) -> Result<ModelConfig> {
     let variations = match arch.as_str() {
         "qwen3" => Variations {
             qk_norm: true,
+            ..Variations::default()
+        },
+        // Fused Q/K/V (`attn_qkv`) and gate/up (`ffn_up`); rotary on the first
+        // `rope.dimension_count` channels of each head (Phi-4-mini: 96 of 128).
+        "phi3" => Variations {
+            fused_projections: true,
+            rotary_dim: number("rope.dimension_count")
+                .ok()
+                .filter(|&d| d < head_dim),
             ..Variations::default()
         },
         "gemma2" => Variations {
@@ -163,7 +181,16 @@ pub fn config_from_gguf(file: &GgufFile) -> Result<ModelConfig> {
         num_kv_heads: number("attention.head_count_kv").unwrap_or(heads),
         head_dim,
         intermediate_size: number("feed_forward_length")?,
-        max_positions: number("context_length")?,
+        // LongRoPE's short factors hold up to the trained context only (as from safetensors).
+        max_positions: match (
+            arch.as_str(),
+            number("rope.scaling.original_context_length"),
+        ) {
+            ("phi3", Ok(original)) if factors_tensor.is_some() => {
+                original.min(number("context_length")?)
+            }
+            _ => number("context_length")?,
+        },
         norm_eps: match family {
             Architecture::Gpt2 => float("attention.layer_norm_epsilon", 1e-5),
             Architecture::Llama => float("attention.layer_norm_rms_epsilon", 1e-6),
@@ -312,6 +339,7 @@ pub fn weights_from_gguf(file: &GgufFile, config: &ModelConfig) -> Result<Weight
 fn hf_name(gguf: &str, config: &ModelConfig) -> Option<String> {
     let family = config.architecture;
     let sandwich = config.variations.sandwich_norms;
+    let fused = config.variations.fused_projections;
     let global = match (family, gguf) {
         (Architecture::Llama, "token_embd.weight") => Some("model.embed_tokens.weight"),
         (Architecture::Llama, "output_norm.weight") => Some("model.norm.weight"),
@@ -341,7 +369,9 @@ fn hf_name(gguf: &str, config: &ModelConfig) -> Option<String> {
         (Architecture::Llama, "attn_k") => "self_attn.k_proj",
         (Architecture::Llama, "attn_v") => "self_attn.v_proj",
         (Architecture::Llama, "attn_output") => "self_attn.o_proj",
+        (Architecture::Llama, "attn_qkv") if fused => "self_attn.qkv_proj",
         (Architecture::Llama, "ffn_gate") => "mlp.gate_proj",
+        (Architecture::Llama, "ffn_up") if fused => "mlp.gate_up_proj",
         (Architecture::Llama, "ffn_up") => "mlp.up_proj",
         (Architecture::Llama, "ffn_down") => "mlp.down_proj",
         (Architecture::Gpt2, "attn_norm") => "ln_1",

@@ -364,3 +364,20 @@ fn gemma2_gguf_matches_transformers() {
     assert_eq!(model.config().sliding_window, Some(4));
     reference::check_all(&model, &read_json("tiny-gemma2-gguf.json"), 1e-4);
 }
+
+/// The tiny Phi-4-mini-shaped model written as llama.cpp writes a Phi-3 file (fused Q/K/V and
+/// gate/up, rotary on `rope.dimension_count` = 12 of 16 channels, LongRoPE's factors as
+/// tensors and its attention factor in the metadata) gives the safetensors model's logits and
+/// greedy tokens (`phi4/expected.json`).
+#[test]
+fn phi3_gguf_with_partial_rotary_matches_the_safetensors_model() {
+    let model = load_model::<B>(&fixtures().join("tiny-phi4.gguf"), &device())
+        .unwrap()
+        .model;
+    let config = model.config();
+    assert_eq!(config.variations.rotary_dim, Some(12));
+    assert!(config.variations.fused_projections);
+    // LongRoPE's short factors hold up to the trained context (64 of 256).
+    assert_eq!(config.max_positions, 64);
+    reference::check_all(&model, &expected("phi4"), 1e-4);
+}
