@@ -473,6 +473,20 @@ def make_tiny(models=None):
 # --- GGUF -----------------------------------------------------------------------------------
 
 
+def add_byte_vocab(writer, pre, bos, eos):
+    """A byte-level vocabulary of VOCAB tokens (GPT-2's byte alphabet, no merges) and its BOS
+    and EOS ids: enough tokenizer metadata for a tiny GGUF whose tests feed token ids."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(pre)
+    writer.add_token_list(list(bytes_to_unicode().values())[:VOCAB])
+    writer.add_token_types([1] * VOCAB)
+    writer.add_token_merges([])
+    writer.add_bos_token_id(bos)
+    writer.add_eos_token_id(eos)
+
+
 def llama_cpp_permute(weight, heads):
     """llama.cpp's converter reorders Q/K rows from rotate-half to interleaved pairs."""
     rows, cols = weight.shape
@@ -482,7 +496,6 @@ def llama_cpp_permute(weight, heads):
 def make_tiny_gguf(llama):
     import gguf
     from gguf import GGMLQuantizationType as T
-    from transformers.convert_slow_tokenizer import bytes_to_unicode
 
     print("tiny-llama.gguf")
     config = llama.config
@@ -500,14 +513,7 @@ def make_tiny_gguf(llama):
     writer.add_rope_dimension_count(config.hidden_size // config.num_attention_heads)
     writer.add_file_type(2)
     # A byte-level vocabulary: the first VOCAB characters of GPT-2's byte alphabet, no merges.
-    alphabet = list(bytes_to_unicode().values())[:VOCAB]
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("default")
-    writer.add_token_list(alphabet)
-    writer.add_token_types([1] * VOCAB)
-    writer.add_token_merges([])
-    writer.add_bos_token_id(0)
-    writer.add_eos_token_id(1)
+    add_byte_vocab(writer, "default", 0, 1)
 
     state = {k: v.float().numpy() for k, v in llama.state_dict().items()}
     # Plain rope for the GGUF copy: GGUF stores llama3 scaling as a tensor we do not write here.
@@ -584,7 +590,6 @@ def make_tiny_llama3_gguf(llama):
     writes a Llama 3 file: Q/K rows permuted, the scaling as `rope_freqs.weight`. The reference
     is llama/expected.json (the same weights and scaling as safetensors)."""
     import gguf
-    from transformers.convert_slow_tokenizer import bytes_to_unicode
 
     print("tiny-llama3.gguf")
     config = llama.config
@@ -601,14 +606,7 @@ def make_tiny_llama3_gguf(llama):
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_rope_dimension_count(config.hidden_size // config.num_attention_heads)
     writer.add_file_type(0)
-    alphabet = list(bytes_to_unicode().values())[:VOCAB]
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("llama-bpe")
-    writer.add_token_list(alphabet)
-    writer.add_token_types([1] * VOCAB)
-    writer.add_token_merges([])
-    writer.add_bos_token_id(0)
-    writer.add_eos_token_id(1)
+    add_byte_vocab(writer, "llama-bpe", 0, 1)
     state = {k: v.float().numpy() for k, v in llama.state_dict().items()}
     names = {
         "token_embd.weight": "model.embed_tokens.weight",
@@ -650,7 +648,6 @@ def make_tiny_gemma2_gguf(gemma2):
     the 27B, whatever query_pre_attn_scalar was, so the reference is the same weights with
     query_pre_attn_scalar = head_dim in transformers."""
     import gguf
-    from transformers.convert_slow_tokenizer import bytes_to_unicode
 
     print("tiny-gemma2.gguf")
     config = Gemma2Config(**{**gemma2.config.to_dict(), "query_pre_attn_scalar": gemma2.config.head_dim})
@@ -673,14 +670,7 @@ def make_tiny_gemma2_gguf(gemma2):
     writer.add_float32("gemma2.attn_logit_softcapping", config.attn_logit_softcapping)
     writer.add_float32("gemma2.final_logit_softcapping", config.final_logit_softcapping)
     writer.add_file_type(0)
-    alphabet = list(bytes_to_unicode().values())[:VOCAB]
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("default")
-    writer.add_token_list(alphabet)
-    writer.add_token_types([1] * VOCAB)
-    writer.add_token_merges([])
-    writer.add_bos_token_id(config.bos_token_id)
-    writer.add_eos_token_id(config.eos_token_id)
+    add_byte_vocab(writer, "default", config.bos_token_id, config.eos_token_id)
     state = {k: v.float().numpy() for k, v in gemma2.state_dict().items()}
     names = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight"}
     for i in range(config.num_hidden_layers):
@@ -717,7 +707,6 @@ def make_tiny_phi4_gguf(phi4):
     its attention factor in the metadata. The reference is phi4/expected.json (same weights)."""
     import gguf
     import math
-    from transformers.convert_slow_tokenizer import bytes_to_unicode
 
     print("tiny-phi4.gguf")
     config = phi4.config
@@ -741,14 +730,7 @@ def make_tiny_phi4_gguf(phi4):
     writer.add_rope_freq_base(rope["rope_theta"])
     writer.add_rope_scaling_attn_factors(math.sqrt(1 + math.log(scale) / math.log(original)))
     writer.add_file_type(0)
-    alphabet = list(bytes_to_unicode().values())[:VOCAB]
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("default")
-    writer.add_token_list(alphabet)
-    writer.add_token_types([1] * VOCAB)
-    writer.add_token_merges([])
-    writer.add_bos_token_id(config.bos_token_id)
-    writer.add_eos_token_id(config.eos_token_id)
+    add_byte_vocab(writer, "default", config.bos_token_id, config.eos_token_id)
     writer.add_tensor("rope_factors_long.weight", np.array(rope["long_factor"], dtype=np.float32))
     writer.add_tensor("rope_factors_short.weight", np.array(rope["short_factor"], dtype=np.float32))
     state = {k: v.float().numpy() for k, v in phi4.state_dict().items()}
