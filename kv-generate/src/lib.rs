@@ -27,6 +27,7 @@ pub mod engine;
 mod error;
 mod generate;
 mod sampling;
+pub mod speculative;
 mod stream;
 
 pub use beam::{BeamGeneration, BeamSearchConfig, EarlyStopping, Hypothesis};

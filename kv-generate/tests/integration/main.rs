@@ -8,3 +8,4 @@ mod fixtures;
 mod cli;
 mod engine;
 mod generate;
+mod speculative;
