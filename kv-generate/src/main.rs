@@ -12,13 +12,14 @@ use clap::Parser;
 use kv_core::{CacheKind, CacheSizes};
 use kv_generate::backend::{BackendKind, OnBackend};
 use kv_generate::cli::{model_path, CacheRequest, TokenIds};
+use kv_generate::speculative::PromptLookup;
 use kv_generate::{
     BeamGeneration, BeamSearchConfig, CacheChoice, EarlyStopping, EosPolicy, GenerateError,
     Generation, GenerationConfig, Generator, SamplingConfig,
 };
 use kv_model::{
     load_model_placed, ChatMessage, GenerationPrompt, LayerCaches, LoadedModel, ModelConfig,
-    ModelError, WeightFormat,
+    ModelError, SpecialTokens, WeightFormat,
 };
 
 /// Generate text with a transformer through a KV cache.
@@ -126,9 +127,27 @@ struct Args {
     /// uniform (the kind on every layer, masked: the same tokens, to measure what hybrid saves).
     #[arg(long, default_value = "hybrid")]
     layer_caches: LayerCaches,
+    /// Decode speculatively (greedy only): ngram guesses the next tokens from earlier text
+    /// (prompt lookup) and the model checks them all in one pass, keeping those it agrees
+    /// with; the tokens are plain greedy decoding's.
+    #[arg(long, value_name = "HOW")]
+    speculate: Option<Speculate>,
+    /// Most tokens guessed a step when speculating.
+    #[arg(long, default_value_t = 8, value_name = "N")]
+    draft_tokens: usize,
+    /// Longest run of last tokens that ngram speculation looks up in the earlier text.
+    #[arg(long, default_value_t = 3, value_name = "N")]
+    ngram_max: usize,
     /// Print one JSON object instead of streaming text.
     #[arg(long)]
     json: bool,
+}
+
+/// How `--speculate` guesses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Speculate {
+    /// Prompt lookup: the tokens that followed the last tokens' latest earlier occurrence.
+    Ngram,
 }
 
 /// Failures of the command, each printed as one line.
@@ -255,6 +274,73 @@ fn run_on<B: Backend>(
     };
     let generator = Generator::new(&model, tokenizer.as_ref());
     let mut stdout = std::io::stdout().lock();
+    if let Some(Speculate::Ngram) = args.speculate {
+        let cache = match (&config.cache, config.sampling.temperature, args.num_beams) {
+            (CacheChoice::Cache(cache), None, None) => cache.clone(),
+            _ => {
+                return Err(CliError::Usage(
+                    "--speculate decodes greedily through a cache: pass --greedy, and no \
+                     --num-beams or --no-kv-cache"
+                        .into(),
+                ))
+            }
+        };
+        let eos = match config.eos {
+            EosPolicy::Ignore => Vec::new(),
+            _ => model.config().eos_token_ids.clone(),
+        };
+        let mut lookup = PromptLookup {
+            min_ngram: 1,
+            max_ngram: args.ngram_max.max(1),
+        };
+        let out = generator.speculate_greedy(
+            &ids,
+            &cache,
+            max_new_tokens,
+            &eos,
+            &mut lookup,
+            args.draft_tokens,
+        )?;
+        let text = match tokenizer.as_ref() {
+            Some(tokenizer) => Some(tokenizer.decode(&out.tokens, SpecialTokens::Skip)?),
+            None => None,
+        };
+        let tokens_per_s = out.tokens.len().saturating_sub(1) as f64 / out.decode.as_secs_f64();
+        let stats = out.stats;
+        if args.json {
+            let value = serde_json::json!({
+                "prompt_ids": ids,
+                "generated_ids": out.tokens,
+                "text": text,
+                "timings": {
+                    "prefill_ms": out.prefill.as_secs_f64() * 1e3,
+                    "decode_ms": out.decode.as_secs_f64() * 1e3,
+                    "tokens_per_s": tokens_per_s,
+                },
+                "speculation": {
+                    "passes": stats.passes,
+                    "drafted": stats.drafted,
+                    "accepted": stats.accepted,
+                },
+            });
+            writeln!(stdout, "{value}")?;
+        } else {
+            writeln!(
+                stdout,
+                "{}",
+                text.unwrap_or_else(|| format!("{:?}", out.tokens))
+            )?;
+            eprintln!(
+                "kv-generate: {} tokens at {tokens_per_s:.1} tok/s after the prompt; {} passes, \
+                 {} of {} guesses kept",
+                out.tokens.len(),
+                stats.passes,
+                stats.accepted,
+                stats.drafted
+            );
+        }
+        return Ok(());
+    }
     if let Some(beams) = beam_search(args) {
         let generation = generator.beam_search(&ids, &config, &beams)?;
         if args.json {

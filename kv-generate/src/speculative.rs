@@ -12,6 +12,8 @@
 //! of the pass. It pays where the text repeats what came before (code edits, quotes,
 //! extraction), which is where prompt lookup finds guesses.
 
+use std::time::{Duration, Instant};
+
 use burn::tensor::{backend::Backend, Tensor};
 use kv_core::CacheConfig;
 use kv_model::Logits;
@@ -96,6 +98,10 @@ pub struct SpeculativeOutput {
     pub tokens: Vec<u32>,
     /// Drafted and accepted counts.
     pub stats: SpeculationStats,
+    /// The prompt's pass and the first token's choice.
+    pub prefill: Duration,
+    /// Every pass after it (drafting included).
+    pub decode: Duration,
 }
 
 impl<B: Backend> Generator<'_, B> {
@@ -144,11 +150,19 @@ impl<B: Backend> Generator<'_, B> {
         let mut cache = model.new_cache(cache)?;
         let mut stats = SpeculationStats::default();
         let mut tokens = Vec::new();
+        let start = Instant::now();
         if max_new_tokens == 0 {
-            return Ok(SpeculativeOutput { tokens, stats });
+            let zero = Duration::ZERO;
+            return Ok(SpeculativeOutput {
+                tokens,
+                stats,
+                prefill: zero,
+                decode: zero,
+            });
         }
         let logits = model.forward(&[prompt.to_vec()], None, Some(&mut cache), Logits::Last)?;
         let mut next = argmax(&position_rows(logits)[0]);
+        let prefill = start.elapsed();
         let mut context = prompt.to_vec();
         loop {
             tokens.push(next);
@@ -185,7 +199,12 @@ impl<B: Backend> Generator<'_, B> {
             context.extend_from_slice(kept);
             next = choices[accepted];
         }
-        Ok(SpeculativeOutput { tokens, stats })
+        Ok(SpeculativeOutput {
+            tokens,
+            stats,
+            prefill,
+            decode: start.elapsed() - prefill,
+        })
     }
 }
 

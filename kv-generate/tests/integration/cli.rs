@@ -472,3 +472,81 @@ fn bad_input_exits_non_zero_with_one_line() {
     }
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+/// `--speculate ngram` gives transformers' greedy tokens (the llama fixture's 32), reports its
+/// passes and guesses, and is refused where it cannot run (sampling, no cache).
+#[test]
+fn speculate_ngram_gives_the_greedy_tokens_and_counts_its_guesses() {
+    let model = fixtures().join("llama");
+    let model = model.to_str().unwrap();
+    let expected = expected("llama");
+    let prompt = csv(&expected["prompt"]);
+    let n = expected["greedy_with_cache"]
+        .as_array()
+        .unwrap()
+        .len()
+        .to_string();
+    for cache in ["dynamic", "paged:3"] {
+        let args = [
+            "--model",
+            model,
+            "--prompt-ids",
+            &prompt,
+            "--max-new-tokens",
+            &n,
+            "--greedy",
+            "--ignore-eos",
+            "--json",
+            "--cache",
+            cache,
+            "--speculate",
+            "ngram",
+            "--draft-tokens",
+            "4",
+        ];
+        let out = kv_generate(&args);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let json: Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(
+            json["generated_ids"], expected["greedy_with_cache"],
+            "{cache}"
+        );
+        let speculation = &json["speculation"];
+        let (drafted, accepted) = (
+            speculation["drafted"].as_u64(),
+            speculation["accepted"].as_u64(),
+        );
+        assert!(accepted <= drafted, "{speculation}");
+        assert!(
+            speculation["passes"].as_u64().unwrap() <= 31,
+            "{speculation}"
+        );
+    }
+    let refused = failure(&[
+        "--model",
+        model,
+        "--prompt-ids",
+        "1,2,3",
+        "--speculate",
+        "ngram",
+        "--temperature",
+        "0.8",
+    ]);
+    assert!(refused.contains("--greedy"), "{refused}");
+    let refused = failure(&[
+        "--model",
+        model,
+        "--prompt-ids",
+        "1,2,3",
+        "--speculate",
+        "ngram",
+        "--greedy",
+        "--cache",
+        "none",
+    ]);
+    assert!(refused.contains("--no-kv-cache"), "{refused}");
+}
