@@ -110,6 +110,11 @@ impl<B: Backend> Generator<'_, B> {
     /// plain greedy decoding, in fewer passes where the guesses hold. Stops after any id of
     /// `eos`.
     ///
+    /// The number of guesses a step asks for adapts as transformers' assisted generation's
+    /// does: two more after a pass that kept every guess (up to `draft_tokens`), one fewer
+    /// (down to one) after a pass that rejected some, so a text that does not repeat itself
+    /// costs passes of two positions, not of `1 + draft_tokens`.
+    ///
     /// ```
     /// use burn_ndarray::NdArray;
     /// use kv_core::CacheConfig;
@@ -164,6 +169,7 @@ impl<B: Backend> Generator<'_, B> {
         let mut next = argmax(&position_rows(logits)[0]);
         let prefill = start.elapsed();
         let mut context = prompt.to_vec();
+        let mut limit = draft_tokens;
         loop {
             tokens.push(next);
             context.push(next);
@@ -172,7 +178,7 @@ impl<B: Backend> Generator<'_, B> {
                 break;
             }
             // A pass keeps its accepted guesses and one token of its own: at most `room`.
-            let draft = drafter.draft(&context, draft_tokens.min(room - 1));
+            let draft = drafter.draft(&context, limit.min(room - 1));
             let held = cache.seq_len();
             let input: Vec<u32> = std::iter::once(next).chain(draft.iter().copied()).collect();
             let logits = model.forward(&[input], None, Some(&mut cache), Logits::All)?;
@@ -186,6 +192,12 @@ impl<B: Backend> Generator<'_, B> {
             stats.passes += 1;
             stats.drafted += draft.len();
             stats.accepted += accepted;
+            if !draft.is_empty() {
+                limit = match accepted == draft.len() {
+                    true => (limit + 2).min(draft_tokens),
+                    false => limit.saturating_sub(1).max(1),
+                };
+            }
             // Keep `next` and the accepted guesses; the rest never happened.
             if accepted < draft.len() {
                 cache.crop(held + 1 + accepted)?;
