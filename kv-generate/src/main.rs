@@ -12,7 +12,7 @@ use clap::Parser;
 use kv_core::{CacheKind, CacheSizes};
 use kv_generate::backend::{BackendKind, OnBackend};
 use kv_generate::cli::{model_path, CacheRequest, TokenIds};
-use kv_generate::speculative::PromptLookup;
+use kv_generate::speculative::{PromptLookup, Speculation};
 use kv_generate::{
     BeamGeneration, BeamSearchConfig, CacheChoice, EarlyStopping, EosPolicy, GenerateError,
     Generation, GenerationConfig, Generator, SamplingConfig,
@@ -127,9 +127,9 @@ struct Args {
     /// uniform (the kind on every layer, masked: the same tokens, to measure what hybrid saves).
     #[arg(long, default_value = "hybrid")]
     layer_caches: LayerCaches,
-    /// Decode speculatively (greedy only): ngram guesses the next tokens from earlier text
-    /// (prompt lookup) and the model checks them all in one pass, keeping those it agrees
-    /// with; the tokens are plain greedy decoding's.
+    /// Decode speculatively: ngram guesses the next tokens from earlier text (prompt lookup)
+    /// and the model checks them all in one pass, keeping those it accepts. Greedy, the tokens
+    /// are plain greedy decoding's; sampled, they have the same distribution.
     #[arg(long, value_name = "HOW")]
     speculate: Option<Speculate>,
     /// Most tokens guessed a step when speculating.
@@ -275,12 +275,12 @@ fn run_on<B: Backend>(
     let generator = Generator::new(&model, tokenizer.as_ref());
     let mut stdout = std::io::stdout().lock();
     if let Some(Speculate::Ngram) = args.speculate {
-        let cache = match (&config.cache, config.sampling.temperature, args.num_beams) {
-            (CacheChoice::Cache(cache), None, None) => cache.clone(),
+        let cache = match (&config.cache, args.num_beams) {
+            (CacheChoice::Cache(cache), None) => cache.clone(),
             _ => {
                 return Err(CliError::Usage(
-                    "--speculate decodes greedily through a cache: pass --greedy, and no \
-                     --num-beams or --no-kv-cache"
+                    "--speculate decodes one sequence through a cache: no --num-beams or \
+                     --no-kv-cache"
                         .into(),
                 ))
             }
@@ -293,14 +293,13 @@ fn run_on<B: Backend>(
             min_ngram: 1,
             max_ngram: args.ngram_max.max(1),
         };
-        let out = generator.speculate_greedy(
-            &ids,
-            &cache,
+        let speculation = Speculation {
             max_new_tokens,
-            &eos,
-            &mut lookup,
-            args.draft_tokens,
-        )?;
+            eos,
+            sampling: config.sampling.clone(),
+            draft_tokens: args.draft_tokens,
+        };
+        let out = generator.speculate(&ids, &cache, &speculation, &mut lookup)?;
         let text = match tokenizer.as_ref() {
             Some(tokenizer) => Some(tokenizer.decode(&out.tokens, SpecialTokens::Skip)?),
             None => None,

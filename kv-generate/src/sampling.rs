@@ -176,6 +176,58 @@ impl Sampler {
         candidates.last().map_or(0, |c| c.0)
     }
 
+    /// The distribution [`Sampler::sample`] draws from after `context`: `(id, probability)`
+    /// of the tokens the penalties, temperature and filters leave, most likely first, summing
+    /// to 1. For a greedy sampler, the argmax with probability 1.
+    ///
+    /// ```
+    /// use kv_generate::{Sampler, SamplingConfig};
+    ///
+    /// let config = SamplingConfig { temperature: Some(1.0), top_k: Some(2), ..SamplingConfig::greedy() };
+    /// let p = Sampler::new(config).unwrap().distribution(&[0.0, 2.0, 2.0f32.ln() + 2.0], &[]);
+    /// assert_eq!((p[0].0, p[1].0), (2, 1)); // token 0 filtered out by top-k
+    /// assert!((p[0].1 - 2.0 / 3.0).abs() < 1e-6 && (p[1].1 - 1.0 / 3.0).abs() < 1e-6);
+    /// ```
+    pub fn distribution(&self, logits: &[f32], context: &[u32]) -> Vec<(u32, f64)> {
+        let mut logits = logits.to_vec();
+        self.apply_penalties(&mut logits, context);
+        let Some(temperature) = self.config.temperature else {
+            return vec![(argmax(&logits), 1.0)];
+        };
+        logits.iter_mut().for_each(|l| *l /= temperature);
+        let candidates = self.filter(&logits);
+        let max = candidates.first().map_or(0.0, |c| c.1);
+        let weights: Vec<f64> = candidates
+            .iter()
+            .map(|c| f64::from((c.1 - max).exp()))
+            .collect();
+        let total: f64 = weights.iter().sum();
+        candidates
+            .iter()
+            .zip(weights)
+            .map(|(c, w)| (c.0, w / total))
+            .collect()
+    }
+
+    /// One draw from `weights` (`(id, weight)`, not necessarily normalised; the last id when
+    /// rounding leaves the draw past the end).
+    pub fn draw(&mut self, weights: &[(u32, f64)]) -> u32 {
+        let total: f64 = weights.iter().map(|w| w.1).sum();
+        let mut target = self.rng.random::<f64>() * total;
+        for &(id, weight) in weights {
+            target -= weight;
+            if target <= 0.0 {
+                return id;
+            }
+        }
+        weights.last().map_or(0, |w| w.0)
+    }
+
+    /// A uniform draw in `[0, 1)` from the sampler's random state.
+    pub fn uniform(&mut self) -> f64 {
+        self.rng.random::<f64>()
+    }
+
     fn apply_penalties(&self, logits: &mut [f32], context: &[u32]) {
         let c = &self.config;
         if !self.uses_context() {

@@ -474,7 +474,7 @@ fn bad_input_exits_non_zero_with_one_line() {
 }
 
 /// `--speculate ngram` gives transformers' greedy tokens (the llama fixture's 32), reports its
-/// passes and guesses, and is refused where it cannot run (sampling, no cache).
+/// passes and guesses, samples reproducibly by seed, and is refused without a cache.
 #[test]
 fn speculate_ngram_gives_the_greedy_tokens_and_counts_its_guesses() {
     let model = fixtures().join("llama");
@@ -526,17 +526,33 @@ fn speculate_ngram_gives_the_greedy_tokens_and_counts_its_guesses() {
             "{speculation}"
         );
     }
-    let refused = failure(&[
-        "--model",
-        model,
-        "--prompt-ids",
-        "1,2,3",
-        "--speculate",
-        "ngram",
-        "--temperature",
-        "0.8",
-    ]);
-    assert!(refused.contains("--greedy"), "{refused}");
+    let sampled = |seed: &str| {
+        let args = [
+            "--model",
+            model,
+            "--prompt-ids",
+            &prompt,
+            "--max-new-tokens",
+            "12",
+            "--ignore-eos",
+            "--json",
+            "--speculate",
+            "ngram",
+            "--temperature",
+            "0.8",
+            "--seed",
+            seed,
+        ];
+        let out = kv_generate(&args);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let json: Value = serde_json::from_slice(&out.stdout).unwrap();
+        json["generated_ids"].clone()
+    };
+    assert_eq!(sampled("5"), sampled("5"));
     let refused = failure(&[
         "--model",
         model,
