@@ -633,15 +633,23 @@ impl<'a, B: Backend> Generator<'a, B> {
     }
 }
 
-/// `[batch, 1, vocab]` logits as one host row per batch row.
+/// `[batch, seq, vocab]` logits as one host row per batch row: its last position's.
 pub(crate) fn host_rows<B: Backend>(logits: Tensor<B, 3>) -> Vec<Vec<f32>> {
-    let [batch, seq, vocab] = logits.dims();
+    let seq = logits.dims()[1].max(1);
+    host_positions(logits)
+        .into_iter()
+        .skip(seq - 1)
+        .step_by(seq)
+        .collect()
+}
+
+/// `[batch, seq, vocab]` logits as one host row per position, batch row by batch row.
+pub(crate) fn host_positions<B: Backend>(logits: Tensor<B, 3>) -> Vec<Vec<f32>> {
+    let vocab = logits.dims()[2].max(1);
     let data = logits
         .into_data()
         .convert::<f32>()
         .to_vec::<f32>()
         .expect("logits converted to f32");
-    (0..batch)
-        .map(|b| data[(b * seq + seq - 1) * vocab..(b * seq + seq) * vocab].to_vec())
-        .collect()
+    data.chunks(vocab).map(<[f32]>::to_vec).collect()
 }

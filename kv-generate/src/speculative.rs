@@ -18,12 +18,12 @@
 
 use std::time::{Duration, Instant};
 
-use burn::tensor::{backend::Backend, Tensor};
+use burn::tensor::backend::Backend;
 use kv_core::CacheConfig;
 use kv_model::Logits;
 
 use crate::error::{GenerateError, Result};
-use crate::generate::Generator;
+use crate::generate::{host_positions, Generator};
 use crate::sampling::{Sampler, SamplingConfig};
 
 /// Guesses the tokens that follow a context.
@@ -204,7 +204,7 @@ impl<B: Backend> Generator<'_, B> {
             });
         }
         let logits = model.forward(&[prompt.to_vec()], None, Some(&mut cache), Logits::Last)?;
-        let mut next = sampler.sample(&position_rows(logits)[0], prompt);
+        let mut next = sampler.sample(&host_positions(logits)[0], prompt);
         let prefill = start.elapsed();
         let mut context = prompt.to_vec();
         let mut limit = config.draft_tokens;
@@ -221,7 +221,7 @@ impl<B: Backend> Generator<'_, B> {
             let input: Vec<u32> = std::iter::once(next).chain(draft.iter().copied()).collect();
             let logits = model.forward(&[input], None, Some(&mut cache), Logits::All)?;
             // Row `i` scores the position after `input[..=i]`.
-            let rows = position_rows(logits);
+            let rows = host_positions(logits);
             let mut accepted = 0;
             let mut own = None;
             for (guess, row) in draft.iter().zip(&rows) {
@@ -265,17 +265,6 @@ impl<B: Backend> Generator<'_, B> {
             decode: start.elapsed() - prefill,
         })
     }
-}
-
-/// Every position's logits of a one-row batch `[1, seq, vocab]`, on the host.
-fn position_rows<B: Backend>(logits: Tensor<B, 3>) -> Vec<Vec<f32>> {
-    let [_, _, vocab] = logits.dims();
-    let data = logits
-        .into_data()
-        .convert::<f32>()
-        .to_vec::<f32>()
-        .expect("logits converted to f32");
-    data.chunks(vocab).map(<[f32]>::to_vec).collect()
 }
 
 #[cfg(test)]
