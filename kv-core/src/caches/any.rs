@@ -279,6 +279,9 @@ impl<B: Backend> KvCache<B> for AnyCache<B> {
     fn crop(&mut self, len: usize) -> Result<()> {
         each_kind!(self, c => c.crop(len))
     }
+    fn set_rewind(&mut self, positions: usize) {
+        each_kind!(self, c => c.set_rewind(positions))
+    }
     fn select_batch(&mut self, indices: &[usize]) -> Result<()> {
         each_kind!(self, c => c.select_batch(indices))
     }

@@ -91,7 +91,19 @@ pub trait KvCache<B: Backend> {
     fn max_len(&self) -> Option<usize>;
 
     /// Forgets every position at or after `len`; a no-op when `len >= seq_len()`.
+    ///
+    /// # Errors
+    /// [`crate::CacheError::CropEvicted`] where a ring has overwritten the positions `len`
+    /// needs back and was not asked to keep them ([`KvCache::set_rewind`]).
     fn crop(&mut self, len: usize) -> Result<()>;
+
+    /// Keeps what a later [`KvCache::crop`] of up to `positions` of the latest positions needs,
+    /// where the kind would otherwise overwrite it (a ring that has wrapped keeps a log of the
+    /// positions it evicts); 0 stops keeping it. Kinds that can always crop ignore it.
+    /// Speculative decoding sets it to its most guesses a pass.
+    fn set_rewind(&mut self, positions: usize) {
+        let _ = positions;
+    }
 
     /// Keeps the batch rows at `indices`, in that order; an index may repeat (beam search).
     fn select_batch(&mut self, indices: &[usize]) -> Result<()>;

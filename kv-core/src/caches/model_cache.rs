@@ -182,6 +182,14 @@ impl<B: Backend, C: KvCache<B>> ModelCache<B, C> {
         self.layers.iter_mut().try_for_each(|layer| layer.crop(len))
     }
 
+    /// Lets every layer crop up to `positions` of its latest positions; see
+    /// [`KvCache::set_rewind`].
+    pub fn set_rewind(&mut self, positions: usize) {
+        self.layers
+            .iter_mut()
+            .for_each(|layer| layer.set_rewind(positions));
+    }
+
     /// Keeps batch rows in every layer; see [`KvCache::select_batch`].
     pub fn select_batch(&mut self, indices: &[usize]) -> Result<()> {
         self.layers

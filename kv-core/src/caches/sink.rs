@@ -140,6 +140,10 @@ impl<B: Backend> KvCache<B> for SinkCache<B> {
         self.ring.crop(len)
     }
 
+    fn set_rewind(&mut self, positions: usize) {
+        self.ring.set_rewind(positions)
+    }
+
     fn select_batch(&mut self, indices: &[usize]) -> Result<()> {
         self.ring.select_batch(indices)
     }

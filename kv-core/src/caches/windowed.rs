@@ -3,6 +3,15 @@
 //! The buffer has `sinks + window` slots. Position `p < sinks` lives in slot `p` forever;
 //! position `p >= sinks` lives in slot `sinks + (p - sinks) % window`, so a new token
 //! overwrites the oldest windowed one in place. A sliding window is the case `sinks == 0`.
+//!
+//! A ring that has wrapped cannot drop its last positions by moving its end back, as a dense
+//! cache does: their slots hold them in place of the positions they evicted. Speculative
+//! decoding needs exactly that (a pass writes guesses, the rejected ones must go), so a ring
+//! can be asked to keep a short log of what it evicts ([`Windowed::set_rewind`]): the last
+//! `rewind` positions to leave the window, written back into their slots when a crop brings
+//! them into the window again. llama.cpp keeps extra cells in its sliding-window cache for the
+//! same reason; here the view stays the window, so attention reads no more than before, and
+//! what it costs is one copy of each evicted position while the log is on.
 
 use burn::tensor::{backend::Backend, Tensor};
 
@@ -18,12 +27,31 @@ pub(crate) struct WindowedView<B: Backend> {
     pub positions: KeyPositions,
 }
 
+/// Keys and values `[batch, kv_heads, n, head_dim]` of the windowed positions `first..first + n`,
+/// evicted from the ring and kept for a crop.
+#[derive(Debug, Clone)]
+struct EvictedRun<B: Backend> {
+    first: usize,
+    keys: Tensor<B, 4>,
+    values: Tensor<B, 4>,
+}
+
+impl<B: Backend> EvictedRun<B> {
+    fn end(&self) -> usize {
+        self.first + self.keys.dims()[2]
+    }
+}
+
 #[derive(Debug, Clone)]
 pub(crate) struct Windowed<B: Backend> {
     sinks: usize,
     window: usize,
     buffer: Option<KvBuffer<B>>,
     seen: usize,
+    /// Positions a crop may drop after the ring wrapped (0: the log is off).
+    rewind: usize,
+    /// The last windowed positions evicted, oldest first, ending at `window_start(seen)`.
+    evicted: Vec<EvictedRun<B>>,
 }
 
 impl<B: Backend> Windowed<B> {
@@ -38,7 +66,63 @@ impl<B: Backend> Windowed<B> {
             window,
             buffer: None,
             seen: 0,
+            rewind: 0,
+            evicted: Vec::new(),
         })
+    }
+
+    /// Keeps what the last `positions` evictions took, so that a crop may drop up to that many
+    /// of the latest positions even after the ring wrapped; 0 turns the log off.
+    pub fn set_rewind(&mut self, positions: usize) {
+        self.rewind = positions;
+        if positions == 0 {
+            self.evicted.clear();
+        }
+    }
+
+    /// Records the windowed positions `range`, which leave the window in an update of `new`
+    /// keys and values starting at position `seen`: those before `seen` from their slots,
+    /// the rest (new positions that never enter the ring) from `keys` and `values`.
+    fn log_evicted(
+        &mut self,
+        range: std::ops::Range<usize>,
+        buffer: &KvBuffer<B>,
+        keys: &Tensor<B, 4>,
+        values: &Tensor<B, 4>,
+    ) {
+        if self.rewind == 0 || range.is_empty() {
+            return;
+        }
+        let batch = buffer.dims()[0];
+        let seen = self.seen;
+        let old = range.start..range.end.min(seen);
+        if !old.is_empty() {
+            let slots: Vec<usize> = old.clone().map(|p| self.slot_of(p)).collect();
+            let (keys, values) = buffer.gather_slots(0..batch, &slots);
+            self.evicted.push(EvictedRun {
+                first: old.start,
+                keys,
+                values,
+            });
+        }
+        let new = range.start.max(seen)..range.end;
+        if !new.is_empty() {
+            let (offset, len) = (new.start - seen, new.len());
+            self.evicted.push(EvictedRun {
+                first: new.start,
+                keys: keys.clone().narrow(2, offset, len),
+                values: values.clone().narrow(2, offset, len),
+            });
+        }
+        // Drop the runs that lie wholly before the last `rewind` evictions.
+        let keep_from = range.end.saturating_sub(self.rewind);
+        self.evicted.retain(|run| run.end() > keep_from);
+    }
+
+    /// The oldest evicted position the log can bring back.
+    fn log_start(&self) -> usize {
+        let end = self.window_start(self.seen);
+        self.evicted.first().map_or(end, |run| run.first.min(end))
     }
 
     pub fn sinks(&self) -> usize {
@@ -114,6 +198,8 @@ impl<B: Backend> Windowed<B> {
 
         // One token into a full buffer: overwrite the oldest windowed slot, read the whole ring.
         if new == 1 {
+            let evicted = self.window_start(seen)..self.window_start(end);
+            self.log_evicted(evicted, &buffer, &keys, &values);
             let buffer = buffer.write(self.slot_of(seen), keys, values);
             self.seen = end;
             let positions = self.slot_positions();
@@ -139,6 +225,8 @@ impl<B: Backend> Windowed<B> {
                 Tensor::cat(vec![old_values, values.clone()], 2),
             )
         };
+        let evicted = self.window_start(seen)..self.window_start(end);
+        self.log_evicted(evicted, &buffer, &keys, &values);
         let mut buffer = buffer;
         // New sink positions.
         if seen < self.sinks {
@@ -190,28 +278,72 @@ impl<B: Backend> Windowed<B> {
         positions
     }
 
+    /// Forgets positions `len..`; after the ring wrapped, the positions they evicted come back
+    /// from the log, which must reach back to `len`'s window.
     pub fn crop(&mut self, len: usize) -> Result<()> {
         if len >= self.seen {
             return Ok(());
         }
         if self.seen > self.slots() {
-            return Err(CacheError::CropEvicted {
-                requested: len,
-                oldest_kept: self.window_start(self.seen),
-                seen: self.seen,
-            });
+            // `len`'s window, less what the ring still holds; positions from `len` on go.
+            let needed = self.window_start(len)..self.window_start(self.seen).min(len);
+            if needed.start < self.log_start() {
+                return Err(CacheError::CropEvicted {
+                    requested: len,
+                    oldest_kept: self.log_start(),
+                    seen: self.seen,
+                });
+            }
+            self.restore(needed);
         }
         self.seen = len;
         Ok(())
     }
 
+    /// Writes the logged positions `range` back into their slots and drops them from the log.
+    fn restore(&mut self, range: std::ops::Range<usize>) {
+        let Some(mut buffer) = self.buffer.take() else {
+            return;
+        };
+        for run in &self.evicted {
+            let mut position = range.start.max(run.first);
+            let end = range.end.min(run.end());
+            while position < end {
+                let slot = self.slot_of(position);
+                let len = (end - position).min(self.slots() - slot);
+                let offset = position - run.first;
+                buffer = buffer.write(
+                    slot,
+                    run.keys.clone().narrow(2, offset, len),
+                    run.values.clone().narrow(2, offset, len),
+                );
+                position += len;
+            }
+        }
+        self.buffer = Some(buffer);
+        // What is back in the ring leaves the log.
+        let start = range.start;
+        self.evicted.retain(|run| run.first < start);
+        for run in &mut self.evicted {
+            if run.end() > start {
+                let len = start - run.first;
+                run.keys = run.keys.clone().narrow(2, 0, len);
+                run.values = run.values.clone().narrow(2, 0, len);
+            }
+        }
+    }
+
     pub fn select_batch(&mut self, indices: &[usize]) -> Result<()> {
-        select_rows_checked(&mut self.buffer, indices)
+        select_rows_checked(&mut self.buffer, indices)?;
+        // The log's rows are no longer the buffer's.
+        self.evicted.clear();
+        Ok(())
     }
 
     pub fn reset(&mut self) {
         self.buffer = None;
         self.seen = 0;
+        self.evicted.clear();
     }
 
     pub fn memory_bytes(&self) -> usize {

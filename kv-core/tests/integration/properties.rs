@@ -499,3 +499,114 @@ proptest! {
         prop_assert!(max_diff(&merged, &whole) < 1e-5, "{}", max_diff(&merged, &whole));
     }
 }
+
+/// Speculative decoding's passes: each writes the current token and `guesses` guesses, then
+/// keeps the token and the first `kept` guesses. `(guesses, kept)` with `kept <= guesses`.
+fn passes() -> impl Strategy<Value = Vec<(usize, usize)>> {
+    prop::collection::vec(
+        (0..=5usize, 0..=5usize).prop_map(|(g, k)| (g, k % (g + 1))),
+        1..12,
+    )
+}
+
+/// The attention of one probe query at the next position over `cache`'s view after the probe
+/// row is appended: what every later step reads.
+fn probe(
+    case: &Case,
+    cache: &mut impl KvCache<B>,
+    pattern: AttentionPattern,
+) -> burn::tensor::Tensor<B, 4> {
+    let start = cache.seq_len();
+    let (k, v) = case.kv_rows(10_000, 1, case.batch);
+    let view = cache.update(k, v).unwrap();
+    let q = rand4(
+        [case.batch, case.kv_heads * case.groups, 1, case.head_dim],
+        case.seed ^ 0xabc,
+    );
+    let mask = attention_mask(start..start + 1, &view.positions, pattern, None, &device());
+    grouped_query_attention(q, view.keys, view.values, Some(mask), None).unwrap()
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 40, ..ProptestConfig::default() })]
+
+    /// After any mix of kept and rejected guesses, every exact kind (paged blocks, and rings
+    /// that wrap while guessing) holds what a cache of the same kind holds when fed only the
+    /// kept tokens: each pass's view equals the reference of kept rows, and a probe step
+    /// attends the same over both caches. Rings keep a log of what the guesses evicted
+    /// (`set_rewind`), so they rewind past wrap-around.
+    #[test]
+    fn rejected_guesses_leave_the_cache_as_if_never_written(
+        case in case(),
+        window in 1..8usize,
+        sinks in 0..4usize,
+        passes in passes(),
+    ) {
+        for (config, pattern) in exact_kinds(&case, window, sinks) {
+            // A static cache with room for every pass's guesses.
+            let config = match config {
+                CacheConfig::Static { max_batch, .. } => CacheConfig::Static {
+                    max_batch,
+                    max_len: case.total() + 6 * passes.len() + 1,
+                },
+                other => other,
+            };
+            let mut cache = config.build::<B>(case.shape(), None, &device()).unwrap();
+            cache.set_rewind(5);
+            let mut kept_only = config.build::<B>(case.shape(), None, &device()).unwrap();
+            let mut reference = Reference::default();
+            for (step, &new) in case.chunks.iter().enumerate() {
+                let (k, v) = case.kv(step, new);
+                kept_only.update(k, v).unwrap();
+                step_and_check(&case, &mut cache, &mut reference, pattern, step, new);
+            }
+            for (i, &(guesses, kept)) in passes.iter().enumerate() {
+                let step = case.chunks.len() + i;
+                let start = cache.seq_len();
+                step_and_check(&case, &mut cache, &mut reference, pattern, step, 1 + guesses);
+                let len = start + 1 + kept;
+                cache.crop(len).unwrap();
+                reference.crop(len);
+                prop_assert_eq!(cache.seq_len(), len);
+                let (k, v) = case.kv(step, 1 + guesses);
+                kept_only.update(k.narrow(2, 0, 1 + kept), v.narrow(2, 0, 1 + kept)).unwrap();
+            }
+            prop_assert_eq!(cache.held_len(), kept_only.held_len());
+            let diff = max_diff(&probe(&case, &mut cache, pattern), &probe(&case, &mut kept_only, pattern));
+            prop_assert!(diff <= 1e-6, "{:?}: probe attention differs by {}", config, diff);
+        }
+    }
+
+    /// A quantized cache whose recent residual holds a pass (`residual_len` at least the
+    /// guesses) drops rejected guesses exactly: its keys and values stay within the
+    /// quantization bound of the kept rows.
+    #[test]
+    fn rejected_guesses_leave_a_quantized_cache_within_its_bound(
+        case in case(),
+        int4 in any::<bool>(),
+        group in prop::sample::select(vec![1usize, 2, 4]),
+        passes in passes(),
+    ) {
+        let bits = if int4 { QuantBits::Int4 } else { QuantBits::Int8 };
+        let config = QuantizedCacheConfig { bits, group_size: group, residual_len: 6 };
+        let mut cache = CacheConfig::Quantized(config).build::<B>(case.shape(), None, &device()).unwrap();
+        let mut reference = Reference::default();
+        let chunks = case.chunks.iter().map(|&n| (n, n));
+        let guessed = passes.iter().map(|&(g, k)| (1 + g, 1 + k));
+        for (step, (new, keep)) in chunks.chain(guessed).enumerate() {
+            let (k, v) = case.kv(step, new);
+            let start = reference.len();
+            reference.append(k.clone(), v.clone());
+            cache.update(k, v).unwrap();
+            cache.crop(start + keep).unwrap();
+            reference.crop(start + keep);
+        }
+        let (k, v) = case.kv(10_000, 1);
+        reference.append(k.clone(), v.clone());
+        let view = cache.update(k, v).unwrap();
+        prop_assert_eq!(view.positions.clone(), KeyPositions::Contiguous(0..reference.len()));
+        let quantized = quantized_len(&cache);
+        check_bound(&Host::of(&reference.keys()), &Host::of(&view.keys), quantized, group, bits, Axis::Tokens);
+        check_bound(&Host::of(&reference.values()), &Host::of(&view.values), quantized, group.min(case.head_dim), bits, Axis::Channels);
+    }
+}
