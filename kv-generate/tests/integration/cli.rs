@@ -566,3 +566,77 @@ fn speculate_ngram_gives_the_greedy_tokens_and_counts_its_guesses() {
     ]);
     assert!(refused.contains("--no-kv-cache"), "{refused}");
 }
+
+/// `--speculate draft` with the model itself in Q8_0 as its draft (the default draft model, in
+/// a chosen format) and with another model directory: transformers' greedy tokens; a draft
+/// whose tokenizer differs is refused with what differs.
+#[test]
+fn speculate_draft_gives_the_greedy_tokens() {
+    let model = fixtures().join("llama");
+    let model = model.to_str().unwrap();
+    let expected = expected("llama");
+    let prompt = csv(&expected["prompt"]);
+    let n = expected["greedy_with_cache"]
+        .as_array()
+        .unwrap()
+        .len()
+        .to_string();
+    let qwen = fixtures().join("qwen2");
+    for draft in [
+        vec!["--draft-weights", "q8_0"],
+        vec!["--draft-model", qwen.to_str().unwrap()],
+    ] {
+        let mut args = vec![
+            "--model",
+            model,
+            "--prompt-ids",
+            &prompt,
+            "--max-new-tokens",
+            &n,
+            "--greedy",
+            "--ignore-eos",
+            "--json",
+            "--speculate",
+            "draft",
+            "--draft-tokens",
+            "3",
+            // Draft every guess: a tiny fixture is rarely 75% sure of its next token.
+            "--draft-p-min",
+            "0",
+        ];
+        args.extend(&draft);
+        let out = kv_generate(&args);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let json: Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(
+            json["generated_ids"], expected["greedy_with_cache"],
+            "{draft:?}"
+        );
+        let speculation = &json["speculation"];
+        assert!(
+            speculation["drafted"].as_u64().unwrap() > 0,
+            "{speculation}"
+        );
+    }
+    // A tiny GGUF file's tokenizer against the default model's: refused before generating.
+    let llama = fixtures().join("tiny-llama.gguf");
+    let smollm2 = kv_model::default_model(&mut |_| {}).expect("fetch the default model");
+    let refused = failure(&[
+        "--model",
+        llama.to_str().unwrap(),
+        "--prompt-ids",
+        "1,2,3",
+        "--speculate",
+        "draft",
+        "--draft-model",
+        smollm2.to_str().unwrap(),
+    ]);
+    assert!(
+        refused.contains("draft model's tokenizer differs"),
+        "{refused}"
+    );
+}
