@@ -16,6 +16,7 @@ use commands::compare::CompareArgs;
 use commands::memory::MemoryArgs;
 use commands::perplexity::PerplexityArgs;
 use commands::serve_load::ServeLoadArgs;
+use commands::speculate::SpeculateArgs;
 use commands::sweep::SweepArgs;
 use commands::throughput::ThroughputArgs;
 use commands::BenchError;
@@ -52,6 +53,10 @@ enum Command {
     /// llama-server): TTFT, inter-token and end-to-end latency percentiles, throughput and
     /// goodput; --json FILE.
     ServeLoad(ServeLoadArgs),
+    /// Plain greedy decoding against speculative decoding (prompt lookup, a draft model) on
+    /// grounded and open-ended prompts: tokens/s, guesses kept, tokens a pass, and whether
+    /// the tokens are plain greedy's; speculate.json.
+    Speculate(SpeculateArgs),
 }
 
 fn main() -> ExitCode {
@@ -64,6 +69,9 @@ fn main() -> ExitCode {
         }
         Command::Throughput(args) => {
             on_backend(args.model.backend, commands::throughput::Throughput(args))
+        }
+        Command::Speculate(args) => {
+            on_backend(args.model.backend, commands::speculate::Speculate(args))
         }
         Command::Memory(args) => commands::memory::memory_table(args),
         Command::Bandwidth(args) => commands::bandwidth::bandwidth(args),

@@ -67,5 +67,24 @@ fn prompt(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, matvec, prompt);
+/// A speculative decoding pass: the token and a few guesses (2 to 9 activation rows) through a
+/// gate/up-shaped matrix 768 wide, one thread, the best instruction set, beside one row. A
+/// format whose few-row product costs about one row's pays little for verifying guesses.
+fn verify(c: &mut Criterion) {
+    let (rows, cols) = (3072, 768);
+    let mut group = c.benchmark_group("verify/gate_up_768");
+    for format in Format::ALL {
+        let matrix = Matrix::from_f32(format, rows, cols, &values(rows * cols)).unwrap();
+        for n in [1, 2, 5, 9] {
+            let x = values(n * cols);
+            let mut y = vec![0.0; n * rows];
+            group.bench_function(BenchmarkId::new(format.name(), n), |b| {
+                b.iter(|| matrix.matmul(&x, n, &mut y))
+            });
+        }
+    }
+    group.finish();
+}
+
+criterion_group!(benches, matvec, prompt, verify);
 criterion_main!(benches);

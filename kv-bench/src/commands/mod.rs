@@ -20,6 +20,7 @@ pub(crate) mod compare;
 pub(crate) mod memory;
 pub(crate) mod perplexity;
 pub(crate) mod serve_load;
+pub(crate) mod speculate;
 pub(crate) mod sweep;
 pub(crate) mod throughput;
 

@@ -1,0 +1,364 @@
+//! `kv-bench speculate`: plain greedy decoding against speculative decoding (prompt lookup, a
+//! draft model) on a fixed set of prompts, grounded (the answer repeats the prompt: code to
+//! edit, a passage to quote, records to extract) and open-ended; the runs of one round one after
+//! the other, so that their ratio holds on a shared machine. speculate.json holds every run.
+
+use std::time::Duration;
+
+use kv_generate::speculative::{
+    check_same_tokens, DraftModel, Drafter, PromptLookup, Speculation, SpeculativeOutput,
+};
+use kv_generate::SamplingConfig;
+use kv_model::{ChatMessage, GenerationPrompt};
+
+use super::*;
+
+#[derive(Debug, Args)]
+pub(crate) struct SpeculateArgs {
+    #[command(flatten)]
+    pub(crate) model: ModelArgs,
+    /// Drafters to time against plain decoding: ngram (prompt lookup) and draft (a draft model:
+    /// --draft-model in --draft-weights).
+    #[arg(long, num_args = 1.., default_value = "ngram")]
+    pub(crate) drafter: Vec<DrafterKind>,
+    /// The draft model [default: the model itself, in --draft-weights].
+    #[arg(long, value_name = "PATH")]
+    pub(crate) draft_model: Option<PathBuf>,
+    /// Weight format of the draft model [default: q4_0 for the model itself, else native].
+    #[arg(long, value_name = "FORMAT")]
+    pub(crate) draft_weights: Option<WeightFormat>,
+    /// Most guesses a pass for prompt lookup.
+    #[arg(long, default_value_t = 8)]
+    pub(crate) ngram_tokens: usize,
+    /// Most guesses a pass for the draft model.
+    #[arg(long, default_value_t = 4)]
+    pub(crate) draft_tokens: usize,
+    /// Stop a draft where the draft model's largest probability falls below P.
+    #[arg(long, default_value_t = 0.75, value_name = "P")]
+    pub(crate) draft_p_min: f64,
+    /// Workloads to run (default: all): code, quote, extract, story, explain.
+    #[arg(long, num_args = 1..)]
+    pub(crate) workload: Vec<String>,
+    /// Most tokens per answer (the model's EOS ends it earlier).
+    #[arg(long, default_value_t = 200)]
+    pub(crate) new_tokens: usize,
+    /// Rounds; each runs plain decoding and every drafter once per workload.
+    #[arg(long, default_value_t = 3)]
+    pub(crate) rounds: usize,
+    /// Where speculate.json goes.
+    #[arg(long, default_value = "bench-out")]
+    pub(crate) out: PathBuf,
+}
+
+/// A drafter `kv-bench speculate` times.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum DrafterKind {
+    /// Prompt lookup.
+    Ngram,
+    /// A draft model.
+    Draft,
+}
+
+/// Whether a workload's answer repeats its prompt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Grounding {
+    Grounded,
+    OpenEnded,
+}
+
+/// One prompt of the set.
+struct Workload {
+    name: &'static str,
+    grounding: Grounding,
+    prompt: &'static str,
+}
+
+const WORKLOADS: [Workload; 5] = [
+    Workload {
+        name: "code",
+        grounding: Grounding::Grounded,
+        prompt: "Rename the variable `total` to `subtotal` in this Python function and reply with \
+                 the whole function, nothing else.\n\n```python\ndef order_total(items, tax_rate):\n    \
+                 total = 0\n    for item in items:\n        if item.quantity <= 0:\n            \
+                 continue\n        total += item.price * item.quantity\n    if total > 100:\n        \
+                 total = total * 0.95\n    tax = total * tax_rate\n    return round(total + tax, 2)\n```",
+    },
+    Workload {
+        name: "quote",
+        grounding: Grounding::Grounded,
+        prompt: "The lighthouse stood on a rock at the mouth of the bay. Every evening the keeper \
+                 climbed its hundred and twelve steps, trimmed the wick, wound the clockwork that \
+                 turned the lens, and wrote the weather in a book. Ships saw the light from twenty \
+                 miles out and knew where the rocks were.\n\nRepeat the paragraph above exactly, \
+                 word for word.",
+    },
+    Workload {
+        name: "extract",
+        grounding: Grounding::Grounded,
+        prompt: "Staff list: Maria Lopez, engineer, Madrid. John Smith, designer, London. Akira \
+                 Tanaka, manager, Osaka. Fatima Diallo, engineer, Dakar. Lars Berg, analyst, \
+                 Oslo.\n\nList every person on the staff list with their job and city, one per \
+                 line, in the same order.",
+    },
+    Workload {
+        name: "story",
+        grounding: Grounding::OpenEnded,
+        prompt: "Write a short story about a robot who learns to paint.",
+    },
+    Workload {
+        name: "explain",
+        grounding: Grounding::OpenEnded,
+        prompt: "Explain how a bicycle's gears work.",
+    },
+];
+
+/// One timed generation.
+#[derive(Debug, Clone)]
+struct Run {
+    tokens: Vec<u32>,
+    decode: Duration,
+    /// Passes, drafted and accepted (speculative runs).
+    stats: Option<kv_generate::speculative::SpeculationStats>,
+}
+
+impl Run {
+    fn tokens_per_s(&self) -> f64 {
+        self.tokens.len().saturating_sub(1) as f64 / self.decode.as_secs_f64().max(1e-9)
+    }
+}
+
+/// `kv-bench speculate` on the backend chosen.
+pub(crate) struct Speculate<'a>(pub(crate) &'a SpeculateArgs);
+
+impl OnBackend for Speculate<'_> {
+    type Output = Result<(), BenchError>;
+
+    fn run<B: Backend>(self, kind: BackendKind, device: B::Device) -> Self::Output {
+        let args = self.0;
+        if args.rounds == 0 || args.new_tokens == 0 {
+            return Err(BenchError::Usage(
+                "--rounds and --new-tokens must be at least 1".into(),
+            ));
+        }
+        let workloads: Vec<&Workload> = match args.workload.is_empty() {
+            true => WORKLOADS.iter().collect(),
+            false => args
+                .workload
+                .iter()
+                .map(|name| {
+                    WORKLOADS.iter().find(|w| w.name == name).ok_or_else(|| {
+                        BenchError::Usage(format!(
+                            "no workload {name:?}: choose among code, quote, extract, story, explain"
+                        ))
+                    })
+                })
+                .collect::<Result<_, _>>()?,
+        };
+        let path = model_path(&args.model.model)?;
+        eprintln!("kv-bench: loading {}", path.display());
+        let placement = kind.placement(args.model.weights)?;
+        let loaded = load_model_placed::<B>(&path, placement, &device)?;
+        let model = loaded.model.with_execution(kind.execution());
+        let tokenizer = loaded
+            .tokenizer
+            .ok_or_else(|| BenchError::Usage(format!("{} has no tokenizer", path.display())))?;
+        let draft = match args.drafter.contains(&DrafterKind::Draft) {
+            false => None,
+            true => {
+                let draft_path = args.draft_model.clone().unwrap_or_else(|| path.clone());
+                let format = args.draft_weights.unwrap_or(match args.draft_model {
+                    Some(_) => WeightFormat::Native,
+                    None => WeightFormat::Q4_0,
+                });
+                eprintln!(
+                    "kv-bench: loading the draft {} ({format})",
+                    draft_path.display()
+                );
+                let draft =
+                    load_model_placed::<B>(&draft_path, kind.placement(Some(format))?, &device)?;
+                if let Some(draft_tokenizer) = &draft.tokenizer {
+                    check_same_tokens(&tokenizer, draft_tokenizer)?;
+                }
+                Some((
+                    draft.model.with_execution(kind.execution()),
+                    format!("{} ({format})", draft_path.display()),
+                ))
+            }
+        };
+        let eos = model.config().eos_token_ids.clone();
+        let generator = Generator::new(&model, None);
+        let mut report = Vec::new();
+        for workload in &workloads {
+            let text = tokenizer.apply_chat_template(
+                &[ChatMessage::new("user", workload.prompt)],
+                GenerationPrompt::Add,
+            )?;
+            let prompt = tokenizer.encode(&text)?;
+            let cache = CacheConfig::Dynamic {
+                capacity: prompt.len() + args.new_tokens,
+            };
+            let mut runs: Vec<(String, Vec<Run>)> = vec![("plain".into(), Vec::new())];
+            for drafter in &args.drafter {
+                runs.push((format!("{drafter:?}").to_lowercase(), Vec::new()));
+            }
+            for round in 0..args.rounds {
+                let config = GenerationConfig {
+                    max_new_tokens: args.new_tokens,
+                    eos: EosPolicy::Model,
+                    cache: CacheChoice::Cache(cache.clone()),
+                    ..Default::default()
+                };
+                let plain =
+                    generator.generate(std::slice::from_ref(&prompt), &config, &mut |_, _| {})?;
+                runs[0].1.push(Run {
+                    tokens: plain.rows[0].generated_ids.clone(),
+                    decode: plain.timings.decode,
+                    stats: None,
+                });
+                for (i, drafter) in args.drafter.iter().enumerate() {
+                    let speculation = Speculation {
+                        max_new_tokens: args.new_tokens,
+                        eos: eos.clone(),
+                        sampling: SamplingConfig::greedy(),
+                        draft_tokens: match drafter {
+                            DrafterKind::Ngram => args.ngram_tokens,
+                            DrafterKind::Draft => args.draft_tokens,
+                        },
+                    };
+                    let mut lookup = PromptLookup::default();
+                    let mut model_drafter;
+                    let drafter: &mut dyn Drafter = match (drafter, &draft) {
+                        (DrafterKind::Draft, Some((draft, _))) => {
+                            model_drafter =
+                                DraftModel::new(draft, &cache, SamplingConfig::greedy())?
+                                    .with_min_probability(args.draft_p_min);
+                            &mut model_drafter
+                        }
+                        _ => &mut lookup,
+                    };
+                    let out: SpeculativeOutput =
+                        generator.speculate(&prompt, &cache, &speculation, drafter)?;
+                    runs[i + 1].1.push(Run {
+                        tokens: out.tokens,
+                        decode: out.decode,
+                        stats: Some(out.stats),
+                    });
+                }
+                let line: Vec<String> = runs
+                    .iter()
+                    .map(|(name, r)| format!("{name} {:.1} tok/s", r[round].tokens_per_s()))
+                    .collect();
+                eprintln!(
+                    "kv-bench: {} round {}: {} tokens; {}",
+                    workload.name,
+                    round + 1,
+                    runs[0].1[round].tokens.len(),
+                    line.join(", ")
+                );
+            }
+            report.push(workload_report(workload, prompt.len(), &runs));
+        }
+        let value = json!({
+            "model": path.display().to_string(),
+            "weights": weight_name(placement),
+            "draft": draft.as_ref().map(|(_, name)| name.clone()),
+            "backend": kind.name(),
+            "threads": threads(),
+            "new_tokens": args.new_tokens,
+            "rounds": args.rounds,
+            "ngram_tokens": args.ngram_tokens,
+            "draft_tokens": args.draft_tokens,
+            "draft_p_min": args.draft_p_min,
+            "workloads": report,
+        });
+        let out = args.out.join("speculate.json");
+        write(&out, &serde_json::to_string_pretty(&value).expect("json"))?;
+        print_table(&value);
+        eprintln!("kv-bench: wrote {}", out.display());
+        Ok(())
+    }
+}
+
+/// One workload's runs: per drafter, tokens/s per round, the ratio to plain decoding in the
+/// same round, acceptance (kept of guessed) and tokens a pass, and whether every run gave plain
+/// greedy's tokens.
+fn workload_report(
+    workload: &Workload,
+    prompt_tokens: usize,
+    runs: &[(String, Vec<Run>)],
+) -> serde_json::Value {
+    let plain = &runs[0].1;
+    let modes: Vec<serde_json::Value> = runs
+        .iter()
+        .map(|(name, rounds)| {
+            let tok_s: Vec<f64> = rounds.iter().map(Run::tokens_per_s).collect();
+            let ratio: Vec<f64> = rounds
+                .iter()
+                .zip(plain)
+                .map(|(r, p)| r.tokens_per_s() / p.tokens_per_s())
+                .collect();
+            let same = rounds.iter().zip(plain).all(|(r, p)| r.tokens == p.tokens);
+            let mut mode = json!({
+                "mode": name,
+                "tokens": rounds[0].tokens.len(),
+                "tokens_per_s": tok_s,
+                "ratio_to_plain": ratio,
+                "same_tokens_as_plain": same,
+            });
+            if let Some(stats) = rounds[0].stats {
+                mode["passes"] = json!(stats.passes);
+                mode["drafted"] = json!(stats.drafted);
+                mode["accepted"] = json!(stats.accepted);
+                mode["acceptance"] = json!(stats.accepted as f64 / stats.drafted.max(1) as f64);
+                // Tokens each pass adds: its kept guesses and its own token.
+                mode["tokens_per_pass"] =
+                    json!((stats.accepted + stats.passes) as f64 / stats.passes.max(1) as f64);
+            }
+            mode
+        })
+        .collect();
+    json!({
+        "workload": workload.name,
+        "grounded": workload.grounding == Grounding::Grounded,
+        "prompt_tokens": prompt_tokens,
+        "modes": modes,
+    })
+}
+
+/// The report as a Markdown table on stdout.
+fn print_table(value: &serde_json::Value) {
+    println!("| workload | mode | tokens | tok/s per round | ratio to plain | guesses kept | tokens a pass | same tokens |");
+    println!("|---|---|---|---|---|---|---|---|");
+    for workload in value["workloads"].as_array().into_iter().flatten() {
+        for mode in workload["modes"].as_array().into_iter().flatten() {
+            let list = |key: &str, digits: usize| {
+                mode[key]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|x| format!("{:.*}", digits, x.as_f64().unwrap_or(0.0)))
+                    .collect::<Vec<_>>()
+                    .join(" / ")
+            };
+            let kept = match mode.get("drafted") {
+                Some(drafted) => format!("{} of {}", mode["accepted"], drafted),
+                None => "-".into(),
+            };
+            let per_pass = mode
+                .get("tokens_per_pass")
+                .and_then(|x| x.as_f64())
+                .map_or("-".into(), |x| format!("{x:.2}"));
+            println!(
+                "| {} | {} | {} | {} | {} | {} | {} | {} |",
+                workload["workload"].as_str().unwrap_or(""),
+                mode["mode"].as_str().unwrap_or(""),
+                mode["tokens"],
+                list("tokens_per_s", 1),
+                list("ratio_to_plain", 2),
+                kept,
+                per_pass,
+                mode["same_tokens_as_plain"],
+            );
+        }
+    }
+}
