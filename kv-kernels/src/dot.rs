@@ -89,6 +89,97 @@ pub fn f16_rows(isa: Isa, w: &[f16], x: &[f32], out: &mut [f32]) {
     }
 }
 
+/// `out[i * stride + r] = Σ_c w[r, c] x[i, c]` for f32 or f16 weight rows `w` against `n`
+/// activation rows (`x` is `[n, cols]`, `n` small: a speculative pass's token and guesses).
+///
+/// Each eight weights are loaded (and widened from f16) once for up to three activation rows,
+/// where [`f32_rows`] and [`f16_rows`] called per activation row load them `n` times. Every
+/// output takes the one-row kernel's steps in the same order (four accumulators over 32
+/// columns, the same reduction), so it equals that row computed alone bit for bit.
+pub fn dense_rows_batch<T: DenseWeight>(
+    isa: Isa,
+    w: &[T],
+    x: &[f32],
+    n: usize,
+    out: &mut [f32],
+    stride: usize,
+) {
+    let cols = x.len() / n.max(1);
+    let rows = w.len() / cols.max(1);
+    assert_eq!(x.len(), n * cols, "x is [n, cols]");
+    assert_eq!(w.len(), rows * cols, "w is [rows, cols]");
+    assert!(
+        n == 0 || out.len() >= (n - 1) * stride + rows,
+        "out holds n rows of `stride`"
+    );
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 | Isa::Avx512Vnni if Isa::Avx2.is_available() => {
+            let mut first = 0;
+            while first < n {
+                let count = (n - first).min(3);
+                let xs = &x[first * cols..(first + count) * cols];
+                let o = &mut out[first * stride..];
+                // SAFETY: avx2, fma and f16c were detected on this CPU; the asserts above keep
+                // `w` at `rows * cols`, `xs` at `count * cols` and `o` long enough.
+                unsafe {
+                    match count {
+                        3 => x86::dense_rows_batch_avx2::<T, 3>(w, xs, cols, o, stride),
+                        2 => x86::dense_rows_batch_avx2::<T, 2>(w, xs, cols, o, stride),
+                        _ => x86::dense_rows_batch_avx2::<T, 1>(w, xs, cols, o, stride),
+                    }
+                }
+                first += count;
+            }
+        }
+        _ => {
+            for i in 0..n {
+                let xi = &x[i * cols..(i + 1) * cols];
+                for (r, row) in w.chunks_exact(cols.max(1)).enumerate() {
+                    out[i * stride + r] = row.iter().zip(xi).map(|(w, x)| w.to_f32() * x).sum();
+                }
+            }
+        }
+    }
+}
+
+/// A weight element [`dense_rows_batch`] reads: f32, or f16 widened on load.
+pub trait DenseWeight: Copy {
+    /// The value as f32.
+    fn to_f32(self) -> f32;
+    /// Eight values from `p` as f32 lanes.
+    ///
+    /// # Safety
+    /// `p` points at eight readable values; the CPU has avx and f16c.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256;
+}
+
+impl DenseWeight for f32 {
+    fn to_f32(self) -> f32 {
+        self
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256 {
+        // SAFETY: the caller gives eight readable floats.
+        unsafe { std::arch::x86_64::_mm256_loadu_ps(p) }
+    }
+}
+
+impl DenseWeight for f16 {
+    fn to_f32(self) -> f32 {
+        f16::to_f32(self)
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256 {
+        use std::arch::x86_64::{_mm256_cvtph_ps, _mm_loadu_si128};
+        // SAFETY: the caller gives eight readable halves (16 bytes) and a CPU with f16c.
+        unsafe { _mm256_cvtph_ps(_mm_loadu_si128(p.cast())) }
+    }
+}
+
 /// `out[r] = Σ_i w[r, i] x[i]` for f32 weight rows.
 pub fn f32_rows(isa: Isa, w: &[f32], x: &[f32], out: &mut [f32]) {
     assert_eq!(
@@ -1136,6 +1227,51 @@ pub(crate) mod x86 {
         for r in 0..ROWS {
             // SAFETY: `out[r]` is eight floats, the 32 bytes the unaligned store writes.
             unsafe { _mm256_storeu_ps(out[r].as_mut_ptr(), acc[r]) }
+        }
+    }
+
+    /// [`super::dense_rows_batch`] for `R` activation rows (`x` is `[R, cols]`, `w` whole
+    /// rows of `cols`): the steps of [`f32_rows_avx2`] / [`f16_rows_avx2`] for each activation
+    /// row, each eight weights loaded once for all `R`.
+    ///
+    /// # Safety
+    /// avx2, fma and f16c are available; `x.len() == R * cols`, `w.len()` a multiple of `cols`,
+    /// `out.len() >= (R - 1) * stride + w.len() / cols`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn dense_rows_batch_avx2<T: super::DenseWeight, const R: usize>(
+        w: &[T],
+        x: &[f32],
+        cols: usize,
+        out: &mut [f32],
+        stride: usize,
+    ) {
+        let body = cols - cols % 32;
+        let xp = x.as_ptr();
+        for (r, row) in w.chunks_exact(cols).enumerate() {
+            let wp = row.as_ptr();
+            let mut acc = [[_mm256_setzero_ps(); 4]; R];
+            for i in (0..body).step_by(32) {
+                for k in 0..4 {
+                    let at = i + 8 * k;
+                    // SAFETY: `at + 8 <= body <= cols`: eight values of this row, and eight of
+                    // each activation row `j < R` at `j * cols + at`.
+                    let wv = unsafe { T::load8(wp.add(at)) };
+                    for (j, a) in acc.iter_mut().enumerate() {
+                        let xv = unsafe { _mm256_loadu_ps(xp.add(j * cols + at)) };
+                        a[k] = _mm256_fmadd_ps(wv, xv, a[k]);
+                    }
+                }
+            }
+            for (j, a) in acc.iter().enumerate() {
+                let sum = _mm256_add_ps(_mm256_add_ps(a[0], a[1]), _mm256_add_ps(a[2], a[3]));
+                let xj = &x[j * cols..(j + 1) * cols];
+                let tail: f32 = row[body..]
+                    .iter()
+                    .zip(&xj[body..])
+                    .map(|(w, x)| w.to_f32() * x)
+                    .sum();
+                out[j * stride + r] = hsum(sum) + tail;
+            }
         }
     }
 

@@ -873,6 +873,14 @@ impl Matrix {
             {
                 self.dense_gemm(x, n, range, out);
             }
+            // A few activation rows (a speculative pass) against f32 or f16 rows: each eight
+            // weights loaded once for several activation rows.
+            (Storage::F32(w), InputRows::Dense(x)) if n > 1 => {
+                self.few_rows(isa, w, x, n, range, out);
+            }
+            (Storage::F16(w), InputRows::Dense(x)) if n > 1 => {
+                self.few_rows(isa, w, x, n, range, out);
+            }
             _ => {
                 let tile = if n == 1 { len.max(1) } else { TILE_ROWS };
                 let mut start = range.start;
@@ -885,6 +893,29 @@ impl Matrix {
                     start = end;
                 }
             }
+        }
+    }
+
+    /// Rows `range` of `x Wᵀ` into `out` (`[n, range.len()]`) for a few activation rows
+    /// against f32 or f16 weights `w`, [`TILE_ROWS`] weight rows at a time
+    /// ([`dot::dense_rows_batch`]).
+    fn few_rows<T: dot::DenseWeight>(
+        &self,
+        isa: Isa,
+        w: &[T],
+        x: &[f32],
+        n: usize,
+        range: Range<usize>,
+        out: &mut [f32],
+    ) {
+        let (cols, len) = (self.cols, range.len());
+        let mut start = range.start;
+        while start < range.end {
+            let end = (start + TILE_ROWS).min(range.end);
+            let at = start - range.start;
+            let tile = &w[start * cols..end * cols];
+            dot::dense_rows_batch(isa, tile, x, n, &mut out[at..], len);
+            start = end;
         }
     }
 
