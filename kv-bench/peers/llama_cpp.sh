@@ -38,14 +38,17 @@ export LD_LIBRARY_PATH="$BIN${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 
 build() {
     mkdir -p "$DIR"
-    if [ ! -x "$BIN/llama-bench" ] || [ ! -x "$BIN/llama-server" ]; then
+    if [ ! -x "$BIN/llama-bench" ] || [ ! -x "$BIN/llama-server" ] || [ ! -x "$BIN/llama-lookup" ]; then
         python3 -m pip install -q cmake ninja
         # Only the package itself from source (`:all:` would build its build dependencies,
         # cmake included, from source just to read its metadata).
         (cd "$DIR" && python3 -m pip download -q --no-deps --no-binary llama-cpp-python llama-cpp-python==0.3.36 -d .)
         tar xzf "$DIR/llama_cpp_python-0.3.36.tar.gz" -C "$DIR"
         cmake -S "$SRC" -B "$SRC/build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DLLAMA_CURL=OFF
-        ninja -C "$SRC/build" llama-bench llama-quantize llama-perplexity llama-server
+        # llama-lookup and llama-speculative: its prompt-lookup and draft-model decoding, the
+        # peers of `kv-bench speculate`.
+        ninja -C "$SRC/build" llama-bench llama-quantize llama-perplexity llama-server \
+            llama-lookup llama-speculative llama-cli
     fi
     # The Python bindings in the same sdist drive libllama for `kv-bench compare --peer llama-cpp`.
     python3 -m pip install -q numpy diskcache jinja2 typing-extensions
