@@ -612,19 +612,36 @@ impl<B: Backend> Generator<'_, B> {
 mod tests {
     use super::*;
 
+    /// Five logits and a sampler that keeps four of them (temperature 0.9, top-k 4).
+    const LOGITS: [f32; 5] = [0.3, -1.0, 1.2, 0.0, -0.4];
+
+    fn top4(seed: u64) -> SamplingConfig {
+        SamplingConfig {
+            temperature: Some(0.9),
+            top_k: Some(4),
+            seed,
+            ..SamplingConfig::greedy()
+        }
+    }
+
+    /// Pearson's chi-square of `counts` over `draws` against `p`.
+    fn chi_square(p: &Distribution, counts: &[usize], draws: usize) -> f64 {
+        p.iter()
+            .map(|&(id, prob)| {
+                let expected = prob * draws as f64;
+                (counts[id as usize] as f64 - expected).powi(2) / expected
+            })
+            .sum()
+    }
+
     /// The token at a guessed position has the model's distribution whatever the guess: over
     /// 20,000 seeded draws among the four tokens top-k leaves of five, a chi-square test
     /// against `p` (3 degrees of freedom; 16.27 is exceeded by chance once in a thousand runs,
     /// and the seeds are fixed), for a likely guess, an unlikely one and one the filter removed.
     #[test]
     fn a_checked_guess_leaves_the_models_distribution() {
-        let logits = [0.3f32, -1.0, 1.2, 0.0, -0.4];
-        let config = SamplingConfig {
-            temperature: Some(0.9),
-            top_k: Some(4),
-            seed: 11,
-            ..SamplingConfig::greedy()
-        };
+        let logits = LOGITS;
+        let config = top4(11);
         let p = Sampler::new(config.clone())
             .unwrap()
             .distribution(&logits, &[]);
@@ -640,13 +657,7 @@ mod tests {
                 kept += usize::from(was_kept);
                 assert_eq!(was_kept, token == guess);
             }
-            let chi2: f64 = p
-                .iter()
-                .map(|&(id, prob)| {
-                    let expected = prob * draws as f64;
-                    (counts[id as usize] as f64 - expected).powi(2) / expected
-                })
-                .sum();
+            let chi2 = chi_square(&p, &counts, draws);
             assert!(
                 chi2 < 16.27,
                 "guess {guess}: chi-square {chi2}, counts {counts:?}"
@@ -664,13 +675,8 @@ mod tests {
     /// chi-square bound as above (3 degrees of freedom, one false alarm in a thousand runs).
     #[test]
     fn a_guess_drawn_from_a_draft_distribution_leaves_the_models_distribution() {
-        let logits = [0.3f32, -1.0, 1.2, 0.0, -0.4];
-        let config = SamplingConfig {
-            temperature: Some(0.9),
-            top_k: Some(4),
-            seed: 5,
-            ..SamplingConfig::greedy()
-        };
+        let logits = LOGITS;
+        let config = top4(5);
         let p = Sampler::new(config.clone())
             .unwrap()
             .distribution(&logits, &[]);
@@ -690,13 +696,7 @@ mod tests {
             counts[token as usize] += 1;
             kept += usize::from(was_kept);
         }
-        let chi2: f64 = p
-            .iter()
-            .map(|&(id, prob)| {
-                let expected = prob * draws as f64;
-                (counts[id as usize] as f64 - expected).powi(2) / expected
-            })
-            .sum();
+        let chi2 = chi_square(&p, &counts, draws);
         assert!(chi2 < 16.27, "chi-square {chi2}, counts {counts:?}");
         assert_eq!(counts[1], 0, "token 1 is filtered out");
         // Acceptance is the overlap of the two distributions, sum min(p, q).
