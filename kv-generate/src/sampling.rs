@@ -155,25 +155,9 @@ impl Sampler {
             return argmax(&logits);
         };
         logits.iter_mut().for_each(|l| *l /= temperature);
-        let mut candidates = self.filter(&logits);
         // Softmax over the survivors, then one draw.
-        let max = candidates
-            .iter()
-            .map(|c| c.1)
-            .fold(f32::NEG_INFINITY, f32::max);
-        let mut total = 0.0f64;
-        for c in &mut candidates {
-            c.1 = (c.1 - max).exp();
-            total += f64::from(c.1);
-        }
-        let mut target = self.rng.random::<f64>() * total;
-        for &(id, weight) in &candidates {
-            target -= f64::from(weight);
-            if target <= 0.0 {
-                return id;
-            }
-        }
-        candidates.last().map_or(0, |c| c.0)
+        let p = self.softmax(&logits);
+        self.draw(&p)
     }
 
     /// The distribution [`Sampler::sample`] draws from after `context`: `(id, probability)`
@@ -195,8 +179,16 @@ impl Sampler {
             return vec![(argmax(&logits), 1.0)];
         };
         logits.iter_mut().for_each(|l| *l /= temperature);
-        let candidates = self.filter(&logits);
-        let max = candidates.first().map_or(0.0, |c| c.1);
+        self.softmax(&logits)
+    }
+
+    /// The filters' survivors among tempered `logits`, with their softmax probabilities.
+    fn softmax(&self, logits: &[f32]) -> Vec<(u32, f64)> {
+        let candidates = self.filter(logits);
+        let max = candidates
+            .iter()
+            .map(|c| c.1)
+            .fold(f32::NEG_INFINITY, f32::max);
         let weights: Vec<f64> = candidates
             .iter()
             .map(|c| f64::from((c.1 - max).exp()))

@@ -93,12 +93,10 @@ impl<B: Backend> Windowed<B> {
         if self.rewind == 0 || range.is_empty() {
             return;
         }
-        let batch = buffer.dims()[0];
         let seen = self.seen;
         let old = range.start..range.end.min(seen);
         if !old.is_empty() {
-            let slots: Vec<usize> = old.clone().map(|p| self.slot_of(p)).collect();
-            let (keys, values) = buffer.gather_slots(0..batch, &slots);
+            let (keys, values) = self.read_positions(buffer, old.clone());
             self.evicted.push(EvictedRun {
                 first: old.start,
                 keys,
@@ -117,6 +115,30 @@ impl<B: Backend> Windowed<B> {
         // Drop the runs that lie wholly before the last `rewind` evictions.
         let keep_from = range.end.saturating_sub(self.rewind);
         self.evicted.retain(|run| run.end() > keep_from);
+    }
+
+    /// Keys and values of the held windowed positions `range`, read as the runs of consecutive
+    /// slots they occupy (one read for a decode step's eviction, not a gather of the ring).
+    fn read_positions(
+        &self,
+        buffer: &KvBuffer<B>,
+        range: std::ops::Range<usize>,
+    ) -> (Tensor<B, 4>, Tensor<B, 4>) {
+        let batch = buffer.dims()[0];
+        let (mut keys, mut values) = (Vec::new(), Vec::new());
+        let mut position = range.start;
+        while position < range.end {
+            let slot = self.slot_of(position);
+            let len = (range.end - position).min(self.slots() - slot);
+            let (k, v) = buffer.read(0..batch, slot..slot + len);
+            keys.push(k);
+            values.push(v);
+            position += len;
+        }
+        match keys.len() {
+            1 => (keys.remove(0), values.remove(0)),
+            _ => (Tensor::cat(keys, 2), Tensor::cat(values, 2)),
+        }
     }
 
     /// The oldest evicted position the log can bring back.
