@@ -236,13 +236,29 @@ impl Row {
         max_new_tokens: usize,
         tokenizer: Option<&Tokenizer>,
     ) -> Result<u32> {
-        // The penalties read prompt and output; assemble them only when needed.
-        let context = if self.sampler.uses_context() {
-            [self.prompt.as_slice(), self.generated.as_slice()].concat()
-        } else {
-            Vec::new()
-        };
-        let next = self.sampler.sample(logits, &context);
+        let next = self.sampler.sample(logits, &self.context());
+        self.push(next, eos, max_new_tokens, tokenizer)?;
+        Ok(next)
+    }
+
+    /// What the sampler's penalties read: prompt and output, assembled only when it has
+    /// penalties (empty otherwise).
+    pub(crate) fn context(&self) -> Vec<u32> {
+        match self.sampler.uses_context() {
+            true => [self.prompt.as_slice(), self.generated.as_slice()].concat(),
+            false => Vec::new(),
+        }
+    }
+
+    /// Appends `next`, chosen elsewhere (a verified guess), and decides whether the row stops,
+    /// as [`Row::advance`] does.
+    pub(crate) fn push(
+        &mut self,
+        next: u32,
+        eos: &[u32],
+        max_new_tokens: usize,
+        tokenizer: Option<&Tokenizer>,
+    ) -> Result<()> {
         self.generated.push(next);
         if eos.contains(&next) {
             self.finish = Some(FinishReason::Eos);
@@ -261,7 +277,7 @@ impl Row {
                 }
             }
         }
-        Ok(next)
+        Ok(())
     }
 
     /// Checks the text for stop strings (a stop ends the row and cuts the text before it) and

@@ -49,6 +49,26 @@ pub struct Draft {
     pub proposals: Option<Vec<Distribution>>,
 }
 
+impl Draft {
+    /// Keeps the first `n` guesses (and their proposals).
+    pub fn truncate(&mut self, n: usize) {
+        self.tokens.truncate(n);
+        if let Some(proposals) = &mut self.proposals {
+            proposals.truncate(n);
+        }
+    }
+
+    /// Guesses.
+    pub fn len(&self) -> usize {
+        self.tokens.len()
+    }
+
+    /// Whether there is no guess.
+    pub fn is_empty(&self) -> bool {
+        self.tokens.is_empty()
+    }
+}
+
 impl From<Vec<u32>> for Draft {
     /// Guesses proposed with certainty.
     fn from(tokens: Vec<u32>) -> Self {
@@ -331,7 +351,7 @@ pub struct Speculation {
 /// sampled, kept with probability `min(1, p(guess) / q(guess))` and otherwise replaced by a
 /// draw from `max(0, p - q)`, where `q` is the drafter's `proposal` (one-hot at the guess when
 /// `None`).
-fn check(
+pub(crate) fn check(
     sampler: &mut Sampler,
     logits: &[f32],
     context: &[u32],

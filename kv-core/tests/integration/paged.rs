@@ -421,4 +421,69 @@ mod store {
         ));
         assert_eq!(store.pool().free_blocks(), 4);
     }
+
+    /// A speculative pass's blocks join the prefix cache only once kept: a prompt that begins
+    /// with rejected guesses finds none of their blocks, the blocks past the kept positions
+    /// are back in the pool at once, and the kept positions read back what the pass wrote.
+    #[test]
+    fn guesses_are_published_only_once_kept_and_rejected_blocks_come_back() {
+        let mut store = PagedStore::<B>::new(
+            2,
+            SHAPE,
+            8,
+            4,
+            BlockOrder::Ascending,
+            b"m",
+            &Default::default(),
+        );
+        let prompt: Vec<u32> = (1..=6).collect();
+        let (a, _) = store.add_sequence(&prompt);
+        let written = write(&mut store, a, &prompt);
+        assert_eq!(store.pool().cached_blocks(), 1); // 1 2 3 4
+                                                     // Token 7 and guesses 8 9 10 11: positions 6..11, blocks 4..8 and 8..12.
+        let pass = [7, 8, 9, 10, 11];
+        store.reserve_unverified(a, &pass).unwrap();
+        let guessed: Vec<_> = (0..2)
+            .map(|layer| {
+                let (k, v) = (random(5), random(5));
+                store.write(layer, a, 6, k.clone(), v.clone());
+                (k, v)
+            })
+            .collect();
+        assert_eq!(
+            (store.pool().free_blocks(), store.pool().cached_blocks()),
+            (5, 1)
+        );
+        // A prompt running through the guesses finds the one verified block only.
+        let probe = |store: &mut PagedStore<B>, tokens: &[u32]| {
+            let (id, cached) = store.add_sequence(&[tokens, &[0]].concat());
+            store.free(id);
+            cached
+        };
+        assert_eq!(probe(&mut store, &(1..=11).collect::<Vec<_>>()), 4);
+        // Guess 8 kept, 9 10 11 rejected: the block of 9..12 goes back, 5 6 7 8 is published.
+        store.truncate(a, 8);
+        assert_eq!(store.len(a), 8);
+        assert_eq!(
+            (store.pool().free_blocks(), store.pool().cached_blocks()),
+            (6, 2)
+        );
+        assert_eq!(probe(&mut store, &(1..=11).collect::<Vec<_>>()), 8);
+        // The model's own token 20 follows; the rejected guesses' hash chain is never found.
+        write(&mut store, a, &[20]);
+        for layer in 0..2 {
+            let (k, v) = store.read(layer, a);
+            same(k.clone().narrow(2, 0, 6), written[layer].0.clone());
+            same(k.narrow(2, 6, 2), guessed[layer].0.clone().narrow(2, 0, 2));
+            same(v.narrow(2, 6, 2), guessed[layer].1.clone().narrow(2, 0, 2));
+        }
+        let mut ours: Vec<u32> = (1..=8).collect();
+        ours.extend([20, 21, 22, 23, 24]);
+        write(&mut store, a, &ours[9..]);
+        assert_eq!(probe(&mut store, &ours), 12);
+        assert_eq!(probe(&mut store, &(1..=13).collect::<Vec<_>>()), 8);
+        store.free(a);
+        assert_eq!(store.pool().free_blocks(), 8);
+        store.pool().audit().unwrap();
+    }
 }

@@ -34,7 +34,9 @@
 //! - `scheduler.rs`: the step plan (admission, the token budget, preemption) over a
 //!   [`CacheManager`];
 //! - this file: the engine, which executes each plan as one ragged forward pass and samples;
-//! - `prefix.rs`: saving a prompt's cached blocks and restoring them.
+//! - `prefix.rs`: saving a prompt's cached blocks and restoring them;
+//! - `speculation.rs`: per-request drafters whose guesses a step verifies
+//!   ([`EngineSpeculation`]).
 //!
 //! # What it costs
 //! Attention reads each sequence's keys through its block table. On the host (a model whose
@@ -47,6 +49,8 @@
 //! product's, so tokens equal a solo run's exactly when the kernels are row-independent (as
 //! kv-kernels' are) and to float rounding otherwise.
 
+use std::collections::HashMap;
+
 use burn::tensor::backend::Backend;
 use kv_core::{CacheError, PagedStore, SequenceId};
 use kv_model::{BatchPiece, Logits, Tokenizer, Transformer};
@@ -54,12 +58,14 @@ use kv_model::{BatchPiece, Logits, Tokenizer, Transformer};
 use crate::error::{GenerateError, Result};
 use crate::generate::{EosPolicy, Row};
 use crate::sampling::TokenLogprobs;
+use crate::speculative::{check, Draft, Schedule};
 use crate::stream::StopStrings;
 
 mod config;
 mod prefix;
 mod request;
 mod scheduler;
+mod speculation;
 
 pub use config::{
     EngineConfig, PoolSize, DEFAULT_MAX_RUNNING, DEFAULT_POOL_TOKENS, DEFAULT_TOKEN_BUDGET,
@@ -67,9 +73,11 @@ pub use config::{
 pub use prefix::SavedPrefix;
 pub use request::{EngineEvent, Request, RequestId, Usage};
 pub use scheduler::CacheManager;
+pub use speculation::{DrafterFactory, EngineSpeculation, SpeculationCounts, DEFAULT_MAX_DECODING};
 
 use request::RequestState;
 use scheduler::{Scheduler, StepPlan};
+use speculation::Drafting;
 
 /// Counters since the engine started.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -89,6 +97,8 @@ pub struct EngineStats {
     pub prefix_hit_tokens: usize,
     /// Times a running request gave its blocks back to make room.
     pub preemptions: usize,
+    /// Guesses drafted and kept, when the engine speculates.
+    pub speculation: SpeculationCounts,
 }
 
 /// The pool's size, as an operator wants to read it at start.
@@ -167,6 +177,10 @@ pub struct Engine<'a, B: Backend> {
     scheduler: Scheduler,
     next_id: u64,
     stats: EngineStats,
+    /// How requests draft, when the engine speculates.
+    speculation: Option<EngineSpeculation<'a>>,
+    /// Each speculating request's drafter, held from its addition to its end.
+    drafting: HashMap<RequestId, Drafting<'a>>,
 }
 
 impl<'a, B: Backend> Engine<'a, B> {
@@ -217,7 +231,51 @@ impl<'a, B: Backend> Engine<'a, B> {
             scheduler,
             next_id: 0,
             stats: EngineStats::default(),
+            speculation: None,
+            drafting: HashMap::new(),
         })
+    }
+
+    /// This engine, decoding speculatively: each request added from now on drafts guesses
+    /// that its steps verify in the batched pass ([`EngineSpeculation`]). Tokens are those of
+    /// plain decoding when greedy, and have the model's distribution when sampled.
+    ///
+    /// ```
+    /// use burn_ndarray::NdArray;
+    /// use kv_generate::engine::{Engine, EngineConfig, EngineSpeculation, PoolSize, Request};
+    /// use kv_generate::speculative::PromptLookup;
+    /// use kv_generate::EosPolicy;
+    /// use kv_model::{ModelConfig, Transformer};
+    ///
+    /// # let json = serde_json::json!({
+    /// #     "model_type": "llama", "vocab_size": 64, "hidden_size": 32, "num_hidden_layers": 2,
+    /// #     "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 64
+    /// # });
+    /// # let config = ModelConfig::from_hf_json(&json, "doc").unwrap();
+    /// let model = Transformer::<NdArray>::random(&config, 1, &Default::default()).unwrap();
+    /// let config = EngineConfig { pool: PoolSize::Tokens(256), block_size: 4, ..Default::default() };
+    /// let speculation = EngineSpeculation::prompt_lookup(PromptLookup::default(), 4);
+    /// let mut engine = Engine::new(&model, None, config).unwrap().with_speculation(speculation).unwrap();
+    /// let prompt = vec![5, 6, 7, 8, 5, 6, 7, 8, 5, 6, 7];
+    /// engine.add_request(Request { eos: EosPolicy::Ignore, ..Request::greedy(prompt, 12) }).unwrap();
+    /// while engine.has_work() {
+    ///     engine.step().unwrap();
+    /// }
+    /// let counts = engine.stats().speculation;
+    /// assert!(counts.accepted_tokens <= counts.drafted_tokens);
+    /// assert_eq!(engine.stats().generated_tokens, 12);
+    /// ```
+    ///
+    /// # Errors
+    /// A speculation of no guesses.
+    pub fn with_speculation(mut self, speculation: EngineSpeculation<'a>) -> Result<Self> {
+        if speculation.draft_tokens == 0 {
+            return Err(GenerateError::InvalidRequest(
+                "speculation needs at least one guess a step (draft_tokens = 0)".into(),
+            ));
+        }
+        self.speculation = Some(speculation);
+        Ok(self)
     }
 
     /// The pool's size in blocks, bytes and full-length sequences.
@@ -312,6 +370,13 @@ impl<'a, B: Backend> Engine<'a, B> {
             });
         }
         let id = RequestId(self.next_id);
+        if let Some(speculation) = &mut self.speculation {
+            let drafting = Drafting {
+                drafter: (speculation.drafter)(&request)?,
+                schedule: Schedule::new(speculation.draft_tokens),
+            };
+            self.drafting.insert(id, drafting);
+        }
         self.next_id += 1;
         let eos = match &request.eos {
             EosPolicy::Model => self.model.config().eos_token_ids.clone(),
@@ -328,6 +393,7 @@ impl<'a, B: Backend> Engine<'a, B> {
             sequence: None,
             computed: 0,
             cached_prompt_tokens: None,
+            guesses: Draft::default(),
         });
         Ok(id)
     }
@@ -335,7 +401,45 @@ impl<'a, B: Backend> Engine<'a, B> {
     /// Drops `request` wherever it is; its blocks are back in the pool when this returns.
     /// Whether it was held (a finished or unknown request is not).
     pub fn cancel(&mut self, request: RequestId) -> bool {
+        self.drafting.remove(&request);
         self.scheduler.remove(request, &mut self.store)
+    }
+
+    /// Each decoding request's guesses for this step from its drafter, while few enough
+    /// requests decode ([`EngineSpeculation::max_decoding`]); at most what its remaining tokens
+    /// can keep (a pass keeps its kept guesses and one token of its own), ids within the
+    /// vocabulary.
+    fn draft(&mut self) -> Result<()> {
+        let Some(speculation) = &self.speculation else {
+            return Ok(());
+        };
+        let vocab = self.model.config().vocab_size;
+        let running = self.scheduler.running_requests();
+        let decoding = running.iter().filter(|r| r.decoding()).count();
+        for request in running {
+            request.guesses = Draft::default();
+            let Some(drafting) = self.drafting.get_mut(&request.id) else {
+                continue;
+            };
+            if !request.decoding() || decoding > speculation.max_decoding {
+                continue;
+            }
+            let room = request.max_new_tokens - request.row.generated.len();
+            let most = drafting.schedule.guesses().min(room.saturating_sub(1));
+            if most == 0 {
+                continue;
+            }
+            let mut guesses = drafting.drafter.draft(&request.tokens(), most)?;
+            let valid = guesses
+                .tokens
+                .iter()
+                .take(most)
+                .take_while(|&&t| (t as usize) < vocab)
+                .count();
+            guesses.truncate(valid);
+            request.guesses = guesses;
+        }
+        Ok(())
     }
 
     /// One step: schedules, runs one forward pass over everything scheduled, samples where a
@@ -345,32 +449,41 @@ impl<'a, B: Backend> Engine<'a, B> {
     /// # Errors
     /// The model's errors (none expected for requests [`Engine::add_request`] accepted).
     pub fn step(&mut self) -> Result<Vec<EngineEvent>> {
+        self.draft()?;
         let plan: StepPlan = self.scheduler.schedule(&mut self.store)?;
         if plan.pieces.is_empty() {
             return Ok(Vec::new());
         }
-        // The ragged batch: each scheduled request's next tokens, logits where it samples.
-        let inputs: Vec<(SequenceId, Vec<u32>, usize, bool)> = plan
+        // The ragged batch: each scheduled request's next tokens (its guesses after them when
+        // it speculates), logits where it samples (a row per position when it speculates).
+        let inputs: Vec<PieceInput> = plan
             .pieces
             .iter()
             .map(|&(id, n)| {
                 let request = self.scheduler.request(id);
-                let tokens = request.tokens();
-                let start = request.computed;
-                let samples = start + n == tokens.len();
-                let sequence = request
-                    .sequence
-                    .expect("scheduled requests hold a sequence");
-                (sequence, tokens[start..start + n].to_vec(), start, samples)
+                let guesses = request.guesses.len();
+                PieceInput {
+                    sequence: request
+                        .sequence
+                        .expect("scheduled requests hold a sequence"),
+                    tokens: request.feed(n),
+                    start: request.computed,
+                    samples: request.computed + n - guesses == request.tokens().len(),
+                    guesses,
+                }
             })
             .collect();
         let pieces: Vec<BatchPiece<'_>> = inputs
             .iter()
-            .map(|(sequence, tokens, start, samples)| BatchPiece {
-                sequence: *sequence,
-                tokens,
-                start: *start,
-                logits: samples.then_some(Logits::Last),
+            .map(|input| BatchPiece {
+                sequence: input.sequence,
+                tokens: &input.tokens,
+                start: input.start,
+                logits: match (input.samples, input.guesses) {
+                    (false, _) => None,
+                    (true, 0) => Some(Logits::Last),
+                    (true, _) => Some(Logits::All),
+                },
             })
             .collect();
         let logits = self.model.forward_ragged(&mut self.store, &pieces)?;
@@ -381,42 +494,38 @@ impl<'a, B: Backend> Engine<'a, B> {
             .into_vec()
             .expect("logits converted to f32");
         self.stats.steps += 1;
-        // Sample where a sequence reached its end, in plan order (one logits row each).
+        // Sample where a sequence reached its end, in plan order (one logits row each, one per
+        // position for a speculating piece).
         let mut events = Vec::new();
         let mut row_logits = logits.chunks_exact(vocab.max(1)).take(rows);
-        for (&(id, n), (_, _, _, samples)) in plan.pieces.iter().zip(&inputs) {
+        for (&(id, n), input) in plan.pieces.iter().zip(&inputs) {
             self.stats.computed_tokens += n;
-            let tokenizer = self.tokenizer;
-            let request = self.scheduler.request_mut(id);
-            request.computed += n;
-            if !samples {
+            if !input.samples {
+                self.scheduler.request_mut(id).computed += n;
                 continue;
             }
-            let logits = row_logits
-                .next()
-                .expect("one logits row per sampling piece");
-            let token =
-                request
-                    .row
-                    .advance(logits, &request.eos, request.max_new_tokens, tokenizer)?;
-            let logprobs = request
-                .top_logprobs
-                .map(|top| TokenLogprobs::new(logits, token, top));
-            let text = request.row.publish(&request.stops).to_string();
-            events.push(EngineEvent::Token {
-                request: id,
-                token,
-                text,
-                logprobs,
-            });
-            let finish = request.row.finish;
-            let usage = Usage {
-                prompt_tokens: request.row.prompt.len(),
-                completion_tokens: request.row.generated.len(),
-                cached_prompt_tokens: request.cached_prompt_tokens.unwrap_or(0),
-            };
-            self.stats.generated_tokens += 1;
-            if let Some(reason) = finish {
+            let rows: Vec<&[f32]> = row_logits.by_ref().take(1 + input.guesses).collect();
+            let kept = self.verify(id, &rows, &mut events)?;
+            let request = self.scheduler.request_mut(id);
+            // The pass's first token and the kept guesses stay; the rest never happened.
+            request.computed = input.start + n - (input.guesses - kept);
+            if input.guesses > 0 {
+                let sequence = input.sequence;
+                self.store.truncate(sequence, request.computed);
+                self.stats.speculation.drafts += 1;
+                self.stats.speculation.drafted_tokens += input.guesses;
+                self.stats.speculation.accepted_tokens += kept;
+                if let Some(drafting) = self.drafting.get_mut(&id) {
+                    drafting.schedule.update(input.guesses, kept);
+                }
+            }
+            let request = self.scheduler.request(id);
+            if let Some(reason) = request.row.finish {
+                let usage = Usage {
+                    prompt_tokens: request.row.prompt.len(),
+                    completion_tokens: request.row.generated.len(),
+                    cached_prompt_tokens: request.cached_prompt_tokens.unwrap_or(0),
+                };
                 self.cancel(id);
                 events.push(EngineEvent::Finished {
                     request: id,
@@ -427,4 +536,64 @@ impl<'a, B: Backend> Engine<'a, B> {
         }
         Ok(events)
     }
+
+    /// Chooses `id`'s tokens from its logits `rows` (one, or one per position of a speculating
+    /// piece: row `i` checks guess `i`, and the row after the last kept guess gives a token of
+    /// the model's own), stopping at a rejected guess or where the request finishes; pushes a
+    /// token event for each. Returns the guesses kept.
+    fn verify(
+        &mut self,
+        id: RequestId,
+        rows: &[&[f32]],
+        events: &mut Vec<EngineEvent>,
+    ) -> Result<usize> {
+        let tokenizer = self.tokenizer;
+        let request = self.scheduler.request_mut(id);
+        let guesses = std::mem::take(&mut request.guesses);
+        let mut kept = 0;
+        for (i, logits) in rows.iter().enumerate() {
+            let context = request.row.context();
+            let (token, rejected) = match guesses.tokens.get(i) {
+                Some(&guess) => {
+                    let proposal = guesses.proposals.as_ref().map(|q| q[i].as_slice());
+                    let (keep, token) =
+                        check(&mut request.row.sampler, logits, &context, guess, proposal);
+                    kept += usize::from(keep);
+                    (token, !keep)
+                }
+                None => (request.row.sampler.sample(logits, &context), false),
+            };
+            request
+                .row
+                .push(token, &request.eos, request.max_new_tokens, tokenizer)?;
+            let logprobs = request
+                .top_logprobs
+                .map(|top| TokenLogprobs::new(logits, token, top));
+            let text = request.row.publish(&request.stops).to_string();
+            events.push(EngineEvent::Token {
+                request: id,
+                token,
+                text,
+                logprobs,
+            });
+            self.stats.generated_tokens += 1;
+            if rejected || request.row.finish.is_some() {
+                break;
+            }
+        }
+        Ok(kept)
+    }
+}
+
+/// One scheduled piece of the ragged pass, as the engine assembles it.
+struct PieceInput {
+    sequence: SequenceId,
+    /// Tokens fed: pending ones, then guesses.
+    tokens: Vec<u32>,
+    /// Position of `tokens[0]`.
+    start: usize,
+    /// Whether the piece reaches the sequence's end, so its logits choose tokens.
+    samples: bool,
+    /// Guesses at the end of `tokens`.
+    guesses: usize,
 }

@@ -5,6 +5,7 @@ use kv_core::SequenceId;
 
 use crate::generate::{EosPolicy, FinishReason, Row};
 use crate::sampling::{SamplingConfig, TokenLogprobs};
+use crate::speculative::Draft;
 use crate::stream::StopStrings;
 
 /// One request: a prompt and how to continue it.
@@ -96,6 +97,9 @@ pub(crate) struct RequestState {
     pub(crate) computed: usize,
     /// Prompt tokens the prefix cache held at its first admission.
     pub(crate) cached_prompt_tokens: Option<usize>,
+    /// This step's guesses after its pending token, when it decodes speculatively: fed after
+    /// it in the same piece, and verified against its logits rows.
+    pub(crate) guesses: Draft,
 }
 
 impl RequestState {
@@ -103,6 +107,17 @@ impl RequestState {
     /// token is sampled.
     pub(crate) fn tokens(&self) -> Vec<u32> {
         [self.row.prompt.as_slice(), self.row.generated.as_slice()].concat()
+    }
+
+    /// The next `n` tokens to feed: those not yet in the store, then the guesses.
+    pub(crate) fn feed(&self, n: usize) -> Vec<u32> {
+        let tokens = self.tokens();
+        tokens[self.computed..]
+            .iter()
+            .chain(&self.guesses.tokens)
+            .take(n)
+            .copied()
+            .collect()
     }
 
     /// Positions not yet in the store.

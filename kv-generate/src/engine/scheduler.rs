@@ -35,6 +35,13 @@ pub trait CacheManager {
     /// [`CacheError::PoolExhausted`] when the pool has no room, nothing reserved.
     fn reserve(&mut self, sequence: SequenceId, tokens: &[u32]) -> kv_core::Result<()>;
 
+    /// [`CacheManager::reserve`] for a pass whose tokens end in guesses: no block joins the
+    /// prefix cache until the pass's outcome is known.
+    ///
+    /// # Errors
+    /// As [`CacheManager::reserve`].
+    fn reserve_unverified(&mut self, sequence: SequenceId, tokens: &[u32]) -> kv_core::Result<()>;
+
     /// Gives the sequence's blocks back (its full blocks stay cached).
     fn free(&mut self, sequence: SequenceId);
 
@@ -57,6 +64,10 @@ impl<B: Backend> CacheManager for PagedStore<B> {
 
     fn reserve(&mut self, sequence: SequenceId, tokens: &[u32]) -> kv_core::Result<()> {
         PagedStore::reserve(self, sequence, tokens)
+    }
+
+    fn reserve_unverified(&mut self, sequence: SequenceId, tokens: &[u32]) -> kv_core::Result<()> {
+        PagedStore::reserve_unverified(self, sequence, tokens)
     }
 
     fn free(&mut self, sequence: SequenceId) {
@@ -166,6 +177,11 @@ impl Scheduler {
             .expect("a running request")
     }
 
+    /// The running requests, oldest first, to draft for.
+    pub(crate) fn running_requests(&mut self) -> &mut [RequestState] {
+        &mut self.running
+    }
+
     /// Drops `id` wherever it is, its blocks back in `cache`. Whether it was held.
     pub(crate) fn remove(&mut self, id: RequestId, cache: &mut impl CacheManager) -> bool {
         if let Some(at) = self.waiting.iter().position(|r| r.id == id) {
@@ -204,7 +220,11 @@ impl Scheduler {
             if !self.running.iter().any(|r| r.id == id) {
                 continue;
             }
-            let n = self.request(id).pending().min(budget);
+            // A speculating decoder feeds its guesses too, as many as the budget leaves.
+            let request = self.request_mut(id);
+            let pending = request.pending();
+            request.guesses.truncate(budget.saturating_sub(pending));
+            let n = (pending + request.guesses.len()).min(budget);
             if self.reserve_or_preempt(id, n, &plan, cache)? {
                 plan.pieces.push((id, n));
                 budget -= n;
@@ -269,9 +289,12 @@ impl Scheduler {
         loop {
             let request = self.request(id);
             let sequence = request.sequence.expect("running requests hold a sequence");
-            let start = request.computed;
-            let tokens = request.tokens();
-            match cache.reserve(sequence, &tokens[start..start + n]) {
+            let tokens = request.feed(n);
+            let reserved = match request.guesses.is_empty() {
+                true => cache.reserve(sequence, &tokens),
+                false => cache.reserve_unverified(sequence, &tokens),
+            };
+            match reserved {
                 Ok(()) => return Ok(true),
                 Err(CacheError::PoolExhausted { .. }) => {
                     let victim = self
@@ -304,6 +327,7 @@ impl Scheduler {
             cache.free(sequence);
         }
         request.computed = 0;
+        request.guesses = Default::default();
         self.stats.preemptions += 1;
         let at = self
             .waiting
@@ -349,6 +373,7 @@ mod tests {
             sequence: None,
             computed: 0,
             cached_prompt_tokens: None,
+            guesses: Default::default(),
         }
     }
 

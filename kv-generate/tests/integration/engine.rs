@@ -7,7 +7,10 @@ use std::collections::HashMap;
 use crate::fixtures::fixtures;
 use burn_ndarray::NdArray;
 use kv_core::{BlockOrder, CacheConfig};
-use kv_generate::engine::{Engine, EngineConfig, EngineEvent, PoolSize, Request, RequestId, Usage};
+use kv_generate::engine::{
+    Engine, EngineConfig, EngineEvent, EngineSpeculation, PoolSize, Request, RequestId, Usage,
+};
+use kv_generate::speculative::PromptLookup;
 use kv_generate::{
     CacheChoice, EosPolicy, FinishReason, GenerateError, GenerationConfig, Generator,
     SamplingConfig,
@@ -16,24 +19,24 @@ use kv_model::{load_model, LoadedModel, ModelConfig, Tokenizer, Transformer};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-type B = NdArray<f32>;
+pub(crate) type B = NdArray<f32>;
 
-fn load(name: &str) -> LoadedModel<B> {
+pub(crate) fn load(name: &str) -> LoadedModel<B> {
     load_model::<B>(&fixtures().join(name), &Default::default()).unwrap()
 }
 
 /// What a request produced through the engine.
 #[derive(Debug, Clone, PartialEq)]
-struct Outcome {
-    tokens: Vec<u32>,
-    text: String,
-    reason: FinishReason,
-    usage: Usage,
+pub(crate) struct Outcome {
+    pub(crate) tokens: Vec<u32>,
+    pub(crate) text: String,
+    pub(crate) reason: FinishReason,
+    pub(crate) usage: Usage,
 }
 
 /// Runs the engine until it is idle, adding `arrivals[i].1` at step `arrivals[i].0`; returns
 /// each request's outcome, in arrival order.
-fn run(engine: &mut Engine<'_, B>, arrivals: &[(usize, Request)]) -> Vec<Outcome> {
+pub(crate) fn run(engine: &mut Engine<'_, B>, arrivals: &[(usize, Request)]) -> Vec<Outcome> {
     let mut ids = Vec::new();
     let mut outcomes: HashMap<RequestId, Outcome> = HashMap::new();
     let mut tokens: HashMap<RequestId, (Vec<u32>, String)> = HashMap::new();
@@ -79,7 +82,7 @@ fn run(engine: &mut Engine<'_, B>, arrivals: &[(usize, Request)]) -> Vec<Outcome
 }
 
 /// The same request through `Generator` alone, with a dynamic cache.
-fn alone(
+pub(crate) fn alone(
     model: &Transformer<B>,
     tokenizer: Option<&Tokenizer>,
     request: &Request,
@@ -104,7 +107,7 @@ fn alone(
 
 /// Request `i` of a mixed workload: prompts of 1 to 23 tokens, 1 to 12 new tokens, greedy or
 /// seeded sampling, the model's EOS or none.
-fn mixed_request(i: usize, vocab: usize) -> Request {
+pub(crate) fn mixed_request(i: usize, vocab: usize) -> Request {
     let len = 1 + (i * 7) % 23;
     let prompt = (0..len)
         .map(|p| ((i * 13 + p * 29 + 1) % vocab) as u32)
@@ -435,11 +438,22 @@ fn a_thousand_random_requests_with_cancellations_leave_the_pool_as_it_started() 
         "layer_types": ["sliding_attention", "full_attention", "sliding_attention"]
     });
     for (json, blocks) in [(llama, 24), (gemma3, 72)] {
-        thousand_random_requests(&json, blocks);
+        thousand_random_requests(&json, blocks, Speculate::No);
     }
 }
 
-fn thousand_random_requests(json: &serde_json::Value, blocks: usize) {
+/// Whether [`thousand_random_requests`] runs its engine speculatively (prompt lookup).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Speculate {
+    No,
+    PromptLookup,
+}
+
+pub(crate) fn thousand_random_requests(
+    json: &serde_json::Value,
+    blocks: usize,
+    speculate: Speculate,
+) {
     let config = ModelConfig::from_hf_json(json, "random").unwrap();
     let model = Transformer::<B>::random(&config, 3, &Default::default()).unwrap();
     let engine_config = EngineConfig {
@@ -450,6 +464,12 @@ fn thousand_random_requests(json: &serde_json::Value, blocks: usize) {
         block_order: BlockOrder::Shuffled { seed: 11 },
     };
     let mut engine = Engine::new(&model, None, engine_config).unwrap();
+    if speculate == Speculate::PromptLookup {
+        let lookup = EngineSpeculation::prompt_lookup(PromptLookup::default(), 4);
+        engine = engine
+            .with_speculation(lookup.with_max_decoding(usize::MAX))
+            .unwrap();
+    }
     let mut rng = ChaCha8Rng::seed_from_u64(2024);
     let prefixes: Vec<Vec<u32>> = (0..4)
         .map(|_| {
@@ -501,6 +521,11 @@ fn thousand_random_requests(json: &serde_json::Value, blocks: usize) {
         stats.preemptions > 0 && stats.prefix_hit_tokens > 0,
         "{stats:?}"
     );
+    if speculate == Speculate::PromptLookup {
+        let counts = stats.speculation;
+        assert!(counts.accepted_tokens > 0, "{counts:?}");
+        assert!(counts.accepted_tokens < counts.drafted_tokens, "{counts:?}");
+    }
     let pool = engine.store().pool();
     assert_eq!(engine.store().sequences(), 0);
     assert_eq!(pool.free_blocks(), pool.num_blocks());

@@ -7,5 +7,6 @@ mod fixtures;
 
 mod cli;
 mod engine;
+mod engine_speculative;
 mod generate;
 mod speculative;

@@ -119,6 +119,16 @@ enum Reading {
     AfterTheLast,
 }
 
+/// When a reserve's full blocks join the prefix cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Publish {
+    /// At once: the tokens are the sequence's own.
+    Now,
+    /// At [`PagedStore::truncate`]: the tokens are guesses a pass will verify, and a block of
+    /// guesses later rejected is rewritten with other tokens.
+    WhenKept,
+}
+
 /// A group's window and the key its block hashes carry.
 #[derive(Debug, Clone)]
 struct Group {
@@ -504,7 +514,55 @@ impl<B: Backend> PagedStore<B> {
     /// # Errors
     /// [`CacheError::PoolExhausted`] with the numbers, the store unchanged.
     pub fn reserve(&mut self, id: SequenceId, tokens: &[u32]) -> Result<()> {
-        self.reserve_for(id, tokens, Reading::FromTheFirst)
+        self.reserve_for(id, tokens, Reading::FromTheFirst, Publish::Now)
+    }
+
+    /// [`PagedStore::reserve`] for a speculative pass: `tokens` (the next token and the
+    /// drafter's guesses after it) are reserved and recorded, but no block is registered for
+    /// the prefix cache until [`PagedStore::truncate`] keeps its positions. A block holding a
+    /// guess the model rejects has its slots rewritten by the tokens that replace it, so a
+    /// later prompt must never find it under the guesses' hash (nor an operator's block events
+    /// report it).
+    ///
+    /// ```
+    /// use kv_core::{BlockOrder, LayerShape, PagedStore};
+    /// use burn_ndarray::NdArray;
+    ///
+    /// let shape = LayerShape { kv_heads: 1, head_dim: 4 };
+    /// let device = Default::default();
+    /// let mut store = PagedStore::<NdArray>::new(1, shape, 8, 4, BlockOrder::Ascending, b"m", &device);
+    /// let (id, _) = store.add_sequence(&[1, 2, 3]);
+    /// store.reserve(id, &[1, 2, 3]).unwrap();
+    /// store.reserve_unverified(id, &[4, 5, 6, 7]).unwrap(); // token 4, guesses 5 6 7
+    /// assert_eq!((store.len(id), store.pool().cached_blocks()), (7, 0));
+    /// store.truncate(id, 5); // guess 5 kept, 6 and 7 rejected
+    /// assert_eq!((store.len(id), store.pool().cached_blocks()), (5, 1)); // 1 2 3 4 published
+    /// # store.free(id);
+    /// ```
+    ///
+    /// # Errors
+    /// As [`PagedStore::reserve`].
+    pub fn reserve_unverified(&mut self, id: SequenceId, tokens: &[u32]) -> Result<()> {
+        self.reserve_for(id, tokens, Reading::FromTheFirst, Publish::WhenKept)
+    }
+
+    /// Keeps `id`'s first `len` positions (at least the last one a group gave back, as any
+    /// position a pass has written is): the blocks past them go back to the pool, never
+    /// published, and the full blocks among them join the prefix cache. After a speculative
+    /// pass, `len` ends at the last accepted guess.
+    ///
+    /// # Panics
+    /// If `id` is not held.
+    pub fn truncate(&mut self, id: SequenceId, len: usize) {
+        let sequence = self.sequences.get_mut(&id).expect("a held sequence");
+        if len > sequence.tokens.len() {
+            return;
+        }
+        sequence.tokens.truncate(len);
+        for (table, group) in sequence.tables.iter_mut().zip(&self.groups) {
+            table.truncate(&mut self.pool, len);
+            table.register_full_blocks(&mut self.pool, &sequence.tokens, &group.extra);
+        }
     }
 
     /// [`PagedStore::reserve`] for positions whose keys come from elsewhere (a saved prefix
@@ -515,10 +573,16 @@ impl<B: Backend> PagedStore<B> {
     /// # Errors
     /// As [`PagedStore::reserve`].
     pub fn reserve_restored(&mut self, id: SequenceId, tokens: &[u32]) -> Result<()> {
-        self.reserve_for(id, tokens, Reading::AfterTheLast)
+        self.reserve_for(id, tokens, Reading::AfterTheLast, Publish::Now)
     }
 
-    fn reserve_for(&mut self, id: SequenceId, tokens: &[u32], reading: Reading) -> Result<()> {
+    fn reserve_for(
+        &mut self,
+        id: SequenceId,
+        tokens: &[u32],
+        reading: Reading,
+        publish: Publish,
+    ) -> Result<()> {
         let sequence = self
             .sequences
             .get_mut(&id)
@@ -560,7 +624,9 @@ impl<B: Backend> PagedStore<B> {
                     member.copy_slots(copy.from.index() * size, copy.to.index() * size, copy.slots);
                 }
             }
-            table.register_full_blocks(&mut self.pool, &sequence.tokens, &group.extra);
+            if publish == Publish::Now {
+                table.register_full_blocks(&mut self.pool, &sequence.tokens, &group.extra);
+            }
         }
         Ok(())
     }
