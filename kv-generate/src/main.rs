@@ -11,8 +11,8 @@ use burn::tensor::backend::Backend;
 use clap::Parser;
 use kv_core::{CacheKind, CacheSizes};
 use kv_generate::backend::{BackendKind, OnBackend};
-use kv_generate::cli::{model_path, CacheRequest, TokenIds};
-use kv_generate::speculative::{check_same_tokens, DraftModel, Drafter, PromptLookup, Speculation};
+use kv_generate::cli::{model_path, CacheRequest, Speculate, SpeculateArgs, TokenIds};
+use kv_generate::speculative::{DraftModel, Drafter, Speculation};
 use kv_generate::{
     BeamGeneration, BeamSearchConfig, CacheChoice, EarlyStopping, EosPolicy, GenerateError,
     Generation, GenerationConfig, Generator, SamplingConfig,
@@ -127,42 +127,12 @@ struct Args {
     /// uniform (the kind on every layer, masked: the same tokens, to measure what hybrid saves).
     #[arg(long, default_value = "hybrid")]
     layer_caches: LayerCaches,
-    /// Decode speculatively: ngram guesses the next tokens from earlier text (prompt lookup),
-    /// draft has a draft model decode them ahead (--draft-model, --draft-weights); the model
-    /// checks them all in one pass, keeping those it accepts. Greedy, the tokens are plain
-    /// greedy decoding's; sampled, they have the same distribution.
-    #[arg(long, value_name = "HOW")]
-    speculate: Option<Speculate>,
-    /// Most tokens guessed a step when speculating [default: 8 for ngram, 4 for draft].
-    #[arg(long, value_name = "N")]
-    draft_tokens: Option<usize>,
-    /// The draft model of --speculate draft: a model directory or .gguf file with the model's
-    /// tokenizer [default: the model itself, in --draft-weights].
-    #[arg(long, value_name = "PATH")]
-    draft_model: Option<PathBuf>,
-    /// Weight format of the draft model (as --weights) [default: q4_0 when the draft is the
-    /// model itself, else native].
-    #[arg(long, value_name = "FORMAT")]
-    draft_weights: Option<WeightFormat>,
-    /// Stop a draft where the draft model's largest next-token probability falls below P
-    /// (llama.cpp's --draft-p-min); 0 drafts every guess asked for.
-    #[arg(long, default_value_t = 0.75, value_name = "P")]
-    draft_p_min: f64,
-    /// Longest run of last tokens that ngram speculation looks up in the earlier text.
-    #[arg(long, default_value_t = 3, value_name = "N")]
-    ngram_max: usize,
+    /// Speculative decoding (--speculate and the draft's settings).
+    #[command(flatten)]
+    speculation: SpeculateArgs,
     /// Print one JSON object instead of streaming text.
     #[arg(long)]
     json: bool,
-}
-
-/// How `--speculate` guesses.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-enum Speculate {
-    /// Prompt lookup: the tokens that followed the last tokens' latest earlier occurrence.
-    Ngram,
-    /// A draft model with its own cache decodes the guesses.
-    Draft,
 }
 
 /// Failures of the command, each printed as one line.
@@ -289,7 +259,7 @@ fn run_on<B: Backend>(
     };
     let generator = Generator::new(&model, tokenizer.as_ref());
     let mut stdout = std::io::stdout().lock();
-    if let Some(how) = args.speculate {
+    if let Some(how) = args.speculation.speculate {
         let cache = match (&config.cache, args.num_beams) {
             (CacheChoice::Cache(cache), None) => cache.clone(),
             _ => {
@@ -308,38 +278,24 @@ fn run_on<B: Backend>(
             max_new_tokens,
             eos,
             sampling: config.sampling.clone(),
-            draft_tokens: args.draft_tokens.unwrap_or(match how {
-                Speculate::Ngram => 8,
-                Speculate::Draft => 4,
-            }),
+            draft_tokens: args.speculation.draft_tokens(),
         };
         let draft_model;
         let mut lookup;
         let mut model_drafter;
         let drafter: &mut dyn Drafter = match how {
             Speculate::Ngram => {
-                lookup = PromptLookup {
-                    min_ngram: 1,
-                    max_ngram: args.ngram_max.max(1),
-                };
+                lookup = args.speculation.lookup();
                 &mut lookup
             }
             Speculate::Draft => {
-                let draft_path = args.draft_model.as_ref().unwrap_or(&path);
-                let format = args.draft_weights.unwrap_or(match args.draft_model {
-                    Some(_) => WeightFormat::Native,
-                    None => WeightFormat::Q4_0,
-                });
-                eprintln!(
-                    "kv-generate: loading the draft model {} ({format})",
-                    draft_path.display()
-                );
-                let draft =
-                    load_model_placed::<B>(draft_path, backend.placement(Some(format))?, device)?;
-                if let (Some(model_tokens), Some(draft_tokens)) = (&tokenizer, &draft.tokenizer) {
-                    check_same_tokens(model_tokens, draft_tokens)?;
-                }
-                draft_model = draft.model.with_execution(backend.execution());
+                draft_model = args.speculation.load_draft::<B>(
+                    &path,
+                    backend,
+                    device,
+                    tokenizer.as_ref(),
+                    "kv-generate",
+                )?;
                 // The draft's sampler draws apart from the model's: its seed differs.
                 let draft_sampling = SamplingConfig {
                     seed: config.sampling.seed ^ 0x5eed_d4af,
@@ -349,7 +305,7 @@ fn run_on<B: Backend>(
                     capacity: ids.len() + max_new_tokens,
                 };
                 model_drafter = DraftModel::new(&draft_model, &draft_cache, draft_sampling)?
-                    .with_min_probability(args.draft_p_min);
+                    .with_min_probability(args.speculation.draft_p_min);
                 &mut model_drafter
             }
         };

@@ -33,6 +33,7 @@
 //!             id: "model".into(),
 //!             fingerprint: kv_serve::model_fingerprint("model.gguf".as_ref(), "native/ndarray")
 //!                 .map_err(|e| e.to_string())?,
+//!             speculation: None,
 //!         })
 //!     },
 //!     EngineConfig::default(),

@@ -12,10 +12,10 @@ use std::time::Duration;
 use burn::tensor::backend::Backend;
 use clap::Parser;
 use kv_generate::backend::{BackendKind, OnBackend};
-use kv_generate::cli::model_path;
+use kv_generate::cli::{model_path, Speculate, SpeculateArgs};
 use kv_generate::engine::{self, EngineConfig, PoolSize};
 use kv_model::{load_model_placed, WeightFormat};
-use kv_serve::worker::Loaded;
+use kv_serve::worker::{Drafting, Loaded, LoadedSpeculation};
 use kv_serve::{App, Settings};
 
 /// Serve a model over OpenAI's HTTP API (chat and completions, streamed or not), batching
@@ -73,6 +73,14 @@ struct Args {
     /// without it).
     #[arg(long, value_name = "DIR")]
     prompt_cache_dir: Option<PathBuf>,
+    /// Speculative decoding, per request (--speculate and the draft's settings); the responses
+    /// are unchanged, `/metrics` counts guesses drafted and accepted.
+    #[command(flatten)]
+    speculation: SpeculateArgs,
+    /// Speculate only while at most this many requests decode: a larger batch already reads
+    /// each weight once for all of them, so guesses would add work without saving reads.
+    #[arg(long, default_value_t = engine::DEFAULT_MAX_DECODING, value_name = "N")]
+    speculate_max_decoding: usize,
 }
 
 /// Failures of the command, each printed as one line.
@@ -136,6 +144,8 @@ fn serve<B: Backend>(args: Args, kind: BackendKind, device: B::Device) -> Result
         .transpose()?;
     let model = args.model.clone();
     let served_name = args.served_model_name.clone();
+    let speculate = args.speculation.clone();
+    let max_decoding = args.speculate_max_decoding;
     let weights = args
         .weights
         .map_or_else(|| "default".to_string(), |w| w.to_string());
@@ -161,11 +171,29 @@ fn serve<B: Backend>(args: Args, kind: BackendKind, device: B::Device) -> Result
         };
         let fingerprint = kv_serve::model_fingerprint(&path, &format!("{weights}/{kind}"))
             .map_err(|e| format!("hashing {}: {e}", path.display()))?;
+        let drafting = match speculate.speculate {
+            None => None,
+            Some(Speculate::Ngram) => Some(Drafting::PromptLookup(speculate.lookup())),
+            Some(Speculate::Draft) => Some(Drafting::DraftModel {
+                model: Box::new(
+                    speculate
+                        .load_draft::<B>(&path, kind, &device, tokenizer.as_ref(), "kv-serve")
+                        .map_err(|e| format!("the draft model: {e}"))?,
+                ),
+                min_probability: speculate.draft_p_min,
+            }),
+        };
+        let speculation = drafting.map(|drafting| LoadedSpeculation {
+            drafting,
+            draft_tokens: speculate.draft_tokens(),
+            max_decoding,
+        });
         Ok(Loaded {
             model: loaded.model.with_execution(kind.execution()),
             tokenizer,
             id,
             fingerprint,
+            speculation,
         })
     };
     let engine = EngineConfig {

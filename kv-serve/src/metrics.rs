@@ -35,6 +35,12 @@ pub struct Metrics {
     pub requests_finished: Counter,
     /// Requests (choices) cancelled, most by a client that went away.
     pub requests_cancelled: Counter,
+    /// Speculative pieces: a request's token fed with guesses after it.
+    pub spec_drafts: Counter,
+    /// Guesses fed to the model.
+    pub spec_draft_tokens: Counter,
+    /// Guesses the model kept.
+    pub spec_accepted_tokens: Counter,
     /// Seconds from a request's arrival to its first token.
     pub time_to_first_token: Histogram,
     /// Seconds between a request's consecutive tokens.
@@ -92,6 +98,21 @@ impl Metrics {
             generation_tokens: counter(r, "generation_tokens", "Tokens generated"),
             requests_finished: counter(r, "requests_finished", "Requests finished"),
             requests_cancelled: counter(r, "requests_cancelled", "Requests cancelled"),
+            spec_drafts: counter(
+                r,
+                "spec_decode_num_drafts",
+                "Decode steps of a request that carried guesses",
+            ),
+            spec_draft_tokens: counter(
+                r,
+                "spec_decode_num_draft_tokens",
+                "Guessed tokens fed to the model",
+            ),
+            spec_accepted_tokens: counter(
+                r,
+                "spec_decode_num_accepted_tokens",
+                "Guessed tokens the model accepted",
+            ),
             time_to_first_token: histogram(
                 r,
                 "time_to_first_token_seconds",

@@ -17,8 +17,10 @@ use std::time::Instant;
 
 use burn::tensor::backend::Backend;
 use kv_generate::engine::{
-    Engine, EngineConfig, EngineEvent, PoolSummary, Request, RequestId, SavedPrefix, Usage,
+    Engine, EngineConfig, EngineEvent, EngineSpeculation, PoolSummary, Request, RequestId,
+    SavedPrefix, Usage,
 };
+use kv_generate::speculative::PromptLookup;
 use kv_generate::{FinishReason, GenerateError, TokenLogprobs};
 use kv_model::{Tokenizer, Transformer};
 use tokio::sync::mpsc::UnboundedSender;
@@ -86,6 +88,48 @@ pub struct Loaded<B: Backend> {
     pub id: String,
     /// What its saved prompt caches must match ([`crate::model_fingerprint`]).
     pub fingerprint: String,
+    /// How the engine speculates, if it does.
+    pub speculation: Option<LoadedSpeculation<B>>,
+}
+
+/// Who guesses for a speculating server, as loaded.
+pub enum Drafting<B: Backend> {
+    /// Prompt lookup over each request's own text.
+    PromptLookup(PromptLookup),
+    /// A draft model (same token ids as the model), each request decoding ahead with it
+    /// through its own cache.
+    DraftModel {
+        /// The draft (boxed: a model is large beside a lookup's two numbers).
+        model: Box<Transformer<B>>,
+        /// A draft stops where its largest next-token probability is below this.
+        min_probability: f64,
+    },
+}
+
+/// How a server speculates ([`EngineSpeculation`]), its draft model loaded.
+pub struct LoadedSpeculation<B: Backend> {
+    /// Who guesses.
+    pub drafting: Drafting<B>,
+    /// Most guesses a request feeds a step.
+    pub draft_tokens: usize,
+    /// Speculate only while at most this many requests decode.
+    pub max_decoding: usize,
+}
+
+impl<B: Backend> LoadedSpeculation<B> {
+    /// The engine's speculation, borrowing the draft model.
+    pub fn engine(&self) -> EngineSpeculation<'_> {
+        let speculation = match &self.drafting {
+            Drafting::PromptLookup(lookup) => {
+                EngineSpeculation::prompt_lookup(*lookup, self.draft_tokens)
+            }
+            Drafting::DraftModel {
+                model,
+                min_probability,
+            } => EngineSpeculation::draft_model(model, *min_probability, self.draft_tokens),
+        };
+        speculation.with_max_decoding(self.max_decoding)
+    }
 }
 
 /// What the HTTP side asks of the engine's thread.
@@ -186,41 +230,47 @@ where
     L: FnOnce() -> Result<Loaded<B>, String> + Send + 'static,
 {
     let (sender, receiver) = std::sync::mpsc::channel::<Command>();
-    let handle = std::thread::Builder::new()
-        .name("kv-serve-engine".into())
-        .spawn(move || {
-            let loaded = match load() {
-                Ok(loaded) => loaded,
-                Err(message) => return refuse_all(&shared, message, receiver),
-            };
-            let engine = match Engine::new(&loaded.model, loaded.tokenizer.as_ref(), config) {
-                Ok(engine) => engine,
-                Err(e) => return refuse_all(&shared, e.to_string(), receiver),
-            };
-            let pool = engine.pool_summary();
-            shared.metrics.kv_blocks_total.set(pool.blocks as i64);
-            let created = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs());
-            let _ = shared.model.set(ModelInfo {
-                id: loaded.id.clone(),
-                vocab_size: loaded.model.config().vocab_size,
-                max_positions: loaded.model.config().max_positions,
-                tokenizer: loaded.tokenizer.clone(),
-                created,
-                pool,
-                fingerprint: loaded.fingerprint.clone(),
-            });
-            Worker {
-                engine,
-                shared: &shared,
-                jobs: HashMap::new(),
-                owners: HashMap::new(),
-                next_job: 0,
-            }
-            .run(receiver);
-        })
-        .expect("spawning the engine's thread");
+    let handle =
+        std::thread::Builder::new()
+            .name("kv-serve-engine".into())
+            .spawn(move || {
+                let loaded = match load() {
+                    Ok(loaded) => loaded,
+                    Err(message) => return refuse_all(&shared, message, receiver),
+                };
+                let engine = Engine::new(&loaded.model, loaded.tokenizer.as_ref(), config)
+                    .and_then(|engine| match &loaded.speculation {
+                        Some(speculation) => engine.with_speculation(speculation.engine()),
+                        None => Ok(engine),
+                    });
+                let engine = match engine {
+                    Ok(engine) => engine,
+                    Err(e) => return refuse_all(&shared, e.to_string(), receiver),
+                };
+                let pool = engine.pool_summary();
+                shared.metrics.kv_blocks_total.set(pool.blocks as i64);
+                let created = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs());
+                let _ = shared.model.set(ModelInfo {
+                    id: loaded.id.clone(),
+                    vocab_size: loaded.model.config().vocab_size,
+                    max_positions: loaded.model.config().max_positions,
+                    tokenizer: loaded.tokenizer.clone(),
+                    created,
+                    pool,
+                    fingerprint: loaded.fingerprint.clone(),
+                });
+                Worker {
+                    engine,
+                    shared: &shared,
+                    jobs: HashMap::new(),
+                    owners: HashMap::new(),
+                    next_job: 0,
+                }
+                .run(receiver);
+            })
+            .expect("spawning the engine's thread");
     (sender, handle)
 }
 
@@ -384,6 +434,16 @@ impl<B: Backend> Worker<'_, '_, B> {
         metrics
             .preemptions
             .inc_by((after.preemptions - before.preemptions) as u64);
+        let (spec, spec_before) = (after.speculation, before.speculation);
+        metrics
+            .spec_drafts
+            .inc_by((spec.drafts - spec_before.drafts) as u64);
+        metrics
+            .spec_draft_tokens
+            .inc_by((spec.drafted_tokens - spec_before.drafted_tokens) as u64);
+        metrics
+            .spec_accepted_tokens
+            .inc_by((spec.accepted_tokens - spec_before.accepted_tokens) as u64);
         for event in events {
             let request = match &event {
                 EngineEvent::Token { request, .. } | EngineEvent::Finished { request, .. } => {

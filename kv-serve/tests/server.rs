@@ -38,6 +38,7 @@ fn load_as(settings: &str) -> Result<Loaded<NdArray>, String> {
         id: MODEL_ID.into(),
         fingerprint: kv_serve::model_fingerprint(&fixture(), settings)
             .map_err(|e| e.to_string())?,
+        speculation: None,
     })
 }
 
@@ -218,6 +219,73 @@ fn greedy_chat_equals_the_generator() {
         prompt_len + ids.len(),
         "{reply}"
     );
+}
+
+/// A server started with speculation (prompt lookup, and the model itself as its draft):
+/// greedy replies, whole and streamed, are plain greedy decoding's, and `/metrics` counts the
+/// guesses drafted and kept under vLLM's names.
+#[test]
+fn a_speculating_server_replies_as_plain_greedy_and_counts_guesses() {
+    use kv_generate::speculative::PromptLookup;
+    use kv_serve::worker::{Drafting, LoadedSpeculation};
+    let message = "Say abc abc abc abc abc abc, then abc abc abc abc again.";
+    let (ids, text, _) = generator_reply(message, 40);
+    for drafter in ["lookup", "itself"] {
+        let load = move || {
+            let mut loaded = load()?;
+            let drafting = match drafter {
+                "lookup" => Drafting::PromptLookup(PromptLookup::default()),
+                _ => Drafting::DraftModel {
+                    model: Box::new(
+                        load_model::<NdArray>(&fixture(), &Default::default())
+                            .map_err(|e| e.to_string())?
+                            .model,
+                    ),
+                    min_probability: 0.0,
+                },
+            };
+            loaded.speculation = Some(LoadedSpeculation {
+                drafting,
+                draft_tokens: 4,
+                max_decoding: 8,
+            });
+            Ok(loaded)
+        };
+        let server = start_loading(load, Settings::default(), engine_config());
+        let body = json!({
+            "model": MODEL_ID,
+            "messages": [{ "role": "user", "content": message }],
+            "temperature": 0,
+            "max_tokens": 40,
+        });
+        let (status, reply) = server.post("/v1/chat/completions", &body);
+        assert_eq!(status, 200, "{reply}");
+        assert_eq!(reply["choices"][0]["message"]["content"], text.as_str());
+        assert_eq!(reply["usage"]["completion_tokens"], ids.len());
+        let mut streamed = String::new();
+        let mut stream_body = body.clone();
+        stream_body["stream"] = json!(true);
+        for data in server.stream("/v1/chat/completions", &stream_body) {
+            if data == "[DONE]" {
+                continue;
+            }
+            let chunk: Value = serde_json::from_str(&data).unwrap();
+            if let Some(delta) = chunk["choices"][0]["delta"]["content"].as_str() {
+                streamed.push_str(delta);
+            }
+        }
+        assert_eq!(streamed, text, "{drafter}");
+        let drafted = server.metric("kv_serve_spec_decode_num_draft_tokens_total");
+        let accepted = server.metric("kv_serve_spec_decode_num_accepted_tokens_total");
+        assert!(
+            drafted > 0.0 && accepted <= drafted,
+            "{drafter}: {accepted} of {drafted}"
+        );
+        assert!(server.metric("kv_serve_spec_decode_num_drafts_total") > 0.0);
+        if drafter == "itself" {
+            assert!(accepted > 0.0, "the model's own guesses are kept");
+        }
+    }
 }
 
 #[test]
@@ -797,6 +865,7 @@ fn gemma3_completions_past_the_window_equal_transformers() {
             id: "gemma3".into(),
             fingerprint: kv_serve::model_fingerprint(&loader_path, "f32/ndarray")
                 .map_err(|e| e.to_string())?,
+            speculation: None,
         })
     };
     let engine = EngineConfig {
