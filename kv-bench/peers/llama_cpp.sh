@@ -9,6 +9,8 @@
 #   kv-bench/peers/llama_cpp.sh bench [ROUNDS] [FILE...]  # the matched table (default: the
 #                                                # default model's Q4_1/Q8_0/F16/F32, 2 rounds)
 #   kv-bench/peers/llama_cpp.sh serve [ROUNDS]   # kv-serve and llama-server under the same load
+#   kv-bench/peers/llama_cpp.sh serve-speculate [ROUNDS] [FILE]  # one streamed chat request,
+#                                                # plain and speculating (n-gram), on both servers
 #
 # `kv-bench compare --peer llama-cpp` runs llama.cpp per decode step through peers/llama_cpp.py
 # after `build`.
@@ -219,6 +221,46 @@ serve() {
     done
 }
 
+# One streamed greedy chat request at a time (kv-bench/peers/stream_decode.py) against each
+# server, plain and with n-gram speculation, interleaved, one server at a time on the same file
+# (default: the default model's Q4_1) and threads: kv-serve, kv-serve --speculate ngram,
+# llama-server, llama-server --spec-type ngram-simple with its defaults (12-token lookups,
+# 48-token drafts) and with kv-serve's sizes (3 and 8). Two prompts of `kv-bench speculate`'s
+# set: quote (the answer copies the prompt) and story (open-ended).
+serve_speculate() {
+    local rounds="${1:-2}" model="${2:-$MODEL}"
+    local prompts
+    prompts=$(mktemp -d)
+    cat > "$prompts/quote.txt" <<'PROMPT'
+The lighthouse stood on a rock at the mouth of the bay. Every evening the keeper climbed its hundred and twelve steps, trimmed the wick, wound the clockwork that turned the lens, and wrote the weather in a book. Ships saw the light from twenty miles out and knew where the rocks were.
+
+Repeat the paragraph above exactly, word for word.
+PROMPT
+    echo "Write a short story about a robot who learns to paint." > "$prompts/story.txt"
+    echo "machine: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(nproc) cores; threads $THREADS; $(date -u +%F); $(basename "$model"); llama-server ${LLAMA_SERVER_ARGS[*]:-(defaults)}"
+    local systems=("kv-serve" "kv-serve ngram" "llama-server" "llama-server ngram-simple" "llama-server ngram-simple 3/8")
+    for round in $(seq "$rounds"); do
+        for workload in quote story; do
+            for system in "${systems[@]}"; do
+                local port
+                port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+                case "$system" in
+                    "kv-serve") target/release/kv-serve --model "$model" --port "$port" >/dev/null 2>&1 & ;;
+                    "kv-serve ngram") target/release/kv-serve --model "$model" --port "$port" --speculate ngram >/dev/null 2>&1 & ;;
+                    "llama-server") "$BIN/llama-server" -m "$model" --port "$port" -t "$THREADS" -np 1 -c 4096 "${LLAMA_SERVER_ARGS[@]}" >/dev/null 2>&1 & ;;
+                    "llama-server ngram-simple") "$BIN/llama-server" -m "$model" --port "$port" -t "$THREADS" -np 1 -c 4096 --spec-type ngram-simple "${LLAMA_SERVER_ARGS[@]}" >/dev/null 2>&1 & ;;
+                    *) "$BIN/llama-server" -m "$model" --port "$port" -t "$THREADS" -np 1 -c 4096 --spec-type ngram-simple --spec-ngram-simple-size-n 3 --spec-ngram-simple-size-m 8 "${LLAMA_SERVER_ARGS[@]}" >/dev/null 2>&1 & ;;
+                esac
+                local pid=$!
+                for _ in $(seq 600); do curl -sf "http://127.0.0.1:$port/health" >/dev/null && break; sleep 0.1; done
+                echo "== round $round, $workload, $system: $(python3 kv-bench/peers/stream_decode.py --url "http://127.0.0.1:$port" --prompt-file "$prompts/$workload.txt" --max-tokens 200 --rounds 1)"
+                kill "$pid"; wait "$pid" 2>/dev/null || true
+            done
+        done
+    done
+    rm -r "$prompts"
+}
+
 case "${1:-}" in
     build) build ;;
     convert) convert ;;
@@ -227,5 +269,6 @@ case "${1:-}" in
     presets) presets ;;
     bench) shift; bench "$@" ;;
     serve) serve "${2:-2}" ;;
-    *) echo "usage: $0 build | convert | fetch-large | fetch-gemma3 | presets | bench [ROUNDS] [FILE...] | serve [ROUNDS]" >&2; exit 2 ;;
+    serve-speculate) shift; serve_speculate "$@" ;;
+    *) echo "usage: $0 build | convert | fetch-large | fetch-gemma3 | presets | bench [ROUNDS] [FILE...] | serve [ROUNDS] | serve-speculate [ROUNDS] [FILE]" >&2; exit 2 ;;
 esac

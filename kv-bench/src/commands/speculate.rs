@@ -2,11 +2,19 @@
 //! draft model) on a fixed set of prompts, grounded (the answer repeats the prompt: code to
 //! edit, a passage to quote, records to extract) and open-ended; the runs of one round one after
 //! the other, so that their ratio holds on a shared machine. speculate.json holds every run.
+//!
+//! `--through engine` runs the chosen workloads at once as requests of the continuous-batching
+//! engine instead (plain, then speculating with each drafter), and times the steps after every
+//! request has its first token: decoding only, the batch shrinking as answers end.
 
 use std::time::Duration;
 
+use kv_generate::engine::{
+    Engine, EngineConfig, EngineEvent, EngineSpeculation, PoolSize, Request,
+};
 use kv_generate::speculative::{
-    check_same_tokens, DraftModel, Drafter, PromptLookup, Speculation, SpeculativeOutput,
+    check_same_tokens, DraftModel, Drafter, PromptLookup, Speculation, SpeculationStats,
+    SpeculativeOutput,
 };
 use kv_generate::SamplingConfig;
 use kv_model::{ChatMessage, GenerationPrompt};
@@ -27,6 +35,12 @@ pub(crate) struct SpeculateArgs {
     /// Weight format of the draft model [default: q4_0 for the model itself, else native].
     #[arg(long, value_name = "FORMAT")]
     pub(crate) draft_weights: Option<WeightFormat>,
+    /// Shortest run of last tokens prompt lookup looks up.
+    #[arg(long, default_value_t = 1)]
+    pub(crate) ngram_min: usize,
+    /// Longest run of last tokens prompt lookup looks up.
+    #[arg(long, default_value_t = 3)]
+    pub(crate) ngram_max: usize,
     /// Most guesses a pass for prompt lookup.
     #[arg(long, default_value_t = 8)]
     pub(crate) ngram_tokens: usize,
@@ -45,9 +59,34 @@ pub(crate) struct SpeculateArgs {
     /// Rounds; each runs plain decoding and every drafter once per workload.
     #[arg(long, default_value_t = 3)]
     pub(crate) rounds: usize,
+    /// What decodes: generator (one request at a time, each workload alone) or engine (the
+    /// workloads at once, batched continuously).
+    #[arg(long, default_value = "generator")]
+    pub(crate) through: Through,
+    /// With --through engine: speculate only while at most this many requests decode.
+    #[arg(long, default_value_t = kv_generate::engine::DEFAULT_MAX_DECODING)]
+    pub(crate) max_decoding: usize,
     /// Where speculate.json goes.
     #[arg(long, default_value = "bench-out")]
     pub(crate) out: PathBuf,
+}
+
+/// What `kv-bench speculate` decodes through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum Through {
+    /// `Generator::speculate`, one request at a time.
+    Generator,
+    /// The continuous-batching engine, every workload at once.
+    Engine,
+}
+
+impl SpeculateArgs {
+    fn lookup(&self) -> PromptLookup {
+        PromptLookup {
+            min_ngram: self.ngram_min.max(1),
+            max_ngram: self.ngram_max.max(self.ngram_min).max(1),
+        }
+    }
 }
 
 /// A drafter `kv-bench speculate` times.
@@ -118,7 +157,7 @@ struct Run {
     tokens: Vec<u32>,
     decode: Duration,
     /// Passes, drafted and accepted (speculative runs).
-    stats: Option<kv_generate::speculative::SpeculationStats>,
+    stats: Option<SpeculationStats>,
 }
 
 impl Run {
@@ -188,7 +227,28 @@ impl OnBackend for Speculate<'_> {
         let eos = model.config().eos_token_ids.clone();
         let generator = Generator::new(&model, None);
         let mut report = Vec::new();
-        for workload in &workloads {
+        if args.through == Through::Engine {
+            let prompts: Vec<Vec<u32>> = workloads
+                .iter()
+                .map(|workload| {
+                    let text = tokenizer.apply_chat_template(
+                        &[ChatMessage::new("user", workload.prompt)],
+                        GenerationPrompt::Add,
+                    )?;
+                    Ok(tokenizer.encode(&text)?)
+                })
+                .collect::<Result<_, BenchError>>()?;
+            let draft = draft.as_ref().map(|(model, _)| model);
+            let runs = engine_rounds(args, &model, draft, &prompts)?;
+            let names: Vec<&str> = workloads.iter().map(|w| w.name).collect();
+            let grounded = workloads.iter().all(|w| w.grounding == Grounding::Grounded);
+            let total: usize = prompts.iter().map(Vec::len).sum();
+            report.push(workload_report(&names.join("+"), grounded, total, &runs));
+        }
+        for workload in workloads
+            .iter()
+            .filter(|_| args.through == Through::Generator)
+        {
             let text = tokenizer.apply_chat_template(
                 &[ChatMessage::new("user", workload.prompt)],
                 GenerationPrompt::Add,
@@ -225,7 +285,7 @@ impl OnBackend for Speculate<'_> {
                             DrafterKind::Draft => args.draft_tokens,
                         },
                     };
-                    let mut lookup = PromptLookup::default();
+                    let mut lookup = args.lookup();
                     let mut model_drafter;
                     let drafter: &mut dyn Drafter = match (drafter, &draft) {
                         (DrafterKind::Draft, Some((draft, _))) => {
@@ -256,7 +316,13 @@ impl OnBackend for Speculate<'_> {
                     line.join(", ")
                 );
             }
-            report.push(workload_report(workload, prompt.len(), &runs));
+            let grounded = workload.grounding == Grounding::Grounded;
+            report.push(workload_report(
+                workload.name,
+                grounded,
+                prompt.len(),
+                &runs,
+            ));
         }
         let value = json!({
             "model": path.display().to_string(),
@@ -267,8 +333,12 @@ impl OnBackend for Speculate<'_> {
             "new_tokens": args.new_tokens,
             "rounds": args.rounds,
             "ngram_tokens": args.ngram_tokens,
+            "ngram_min": args.ngram_min,
+            "ngram_max": args.ngram_max,
             "draft_tokens": args.draft_tokens,
             "draft_p_min": args.draft_p_min,
+            "through": format!("{:?}", args.through).to_lowercase(),
+            "max_decoding": args.max_decoding,
             "workloads": report,
         });
         let out = args.out.join("speculate.json");
@@ -283,7 +353,8 @@ impl OnBackend for Speculate<'_> {
 /// same round, acceptance (kept of guessed) and tokens a pass, and whether every run gave plain
 /// greedy's tokens.
 fn workload_report(
-    workload: &Workload,
+    name: &str,
+    grounded: bool,
     prompt_tokens: usize,
     runs: &[(String, Vec<Run>)],
 ) -> serde_json::Value {
@@ -318,8 +389,8 @@ fn workload_report(
         })
         .collect();
     json!({
-        "workload": workload.name,
-        "grounded": workload.grounding == Grounding::Grounded,
+        "workload": name,
+        "grounded": grounded,
         "prompt_tokens": prompt_tokens,
         "modes": modes,
     })
@@ -361,4 +432,92 @@ fn print_table(value: &serde_json::Value) {
             );
         }
     }
+}
+
+/// `--through engine`: every round runs `prompts` at once through the engine, plain and then
+/// speculating with each drafter. A run's tokens are every request's, concatenated in request
+/// order; its rate counts the tokens generated in the steps after the last request's first
+/// token, over those steps' time.
+fn engine_rounds<B: Backend>(
+    args: &SpeculateArgs,
+    model: &kv_model::Transformer<B>,
+    draft: Option<&kv_model::Transformer<B>>,
+    prompts: &[Vec<u32>],
+) -> Result<Vec<(String, Vec<Run>)>, BenchError> {
+    let mut runs: Vec<(String, Vec<Run>)> = vec![("plain".into(), Vec::new())];
+    for drafter in &args.drafter {
+        runs.push((format!("{drafter:?}").to_lowercase(), Vec::new()));
+    }
+    let positions: usize = prompts.iter().map(|p| p.len() + args.new_tokens).sum();
+    let config = EngineConfig {
+        pool: PoolSize::Tokens(positions + 64 * prompts.len()),
+        max_running: prompts.len(),
+        ..EngineConfig::default()
+    };
+    for round in 0..args.rounds {
+        for (mode, (_, rounds)) in runs.iter_mut().enumerate() {
+            let mut engine = Engine::new(model, None, config.clone())?;
+            let speculation = match mode.checked_sub(1).map(|i| args.drafter[i]) {
+                None => None,
+                Some(DrafterKind::Ngram) => Some(EngineSpeculation::prompt_lookup(
+                    args.lookup(),
+                    args.ngram_tokens,
+                )),
+                Some(DrafterKind::Draft) => Some(EngineSpeculation::draft_model(
+                    draft.expect("loaded for --drafter draft"),
+                    args.draft_p_min,
+                    args.draft_tokens,
+                )),
+            };
+            if let Some(speculation) = speculation {
+                engine =
+                    engine.with_speculation(speculation.with_max_decoding(args.max_decoding))?;
+            }
+            let ids: Vec<_> = prompts
+                .iter()
+                .map(|prompt| engine.add_request(Request::greedy(prompt.clone(), args.new_tokens)))
+                .collect::<Result<_, _>>()?;
+            let mut tokens: Vec<Vec<u32>> = vec![Vec::new(); ids.len()];
+            let mut started: Option<(std::time::Instant, usize)> = None;
+            let mut generated = 0;
+            while engine.has_work() {
+                for event in engine.step()? {
+                    if let EngineEvent::Token { request, token, .. } = event {
+                        let at = ids.iter().position(|&id| id == request).expect("ours");
+                        tokens[at].push(token);
+                        generated += 1;
+                    }
+                }
+                if started.is_none() && tokens.iter().all(|t| !t.is_empty()) {
+                    started = Some((std::time::Instant::now(), generated));
+                }
+            }
+            let (start, before) = started.expect("every request generates");
+            let elapsed = start.elapsed();
+            let counts = engine.stats().speculation;
+            // `Run::tokens_per_s` divides all tokens but one by `decode`: scale the timed
+            // steps' time to that count.
+            let timed = (generated - before).max(1) as f64;
+            rounds.push(Run {
+                tokens: tokens.concat(),
+                decode: elapsed.mul_f64(generated.saturating_sub(1) as f64 / timed),
+                stats: (mode > 0).then_some(SpeculationStats {
+                    passes: counts.drafts,
+                    drafted: counts.drafted_tokens,
+                    accepted: counts.accepted_tokens,
+                }),
+            });
+        }
+        let line: Vec<String> = runs
+            .iter()
+            .map(|(name, r)| format!("{name} {:.1} tok/s", r[round].tokens_per_s()))
+            .collect();
+        eprintln!(
+            "kv-bench: {} requests at once, round {}: {}",
+            prompts.len(),
+            round + 1,
+            line.join(", ")
+        );
+    }
+    Ok(runs)
 }

@@ -43,8 +43,13 @@ use crate::speculative::{DraftModel, Drafter, PromptLookup, Schedule};
 /// Makes a request's drafter when the request is added.
 pub type DrafterFactory<'a> = Box<dyn FnMut(&Request) -> Result<Box<dyn Drafter + 'a>> + 'a>;
 
-/// Decoders running at once above which no request speculates, by default.
-pub const DEFAULT_MAX_DECODING: usize = 4;
+/// Decoders running at once above which no request speculates, by default: one. On two CPU
+/// cores a lone SmolLM2 request decodes 2.1-2.6x faster copying a quote and 0.92-1.12x on
+/// open-ended text, but two open-ended requests batched ran at 0.83-1.21x (median 0.93x), and
+/// three with one quote among them at 0.84-0.98x: beside other decoders a guess's row costs
+/// compute the batch was not already paying for (docs/benchmarks.md, "Speculation in the
+/// engine").
+pub const DEFAULT_MAX_DECODING: usize = 1;
 
 /// How the engine speculates (see the module docs): who guesses, how many guesses a step, and
 /// up to how many decoding requests.
