@@ -243,3 +243,75 @@ fn a_thousand_speculating_requests_with_cancellations_leave_the_pool_as_it_start
         thousand_random_requests(&json, blocks, Speculate::PromptLookup);
     }
 }
+
+/// The second, larger real model (Qwen2.5-Coder-0.5B-Instruct, Q4_K_M as shipped): two chat
+/// requests, one whose answer copies its prompt, speculating with prompt lookup through the
+/// engine side by side, and the first through `Generator::speculate` alone, give plain greedy's
+/// tokens. Needs the file (`kv-bench/peers/llama_cpp.sh fetch-large`, run by scripts/test.sh);
+/// says so and checks nothing without it.
+#[test]
+fn qwen_speculation_equals_plain_greedy_alone_and_in_the_engine() {
+    use kv_core::CacheConfig;
+    use kv_generate::speculative::Speculation;
+    use kv_generate::Generator;
+    use kv_model::{
+        load_model_placed, ChatMessage, GenerationPrompt, WeightFormat, WeightPlacement,
+    };
+    let Some(path) = kv_model::cache_dir()
+        .ok()
+        .map(|dir| dir.join("qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"))
+        .filter(|path| path.is_file())
+    else {
+        eprintln!(
+            "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf is absent: run kv-bench/peers/llama_cpp.sh \
+             fetch-large"
+        );
+        return;
+    };
+    // Its Q4_K/Q6_K blocks multiplied in place by kv-kernels, as the CPU binaries run it.
+    let placement = WeightPlacement::Host(WeightFormat::Native);
+    let loaded = load_model_placed::<B>(&path, placement, &Default::default()).unwrap();
+    let model = &loaded.model;
+    let tokenizer = loaded.tokenizer.as_ref().unwrap();
+    let chat = |text: &str| {
+        let text = tokenizer
+            .apply_chat_template(&[ChatMessage::new("user", text)], GenerationPrompt::Add)
+            .unwrap();
+        tokenizer.encode(&text).unwrap()
+    };
+    let requests = [
+        chat(
+            "Repeat exactly: the keeper climbed the hundred steps, trimmed the wick and wound \
+             the clockwork that turned the lens.",
+        ),
+        chat("Rename `total` to `sum`: def f(xs):\n    total = 0\n    for x in xs:\n        total += x\n    return total"),
+    ]
+    .map(|prompt| Request::greedy(prompt, 32));
+    let expected: Vec<_> = requests.iter().map(|r| alone(model, None, r)).collect();
+    let speculation = Speculation {
+        max_new_tokens: 32,
+        eos: model.config().eos_token_ids.clone(),
+        sampling: SamplingConfig::greedy(),
+        draft_tokens: 8,
+    };
+    let cache = CacheConfig::Dynamic { capacity: 128 };
+    let out = Generator::new(model, None)
+        .speculate(
+            &requests[0].prompt,
+            &cache,
+            &speculation,
+            &mut PromptLookup::default(),
+        )
+        .unwrap();
+    assert_eq!(out.tokens, expected[0].0);
+    assert!(out.stats.accepted > 0, "{:?}", out.stats);
+    let lookup = EngineSpeculation::prompt_lookup(PromptLookup::default(), 8).with_max_decoding(2);
+    let mut engine = Engine::new(model, None, EngineConfig::default())
+        .unwrap()
+        .with_speculation(lookup)
+        .unwrap();
+    let arrivals: Vec<(usize, Request)> = requests.iter().map(|r| (0, r.clone())).collect();
+    let outcomes = run(&mut engine, &arrivals);
+    assert_same(&outcomes, &expected);
+    assert!(engine.stats().speculation.accepted_tokens > 0);
+}
