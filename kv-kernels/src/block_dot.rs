@@ -89,6 +89,93 @@ dispatch!(
     q6_k_rows, BlockQ6K, q6_k_avx2, q6_k_vnni
 );
 
+/// [`rows_batch_scalar`]'s layout through a format's batch kernels: `n` activation rows
+/// (end to end in `x`) against the rows of `w`, output `(i, r)` at `out[i * stride + r]`, each
+/// equal bit for bit to the one-row kernel's output for activation row `i` at the same level.
+macro_rules! dispatch_batch {
+    ($(#[$doc:meta])* $name:ident, $block:ty, $rows:ident, $avx2:ident, $vnni:ident) => {
+        $(#[$doc])*
+        pub(crate) fn $name(
+            isa: Isa,
+            w: &[$block],
+            x: &[BlockQ8],
+            n: usize,
+            out: &mut [f32],
+            stride: usize,
+        ) {
+            let rows = check_batch(w, x, n, out, stride);
+            match isa {
+                #[cfg(target_arch = "x86_64")]
+                Isa::Avx2 if isa.is_available() => {
+                    // SAFETY: the level's instructions (avx2, fma, f16c) were detected on
+                    // this CPU.
+                    unsafe { x86::$avx2(w, x, n, out, stride) }
+                }
+                #[cfg(target_arch = "x86_64")]
+                Isa::Avx512Vnni if isa.is_available() => {
+                    // SAFETY: the level's instructions (avx512vnni, avx512vl, avx2, fma,
+                    // f16c) were detected on this CPU.
+                    unsafe { x86::$vnni(w, x, n, out, stride) }
+                }
+                _ => rows_batch_scalar(isa, w, x, n, out, stride, rows, $rows),
+            }
+        }
+    };
+}
+
+/// Checks a batch product's shapes; returns the weight rows.
+fn check_batch<B: WeightBlock>(
+    w: &[B],
+    x: &[BlockQ8],
+    n: usize,
+    out: &[f32],
+    stride: usize,
+) -> usize {
+    assert!(n > 0 && x.len().is_multiple_of(n), "{n} activation rows");
+    let per_row = x.len() / n * BLOCK / B::VALUES;
+    let rows = w.len() / per_row.max(1);
+    assert_eq!(w.len(), rows * per_row, "whole weight rows");
+    assert!(rows <= stride, "rows fit the stride");
+    assert!(out.len() >= (n - 1) * stride + rows, "outputs inside out");
+    rows
+}
+
+/// A batch product as `n` one-row products.
+#[allow(clippy::too_many_arguments)]
+fn rows_batch_scalar<B: WeightBlock>(
+    isa: Isa,
+    w: &[B],
+    x: &[BlockQ8],
+    n: usize,
+    out: &mut [f32],
+    stride: usize,
+    rows: usize,
+    one_row: fn(Isa, &[B], &[BlockQ8], &mut [f32]),
+) {
+    let x_row = x.len() / n;
+    for i in 0..n {
+        one_row(
+            isa,
+            w,
+            &x[i * x_row..(i + 1) * x_row],
+            &mut out[i * stride..i * stride + rows],
+        );
+    }
+}
+
+dispatch_batch!(
+    /// Q4_K rows against several activation rows.
+    q4_k_rows_batch, BlockQ4K, q4_k_rows, q4_k_batch_avx2, q4_k_batch_vnni
+);
+dispatch_batch!(
+    /// Q5_K rows against several activation rows.
+    q5_k_rows_batch, BlockQ5K, q5_k_rows, q5_k_batch_avx2, q5_k_batch_vnni
+);
+dispatch_batch!(
+    /// Q6_K rows against several activation rows.
+    q6_k_rows_batch, BlockQ6K, q6_k_rows, q6_k_batch_avx2, q6_k_batch_vnni
+);
+
 /// One widening entry per k-quant: values out as f32 for a prompt's `gemm`, vectorized (the
 /// scalar [`WeightBlock::dequantize`] cost a prompt of 30 tokens as much as its products).
 macro_rules! widen {
@@ -229,6 +316,89 @@ mod x86 {
                 rows!(w, x, out, |$wb, $xs, $acc| $body);
             }
         };
+        // A format whose block step is `$levels` (unpack the block) then `$dot_block` (meet
+        // one activation row): the one-row kernels above, and batch kernels that unpack each
+        // block once for up to `BATCH_ROWS` activation rows.
+        (unpacked $block:ty, $avx2:ident, $vnni:ident, $batch_avx2:ident, $batch_vnni:ident,
+         $levels:ident, $dot_block:ident) => {
+            kernels!($block, $avx2, $vnni, |wb, xs, acc, dot| {
+                $dot_block(&$levels(wb), xs, acc, dot)
+            });
+
+            #[target_feature(enable = "avx2,fma,f16c")]
+            pub(super) unsafe fn $batch_avx2(
+                w: &[$block],
+                x: &[BlockQ8],
+                n: usize,
+                out: &mut [f32],
+                stride: usize,
+            ) {
+                let dot = |a, b| dot_u8_i8_avx2(a, b);
+                rows_batch!(w, x, n, out, stride, $levels, |u, xs, acc| $dot_block(
+                    u, xs, acc, dot
+                ));
+            }
+
+            #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+            pub(super) unsafe fn $batch_vnni(
+                w: &[$block],
+                x: &[BlockQ8],
+                n: usize,
+                out: &mut [f32],
+                stride: usize,
+            ) {
+                let dot = |a, b| _mm256_dpbusd_epi32(_mm256_setzero_si256(), a, b);
+                rows_batch!(w, x, n, out, stride, $levels, |u, xs, acc| $dot_block(
+                    u, xs, acc, dot
+                ));
+            }
+        };
+    }
+
+    /// Activation rows one batch kernel pass takes per unpacked block (their lanes stay in
+    /// registers beside the block's levels).
+    const BATCH_ROWS: usize = 4;
+
+    /// `rows!` for `n` activation rows (`x` holds them end to end): each weight block is
+    /// unpacked once per `BATCH_ROWS` of them, and each activation row's lanes take the very
+    /// steps `rows!` gives them, so every output equals the one-row kernel's bit for bit.
+    /// Output `(i, r)` goes to `out[i * stride + r]`.
+    macro_rules! rows_batch {
+        ($w:ident, $x:ident, $n:ident, $out:ident, $stride:ident, $levels:ident,
+         |$u:ident, $xs:ident, $acc:ident| $step:expr) => {{
+            let per = blocks_per($w);
+            let x_row = $x.len() / $n.max(1);
+            let blocks = x_row / per;
+            for (r, row) in $w.chunks_exact(blocks.max(1)).enumerate() {
+                let size = std::mem::size_of_val(&row[0]);
+                let base = row.as_ptr().cast::<i8>();
+                let ahead = PREFETCH_ROWS * size * blocks;
+                for first in (0..$n).step_by(BATCH_ROWS) {
+                    let m = ($n - first).min(BATCH_ROWS);
+                    let mut lanes = [_mm256_setzero_ps(); BATCH_ROWS];
+                    let mut extra = [0.0f32; BATCH_ROWS];
+                    for (b, wb) in row.iter().enumerate() {
+                        if first == 0 {
+                            for line in (0..size).step_by(64) {
+                                prefetch(base, b * size + ahead + line);
+                            }
+                        }
+                        let $u = &$levels(wb);
+                        for i in 0..m {
+                            let at = (first + i) * x_row + b * per;
+                            let $xs = &$x[at..at + per];
+                            let $acc = lanes[i];
+                            let (v, e) = $step;
+                            lanes[i] = v;
+                            extra[i] += e;
+                        }
+                    }
+                    for i in 0..m {
+                        $out[(first + i) * $stride + r] = hsum(lanes[i]) + extra[i];
+                    }
+                }
+            }
+        }};
     }
 
     kernels!(BlockQ4_0, q4_0_avx2, q4_0_vnni, |wb, xs, acc, dot| {
@@ -257,33 +427,41 @@ mod x86 {
         )
     });
 
-    kernels!(BlockQ4K, q4_k_avx2, q4_k_vnni, |wb, xs, acc, dot| {
-        let (d, dmin) = (scale(wb.d), scale(wb.dmin));
-        let pairs = scale_mins(&wb.scales);
+    /// A Q4_K or Q5_K super-block unpacked: each 32-value sub-block's levels as bytes (value
+    /// order), its 6-bit scale and minimum, and the block's two scales.
+    struct ScaleMinLevels {
+        q: [__m256i; 8],
+        pairs: [(u8, u8); 8],
+        d: f32,
+        dmin: f32,
+    }
+
+    /// A Q4_K block's levels.
+    #[inline]
+    #[target_feature(enable = "avx2,f16c")]
+    fn q4_k_levels(wb: &BlockQ4K) -> ScaleMinLevels {
         let mask = _mm256_set1_epi8(0x0F);
-        let (mut acc, mut mins) = (acc, 0.0f32);
+        let mut q = [_mm256_setzero_si256(); 8];
         for c in 0..4 {
             let packed = load32(&wb.qs[32 * c..32 * c + 32]);
-            let levels = [
-                _mm256_and_si256(packed, mask),
-                _mm256_and_si256(_mm256_srli_epi16(packed, 4), mask),
-            ];
-            for (half, q) in levels.into_iter().enumerate() {
-                let j = 2 * c + half;
-                let (xb, (sc, m)) = (&xs[j], pairs[j]);
-                acc = scaled(acc, d * f32::from(sc) * xb.d, dot(q, bytes(&xb.qs)));
-                mins += dmin * f32::from(m) * xb.s;
-            }
+            q[2 * c] = _mm256_and_si256(packed, mask);
+            q[2 * c + 1] = _mm256_and_si256(_mm256_srli_epi16(packed, 4), mask);
         }
-        (acc, -mins)
-    });
+        ScaleMinLevels {
+            q,
+            pairs: scale_mins(&wb.scales),
+            d: scale(wb.d),
+            dmin: scale(wb.dmin),
+        }
+    }
 
-    kernels!(BlockQ5K, q5_k_avx2, q5_k_vnni, |wb, xs, acc, dot| {
-        let (d, dmin) = (scale(wb.d), scale(wb.dmin));
-        let pairs = scale_mins(&wb.scales);
+    /// A Q5_K block's levels: Q4_K's nibbles with their fifth bits from `qh`.
+    #[inline]
+    #[target_feature(enable = "avx2,f16c")]
+    fn q5_k_levels(wb: &BlockQ5K) -> ScaleMinLevels {
         let mask = _mm256_set1_epi8(0x0F);
         let qh = load32(&wb.qh);
-        let (mut acc, mut mins) = (acc, 0.0f32);
+        let mut q = [_mm256_setzero_si256(); 8];
         for c in 0..4 {
             let packed = load32(&wb.qs[32 * c..32 * c + 32]);
             let low = [
@@ -294,14 +472,39 @@ mod x86 {
                 let j = 2 * c + half;
                 let bit = _mm256_set1_epi8((1u8 << j) as i8);
                 let set = _mm256_cmpeq_epi8(_mm256_and_si256(qh, bit), bit);
-                let q = _mm256_or_si256(low, _mm256_and_si256(set, _mm256_set1_epi8(0x10)));
-                let (xb, (sc, m)) = (&xs[j], pairs[j]);
-                acc = scaled(acc, d * f32::from(sc) * xb.d, dot(q, bytes(&xb.qs)));
-                mins += dmin * f32::from(m) * xb.s;
+                q[j] = _mm256_or_si256(low, _mm256_and_si256(set, _mm256_set1_epi8(0x10)));
             }
         }
+        ScaleMinLevels {
+            q,
+            pairs: scale_mins(&wb.scales),
+            d: scale(wb.d),
+            dmin: scale(wb.dmin),
+        }
+    }
+
+    /// An unpacked Q4_K or Q5_K block against its eight activation blocks `xs`: the lanes
+    /// `acc` with `d·sc_j·dx·Σ q q_x` added per sub-block, and `−Σ dmin·m_j·s_x` apart.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn scale_min_dot(
+        u: &ScaleMinLevels,
+        xs: &[BlockQ8],
+        acc: __m256,
+        dot: impl Fn(__m256i, __m256i) -> __m256i,
+    ) -> (__m256, f32) {
+        let (mut acc, mut mins) = (acc, 0.0f32);
+        for (j, (q, (sc, m))) in u.q.iter().zip(u.pairs).enumerate() {
+            let xb = &xs[j];
+            acc = scaled(acc, u.d * f32::from(sc) * xb.d, dot(*q, bytes(&xb.qs)));
+            mins += u.dmin * f32::from(m) * xb.s;
+        }
         (acc, -mins)
-    });
+    }
+
+    kernels!(unpacked BlockQ4K, q4_k_avx2, q4_k_vnni, q4_k_batch_avx2, q4_k_batch_vnni, q4_k_levels, scale_min_dot);
+
+    kernels!(unpacked BlockQ5K, q5_k_avx2, q5_k_vnni, q5_k_batch_avx2, q5_k_batch_vnni, q5_k_levels, scale_min_dot);
 
     /// 32 byte levels `q` to f32 as `step · q − offset`, into `out` (32 values).
     #[inline]
@@ -428,8 +631,18 @@ mod x86 {
         }
     }
 
-    kernels!(BlockQ6K, q6_k_avx2, q6_k_vnni, |wb, xs, acc, dot| {
-        let d = scale(wb.d);
+    /// A Q6_K super-block unpacked: each 32-value quarter's levels centred on zero as signed
+    /// bytes, the sixteen 16-value sub-blocks' scales, and the block's scale.
+    struct Q6KLevels {
+        w: [__m256i; 8],
+        scales: [i8; 16],
+        d: f32,
+    }
+
+    /// A Q6_K block's levels: four low bits from `ql`, two high ones from `qh`, minus 32.
+    #[inline]
+    #[target_feature(enable = "avx2,f16c")]
+    fn q6_k_levels(wb: &BlockQ6K) -> Q6KLevels {
         let (m4, m2) = (_mm256_set1_epi8(0x0F), _mm256_set1_epi8(0x03));
         let high = |h: __m256i, shift: i32| {
             let bits = match shift {
@@ -440,7 +653,7 @@ mod x86 {
             };
             _mm256_slli_epi16(_mm256_and_si256(bits, m2), 4)
         };
-        let mut acc = acc;
+        let mut w = [_mm256_setzero_si256(); 8];
         for n in 0..2 {
             let ql0 = load32(&wb.ql[64 * n..64 * n + 32]);
             let ql1 = load32(&wb.ql[64 * n + 32..64 * n + 64]);
@@ -452,20 +665,40 @@ mod x86 {
                 _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql1, 4), m4), high(h, 6)),
             ];
             for (quarter, q) in quarters.into_iter().enumerate() {
-                let k = 4 * n + quarter;
-                let xb = &xs[k];
-                let w = _mm256_sub_epi8(q, _mm256_set1_epi8(32));
-                let (a, b) = sign_folded(w, bytes(&xb.qs));
-                // Lanes 0-3 hold values 0-15 of the chunk, lanes 4-7 values 16-31: each half
-                // takes its own sub-block's scale.
-                let dd = d * xb.d;
-                let scales = _mm256_setr_m128(
-                    _mm_set1_ps(dd * f32::from(wb.scales[2 * k])),
-                    _mm_set1_ps(dd * f32::from(wb.scales[2 * k + 1])),
-                );
-                acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot(a, b)), scales, acc);
+                w[4 * n + quarter] = _mm256_sub_epi8(q, _mm256_set1_epi8(32));
             }
         }
+        Q6KLevels {
+            w,
+            scales: wb.scales,
+            d: scale(wb.d),
+        }
+    }
+
+    /// An unpacked Q6_K block against its eight activation blocks `xs`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn q6_k_dot(
+        u: &Q6KLevels,
+        xs: &[BlockQ8],
+        acc: __m256,
+        dot: impl Fn(__m256i, __m256i) -> __m256i,
+    ) -> (__m256, f32) {
+        let mut acc = acc;
+        for (k, w) in u.w.iter().enumerate() {
+            let xb = &xs[k];
+            let (a, b) = sign_folded(*w, bytes(&xb.qs));
+            // Lanes 0-3 hold values 0-15 of the quarter, lanes 4-7 values 16-31: each half
+            // takes its own sub-block's scale.
+            let dd = u.d * xb.d;
+            let scales = _mm256_setr_m128(
+                _mm_set1_ps(dd * f32::from(u.scales[2 * k])),
+                _mm_set1_ps(dd * f32::from(u.scales[2 * k + 1])),
+            );
+            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot(a, b)), scales, acc);
+        }
         (acc, 0.0)
-    });
+    }
+
+    kernels!(unpacked BlockQ6K, q6_k_avx2, q6_k_vnni, q6_k_batch_avx2, q6_k_batch_vnni, q6_k_levels, q6_k_dot);
 }

@@ -881,6 +881,19 @@ impl Matrix {
             (Storage::F16(w), InputRows::Dense(x)) if n > 1 => {
                 self.few_rows(isa, w, x, n, range, out);
             }
+            // A few activation rows against row-major blocks (the k-quants): each block
+            // unpacked once for several activation rows, [`TILE_ROWS`] weight rows at a time.
+            (Storage::Rows(w), InputRows::Quantized(x)) if n > 1 => {
+                let per_row = self.cols / self.single_format().block_values();
+                let mut start = range.start;
+                while start < range.end {
+                    let end = (start + TILE_ROWS).min(range.end);
+                    let at = start - range.start;
+                    let span = start * per_row..end * per_row;
+                    with_blocks!(w, v => WeightBlock::rows_batch(isa, &v[span], x, n, &mut out[at..], len));
+                    start = end;
+                }
+            }
             _ => {
                 let tile = if n == 1 { len.max(1) } else { TILE_ROWS };
                 let mut start = range.start;

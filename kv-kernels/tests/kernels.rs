@@ -150,8 +150,11 @@ proptest! {
     #[test]
     fn activation_rows_together_equal_each_alone((rows, cols, n, w, x) in matrix_strategy()) {
         // Fewer than 16 rows of f32 and f16 share each weight load across three activation
-        // rows (a speculative pass); the block formats share each group's loads.
-        for format in [Format::Q8_0, Format::Q4_1, Format::F32, Format::F16] {
+        // rows (a speculative pass); the block formats share each group's loads; the k-quants
+        // (rows of 256 values or more) unpack each block once for up to four.
+        let k_quants = [Format::Q4K, Format::Q5K, Format::Q6K];
+        let k_quants = if cols % 256 == 0 { &k_quants[..] } else { &[] };
+        for &format in [Format::Q8_0, Format::Q4_1, Format::F32, Format::F16].iter().chain(k_quants) {
             let matrix = Matrix::from_f32(format, rows, cols, &w).unwrap();
             for isa in Isa::available() {
                 let mut together = vec![0.0; n * rows];

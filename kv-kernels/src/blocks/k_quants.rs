@@ -233,6 +233,10 @@ impl WeightBlock for BlockQ4K {
         crate::block_dot::q4_k_rows(isa, w, x, out);
     }
 
+    fn rows_batch(isa: Isa, w: &[Self], x: &[BlockQ8], n: usize, out: &mut [f32], stride: usize) {
+        crate::block_dot::q4_k_rows_batch(isa, w, x, n, out, stride);
+    }
+
     fn widen(isa: Isa, blocks: &[Self], out: &mut [f32]) {
         crate::block_dot::q4_k_widen(isa, blocks, out);
     }
@@ -278,6 +282,10 @@ impl WeightBlock for BlockQ5K {
 
     fn rows(isa: Isa, w: &[Self], x: &[BlockQ8], out: &mut [f32]) {
         crate::block_dot::q5_k_rows(isa, w, x, out);
+    }
+
+    fn rows_batch(isa: Isa, w: &[Self], x: &[BlockQ8], n: usize, out: &mut [f32], stride: usize) {
+        crate::block_dot::q5_k_rows_batch(isa, w, x, n, out, stride);
     }
 
     fn widen(isa: Isa, blocks: &[Self], out: &mut [f32]) {
@@ -360,6 +368,10 @@ impl WeightBlock for BlockQ6K {
 
     fn rows(isa: Isa, w: &[Self], x: &[BlockQ8], out: &mut [f32]) {
         crate::block_dot::q6_k_rows(isa, w, x, out);
+    }
+
+    fn rows_batch(isa: Isa, w: &[Self], x: &[BlockQ8], n: usize, out: &mut [f32], stride: usize) {
+        crate::block_dot::q6_k_rows_batch(isa, w, x, n, out, stride);
     }
 
     fn widen(isa: Isa, blocks: &[Self], out: &mut [f32]) {

@@ -55,6 +55,24 @@ pub trait WeightBlock: Pod + std::fmt::Debug + PartialEq + Send + Sync {
         rows_scalar(w, x, out);
     }
 
+    /// [`WeightBlock::rows`] for `n` activation rows (end to end in `x`), output `(i, r)` at
+    /// `out[i * stride + r]`, each equal bit for bit to what [`WeightBlock::rows`] gives
+    /// activation row `i` alone (a speculative pass must score its first position exactly as
+    /// a one-token step does). The default runs [`WeightBlock::rows`] once per activation row;
+    /// the k-quants unpack each block once for several.
+    fn rows_batch(isa: Isa, w: &[Self], x: &[BlockQ8], n: usize, out: &mut [f32], stride: usize) {
+        let x_row = x.len() / n.max(1);
+        let rows = w.len() * Self::VALUES / BLOCK / x_row.max(1);
+        for i in 0..n {
+            Self::rows(
+                isa,
+                w,
+                &x[i * x_row..(i + 1) * x_row],
+                &mut out[i * stride..i * stride + rows],
+            );
+        }
+    }
+
     /// Every value of `blocks`, into `out` (`VALUES` per block), on the given instruction
     /// level: how a prompt's product widens rows for `gemm`. The default is
     /// [`WeightBlock::dequantize`] block by block.
