@@ -59,6 +59,14 @@ pub(crate) struct SpeculateArgs {
     /// Rounds; each runs plain decoding and every drafter once per workload.
     #[arg(long, default_value_t = 3)]
     pub(crate) rounds: usize,
+    /// Sample at this temperature instead of decoding greedily (seeded by --seed plus the
+    /// round; the draft model draws with its own seed). Sampled runs are timed, not compared:
+    /// speculative sampling keeps the model's distribution, not its draws.
+    #[arg(long, value_name = "T")]
+    pub(crate) temperature: Option<f32>,
+    /// Seed of sampled runs.
+    #[arg(long, default_value_t = 0)]
+    pub(crate) seed: u64,
     /// What decodes: generator (one request at a time, each workload alone) or engine (the
     /// workloads at once, batched continuously).
     #[arg(long, default_value = "generator")]
@@ -81,6 +89,27 @@ pub(crate) enum Through {
 }
 
 impl SpeculateArgs {
+    /// The model's sampler in round `round`: greedy, or --temperature seeded per round.
+    fn sampling(&self, round: usize) -> SamplingConfig {
+        match self.temperature {
+            None => SamplingConfig::greedy(),
+            Some(t) => SamplingConfig {
+                temperature: Some(t),
+                seed: self.seed + round as u64,
+                ..SamplingConfig::greedy()
+            },
+        }
+    }
+
+    /// The draft model's sampler in round `round`: the model's under another seed.
+    fn draft_sampling(&self, round: usize) -> SamplingConfig {
+        let sampling = self.sampling(round);
+        SamplingConfig {
+            seed: sampling.seed ^ 0x5eed_d4af,
+            ..sampling
+        }
+    }
+
     fn lookup(&self) -> PromptLookup {
         PromptLookup {
             min_ngram: self.ngram_min.max(1),
@@ -243,7 +272,14 @@ impl OnBackend for Speculate<'_> {
             let names: Vec<&str> = workloads.iter().map(|w| w.name).collect();
             let grounded = workloads.iter().all(|w| w.grounding == Grounding::Grounded);
             let total: usize = prompts.iter().map(Vec::len).sum();
-            report.push(workload_report(&names.join("+"), grounded, total, &runs));
+            let name = names.join("+");
+            report.push(workload_report(
+                &name,
+                grounded,
+                total,
+                &runs,
+                args.temperature,
+            ));
         }
         for workload in workloads
             .iter()
@@ -265,6 +301,7 @@ impl OnBackend for Speculate<'_> {
                 let config = GenerationConfig {
                     max_new_tokens: args.new_tokens,
                     eos: EosPolicy::Model,
+                    sampling: args.sampling(round),
                     cache: CacheChoice::Cache(cache.clone()),
                     ..Default::default()
                 };
@@ -279,7 +316,7 @@ impl OnBackend for Speculate<'_> {
                     let speculation = Speculation {
                         max_new_tokens: args.new_tokens,
                         eos: eos.clone(),
-                        sampling: SamplingConfig::greedy(),
+                        sampling: args.sampling(round),
                         draft_tokens: match drafter {
                             DrafterKind::Ngram => args.ngram_tokens,
                             DrafterKind::Draft => args.draft_tokens,
@@ -290,7 +327,7 @@ impl OnBackend for Speculate<'_> {
                     let drafter: &mut dyn Drafter = match (drafter, &draft) {
                         (DrafterKind::Draft, Some((draft, _))) => {
                             model_drafter =
-                                DraftModel::new(draft, &cache, SamplingConfig::greedy())?
+                                DraftModel::new(draft, &cache, args.draft_sampling(round))?
                                     .with_min_probability(args.draft_p_min);
                             &mut model_drafter
                         }
@@ -322,6 +359,7 @@ impl OnBackend for Speculate<'_> {
                 grounded,
                 prompt.len(),
                 &runs,
+                args.temperature,
             ));
         }
         let value = json!({
@@ -337,6 +375,8 @@ impl OnBackend for Speculate<'_> {
             "ngram_max": args.ngram_max,
             "draft_tokens": args.draft_tokens,
             "draft_p_min": args.draft_p_min,
+            "temperature": args.temperature,
+            "seed": args.seed,
             "through": format!("{:?}", args.through).to_lowercase(),
             "max_decoding": args.max_decoding,
             "workloads": report,
@@ -357,6 +397,7 @@ fn workload_report(
     grounded: bool,
     prompt_tokens: usize,
     runs: &[(String, Vec<Run>)],
+    temperature: Option<f32>,
 ) -> serde_json::Value {
     let plain = &runs[0].1;
     let modes: Vec<serde_json::Value> = runs
@@ -368,7 +409,10 @@ fn workload_report(
                 .zip(plain)
                 .map(|(r, p)| r.tokens_per_s() / p.tokens_per_s())
                 .collect();
-            let same = rounds.iter().zip(plain).all(|(r, p)| r.tokens == p.tokens);
+            // Sampled runs draw differently by construction: nothing to compare.
+            let same = temperature
+                .is_none()
+                .then(|| rounds.iter().zip(plain).all(|(r, p)| r.tokens == p.tokens));
             let mut mode = json!({
                 "mode": name,
                 "tokens": rounds[0].tokens.len(),
@@ -428,7 +472,9 @@ fn print_table(value: &serde_json::Value) {
                 list("ratio_to_plain", 2),
                 kept,
                 per_pass,
-                mode["same_tokens_as_plain"],
+                mode["same_tokens_as_plain"]
+                    .as_bool()
+                    .map_or("sampled".into(), |same| same.to_string()),
             );
         }
     }
@@ -475,7 +521,12 @@ fn engine_rounds<B: Backend>(
             }
             let ids: Vec<_> = prompts
                 .iter()
-                .map(|prompt| engine.add_request(Request::greedy(prompt.clone(), args.new_tokens)))
+                .map(|prompt| {
+                    engine.add_request(Request {
+                        sampling: args.sampling(round),
+                        ..Request::greedy(prompt.clone(), args.new_tokens)
+                    })
+                })
                 .collect::<Result<_, _>>()?;
             let mut tokens: Vec<Vec<u32>> = vec![Vec::new(); ids.len()];
             let mut started: Option<(std::time::Instant, usize)> = None;
