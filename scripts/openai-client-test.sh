@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# kv-serve through the official `openai` Python client from PyPI: builds kv-serve and
-# kv-generate, installs the client into a virtual environment in the cache folder, and runs
+# kv-serve through the official `openai` Python client from PyPI (and its metrics through
+# `prometheus_client`'s parser): builds kv-serve and kv-generate, installs both into a virtual
+# environment in the cache folder, and runs
 # scripts/openai_client_test.py against the tiny GGUF fixture, and against the default model
 # when it has been fetched (for streaming of multi-byte characters).
 #
@@ -13,12 +14,14 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 OPENAI_VERSION=3.57.0
+# Prometheus's own text parser, for the metrics an inference gateway scrapes.
+PROMETHEUS_CLIENT_VERSION=0.21.1
 cache="${KV_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/kv-cache}"
 venv="$cache/venv-openai-$OPENAI_VERSION"
-if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c "import openai" 2>/dev/null; then
-  echo "installing openai==$OPENAI_VERSION into $venv"
+if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c "import openai, prometheus_client" 2>/dev/null; then
+  echo "installing openai==$OPENAI_VERSION and prometheus-client==$PROMETHEUS_CLIENT_VERSION into $venv"
   python3 -m venv "$venv"
-  "$venv/bin/pip" install --quiet "openai==$OPENAI_VERSION"
+  "$venv/bin/pip" install --quiet "openai==$OPENAI_VERSION" "prometheus-client==$PROMETHEUS_CLIENT_VERSION"
 fi
 
 remote=()

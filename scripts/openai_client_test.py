@@ -27,6 +27,7 @@ from pathlib import Path
 
 import openai
 from openai import OpenAI
+from prometheus_client.parser import text_string_to_metric_families
 
 TEMPLATE = (
     "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}"
@@ -194,6 +195,41 @@ def tiny_model_checks(args, template_path):
         check("".join(c.choices[0].text for c in chunks if c.choices)
               == whole_completion.choices[0].text,
               "streamed completion concatenates to the whole one")
+
+        # The metrics parse with Prometheus's own text parser and carry the names an inference
+        # gateway's endpoint picker scrapes (vLLM's).
+        with urllib.request.urlopen(server.url + "/metrics", timeout=10) as r:
+            families = {f.name: f for f in text_string_to_metric_families(r.read().decode())}
+        for name in ["vllm:num_requests_waiting", "vllm:num_requests_running",
+                     "vllm:kv_cache_usage_perc"]:
+            samples = families[name].samples if name in families else []
+            check(any(s.labels.get("model_name") == "tiny" and s.value >= 0 for s in samples),
+                  f"{name} is a gauge labelled with the model")
+        usage = [s.value for s in families["vllm:kv_cache_usage_perc"].samples]
+        check(all(0.0 <= v <= 1.0 for v in usage), "vllm:kv_cache_usage_perc is a share")
+        config = families["vllm:cache_config_info"].samples
+        check(config and config[0].labels["block_size"] == "4"
+              and int(config[0].labels["num_gpu_blocks"]) > 0,
+              "vllm:cache_config_info names the block size and the blocks")
+        check("kv_serve_generation_tokens" in families, "kv-serve's own series stay")
+
+        # The render routes give the ids the model is fed: a chat's prompt (as many as its
+        # usage counts), and completions prompts, token ids kept as given.
+        def post(path, body):
+            request = urllib.request.Request(
+                server.url + path, data=json.dumps(body).encode(),
+                headers={"Content-Type": "application/json"})
+            with urllib.request.urlopen(request, timeout=30) as r:
+                return json.loads(r.read())
+        chat_messages = [{"role": "user", "content": "Hi there"}]
+        rendered = post("/v1/chat/completions/render", {"model": "tiny", "messages": chat_messages})
+        reply = client.chat.completions.create(
+            model="tiny", messages=chat_messages, max_tokens=2, temperature=0)
+        check(len(rendered["token_ids"]) == reply.usage.prompt_tokens,
+              "chat render gives the prompt the chat counts")
+        rendered = post("/v1/completions/render", {"model": "tiny", "prompt": [[5, 17], [42]]})
+        check(rendered == [{"token_ids": [5, 17]}, {"token_ids": [42]}],
+              "completions render keeps token-id prompts")
 
         # Errors arrive as the client's exception types.
         for kwargs, kind, what in [

@@ -3,9 +3,20 @@
 //! Names follow vLLM's (`num_requests_running`, `gpu_cache_usage`...) under the prefix
 //! `kv_serve_`, so a dashboard made for one reads the other with a rename. Counters end in
 //! `_total`, times are in seconds.
+//!
+//! The gauges a Kubernetes inference gateway's endpoint picker routes by (the Gateway API
+//! Inference Extension's model server protocol, which llm-d's router implements) are also
+//! kept under vLLM's own names, as that protocol names them: `vllm:num_requests_waiting`,
+//! `vllm:num_requests_running` and `vllm:kv_cache_usage_perc` (0 to 1), each labelled with
+//! `model_name`, and `vllm:cache_config_info` with `block_size` and `num_gpu_blocks` labels
+//! (value 1) for its prefix-cache scorer.
+
+use std::sync::atomic::AtomicU64;
+use std::sync::OnceLock;
 
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
@@ -49,6 +60,21 @@ pub struct Metrics {
     pub step_time: Histogram,
     /// The process's resident memory, read when the metrics are rendered (Linux).
     resident_memory: Gauge,
+    /// The gauges under vLLM's names (see the module docs).
+    vllm: VllmGauges,
+}
+
+/// A metric's labels, as prometheus-client encodes them.
+type Labels = Vec<(String, String)>;
+
+/// The gauges an inference gateway scrapes, under vLLM's names.
+struct VllmGauges {
+    waiting: Family<Labels, Gauge>,
+    running: Family<Labels, Gauge>,
+    kv_cache_usage: Family<Labels, Gauge<f64, AtomicU64>>,
+    cache_config: Family<Labels, Gauge>,
+    /// `model_name`, once the model has loaded.
+    model: OnceLock<Labels>,
 }
 
 impl Default for Metrics {
@@ -60,7 +86,35 @@ impl Default for Metrics {
 impl Metrics {
     /// Every metric at zero, registered under `kv_serve_`.
     pub fn new() -> Self {
-        let mut registry = Registry::with_prefix("kv_serve");
+        let mut root = Registry::default();
+        let vllm = VllmGauges {
+            waiting: Family::default(),
+            running: Family::default(),
+            kv_cache_usage: Family::default(),
+            cache_config: Family::default(),
+            model: OnceLock::new(),
+        };
+        root.register(
+            "vllm:num_requests_waiting",
+            "Requests waiting to be processed",
+            vllm.waiting.clone(),
+        );
+        root.register(
+            "vllm:num_requests_running",
+            "Requests running in the engine",
+            vllm.running.clone(),
+        );
+        root.register(
+            "vllm:kv_cache_usage_perc",
+            "KV-cache usage: 1 is every block in use",
+            vllm.kv_cache_usage.clone(),
+        );
+        root.register(
+            "vllm:cache_config_info",
+            "The KV cache's block size and blocks",
+            vllm.cache_config.clone(),
+        );
+        let registry = root.sub_registry_with_prefix("kv_serve");
         let gauge = |registry: &mut Registry, name: &str, help: &str| {
             let g = Gauge::default();
             registry.register(name, help, g.clone());
@@ -77,7 +131,7 @@ impl Metrics {
             registry.register(name, help, h.clone());
             h
         };
-        let r = &mut registry;
+        let r = registry;
         Self {
             running: gauge(r, "num_requests_running", "Requests running in the engine"),
             waiting: gauge(r, "num_requests_waiting", "Requests waiting for the engine"),
@@ -129,7 +183,33 @@ impl Metrics {
                 "process_resident_memory_bytes",
                 "Resident memory of the server process",
             ),
-            registry,
+            registry: root,
+            vllm,
+        }
+    }
+
+    /// Names the model and the pool in the vLLM-named gauges, once it has loaded.
+    pub fn set_model(&self, model_name: &str, block_size: usize, num_blocks: usize) {
+        let labels = vec![("model_name".to_string(), model_name.to_string())];
+        let _ = self.vllm.model.set(labels);
+        let config = vec![
+            ("block_size".to_string(), block_size.to_string()),
+            ("num_gpu_blocks".to_string(), num_blocks.to_string()),
+        ];
+        self.vllm.cache_config.get_or_create(&config).set(1);
+        self.set_load(0, 0, 0.0);
+    }
+
+    /// Requests running and waiting, and the share of the pool's blocks in use, into the
+    /// vLLM-named gauges (nothing before [`Metrics::set_model`]).
+    pub fn set_load(&self, running: usize, waiting: usize, kv_cache_usage: f64) {
+        if let Some(labels) = self.vllm.model.get() {
+            self.vllm.running.get_or_create(labels).set(running as i64);
+            self.vllm.waiting.get_or_create(labels).set(waiting as i64);
+            self.vllm
+                .kv_cache_usage
+                .get_or_create(labels)
+                .set(kv_cache_usage);
         }
     }
 

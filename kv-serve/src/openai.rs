@@ -249,6 +249,35 @@ pub struct ErrorDetail {
     pub code: Option<String>,
 }
 
+/// `POST /v1/completions/render`: a completions request's body, of which only the model and
+/// the prompts are read.
+#[derive(Debug, Clone, Deserialize)]
+pub struct CompletionRenderRequest {
+    /// The model's id, as `/v1/models` lists it.
+    #[serde(default)]
+    pub model: Option<String>,
+    /// The prompt or prompts.
+    pub prompt: Prompt,
+}
+
+/// `POST /v1/chat/completions/render`: a chat request's body, of which only the model and the
+/// messages are read.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ChatRenderRequest {
+    /// The model's id, as `/v1/models` lists it.
+    #[serde(default)]
+    pub model: Option<String>,
+    /// The conversation.
+    pub messages: Vec<Message>,
+}
+
+/// A rendered prompt: the token ids the model would be fed (vLLM's `/render` answer).
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Rendered {
+    /// The prompt's token ids.
+    pub token_ids: Vec<u32>,
+}
+
 /// `POST /tokenize` (llama.cpp's `content`, vLLM's `prompt`).
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 pub struct TokenizeRequest {

@@ -249,6 +249,9 @@ where
                 };
                 let pool = engine.pool_summary();
                 shared.metrics.kv_blocks_total.set(pool.blocks as i64);
+                shared
+                    .metrics
+                    .set_model(&loaded.id, pool.block_size, pool.blocks);
                 let created = std::time::SystemTime::now()
                     .duration_since(std::time::UNIX_EPOCH)
                     .map_or(0, |d| d.as_secs());
@@ -514,9 +517,13 @@ impl<B: Backend> Worker<'_, '_, B> {
         let pool = self.engine.store().pool();
         metrics.running.set(self.engine.running() as i64);
         metrics.waiting.set(self.engine.waiting() as i64);
-        metrics
-            .kv_blocks_used
-            .set((pool.num_blocks() - pool.free_blocks()) as i64);
+        let used = pool.num_blocks() - pool.free_blocks();
+        metrics.kv_blocks_used.set(used as i64);
+        metrics.set_load(
+            self.engine.running(),
+            self.engine.waiting(),
+            used as f64 / pool.num_blocks().max(1) as f64,
+        );
     }
 }
 

@@ -906,3 +906,113 @@ fn gemma3_completions_past_the_window_equal_transformers() {
         );
     }
 }
+
+/// The render routes an inference gateway's router tokenizes through (vLLM's): a chat's
+/// prompt ids are those its completion is fed, completions prompts come back one entry each
+/// (text through the tokenizer, ids as given), and bad bodies are 4xx naming the field.
+#[test]
+fn render_routes_give_the_prompt_ids_and_refuse_bad_bodies() {
+    let server = start(Settings::default());
+    let loaded = load().unwrap();
+    let tokenizer = loaded.tokenizer.as_ref().unwrap();
+    let messages = json!([{ "role": "user", "content": "Hi!" }]);
+    let (status, rendered) = server.post(
+        "/v1/chat/completions/render",
+        &json!({ "model": MODEL_ID, "messages": messages, "temperature": 0.5 }),
+    );
+    assert_eq!(status, 200, "{rendered}");
+    let text = tokenizer
+        .apply_chat_template(&[ChatMessage::new("user", "Hi!")], GenerationPrompt::Add)
+        .unwrap();
+    let ids: Vec<u32> = tokenizer.encode(&text).unwrap();
+    assert_eq!(rendered["token_ids"], json!(ids));
+    let (_, reply) = server.post(
+        "/v1/chat/completions",
+        &json!({ "messages": messages, "max_tokens": 1 }),
+    );
+    assert_eq!(reply["usage"]["prompt_tokens"], ids.len());
+
+    let (status, rendered) = server.post(
+        "/v1/completions/render",
+        &json!({ "prompt": ["Hello", "Hi"] }),
+    );
+    assert_eq!(status, 200, "{rendered}");
+    let encode = |text| tokenizer.encode_prompt(text).unwrap();
+    assert_eq!(
+        rendered,
+        json!([{ "token_ids": encode("Hello") }, { "token_ids": encode("Hi") }])
+    );
+    let (status, rendered) = server.post(
+        "/v1/completions/render",
+        &json!({ "prompt": [[5, 17, 42], [8]] }),
+    );
+    assert_eq!(status, 200, "{rendered}");
+    assert_eq!(
+        rendered,
+        json!([{ "token_ids": [5, 17, 42] }, { "token_ids": [8] }])
+    );
+
+    for (path, body, status, field) in [
+        ("/v1/chat/completions/render", json!({}), 400, "messages"),
+        (
+            "/v1/completions/render",
+            json!({ "prompt": [] }),
+            400,
+            "prompt",
+        ),
+        (
+            "/v1/completions/render",
+            json!({ "prompt": [[100000]] }),
+            400,
+            "prompt[0]",
+        ),
+        (
+            "/v1/chat/completions/render",
+            json!({ "model": "gpt-4", "messages": messages }),
+            404,
+            "",
+        ),
+    ] {
+        let (got, error) = server.post(path, &body);
+        assert_eq!(got, status, "{path} {body}: {error}");
+        let message = error["error"]["message"].as_str().unwrap_or("");
+        let param = error["error"]["param"].as_str().unwrap_or("");
+        assert!(
+            param == field || message.contains(field),
+            "{path} {body}: {error}"
+        );
+    }
+    assert_eq!(server.get("/health").0, 200);
+}
+
+/// `/metrics` carries the gauges an inference gateway's endpoint picker routes by, under
+/// vLLM's names: waiting and running requests and the share of the KV pool in use, labelled
+/// with the model, and the pool's block size and blocks.
+#[test]
+fn metrics_carry_the_inference_gateway_gauges_under_vllms_names() {
+    let server = start(Settings::default());
+    let labels = format!("{{model_name=\"{MODEL_ID}\"}}");
+    assert_eq!(
+        server.metric(&format!("vllm:num_requests_waiting{labels}")),
+        0.0
+    );
+    assert_eq!(
+        server.metric(&format!("vllm:num_requests_running{labels}")),
+        0.0
+    );
+    assert_eq!(
+        server.metric(&format!("vllm:kv_cache_usage_perc{labels}")),
+        0.0
+    );
+    let blocks = server.metric("kv_serve_kv_cache_blocks_total");
+    let config = format!("vllm:cache_config_info{{block_size=\"4\",num_gpu_blocks=\"{blocks}\"}}");
+    assert_eq!(server.metric(&config), 1.0);
+    // A request leaves blocks cached, not used: the usage is back to 0 once it is done.
+    let (status, _) = server.post(
+        "/v1/completions",
+        &json!({ "prompt": [5, 17, 42, 8, 9, 10], "max_tokens": 4 }),
+    );
+    assert_eq!(status, 200);
+    let usage = server.metric(&format!("vllm:kv_cache_usage_perc{labels}"));
+    assert!((0.0..=1.0).contains(&usage), "{usage}");
+}

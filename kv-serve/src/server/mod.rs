@@ -40,7 +40,7 @@ mod tokenize;
 use admin::{restore_prompt_cache, save_prompt_cache};
 use chat::chat;
 use completions::completions;
-use tokenize::{detokenize, tokenize};
+use tokenize::{detokenize, render_chat, render_completions, tokenize};
 
 /// Most choices one request may ask for (`n`).
 pub const MAX_CHOICES: u32 = 16;
@@ -92,13 +92,15 @@ impl AppState {
     }
 }
 
-/// Every route: the OpenAI API under `/v1`, and `/health`, `/metrics`, `/tokenize`,
-/// `/detokenize` as llama.cpp's and vLLM's servers have them.
+/// Every route: the OpenAI API under `/v1` (with vLLM's render routes), and `/health`,
+/// `/metrics`, `/tokenize`, `/detokenize` as llama.cpp's and vLLM's servers have them.
 pub fn router(state: AppState) -> Router {
     let limit = state.settings.max_body_bytes;
     let guarded = Router::new()
         .route("/v1/chat/completions", post(chat))
         .route("/v1/completions", post(completions))
+        .route("/v1/chat/completions/render", post(render_chat))
+        .route("/v1/completions/render", post(render_completions))
         .route("/v1/models", get(models))
         .route("/metrics", get(metrics))
         .route("/tokenize", post(tokenize))

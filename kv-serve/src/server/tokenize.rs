@@ -1,4 +1,7 @@
-//! `/tokenize` and `/detokenize`, as llama.cpp's and vLLM's servers have them.
+//! `/tokenize` and `/detokenize`, as llama.cpp's and vLLM's servers have them, and the render
+//! routes (`/v1/completions/render`, `/v1/chat/completions/render`) that give a request's
+//! prompt as the model would be fed it, as vLLM's do: an inference gateway's router tokenizes
+//! through them to score prefix-cache hits.
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
@@ -6,10 +9,15 @@ use axum::extract::State;
 use axum::Json;
 use kv_model::SpecialTokens;
 
-use super::checks::{parse, token_ids, tokenizer};
+use super::chat::chat_prompt;
+use super::checks::{check_model, parse, token_ids, tokenizer};
+use super::completions::completion_prompts;
 use super::AppState;
 use crate::error::ApiError;
-use crate::openai::{DetokenizeRequest, Detokenized, TokenizeRequest, Tokenized};
+use crate::openai::{
+    ChatRenderRequest, CompletionRenderRequest, DetokenizeRequest, Detokenized, Rendered,
+    TokenizeRequest, Tokenized,
+};
 
 /// `POST /tokenize`: a text's token ids (llama.cpp's and vLLM's route).
 pub(super) async fn tokenize(
@@ -46,4 +54,35 @@ pub(super) async fn detokenize(
         .decode(&ids, SpecialTokens::Show)
         .map_err(|e| ApiError::invalid("tokens", e.to_string()))?;
     Ok(Json(Detokenized { content }))
+}
+
+/// `POST /v1/completions/render`: each prompt's token ids, in order (text through the
+/// tokenizer with the model's BOS where it adds one, token ids checked and kept).
+pub(super) async fn render_completions(
+    State(state): State<AppState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<Vec<Rendered>>, ApiError> {
+    let request: CompletionRenderRequest = parse(body, &state.settings)?;
+    let info = state.shared.model()?;
+    check_model(request.model.as_deref(), info)?;
+    let prompts = completion_prompts(&request.prompt, info)?;
+    Ok(Json(
+        prompts
+            .into_iter()
+            .map(|token_ids| Rendered { token_ids })
+            .collect(),
+    ))
+}
+
+/// `POST /v1/chat/completions/render`: the messages through the chat template, as token ids.
+pub(super) async fn render_chat(
+    State(state): State<AppState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<Rendered>, ApiError> {
+    let request: ChatRenderRequest = parse(body, &state.settings)?;
+    let info = state.shared.model()?;
+    check_model(request.model.as_deref(), info)?;
+    Ok(Json(Rendered {
+        token_ids: chat_prompt(&request.messages, info)?,
+    }))
 }
