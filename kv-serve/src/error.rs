@@ -75,6 +75,17 @@ pub enum ApiError {
         /// The flag that turns it on.
         flag: &'static str,
     },
+    /// A prompt cache save of a prompt the pool holds no block of.
+    #[error(
+        "the pool holds none of this prompt's {whole_blocks} whole blocks of {block_size} \
+         tokens: run the prompt first (a completion of it, max_tokens 1), then save it"
+    )]
+    NothingCached {
+        /// Whole blocks in the prompt.
+        whole_blocks: usize,
+        /// Tokens per block.
+        block_size: usize,
+    },
     /// The engine failed on an accepted request.
     #[error("the engine failed: {0}")]
     Engine(String),
@@ -100,6 +111,7 @@ impl ApiError {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             ApiError::NotEnabled { .. } => StatusCode::NOT_IMPLEMENTED,
+            ApiError::NothingCached { .. } => StatusCode::CONFLICT,
             ApiError::Engine(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -114,6 +126,7 @@ impl ApiError {
             ApiError::Loading | ApiError::LoadFailed(_) => ("server_error", Some("unavailable")),
             ApiError::QueueFull { .. } => ("server_error", Some("queue_full")),
             ApiError::NotEnabled { .. } => ("invalid_request_error", Some("not_enabled")),
+            ApiError::NothingCached { .. } => ("invalid_request_error", Some("not_cached")),
             ApiError::Engine(_) => ("server_error", None),
         };
         let param = match self {

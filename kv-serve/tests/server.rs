@@ -761,6 +761,24 @@ fn a_saved_prompt_cache_survives_a_restart() {
     let prompt = "Once!upon!a!time!there!was";
     let request = json!({ "prompt": prompt, "max_tokens": 8, "temperature": 0 });
     let first = start(settings.clone());
+    // Before the prompt has run the pool holds none of it: nothing to save, and no file.
+    let save = json!({ "filename": "story.kvc", "prompt": prompt });
+    let (status, refused) = first.post("/prompt_cache/save", &save);
+    assert_eq!(status, 409, "{refused}");
+    assert!(
+        refused["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("run the prompt first"),
+        "{refused}"
+    );
+    assert!(!folder.join("story.kvc").exists());
+    let (status, refused) = first.post(
+        "/prompt_cache/save",
+        &json!({ "filename": "short.kvc", "prompt": [5, 6] }),
+    );
+    assert_eq!(status, 400, "{refused}");
+    assert_eq!(refused["error"]["param"], "prompt");
     let (_, before) = first.post("/v1/completions", &request);
     let (status, saved) = first.post(
         "/prompt_cache/save",

@@ -62,6 +62,19 @@ pub(super) async fn save_prompt_cache(
             ))
         }
     };
+    // Only whole blocks are cached, and so saved.
+    let block_size = info.pool.block_size;
+    let whole_blocks = tokens.len() / block_size;
+    if whole_blocks == 0 {
+        return Err(ApiError::invalid(
+            "prompt",
+            format!(
+                "a prompt of {} tokens holds no whole block of {block_size}: only whole blocks \
+                 are cached and saved",
+                tokens.len()
+            ),
+        ));
+    }
     let (reply, saved) = tokio::sync::oneshot::channel();
     state
         .commands
@@ -71,6 +84,13 @@ pub(super) async fn save_prompt_cache(
         .await
         .map_err(|_| ApiError::Engine("the engine has stopped".into()))?;
     let tokens_saved = saved.tokens.len();
+    if tokens_saved == 0 {
+        // An empty file would restore nothing: say what to do instead of writing it.
+        return Err(ApiError::NothingCached {
+            whole_blocks,
+            block_size,
+        });
+    }
     let bytes = prompt_cache::encode(&saved, &info.fingerprint);
     let size = bytes.len();
     tokio::task::spawn_blocking(move || -> Result<(), PromptCacheError> {
