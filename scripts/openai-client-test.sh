@@ -16,12 +16,14 @@ cd "$(dirname "$0")/.."
 OPENAI_VERSION=3.57.0
 # Prometheus's own text parser, for the metrics an inference gateway scrapes.
 PROMETHEUS_CLIENT_VERSION=0.21.1
+# deploy/kubernetes read back, to check it against the server.
+PYYAML_VERSION=6.0.2
 cache="${KV_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/kv-cache}"
 venv="$cache/venv-openai-$OPENAI_VERSION"
-if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c "import openai, prometheus_client" 2>/dev/null; then
-  echo "installing openai==$OPENAI_VERSION and prometheus-client==$PROMETHEUS_CLIENT_VERSION into $venv"
+if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c "import openai, prometheus_client, yaml" 2>/dev/null; then
+  echo "installing openai==$OPENAI_VERSION, prometheus-client==$PROMETHEUS_CLIENT_VERSION and pyyaml==$PYYAML_VERSION into $venv"
   python3 -m venv "$venv"
-  "$venv/bin/pip" install --quiet "openai==$OPENAI_VERSION" "prometheus-client==$PROMETHEUS_CLIENT_VERSION"
+  "$venv/bin/pip" install --quiet "openai==$OPENAI_VERSION" "prometheus-client==$PROMETHEUS_CLIENT_VERSION" "pyyaml==$PYYAML_VERSION"
 fi
 
 remote=()

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import openai
 from openai import OpenAI
+import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 TEMPLATE = (
@@ -265,6 +266,38 @@ def tiny_model_checks(args, template_path):
         keyed.stop()
 
 
+def deployment_checks(args):
+    """deploy/kubernetes agrees with kv-serve: its container's arguments start a server (with
+    the tiny fixture in place of the image's model), whose metrics name the block size the
+    endpoint picker's prefix-cache scorer hashes by, on the port the InferencePool targets."""
+    folder = Path(__file__).resolve().parent.parent / "deploy" / "kubernetes"
+    docs = {}
+    for path in sorted(folder.glob("*.yaml")):
+        for doc in yaml.safe_load_all(path.read_text()):
+            if doc:
+                docs[(doc["kind"], doc["metadata"]["name"])] = doc
+    container = docs[("Deployment", "kv-serve")]["spec"]["template"]["spec"]["containers"][0]
+    pool = docs[("InferencePool", "kv-serve")]["spec"]
+    check(pool["targetPorts"][0]["number"] == container["ports"][0]["containerPort"] == 8000,
+          "the InferencePool targets the container's port")
+    check(pool["selector"]["matchLabels"]
+          == docs[("Deployment", "kv-serve")]["spec"]["template"]["metadata"]["labels"],
+          "the InferencePool selects the kv-serve pods")
+    picker = yaml.safe_load(docs[("ConfigMap", "kv-serve-epp")]["data"]["kv-serve-plugins.yaml"])
+    prefix = next(p for p in picker["plugins"] if p["type"] == "prefix-cache-scorer")
+    server = Server(args.kv_serve, args.model, *container["args"])
+    try:
+        with urllib.request.urlopen(server.url + "/metrics", timeout=10) as r:
+            families = {f.name: f for f in text_string_to_metric_families(r.read().decode())}
+        config = families["vllm:cache_config_info"].samples[0].labels
+        check(int(config["block_size"]) == prefix["parameters"]["blockSize"],
+              "the deployment's block size is the one the picker hashes prompts by")
+        check(server.client.models.list().data[0].id == "smollm2",
+              "the deployment's served model name is what /v1/models lists")
+    finally:
+        server.stop()
+
+
 def real_model_checks(args):
     server = Server(args.kv_serve, args.real_model, "--pool-tokens", "4096")
     client = server.client
@@ -297,6 +330,8 @@ def main():
         template = Path(folder) / "template.jinja"
         template.write_text(TEMPLATE)
         tiny_model_checks(args, str(template))
+    if not args.url:
+        deployment_checks(args)
     if args.real_model:
         real_model_checks(args)
     print("all openai client checks passed")
