@@ -63,6 +63,10 @@ struct Args {
     /// steps make decoding sequences wait less on a new prompt's chunk.
     #[arg(long, default_value_t = engine::DEFAULT_TOKEN_BUDGET)]
     token_budget: usize,
+    /// Most prompt tokens a step feeds while requests decode: smaller keeps decoders' tokens
+    /// coming at an even pace under load, larger gets new prompts to their first token sooner.
+    #[arg(long, default_value_t = engine::DEFAULT_PREFILL_WHILE_DECODING)]
+    prefill_while_decoding: usize,
     /// Require `Authorization: Bearer KEY` on every route but /health.
     #[arg(long, env = "KV_SERVE_API_KEY", hide_env_values = true)]
     api_key: Option<String>,
@@ -201,6 +205,7 @@ fn serve<B: Backend>(args: Args, kind: BackendKind, device: B::Device) -> Result
         block_size: args.block_size,
         max_running: args.max_running,
         token_budget: args.token_budget,
+        prefill_while_decoding: args.prefill_while_decoding,
         ..EngineConfig::default()
     };
     let settings = Settings {

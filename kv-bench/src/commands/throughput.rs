@@ -79,6 +79,7 @@ impl OnBackend for Throughput<'_> {
             max_running: most,
             token_budget: args.token_budget,
             block_order: BlockOrder::Ascending,
+            ..EngineConfig::default()
         };
         let workload = |concurrency| Workload {
             requests: args.requests,

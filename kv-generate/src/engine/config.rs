@@ -15,6 +15,14 @@ pub const DEFAULT_MAX_RUNNING: usize = 16;
 /// "Serving").
 pub const DEFAULT_TOKEN_BUDGET: usize = 128;
 
+/// Most prompt tokens one step feeds while a request decodes, by default: see
+/// [`EngineConfig::prefill_while_decoding`].
+/// At 8 concurrent requests of 128 + 128 tokens (SmolLM2 Q4_1, two cores) 32 cut the
+/// inter-token p99 from 110-133 ms to 71 ms for 12% of the throughput; 16 reached 48 ms, level
+/// with llama-server's 46, for 15% and a longer time to first token (docs/benchmarks.md,
+/// "Decode-first steps").
+pub const DEFAULT_PREFILL_WHILE_DECODING: usize = 32;
+
 /// How large the engine's block pool is, set once when the engine starts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PoolSize {
@@ -44,6 +52,11 @@ pub struct EngineConfig {
     pub max_running: usize,
     /// Most tokens one step feeds: one per decoding sequence, the rest for prompt chunks.
     pub token_budget: usize,
+    /// Most prompt tokens a step feeds while any running request decodes (decode-first steps,
+    /// Sarathi-Serve's stall-free batching): a step's time grows with the prompt chunk it
+    /// carries, and every decoder waits that long for its next token. A step with no decoder
+    /// feeds prompts up to the token budget.
+    pub prefill_while_decoding: usize,
     /// The order blocks are handed out in ([`BlockOrder::Shuffled`] tests that nothing relies
     /// on consecutive blocks).
     pub block_order: BlockOrder,
@@ -56,6 +69,7 @@ impl Default for EngineConfig {
             block_size: kv_core::DEFAULT_BLOCK_SIZE,
             max_running: DEFAULT_MAX_RUNNING,
             token_budget: DEFAULT_TOKEN_BUDGET,
+            prefill_while_decoding: DEFAULT_PREFILL_WHILE_DECODING,
             block_order: BlockOrder::Ascending,
         }
     }

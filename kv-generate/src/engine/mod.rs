@@ -68,7 +68,8 @@ mod scheduler;
 mod speculation;
 
 pub use config::{
-    EngineConfig, PoolSize, DEFAULT_MAX_RUNNING, DEFAULT_POOL_TOKENS, DEFAULT_TOKEN_BUDGET,
+    EngineConfig, PoolSize, DEFAULT_MAX_RUNNING, DEFAULT_POOL_TOKENS,
+    DEFAULT_PREFILL_WHILE_DECODING, DEFAULT_TOKEN_BUDGET,
 };
 pub use prefix::SavedPrefix;
 pub use request::{EngineEvent, Request, RequestId, Usage};
@@ -197,11 +198,13 @@ impl<'a, B: Backend> Engine<'a, B> {
         if config.block_size == 0 {
             return Err(CacheError::ZeroBlockSize.into());
         }
-        if config.token_budget == 0 || config.max_running == 0 {
+        if config.token_budget == 0 || config.max_running == 0 || config.prefill_while_decoding == 0
+        {
             return Err(GenerateError::InvalidRequest(format!(
-                "the engine needs a token budget and a running limit of at least 1 \
-                 (token_budget = {}, max_running = {})",
-                config.token_budget, config.max_running
+                "the engine needs a token budget, a running limit and a prompt budget while \
+                 decoding of at least 1 (token_budget = {}, max_running = {}, \
+                 prefill_while_decoding = {})",
+                config.token_budget, config.max_running, config.prefill_while_decoding
             )));
         }
         // A block holds one layer group's keys (every layer, for a model without sliding
@@ -223,7 +226,8 @@ impl<'a, B: Backend> Engine<'a, B> {
             )));
         }
         let store = model.new_paged_store(blocks, config.block_size, config.block_order);
-        let scheduler = Scheduler::new(config.token_budget, config.max_running);
+        let scheduler = Scheduler::new(config.token_budget, config.max_running)
+            .with_prefill_while_decoding(config.prefill_while_decoding);
         Ok(Self {
             model,
             tokenizer,

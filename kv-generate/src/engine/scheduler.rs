@@ -115,6 +115,8 @@ pub(crate) struct SchedulerStats {
 pub(crate) struct Scheduler {
     token_budget: usize,
     max_running: usize,
+    /// Most prompt tokens a step feeds once a decoder is planned in it.
+    prefill_while_decoding: usize,
     /// Requests not holding blocks (new, or preempted), to be admitted front first.
     waiting: VecDeque<RequestState>,
     /// Requests holding blocks, oldest first.
@@ -129,10 +131,17 @@ impl Scheduler {
         Self {
             token_budget,
             max_running,
+            prefill_while_decoding: usize::MAX,
             waiting: VecDeque::new(),
             running: Vec::new(),
             stats: SchedulerStats::default(),
         }
+    }
+
+    /// This scheduler, feeding at most `n` prompt tokens in a step that also decodes.
+    pub(crate) fn with_prefill_while_decoding(mut self, n: usize) -> Self {
+        self.prefill_while_decoding = n;
+        self
     }
 
     /// Queues a new request behind every waiting one.
@@ -206,6 +215,8 @@ impl Scheduler {
     /// error other than exhaustion.
     pub(crate) fn schedule(&mut self, cache: &mut impl CacheManager) -> Result<StepPlan> {
         let mut budget = self.token_budget;
+        // Prompt tokens left this step: capped once a decoder is planned.
+        let mut prefill = usize::MAX;
         let mut plan = StepPlan::default();
         let order: Vec<RequestId> = {
             let (decode, prompt): (Vec<&RequestState>, Vec<&RequestState>) =
@@ -222,15 +233,26 @@ impl Scheduler {
             }
             // A speculating decoder feeds its guesses too, as many as the budget leaves.
             let request = self.request_mut(id);
-            let pending = request.pending();
+            let (pending, decoding) = (request.pending(), request.decoding());
             request.guesses.truncate(budget.saturating_sub(pending));
-            let n = (pending + request.guesses.len()).min(budget);
+            let n = match decoding {
+                true => (pending + request.guesses.len()).min(budget),
+                false => pending.min(budget).min(prefill),
+            };
+            if n == 0 {
+                continue;
+            }
             if self.reserve_or_preempt(id, n, &plan, cache)? {
                 plan.pieces.push((id, n));
                 budget -= n;
+                prefill = match decoding {
+                    true => prefill.min(self.prefill_while_decoding),
+                    false => prefill - n,
+                };
             }
         }
-        self.admit(&mut budget, &mut plan, cache);
+        let mut admitted = budget.min(prefill);
+        self.admit(&mut admitted, &mut plan, cache);
         self.running.sort_by_key(|r| r.id);
         if plan.pieces.is_empty() && !self.waiting.is_empty() && self.running.is_empty() {
             // Unreachable for requests the engine accepted (each fits the pool alone); an
@@ -482,6 +504,26 @@ mod tests {
         assert_eq!(scheduler.stats().preemptions, 1);
         assert_eq!((scheduler.running(), scheduler.waiting()), (1, 1));
         assert_eq!(scheduler.waiting[0].id, RequestId(1));
+    }
+
+    #[test]
+    fn a_step_that_decodes_feeds_at_most_its_prompt_cap() {
+        let mut cache = pool(64);
+        let mut scheduler = Scheduler::new(100, 4).with_prefill_while_decoding(5);
+        // Nobody decodes yet: the whole prompt in one step.
+        scheduler.add(request(0, 12, 4));
+        let plan = scheduler.schedule(&mut cache).unwrap();
+        assert_eq!(ids(&plan), [(0, 12)]);
+        run(&mut scheduler, &plan);
+        // Request 0 decodes: request 1's prompt comes five tokens a step, request 2 waits for
+        // its share of those five.
+        scheduler.add(request(1, 7, 4));
+        scheduler.add(request(2, 3, 4));
+        let plan = scheduler.schedule(&mut cache).unwrap();
+        assert_eq!(ids(&plan), [(0, 1), (1, 5)]);
+        run(&mut scheduler, &plan);
+        let plan = scheduler.schedule(&mut cache).unwrap();
+        assert_eq!(ids(&plan), [(0, 1), (1, 2), (2, 3)]);
     }
 
     #[test]

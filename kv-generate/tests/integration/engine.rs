@@ -182,6 +182,7 @@ fn twenty_requests_joining_and_leaving_equal_each_alone_on_every_fixture() {
                 max_running: 8,
                 token_budget: budget,
                 block_order: order,
+                ..EngineConfig::default()
             };
             let mut engine = Engine::new(model, None, config).unwrap();
             let outcomes = run(&mut engine, &arrivals);
@@ -411,6 +412,7 @@ fn a_tiny_pool_preempts_and_outputs_still_equal_each_alone() {
         max_running: 6,
         token_budget: 16,
         block_order: BlockOrder::Shuffled { seed: 5 },
+        ..EngineConfig::default()
     };
     let mut engine = Engine::new(model, None, config).unwrap();
     let outcomes = run(&mut engine, &arrivals);
@@ -462,6 +464,7 @@ pub(crate) fn thousand_random_requests(
         max_running: 12,
         token_budget: 24,
         block_order: BlockOrder::Shuffled { seed: 11 },
+        ..EngineConfig::default()
     };
     let mut engine = Engine::new(&model, None, engine_config).unwrap();
     if speculate == Speculate::PromptLookup {
@@ -719,6 +722,7 @@ fn smollm2_requests_batched_continuously_equal_each_alone() {
         max_running: 8,
         token_budget: 16,
         block_order: BlockOrder::Shuffled { seed: 7 },
+        ..EngineConfig::default()
     };
     let mut engine = Engine::new(model, Some(tokenizer), config).unwrap();
     let outcomes = run(&mut engine, &arrivals);
@@ -777,6 +781,7 @@ fn gemma3_requests_past_the_window_match_transformers_through_the_engine() {
         max_running: 4,
         token_budget: 256,
         block_order: BlockOrder::Shuffled { seed: 3 },
+        ..EngineConfig::default()
     };
     let mut engine = Engine::new(&loaded.model, None, config).unwrap();
     let outcomes = run(&mut engine, &arrivals);

@@ -96,6 +96,7 @@ fn speculating_requests_equal_plain_greedy_alone_on_every_fixture() {
                     max_running: 6,
                     token_budget: budget,
                     block_order: order,
+                    ..EngineConfig::default()
                 };
                 let mut engine = Engine::new(model, None, config)
                     .unwrap()
@@ -153,6 +154,7 @@ fn speculating_requests_preempted_in_a_tiny_pool_still_equal_plain_greedy() {
             max_running: 6,
             token_budget: 16,
             block_order: BlockOrder::Shuffled { seed: 5 },
+            ..EngineConfig::default()
         };
         let mut engine = Engine::new(model, None, config)
             .unwrap()
