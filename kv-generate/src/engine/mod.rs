@@ -11,8 +11,10 @@
 //!
 //! - **One step, one forward pass.** Each step takes the running sequences oldest first:
 //!   a decoding sequence feeds its one new token, a sequence still in its prompt feeds a chunk,
-//!   within a budget of tokens per step ([`EngineConfig::token_budget`]); then waiting requests
-//!   are admitted, first come first served, while the budget and
+//!   within a budget of tokens per step ([`EngineConfig::token_budget`]), of which a step that
+//!   decodes gives prompts at most [`EngineConfig::prefill_while_decoding`] (decode-first
+//!   steps, so a new prompt's chunk does not stall every decoder's next token); then waiting
+//!   requests are admitted, first come first served, while the budget and
 //!   [`EngineConfig::max_running`] allow. All of it runs as one ragged batch
 //!   ([`Transformer::forward_ragged`]): the weights are read once per step, not once per
 //!   sequence, which on a memory-bound decode is where the throughput comes from.
