@@ -474,7 +474,7 @@ impl<'a, B: Backend> Engine<'a, B> {
                         .expect("scheduled requests hold a sequence"),
                     tokens: request.feed(n),
                     start: request.computed,
-                    samples: request.computed + n - guesses == request.tokens().len(),
+                    samples: request.pending() + guesses == n,
                     guesses,
                 }
             })

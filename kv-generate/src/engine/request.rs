@@ -111,9 +111,12 @@ impl RequestState {
 
     /// The next `n` tokens to feed: those not yet in the store, then the guesses.
     pub(crate) fn feed(&self, n: usize) -> Vec<u32> {
-        let tokens = self.tokens();
-        tokens[self.computed..]
+        // Read in place: a decode step copies its few tokens, not the whole sequence.
+        let (prompt, generated) = (&self.row.prompt, &self.row.generated);
+        prompt
             .iter()
+            .chain(generated)
+            .skip(self.computed)
             .chain(&self.guesses.tokens)
             .take(n)
             .copied()

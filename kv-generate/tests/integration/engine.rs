@@ -81,6 +81,13 @@ pub(crate) fn run(engine: &mut Engine<'_, B>, arrivals: &[(usize, Request)]) -> 
     ids.iter().map(|id| outcomes.remove(id).unwrap()).collect()
 }
 
+/// Every block of `engine`'s pool is back and its counts hold together (after `what`).
+pub(crate) fn assert_pool_whole(engine: &Engine<'_, B>, what: &str) {
+    let pool = engine.store().pool();
+    assert_eq!(pool.free_blocks(), pool.num_blocks(), "{what}");
+    pool.audit().unwrap();
+}
+
 /// The same request through `Generator` alone, with a dynamic cache.
 pub(crate) fn alone(
     model: &Transformer<B>,
@@ -188,9 +195,7 @@ fn twenty_requests_joining_and_leaving_equal_each_alone_on_every_fixture() {
             let outcomes = run(&mut engine, &arrivals);
             let what = format!("{name}, blocks of {block_size}, budget {budget}");
             assert_equal_alone(model, None, &requests, &outcomes, &what);
-            let pool = engine.store().pool();
-            assert_eq!(pool.free_blocks(), pool.num_blocks(), "{what}");
-            pool.audit().unwrap();
+            assert_pool_whole(&engine, &what);
         }
     }
 }
@@ -418,9 +423,7 @@ fn a_tiny_pool_preempts_and_outputs_still_equal_each_alone() {
     let outcomes = run(&mut engine, &arrivals);
     assert!(engine.stats().preemptions > 0, "{:?}", engine.stats());
     assert_equal_alone(model, None, &requests, &outcomes, "tiny pool");
-    let pool = engine.store().pool();
-    assert_eq!(pool.free_blocks(), pool.num_blocks());
-    pool.audit().unwrap();
+    assert_pool_whole(&engine, "tiny pool");
 }
 
 /// 1000 random requests (a few shared prefixes, random lengths and arrivals), 30% cancelled

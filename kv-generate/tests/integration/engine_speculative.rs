@@ -10,7 +10,8 @@ use kv_generate::{EosPolicy, FinishReason, SamplingConfig};
 use kv_model::Transformer;
 
 use crate::engine::{
-    alone, load, mixed_request, run, thousand_random_requests, Outcome, Speculate, B,
+    alone, assert_pool_whole, load, mixed_request, run, thousand_random_requests, Outcome,
+    Speculate, B,
 };
 
 /// The drafters every test speculates with: prompt lookup; the model itself as its draft
@@ -118,13 +119,10 @@ fn speculating_requests_equal_plain_greedy_alone_on_every_fixture() {
                     }
                     _ => {}
                 }
-                // Kept guesses are tokens that took no pass of their own.
-                let stats = engine.stats();
+                // Every token, a kept guess or the model's own, is counted once.
                 let generated: usize = outcomes.iter().map(|o| o.tokens.len()).sum();
-                assert_eq!(stats.generated_tokens, generated, "{what}");
-                let pool = engine.store().pool();
-                assert_eq!(pool.free_blocks(), pool.num_blocks(), "{what}");
-                pool.audit().unwrap();
+                assert_eq!(engine.stats().generated_tokens, generated, "{what}");
+                assert_pool_whole(&engine, &what);
             }
         }
     }
@@ -165,9 +163,7 @@ fn speculating_requests_preempted_in_a_tiny_pool_still_equal_plain_greedy() {
         assert!(stats.preemptions > 0, "{drafter}: {stats:?}");
         assert!(stats.speculation.drafted_tokens > 0, "{drafter}: {stats:?}");
         assert_same(&outcomes, &expected);
-        let pool = engine.store().pool();
-        assert_eq!(pool.free_blocks(), pool.num_blocks(), "{drafter}");
-        pool.audit().unwrap();
+        assert_pool_whole(&engine, drafter);
     }
 }
 
@@ -213,8 +209,7 @@ fn sampled_speculating_requests_reproduce() {
                     .unwrap();
                 let outcomes = run(&mut engine, &arrivals);
                 drafters += usize::from(engine.stats().speculation.drafted_tokens > 0);
-                let pool = engine.store().pool();
-                assert_eq!(pool.free_blocks(), pool.num_blocks());
+                assert_pool_whole(&engine, "sampled");
                 outcomes
             })
             .collect();
