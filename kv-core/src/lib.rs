@@ -73,7 +73,9 @@ pub use caches::kind::{CacheKind, CacheSizes, CacheSpec, CACHE_SPEC_FORMS};
 pub use caches::kv_cache::{KeyRotation, KvCache};
 pub use caches::model_cache::ModelCache;
 pub use caches::paged::cache::{PagedCache, PagedCacheConfig, DEFAULT_BLOCK_SIZE};
-pub use caches::paged::pool::{BlockHash, BlockId, BlockOrder, BlockPool, PoolStats};
+pub use caches::paged::pool::{
+    BlockEvent, BlockHash, BlockId, BlockOrder, BlockPool, PoolStats, Reporting,
+};
 pub use caches::paged::storage::{HostKv, KvMemory};
 pub use caches::paged::store::{LayerGroup, PagedStore, SequenceId};
 pub use caches::paged::table::{BlockCopy, BlockTable};

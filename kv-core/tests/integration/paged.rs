@@ -1,12 +1,13 @@
 //! The block pool and block tables under random sequences of operations, against a model of
 //! what each sequence wrote: reference counts equal the table entries pointing at each block,
 //! the free list holds exactly the unreferenced blocks, every cached hash names a block holding
-//! the tokens it was computed from, every sequence reads back what it wrote, and releasing
-//! everything leaves the pool as it started.
+//! the tokens it was computed from, every sequence reads back what it wrote, a mirror built
+//! from the pool's events alone (as a router builds it) holds exactly the cached blocks, and
+//! releasing everything leaves the pool as it started.
 
 use std::collections::HashMap;
 
-use kv_core::{BlockCopy, BlockHash, BlockPool, BlockTable, CacheError};
+use kv_core::{BlockCopy, BlockEvent, BlockHash, BlockPool, BlockTable, CacheError, Reporting};
 use proptest::prelude::*;
 
 const EXTRA: &[u8] = b"test-model";
@@ -24,6 +25,8 @@ enum Op {
     Truncate(usize, f64),
     /// Release a sequence.
     Release(usize),
+    /// Forget every cached block.
+    Clear,
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -35,6 +38,7 @@ fn op() -> impl Strategy<Value = Op> {
         2 => any::<usize>().prop_map(Op::Fork),
         1 => (any::<usize>(), 0.0..1.0f64).prop_map(|(i, f)| Op::Truncate(i, f)),
         2 => any::<usize>().prop_map(Op::Release),
+        1 => Just(Op::Clear),
     ]
 }
 
@@ -52,15 +56,20 @@ struct World {
     slots: Vec<Vec<Option<u32>>>,
     /// The tokens each registered hash was computed from.
     meaning: HashMap<BlockHash, Vec<u32>>,
+    /// What a router knows from the pool's events: each cached block's parent and tokens.
+    mirror: HashMap<BlockHash, (Option<BlockHash>, Vec<u32>)>,
 }
 
 impl World {
     fn new(blocks: usize, block_size: usize) -> Self {
+        let mut pool = BlockPool::new(blocks, block_size);
+        pool.record_events();
         Self {
-            pool: BlockPool::new(blocks, block_size),
+            pool,
             sequences: Vec::new(),
             slots: vec![vec![None; block_size]; blocks],
             meaning: HashMap::new(),
+            mirror: HashMap::new(),
         }
     }
 
@@ -89,7 +98,7 @@ impl World {
         }
         seq.tokens.extend_from_slice(tokens);
         seq.table
-            .register_full_blocks(&mut self.pool, &seq.tokens, EXTRA);
+            .register_full_blocks(&mut self.pool, &seq.tokens, EXTRA, Reporting::Reported);
         // Remember what each hash of this sequence means.
         let mut parent: Option<BlockHash> = None;
         for chunk in seq.tokens.chunks_exact(block_size) {
@@ -143,7 +152,35 @@ impl World {
                 let mut seq = self.sequences.swap_remove(i % n);
                 seq.table.release(&mut self.pool);
             }
+            Op::Clear => {
+                self.pool.clear_cache();
+            }
             _ => {}
+        }
+        self.follow_events();
+    }
+
+    /// Applies the pool's new events to the mirror, as a router would, checking each against
+    /// what the mirror holds: a block is stored once, removed only when stored, and its hash
+    /// is the one its parent and tokens give.
+    fn follow_events(&mut self) {
+        for event in self.pool.take_events() {
+            match event {
+                BlockEvent::Stored {
+                    hash,
+                    parent,
+                    tokens,
+                } => {
+                    assert_eq!(hash, BlockHash::new(parent.as_ref(), &tokens, EXTRA));
+                    assert_eq!(tokens, self.meaning[&hash]);
+                    let old = self.mirror.insert(hash, (parent, tokens));
+                    assert!(old.is_none(), "{hash:?} stored twice");
+                }
+                BlockEvent::Removed { hash } => {
+                    assert!(self.mirror.remove(&hash).is_some(), "{hash:?} not stored");
+                }
+                BlockEvent::Cleared => self.mirror.clear(),
+            }
         }
     }
 
@@ -185,6 +222,14 @@ impl World {
         }
         let unreferenced = refs.iter().filter(|&&c| c == 0).count();
         assert_eq!(self.pool.free_blocks(), unreferenced);
+        let cached: std::collections::HashSet<BlockHash> = (0..self.pool.num_blocks())
+            .filter_map(|b| self.pool.hash_of(kv_core::BlockId(b as u32)))
+            .collect();
+        let mirrored: std::collections::HashSet<BlockHash> = self.mirror.keys().copied().collect();
+        assert_eq!(
+            mirrored, cached,
+            "the events' mirror holds exactly the cached blocks"
+        );
     }
 }
 
@@ -236,7 +281,9 @@ fn a_repeated_prompt_starts_from_its_cached_blocks() {
 mod store {
     use burn::tensor::{Distribution, Tensor};
     use burn_ndarray::NdArray;
-    use kv_core::{BlockOrder, CacheError, KvMemory, LayerShape, PagedStore, SequenceId};
+    use kv_core::{
+        BlockEvent, BlockHash, BlockOrder, CacheError, KvMemory, LayerShape, PagedStore, SequenceId,
+    };
     use kv_kernels::{attention, Isa};
 
     type B = NdArray<f32>;
@@ -436,11 +483,23 @@ mod store {
             b"m",
             &Default::default(),
         );
+        store.record_events();
+        let stored = |tokens: &[u32], parent: Option<BlockHash>| {
+            let hash = BlockHash::new(parent.as_ref(), tokens, b"m");
+            let event = BlockEvent::Stored {
+                hash,
+                parent,
+                tokens: tokens.to_vec(),
+            };
+            (hash, event)
+        };
         let prompt: Vec<u32> = (1..=6).collect();
         let (a, _) = store.add_sequence(&prompt);
         let written = write(&mut store, a, &prompt);
         assert_eq!(store.pool().cached_blocks(), 1); // 1 2 3 4
-                                                     // Token 7 and guesses 8 9 10 11: positions 6..11, blocks 4..8 and 8..12.
+        let (first, event) = stored(&[1, 2, 3, 4], None);
+        assert_eq!(store.take_events(), [event]);
+        // Token 7 and guesses 8 9 10 11: positions 6..11, blocks 4..8 and 8..12.
         let pass = [7, 8, 9, 10, 11];
         store.reserve_unverified(a, &pass).unwrap();
         let guessed: Vec<_> = (0..2)
@@ -454,6 +513,7 @@ mod store {
             (store.pool().free_blocks(), store.pool().cached_blocks()),
             (5, 1)
         );
+        assert_eq!(store.take_events(), [], "guesses are never reported");
         // A prompt running through the guesses finds the one verified block only.
         let probe = |store: &mut PagedStore<B>, tokens: &[u32]| {
             let (id, cached) = store.add_sequence(&[tokens, &[0]].concat());
@@ -468,6 +528,7 @@ mod store {
             (store.pool().free_blocks(), store.pool().cached_blocks()),
             (6, 2)
         );
+        assert_eq!(store.take_events(), [stored(&[5, 6, 7, 8], Some(first)).1]);
         assert_eq!(probe(&mut store, &(1..=11).collect::<Vec<_>>()), 8);
         // The model's own token 20 follows; the rejected guesses' hash chain is never found.
         write(&mut store, a, &[20]);

@@ -54,7 +54,7 @@
 use std::collections::HashMap;
 
 use burn::tensor::backend::Backend;
-use kv_core::{CacheError, PagedStore, SequenceId};
+use kv_core::{BlockEvent, CacheError, PagedStore, SequenceId};
 use kv_model::{BatchPiece, Logits, Tokenizer, Transformer};
 
 use crate::error::{GenerateError, Result};
@@ -303,6 +303,24 @@ impl<'a, B: Backend> Engine<'a, B> {
     /// The store (its pool's counters and invariants).
     pub fn store(&self) -> &PagedStore<B> {
         &self.store
+    }
+
+    /// Starts logging the prefix cache's block events ([`PagedStore::record_events`]): what a
+    /// server publishes so that a router sends each prompt where its prefix is cached.
+    pub fn record_block_events(&mut self) {
+        self.store.record_events();
+    }
+
+    /// The block events logged since the last call, oldest first (none unless recording).
+    pub fn take_block_events(&mut self) -> Vec<BlockEvent> {
+        self.store.take_events()
+    }
+
+    /// Forgets every cached prefix, logging [`BlockEvent::Cleared`]: running requests keep
+    /// their blocks, later prompts compute theirs again. Returns how many blocks were
+    /// forgotten.
+    pub fn reset_prefix_cache(&mut self) -> usize {
+        self.store.clear_cache()
     }
 
     /// Counters since the engine started.

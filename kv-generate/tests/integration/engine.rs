@@ -2,11 +2,11 @@
 //! chunks, hit the prefix cache or are preempted get the tokens they get alone; cancelled
 //! requests leave nothing behind; bad requests are errors.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use crate::fixtures::fixtures;
 use burn_ndarray::NdArray;
-use kv_core::{BlockOrder, CacheConfig};
+use kv_core::{BlockEvent, BlockHash, BlockId, BlockOrder, CacheConfig};
 use kv_generate::engine::{
     Engine, EngineConfig, EngineEvent, EngineSpeculation, PoolSize, Request, RequestId, Usage,
 };
@@ -86,6 +86,58 @@ pub(crate) fn assert_pool_whole(engine: &Engine<'_, B>, what: &str) {
     let pool = engine.store().pool();
     assert_eq!(pool.free_blocks(), pool.num_blocks(), "{what}");
     pool.audit().unwrap();
+}
+
+/// The prefix cache's events since recording began (`events`, oldest first) against what the
+/// requests computed (`sequences`: each prompt and its generated tokens): every block
+/// reported holds verified tokens (its chain of parents spells a prefix of some sequence, so
+/// no rejected guess was ever reported), no block is reported twice while cached, each removal
+/// names a reported block, and what a router mirrors from the events alone is exactly what the
+/// pool has cached.
+pub(crate) fn assert_events_mirror_pool(
+    engine: &Engine<'_, B>,
+    events: &[BlockEvent],
+    sequences: &[Vec<u32>],
+    what: &str,
+) {
+    let mut spelled: HashMap<BlockHash, Vec<u32>> = HashMap::new();
+    let mut mirror: HashSet<BlockHash> = HashSet::new();
+    for event in events {
+        match event {
+            BlockEvent::Stored {
+                hash,
+                parent,
+                tokens,
+            } => {
+                let mut prefix = match parent {
+                    Some(parent) => spelled[parent].clone(),
+                    None => Vec::new(),
+                };
+                prefix.extend_from_slice(tokens);
+                assert!(
+                    sequences.iter().any(|s| s.starts_with(&prefix)),
+                    "{what}: a reported block spells {prefix:?}, which no request computed"
+                );
+                spelled.insert(*hash, prefix);
+                assert!(mirror.insert(*hash), "{what}: {hash:?} reported twice");
+            }
+            BlockEvent::Removed { hash } => {
+                assert!(
+                    mirror.remove(hash),
+                    "{what}: {hash:?} removed, never stored"
+                );
+            }
+            BlockEvent::Cleared => mirror.clear(),
+        }
+    }
+    let pool = engine.store().pool();
+    let cached: HashSet<BlockHash> = (0..pool.num_blocks())
+        .filter_map(|b| pool.hash_of(BlockId(b as u32)))
+        .collect();
+    assert_eq!(
+        mirror, cached,
+        "{what}: the events' mirror is the pool's cache"
+    );
 }
 
 /// The same request through `Generator` alone, with a dynamic cache.

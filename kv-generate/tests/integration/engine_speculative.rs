@@ -3,15 +3,15 @@
 //! batched, through shuffled blocks, chunked prompts and preemption; sampled runs reproduce;
 //! the pool ends whole.
 
-use kv_core::BlockOrder;
+use kv_core::{BlockEvent, BlockOrder};
 use kv_generate::engine::{Engine, EngineConfig, EngineSpeculation, PoolSize, Request};
 use kv_generate::speculative::PromptLookup;
 use kv_generate::{EosPolicy, FinishReason, SamplingConfig};
 use kv_model::Transformer;
 
 use crate::engine::{
-    alone, assert_pool_whole, load, mixed_request, run, thousand_random_requests, Outcome,
-    Speculate, B,
+    alone, assert_events_mirror_pool, assert_pool_whole, load, mixed_request, run,
+    thousand_random_requests, Outcome, Speculate, B,
 };
 
 /// The drafters every test speculates with: prompt lookup; the model itself as its draft
@@ -129,7 +129,8 @@ fn speculating_requests_equal_plain_greedy_alone_on_every_fixture() {
 }
 
 /// A pool of 12 blocks of 4 for six requests of up to 38 positions: requests are preempted
-/// with guesses pending and recompute; the tokens are still plain greedy's.
+/// with guesses pending and recompute; the tokens are still plain greedy's, and the prefix
+/// cache's events report verified blocks only and mirror the pool.
 #[test]
 fn speculating_requests_preempted_in_a_tiny_pool_still_equal_plain_greedy() {
     let loaded = load("qwen2");
@@ -158,12 +159,29 @@ fn speculating_requests_preempted_in_a_tiny_pool_still_equal_plain_greedy() {
             .unwrap()
             .with_speculation(speculation)
             .unwrap();
+        engine.record_block_events();
         let outcomes = run(&mut engine, &arrivals);
         let stats = engine.stats();
         assert!(stats.preemptions > 0, "{drafter}: {stats:?}");
         assert!(stats.speculation.drafted_tokens > 0, "{drafter}: {stats:?}");
         assert_same(&outcomes, &expected);
         assert_pool_whole(&engine, drafter);
+        let computed: Vec<Vec<u32>> = requests
+            .iter()
+            .zip(&outcomes)
+            .map(|(r, o)| [r.prompt.clone(), o.tokens.clone()].concat())
+            .collect();
+        let events = engine.take_block_events();
+        assert!(
+            events
+                .iter()
+                .any(|e| matches!(e, BlockEvent::Removed { .. })),
+            "{drafter}: the tiny pool evicts cached blocks"
+        );
+        assert_events_mirror_pool(&engine, &events, &computed, drafter);
+        engine.reset_prefix_cache();
+        assert_eq!(engine.take_block_events(), [BlockEvent::Cleared]);
+        assert_eq!(engine.store().pool().cached_blocks(), 0);
     }
 }
 

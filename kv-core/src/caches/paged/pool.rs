@@ -22,8 +22,14 @@
 //!   block freed before it has been reused, and a lookup that hits an idle block takes it out
 //!   of the list in O(1) (the list is doubly linked through the block metadata).
 //!
+//! - **Events for routers.** A pool asked to [`BlockPool::record_events`] logs each block that
+//!   becomes findable, each one whose contents are given up, and a clear of the whole cache
+//!   ([`BlockEvent`]): what vLLM publishes as KV events, so a router in front of several
+//!   replicas can send a prompt to the one that already holds its prefix.
+//!
 //! What it costs: a few words of metadata per block and one hash-map entry per cached block;
-//! every operation is O(1) except hashing, which reads a block's token ids once.
+//! every operation is O(1) except hashing, which reads a block's token ids once. Recording
+//! events copies each reported block's token ids once more.
 
 use std::collections::HashMap;
 
@@ -89,6 +95,54 @@ impl std::fmt::Debug for BlockHash {
     }
 }
 
+impl BlockHash {
+    /// The hash's first eight bytes as a big-endian integer: the block's name in KV events
+    /// (vLLM's events also name a block by 64 bits of its hash).
+    ///
+    /// ```
+    /// use kv_core::BlockHash;
+    ///
+    /// let hash = BlockHash::new(None, &[1, 2], b"");
+    /// assert_eq!(hash.short().to_be_bytes(), hash.0[..8]);
+    /// ```
+    pub fn short(&self) -> u64 {
+        u64::from_be_bytes(self.0[..8].try_into().expect("32 bytes"))
+    }
+}
+
+/// What the prefix cache did to its blocks, for a process that mirrors it: a router that sends
+/// each prompt to the replica already holding its prefix. The three kinds are vLLM's KV events.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BlockEvent {
+    /// A full block became findable by `hash`: it holds `tokens` after the block hashed
+    /// `parent` (none for a sequence's first block).
+    Stored {
+        /// The block's hash.
+        hash: BlockHash,
+        /// The hash of the block before it in its sequence.
+        parent: Option<BlockHash>,
+        /// The token ids it holds (`block_size` of them).
+        tokens: Vec<u32>,
+    },
+    /// The block hashed `hash` is no longer cached: its slots went to another allocation.
+    Removed {
+        /// The hash it held.
+        hash: BlockHash,
+    },
+    /// Every cached block was forgotten at once ([`BlockPool::clear_cache`]).
+    Cleared,
+}
+
+/// Whether registering a block is reported in its pool's event log. A store with several layer
+/// groups reports one (its full-attention group): a router needs each prefix once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reporting {
+    /// Registration and eviction log a [`BlockEvent`] (when the pool records them).
+    Reported,
+    /// Nothing is logged for this block.
+    Silent,
+}
+
 /// The order new blocks join a pool's free list, and so the order they are handed out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum BlockOrder {
@@ -138,6 +192,8 @@ struct BlockMeta {
     refs: u32,
     /// Set once the block is full and registered; kept while it waits in the free list.
     hash: Option<BlockHash>,
+    /// Whether the registration of `hash` was reported (so losing it is reported too).
+    reported: bool,
     /// Neighbours in the free list (only meaningful while `refs == 0`).
     prev: Option<u32>,
     next: Option<u32>,
@@ -171,6 +227,8 @@ pub struct BlockPool {
     free: usize,
     cached: HashMap<BlockHash, BlockId>,
     stats: PoolStats,
+    /// The event log, while recording ([`BlockPool::record_events`]).
+    events: Option<Vec<BlockEvent>>,
 }
 
 impl BlockPool {
@@ -190,6 +248,7 @@ impl BlockPool {
             free: 0,
             cached: HashMap::new(),
             stats: PoolStats::default(),
+            events: None,
         };
         pool.grow(num_blocks, BlockOrder::Ascending);
         pool
@@ -259,11 +318,15 @@ impl BlockPool {
         })?;
         self.unlink(id);
         let meta = &mut self.meta[id as usize];
+        meta.refs = 1;
         if let Some(hash) = meta.hash.take() {
+            let reported = std::mem::take(&mut meta.reported);
             self.cached.remove(&hash);
             self.stats.evictions += 1;
+            if reported {
+                self.log(BlockEvent::Removed { hash });
+            }
         }
-        meta.refs = 1;
         Ok(BlockId(id))
     }
 
@@ -328,17 +391,100 @@ impl BlockPool {
     /// Records that full block `id` holds `hash`, so later lookups find it. When another
     /// block already holds the same hash (two sequences computed the same prefix at once),
     /// that one stays the cached copy and `id` stays unregistered; returns whether `id` was
-    /// registered.
+    /// registered. Nothing is logged: [`BlockPool::register_reported`] is the same with an
+    /// event.
     pub fn register(&mut self, id: BlockId, hash: BlockHash) -> bool {
         if self.cached.contains_key(&hash) {
             return false;
         }
         let meta = &mut self.meta[id.index()];
-        if let Some(old) = meta.hash.replace(hash) {
+        let old = meta.hash.replace(hash);
+        let was_reported = std::mem::replace(&mut meta.reported, false);
+        if let Some(old) = old {
             self.cached.remove(&old);
+            if was_reported {
+                self.log(BlockEvent::Removed { hash: old });
+            }
         }
         self.cached.insert(hash, id);
         true
+    }
+
+    /// [`BlockPool::register`], and when `reporting` says so, a [`BlockEvent::Stored`] for
+    /// the block (`tokens` after `parent`) in the event log, and later a
+    /// [`BlockEvent::Removed`] when its contents are given up.
+    ///
+    /// ```
+    /// use kv_core::{BlockEvent, BlockHash, BlockPool, Reporting};
+    ///
+    /// let mut pool = BlockPool::new(1, 2);
+    /// pool.record_events();
+    /// let a = pool.allocate().unwrap();
+    /// let hash = BlockHash::new(None, &[5, 6], b"");
+    /// pool.register_reported(a, hash, None, &[5, 6], Reporting::Reported);
+    /// pool.release(a);
+    /// let _ = pool.allocate().unwrap(); // the only block: its contents are given up
+    /// assert_eq!(
+    ///     pool.take_events(),
+    ///     [
+    ///         BlockEvent::Stored { hash, parent: None, tokens: vec![5, 6] },
+    ///         BlockEvent::Removed { hash },
+    ///     ]
+    /// );
+    /// ```
+    pub fn register_reported(
+        &mut self,
+        id: BlockId,
+        hash: BlockHash,
+        parent: Option<BlockHash>,
+        tokens: &[u32],
+        reporting: Reporting,
+    ) -> bool {
+        if !self.register(id, hash) {
+            return false;
+        }
+        if reporting == Reporting::Reported {
+            self.meta[id.index()].reported = true;
+            if self.events.is_some() {
+                self.log(BlockEvent::Stored {
+                    hash,
+                    parent,
+                    tokens: tokens.to_vec(),
+                });
+            }
+        }
+        true
+    }
+
+    /// Forgets every cached hash, of idle blocks and of blocks in use alike (their contents
+    /// stay where their tables read them; later prompts just cannot find them), and logs
+    /// [`BlockEvent::Cleared`]. Returns how many blocks were forgotten.
+    pub fn clear_cache(&mut self) -> usize {
+        let forgotten = self.cached.len();
+        for meta in &mut self.meta {
+            meta.hash = None;
+            meta.reported = false;
+        }
+        self.cached.clear();
+        self.log(BlockEvent::Cleared);
+        forgotten
+    }
+
+    /// Starts logging [`BlockEvent`]s (of blocks registered from now on).
+    pub fn record_events(&mut self) {
+        self.events.get_or_insert_with(Vec::new);
+    }
+
+    /// The events logged since the last call, oldest first (none unless recording).
+    pub fn take_events(&mut self) -> Vec<BlockEvent> {
+        self.events.as_mut().map(std::mem::take).unwrap_or_default()
+    }
+
+    /// Appends `event` to the log while recording.
+    fn log(&mut self, event: BlockEvent) {
+        if let Some(events) = &mut self.events {
+            events.push(event);
+        }
     }
 
     /// Checks the pool's own invariants, for tests: the free list holds exactly the blocks

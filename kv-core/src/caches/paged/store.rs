@@ -18,7 +18,7 @@ use burn::tensor::{backend::Backend, Tensor};
 use crate::error::{CacheError, Result};
 use crate::LayerShape;
 
-use super::pool::{BlockHash, BlockOrder, BlockPool, PoolStats};
+use super::pool::{BlockEvent, BlockHash, BlockOrder, BlockPool, PoolStats, Reporting};
 use super::storage::{HostKv, KvMemory, LayerStorage};
 use super::table::BlockTable;
 
@@ -135,6 +135,10 @@ struct Group {
     window: Option<usize>,
     /// The store's extra key and the group's index: groups never share a block.
     extra: Vec<u8>,
+    /// Whether its blocks are reported in the pool's event log: the first full-attention
+    /// group's are (the first group's when every group slides), so each prefix is reported
+    /// once and never slides out of the routers' view while the sequence holds it.
+    reporting: Reporting,
 }
 
 /// Every layer's keys and values for many sequences in one pool of `num_blocks` blocks, sized
@@ -323,6 +327,7 @@ impl<B: Backend> PagedStore<B> {
         let mut pool = BlockPool::new(0, block_size);
         pool.grow(num_blocks, order);
         let dims = [shape.kv_heads, num_blocks * block_size, shape.head_dim];
+        let reported = groups.iter().position(|g| g.window.is_none()).unwrap_or(0);
         let group_extra = |g: usize| {
             let mut key = extra.to_vec();
             if groups.len() > 1 {
@@ -345,6 +350,11 @@ impl<B: Backend> PagedStore<B> {
                 .map(|(g, group)| Group {
                     window: group.window,
                     extra: group_extra(g),
+                    reporting: if g == reported {
+                        Reporting::Reported
+                    } else {
+                        Reporting::Silent
+                    },
                 })
                 .collect(),
             memory,
@@ -561,7 +571,12 @@ impl<B: Backend> PagedStore<B> {
         sequence.tokens.truncate(len);
         for (table, group) in sequence.tables.iter_mut().zip(&self.groups) {
             table.truncate(&mut self.pool, len);
-            table.register_full_blocks(&mut self.pool, &sequence.tokens, &group.extra);
+            table.register_full_blocks(
+                &mut self.pool,
+                &sequence.tokens,
+                &group.extra,
+                group.reporting,
+            );
         }
     }
 
@@ -625,7 +640,12 @@ impl<B: Backend> PagedStore<B> {
                 }
             }
             if publish == Publish::Now {
-                table.register_full_blocks(&mut self.pool, &sequence.tokens, &group.extra);
+                table.register_full_blocks(
+                    &mut self.pool,
+                    &sequence.tokens,
+                    &group.extra,
+                    group.reporting,
+                );
             }
         }
         Ok(())
@@ -720,6 +740,23 @@ impl<B: Backend> PagedStore<B> {
             },
         );
         new
+    }
+
+    /// Starts logging the prefix cache's [`BlockEvent`]s: the full-attention group's blocks
+    /// as they become findable and as their contents are given up (see [`Reporting`]).
+    pub fn record_events(&mut self) {
+        self.pool.record_events();
+    }
+
+    /// The events logged since the last call, oldest first.
+    pub fn take_events(&mut self) -> Vec<BlockEvent> {
+        self.pool.take_events()
+    }
+
+    /// Forgets every cached prefix ([`BlockPool::clear_cache`]); sequences keep their blocks.
+    /// Returns how many blocks were forgotten.
+    pub fn clear_cache(&mut self) -> usize {
+        self.pool.clear_cache()
     }
 
     /// Gives `id`'s blocks back (its full blocks stay cached until reused).

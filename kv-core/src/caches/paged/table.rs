@@ -2,7 +2,7 @@
 
 use crate::error::{CacheError, Result};
 
-use super::pool::{BlockHash, BlockId, BlockPool};
+use super::pool::{BlockHash, BlockId, BlockPool, Reporting};
 
 /// A copy the storage must make before new slots are written: the first `slots` slots of
 /// block `from` into block `to` (copy-on-write of a shared, partly filled last block).
@@ -256,19 +256,24 @@ impl BlockTable {
 
     /// Registers the hashes of blocks that have become full, given every token id the table
     /// holds (`tokens.len() == len()`), so later sequences with this prefix find them (blocks
-    /// given back only extend the chain of hashes).
-    pub fn register_full_blocks(&mut self, pool: &mut BlockPool, tokens: &[u32], extra: &[u8]) {
+    /// given back only extend the chain of hashes). `reporting` says whether the pool logs
+    /// them ([`BlockPool::register_reported`]).
+    pub fn register_full_blocks(
+        &mut self,
+        pool: &mut BlockPool,
+        tokens: &[u32],
+        extra: &[u8],
+        reporting: Reporting,
+    ) {
         debug_assert_eq!(tokens.len(), self.len);
         let block_size = pool.block_size();
         let full = self.len / block_size;
         for i in self.hashes.len()..full {
-            let hash = BlockHash::new(
-                self.hashes.last(),
-                &tokens[i * block_size..(i + 1) * block_size],
-                extra,
-            );
+            let parent = self.hashes.last().copied();
+            let held = &tokens[i * block_size..(i + 1) * block_size];
+            let hash = BlockHash::new(parent.as_ref(), held, extra);
             if i >= self.dropped {
-                pool.register(self.blocks[i], hash);
+                pool.register_reported(self.blocks[i], hash, parent, held, reporting);
             }
             self.hashes.push(hash);
         }
