@@ -10,7 +10,11 @@ virtual environment:
 With the tiny GGUF fixture (and a chat template written for its vocabulary) it checks chat and
 completions, whole and streamed, with `n`, stop strings, log-probabilities and the usage chunk;
 that greedy output through the server equals `kv-generate`'s for the same prompt ids; and that
-the client sees OpenAI's error types for bad requests. With `--real-model` (SmolLM2) it checks
+the client sees OpenAI's error types for bad requests; that the Kubernetes manifests agree with
+the server; and that kv-serve's KV events reach a pyzmq subscriber as vLLM publishes them
+(frames, batches, stored, removed and cleared blocks, replay). With `--gemma3` it serves Gemma 3
+(sliding-window layers in the paged pool) and checks its chat and its KV events. With
+`--real-model` (SmolLM2) it checks
 that a streamed reply containing multi-byte characters (CJK, emoji) concatenates to the whole
 reply.
 """
@@ -27,7 +31,9 @@ from pathlib import Path
 
 import openai
 from openai import OpenAI
+import msgpack
 import yaml
+import zmq
 from prometheus_client.parser import text_string_to_metric_families
 
 TEMPLATE = (
@@ -297,6 +303,171 @@ def deployment_checks(args):
     finally:
         server.stop()
 
+END_OF_REPLAY = b"\xff" * 8
+
+
+def kv_events_checks(args):
+    """kv-serve's KV events through pyzmq and msgpack, as a prefix-aware router reads them: a SUB
+    socket the server connects to, vLLM's three frames (topic, sequence number, msgpack batch),
+    BlockStored events whose token ids are the prompts sent, BlockRemoved only for blocks
+    stored before, AllBlocksCleared after /reset_prefix_cache, and a replay that returns the
+    batches published."""
+    context = zmq.Context.instance()
+    sub = context.socket(zmq.SUB)
+    sub_port = sub.bind_to_random_port("tcp://127.0.0.1")
+    sub.setsockopt(zmq.SUBSCRIBE, b"")
+    replay_port = free_port()
+    block = 4
+    # A pool of 16 blocks: the prompts below need more, so cached blocks get evicted.
+    server = Server(
+        args.kv_serve, args.model, "--served-model-name", "tiny", "--block-size", str(block),
+        "--pool-tokens", "64", "--max-running", "2",
+        "--kv-events", f"tcp://127.0.0.1:{sub_port}",
+        "--kv-events-replay", f"tcp://*:{replay_port}",
+        "--kv-events-topic", "kv@127.0.0.1@tiny",
+    )
+    topic = b"kv@127.0.0.1@tiny"
+    live = []  # (sequence, payload)
+
+    def receive(until):
+        """Batches until `until(events so far)` holds, or 10 s pass."""
+        deadline = time.time() + 10
+        while time.time() < deadline:
+            if sub.poll(100):
+                frames = sub.recv_multipart()
+                if len(frames) != 3 or frames[0] != topic:
+                    sys.exit(f"FAILED: a KV events message is [topic, sequence, payload], "
+                             f"not {frames!r}")
+                live.append((int.from_bytes(frames[1], "big"), frames[2]))
+            if until([e for _, p in live for e in msgpack.unpackb(p)[1]]):
+                return True
+        return False
+
+    try:
+        # The server connects to the SUB socket as it starts. libzmq attaches the connection,
+        # and sends it the subscription, when this side next uses the socket: poll it for a
+        # moment before the first event.
+        deadline = time.time() + 1.0
+        while time.time() < deadline:
+            sub.poll(50)
+        prompt = [5, 17, 42, 8, 9, 10, 11, 12, 13, 14]
+        server.client.completions.create(model="tiny", prompt=prompt, max_tokens=3,
+                                         temperature=0)
+        stored_tokens = lambda events: [t for e in events if e[0] == "BlockStored" for t in e[3]]
+        check(receive(lambda events: len(stored_tokens(events)) >= 8),
+              "the prompt's full blocks are published as BlockStored")
+        first = msgpack.unpackb(live[0][1])
+        check(isinstance(first[0], float) and first[2] == 0,
+              "a batch is [timestamp, events, data parallel rank 0]")
+        stored = [e for _, p in live for e in msgpack.unpackb(p)[1] if e[0] == "BlockStored"]
+        event = stored[0]
+        check(event[2] is None and event[4] == block and event[3][:8] == prompt[:8]
+              and len(event[3]) == block * len(event[1]) and event[6] in ("CPU", "GPU"),
+              "BlockStored carries the prompt's tokens, block size, no parent for the first "
+              "block, and the medium")
+        # Many other prompts through a pool of 16 blocks evict the first prompt's blocks.
+        for i in range(12):
+            other = [(i * 7 + k) % 60 + 1 for k in range(13)]
+            server.client.completions.create(model="tiny", prompt=other, max_tokens=2,
+                                             temperature=0)
+        check(receive(lambda events: any(e[0] == "BlockRemoved" for e in events)),
+              "evicted blocks are published as BlockRemoved")
+        with urllib.request.urlopen(urllib.request.Request(
+                server.url + "/reset_prefix_cache", method="POST"), timeout=10) as r:
+            check(r.status == 200, "POST /reset_prefix_cache answers 200")
+        check(receive(lambda events: events and events[-1] == ["AllBlocksCleared"]),
+              "a reset of the prefix cache is published as AllBlocksCleared")
+        # What a router mirrors from the events alone: every removal names a block stored
+        # before and still held, and no block is stored twice while held.
+        held = set()
+        for _, payload in live:
+            for event in msgpack.unpackb(payload)[1]:
+                if event[0] == "BlockStored":
+                    for h in event[1]:
+                        if h in held:
+                            sys.exit(f"FAILED: block {h} stored twice while held")
+                        held.add(h)
+                elif event[0] == "BlockRemoved":
+                    for h in event[1]:
+                        if h not in held:
+                            sys.exit(f"FAILED: block {h} removed but never stored")
+                        held.discard(h)
+                else:
+                    held.clear()
+        check(True, "every BlockRemoved names a stored block, none is stored twice while held")
+        sequences = [s for s, _ in live]
+        check(sequences == list(range(len(live))),
+              f"sequence numbers count from 0 without gaps ({len(live)} batches)")
+        # A late subscriber catches up through the replay socket: a DEALER sends the empty
+        # delimiter a REQ socket would add, then the start, and reads every reply.
+        replay = context.socket(zmq.DEALER)
+        replay.connect(f"tcp://127.0.0.1:{replay_port}")
+        replay.send_multipart([b"", (1).to_bytes(8, "big")])
+        replayed = []
+        while replay.poll(5000):
+            _, sequence, payload = replay.recv_multipart()
+            if sequence == END_OF_REPLAY:
+                break
+            replayed.append((int.from_bytes(sequence, "big"), payload))
+        check(replayed == live[1:], "the replay returns every batch from the one asked for")
+        replay.close(linger=0)
+    finally:
+        server.stop()
+        sub.close(linger=0)
+
+
+GEMMA_TEMPLATE = """{{ bos_token }}{% for m in messages %}<start_of_turn>{{ 'model' if m['role'] == 'assistant' else 'user' }}
+{{ m['content'] }}<end_of_turn>
+{% endfor %}{% if add_generation_prompt %}<start_of_turn>model
+{% endif %}"""
+
+
+def gemma3_checks(args):
+    """kv-serve with Gemma 3 270M (five sliding-window layers to each full one, grouped in the
+    engine's pool): chat through its own template, whole and streamed alike, and KV events
+    that report each prompt's blocks once, from the full-attention group only."""
+    context = zmq.Context.instance()
+    sub = context.socket(zmq.SUB)
+    sub_port = sub.bind_to_random_port("tcp://127.0.0.1")
+    sub.setsockopt(zmq.SUBSCRIBE, b"")
+    # This GGUF carries no chat template: Gemma's turn format, written out.
+    template = tempfile.NamedTemporaryFile("w", suffix=".jinja", delete=False)
+    template.write(GEMMA_TEMPLATE)
+    template.close()
+    server = Server(args.kv_serve, args.gemma3, "--served-model-name", "gemma3",
+                    "--chat-template", template.name,
+                    "--block-size", "16", "--pool-tokens", "4096",
+                    "--kv-events", f"tcp://127.0.0.1:{sub_port}")
+    client = server.client
+    try:
+        deadline = time.time() + 1.0
+        while time.time() < deadline:
+            sub.poll(50)
+        kwargs = dict(model="gemma3", messages=[{"role": "user", "content": "Name three colours."}],
+                      max_tokens=16, temperature=0)
+        whole = client.chat.completions.create(**kwargs)
+        texts, _, _, _ = streamed_chat(client, **kwargs)
+        check(whole.choices[0].message.content.strip() != "",
+              f"Gemma 3 (a base model: no template of its own) answers a chat: {whole.choices[0].message.content!r}")
+        check(texts[0] == whole.choices[0].message.content,
+              "Gemma 3's streamed reply concatenates to the whole one")
+        prompt = [(7 * k) % 1000 + 10 for k in range(40)]
+        client.completions.create(model="gemma3", prompt=prompt, max_tokens=1, temperature=0)
+        stored = []
+        deadline = time.time() + 5
+        while time.time() < deadline:
+            if sub.poll(100):
+                _, _, payload = sub.recv_multipart()
+                stored += [e for e in msgpack.unpackb(payload)[1] if e[0] == "BlockStored"]
+        mine = [e for e in stored if e[3][:16] == prompt[:16]]
+        check(len(mine) == 1 and mine[0][1] and len(mine[0][1]) == 2
+              and mine[0][3] == prompt[:32],
+              "a 40-token prompt's two full blocks are reported once, from one layer group")
+    finally:
+        server.stop()
+        sub.close(linger=0)
+        Path(template.name).unlink()
+
 
 def real_model_checks(args):
     server = Server(args.kv_serve, args.real_model, "--pool-tokens", "4096")
@@ -323,6 +494,7 @@ def main():
     parser.add_argument("--kv-generate", required=True)
     parser.add_argument("--model", required=True, help="the tiny GGUF fixture")
     parser.add_argument("--real-model", help="SmolLM2's GGUF, for multi-byte streaming")
+    parser.add_argument("--gemma3", help="Gemma 3 270M's GGUF, for a model with sliding layers")
     parser.add_argument("--url", help="test a running server serving the tiny fixture as `tiny` "
                         "(with the template above) instead of starting one")
     args = parser.parse_args()
@@ -332,8 +504,11 @@ def main():
         tiny_model_checks(args, str(template))
     if not args.url:
         deployment_checks(args)
+        kv_events_checks(args)
     if args.real_model:
         real_model_checks(args)
+    if args.gemma3:
+        gemma3_checks(args)
     print("all openai client checks passed")
 
 

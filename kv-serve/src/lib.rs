@@ -6,9 +6,11 @@
 //! - **Routes**: `POST /v1/chat/completions` (messages through the model's chat template),
 //!   `POST /v1/completions` (text, texts, token ids or lists of them), `GET /v1/models`,
 //!   `GET /health` (503 while the model loads), `GET /metrics` (Prometheus), `POST /tokenize`,
-//!   `POST /detokenize`, and `POST /prompt_cache/save` and `/prompt_cache/restore` (a prompt's
-//!   cached blocks to a file and back, [`prompt_cache`]). Streaming is Server-Sent Events in
-//!   OpenAI's order.
+//!   `POST /detokenize`, `POST /prompt_cache/save` and `/prompt_cache/restore` (a prompt's
+//!   cached blocks to a file and back, [`prompt_cache`]), and `POST /reset_prefix_cache`.
+//!   Streaming is Server-Sent Events in OpenAI's order.
+//! - **Routers**: vLLM's metric names and render routes, and its KV events over ZeroMQ
+//!   ([`kv_events`]), for the Kubernetes inference gateway's endpoint picker.
 //! - **Threads**: the engine runs on a thread of its own ([`worker`]); the HTTP side runs on
 //!   tokio and never blocks it. Each request's choices become engine requests that join the
 //!   running batch at the next step; a client that disconnects cancels them, and their blocks
@@ -38,6 +40,7 @@
 //!     },
 //!     EngineConfig::default(),
 //!     Settings::default(),
+//!     None, // no KV events
 //! );
 //! let listener = tokio::net::TcpListener::bind("127.0.0.1:8080").await?;
 //! axum::serve(listener, app.router).await
@@ -49,6 +52,7 @@
 #![warn(missing_docs)]
 
 pub mod error;
+pub mod kv_events;
 pub mod metrics;
 pub mod openai;
 pub mod prompt_cache;
@@ -106,14 +110,20 @@ pub struct App {
 
 impl App {
     /// Starts the engine's thread, which runs `load` (the routes answer 503 until it is done),
-    /// and builds the routes over it.
-    pub fn start<B, L>(load: L, engine: EngineConfig, settings: Settings) -> Self
+    /// and builds the routes over it. With `kv_events` (from [`kv_events::start`]), the
+    /// prefix cache's events are published.
+    pub fn start<B, L>(
+        load: L,
+        engine: EngineConfig,
+        settings: Settings,
+        kv_events: Option<kv_events::KvEventSink>,
+    ) -> Self
     where
         B: Backend,
         L: FnOnce() -> Result<Loaded<B>, String> + Send + 'static,
     {
         let shared = Arc::new(Shared::default());
-        let (commands, engine) = worker::spawn(load, engine, shared.clone());
+        let (commands, engine) = worker::spawn(load, engine, shared.clone(), kv_events);
         let router = router(AppState::new(shared.clone(), commands, settings));
         Self {
             router,

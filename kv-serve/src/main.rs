@@ -15,6 +15,7 @@ use kv_generate::backend::{BackendKind, OnBackend};
 use kv_generate::cli::{model_path, Speculate, SpeculateArgs};
 use kv_generate::engine::{self, EngineConfig, PoolSize};
 use kv_model::{load_model_placed, WeightFormat};
+use kv_serve::kv_events::KvEventsConfig;
 use kv_serve::worker::{Drafting, Loaded, LoadedSpeculation};
 use kv_serve::{App, Settings};
 
@@ -85,6 +86,21 @@ struct Args {
     /// each weight once for all of them, so guesses would add work without saving reads.
     #[arg(long, default_value_t = engine::DEFAULT_MAX_DECODING, value_name = "N")]
     speculate_max_decoding: usize,
+    /// Publish the prefix cache's KV events for prefix-aware routers (vLLM's BlockStored,
+    /// BlockRemoved and AllBlocksCleared, msgpack on a ZeroMQ PUB socket): tcp://*:PORT
+    /// binds, tcp://HOST:PORT connects to a router that binds. Off by default.
+    #[arg(long, value_name = "ENDPOINT")]
+    kv_events: Option<String>,
+    /// A ZeroMQ ROUTER endpoint to bind (tcp://*:PORT) that resends missed KV event batches.
+    #[arg(long, value_name = "ENDPOINT", requires = "kv_events")]
+    kv_events_replay: Option<String>,
+    /// The first frame of every KV events message: routers key replicas by it (the
+    /// Kubernetes manifests use kv@POD_IP:PORT@MODEL).
+    #[arg(long, default_value = "", requires = "kv_events")]
+    kv_events_topic: String,
+    /// KV event batches held for replay.
+    #[arg(long, default_value_t = kv_serve::kv_events::DEFAULT_REPLAY_BUFFER, value_name = "N")]
+    kv_events_buffer: usize,
 }
 
 /// Failures of the command, each printed as one line.
@@ -104,6 +120,8 @@ enum ServeError {
     },
     #[error("the model failed to load: {0}")]
     Load(String),
+    #[error(transparent)]
+    KvEvents(#[from] kv_serve::kv_events::KvEventsError),
     #[error("serving: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -214,6 +232,14 @@ fn serve<B: Backend>(args: Args, kind: BackendKind, device: B::Device) -> Result
         max_body_bytes: args.max_body_bytes,
         prompt_cache_dir: args.prompt_cache_dir.clone(),
     };
+    let kv_events = args.kv_events.clone().map(|endpoint| KvEventsConfig {
+        endpoint,
+        replay: args.kv_events_replay.clone(),
+        topic: args.kv_events_topic.clone(),
+        buffer: args.kv_events_buffer,
+        medium: if kind.is_host() { "CPU" } else { "GPU" }.to_string(),
+        block_size: args.block_size,
+    });
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -227,7 +253,16 @@ fn serve<B: Backend>(args: Args, kind: BackendKind, device: B::Device) -> Result
                 source,
             })?;
         let local: SocketAddr = listener.local_addr()?;
-        let app = App::start::<B, _>(load, engine, settings);
+        let kv_events = match kv_events {
+            Some(config) => {
+                let endpoint = config.endpoint.clone();
+                let sink = kv_serve::kv_events::start(config)?;
+                eprintln!("kv-serve: publishing KV events on {endpoint}");
+                Some(sink)
+            }
+            None => None,
+        };
+        let app = App::start::<B, _>(load, engine, settings, kv_events);
         eprintln!("kv-serve: listening on http://{local} (the model is loading; /health says when it is ready)");
         let shared = app.shared.clone();
         let ready = async {

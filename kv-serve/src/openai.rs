@@ -383,6 +383,13 @@ pub struct PromptCacheRestored {
     pub tokens_restored: usize,
 }
 
+/// `POST /reset_prefix_cache`.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct PrefixCacheReset {
+    /// Cached blocks forgotten (running requests' blocks included; they keep them).
+    pub blocks_forgotten: usize,
+}
+
 /// `POST /v1/chat/completions`, whole (`object: chat.completion`).
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct ChatCompletion {

@@ -27,6 +27,7 @@ use tokio::sync::mpsc::UnboundedSender;
 use tokio::sync::oneshot;
 
 use crate::error::ApiError;
+use crate::kv_events::KvEventSink;
 use crate::metrics::Metrics;
 
 /// What the HTTP side knows of the model once it has loaded.
@@ -150,6 +151,11 @@ pub enum Command {
         /// Positions restored, or why not.
         reply: oneshot::Sender<Result<usize, ApiError>>,
     },
+    /// Forget every cached prefix (running requests keep their blocks).
+    ResetPrefixCache {
+        /// How many cached blocks were forgotten.
+        reply: oneshot::Sender<usize>,
+    },
 }
 
 /// One HTTP request's work: one engine request per choice.
@@ -220,10 +226,12 @@ impl Drop for InFlight {
 
 /// Starts the engine's thread: it runs `load`, publishes the model in `shared`, and serves the
 /// commands sent on the returned channel until every sender is dropped and no work is left.
+/// With `kv_events`, each step's prefix-cache events go there ([`crate::kv_events`]).
 pub fn spawn<B, L>(
     load: L,
     config: EngineConfig,
     shared: Arc<Shared>,
+    kv_events: Option<KvEventSink>,
 ) -> (Sender<Command>, JoinHandle<()>)
 where
     B: Backend,
@@ -243,10 +251,13 @@ where
                         Some(speculation) => engine.with_speculation(speculation.engine()),
                         None => Ok(engine),
                     });
-                let engine = match engine {
+                let mut engine = match engine {
                     Ok(engine) => engine,
                     Err(e) => return refuse_all(&shared, e.to_string(), receiver),
                 };
+                if kv_events.is_some() {
+                    engine.record_block_events();
+                }
                 let pool = engine.pool_summary();
                 shared.metrics.kv_blocks_total.set(pool.blocks as i64);
                 shared
@@ -270,6 +281,7 @@ where
                     jobs: HashMap::new(),
                     owners: HashMap::new(),
                     next_job: 0,
+                    kv_events,
                 }
                 .run(receiver);
             })
@@ -290,7 +302,7 @@ fn refuse_all(shared: &Shared, message: String, receiver: Receiver<Command>) {
                 let _ = reply.send(Err(error.clone()));
             }
             // Dropping the reply tells the caller there is no engine.
-            Command::SavePrefix { .. } => {}
+            Command::SavePrefix { .. } | Command::ResetPrefixCache { .. } => {}
         }
     }
 }
@@ -314,6 +326,8 @@ struct Worker<'e, 'm, B: Backend> {
     /// Each engine request's job and choice.
     owners: HashMap<RequestId, (u64, usize)>,
     next_job: u64,
+    /// Where each loop's prefix-cache events go, when published.
+    kv_events: Option<KvEventSink>,
 }
 
 impl<B: Backend> Worker<'_, '_, B> {
@@ -345,6 +359,10 @@ impl<B: Backend> Worker<'_, '_, B> {
                 self.step();
             }
             self.update_gauges();
+            if let Some(sink) = &self.kv_events {
+                // One batch per loop: the commands' events and the step's, in order.
+                sink.publish(self.engine.take_block_events());
+            }
         }
     }
 
@@ -357,6 +375,9 @@ impl<B: Backend> Worker<'_, '_, B> {
             Command::RestorePrefix { saved, reply } => {
                 let restored = self.engine.restore_prefix(&saved).map_err(refusal);
                 let _ = reply.send(restored);
+            }
+            Command::ResetPrefixCache { reply } => {
+                let _ = reply.send(self.engine.reset_prefix_cache());
             }
         }
     }

@@ -71,7 +71,7 @@ fn start_loading(
     settings: Settings,
     engine: EngineConfig,
 ) -> Server {
-    let app = App::start::<NdArray, _>(load, engine, settings);
+    let app = App::start::<NdArray, _>(load, engine, settings, None);
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     listener.set_nonblocking(true).unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());

@@ -1,5 +1,6 @@
-//! Saved prompt caches (`/prompt_cache/save`, `/prompt_cache/restore`): a prompt's cached
-//! blocks written to a file in the server's folder and read back, llama.cpp's slot save.
+//! The prefix cache's administration: saved prompt caches (`/prompt_cache/save`,
+//! `/prompt_cache/restore`: a prompt's cached blocks written to a file in the server's folder
+//! and read back, llama.cpp's slot save) and `/reset_prefix_cache` (vLLM's).
 
 use std::path::PathBuf;
 
@@ -14,8 +15,8 @@ use super::completions::completion_prompts;
 use super::{AppState, Settings};
 use crate::error::ApiError;
 use crate::openai::{
-    Prompt, PromptCacheRestoreRequest, PromptCacheRestored, PromptCacheSaveRequest,
-    PromptCacheSaved,
+    PrefixCacheReset, Prompt, PromptCacheRestoreRequest, PromptCacheRestored,
+    PromptCacheSaveRequest, PromptCacheSaved,
 };
 use crate::prompt_cache::{self, PromptCacheError};
 use crate::worker::Command;
@@ -147,4 +148,22 @@ pub(super) async fn restore_prompt_cache(
         filename: request.filename,
         tokens_restored,
     }))
+}
+
+/// Forgets every cached prefix, as vLLM's `/reset_prefix_cache`: requests running keep their
+/// blocks, later prompts compute theirs again, and KV event subscribers get
+/// `AllBlocksCleared`.
+pub(super) async fn reset_prefix_cache(
+    State(state): State<AppState>,
+) -> Result<Json<PrefixCacheReset>, ApiError> {
+    state.shared.model()?;
+    let (reply, forgotten) = tokio::sync::oneshot::channel();
+    state
+        .commands
+        .send(Command::ResetPrefixCache { reply })
+        .map_err(|_| ApiError::Engine("the engine has stopped".into()))?;
+    let blocks_forgotten = forgotten
+        .await
+        .map_err(|_| ApiError::Engine("the engine has stopped".into()))?;
+    Ok(Json(PrefixCacheReset { blocks_forgotten }))
 }

@@ -37,7 +37,7 @@ mod jobs;
 mod streaming;
 mod tokenize;
 
-use admin::{restore_prompt_cache, save_prompt_cache};
+use admin::{reset_prefix_cache, restore_prompt_cache, save_prompt_cache};
 use chat::chat;
 use completions::completions;
 use tokenize::{detokenize, render_chat, render_completions, tokenize};
@@ -107,6 +107,7 @@ pub fn router(state: AppState) -> Router {
         .route("/detokenize", post(detokenize))
         .route("/prompt_cache/save", post(save_prompt_cache))
         .route("/prompt_cache/restore", post(restore_prompt_cache))
+        .route("/reset_prefix_cache", post(reset_prefix_cache))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_key));
     Router::new()
         .route("/health", get(health))
