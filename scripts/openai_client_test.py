@@ -469,6 +469,33 @@ def gemma3_checks(args):
         Path(template.name).unlink()
 
 
+def kv_cache_dtype_checks(args):
+    """kv-serve with a narrower pool: in the same MiB an f16 pool holds twice the f32 pool's
+    blocks and an int8 pool more still (each row's values in a byte, and its scale),
+    vllm:cache_config_info says which, and each serves greedy and sampled requests."""
+    blocks = {}
+    for dtype in ["f32", "f16", "int8"]:
+        server = Server(args.kv_serve, args.model, "--served-model-name", "tiny",
+                        "--block-size", "4", "--pool-mib", "2", "--kv-cache-dtype", dtype)
+        try:
+            with urllib.request.urlopen(server.url + "/metrics", timeout=10) as r:
+                families = {f.name: f for f in text_string_to_metric_families(r.read().decode())}
+            config = families["vllm:cache_config_info"].samples[0].labels
+            check(config["cache_dtype"] == dtype, f"vllm:cache_config_info says {dtype}")
+            blocks[dtype] = int(config["num_gpu_blocks"])
+            for temperature in [0, 0.8]:
+                reply = server.client.completions.create(
+                    model="tiny", prompt=[5, 17, 42, 8, 9, 10, 11, 12], max_tokens=12,
+                    temperature=temperature, seed=3, extra_body={"ignore_eos": True})
+                check(reply.usage.completion_tokens == 12,
+                      f"a {dtype} pool serves a request at temperature {temperature}")
+        finally:
+            server.stop()
+    check(blocks["f16"] == 2 * blocks["f32"], f"an f16 pool holds twice the blocks: {blocks}")
+    check(blocks["f16"] < blocks["int8"] < 4 * blocks["f32"],
+          f"an int8 pool holds more blocks than f16, fewer than 4x f32: {blocks}")
+
+
 def real_model_checks(args):
     server = Server(args.kv_serve, args.real_model, "--pool-tokens", "4096")
     client = server.client
@@ -505,6 +532,7 @@ def main():
     if not args.url:
         deployment_checks(args)
         kv_events_checks(args)
+        kv_cache_dtype_checks(args)
     if args.real_model:
         real_model_checks(args)
     if args.gemma3:

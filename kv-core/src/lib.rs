@@ -76,7 +76,7 @@ pub use caches::paged::cache::{PagedCache, PagedCacheConfig, DEFAULT_BLOCK_SIZE}
 pub use caches::paged::pool::{
     BlockEvent, BlockHash, BlockId, BlockOrder, BlockPool, PoolStats, Reporting,
 };
-pub use caches::paged::storage::{HostKv, KvMemory};
+pub use caches::paged::storage::{HostKv, KvDtype, KvMemory};
 pub use caches::paged::store::{LayerGroup, PagedStore, SequenceId};
 pub use caches::paged::table::{BlockCopy, BlockTable};
 pub use caches::quantized::{QuantBits, QuantizedCache, QuantizedCacheConfig};

@@ -337,12 +337,76 @@ pub fn attend_keys_partial(
 /// Query rows attended together where they share keys ([`attend_group`]).
 const GROUP_ROWS: usize = 4;
 
+/// How a pool stores its key or value rows (`[rows, head_dim]`): as `f32`s, as `f16`s, or as
+/// 8-bit integers with one scale per row (`x = q * scale`, the scale the row's largest
+/// magnitude over 127). Attention widens a narrow run of rows to `f32` just before it reads it,
+/// one block at a time, so a narrow pool is never widened whole.
+#[derive(Debug, Clone, Copy)]
+pub enum Rows<'a> {
+    /// `f32` values.
+    F32(&'a [f32]),
+    /// `f16` values.
+    F16(&'a [half::f16]),
+    /// Symmetric 8-bit values and each row's scale.
+    Int8 {
+        /// The values, row after row.
+        q: &'a [i8],
+        /// One scale per row.
+        scales: &'a [f32],
+    },
+}
+
+impl<'a> Rows<'a> {
+    /// Values held (rows times `head_dim`).
+    fn values(&self) -> usize {
+        match self {
+            Rows::F32(x) => x.len(),
+            Rows::F16(x) => x.len(),
+            Rows::Int8 { q, .. } => q.len(),
+        }
+    }
+
+    /// Rows `rows` (of `d` values) as `f32`s: a slice of the pool when it holds `f32`s, else
+    /// widened into `scratch`.
+    fn widen<'s>(&self, rows: Range<usize>, d: usize, scratch: &'s mut Vec<f32>) -> &'s [f32]
+    where
+        'a: 's,
+    {
+        let span = rows.start * d..rows.end * d;
+        match *self {
+            Rows::F32(x) => &x[span],
+            Rows::F16(x) => {
+                scratch.clear();
+                scratch.resize(span.len(), 0.0);
+                half::slice::HalfFloatSliceExt::convert_to_f32_slice(&x[span], scratch);
+                scratch
+            }
+            Rows::Int8 { q, scales } => {
+                scratch.clear();
+                for (row, &scale) in rows.clone().zip(&scales[rows]) {
+                    let values = &q[row * d..(row + 1) * d];
+                    scratch.extend(values.iter().map(|&v| v as f32 * scale));
+                }
+                scratch
+            }
+        }
+    }
+}
+
+/// Which of a key head's two stores a pass reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Side {
+    Keys,
+    Values,
+}
+
 /// One key head's keys and values where they are stored: `[keys, head_dim]` one after
-/// another, or slots of a paged pool read through a sequence's block table.
+/// another, or slots of a paged pool read through a sequence's block table; as `f32`s or
+/// narrower ([`Rows`]).
 #[derive(Debug, Clone, Copy)]
 pub struct HeadKeys<'a> {
-    k: &'a [f32],
-    v: &'a [f32],
+    k: Rows<'a>,
+    v: Rows<'a>,
     d: usize,
     /// `None` for contiguous keys; else `(block_size, blocks)`: key `j` is in slot
     /// `j % block_size` of block `blocks[j / block_size]`.
@@ -355,9 +419,22 @@ impl<'a> HeadKeys<'a> {
     /// # Panics
     /// If `head_dim` is 0, or `k` and `v` differ in length or are not whole rows.
     pub fn contiguous(k: &'a [f32], v: &'a [f32], head_dim: usize) -> Self {
+        Self::stored(Rows::F32(k), Rows::F32(v), head_dim)
+    }
+
+    /// Keys and values stored as `k` and `v` ([`Rows`]), `[keys, head_dim]` each.
+    ///
+    /// # Panics
+    /// As [`HeadKeys::contiguous`], and if an 8-bit store has not one scale per row.
+    pub fn stored(k: Rows<'a>, v: Rows<'a>, head_dim: usize) -> Self {
         assert!(head_dim > 0, "head_dim must be positive");
-        assert_eq!(k.len(), v.len(), "k and v have the same shape");
-        assert_eq!(k.len() % head_dim, 0, "k is [keys, head_dim]");
+        assert_eq!(k.values(), v.values(), "k and v have the same shape");
+        assert_eq!(k.values() % head_dim, 0, "k is [keys, head_dim]");
+        for rows in [k, v] {
+            if let Rows::Int8 { q, scales } = rows {
+                assert_eq!(q.len(), scales.len() * head_dim, "one scale per row");
+            }
+        }
         Self {
             k,
             v,
@@ -380,23 +457,30 @@ impl<'a> HeadKeys<'a> {
         block_size: usize,
         blocks: &'a [usize],
     ) -> Self {
-        let pool = Self::contiguous(k, v, head_dim);
+        Self::stored(Rows::F32(k), Rows::F32(v), head_dim).through(block_size, blocks)
+    }
+
+    /// These keys read through a block table (see [`HeadKeys::blocks`]).
+    ///
+    /// # Panics
+    /// If `block_size` is 0 or a block lies past the pool.
+    pub fn through(self, block_size: usize, blocks: &'a [usize]) -> Self {
         assert!(block_size > 0, "a block holds at least one slot");
-        let slots = k.len() / head_dim;
+        let slots = self.k.values() / self.d;
         assert!(
             blocks.iter().all(|&b| (b + 1) * block_size <= slots),
             "a block of {blocks:?} lies past the pool's {slots} slots"
         );
         Self {
             table: Some((block_size, blocks)),
-            ..pool
+            ..self
         }
     }
 
     /// Keys that may be named.
     pub fn len(&self) -> usize {
         match self.table {
-            None => self.k.len() / self.d,
+            None => self.k.values() / self.d,
             Some((size, blocks)) => size * blocks.len(),
         }
     }
@@ -406,43 +490,50 @@ impl<'a> HeadKeys<'a> {
         self.len() == 0
     }
 
-    /// Keys `range` and their values as runs of contiguous rows, in key order: one run for
-    /// contiguous keys, one per block touched otherwise.
-    fn runs(self, range: Range<usize>) -> impl Iterator<Item = (&'a [f32], &'a [f32])> {
-        let d = self.d;
+    /// `f(rows)` over keys `range` (or their values) as runs of contiguous `f32` rows, in key
+    /// order: one run for contiguous keys, one per block touched otherwise. A narrow store's
+    /// run is widened into a scratch buffer first.
+    fn each_run(self, side: Side, range: Range<usize>, mut f: impl FnMut(&[f32])) {
+        thread_local! {
+            static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+        }
+        let rows = match side {
+            Side::Keys => self.k,
+            Side::Values => self.v,
+        };
         // Contiguous keys are one block as long as the range, the first of the pool.
         const FIRST: &[usize] = &[0];
         let (size, blocks) = self.table.unwrap_or((range.end.max(1), FIRST));
-        let mut at = range.start;
-        std::iter::from_fn(move || {
-            if at >= range.end {
-                return None;
+        SCRATCH.with(|scratch| {
+            let mut scratch = scratch.borrow_mut();
+            let mut at = range.start;
+            while at < range.end {
+                let (block, slot) = (at / size, at % size);
+                let n = (size - slot).min(range.end - at);
+                let first = blocks[block] * size + slot;
+                f(rows.widen(first..first + n, self.d, &mut scratch));
+                at += n;
             }
-            let (block, slot) = (at / size, at % size);
-            let n = (size - slot).min(range.end - at);
-            let start = (blocks[block] * size + slot) * d;
-            at += n;
-            let span = start..start + n * d;
-            Some((&self.k[span.clone()], &self.v[span]))
-        })
+        });
     }
 }
 
-/// `f(k, v, weights)` over the runs of `keys` in `range`, `weights` the matching stretch of
-/// `per_key` (one value per key of `range`).
+/// `f(rows, weights)` over the runs of `keys` (or their values) in `range`, `weights` the
+/// matching stretch of `per_key` (one value per key of `range`).
 fn for_runs<'w>(
     keys: HeadKeys<'_>,
+    side: Side,
     range: Range<usize>,
     per_key: &'w mut [f32],
-    mut f: impl FnMut(&[f32], &[f32], &'w mut [f32]),
+    mut f: impl FnMut(&[f32], &'w mut [f32]),
 ) {
     let d = keys.d;
     let mut rest = per_key;
-    for (k, v) in keys.runs(range) {
-        let (here, tail) = std::mem::take(&mut rest).split_at_mut(k.len() / d);
-        f(k, v, here);
+    keys.each_run(side, range, |rows| {
+        let (here, tail) = std::mem::take(&mut rest).split_at_mut(rows.len() / d);
+        f(rows, here);
         rest = tail;
-    }
+    });
 }
 
 /// The keys every row of a full group sees, if there are any (then no row's range is empty).
@@ -473,7 +564,7 @@ fn attend_row(
     scores.clear();
     scores.resize(range.len(), 0.0);
     // scores = scale · q kᵀ: `[len]`.
-    for_runs(keys, range.clone(), &mut scores[..], |k, _, s| {
+    for_runs(keys, Side::Keys, range.clone(), &mut scores[..], |k, s| {
         row_scores(isa, q, k, scale, s)
     });
     logits.cap_all(isa, scores);
@@ -481,7 +572,7 @@ fn attend_row(
     let max = scores.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
     let sum = exp_shifted(isa, scores, max);
     // out = weights · v: `[d]`.
-    for_runs(keys, range, &mut scores[..], |_, v, w| {
+    for_runs(keys, Side::Values, range, &mut scores[..], |v, w| {
         add_weighted(isa, w, v, out)
     });
     RowStats { max, sum }
@@ -519,16 +610,16 @@ fn attend_group(
         let (before, after) = (ranges[i].start..shared.start, shared.end..ranges[i].end);
         let (w, inner) = (&mut *weights[i], inner(i));
         let (w, rest) = w.split_at_mut(inner.end);
-        for_runs(keys, before, &mut w[..inner.start], |k, _, s| {
+        for_runs(keys, Side::Keys, before, &mut w[..inner.start], |k, s| {
             row_scores(isa, q[i], k, scale, s)
         });
-        for_runs(keys, after, rest, |k, _, s| {
+        for_runs(keys, Side::Keys, after, rest, |k, s| {
             row_scores(isa, q[i], k, scale, s)
         });
     }
     // The shared keys, run by run, four rows at once.
     let mut offset = 0;
-    for (k, _) in keys.runs(shared.clone()) {
+    keys.each_run(Side::Keys, shared.clone(), |k| {
         let n = k.len() / keys.d;
         let mut parts = weights.iter_mut().enumerate().map(|(i, w)| {
             let at = inner(i).start + offset;
@@ -537,7 +628,7 @@ fn attend_group(
         let parts = std::array::from_fn(|_| parts.next().expect("four rows"));
         group_scores(isa, q, k, scale, parts);
         offset += n;
-    }
+    });
     let stats = weights.each_mut().map(|w| {
         logits.cap_all(isa, w);
         let max = w.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
@@ -552,13 +643,14 @@ fn attend_group(
         let o = &mut *out[i];
         for_runs(
             keys,
+            Side::Values,
             before,
             &mut weights[i][..inner(i).start],
-            |_, v, w| add_weighted(isa, w, v, o),
+            |v, w| add_weighted(isa, w, v, o),
         );
     }
     let mut offset = 0;
-    for (_, v) in keys.runs(shared.clone()) {
+    keys.each_run(Side::Values, shared.clone(), |v| {
         let n = v.len() / keys.d;
         let parts: [&[f32]; GROUP_ROWS] = std::array::from_fn(|i| {
             let at = inner(i).start + offset;
@@ -566,13 +658,17 @@ fn attend_group(
         });
         group_add_weighted(isa, parts, v, out.each_mut().map(|o| &mut **o));
         offset += n;
-    }
+    });
     for i in 0..GROUP_ROWS {
         let after = shared.end..ranges[i].end;
         let o = &mut *out[i];
-        for_runs(keys, after, &mut weights[i][inner(i).end..], |_, v, w| {
-            add_weighted(isa, w, v, o)
-        });
+        for_runs(
+            keys,
+            Side::Values,
+            after,
+            &mut weights[i][inner(i).end..],
+            |v, w| add_weighted(isa, w, v, o),
+        );
     }
     stats
 }
@@ -1298,6 +1394,67 @@ mod tests {
                 attend(isa, &q, &k, &v, d, &visible, 0.125, &mut dense_out, d, &mut Vec::new());
                 attend_keys(isa, &q, paged, &visible, 0.125, &mut paged_out, d, &mut Vec::new());
                 prop_assert_eq!(bits(&dense_out), bits(&paged_out), "{}", isa);
+            }
+        }
+
+        /// Keys and values stored as `f16`s or 8-bit rows, read through a block table, give
+        /// the bits of attention over their widened values stored as `f32`s: widening is
+        /// exact and happens before the same kernels.
+        #[test]
+        fn narrow_stores_equal_their_widened_values(
+            rows in 1usize..10,
+            past in 0usize..40,
+            d in prop::sample::select(vec![3usize, 8, 64]),
+            block_size in prop::sample::select(vec![1usize, 4, 16]),
+            seed in 0u64..1000,
+        ) {
+            let keys = past + rows;
+            let visible = causal_rows(rows, past, None);
+            let q = values(rows * d, seed);
+            let blocks_needed = keys.div_ceil(block_size);
+            let table: Vec<usize> = (0..blocks_needed).rev().collect();
+            let slots = blocks_needed * block_size;
+            let (k, v) = (values(slots * d, seed + 1), values(slots * d, seed + 2));
+            let bits = |x: &[f32]| x.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+            let half_k: Vec<half::f16> = k.iter().map(|&x| half::f16::from_f32(x)).collect();
+            let half_v: Vec<half::f16> = v.iter().map(|&x| half::f16::from_f32(x)).collect();
+            let quantize = |x: &[f32]| {
+                let mut q = Vec::new();
+                let mut scales = Vec::new();
+                for row in x.chunks(d) {
+                    let scale = row.iter().fold(0.0f32, |m, &x| m.max(x.abs())) / 127.0;
+                    scales.push(scale);
+                    q.extend(row.iter().map(|&x| if scale > 0.0 { (x / scale).round() as i8 } else { 0 }));
+                }
+                let wide: Vec<f32> = q.iter().enumerate().map(|(i, &v)| v as f32 * scales[i / d]).collect();
+                (q, scales, wide)
+            };
+            let (qk, sk, wide_k) = quantize(&k);
+            let (qv, sv, wide_v) = quantize(&v);
+            let half_wide = |x: &[half::f16]| x.iter().map(|h| h.to_f32()).collect::<Vec<_>>();
+            let (hk, hv) = (half_wide(&half_k), half_wide(&half_v));
+            let cases = [
+                (
+                    HeadKeys::stored(Rows::F16(&half_k), Rows::F16(&half_v), d),
+                    HeadKeys::contiguous(&hk, &hv, d),
+                ),
+                (
+                    HeadKeys::stored(
+                        Rows::Int8 { q: &qk, scales: &sk },
+                        Rows::Int8 { q: &qv, scales: &sv },
+                        d,
+                    ),
+                    HeadKeys::contiguous(&wide_k, &wide_v, d),
+                ),
+            ];
+            for (narrow, wide) in cases {
+                let (narrow, wide) = (narrow.through(block_size, &table), wide.through(block_size, &table));
+                for isa in Isa::available() {
+                    let (mut a, mut b) = (vec![0.0; rows * d], vec![0.0; rows * d]);
+                    attend_keys(isa, &q, narrow, &visible, 0.125, &mut a, d, &mut Vec::new());
+                    attend_keys(isa, &q, wide, &visible, 0.125, &mut b, d, &mut Vec::new());
+                    prop_assert_eq!(bits(&a), bits(&b), "{}", isa);
+                }
             }
         }
     }

@@ -51,9 +51,18 @@ struct Args {
     /// Positions the shared KV pool holds, over every request.
     #[arg(long, default_value_t = engine::DEFAULT_POOL_TOKENS)]
     pool_tokens: usize,
+    /// The shared KV pool's size in MiB instead of positions: as many blocks as fit, so a
+    /// narrower --kv-cache-dtype holds more positions.
+    #[arg(long, value_name = "MIB", conflicts_with = "pool_tokens")]
+    pool_mib: Option<usize>,
     /// Positions per KV block.
     #[arg(long, default_value_t = kv_core::DEFAULT_BLOCK_SIZE)]
     block_size: usize,
+    /// What the pool stores keys and values as: f32, f16 (half the bytes) or int8 (a little
+    /// over a quarter, one scale per row). Narrower pools fit more requests in the same memory;
+    /// CPU backends only.
+    #[arg(long, default_value_t = kv_core::KvDtype::F32)]
+    kv_cache_dtype: kv_core::KvDtype,
     /// Most requests (choices) running at once.
     #[arg(long, default_value_t = engine::DEFAULT_MAX_RUNNING)]
     max_running: usize,
@@ -219,11 +228,15 @@ fn serve<B: Backend>(args: Args, kind: BackendKind, device: B::Device) -> Result
         })
     };
     let engine = EngineConfig {
-        pool: PoolSize::Tokens(args.pool_tokens),
+        pool: match args.pool_mib {
+            Some(mib) => PoolSize::Bytes(mib << 20),
+            None => PoolSize::Tokens(args.pool_tokens),
+        },
         block_size: args.block_size,
         max_running: args.max_running,
         token_budget: args.token_budget,
         prefill_while_decoding: args.prefill_while_decoding,
+        kv_dtype: args.kv_cache_dtype,
         ..EngineConfig::default()
     };
     let settings = Settings {

@@ -8,12 +8,13 @@
 //! Inference Extension's model server protocol, which llm-d's router implements) are also
 //! kept under vLLM's own names, as that protocol names them: `vllm:num_requests_waiting`,
 //! `vllm:num_requests_running` and `vllm:kv_cache_usage_perc` (0 to 1), each labelled with
-//! `model_name`, and `vllm:cache_config_info` with `block_size` and `num_gpu_blocks` labels
+//! `model_name`, and `vllm:cache_config_info` with `block_size`, `cache_dtype` and `num_gpu_blocks` labels
 //! (value 1) for its prefix-cache scorer.
 
 use std::sync::atomic::AtomicU64;
 use std::sync::OnceLock;
 
+use kv_generate::engine::PoolSummary;
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -189,12 +190,13 @@ impl Metrics {
     }
 
     /// Names the model and the pool in the vLLM-named gauges, once it has loaded.
-    pub fn set_model(&self, model_name: &str, block_size: usize, num_blocks: usize) {
+    pub fn set_model(&self, model_name: &str, pool: &PoolSummary) {
         let labels = vec![("model_name".to_string(), model_name.to_string())];
         let _ = self.vllm.model.set(labels);
         let config = vec![
-            ("block_size".to_string(), block_size.to_string()),
-            ("num_gpu_blocks".to_string(), num_blocks.to_string()),
+            ("block_size".to_string(), pool.block_size.to_string()),
+            ("cache_dtype".to_string(), pool.dtype.to_string()),
+            ("num_gpu_blocks".to_string(), pool.blocks.to_string()),
         ];
         self.vllm.cache_config.get_or_create(&config).set(1);
         self.set_load(0, 0, 0.0);

@@ -260,9 +260,7 @@ where
                 }
                 let pool = engine.pool_summary();
                 shared.metrics.kv_blocks_total.set(pool.blocks as i64);
-                shared
-                    .metrics
-                    .set_model(&loaded.id, pool.block_size, pool.blocks);
+                shared.metrics.set_model(&loaded.id, &pool);
                 let created = std::time::SystemTime::now()
                     .duration_since(std::time::UNIX_EPOCH)
                     .map_or(0, |d| d.as_secs());

@@ -1023,7 +1023,9 @@ fn metrics_carry_the_inference_gateway_gauges_under_vllms_names() {
         0.0
     );
     let blocks = server.metric("kv_serve_kv_cache_blocks_total");
-    let config = format!("vllm:cache_config_info{{block_size=\"4\",num_gpu_blocks=\"{blocks}\"}}");
+    let config = format!(
+        "vllm:cache_config_info{{block_size=\"4\",cache_dtype=\"f32\",num_gpu_blocks=\"{blocks}\"}}"
+    );
     assert_eq!(server.metric(&config), 1.0);
     // A request leaves blocks cached, not used: the usage is back to 0 once it is done.
     let (status, _) = server.post(

@@ -36,6 +36,9 @@ pub(crate) struct ThroughputArgs {
     /// Positions the KV pool holds (default: every request in flight at full length, twice).
     #[arg(long)]
     pub(crate) pool_tokens: Option<usize>,
+    /// What the pool stores keys and values as: f32, f16 or int8 (host models only).
+    #[arg(long, default_value_t = kv_core::KvDtype::F32)]
+    pub(crate) kv_cache_dtype: kv_core::KvDtype,
     /// Most tokens one step feeds (decode tokens plus prompt chunks).
     #[arg(long, default_value_t = kv_generate::engine::DEFAULT_TOKEN_BUDGET)]
     pub(crate) token_budget: usize,
@@ -79,6 +82,7 @@ impl OnBackend for Throughput<'_> {
             max_running: most,
             token_budget: args.token_budget,
             block_order: BlockOrder::Ascending,
+            kv_dtype: args.kv_cache_dtype,
             ..EngineConfig::default()
         };
         let workload = |concurrency| Workload {

@@ -282,7 +282,8 @@ mod store {
     use burn::tensor::{Distribution, Tensor};
     use burn_ndarray::NdArray;
     use kv_core::{
-        BlockEvent, BlockHash, BlockOrder, CacheError, KvMemory, LayerShape, PagedStore, SequenceId,
+        BlockEvent, BlockHash, BlockOrder, CacheError, KvDtype, KvMemory, LayerShape, PagedStore,
+        SequenceId,
     };
     use kv_kernels::{attention, Isa};
 
@@ -320,7 +321,7 @@ mod store {
 
     #[test]
     fn sequences_read_back_what_they_wrote_through_scattered_blocks() {
-        for memory in [KvMemory::Device, KvMemory::Host] {
+        for memory in [KvMemory::Device, KvMemory::Host(KvDtype::F32)] {
             read_back_through_scattered_blocks(memory);
         }
     }
@@ -413,7 +414,7 @@ mod store {
                 2,
             );
             same(k, want);
-            if memory == KvMemory::Host {
+            if memory == KvMemory::Host(KvDtype::F32) {
                 host_attention_reads_what_was_written(&store, layer, a);
                 host_attention_reads_what_was_written(&store, layer, b);
             } else {

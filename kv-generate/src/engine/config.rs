@@ -1,7 +1,7 @@
 //! [`EngineConfig`]: how the engine schedules and stores, with the defaults every front end
 //! (kv-generate's library, kv-serve, kv-bench) takes.
 
-use kv_core::BlockOrder;
+use kv_core::{BlockOrder, KvDtype};
 
 /// Positions the default pool holds over every request (16 Ki; about 740 MB of f32 keys and
 /// values for SmolLM2-135M).
@@ -60,6 +60,9 @@ pub struct EngineConfig {
     /// The order blocks are handed out in ([`BlockOrder::Shuffled`] tests that nothing relies
     /// on consecutive blocks).
     pub block_order: BlockOrder,
+    /// What the pool stores keys and values as (vLLM's `--kv-cache-dtype`): narrower types fit
+    /// more positions in the same bytes. Anything but `f32` needs a model computed on the host.
+    pub kv_dtype: KvDtype,
 }
 
 impl Default for EngineConfig {
@@ -71,6 +74,7 @@ impl Default for EngineConfig {
             token_budget: DEFAULT_TOKEN_BUDGET,
             prefill_while_decoding: DEFAULT_PREFILL_WHILE_DECODING,
             block_order: BlockOrder::Ascending,
+            kv_dtype: KvDtype::F32,
         }
     }
 }

@@ -54,7 +54,7 @@
 use std::collections::HashMap;
 
 use burn::tensor::backend::Backend;
-use kv_core::{BlockEvent, CacheError, PagedStore, SequenceId};
+use kv_core::{BlockEvent, CacheError, KvDtype, PagedStore, SequenceId};
 use kv_model::{BatchPiece, Logits, Tokenizer, Transformer};
 
 use crate::error::{GenerateError, Result};
@@ -118,18 +118,21 @@ pub struct PoolSummary {
     /// Sequences of that length the pool holds at once as they decode (a sliding layer
     /// group holding its window's blocks only).
     pub full_length_sequences: usize,
+    /// What keys and values are stored as.
+    pub dtype: KvDtype,
 }
 
 impl std::fmt::Display for PoolSummary {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "KV pool: {} blocks of {} positions ({} positions, {:.1} MiB); {} sequences of the \
-             model's full {} positions fit at once",
+            "KV pool: {} blocks of {} positions ({} positions, {:.1} MiB of {}); {} sequences of \
+             the model's full {} positions fit at once",
             self.blocks,
             self.block_size,
             self.blocks * self.block_size,
             self.bytes as f64 / (1024.0 * 1024.0),
+            self.dtype,
             self.full_length_sequences,
             self.max_positions
         )
@@ -184,6 +187,8 @@ pub struct Engine<'a, B: Backend> {
     speculation: Option<EngineSpeculation<'a>>,
     /// Each speculating request's drafter, held from its addition to its end.
     drafting: HashMap<RequestId, Drafting<'a>>,
+    /// What the pool stores keys and values as.
+    kv_dtype: KvDtype,
 }
 
 impl<'a, B: Backend> Engine<'a, B> {
@@ -213,8 +218,9 @@ impl<'a, B: Backend> Engine<'a, B> {
         // layers): a pool of `n` tokens has room for `n` positions of every group.
         let groups = model.paged_layer_groups();
         let layers_per_block = groups.iter().map(|g| g.layers.len()).max().unwrap_or(1);
-        let block_bytes =
-            config.block_size * layers_per_block * model.kv_bytes_per_layer_position();
+        let block_bytes = config.block_size
+            * layers_per_block
+            * model.kv_bytes_per_layer_position_in(config.kv_dtype);
         let blocks = match config.pool {
             PoolSize::Blocks(n) => n,
             PoolSize::Tokens(n) => n.div_ceil(config.block_size) * groups.len(),
@@ -227,7 +233,21 @@ impl<'a, B: Backend> Engine<'a, B> {
                 config.pool, config.block_size
             )));
         }
-        let store = model.new_paged_store(blocks, config.block_size, config.block_order);
+        let store = model
+            .new_paged_store_in(
+                blocks,
+                config.block_size,
+                config.block_order,
+                config.kv_dtype,
+            )
+            .ok_or_else(|| {
+                GenerateError::InvalidRequest(format!(
+                    "a KV pool of {} needs a model computed on the host (a CPU backend): the \
+                     device pool stores f32 only",
+                    config.kv_dtype
+                ))
+            })?;
+        let kv_dtype = config.kv_dtype;
         let scheduler = Scheduler::new(config.token_budget, config.max_running)
             .with_prefill_while_decoding(config.prefill_while_decoding);
         Ok(Self {
@@ -239,6 +259,7 @@ impl<'a, B: Backend> Engine<'a, B> {
             stats: EngineStats::default(),
             speculation: None,
             drafting: HashMap::new(),
+            kv_dtype,
         })
     }
 
@@ -290,8 +311,9 @@ impl<'a, B: Backend> Engine<'a, B> {
         let max_positions = self.model.config().max_positions;
         let block_bytes = pool.block_size()
             * self.store.layers_per_block()
-            * self.model.kv_bytes_per_layer_position();
+            * self.model.kv_bytes_per_layer_position_in(self.kv_dtype);
         PoolSummary {
+            dtype: self.kv_dtype,
             blocks: pool.num_blocks(),
             block_size: pool.block_size(),
             bytes: pool.num_blocks() * block_bytes,

@@ -6,7 +6,7 @@ use std::collections::{HashMap, HashSet};
 
 use crate::fixtures::fixtures;
 use burn_ndarray::NdArray;
-use kv_core::{BlockEvent, BlockHash, BlockId, BlockOrder, CacheConfig};
+use kv_core::{BlockEvent, BlockHash, BlockId, BlockOrder, CacheConfig, KvDtype};
 use kv_generate::engine::{
     Engine, EngineConfig, EngineEvent, EngineSpeculation, PoolSize, Request, RequestId, Usage,
 };
@@ -603,6 +603,15 @@ fn bad_requests_are_refused_with_the_reason_and_the_engine_runs_on() {
         block_size: 4,
         ..EngineConfig::default()
     };
+    let narrow = EngineConfig {
+        kv_dtype: KvDtype::Int8,
+        ..config.clone()
+    };
+    let error = Engine::new(model, None, narrow).err().expect("refused");
+    assert!(
+        error.to_string().contains("int8") && error.to_string().contains("host"),
+        "{error}"
+    );
     let mut engine = Engine::new(model, None, config.clone()).unwrap();
     let vocab = model.config().vocab_size as u32;
     let refused = |engine: &mut Engine<'_, B>, request: Request| {

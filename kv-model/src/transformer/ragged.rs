@@ -15,7 +15,7 @@
 //! are those it gets alone (up to float rounding where a product's kernel changes with the
 //! number of rows).
 
-use kv_core::{KvMemory, LayerGroup, PagedStore, SequenceId};
+use kv_core::{KvDtype, KvMemory, LayerGroup, PagedStore, SequenceId};
 
 use super::block::{LayerKv, PassLayout};
 use super::stream::{self, Run, Stream};
@@ -65,7 +65,8 @@ impl<B: Backend> Transformer<B> {
     /// its block hashes keyed by this model's configuration so that no other model's blocks
     /// are ever taken for its own. A model whose every matrix lives on the host keeps its
     /// keys and values there too ([`KvMemory::Host`]), where its attention reads them in
-    /// place; others keep them on the device.
+    /// place; others keep them on the device. Keys and values are `f32`s
+    /// ([`Transformer::new_paged_store_in`] narrows them).
     ///
     /// # Panics
     /// If `block_size` is 0.
@@ -75,17 +76,35 @@ impl<B: Backend> Transformer<B> {
         block_size: usize,
         order: kv_core::BlockOrder,
     ) -> PagedStore<B> {
+        self.new_paged_store_in(num_blocks, block_size, order, KvDtype::F32)
+            .expect("every store holds f32")
+    }
+
+    /// [`Transformer::new_paged_store`] with keys and values stored as `dtype`, or `None` when
+    /// the model keeps them on the device, whose pool holds `f32`s only.
+    ///
+    /// # Panics
+    /// If `block_size` is 0.
+    pub fn new_paged_store_in(
+        &self,
+        num_blocks: usize,
+        block_size: usize,
+        order: kv_core::BlockOrder,
+        dtype: KvDtype,
+    ) -> Option<PagedStore<B>> {
         let shape = kv_core::LayerShape {
             kv_heads: self.config.num_kv_heads,
             head_dim: self.config.head_dim,
         };
         let fingerprint = format!("{:?}", self.config);
         let memory = if self.lm_head.is_host() && self.blocks.iter().all(Block::is_host) {
-            KvMemory::Host
-        } else {
+            KvMemory::Host(dtype)
+        } else if dtype == KvDtype::F32 {
             KvMemory::Device
+        } else {
+            return None;
         };
-        PagedStore::new_grouped(
+        Some(PagedStore::new_grouped(
             memory,
             &self.paged_layer_groups(),
             shape,
@@ -94,7 +113,7 @@ impl<B: Backend> Transformer<B> {
             order,
             fingerprint.as_bytes(),
             &self.device,
-        )
+        ))
     }
 
     /// Bytes of keys and values one position takes over every layer (f32).
@@ -104,8 +123,13 @@ impl<B: Backend> Transformer<B> {
 
     /// Bytes of keys and values one position takes in one layer (f32).
     pub fn kv_bytes_per_layer_position(&self) -> usize {
+        self.kv_bytes_per_layer_position_in(KvDtype::F32)
+    }
+
+    /// Bytes of keys and values one position takes in one layer, stored as `dtype`.
+    pub fn kv_bytes_per_layer_position_in(&self, dtype: KvDtype) -> usize {
         let c = &self.config;
-        2 * c.num_kv_heads * c.head_dim * std::mem::size_of::<f32>()
+        2 * c.num_kv_heads * dtype.row_bytes(c.head_dim)
     }
 
     /// One forward pass over `pieces`, each the new tokens of one sequence of `store` at its

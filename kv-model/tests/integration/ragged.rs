@@ -5,7 +5,7 @@
 
 use crate::common::*;
 use burn::tensor::backend::Backend;
-use kv_core::{BlockOrder, SequenceId};
+use kv_core::{BlockOrder, KvDtype, SequenceId};
 use kv_model::{
     BatchPiece, Logits, ModelConfig, ModelError, Transformer, WeightFormat, WeightPlacement,
 };
@@ -47,6 +47,16 @@ fn worst_difference<Bk: Backend>(
     block_size: usize,
     order: BlockOrder,
 ) -> f32 {
+    worst_difference_in(model, block_size, order, KvDtype::F32)
+}
+
+/// [`worst_difference`] with the store's keys and values kept as `dtype`.
+fn worst_difference_in<Bk: Backend>(
+    model: &Transformer<Bk>,
+    block_size: usize,
+    order: BlockOrder,
+    dtype: KvDtype,
+) -> f32 {
     let vocab = model.config().vocab_size;
     let sequences: Vec<Vec<u32>> = (0..4).map(|i| sequence(i, vocab)).collect();
     let plans: Vec<Vec<usize>> = sequences
@@ -65,7 +75,9 @@ fn worst_difference<Bk: Backend>(
             .remove(0)
         })
         .collect();
-    let mut store = model.new_paged_store(64, block_size, order);
+    let mut store = model
+        .new_paged_store_in(64, block_size, order, dtype)
+        .expect("a host model's pool takes any dtype");
     let ids: Vec<SequenceId> = sequences
         .iter()
         .map(|s| store.add_sequence(&s[..1]).0)
@@ -151,6 +163,40 @@ fn ragged_steps_equal_each_sequence_alone_with_host_matrices() {
             assert!(worst < 1e-4, "{format:?}, blocks of {block_size}: {worst}");
         }
     }
+}
+
+/// A pool of `f16`s or 8-bit rows: every position's logits stay within a stated distance of
+/// the uncached model's (f32 keys and values: under 1e-4), through chunks, single tokens and
+/// scattered blocks; a device model's pool refuses them.
+#[test]
+fn narrow_pools_stay_within_their_bound() {
+    let json = serde_json::json!({
+        "model_type": "llama", "vocab_size": 96, "hidden_size": 64, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 128
+    });
+    let config = ModelConfig::from_hf_json(&json, "host").unwrap();
+    let model = Transformer::<B>::random_placed(
+        &config,
+        5,
+        WeightPlacement::Host(WeightFormat::F32),
+        &device(),
+    )
+    .unwrap();
+    for (dtype, bound) in [(KvDtype::F16, 2e-3), (KvDtype::Int8, 2e-2)] {
+        for (block_size, order) in ORDERS {
+            let worst = worst_difference_in(&model, block_size, order, dtype);
+            eprintln!("{dtype} pool, blocks of {block_size}: largest logit difference {worst}");
+            assert!(
+                worst < bound,
+                "{dtype}, blocks of {block_size}: {worst} (bound {bound})"
+            );
+            assert!(worst > 0.0, "{dtype} changes the numbers at all");
+        }
+    }
+    let device_model = load("llama");
+    assert!(device_model
+        .new_paged_store_in(8, 4, BlockOrder::Ascending, KvDtype::Int8)
+        .is_none());
 }
 
 #[test]

@@ -6,15 +6,16 @@
 //! neighbours must gather its keys first (a copy per layer and step), and a CPU kernel must
 //! then copy them out of the tensor again. vLLM's paged attention kernel instead walks the
 //! block table while it reads; [`KvMemory::Host`] does the same on the host: the store's slots
-//! are plain `f32`s, a step's new keys are copied into their slots, and attention reads each
-//! block where it lies. What it costs: host storage suits backends that compute in host memory
+//! are plain `f32`s (or `f16`s, or 8-bit rows with a scale each: [`KvDtype`]), a step's new
+//! keys are copied (narrowed) into their slots, and attention reads each block where it lies,
+//! widening it to `f32` as it goes. What it costs: host storage suits backends that compute in host memory
 //! (a GPU model keeps [`KvMemory::Device`]), and reads for anything but the host kernels (a
 //! saved prompt cache, the split-keys path) copy into a tensor.
 
 use std::ops::Range;
 
 use burn::tensor::{backend::Backend, Tensor, TensorData};
-use kv_kernels::attention::HeadKeys;
+use kv_kernels::attention::{HeadKeys, Rows};
 
 use crate::caches::buffer::KvBuffer;
 
@@ -22,28 +23,173 @@ use crate::caches::buffer::KvBuffer;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum KvMemory {
     /// Backend tensors on the device (any backend; reads through non-neighbouring blocks
-    /// gather a copy).
+    /// gather a copy). Always `f32`.
     #[default]
     Device,
-    /// Host memory, read in place by kv-kernels' attention through block tables
+    /// Host memory, in `dtype`, read in place by kv-kernels' attention through block tables
     /// ([`super::store::PagedStore::host_kv`]). For backends that compute on the host.
-    Host,
+    Host(KvDtype),
+}
+
+/// The type a host pool stores keys and values in (vLLM's `--kv-cache-dtype`, llama.cpp's
+/// `-ctk`/`-ctv`). Narrower types fit more positions in the same bytes; attention widens each
+/// block to `f32` as it reads it.
+///
+/// ```
+/// use kv_core::KvDtype;
+///
+/// let int8: KvDtype = "int8".parse().unwrap();
+/// // A 64-value row: 256 bytes as f32, 128 as f16, 68 as int8 (its values and one scale).
+/// assert_eq!(
+///     [KvDtype::F32, KvDtype::F16, int8].map(|t| t.row_bytes(64)),
+///     [256, 128, 68]
+/// );
+/// assert!("int3".parse::<KvDtype>().is_err());
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum KvDtype {
+    /// 32-bit floats: the values computed, unchanged.
+    #[default]
+    F32,
+    /// 16-bit floats (10-bit mantissa): a relative error under 2^-11 per value.
+    F16,
+    /// Symmetric 8-bit integers with one `f32` scale per row of `head_dim` values (the row's
+    /// largest magnitude over 127): an error under half a step, `max|x| / 254`, per value.
+    Int8,
+}
+
+impl KvDtype {
+    /// Bytes one row of `head_dim` values takes.
+    pub fn row_bytes(self, head_dim: usize) -> usize {
+        match self {
+            KvDtype::F32 => 4 * head_dim,
+            KvDtype::F16 => 2 * head_dim,
+            KvDtype::Int8 => head_dim + 4,
+        }
+    }
+}
+
+impl std::fmt::Display for KvDtype {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            KvDtype::F32 => "f32",
+            KvDtype::F16 => "f16",
+            KvDtype::Int8 => "int8",
+        })
+    }
+}
+
+impl std::str::FromStr for KvDtype {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "f32" | "auto" => Ok(KvDtype::F32),
+            "f16" | "fp16" => Ok(KvDtype::F16),
+            "int8" | "q8" => Ok(KvDtype::Int8),
+            other => Err(format!(
+                "unknown KV cache dtype `{other}`: choose f32, f16 or int8"
+            )),
+        }
+    }
+}
+
+/// A host pool's key (or value) rows, `[rows, head_dim]`, in one [`KvDtype`].
+#[derive(Debug, Clone)]
+enum HostRows {
+    F32(Vec<f32>),
+    F16(Vec<half::f16>),
+    Int8 { q: Vec<i8>, scales: Vec<f32> },
+}
+
+impl HostRows {
+    fn zeros(dtype: KvDtype, rows: usize, d: usize) -> Self {
+        match dtype {
+            KvDtype::F32 => HostRows::F32(vec![0.0; rows * d]),
+            KvDtype::F16 => HostRows::F16(vec![half::f16::ZERO; rows * d]),
+            KvDtype::Int8 => HostRows::Int8 {
+                q: vec![0; rows * d],
+                scales: vec![0.0; rows],
+            },
+        }
+    }
+
+    /// Stores `values` (whole rows of `d`) from row `row` on.
+    fn write(&mut self, row: usize, values: &[f32], d: usize) {
+        let span = row * d..row * d + values.len();
+        match self {
+            HostRows::F32(x) => x[span].copy_from_slice(values),
+            HostRows::F16(x) => {
+                half::slice::HalfFloatSliceExt::convert_from_f32_slice(&mut x[span], values)
+            }
+            HostRows::Int8 { q, scales } => {
+                for (i, chunk) in values.chunks(d).enumerate() {
+                    let max = chunk.iter().fold(0.0f32, |m, &x| m.max(x.abs()));
+                    let scale = max / 127.0;
+                    let inverse = if scale > 0.0 { 1.0 / scale } else { 0.0 };
+                    scales[row + i] = scale;
+                    let at = (row + i) * d;
+                    for (out, &x) in q[at..at + d].iter_mut().zip(chunk) {
+                        *out = (x * inverse).round().clamp(-127.0, 127.0) as i8;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Copies rows `from..from + n` onto `to..to + n`.
+    fn copy_rows(&mut self, from: usize, to: usize, n: usize, d: usize) {
+        let span = from * d..(from + n) * d;
+        match self {
+            HostRows::F32(x) => x.copy_within(span, to * d),
+            HostRows::F16(x) => x.copy_within(span, to * d),
+            HostRows::Int8 { q, scales } => {
+                q.copy_within(span, to * d);
+                scales.copy_within(from..from + n, to);
+            }
+        }
+    }
+
+    /// Row `row` appended to `out` as `f32`s.
+    fn extend_row(&self, row: usize, d: usize, out: &mut Vec<f32>) {
+        let span = row * d..(row + 1) * d;
+        match self {
+            HostRows::F32(x) => out.extend_from_slice(&x[span]),
+            HostRows::F16(x) => out.extend(x[span].iter().map(|h| h.to_f32())),
+            HostRows::Int8 { q, scales } => {
+                out.extend(q[span].iter().map(|&v| v as f32 * scales[row]))
+            }
+        }
+    }
+
+    /// Rows `rows` as kv-kernels reads them.
+    fn view(&self, rows: Range<usize>, d: usize) -> Rows<'_> {
+        let span = rows.start * d..rows.end * d;
+        match self {
+            HostRows::F32(x) => Rows::F32(&x[span]),
+            HostRows::F16(x) => Rows::F16(&x[span]),
+            HostRows::Int8 { q, scales } => Rows::Int8 {
+                q: &q[span],
+                scales: &scales[rows],
+            },
+        }
+    }
 }
 
 /// One layer's keys and values `[kv_heads, slots, head_dim]` in host memory.
 #[derive(Debug, Clone)]
 pub(crate) struct HostLayer {
-    keys: Vec<f32>,
-    values: Vec<f32>,
+    keys: HostRows,
+    values: HostRows,
     kv_heads: usize,
     slots: usize,
     head_dim: usize,
 }
 
 impl HostLayer {
-    /// Offset of `slot` of `head`.
-    fn at(&self, head: usize, slot: usize) -> usize {
-        (head * self.slots + slot) * self.head_dim
+    /// Row of `slot` of `head`.
+    fn row(&self, head: usize, slot: usize) -> usize {
+        head * self.slots + slot
     }
 
     /// Slots `slots` (in that order) of every head, `[1, kv_heads, slots.len(), head_dim]`.
@@ -52,9 +198,9 @@ impl HostLayer {
         let (mut keys, mut values) = (Vec::new(), Vec::new());
         for head in 0..self.kv_heads {
             for slot in slots.clone() {
-                let at = self.at(head, slot);
-                keys.extend_from_slice(&self.keys[at..at + d]);
-                values.extend_from_slice(&self.values[at..at + d]);
+                let row = self.row(head, slot);
+                self.keys.extend_row(row, d, &mut keys);
+                self.values.extend_row(row, d, &mut values);
             }
         }
         (keys, values)
@@ -82,9 +228,9 @@ impl<B: Backend> LayerStorage<B> {
                 [1, kv_heads, slots, head_dim],
                 device,
             ))),
-            KvMemory::Host => LayerStorage::Host(HostLayer {
-                keys: vec![0.0; kv_heads * slots * head_dim],
-                values: vec![0.0; kv_heads * slots * head_dim],
+            KvMemory::Host(dtype) => LayerStorage::Host(HostLayer {
+                keys: HostRows::zeros(dtype, kv_heads * slots, head_dim),
+                values: HostRows::zeros(dtype, kv_heads * slots, head_dim),
                 kv_heads,
                 slots,
                 head_dim,
@@ -102,11 +248,11 @@ impl<B: Backend> LayerStorage<B> {
             LayerStorage::Host(layer) => {
                 let n = keys.dims()[2];
                 let (keys, values) = (host(keys), host(values));
-                let run = n * layer.head_dim;
+                let (d, run) = (layer.head_dim, n * layer.head_dim);
                 for head in 0..layer.kv_heads {
-                    let at = layer.at(head, slot);
-                    layer.keys[at..at + run].copy_from_slice(&keys[head * run..][..run]);
-                    layer.values[at..at + run].copy_from_slice(&values[head * run..][..run]);
+                    let row = layer.row(head, slot);
+                    layer.keys.write(row, &keys[head * run..][..run], d);
+                    layer.values.write(row, &values[head * run..][..run], d);
                 }
             }
         }
@@ -123,11 +269,11 @@ impl<B: Backend> LayerStorage<B> {
                 *buffer = Some(taken.write(to, keys, values));
             }
             LayerStorage::Host(layer) => {
-                let run = n * layer.head_dim;
+                let d = layer.head_dim;
                 for head in 0..layer.kv_heads {
-                    let (src, dst) = (layer.at(head, from), layer.at(head, to));
-                    layer.keys.copy_within(src..src + run, dst);
-                    layer.values.copy_within(src..src + run, dst);
+                    let (src, dst) = (layer.row(head, from), layer.row(head, to));
+                    layer.keys.copy_rows(src, dst, n, d);
+                    layer.values.copy_rows(src, dst, n, d);
                 }
             }
         }
@@ -251,13 +397,12 @@ impl<'a> HostKv<'a> {
     pub fn head(&self, head: usize) -> HeadKeys<'_> {
         let l = self.layer;
         assert!(head < l.kv_heads, "head {head} of {}", l.kv_heads);
-        let span = l.at(head, 0)..l.at(head + 1, 0);
-        HeadKeys::blocks(
-            &l.keys[span.clone()],
-            &l.values[span],
+        let rows = l.row(head, 0)..l.row(head + 1, 0);
+        HeadKeys::stored(
+            l.keys.view(rows.clone(), l.head_dim),
+            l.values.view(rows, l.head_dim),
             l.head_dim,
-            self.block_size,
-            &self.blocks,
         )
+        .through(self.block_size, &self.blocks)
     }
 }

@@ -224,12 +224,12 @@ impl<B: Backend> PagedStore<B> {
     /// ```
     /// use burn::tensor::Tensor;
     /// use burn_ndarray::NdArray;
-    /// use kv_core::{BlockOrder, KvMemory, LayerShape, PagedStore};
+    /// use kv_core::{BlockOrder, KvDtype, KvMemory, LayerShape, PagedStore};
     ///
     /// let device = Default::default();
     /// let shape = LayerShape { kv_heads: 1, head_dim: 2 };
     /// let mut store =
-    ///     PagedStore::<NdArray>::new_in(KvMemory::Host, 1, shape, 8, 2, BlockOrder::Ascending, b"m", &device);
+    ///     PagedStore::<NdArray>::new_in(KvMemory::Host(KvDtype::F32), 1, shape, 8, 2, BlockOrder::Ascending, b"m", &device);
     /// let (id, _) = store.add_sequence(&[1, 2, 3]);
     /// store.reserve(id, &[1, 2, 3]).unwrap();
     /// let k = Tensor::<NdArray, 1>::from_floats([1.0, 2.0, 3.0, 4.0, 5.0, 6.0], &device).reshape([1, 1, 3, 2]);
@@ -275,14 +275,14 @@ impl<B: Backend> PagedStore<B> {
     /// ```
     /// use burn::tensor::Tensor;
     /// use burn_ndarray::NdArray;
-    /// use kv_core::{BlockOrder, KvMemory, LayerGroup, LayerShape, PagedStore};
+    /// use kv_core::{BlockOrder, KvDtype, KvMemory, LayerGroup, LayerShape, PagedStore};
     ///
     /// let device = Default::default();
     /// let shape = LayerShape { kv_heads: 1, head_dim: 2 };
     /// // Layer 0 sees the last 2 positions, layer 1 every one.
     /// let groups = LayerGroup::split(&[Some(2), None]);
     /// let mut store = PagedStore::<NdArray>::new_grouped(
-    ///     KvMemory::Host, &groups, shape, 16, 2, BlockOrder::Ascending, b"m", &device,
+    ///     KvMemory::Host(KvDtype::F32), &groups, shape, 16, 2, BlockOrder::Ascending, b"m", &device,
     /// );
     /// let (id, _) = store.add_sequence(&[]);
     /// for position in 0..8 {
