@@ -277,6 +277,13 @@ struct Publisher {
 
 impl Publisher {
     fn run(mut self, batches: Receiver<Vec<BlockEvent>>) {
+        if self.replay.is_none() {
+            // Nothing to poll: sleep until a batch comes.
+            while let Ok(events) = batches.recv() {
+                self.send(&events);
+            }
+            return;
+        }
         loop {
             match batches.recv_timeout(REPLAY_POLL) {
                 Ok(events) => self.send(&events),
